@@ -1,0 +1,82 @@
+// Helpers shared by the CPU kernels: dtype <-> float conversion of short runs, fixed-order reductions.
+//
+// The kernels convert runs of up to kRun elements into float buffers on the stack, compute in float32 with
+// plain loops that the compiler vectorises (-O3 -march=x86-64-v3 -fopenmp-simd), and convert back.
+// Parallel work is cut into chunks whose size depends only on the problem shape, never on the thread
+// count, and partial sums are added in chunk order: results are bitwise reproducible across thread counts.
+#pragma once
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "umm/params.h"
+
+namespace umm::cpu {
+
+constexpr int64_t kRun = 512;  // elements converted per run (2 KiB of floats per buffer)
+
+inline void load_f32(const float* s, float* d, int64_t n) { std::memcpy(d, s, n * sizeof(float)); }
+inline void load_f32(const c10::BFloat16* s, float* d, int64_t n) {
+  const uint16_t* u = reinterpret_cast<const uint16_t*>(s);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b = uint32_t(u[i]) << 16;
+    std::memcpy(d + i, &b, sizeof(float));
+  }
+}
+inline void load_f32(const c10::Half* s, float* d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<float>(s[i]);
+}
+
+inline void store_f32(const float* s, float* d, int64_t n) { std::memcpy(d, s, n * sizeof(float)); }
+inline void store_f32(const float* s, c10::BFloat16* d, int64_t n) {
+  uint16_t* u = reinterpret_cast<uint16_t*>(d);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, s + i, sizeof(float));
+    const uint32_t r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;  // round to nearest even
+    u[i] = (s[i] != s[i]) ? uint16_t(0x7fc0) : uint16_t(r);
+  }
+}
+inline void store_f32(const float* s, c10::Half* d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) d[i] = c10::Half(s[i]);
+}
+
+// Round float values through dtype T and back (the value a store then load would give).
+template <typename T>
+inline void round_trip(float* buf, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>) {
+    T tmp[kRun];
+    store_f32(buf, tmp, n);
+    load_f32(tmp, buf, n);
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Dispatch a DType to a template parameter.
+#define UMM_CPU_DISPATCH(DTYPE, T, ...)                                   \
+  [&] {                                                                   \
+    switch (DTYPE) {                                                      \
+      case ::umm::DType::kFloat32: {                                      \
+        using T = float;                                                  \
+        return __VA_ARGS__();                                             \
+      }                                                                   \
+      case ::umm::DType::kBFloat16: {                                     \
+        using T = c10::BFloat16;                                          \
+        return __VA_ARGS__();                                             \
+      }                                                                   \
+      case ::umm::DType::kFloat16: {                                      \
+        using T = c10::Half;                                              \
+        return __VA_ARGS__();                                             \
+      }                                                                   \
+    }                                                                     \
+    TORCH_CHECK(false, "umm_ops: unsupported dtype code ", int(DTYPE));   \
+  }()
+
+}  // namespace umm::cpu

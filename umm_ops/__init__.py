@@ -1,0 +1,26 @@
+"""umm_ops: fused kernels, models and post-training recipes for unified multimodal models.
+
+Public ops (torch.compile-traceable custom ops with autograd; the backend is chosen per call, see
+umm_ops.backend):
+    flow_step, flow_logprob, flow_kl, time_shift, SigmaSchedule     - flow-matching transitions (RL-ready)
+    gated_detail_residual, adaln_modulate, gated_residual           - Cheers head fusions
+"""
+from . import _lib  # noqa: F401  (loads the compiled kernels if present)
+from .backend import BackendUnavailableError, backends, use_backend, value_checks
+from .ops import (
+    SigmaSchedule,
+    adaln_modulate,
+    flow_kl,
+    flow_logprob,
+    flow_step,
+    gated_detail_residual,
+    gated_residual,
+    time_shift,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "backends", "use_backend", "value_checks", "BackendUnavailableError",
+    "flow_step", "flow_logprob", "flow_kl", "time_shift", "SigmaSchedule",
+    "gated_detail_residual", "adaln_modulate", "gated_residual",
+]

@@ -1,0 +1,204 @@
+"""Backend selection: which implementation of a kernel runs.
+
+Order when nothing is forced (per call, from the first tensor's device and dtype):
+  CUDA tensor: "cuda" (compiled kernels) -> "triton" -> "reference"
+  CPU tensor:  "cpu" (compiled C++ kernels) -> "reference"
+  float64:     "reference" (the only backend that computes in float64)
+Triton runs on CPU tensors only through its interpreter (TRITON_INTERPRET=1) and only when forced.
+
+Force a backend for a block of code with ``with umm_ops.use_backend("triton"): ...`` or for the process with
+the environment variable ``UMM_OPS_BACKEND=cpu|cuda|triton|reference|auto``.  Forcing a backend that
+cannot run the given tensors raises ``BackendUnavailableError`` saying why.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+import platform
+
+import torch
+
+from . import _lib
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+_ENV = "UMM_OPS_BACKEND"
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("umm_ops_backend", default=None)
+_value_checks: contextvars.ContextVar[bool | None] = contextvars.ContextVar("umm_ops_value_checks", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the given inputs on this machine."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS and name != "auto":
+        raise ValueError(f"unknown umm_ops backend {name!r}: expected one of {', '.join(BACKENDS)} or 'auto'")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force backend `name` ("cuda", "triton", "cpu", "reference" or "auto") inside the block."""
+    token = _forced.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend() -> str | None:
+    name = _forced.get()
+    if name is None:
+        env = os.environ.get(_ENV, "").strip().lower()
+        name = _check_name(env) if env else None
+    return None if name == "auto" else name
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Turn the value checks of the public ops (t in [0, 1], finite sigma, ...) on or off in the block.
+
+    They are on by default (env UMM_OPS_CHECK_VALUES=0 turns them off); on CUDA tensors they synchronise
+    the device once per call, so a tuned training loop may want them off.  Shape/dtype/device checks always run.
+    """
+    token = _value_checks.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _value_checks.reset(token)
+
+
+def value_checks_enabled() -> bool:
+    v = _value_checks.get()
+    if v is None:
+        v = os.environ.get("UMM_OPS_CHECK_VALUES", "1").strip() not in ("0", "false", "off", "no")
+    return v and not torch.compiler.is_compiling()
+
+
+@functools.cache
+def _triton_module():
+    try:
+        return importlib.import_module("umm_ops.triton")
+    except Exception as e:  # triton missing or broken: report, never crash the import
+        return e
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_not(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when backend `name` can run tensors of this device/dtype, else the reason."""
+    if name == "reference":
+        return None
+    if dtype == torch.float64:
+        return "float64 inputs run on the reference backend only (kernels support float32, bfloat16, float16)"
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"the 'cpu' backend runs CPU tensors, got a tensor on {device}"
+        return None if _lib.loaded() else f"the compiled extension umm_ops._C did not load: {_lib.load_error()}"
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the 'cuda' backend runs CUDA tensors, got a tensor on {device}"
+        if not _lib.loaded():
+            return f"the compiled extension umm_ops._C did not load: {_lib.load_error()}"
+        if not _lib.build_info().get("cuda"):
+            return "umm_ops was built without CUDA kernels (no nvcc at build time, or UMM_CUDA=OFF)"
+        return None
+    if name == "triton":
+        mod = _triton_module()
+        if isinstance(mod, Exception):
+            return f"triton is not importable: {mod}"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreting():
+            return None
+        return f"triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got a tensor on {device}"
+    raise ValueError(name)
+
+
+def select(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that will run a kernel on tensors of this device and dtype."""
+    name = forced_backend()
+    if name is not None:
+        why = _why_not(name, device, dtype)
+        if why is not None:
+            raise BackendUnavailableError(f"umm_ops backend {name!r} was forced but cannot run here: {why}")
+        return name
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    for cand in order:
+        if _why_not(cand, device, dtype) is None:
+            return cand
+    return "reference"
+
+
+class _CppKernels:
+    def __getattr__(self, name):
+        return getattr(torch.ops.umm_ops, "kernel_" + name)
+
+
+def kernels(name: str):
+    """The kernel-contract namespace of a backend (see umm_ops/reference/kernels.py)."""
+    if name in ("cpu", "cuda"):
+        return _CppKernels()
+    if name == "triton":
+        mod = _triton_module()
+        if isinstance(mod, Exception):
+            raise BackendUnavailableError(f"triton is not importable: {mod}")
+        return mod
+    from .reference import kernels as ref
+
+    return ref
+
+
+def kernels_for(t: torch.Tensor):
+    return kernels(select(t.device, t.dtype))
+
+
+def backends() -> dict:
+    """What was compiled and what can run here."""
+    info = _lib.build_info() if _lib.loaded() else {}
+    cuda_dev = torch.cuda.is_available()
+    tri = _triton_module()
+    tri_ok = not isinstance(tri, Exception)
+    report = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(0) if cuda_dev else f"cpu ({platform.processor() or platform.machine()})",
+        "cpu_threads": torch.get_num_threads(),
+        "extension": {"loaded": _lib.loaded(), "error": _lib.load_error(), "built_against_torch": info.get("torch")},
+        "cpu": {"compiled": _lib.loaded(), "runnable": _lib.loaded()},
+        "cuda": {
+            "compiled": bool(info.get("cuda")),
+            "archs": info.get("cuda_archs"),
+            "device_available": cuda_dev,
+            "runnable": bool(info.get("cuda")) and cuda_dev,
+        },
+        "triton": {
+            "installed": tri_ok,
+            "version": _triton_version(),
+            "error": None if tri_ok else str(tri),
+            "interpreter": triton_interpreting(),
+            "runnable": tri_ok and (cuda_dev or triton_interpreting()),
+        },
+        "reference": {"runnable": True},
+        "forced": forced_backend(),
+        "auto": {
+            "cpu": select(torch.device("cpu"), torch.float32) if forced_backend() is None else None,
+            "cuda": (select(torch.device("cuda"), torch.float32) if cuda_dev and forced_backend() is None else None),
+        },
+    }
+    return report
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return None

@@ -1,0 +1,58 @@
+"""Command line: `python -m umm_ops info` (what was compiled, what runs here) and `python -m umm_ops bench`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(args) -> int:
+    import umm_ops
+
+    rep = umm_ops.backends()
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    ext = rep["extension"]
+    print(f"umm_ops {umm_ops.__version__}  torch {rep['torch']} (cuda {rep['torch_cuda']})  python {rep['python']}")
+    print(f"device           : {rep['device']}  ({rep['cpu_threads']} CPU threads)")
+    print(f"compiled module  : {'loaded' if ext['loaded'] else 'NOT loaded: ' + str(ext['error'])}"
+          + (f" (built against torch {ext['built_against_torch']})" if ext["loaded"] else ""))
+    print(f"cpu kernels      : {'yes' if rep['cpu']['compiled'] else 'no'}")
+    c = rep["cuda"]
+    print(f"cuda kernels     : {'compiled for sm ' + str(c['archs']) if c['compiled'] else 'not compiled'}; "
+          f"device {'present' if c['device_available'] else 'absent'} -> {'runnable' if c['runnable'] else 'not runnable'}")
+    t = rep["triton"]
+    print(f"triton           : {t['version'] if t['installed'] else 'not importable'}"
+          f"{' (interpreter)' if t['interpreter'] else ''} -> {'runnable' if t['runnable'] else 'not runnable'}")
+    print("reference        : runnable")
+    print(f"forced backend   : {rep['forced'] or 'none (auto)'}")
+    if rep["forced"] is None:
+        print(f"auto choice      : cpu tensors -> {rep['auto']['cpu']}; cuda tensors -> {rep['auto']['cuda'] or 'n/a'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="umm_ops", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("info", help="what was compiled and what can run here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_info)
+    b = sub.add_parser("bench", help="run the op benchmarks (see bench/README in the repository)")
+    b.add_argument("--quick", action="store_true", help="small sizes, few repeats (the built-in default job)")
+    b.add_argument("--ops", default="all", help="comma-separated op names or 'all'")
+    b.add_argument("--out", default=None, help="results JSON (default: bench/results/<device>.json)")
+    b.add_argument("--plot", default=None, help="plot PNG (default: next to the results)")
+
+    def _bench(a):
+        from .bench_runner import run
+
+        return run(quick=a.quick, ops=a.ops, out=a.out, plot=a.plot)
+
+    b.set_defaults(fn=_bench)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""Public fused ops: one module per op family (custom op + fake kernel + autograd + backend choice)."""
+from .flow import SigmaSchedule, flow_kl, flow_logprob, flow_step, time_shift
+from .norm import adaln_modulate, gated_detail_residual, gated_residual
+
+__all__ = [
+    "flow_step", "flow_logprob", "flow_kl", "time_shift", "SigmaSchedule",
+    "gated_detail_residual", "adaln_modulate", "gated_residual",
+]

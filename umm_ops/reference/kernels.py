@@ -1,0 +1,201 @@
+"""The kernel contract, executable: what every backend's kernel functions take and return.
+
+Each function here has the exact signature of the C++ op ``torch.ops.umm_ops.kernel_<name>`` and of the
+Triton function ``umm_ops.triton.<name>``; the public ops (umm_ops.ops) call whichever backend is selected.
+The struct comments in csrc/include/umm/params.h give the formulas.
+
+Shapes: flow ops take (B, N) activations and (B,) float32 t / t_next / sigma; gated_detail_residual takes
+(N, C) tokens; adaln_modulate and gated_residual take (B, L, C) tokens and (B, C) modulation (unit column
+stride, any row stride).  Masked-out gradients are returned as empty (0,) tensors.  Saved statistics are
+float32 (float64 when the activations are float64: the reference alone accepts float64).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import (
+    adaln_modulate as _adaln_modulate,
+    flow_kl as _flow_kl,
+    flow_logprob as _flow_logprob,
+    flow_transition as _flow_transition,
+    gated_detail_residual as _gated_detail_residual,
+    gated_residual as _gated_residual,
+)
+
+
+@contextlib.contextmanager
+def _autograd_on():
+    """Grad mode with the autograd dispatch keys re-included.
+
+    These functions run as the implementation of a custom op (umm_ops.ops), below the autograd layer where
+    torch excludes the autograd keys: enable_grad alone would record nothing.
+    """
+    keys = torch._C.DispatchKey
+    with contextlib.ExitStack() as stack:
+        for k in (keys.AutogradCPU, keys.AutogradCUDA, keys.ADInplaceOrView, keys.AutogradFunctionality):
+            stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(k, False))
+        stack.enter_context(torch.enable_grad())
+        yield
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Compute dtype: float32 for reduced-precision activations, the activation dtype otherwise."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0)
+
+
+def _grads(outputs, inputs, grad_outputs, mask):
+    """autograd.grad over the inputs whose mask bit is set; empties elsewhere."""
+    wanted = [i for i, m in zip(inputs, mask) if m]
+    got = iter(torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True) if wanted else [])
+    res = []
+    for i, m in zip(inputs, mask):
+        if m:
+            g = next(got)
+            res.append(torch.zeros_like(i) if g is None else g)
+        else:
+            res.append(None)
+    return res
+
+
+def flow_coefficients(t, t_next, sigma):
+    """(ax, av, std) of mean = ax x + av v, read off the literal Flow-GRPO transition."""
+    one = torch.ones(t.shape[0], 1, dtype=torch.float64, device=t.device)
+    zero = torch.zeros_like(one)
+    sig = torch.zeros_like(t) if sigma is None else sigma
+    t64, tn64, s64 = t.double(), t_next.double(), sig.double()
+    ax, std = _flow_transition(one, zero, t64, tn64, s64)
+    av, _ = _flow_transition(zero, one, t64, tn64, s64)
+    return ax[:, 0], av[:, 0], std[:, 0]
+
+
+def flow_step(x, v, noise, t, t_next, sigma, want_logprob):
+    xc, vc = _acc(x), _acc(v)
+    if noise is None:
+        dt = (t_next - t).to(xc.dtype)[:, None]
+        return (xc + dt * vc).to(x.dtype), _empty(t)
+    mean, std = _flow_transition(xc, vc, t, t_next, sigma)
+    x_next = (mean + std * _acc(noise)).to(x.dtype)
+    if not want_logprob:
+        return x_next, _empty(t)
+    r = _acc(x_next) - mean
+    lp = -(r**2) / (2 * std**2) - torch.log(std) - 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=std.dtype))
+    return x_next, lp.mean(1).to(_stat_dtype(x))
+
+
+def flow_step_backward(grad, t, t_next, sigma, mask):
+    ax, av, std = flow_coefficients(t, t_next, sigma)
+    g = _acc(grad)
+    out = []
+    for coef, m in zip((ax, av, std), mask):
+        out.append((g * coef.to(g.dtype)[:, None]).to(grad.dtype) if m else _empty(grad))
+    return tuple(out)
+
+
+def flow_logprob(x, x_next, v, t, t_next, sigma):
+    return _flow_logprob(_acc(x), _acc(x_next), _acc(v), t, t_next, sigma).to(_stat_dtype(x))
+
+
+def flow_logprob_backward(grad, x, x_next, v, t, t_next, sigma, mask):
+    with _autograd_on():
+        ins = [_acc(a).detach().requires_grad_(True) for a in (x, x_next, v)]
+        lp = _flow_logprob(*ins, t, t_next, sigma)
+        gs = _grads(lp, ins, grad.to(lp.dtype), mask)
+    return tuple(_empty(x) if g is None else g.to(x.dtype) for g in gs)
+
+
+def flow_kl(v, v_ref, t, t_next, sigma):
+    return _flow_kl(_acc(v), _acc(v_ref), t, t_next, sigma).to(_stat_dtype(v))
+
+
+def flow_kl_backward(grad, v, v_ref, t, t_next, sigma, mask):
+    with _autograd_on():
+        ins = [_acc(a).detach().requires_grad_(True) for a in (v, v_ref)]
+        kl = _flow_kl(*ins, t, t_next, sigma)
+        gs = _grads(kl, ins, grad.to(kl.dtype), mask)
+    return tuple(_empty(v) if g is None else g.to(v.dtype) for g in gs)
+
+
+def gated_detail_residual(low, high, gate_hidden, w_gate, b_gate, ln_weight, ln_bias, eps):
+    lo, hi, gh = _acc(low), _acc(high), _acc(gate_hidden)
+    g = gh @ _acc(w_gate).reshape(-1, 1) + _acc(b_gate).reshape(())
+    u = lo + g * hi
+    mean = u.mean(-1, keepdim=True)
+    var = ((u - mean) ** 2).mean(-1, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    out = (u - mean) * rstd * _acc(ln_weight) + _acc(ln_bias)
+    sd = _stat_dtype(low)
+    return out.to(low.dtype), g[:, 0].to(sd), mean[:, 0].to(sd), rstd[:, 0].to(sd)
+
+
+def gated_detail_residual_backward(grad, low, high, gate_hidden, w_gate, ln_weight, gate, mean, rstd, eps):
+    """Recompute through the reference formula; the saved gate stands in for b_gate (same value)."""
+    with _autograd_on():
+        lo, hi, gh, w, lw = (_acc(a).detach().requires_grad_(True) for a in (low, high, gate_hidden, w_gate, ln_weight))
+        b = lo.new_zeros(1, requires_grad=True)
+        lb = torch.zeros_like(lw).requires_grad_(True)  # the bias value does not change any gradient
+        g_lin = gh @ w.reshape(-1, 1)
+        g = g_lin + b + (gate.to(lo.dtype)[:, None] - g_lin).detach()
+        u = lo + g * hi
+        mu = u.mean(-1, keepdim=True)
+        var = ((u - mu) ** 2).mean(-1, keepdim=True)
+        out = (u - mu) / torch.sqrt(var + eps) * lw + lb
+        gs = torch.autograd.grad(out, [lo, hi, gh, w, b, lw, lb], _acc(grad))
+    return tuple(g.to(low.dtype) for g in gs)
+
+
+def adaln_modulate(x, shift, scale, weight, bias, eps, rms):
+    xc = _acc(x)
+    if rms:
+        ms = (xc**2).mean(-1, keepdim=True)
+        rstd = torch.rsqrt(ms + eps)
+        n = xc * rstd
+        mean = _empty(xc)
+    else:
+        mean = xc.mean(-1, keepdim=True)
+        var = ((xc - mean) ** 2).mean(-1, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        n = (xc - mean) * rstd
+    if weight is not None:
+        n = n * _acc(weight)
+    if bias is not None:
+        n = n + _acc(bias)
+    out = n * (1 + _acc(scale)[:, None, :]) + _acc(shift)[:, None, :]
+    sd = _stat_dtype(x)
+    mean = mean.reshape(-1).to(sd) if not rms else x.new_empty(0, dtype=sd)
+    return out.to(x.dtype), mean, rstd.reshape(-1).to(sd)
+
+
+def adaln_modulate_backward(grad, x, scale, weight, bias, mean, rstd, eps, rms, mask):
+    """Recompute through the reference formula (the saved statistics are not needed here)."""
+    with _autograd_on():
+        xi = _acc(x).detach().requires_grad_(True)
+        sh = torch.zeros(x.shape[0], x.shape[2], dtype=xi.dtype, device=x.device, requires_grad=True)
+        sc = _acc(scale).detach().requires_grad_(True)
+        w = _acc(weight).detach().requires_grad_(True) if weight is not None else None
+        b = _acc(bias).detach().requires_grad_(True) if bias is not None else None
+        out = _adaln_modulate(xi, sh, sc, eps=eps, norm="rms" if rms else "layer", weight=w, bias=b)
+        ins = [xi, sh, sc, w, b]
+        m = [bool(mask[i]) and ins[i] is not None for i in range(5)]
+        gs = _grads(out, [i if i is not None else xi for i in ins], _acc(grad), m)
+    return tuple(_empty(x) if g is None else g.to(x.dtype) for g in gs)
+
+
+def gated_residual(x, gate, y):
+    return _gated_residual(_acc(x), _acc(gate), _acc(y)).to(x.dtype)
+
+
+def gated_residual_backward(grad, gate, y, mask):
+    g = _acc(grad)
+    dgate = (g * _acc(y)).sum(1).to(gate.dtype) if mask[0] else _empty(grad)
+    dy = (g * _acc(gate)[:, None, :]).to(y.dtype) if mask[1] else _empty(grad)
+    return dgate, dy
