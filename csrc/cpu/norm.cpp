@@ -44,21 +44,24 @@ inline int64_t rows_per_chunk(int64_t rows) { return std::max<int64_t>(64, ceil_
 // mean / rstd of a float row (two passes).
 inline void row_stats(const float* u, int64_t C, float eps, bool rms, float& mean, float& rstd) {
   if (rms) {
-    float s = 0.f;
+    double s = 0.0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < C; ++i) s += u[i] * u[i];
+    for (int64_t i = 0; i < C; ++i) s += double(u[i]) * double(u[i]);
     mean = 0.f;
-    rstd = 1.f / std::sqrt(s / float(C) + eps);
+    rstd = float(1.0 / std::sqrt(s / double(C) + double(eps)));
     return;
   }
-  float s = 0.f;
+  double s = 0.0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < C; ++i) s += u[i];
-  mean = s / float(C);
-  float q = 0.f;
+  mean = float(s / double(C));
+  double q = 0.0;
 #pragma omp simd reduction(+ : q)
-  for (int64_t i = 0; i < C; ++i) q += (u[i] - mean) * (u[i] - mean);
-  rstd = 1.f / std::sqrt(q / float(C) + eps);
+  for (int64_t i = 0; i < C; ++i) {
+    const double d = double(u[i]) - double(mean);
+    q += d * d;
+  }
+  rstd = float(1.0 / std::sqrt(q / double(C) + double(eps)));
 }
 
 // ------------------------------------------------------------------ gated detail residual
@@ -77,10 +80,10 @@ void gated_detail_impl(const GatedDetailParams& p) {
     std::vector<float> u(C), h(C), gb(Dg);
     for (int64_t n = lo; n < hi; ++n) {
       load_row(gh + n * Dg, gb.data(), Dg);
-      float g = 0.f;
-#pragma omp simd reduction(+ : g)
-      for (int64_t i = 0; i < Dg; ++i) g += gb[i] * w[i];
-      g += bg;
+      double gd = 0.0;
+#pragma omp simd reduction(+ : gd)
+      for (int64_t i = 0; i < Dg; ++i) gd += double(gb[i]) * double(w[i]);
+      const float g = float(gd + double(bg));
       load_row(low + n * C, u.data(), C);
       load_row(high + n * C, h.data(), C);
 #pragma omp simd
@@ -126,7 +129,7 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
         load_row(low + n * C, u.data(), C);
         load_row(high + n * C, h.data(), C);
         load_row(dy_p + n * C, dy.data(), C);
-        float s1 = 0.f, s2 = 0.f;
+        double s1 = 0.0, s2 = 0.0;
 #pragma omp simd reduction(+ : s1, s2)
         for (int64_t i = 0; i < C; ++i) {
           u[i] = (u[i] + g * h[i] - mean) * rstd;  // uhat
@@ -136,14 +139,15 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
           acc_lw[i] += dy[i] * u[i];
           acc_lb[i] += dy[i];
         }
-        const float m1 = s1 / float(C), m2 = s2 / float(C);
-        float dg = 0.f;
-#pragma omp simd reduction(+ : dg)
+        const float m1 = float(s1 / double(C)), m2 = float(s2 / double(C));
+        double dgd = 0.0;
+#pragma omp simd reduction(+ : dgd)
         for (int64_t i = 0; i < C; ++i) {
           const float du = rstd * (dyw[i] - m1 - u[i] * m2);
           dyw[i] = du;
-          dg += du * h[i];
+          dgd += double(du) * double(h[i]);
         }
+        const float dg = float(dgd);
         store_row(dyw.data(), dlow + n * C, C);
 #pragma omp simd
         for (int64_t i = 0; i < C; ++i) dyw[i] *= g;
@@ -229,7 +233,7 @@ void adaln_bwd_impl(const AdaLNBwdParams& p) {
         const float mean = p.rms ? 0.f : p.mean[r], rstd = p.rstd[r];
         load_row(x + r * C, xh.data(), C);
         load_row(dy_p + r * C, dy.data(), C);
-        float s1 = 0.f, s2 = 0.f;
+        double s1 = 0.0, s2 = 0.0;
 #pragma omp simd reduction(+ : s1, s2)
         for (int64_t i = 0; i < C; ++i) {
           xh[i] = (xh[i] - mean) * rstd;
@@ -243,7 +247,7 @@ void adaln_bwd_impl(const AdaLNBwdParams& p) {
           s2 += dn[i] * xh[i];
         }
         if (dx) {
-          const float a1 = p.rms ? 0.f : s1 / float(C), a2 = s2 / float(C);
+          const float a1 = p.rms ? 0.f : float(s1 / double(C)), a2 = float(s2 / double(C));
 #pragma omp simd
           for (int64_t i = 0; i < C; ++i) dn[i] = rstd * (dn[i] - a1 - xh[i] * a2);
           store_row(dn.data(), dx + r * C, C);
