@@ -72,10 +72,12 @@ def value_checks(enabled: bool):
 
 
 def value_checks_enabled() -> bool:
+    if torch.compiler.is_compiling():  # value checks would graph-break (they read tensor values)
+        return False
     v = _value_checks.get()
     if v is None:
         v = os.environ.get("UMM_OPS_CHECK_VALUES", "1").strip() not in ("0", "false", "off", "no")
-    return v and not torch.compiler.is_compiling()
+    return v
 
 
 @functools.cache

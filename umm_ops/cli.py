@@ -1,4 +1,4 @@
-"""Command line: `python -m umm_ops info` (what was compiled, what runs here) and `python -m umm_ops bench`."""
+"""Command line: `python -m umm_ops info` (what was compiled, what runs here).  Benchmarks: bench/run.py."""
 from __future__ import annotations
 
 import argparse
@@ -38,18 +38,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("info", help="what was compiled and what can run here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_info)
-    b = sub.add_parser("bench", help="run the op benchmarks (see bench/README in the repository)")
-    b.add_argument("--quick", action="store_true", help="small sizes, few repeats (the built-in default job)")
-    b.add_argument("--ops", default="all", help="comma-separated op names or 'all'")
-    b.add_argument("--out", default=None, help="results JSON (default: bench/results/<device>.json)")
-    b.add_argument("--plot", default=None, help="plot PNG (default: next to the results)")
 
-    def _bench(a):
-        from .bench_runner import run
-
-        return run(quick=a.quick, ops=a.ops, out=a.out, plot=a.plot)
-
-    b.set_defaults(fn=_bench)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,117 @@
+"""Backend selection, the build report, and the build itself (CUDA kernels compiled whenever nvcc exists)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import umm_ops
+from umm_ops import backend as B
+
+
+def test_report_says_what_was_built():
+    rep = umm_ops.backends()
+    for key in ("torch", "device", "extension", "cpu", "cuda", "triton", "reference", "auto"):
+        assert key in rep
+    assert rep["reference"]["runnable"] is True
+    assert rep["extension"]["loaded"], f"umm_ops._C did not load: {rep['extension']['error']}"
+    assert rep["cpu"]["runnable"]
+    assert rep["extension"]["built_against_torch"] == torch.__version__
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and os.environ.get("CI") is None, reason="no nvcc here")
+def test_cuda_kernels_were_compiled_when_nvcc_exists():
+    """CI has nvcc but no GPU: the build must still have compiled every CUDA kernel (a compile error fails the
+    build, and AUTO must not silently skip CUDA)."""
+    if os.environ.get("UMM_CUDA", "AUTO").upper() == "OFF":
+        pytest.skip("UMM_CUDA=OFF requested")
+    rep = umm_ops.backends()
+    assert rep["cuda"]["compiled"], "nvcc is on PATH but the CUDA kernels were not built"
+    assert rep["cuda"]["archs"]
+
+
+def test_auto_selection_on_cpu():
+    assert B.select(torch.device("cpu"), torch.float32) == "cpu"
+    assert B.select(torch.device("cpu"), torch.bfloat16) == "cpu"
+    assert B.select(torch.device("cpu"), torch.float64) == "reference"
+
+
+def test_forcing_and_context_nesting():
+    with umm_ops.use_backend("reference"):
+        assert B.select(torch.device("cpu"), torch.float32) == "reference"
+        with umm_ops.use_backend("auto"):
+            assert B.select(torch.device("cpu"), torch.float32) == "cpu"
+        assert B.select(torch.device("cpu"), torch.float32) == "reference"
+    assert B.select(torch.device("cpu"), torch.float32) == "cpu"
+
+
+def test_forcing_unavailable_backend_is_a_clear_error():
+    x = torch.randn(2, 3, 4)
+    s = torch.randn(2, 4)
+    if not torch.cuda.is_available():
+        with umm_ops.use_backend("cuda"), pytest.raises(umm_ops.BackendUnavailableError, match="runs CUDA tensors"):
+            umm_ops.gated_residual(x, s, x)
+    with umm_ops.use_backend("cpu"), pytest.raises(umm_ops.BackendUnavailableError, match="float64"):
+        umm_ops.gated_residual(x.double(), s.double(), x.double())
+    with pytest.raises(ValueError, match="unknown umm_ops backend"):
+        with umm_ops.use_backend("fast"):
+            pass
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    if isinstance(B._triton_module(), Exception):
+        pytest.skip("triton not importable")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with umm_ops.use_backend("triton"), pytest.raises(umm_ops.BackendUnavailableError, match="TRITON_INTERPRET"):
+        B.select(torch.device("cpu"), torch.float32)
+
+
+def test_env_variable_forces_backend(monkeypatch):
+    monkeypatch.setenv("UMM_OPS_BACKEND", "reference")
+    assert B.select(torch.device("cpu"), torch.float32) == "reference"
+    monkeypatch.setenv("UMM_OPS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown umm_ops backend"):
+        B.select(torch.device("cpu"), torch.float32)
+
+
+def test_backends_give_identical_results_for_the_same_call(seed):
+    """Sanity across backends on one call (the real checks are in test_flow/test_norm)."""
+    x, v = torch.randn(4, 33), torch.randn(4, 33)
+    outs = []
+    for name in ("cpu", "reference"):
+        with umm_ops.use_backend(name):
+            outs.append(umm_ops.flow_step(x, v, 0.2, 0.3))
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+
+
+def test_cpu_kernels_deterministic_across_thread_counts(seed):
+    x = torch.randn(3, 40000)
+    v, z = torch.randn_like(x), torch.randn_like(x)
+    n = torch.get_num_threads()
+    try:
+        res = []
+        for threads in (1, max(2, n)):
+            torch.set_num_threads(threads)
+            _, lp = umm_ops.flow_step(x, v, 0.1, 0.2, noise=z, sigma=0.4, return_logprob=True)
+            a = torch.randn(2, 300, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            s = torch.randn(2, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+            out = umm_ops.adaln_modulate(a, s, s, norm="layer")
+            g = torch.autograd.grad(out.square().sum(), [a, s])
+            res.append((lp, *g))
+    finally:
+        torch.set_num_threads(n)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_cli_info_runs():
+    out = subprocess.run([sys.executable, "-m", "umm_ops", "info"], capture_output=True, text=True, check=True)
+    assert "cpu kernels" in out.stdout and "cuda kernels" in out.stdout
+    js = subprocess.run([sys.executable, "-m", "umm_ops", "info", "--json"], capture_output=True, text=True,
+                        check=True)
+    assert json.loads(js.stdout)["reference"]["runnable"] is True
