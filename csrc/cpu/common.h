@@ -19,6 +19,41 @@ namespace umm::cpu {
 
 constexpr int64_t kRun = 512;  // elements converted per run (2 KiB of floats per buffer)
 
+// Element access with the conversion inline (vectorisable: bf16 <-> float is a shift plus rounding).
+inline float ld(const float* p, int64_t i) { return p[i]; }
+inline float ld(const c10::BFloat16* p, int64_t i) {
+  uint32_t b = uint32_t(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &b, sizeof(float));
+  return f;
+}
+inline float ld(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+
+inline uint16_t bf16_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(float));
+  const uint32_t r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;  // round to nearest even
+  return (v != v) ? uint16_t(0x7fc0) : uint16_t(r);
+}
+inline void st(float* p, int64_t i, float v) { p[i] = v; }
+inline void st(c10::BFloat16* p, int64_t i, float v) { reinterpret_cast<uint16_t*>(p)[i] = bf16_bits(v); }
+inline void st(c10::Half* p, int64_t i, float v) { p[i] = c10::Half(v); }
+
+// The value a store to T then a load gives back.
+template <typename T>
+inline float rt(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t b = uint32_t(bf16_bits(v)) << 16;
+    float f;
+    std::memcpy(&f, &b, sizeof(float));
+    return f;
+  } else {
+    return static_cast<float>(c10::Half(v));
+  }
+}
+
 inline void load_f32(const float* s, float* d, int64_t n) { std::memcpy(d, s, n * sizeof(float)); }
 inline void load_f32(const c10::BFloat16* s, float* d, int64_t n) {
   const uint16_t* u = reinterpret_cast<const uint16_t*>(s);

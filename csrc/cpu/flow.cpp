@@ -37,6 +37,36 @@ inline void finish_sums(const std::vector<double>& part, int64_t B, int64_t N, s
     for (int64_t c = 0; c < nc; ++c) out[b] += part[b * nc + c];
 }
 
+constexpr int64_t kSub = 1024;  // float partial sums over kSub elements, then double
+
+// Per-sample log-prob from the sum of squared residuals.
+inline float logprob_of(double sumsq, const FlowCoef& c, int64_t N) {
+  if (N == 0) return 0.f;
+  const double var = double(c.std) * double(c.std);
+  return float(-sumsq / (2.0 * var * double(N)) - std::log(double(c.std)) - double(kHalfLog2Pi));
+}
+
+template <typename T, bool kSde, bool kLogprob>
+double flow_step_range(const T* x, const T* v, const T* z, T* out, const FlowCoef c, int64_t begin, int64_t end) {
+  double acc = 0.0;
+  for (int64_t s0 = begin; s0 < end; s0 += kSub) {
+    const int64_t s1 = std::min(end, s0 + kSub);
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = s0; i < s1; ++i) {
+      const float mean = c.ax * ld(x, i) + c.av * ld(v, i);
+      const float o = kSde ? mean + c.std * ld(z, i) : mean;
+      st(out, i, o);
+      if constexpr (kLogprob) {
+        const float r = rt<T>(o) - mean;
+        s += r * r;
+      }
+    }
+    acc += s;
+  }
+  return acc;
+}
+
 template <typename T>
 void flow_step_impl(const FlowStepParams& p) {
   const T* x = static_cast<const T*>(p.x);
@@ -46,46 +76,21 @@ void flow_step_impl(const FlowStepParams& p) {
   const bool want_lp = p.logprob != nullptr && z != nullptr;
   std::vector<double> part(want_lp ? p.B * ceil_div(p.N, kChunk) : 0, 0.0);
   for_chunks(p.B, p.N, [&](int64_t b, int64_t task, int64_t begin, int64_t end) {
-    const FlowCoef c = z ? coef_of(p.t, p.t_next, p.sigma, b) : flow_coef(p.t[b], p.t_next[b], 0.f);
-    float xb[kRun], vb[kRun], zb[kRun], ob[kRun];
-    double acc = 0.0;
-    for (int64_t i0 = begin; i0 < end; i0 += kRun) {
-      const int64_t n = std::min(kRun, end - i0);
-      const int64_t off = b * p.N + i0;
-      load_f32(x + off, xb, n);
-      load_f32(v + off, vb, n);
-      if (z) {
-        load_f32(z + off, zb, n);
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) ob[i] = c.ax * xb[i] + c.av * vb[i] + c.std * zb[i];
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) ob[i] = xb[i] + c.av * vb[i];
-      }
-      store_f32(ob, out + off, n);
-      if (want_lp) {
-        round_trip<T>(ob, n);
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < n; ++i) {
-          const float r = ob[i] - (c.ax * xb[i] + c.av * vb[i]);
-          s += r * r;
-        }
-        acc += s;
-      }
+    const int64_t o = b * p.N;
+    if (!z) {
+      flow_step_range<T, false, false>(x + o, v + o, nullptr, out + o, flow_coef(p.t[b], p.t_next[b], 0.f), begin,
+                                       end);
+    } else if (!want_lp) {
+      flow_step_range<T, true, false>(x + o, v + o, z + o, out + o, coef_of(p.t, p.t_next, p.sigma, b), begin, end);
+    } else {
+      part[task] =
+          flow_step_range<T, true, true>(x + o, v + o, z + o, out + o, coef_of(p.t, p.t_next, p.sigma, b), begin, end);
     }
-    if (want_lp) part[task] = acc;
   });
   if (want_lp) {
     std::vector<double> sums;
     finish_sums(part, p.B, p.N, sums);
-    for (int64_t b = 0; b < p.B; ++b) {
-      const FlowCoef c = coef_of(p.t, p.t_next, p.sigma, b);
-      const double var = double(c.std) * double(c.std);
-      p.logprob[b] = p.N == 0 ? 0.f
-                              : float(-sums[b] / (2.0 * var * double(p.N)) - std::log(double(c.std)) -
-                                      double(kHalfLog2Pi));
-    }
+    for (int64_t b = 0; b < p.B; ++b) p.logprob[b] = logprob_of(sums[b], coef_of(p.t, p.t_next, p.sigma, b), p.N);
   }
 }
 
@@ -96,18 +101,13 @@ void flow_step_bwd_impl(const FlowStepBwdParams& p) {
   for_chunks(p.B, p.N, [&](int64_t b, int64_t, int64_t begin, int64_t end) {
     const FlowCoef c = coef_of(p.t, p.t_next, p.sigma, b);
     const float k[3] = {c.ax, c.av, c.std};
-    float gb[kRun], ob[kRun];
-    for (int64_t i0 = begin; i0 < end; i0 += kRun) {
-      const int64_t n = std::min(kRun, end - i0);
-      const int64_t off = b * p.N + i0;
-      load_f32(g + off, gb, n);
-      for (int j = 0; j < 3; ++j) {
-        if (!outs[j]) continue;
-        const float kj = k[j];
+    const T* gb = g + b * p.N;
+    for (int j = 0; j < 3; ++j) {
+      if (!outs[j]) continue;
+      T* ob = outs[j] + b * p.N;
+      const float kj = k[j];
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) ob[i] = kj * gb[i];
-        store_f32(ob, outs[j] + off, n);
-      }
+      for (int64_t i = begin; i < end; ++i) st(ob, i, kj * ld(gb, i));
     }
   });
 }
@@ -120,18 +120,15 @@ void flow_logprob_impl(const FlowLogprobParams& p) {
   std::vector<double> part(p.B * ceil_div(p.N, kChunk), 0.0);
   for_chunks(p.B, p.N, [&](int64_t b, int64_t task, int64_t begin, int64_t end) {
     const FlowCoef c = coef_of(p.t, p.t_next, p.sigma, b);
-    float xb[kRun], vb[kRun], nb[kRun];
+    const int64_t o = b * p.N;
+    const T *xb = x + o, *nb = xn + o, *vb = v + o;
     double acc = 0.0;
-    for (int64_t i0 = begin; i0 < end; i0 += kRun) {
-      const int64_t n = std::min(kRun, end - i0);
-      const int64_t off = b * p.N + i0;
-      load_f32(x + off, xb, n);
-      load_f32(v + off, vb, n);
-      load_f32(xn + off, nb, n);
+    for (int64_t s0 = begin; s0 < end; s0 += kSub) {
+      const int64_t s1 = std::min(end, s0 + kSub);
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < n; ++i) {
-        const float r = nb[i] - (c.ax * xb[i] + c.av * vb[i]);
+      for (int64_t i = s0; i < s1; ++i) {
+        const float r = ld(nb, i) - (c.ax * ld(xb, i) + c.av * ld(vb, i));
         s += r * r;
       }
       acc += s;
@@ -140,13 +137,7 @@ void flow_logprob_impl(const FlowLogprobParams& p) {
   });
   std::vector<double> sums;
   finish_sums(part, p.B, p.N, sums);
-  for (int64_t b = 0; b < p.B; ++b) {
-    const FlowCoef c = coef_of(p.t, p.t_next, p.sigma, b);
-    const double var = double(c.std) * double(c.std);
-    p.logprob[b] = p.N == 0 ? 0.f
-                            : float(-sums[b] / (2.0 * var * double(p.N)) - std::log(double(c.std)) -
-                                    double(kHalfLog2Pi));
-  }
+  for (int64_t b = 0; b < p.B; ++b) p.logprob[b] = logprob_of(sums[b], coef_of(p.t, p.t_next, p.sigma, b), p.N);
 }
 
 template <typename T>
@@ -160,30 +151,24 @@ void flow_logprob_bwd_impl(const FlowLogprobBwdParams& p) {
   for_chunks(p.B, p.N, [&](int64_t b, int64_t, int64_t begin, int64_t end) {
     const FlowCoef c = coef_of(p.t, p.t_next, p.sigma, b);
     const float w = float(double(p.grad[b]) / (double(c.std) * double(c.std) * double(p.N)));
-    float xb[kRun], vb[kRun], nb[kRun], rb[kRun], ob[kRun];
-    for (int64_t i0 = begin; i0 < end; i0 += kRun) {
-      const int64_t n = std::min(kRun, end - i0);
-      const int64_t off = b * p.N + i0;
-      load_f32(x + off, xb, n);
-      load_f32(v + off, vb, n);
-      load_f32(xn + off, nb, n);
+    const int64_t o = b * p.N;
+    const T *xb = x + o, *nb = xn + o, *vb = v + o;
+    T *dxb = dx ? dx + o : nullptr, *dnb = dxn ? dxn + o : nullptr, *dvb = dv ? dv + o : nullptr;
+    if (dxb && dvb && !dnb) {  // GRPO's case (x and v), one pass
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) rb[i] = w * (nb[i] - (c.ax * xb[i] + c.av * vb[i]));
-      if (dx) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) ob[i] = c.ax * rb[i];
-        store_f32(ob, dx + off, n);
+      for (int64_t i = begin; i < end; ++i) {
+        const float r = w * (ld(nb, i) - (c.ax * ld(xb, i) + c.av * ld(vb, i)));
+        st(dxb, i, c.ax * r);
+        st(dvb, i, c.av * r);
       }
-      if (dv) {
+      return;
+    }
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) ob[i] = c.av * rb[i];
-        store_f32(ob, dv + off, n);
-      }
-      if (dxn) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) ob[i] = -rb[i];
-        store_f32(ob, dxn + off, n);
-      }
+    for (int64_t i = begin; i < end; ++i) {
+      const float r = w * (ld(nb, i) - (c.ax * ld(xb, i) + c.av * ld(vb, i)));
+      if (dxb) st(dxb, i, c.ax * r);
+      if (dvb) st(dvb, i, c.av * r);
+      if (dnb) st(dnb, i, -r);
     }
   });
 }
@@ -194,17 +179,14 @@ void flow_kl_impl(const FlowKlParams& p) {
   const T* vr = static_cast<const T*>(p.v_ref);
   std::vector<double> part(p.B * ceil_div(p.N, kChunk), 0.0);
   for_chunks(p.B, p.N, [&](int64_t b, int64_t task, int64_t begin, int64_t end) {
-    float vb[kRun], rb[kRun];
+    const T *vb = v + b * p.N, *rb = vr + b * p.N;
     double acc = 0.0;
-    for (int64_t i0 = begin; i0 < end; i0 += kRun) {
-      const int64_t n = std::min(kRun, end - i0);
-      const int64_t off = b * p.N + i0;
-      load_f32(v + off, vb, n);
-      load_f32(vr + off, rb, n);
+    for (int64_t s0 = begin; s0 < end; s0 += kSub) {
+      const int64_t s1 = std::min(end, s0 + kSub);
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < n; ++i) {
-        const float d = vb[i] - rb[i];
+      for (int64_t i = s0; i < s1; ++i) {
+        const float d = ld(vb, i) - ld(rb, i);
         s += d * d;
       }
       acc += s;
@@ -230,22 +212,14 @@ void flow_kl_bwd_impl(const FlowKlBwdParams& p) {
     const FlowCoef c = coef_of(p.t, p.t_next, p.sigma, b);
     const float w = float(double(p.grad[b]) * double(c.av) * double(c.av) /
                           (double(c.std) * double(c.std) * double(p.N)));
-    float vb[kRun], rb[kRun], ob[kRun];
-    for (int64_t i0 = begin; i0 < end; i0 += kRun) {
-      const int64_t n = std::min(kRun, end - i0);
-      const int64_t off = b * p.N + i0;
-      load_f32(v + off, vb, n);
-      load_f32(vr + off, rb, n);
-      if (dv) {
+    const int64_t o = b * p.N;
+    const T *vb = v + o, *rb = vr + o;
+    T *dvb = dv ? dv + o : nullptr, *drb = dvr ? dvr + o : nullptr;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) ob[i] = w * (vb[i] - rb[i]);
-        store_f32(ob, dv + off, n);
-      }
-      if (dvr) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) ob[i] = -w * (vb[i] - rb[i]);
-        store_f32(ob, dvr + off, n);
-      }
+    for (int64_t i = begin; i < end; ++i) {
+      const float d = w * (ld(vb, i) - ld(rb, i));
+      if (dvb) st(dvb, i, d);
+      if (drb) st(drb, i, -d);
     }
   });
 }

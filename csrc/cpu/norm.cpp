@@ -65,6 +65,8 @@ inline void row_stats(const float* u, int64_t C, float eps, bool rms, float& mea
 }
 
 // ------------------------------------------------------------------ gated detail residual
+// u = low + g * high, written as fmaf-free float ops (the build uses -ffp-contract=off) so that forward and
+// backward recompute bit-identical values.
 template <typename T>
 void gated_detail_impl(const GatedDetailParams& p) {
   const int64_t C = p.C, Dg = p.Dg;
@@ -76,23 +78,37 @@ void gated_detail_impl(const GatedDetailParams& p) {
   const T* high = static_cast<const T*>(p.high);
   const T* gh = static_cast<const T*>(p.gate_hidden);
   T* out = static_cast<T*>(p.out);
+  const float* wp = w.data();
+  const float* lwp = lw.data();
+  const float* lbp = lb.data();
   at::parallel_for(0, p.N, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> u(C), h(C), gb(Dg);
+    std::vector<float> ubuf(C);
+    float* u = ubuf.data();
     for (int64_t n = lo; n < hi; ++n) {
-      load_row(gh + n * Dg, gb.data(), Dg);
+      const T* ghr = gh + n * Dg;
       double gd = 0.0;
 #pragma omp simd reduction(+ : gd)
-      for (int64_t i = 0; i < Dg; ++i) gd += double(gb[i]) * double(w[i]);
+      for (int64_t i = 0; i < Dg; ++i) gd += double(ld(ghr, i)) * double(wp[i]);
       const float g = float(gd + double(bg));
-      load_row(low + n * C, u.data(), C);
-      load_row(high + n * C, h.data(), C);
+      const T* lr = low + n * C;
+      const T* hr = high + n * C;
+      double s = 0.0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < C; ++i) {
+        u[i] = ld(lr, i) + g * ld(hr, i);
+        s += u[i];
+      }
+      const float mean = float(s / double(C));
+      double q = 0.0;
+#pragma omp simd reduction(+ : q)
+      for (int64_t i = 0; i < C; ++i) {
+        const float d = u[i] - mean;
+        q += double(d) * double(d);
+      }
+      const float rstd = float(1.0 / std::sqrt(q / double(C) + double(p.eps)));
+      T* orow = out + n * C;
 #pragma omp simd
-      for (int64_t i = 0; i < C; ++i) u[i] += g * h[i];
-      float mean, rstd;
-      row_stats(u.data(), C, p.eps, false, mean, rstd);
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) u[i] = (u[i] - mean) * rstd * lw[i] + lb[i];
-      store_row(u.data(), out + n * C, C);
+      for (int64_t i = 0; i < C; ++i) st(orow, i, (u[i] - mean) * rstd * lwp[i] + lbp[i]);
       p.gate[n] = g;
       p.mean[n] = mean;
       p.rstd[n] = rstd;
@@ -112,12 +128,16 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
   T* dlow = static_cast<T*>(p.dlow);
   T* dhigh = static_cast<T*>(p.dhigh);
   T* dgh = static_cast<T*>(p.dgate_hidden);
+  const float* wp = w.data();
+  const float* lwp = lw.data();
   const int64_t rpc = rows_per_chunk(N), nch = ceil_div(N, rpc);
   // partial layout per chunk: [dln_w (C) | dln_b (C) | dw_gate (Dg) | db_gate (1)]
   const int64_t width = 2 * C + Dg + 1;
   std::vector<float> part(nch * width, 0.f);
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> u(C), h(C), dy(C), dyw(C), gb(Dg);
+    std::vector<float> ubuf(C), dbuf(C);
+    float* uh = ubuf.data();
+    float* dyw = dbuf.data();
     for (int64_t ch = c0; ch < c1; ++ch) {
       float* acc = part.data() + ch * width;
       float* acc_lw = acc;
@@ -126,39 +146,40 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
       float& acc_b = acc[2 * C + Dg];
       for (int64_t n = ch * rpc; n < std::min(N, (ch + 1) * rpc); ++n) {
         const float g = p.gate[n], mean = p.mean[n], rstd = p.rstd[n];
-        load_row(low + n * C, u.data(), C);
-        load_row(high + n * C, h.data(), C);
-        load_row(dy_p + n * C, dy.data(), C);
+        const T* lr = low + n * C;
+        const T* hr = high + n * C;
+        const T* dyr = dy_p + n * C;
         double s1 = 0.0, s2 = 0.0;
 #pragma omp simd reduction(+ : s1, s2)
         for (int64_t i = 0; i < C; ++i) {
-          u[i] = (u[i] + g * h[i] - mean) * rstd;  // uhat
-          dyw[i] = dy[i] * lw[i];
+          const float u = ld(lr, i) + g * ld(hr, i);
+          uh[i] = (u - mean) * rstd;
+          const float dy = ld(dyr, i);
+          dyw[i] = dy * lwp[i];
           s1 += dyw[i];
-          s2 += dyw[i] * u[i];
-          acc_lw[i] += dy[i] * u[i];
-          acc_lb[i] += dy[i];
+          s2 += dyw[i] * uh[i];
+          acc_lw[i] += dy * uh[i];
+          acc_lb[i] += dy;
         }
         const float m1 = float(s1 / double(C)), m2 = float(s2 / double(C));
+        T* dlr = dlow + n * C;
+        T* dhr = dhigh + n * C;
         double dgd = 0.0;
 #pragma omp simd reduction(+ : dgd)
         for (int64_t i = 0; i < C; ++i) {
-          const float du = rstd * (dyw[i] - m1 - u[i] * m2);
-          dyw[i] = du;
-          dgd += double(du) * double(h[i]);
+          const float du = rstd * (dyw[i] - m1 - uh[i] * m2);
+          st(dlr, i, du);
+          st(dhr, i, g * du);
+          dgd += double(du) * double(ld(hr, i));
         }
         const float dg = float(dgd);
-        store_row(dyw.data(), dlow + n * C, C);
-#pragma omp simd
-        for (int64_t i = 0; i < C; ++i) dyw[i] *= g;
-        store_row(dyw.data(), dhigh + n * C, C);
-        load_row(gh + n * Dg, gb.data(), Dg);
+        const T* ghr = gh + n * Dg;
+        T* dghr = dgh + n * Dg;
 #pragma omp simd
         for (int64_t i = 0; i < Dg; ++i) {
-          acc_w[i] += dg * gb[i];
-          gb[i] = dg * w[i];
+          acc_w[i] += dg * ld(ghr, i);
+          st(dghr, i, dg * wp[i]);
         }
-        store_row(gb.data(), dgh + n * Dg, Dg);
         acc_b += dg;
       }
     }
@@ -182,26 +203,46 @@ void adaln_impl(const AdaLNParams& p) {
   const T* sc = static_cast<const T*>(p.scale);
   T* out = static_cast<T*>(p.out);
   at::parallel_for(0, B * L, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> u(C), a(C), s(C);
+    std::vector<float> abuf(C), sbuf(C);
+    float* a = abuf.data();
+    float* s = sbuf.data();
     int64_t loaded_b = -1;
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = r / L;
-      if (b != loaded_b) {  // fold weight/bias into the modulation once per sample
-        load_row(sc + b * p.scale_stride, a.data(), C);
-        load_row(sh + b * p.shift_stride, s.data(), C);
+      if (b != loaded_b) {  // fold the norm's affine into the modulation once per sample
+        const T* scr = sc + b * p.scale_stride;
+        const T* shr = sh + b * p.shift_stride;
         for (int64_t i = 0; i < C; ++i) {
-          const float m = 1.f + a[i];
-          a[i] = w[i] * m;              // multiplies xhat
-          s[i] = bias[i] * m + s[i];    // added
+          const float m = 1.f + ld(scr, i);
+          a[i] = w[i] * m;                    // multiplies xhat
+          s[i] = bias[i] * m + ld(shr, i);    // added
         }
         loaded_b = b;
       }
-      load_row(x + r * C, u.data(), C);
-      float mean, rstd;
-      row_stats(u.data(), C, p.eps, p.rms, mean, rstd);
+      const T* xr = x + r * C;
+      float mean = 0.f;
+      double q = 0.0;
+      if (p.rms) {
+#pragma omp simd reduction(+ : q)
+        for (int64_t i = 0; i < C; ++i) {
+          const float xv = ld(xr, i);
+          q += double(xv) * double(xv);
+        }
+      } else {
+        double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < C; ++i) sum += ld(xr, i);
+        mean = float(sum / double(C));
+#pragma omp simd reduction(+ : q)
+        for (int64_t i = 0; i < C; ++i) {
+          const float d = ld(xr, i) - mean;
+          q += double(d) * double(d);
+        }
+      }
+      const float rstd = float(1.0 / std::sqrt(q / double(C) + double(p.eps)));
+      T* orow = out + r * C;
 #pragma omp simd
-      for (int64_t i = 0; i < C; ++i) u[i] = (u[i] - mean) * rstd * a[i] + s[i];
-      store_row(u.data(), out + r * C, C);
+      for (int64_t i = 0; i < C; ++i) st(orow, i, (ld(xr, i) - mean) * rstd * a[i] + s[i]);
       if (p.mean) p.mean[r] = mean;
       p.rstd[r] = rstd;
     }
@@ -213,71 +254,73 @@ void adaln_bwd_impl(const AdaLNBwdParams& p) {
   const int64_t B = p.B, L = p.L, C = p.C;
   const std::vector<float> w = to_float_vec<T>(p.weight, C, 1.f);
   const std::vector<float> bias = to_float_vec<T>(p.bias, C, 0.f);
+  const float* wp = w.data();
+  const float* bp = bias.data();
   const T* dy_p = static_cast<const T*>(p.grad);
   const T* x = static_cast<const T*>(p.x);
   const T* sc = static_cast<const T*>(p.scale);
   T* dx = static_cast<T*>(p.dx);
   const int64_t lpc = std::max<int64_t>(64, ceil_div(L, 8)), ncl = ceil_div(L, lpc), nch = B * ncl;
-  // partial per chunk: [dshift (C) | dscale (C) | dweight (C) | dbias (C)]
-  const int64_t width = 4 * C;
+  // Per chunk, two per-channel sums suffice: A = sum dy, Q = sum dy * xhat.  Then
+  //   dshift = A, dscale = w Q + bias A, dweight = sum_b (1 + scale) Q, dbias = sum_b (1 + scale) A.
+  const int64_t width = 2 * C;
   std::vector<float> part(nch * width, 0.f);
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> xh(C), dy(C), dn(C), m1p(C);
+    std::vector<float> xbuf(C), dbuf(C), mbuf(C);
+    float* xh = xbuf.data();
+    float* dn = dbuf.data();
+    float* m1p = mbuf.data();
     for (int64_t ch = c0; ch < c1; ++ch) {
       const int64_t b = ch / ncl, l0 = (ch % ncl) * lpc, l1 = std::min(L, l0 + lpc);
-      float* acc = part.data() + ch * width;
-      load_row(sc + b * p.scale_stride, m1p.data(), C);
-      for (int64_t i = 0; i < C; ++i) m1p[i] += 1.f;
+      float* accA = part.data() + ch * width;
+      float* accQ = accA + C;
+      const T* scr = sc + b * p.scale_stride;
+      for (int64_t i = 0; i < C; ++i) m1p[i] = (1.f + ld(scr, i)) * wp[i];  // dxhat = dy * (1 + scale) * w
       for (int64_t l = l0; l < l1; ++l) {
         const int64_t r = b * L + l;
         const float mean = p.rms ? 0.f : p.mean[r], rstd = p.rstd[r];
-        load_row(x + r * C, xh.data(), C);
-        load_row(dy_p + r * C, dy.data(), C);
+        const T* xr = x + r * C;
+        const T* dyr = dy_p + r * C;
         double s1 = 0.0, s2 = 0.0;
 #pragma omp simd reduction(+ : s1, s2)
         for (int64_t i = 0; i < C; ++i) {
-          xh[i] = (xh[i] - mean) * rstd;
-          const float dni = dy[i] * m1p[i];
-          acc[i] += dy[i];                                 // dshift
-          acc[C + i] += dy[i] * (xh[i] * w[i] + bias[i]);  // dscale
-          acc[2 * C + i] += dni * xh[i];                   // dweight
-          acc[3 * C + i] += dni;                           // dbias
-          dn[i] = dni * w[i];                              // dxhat
+          xh[i] = (ld(xr, i) - mean) * rstd;
+          const float dy = ld(dyr, i);
+          accA[i] += dy;
+          accQ[i] += dy * xh[i];
+          dn[i] = dy * m1p[i];
           s1 += dn[i];
           s2 += dn[i] * xh[i];
         }
         if (dx) {
           const float a1 = p.rms ? 0.f : float(s1 / double(C)), a2 = float(s2 / double(C));
+          T* dxr = dx + r * C;
 #pragma omp simd
-          for (int64_t i = 0; i < C; ++i) dn[i] = rstd * (dn[i] - a1 - xh[i] * a2);
-          store_row(dn.data(), dx + r * C, C);
+          for (int64_t i = 0; i < C; ++i) st(dxr, i, rstd * (dn[i] - a1 - xh[i] * a2));
         }
       }
     }
   });
-  // per-sample sums for dshift / dscale, global sums for dweight / dbias, all in chunk order
+  std::vector<double> dw(p.dweight ? C : 0, 0.0), db(p.dbias ? C : 0, 0.0);
   for (int64_t b = 0; b < B; ++b) {
+    const T* scr = sc + b * p.scale_stride;
     for (int64_t i = 0; i < C; ++i) {
-      double s = 0.0, q = 0.0;
+      double A = 0.0, Q = 0.0;
       for (int64_t c = 0; c < ncl; ++c) {
         const float* acc = part.data() + (b * ncl + c) * width;
-        s += acc[i];
-        q += acc[C + i];
+        A += acc[i];
+        Q += acc[C + i];
       }
-      if (p.dshift) p.dshift[b * C + i] = float(s);
-      if (p.dscale) p.dscale[b * C + i] = float(q);
+      if (p.dshift) p.dshift[b * C + i] = float(A);
+      if (p.dscale) p.dscale[b * C + i] = float(double(wp[i]) * Q + double(bp[i]) * A);
+      const double m = 1.0 + double(ld(scr, i));
+      if (p.dweight) dw[i] += m * Q;
+      if (p.dbias) db[i] += m * A;
     }
   }
-  if (p.dweight || p.dbias) {
-    for (int64_t i = 0; i < C; ++i) {
-      double s = 0.0, q = 0.0;
-      for (int64_t c = 0; c < nch; ++c) {
-        s += part[c * width + 2 * C + i];
-        q += part[c * width + 3 * C + i];
-      }
-      if (p.dweight) p.dweight[i] = float(s);
-      if (p.dbias) p.dbias[i] = float(q);
-    }
+  for (int64_t i = 0; i < C; ++i) {
+    if (p.dweight) p.dweight[i] = float(dw[i]);
+    if (p.dbias) p.dbias[i] = float(db[i]);
   }
 }
 
@@ -290,18 +333,13 @@ void gated_residual_impl(const GatedResidualParams& p) {
   const T* y = static_cast<const T*>(p.y);
   T* out = static_cast<T*>(p.out);
   at::parallel_for(0, p.B * L, 1, [&](int64_t lo, int64_t hi) {
-    float xb[kRun], yb[kRun], gb[kRun];
     for (int64_t r = lo; r < hi; ++r) {
-      const int64_t b = r / L;
-      for (int64_t i0 = 0; i0 < C; i0 += kRun) {
-        const int64_t n = std::min(kRun, C - i0);
-        load_f32(x + r * C + i0, xb, n);
-        load_f32(y + r * C + i0, yb, n);
-        load_f32(g + b * p.gate_stride + i0, gb, n);
+      const T* gr = g + (r / L) * p.gate_stride;
+      const T* xr = x + r * C;
+      const T* yr = y + r * C;
+      T* orow = out + r * C;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) xb[i] += gb[i] * yb[i];
-        store_f32(xb, out + r * C + i0, n);
-      }
+      for (int64_t i = 0; i < C; ++i) st(orow, i, ld(xr, i) + ld(gr, i) * ld(yr, i));
     }
   });
 }
@@ -316,26 +354,22 @@ void gated_residual_bwd_impl(const GatedResidualBwdParams& p) {
   const int64_t lpc = std::max<int64_t>(64, ceil_div(L, 8)), ncl = ceil_div(L, lpc), nch = B * ncl;
   std::vector<float> part(p.dgate ? nch * C : 0, 0.f);
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    float db[kRun], yb[kRun], gb[kRun];
     for (int64_t ch = c0; ch < c1; ++ch) {
       const int64_t b = ch / ncl, l0 = (ch % ncl) * lpc, l1 = std::min(L, l0 + lpc);
-      for (int64_t i0 = 0; i0 < C; i0 += kRun) {
-        const int64_t n = std::min(kRun, C - i0);
-        load_f32(g + b * p.gate_stride + i0, gb, n);
-        float* acc = p.dgate ? part.data() + ch * C + i0 : nullptr;
-        for (int64_t l = l0; l < l1; ++l) {
-          const int64_t off = (b * L + l) * C + i0;
-          load_f32(dy_p + off, db, n);
-          if (acc) {
-            load_f32(y + off, yb, n);
+      const T* gr = g + b * p.gate_stride;
+      float* acc = p.dgate ? part.data() + ch * C : nullptr;
+      for (int64_t l = l0; l < l1; ++l) {
+        const int64_t off = (b * L + l) * C;
+        const T* dr = dy_p + off;
+        const T* yr = y + off;
+        if (acc) {
 #pragma omp simd
-            for (int64_t i = 0; i < n; ++i) acc[i] += db[i] * yb[i];
-          }
-          if (dyo) {
+          for (int64_t i = 0; i < C; ++i) acc[i] += ld(dr, i) * ld(yr, i);
+        }
+        if (dyo) {
+          T* orow = dyo + off;
 #pragma omp simd
-            for (int64_t i = 0; i < n; ++i) db[i] *= gb[i];
-            store_f32(db, dyo + off, n);
-          }
+          for (int64_t i = 0; i < C; ++i) st(orow, i, ld(dr, i) * ld(gr, i));
         }
       }
     }

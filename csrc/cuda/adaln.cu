@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kMaxTpr) adaln_fwd_kernel(AdaLNParams p, int t
   const T* wt = static_cast<const T*>(p.weight);
   const T* bs = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
-  const float inv_c = 1.f / static_cast<float>(C);
+  const float fc = static_cast<float>(C);
 
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * G; base < rows; base += static_cast<int64_t>(gridDim.x) * G) {
     const int64_t row = base + g;
@@ -47,9 +47,9 @@ __global__ void __launch_bounds__(kMaxTpr) adaln_fwd_kernel(AdaLNParams p, int t
     group_sum<1>(s, tpr, smem);
     float mean = 0.f, rstd;
     if (p.rms) {
-      rstd = rsqrtf(s[0] * inv_c + p.eps);
+      rstd = rsqrtf(s[0] / fc + p.eps);
     } else {  // pass 2: biased variance around the mean
-      mean = s[0] * inv_c;
+      mean = s[0] / fc;
       float q[1] = {0.f};
       if (valid) {
         for_cols<CACHED, NV, VEC>(t, tpr, C, [&](int k, int64_t c) {
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kMaxTpr) adaln_fwd_kernel(AdaLNParams p, int t
         });
       }
       group_sum<1>(q, tpr, smem);
-      rstd = rsqrtf(q[0] * inv_c + p.eps);
+      rstd = rsqrtf(q[0] / fc + p.eps);
     }
     if (valid) {
       const T* sh = shift != nullptr ? shift + b * p.shift_stride : nullptr;
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kMaxTpr) adaln_bwd_kernel(AdaLNBwdParams p, Ad
   const T* wt = static_cast<const T*>(p.weight);
   T* dx = static_cast<T*>(p.dx);
   const bool use_mean = !p.rms && p.mean != nullptr;
-  const float inv_c = 1.f / static_cast<float>(C);
+  const float fc = static_cast<float>(C);
 
   float accA[NV][VEC], accB[NV][VEC];
 #pragma unroll
@@ -187,8 +187,8 @@ __global__ void __launch_bounds__(kMaxTpr) adaln_bwd_kernel(AdaLNBwdParams p, Ad
     }
     if (dx != nullptr) {  // uniform over the block
       group_sum<2>(sums, tpr, smem);
-      const float m1 = p.rms ? 0.f : sums[0] * inv_c;
-      const float m2 = sums[1] * inv_c;
+      const float m1 = p.rms ? 0.f : sums[0] / fc;
+      const float m2 = sums[1] / fc;
       if (valid) {
         for_cols<CACHED, NV, VEC>(t, tpr, C, [&](int kk, int64_t c) {
           float xh[VEC], dxh[VEC], o[VEC];
@@ -307,6 +307,7 @@ int adaln_bwd_launch(const AdaLNBwdParams& p, cudaStream_t st) {
   const RowPlan& plan = lay.plan;
   float* ws = p.workspace;
   if (p.dx == nullptr && !want_bc && !want_c) return 0;
+  if (plan.grid() > kMaxGridX) return to_int(cudaErrorInvalidConfiguration);  // B > ~2^31 samples
   AdaBwdK k;
   k.tpr = plan.tpr;
   k.G = plan.G;

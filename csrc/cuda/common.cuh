@@ -30,11 +30,17 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 inline bool valid_dtype(int dtype) { return dtype >= 0 && dtype <= 2; }
 inline int to_int(cudaError_t e) { return static_cast<int>(e); }
 
-// Zero `n` floats (n <= 0 or p == nullptr: nothing).
+// Zero `n` floats (n <= 0 or p == nullptr: nothing).  A failure is returned *and* consumed from the
+// runtime's last-error slot, so it is not reported a second time by the next launcher's cudaGetLastError.
 inline cudaError_t zero_floats(float* p, int64_t n, cudaStream_t st) {
   if (p == nullptr || n <= 0) return cudaSuccess;
-  return cudaMemsetAsync(p, 0, static_cast<size_t>(n) * sizeof(float), st);
+  const cudaError_t e = cudaMemsetAsync(p, 0, static_cast<size_t>(n) * sizeof(float), st);
+  if (e != cudaSuccess) (void)cudaGetLastError();
+  return e;
 }
+
+// Largest legal gridDim.x.
+constexpr int64_t kMaxGridX = INT_MAX;
 
 template <class T>
 struct TypeTag {
@@ -232,37 +238,43 @@ __device__ __forceinline__ void for_cols(int t, int tpr, int64_t C, F&& f) {
 
 // Segmented column sum of partials: part[a * arr_stride + (b * R + r) * C + c] summed over r in a fixed
 // order (thread row y takes r = y, y + 32, ...; the 32 thread rows are then added in order y = 0..31),
-// for the NA arrays a, then epi(b, c, sums).  Block (32, 32); blockIdx.x = b * ctiles + column tile.
+// for the NA arrays a, then epi(b, c, sums).  Block (32, 32); tile index = b * ctiles + column tile, one
+// tile per block and a block-uniform grid-stride loop over tiles beyond the grid (B * ctiles > 2^20).
+constexpr int64_t kColsumMaxGrid = int64_t(1) << 20;
+
 template <int NA, class Epi>
 __global__ void __launch_bounds__(1024)
     seg_colsum_kernel(const float* __restrict__ part, int64_t arr_stride, int64_t R, int64_t C, int64_t ctiles,
-                      Epi epi) {
+                      int64_t ntiles, Epi epi) {
   __shared__ float sm[NA][32][33];
-  const int64_t b = blockIdx.x / ctiles;
-  const int64_t c = (blockIdx.x - b * ctiles) * 32 + threadIdx.x;
-  float s[NA];
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {  // uniform over the block
+    const int64_t b = tile / ctiles;
+    const int64_t c = (tile - b * ctiles) * 32 + threadIdx.x;
+    float s[NA];
 #pragma unroll
-  for (int a = 0; a < NA; ++a) s[a] = 0.f;
-  if (c < C) {
-    const float* base = part + b * R * C + c;
+    for (int a = 0; a < NA; ++a) s[a] = 0.f;
+    if (c < C) {
+      const float* base = part + b * R * C + c;
 #pragma unroll 8
-    for (int64_t r = threadIdx.y; r < R; r += 32) {
+      for (int64_t r = threadIdx.y; r < R; r += 32) {
 #pragma unroll
-      for (int a = 0; a < NA; ++a) s[a] += base[a * arr_stride + r * C];
+        for (int a = 0; a < NA; ++a) s[a] += base[a * arr_stride + r * C];
+      }
     }
-  }
 #pragma unroll
-  for (int a = 0; a < NA; ++a) sm[a][threadIdx.y][threadIdx.x] = s[a];
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    float tot[NA];
+    for (int a = 0; a < NA; ++a) sm[a][threadIdx.y][threadIdx.x] = s[a];
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+      float tot[NA];
 #pragma unroll
-    for (int a = 0; a < NA; ++a) {
-      float acc = 0.f;
-      for (int y = 0; y < 32; ++y) acc += sm[a][y][threadIdx.x];
-      tot[a] = acc;
+      for (int a = 0; a < NA; ++a) {
+        float acc = 0.f;
+        for (int y = 0; y < 32; ++y) acc += sm[a][y][threadIdx.x];
+        tot[a] = acc;
+      }
+      epi(b, c, tot);
     }
-    epi(b, c, tot);
+    __syncthreads();  // sm is rewritten by the next tile
   }
 }
 
@@ -271,8 +283,10 @@ inline void launch_seg_colsum(const float* part, int64_t arr_stride, int64_t B, 
                               cudaStream_t st) {
   if (B <= 0 || C <= 0) return;
   const int64_t ctiles = ceil_div(C, 32);
-  seg_colsum_kernel<NA, Epi><<<static_cast<unsigned>(B * ctiles), dim3(32, 32), 0, st>>>(part, arr_stride, R, C,
-                                                                                       ctiles, epi);
+  const int64_t ntiles = B * ctiles;
+  const int64_t grid = ntiles < kColsumMaxGrid ? ntiles : kColsumMaxGrid;
+  seg_colsum_kernel<NA, Epi><<<static_cast<unsigned>(grid), dim3(32, 32), 0, st>>>(part, arr_stride, R, C, ctiles,
+                                                                                  ntiles, epi);
 }
 
 // Row-scale + column-reduce over B segments of L rows of C columns (row = b * L + l):
@@ -365,11 +379,13 @@ __global__ void __launch_bounds__(kMaxTpr) rowscale_colreduce_kernel(RowScaleArg
   }
 }
 
-// Launch helper: plan from (B, L, C), vectorised when every pointer is 16-byte aligned.
+// Launch helper: plan from (B, L, C), vectorised when every pointer is 16-byte aligned.  Returns
+// cudaErrorInvalidConfiguration (launching nothing) when the plan's grid exceeds gridDim.x (B > ~2^31).
 template <typename T>
-inline void launch_rowscale_colreduce(RowScaleArgs k, const RowPlan& plan, cudaStream_t st) {
+inline cudaError_t launch_rowscale_colreduce(RowScaleArgs k, const RowPlan& plan, cudaStream_t st) {
   constexpr int V = Vec16<T>::value;
-  if (plan.grid() <= 0) return;
+  if (plan.grid() <= 0) return cudaSuccess;
+  if (plan.grid() > kMaxGridX) return cudaErrorInvalidConfiguration;
   k.S = plan.S;
   k.R = plan.R;
   k.tpr = plan.tpr;
@@ -383,6 +399,7 @@ inline void launch_rowscale_colreduce(RowScaleArgs k, const RowPlan& plan, cudaS
   } else {
     rowscale_colreduce_kernel<T, 1, false><<<grid, plan.block, 0, st>>>(k);
   }
+  return cudaSuccess;
 }
 
 }  // namespace

@@ -90,7 +90,12 @@ __global__ void __launch_bounds__(kFlowBlock) flow_kernel(FlowArgs a) {
         load_vec<T, VEC>(in0 + off + i, r0[u]);
         if constexpr (kHas1) load_vec<T, VEC>(in1 + off + i, r1[u]);
         if constexpr (kHas2) {
-          if (OP != kStep || has_noise) load_vec<T, VEC>(in2 + off + i, r2[u]);
+          if (OP != kStep || has_noise) {
+            load_vec<T, VEC>(in2 + off + i, r2[u]);
+          } else {  // Euler: no noise (never used, but never read uninitialised either)
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) r2[u][j] = 0.f;
+          }
         }
       }
     }
@@ -192,6 +197,7 @@ int launch_flow(FlowArgs a, int64_t B, bool vec_ok, cudaStream_t st) {
   constexpr int V = Vec16<T>::value;
   const bool vec = vec_ok && (a.N % V == 0);
   const int64_t tile = static_cast<int64_t>(kFlowBlock) * kFlowUnroll * (vec ? V : 1);
+  if (B > INT_MAX) return to_int(cudaErrorInvalidConfiguration);  // (else the loop below never ends)
   int64_t chunk_len = tile;
   int64_t chunks = ceil_div(a.N, chunk_len);
   while (B * chunks > INT_MAX) {  // keep grid.x legal for absurd sizes
@@ -207,7 +213,6 @@ int launch_flow(FlowArgs a, int64_t B, bool vec_ok, cudaStream_t st) {
       scratch = nullptr;
       chunks = 1;
       chunk_len = ceil_div(a.N, tile) * tile;
-      if (B > INT_MAX) return to_int(cudaErrorInvalidConfiguration);
     }
   }
   a.partial = scratch;

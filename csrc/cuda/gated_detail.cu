@@ -9,6 +9,11 @@ namespace {
 constexpr int kFwdEpt = 32;  // forward: row cached in registers, <= 32 floats per thread
 constexpr int kBwdEpt = 16;  // backward: 3 cached row arrays + 2 column accumulators of <= 16 floats
 
+// u = low + g * high, the one expression shared by the forward and the backward's recomputation.  The fma
+// is explicit so both compute bit-identical u (nvcc's default -fmad=true may or may not contract a plain
+// `l + g * h` at each site); any difference would be amplified by rstd (C = 1, near-constant rows).
+__device__ __forceinline__ float gd_u(float low, float gate, float high) { return fmaf(gate, high, low); }
+
 // ---------------------------------------------------------------------------------------------
 // Forward: one row per group of tpr threads, G rows per block, grid-stride over rows.
 // CACHED (VEC = 16 / sizeof(T)): u kept in registers, exact two-pass mean / variance.
@@ -29,7 +34,7 @@ __global__ void __launch_bounds__(kMaxTpr)
   const T* lb = static_cast<const T*>(p.ln_b);
   T* out = static_cast<T*>(p.out);
   const float bgate = p.b_gate != nullptr ? to_f<T>(static_cast<const T*>(p.b_gate)[0]) : 0.f;
-  const float inv_c = 1.f / static_cast<float>(C);
+  const float fc = static_cast<float>(C);
 
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * G; base < N; base += static_cast<int64_t>(gridDim.x) * G) {
     const int64_t n = base + g;
@@ -60,7 +65,7 @@ __global__ void __launch_bounds__(kMaxTpr)
       load_vec<T, VEC>(low + roff + c, l);
       load_vec<T, VEC>(high + roff + c, h);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) u[j] = l[j] + gate * h[j];
+      for (int j = 0; j < VEC; ++j) u[j] = gd_u(l[j], gate, h[j]);
     };
     // pass 1: mean
     float s[1] = {0.f};
@@ -76,7 +81,7 @@ __global__ void __launch_bounds__(kMaxTpr)
       });
     }
     group_sum<1>(s, tpr, smem);
-    const float mean = s[0] * inv_c;
+    const float mean = s[0] / fc;  // IEEE division: a constant row gives mean == u exactly more often
     // pass 2: biased variance
     float q[1] = {0.f};
     if (valid) {
@@ -96,7 +101,7 @@ __global__ void __launch_bounds__(kMaxTpr)
       });
     }
     group_sum<1>(q, tpr, smem);
-    const float rstd = rsqrtf(q[0] * inv_c + p.eps);
+    const float rstd = rsqrtf(q[0] / fc + p.eps);
     // pass 3: output
     if (valid) {
       for_cols<CACHED, NV, VEC>(t, tpr, C, [&](int k, int64_t c) {
@@ -156,7 +161,7 @@ __global__ void __launch_bounds__(kMaxTpr) gd_bwd_kernel(GatedDetailBwdParams p,
   const T* lw = static_cast<const T*>(p.ln_w);
   T* dlow = static_cast<T*>(p.dlow);
   T* dhigh = static_cast<T*>(p.dhigh);
-  const float inv_c = 1.f / static_cast<float>(C);
+  const float fc = static_cast<float>(C);
 
   float accA[NV][VEC], accB[NV][VEC];
 #pragma unroll
@@ -185,7 +190,7 @@ __global__ void __launch_bounds__(kMaxTpr) gd_bwd_kernel(GatedDetailBwdParams p,
       load_vec_or<T, VEC>(lw != nullptr ? lw + c : nullptr, w, 1.f);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        uh[j] = (lo[j] + gate * hi[j] - mean) * rstd;
+        uh[j] = (gd_u(lo[j], gate, hi[j]) - mean) * rstd;  // same u as the forward, bit for bit
         dyw[j] = dy[j] * w[j];
       }
     };
@@ -215,7 +220,7 @@ __global__ void __launch_bounds__(kMaxTpr) gd_bwd_kernel(GatedDetailBwdParams p,
       });
     }
     group_sum<2>(sums, tpr, smem);
-    const float m1 = sums[0] * inv_c, m2 = sums[1] * inv_c;
+    const float m1 = sums[0] / fc, m2 = sums[1] / fc;
     // pass 2: du -> dlow, dhigh, dg
     float dg[1] = {0.f};
     if (valid && (dlow != nullptr || dhigh != nullptr || k.need_dg)) {
@@ -369,7 +374,8 @@ int gd_bwd_launch(const GatedDetailBwdParams& p, cudaStream_t st) {
     a.part = p.dw_gate != nullptr ? ws + lay.gpart : nullptr;
     a.L = N;
     a.C = Dg;
-    launch_rowscale_colreduce<T>(a, lay.gplan, st);
+    const cudaError_t e = launch_rowscale_colreduce<T>(a, lay.gplan, st);
+    if (e != cudaSuccess) return to_int(e);
     if (p.dw_gate != nullptr) {
       launch_seg_colsum<1>(ws + lay.gpart, 0, 1, lay.gplan.slots(), Dg, Store1Epi{p.dw_gate, Dg}, st);
     }

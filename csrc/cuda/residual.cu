@@ -87,7 +87,8 @@ int residual_bwd_launch(const GatedResidualBwdParams& p, cudaStream_t st) {
   a.part = p.dgate != nullptr ? p.workspace : nullptr;
   a.L = L;
   a.C = C;
-  launch_rowscale_colreduce<T>(a, plan, st);
+  const cudaError_t e = launch_rowscale_colreduce<T>(a, plan, st);
+  if (e != cudaSuccess) return to_int(e);
   if (p.dgate != nullptr) launch_seg_colsum<1>(p.workspace, 0, B, plan.S * plan.Gs, C, DgateEpi{p.dgate, C}, st);
   return to_int(cudaGetLastError());
 }

@@ -1,0 +1,217 @@
+"""Run the umm_ops benchmark suite, then write results (JSON naming the device), a table and a plot.
+
+    python bench/run.py --quick          # the small built-in default (~2 min on 2 CPU cores)
+    python bench/run.py                  # full sweep at the Cheers model's sizes -> bench/results/<device>.json
+    python bench/run.py -k gated_detail  # a subset (pytest -k expression)
+
+Quick runs write under bench/results/quick/ (not committed); full runs write bench/results/<device>.json and
+bench/results/<device>.png, which are committed so that sessions without that device can compare.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def build_results(bench_json: dict, device: str, quick: bool) -> dict:
+    import torch
+
+    import umm_ops
+
+    rows = []
+    for b in bench_json["benchmarks"]:
+        info = b["extra_info"]
+        med = b["stats"]["median"]
+        rows.append({
+            "case": info["case"], "op": info["op"], "direction": info["direction"], "images": info["images"],
+            "dtype": info["dtype"], "shape": info["shape"], "impl": info["impl"], "bytes": info["bytes"],
+            "median_ms": med * 1e3, "min_ms": b["stats"]["min"] * 1e3, "rounds": b["stats"]["rounds"],
+            "GBps": info["bytes"] / med / 1e9,
+        })
+    copy = [r for r in rows if r["op"] == "copy"]
+    copy_gbps = copy[0]["GBps"] if copy else None
+    by_case: dict = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["impl"]] = r
+    for impls in by_case.values():
+        for r in impls.values():
+            if copy_gbps:
+                r["frac_copy_bw"] = r["GBps"] / copy_gbps
+            for peer in ("eager", "compile"):
+                if peer in impls and r["impl"] != peer:
+                    r[f"speedup_vs_{peer}"] = impls[peer]["median_ms"] / r["median_ms"]
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except Exception:
+        triton_v = None
+    return {
+        "device": device_name(device),
+        "device_kind": device,
+        "mode": "quick" if quick else "full",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_v,
+        "umm_ops": umm_ops.__version__,
+        "umm_ops_build": umm_ops.backends()["cuda"] | {"extension": umm_ops.backends()["extension"]["loaded"]},
+        "python": platform.python_version(),
+        "copy_GBps": copy_gbps,
+        "note": "GB/s counts the bytes an ideal kernel moves (each input read once, each output written once); "
+                "times are medians of pytest-benchmark rounds after warm-up (torch.compile warmed up first).",
+        "results": rows,
+    }
+
+
+def print_table(res: dict) -> None:
+    by_case: dict = {}
+    for r in res["results"]:
+        by_case.setdefault(r["case"], {})[r["impl"]] = r
+    title = f"umm_ops benchmarks on {res['device']} ({res['mode']}), copy bandwidth {res['copy_GBps'] or 0:.1f} GB/s"
+    header = ["op", "dir", "img", "dtype", "umm_ops ms", "eager ms", "compile ms", "umm GB/s", "% copy",
+              "x eager", "x compile"]
+    body = []
+    for case, impls in by_case.items():
+        u = impls.get("umm_ops")
+        if u is None:
+            continue
+        e, c = impls.get("eager"), impls.get("compile")
+        body.append([
+            u["op"], u["direction"], str(u["images"]), u["dtype"], f"{u['median_ms']:.3f}",
+            f"{e['median_ms']:.3f}" if e else "-", f"{c['median_ms']:.3f}" if c else "-", f"{u['GBps']:.1f}",
+            f"{100 * u.get('frac_copy_bw', 0):.0f}%", f"{u.get('speedup_vs_eager', float('nan')):.2f}",
+            f"{u.get('speedup_vs_compile', float('nan')):.2f}",
+        ])
+        if "umm_ops[triton]" in impls:
+            t = impls["umm_ops[triton]"]
+            body.append(["  (triton)", "", "", "", f"{t['median_ms']:.3f}", "", "", f"{t['GBps']:.1f}",
+                         f"{100 * t.get('frac_copy_bw', 0):.0f}%", f"{t.get('speedup_vs_eager', float('nan')):.2f}",
+                         f"{t.get('speedup_vs_compile', float('nan')):.2f}"])
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for h in header:
+            table.add_column(h, justify="left" if h in ("op", "dir", "dtype") else "right")
+        for row in body:
+            table.add_row(*row)
+        Console(width=160).print(table)
+    except ImportError:
+        print(title)
+        widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        for row in body:
+            print("  ".join(x.ljust(w) for x, w in zip(row, widths)))
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_case: dict = {}
+    for r in res["results"]:
+        if r["op"] != "copy":
+            by_case.setdefault(r["case"], {})[r["impl"]] = r
+    cases = list(by_case)
+    impls = [i for i in ("umm_ops", "umm_ops[triton]", "eager", "compile") if any(i in v for v in by_case.values())]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(cases) * len(impls) + 1.5))
+    h = 0.8 / len(impls)
+    colors = {"umm_ops": "tab:green", "umm_ops[triton]": "tab:olive", "eager": "tab:gray", "compile": "tab:blue"}
+    for j, impl in enumerate(impls):
+        ys = [i + j * h for i in range(len(cases))]
+        xs = [by_case[c][impl]["GBps"] if impl in by_case[c] else 0 for c in cases]
+        ax.barh(ys, xs, height=h, label=impl, color=colors[impl])
+    if res["copy_GBps"]:
+        ax.axvline(res["copy_GBps"], color="k", ls="--", lw=1, label=f"copy {res['copy_GBps']:.0f} GB/s")
+    ax.set_yticks([i + 0.4 - h / 2 for i in range(len(cases))])
+    ax.set_yticklabels(cases, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("achieved GB/s (ideal bytes / median time; higher is better)")
+    ax.set_title(f"umm_ops vs eager / torch.compile - {res['device']} ({res['mode']})", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the small built-in default")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    ap.add_argument("-k", dest="select", default=None, help="pytest -k expression to run a subset")
+    ap.add_argument("--out-dir", default=None, help="where results go (default bench/results[/quick])")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = args.out_dir or os.path.join(HERE, "results", "quick" if args.quick else "")
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw.json")
+        cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_ops.py"), "-q", "-p", "no:cacheprovider",
+               "--benchmark-json", raw, "--benchmark-columns=median,min,rounds", "--benchmark-sort=name",
+               "--bench-device", device]
+        if args.quick:
+            cmd.append("--quick")
+        if args.select:
+            cmd += ["-k", args.select]
+        print("[bench]", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, cwd=HERE)
+        if rc != 0 or not os.path.exists(raw):
+            print(f"[bench] pytest failed (exit {rc})", file=sys.stderr)
+            return rc or 1
+        with open(raw) as f:
+            bench_json = json.load(f)
+    res = build_results(bench_json, device, args.quick)
+    name = slug(res["device"])
+    if args.select:
+        name += "-subset"
+    jpath = os.path.join(out_dir, f"{name}.json")
+    ppath = os.path.join(out_dir, f"{name}.png")
+    tmpj = jpath + ".tmp"
+    with open(tmpj, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmpj, jpath)
+    print_table(res)
+    plot(res, ppath)
+    print(f"[bench] results: {jpath}\n[bench] plot:    {ppath}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
