@@ -214,7 +214,7 @@ def make_cases(device: str, quick: bool) -> list[Case]:
                     if bwd:
                         impls = {k: _with_backward(f, 3) for k, f in impls.items()}
                     impls["compile"] = _compiled(impls["eager"])
-                    nbytes = B * L * C * es * (3 if not bwd else 3 + 4)
+                    nbytes = B * L * C * es * (3 if not bwd else 3 + 3)  # bwd: read grad, y; write dy (dx is grad)
                     cases.append(Case(f"gated_residual[{label}]", direction, n_img, dtype, device, f"({B}, {L}, {C})",
                                       nbytes, lambda g=bwd, f=gr_inputs: f(grad=g), impls))
     if with_triton:
