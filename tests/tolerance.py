@@ -22,14 +22,15 @@ def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a.double() - ref.double()).abs().max().item()
 
 
-def assert_close_rule(out, ref64, ref_lowp, dtype, name="output", ulps: float | None = None):
+def assert_close_rule(out, ref64, ref_lowp, dtype, name="output", ulps: float | None = None,
+                      floor: float | None = None):
     """out: kernel result; ref64: float64 reference; ref_lowp: the reference computed in `dtype` by PyTorch."""
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
     if ulps is None:
         ulps = 32.0 if dtype in (torch.float32, torch.float64) else 4.0
-    floor = ulps * ULP[dtype] * scale
+    floor = ulps * ULP[dtype] * scale + (floor or 0.0)
     e_k = max_err(out, ref64)
     e_pt = max_err(ref_lowp, ref64)
     bound = 2.0 * e_pt + floor

@@ -41,29 +41,6 @@ inline void sum_partials(const std::vector<float>& part, int64_t nchunks, int64_
 
 inline int64_t rows_per_chunk(int64_t rows) { return std::max<int64_t>(64, ceil_div(rows, 256)); }
 
-// mean / rstd of a float row (two passes).
-inline void row_stats(const float* u, int64_t C, float eps, bool rms, float& mean, float& rstd) {
-  if (rms) {
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < C; ++i) s += double(u[i]) * double(u[i]);
-    mean = 0.f;
-    rstd = float(1.0 / std::sqrt(s / double(C) + double(eps)));
-    return;
-  }
-  double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < C; ++i) s += u[i];
-  mean = float(s / double(C));
-  double q = 0.0;
-#pragma omp simd reduction(+ : q)
-  for (int64_t i = 0; i < C; ++i) {
-    const double d = double(u[i]) - double(mean);
-    q += d * d;
-  }
-  rstd = float(1.0 / std::sqrt(q / double(C) + double(eps)));
-}
-
 // ------------------------------------------------------------------ gated detail residual
 // u = low + g * high, written as fmaf-free float ops (the build uses -ffp-contract=off) so that forward and
 // backward recompute bit-identical values.
@@ -86,26 +63,26 @@ void gated_detail_impl(const GatedDetailParams& p) {
     float* u = ubuf.data();
     for (int64_t n = lo; n < hi; ++n) {
       const T* ghr = gh + n * Dg;
-      double gd = 0.0;
+      float gd = 0.f;
 #pragma omp simd reduction(+ : gd)
-      for (int64_t i = 0; i < Dg; ++i) gd += double(ld(ghr, i)) * double(wp[i]);
-      const float g = float(gd + double(bg));
+      for (int64_t i = 0; i < Dg; ++i) gd += ld(ghr, i) * wp[i];
+      const float g = gd + bg;
       const T* lr = low + n * C;
       const T* hr = high + n * C;
-      double s = 0.0;
+      float s = 0.f;
 #pragma omp simd reduction(+ : s)
       for (int64_t i = 0; i < C; ++i) {
         u[i] = ld(lr, i) + g * ld(hr, i);
         s += u[i];
       }
-      const float mean = float(s / double(C));
-      double q = 0.0;
+      const float mean = s / float(C);
+      float q = 0.f;
 #pragma omp simd reduction(+ : q)
       for (int64_t i = 0; i < C; ++i) {
         const float d = u[i] - mean;
-        q += double(d) * double(d);
+        q += d * d;
       }
-      const float rstd = float(1.0 / std::sqrt(q / double(C) + double(p.eps)));
+      const float rstd = 1.f / std::sqrt(q / float(C) + p.eps);
       T* orow = out + n * C;
 #pragma omp simd
       for (int64_t i = 0; i < C; ++i) st(orow, i, (u[i] - mean) * rstd * lwp[i] + lbp[i]);
@@ -149,6 +126,8 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
         const T* lr = low + n * C;
         const T* hr = high + n * C;
         const T* dyr = dy_p + n * C;
+        // s1, s2 (and dg below) feed dg = sum_c du * high, which adds C terms correlated with the error of
+        // m1/m2: accumulated in double so that dg (hence dgate_hidden, dw_gate, db_gate) keeps fp32 accuracy.
         double s1 = 0.0, s2 = 0.0;
 #pragma omp simd reduction(+ : s1, s2)
         for (int64_t i = 0; i < C; ++i) {
@@ -164,6 +143,7 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
         const float m1 = float(s1 / double(C)), m2 = float(s2 / double(C));
         T* dlr = dlow + n * C;
         T* dhr = dhigh + n * C;
+        // dg sums terms of both signs whose total is much smaller than their magnitudes: accumulate in double
         double dgd = 0.0;
 #pragma omp simd reduction(+ : dgd)
         for (int64_t i = 0; i < C; ++i) {
@@ -220,26 +200,25 @@ void adaln_impl(const AdaLNParams& p) {
         loaded_b = b;
       }
       const T* xr = x + r * C;
-      float mean = 0.f;
-      double q = 0.0;
+      float mean = 0.f, q = 0.f;
       if (p.rms) {
 #pragma omp simd reduction(+ : q)
         for (int64_t i = 0; i < C; ++i) {
           const float xv = ld(xr, i);
-          q += double(xv) * double(xv);
+          q += xv * xv;
         }
       } else {
-        double sum = 0.0;
+        float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < C; ++i) sum += ld(xr, i);
-        mean = float(sum / double(C));
+        mean = sum / float(C);
 #pragma omp simd reduction(+ : q)
         for (int64_t i = 0; i < C; ++i) {
           const float d = ld(xr, i) - mean;
-          q += double(d) * double(d);
+          q += d * d;
         }
       }
-      const float rstd = float(1.0 / std::sqrt(q / double(C) + double(p.eps)));
+      const float rstd = 1.f / std::sqrt(q / float(C) + p.eps);
       T* orow = out + r * C;
 #pragma omp simd
       for (int64_t i = 0; i < C; ++i) st(orow, i, (ld(xr, i) - mean) * rstd * a[i] + s[i]);
@@ -281,7 +260,7 @@ void adaln_bwd_impl(const AdaLNBwdParams& p) {
         const float mean = p.rms ? 0.f : p.mean[r], rstd = p.rstd[r];
         const T* xr = x + r * C;
         const T* dyr = dy_p + r * C;
-        double s1 = 0.0, s2 = 0.0;
+        float s1 = 0.f, s2 = 0.f;
 #pragma omp simd reduction(+ : s1, s2)
         for (int64_t i = 0; i < C; ++i) {
           xh[i] = (ld(xr, i) - mean) * rstd;
@@ -293,7 +272,7 @@ void adaln_bwd_impl(const AdaLNBwdParams& p) {
           s2 += dn[i] * xh[i];
         }
         if (dx) {
-          const float a1 = p.rms ? 0.f : float(s1 / double(C)), a2 = float(s2 / double(C));
+          const float a1 = p.rms ? 0.f : s1 / float(C), a2 = s2 / float(C);
           T* dxr = dx + r * C;
 #pragma omp simd
           for (int64_t i = 0; i < C; ++i) st(dxr, i, rstd * (dn[i] - a1 - xh[i] * a2));
