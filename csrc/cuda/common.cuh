@@ -131,6 +131,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+// Same butterfly in double (for reductions whose float32 accumulation is not accurate enough).
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
 
 // Sums NS values over a "row group" of `tpr` consecutive threads (tpr a multiple of 32 dividing
 // blockDim.x).  Every thread of the block must call it (it may __syncthreads when tpr > 32); every

@@ -14,6 +14,31 @@ constexpr int kBwdEpt = 16;  // backward: 3 cached row arrays + 2 column accumul
 // `l + g * h` at each site); any difference would be amplified by rstd (C = 1, near-constant rows).
 __device__ __forceinline__ float gd_u(float low, float gate, float high) { return fmaf(gate, high, low); }
 
+// group_sum (common.cuh) in double: warp butterfly, then (tpr > 32) fixed-order sum of the group's warp
+// totals in smem.  Same calling rules as group_sum; smem: at least NS * 32 doubles.
+template <int NS>
+__device__ __forceinline__ void group_sum_d(double (&v)[NS], int tpr, double* smem) {
+#pragma unroll
+  for (int i = 0; i < NS; ++i) v[i] = warp_sum_d(v[i]);
+  if (tpr <= 32) return;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int wpg = tpr >> 5;
+  const int w0 = warp - warp % wpg;
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < NS; ++i) smem[i * 32 + warp] = v[i];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    double s = 0.0;
+    for (int w = 0; w < wpg; ++w) s += smem[i * 32 + w0 + w];
+    v[i] = s;
+  }
+  __syncthreads();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward: one row per group of tpr threads, G rows per block, grid-stride over rows.
 // CACHED (VEC = 16 / sizeof(T)): u kept in registers, exact two-pass mean / variance.
@@ -131,6 +156,10 @@ __global__ void __launch_bounds__(kMaxTpr)
 // Backward row kernel.  Plan over (B = 1, L = N): block s handles rows [s R, min(N, (s + 1) R)), group g
 // rows l0 + g, l0 + g + G, ...; it writes per-column partials of sum dy (-> dln_b) and sum dy uhat
 // (-> dln_w) into its slot, per-row dg into dgbuf and the slot's sum of dg (-> db_gate) into dgpart.
+// The row sums s1 = sum dyw, s2 = sum dyw uhat and dg = sum du high are accumulated in double (per-thread
+// partials and group reduction), as in the CPU kernel: dg adds C terms whose common error (that of m1/m2,
+// times rstd) is correlated, so float32 s1/s2/dg cost ~1e-4 relative accuracy in dg (-> dgate_hidden,
+// dw_gate, db_gate).  m1, m2 and dg are rounded to float once the row totals are known.
 struct GdBwdK {
   int tpr, G, Gs;
   int64_t S, R, slots;
@@ -143,7 +172,7 @@ struct GdBwdK {
 template <typename T, int VEC, bool CACHED>
 __global__ void __launch_bounds__(kMaxTpr) gd_bwd_kernel(GatedDetailBwdParams p, GdBwdK k) {
   constexpr int NV = CACHED ? kBwdEpt / VEC : 1;
-  __shared__ float smem[64];
+  __shared__ double smem[64];  // group_sum_d<2>: 2 * 32 doubles
   const int tpr = k.tpr;
   const int g = threadIdx.x / tpr;
   const int t = threadIdx.x - g * tpr;
@@ -161,7 +190,7 @@ __global__ void __launch_bounds__(kMaxTpr) gd_bwd_kernel(GatedDetailBwdParams p,
   const T* lw = static_cast<const T*>(p.ln_w);
   T* dlow = static_cast<T*>(p.dlow);
   T* dhigh = static_cast<T*>(p.dhigh);
-  const float fc = static_cast<float>(C);
+  const double dc = static_cast<double>(C);
 
   float accA[NV][VEC], accB[NV][VEC];
 #pragma unroll
@@ -195,15 +224,15 @@ __global__ void __launch_bounds__(kMaxTpr) gd_bwd_kernel(GatedDetailBwdParams p,
       }
     };
     // pass 1: sums of dyw and dyw * uhat; column partials
-    float sums[2] = {0.f, 0.f};
+    double sums[2] = {0.0, 0.0};  // s1, s2 in double
     if (valid) {
       for_cols<CACHED, NV, VEC>(t, tpr, C, [&](int kk, int64_t c) {
         float uh[VEC], dyw[VEC], hi[VEC], dy[VEC];
         fetch(c, uh, dyw, hi, dy);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          sums[0] += dyw[j];
-          sums[1] += dyw[j] * uh[j];
+          sums[0] += static_cast<double>(dyw[j]);
+          sums[1] += static_cast<double>(dyw[j] * uh[j]);
           if constexpr (CACHED) {
             cu[kk][j] = uh[j];
             cd[kk][j] = dyw[j];
@@ -219,10 +248,10 @@ __global__ void __launch_bounds__(kMaxTpr) gd_bwd_kernel(GatedDetailBwdParams p,
         }
       });
     }
-    group_sum<2>(sums, tpr, smem);
-    const float m1 = sums[0] / fc, m2 = sums[1] / fc;
+    group_sum_d<2>(sums, tpr, smem);
+    const float m1 = static_cast<float>(sums[0] / dc), m2 = static_cast<float>(sums[1] / dc);
     // pass 2: du -> dlow, dhigh, dg
-    float dg[1] = {0.f};
+    double dg[1] = {0.0};  // in double
     if (valid && (dlow != nullptr || dhigh != nullptr || k.need_dg)) {
       for_cols<CACHED, NV, VEC>(t, tpr, C, [&](int kk, int64_t c) {
         float uh[VEC], dyw[VEC], hi[VEC];
@@ -242,17 +271,18 @@ __global__ void __launch_bounds__(kMaxTpr) gd_bwd_kernel(GatedDetailBwdParams p,
         for (int j = 0; j < VEC; ++j) {
           du[j] = rstd * (dyw[j] - m1 - uh[j] * m2);
           dh[j] = gate * du[j];
-          dg[0] += du[j] * hi[j];
+          dg[0] += static_cast<double>(du[j]) * static_cast<double>(hi[j]);  // exact product, as on the CPU
         }
         if (dlow != nullptr) store_vec<T, VEC>(dlow + roff + c, du);
         if (dhigh != nullptr) store_vec<T, VEC>(dhigh + roff + c, dh);
       });
     }
     if (k.need_dg) {  // uniform over the block
-      group_sum<1>(dg, tpr, smem);
+      group_sum_d<1>(dg, tpr, smem);
       if (valid) {
-        if (t == 0 && k.dgbuf != nullptr) k.dgbuf[n] = dg[0];
-        dg_slot += dg[0];
+        const float dgf = static_cast<float>(dg[0]);
+        if (t == 0 && k.dgbuf != nullptr) k.dgbuf[n] = dgf;
+        dg_slot += dgf;
       }
     }
   }
