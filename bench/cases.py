@@ -134,7 +134,7 @@ def make_cases(device: str, quick: bool) -> list[Case]:
         images_list = [2]
         dtypes = [torch.bfloat16] if on_gpu else [torch.float32]
     else:
-        images_list = [1, 4, 16, 64]
+        images_list = [1, 8, 64]
         dtypes = [torch.bfloat16, torch.float16, torch.float32] if on_gpu else [torch.float32, torch.bfloat16]
     with_triton = on_gpu and umm_ops.backends()["triton"]["runnable"]
     cases = []

@@ -20,6 +20,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 * 2**30), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
 
 
 def device_name(device: str) -> str:
@@ -87,6 +88,8 @@ def build_results(bench_json: dict, device: str, quick: bool) -> dict:
         "umm_ops": umm_ops.__version__,
         "umm_ops_build": umm_ops.backends()["cuda"] | {"extension": umm_ops.backends()["extension"]["loaded"]},
         "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "malloc_env": MALLOC_ENV if device == "cpu" else None,
         "copy_GBps": copy_gbps,
         "note": "GB/s counts the bytes an ideal kernel moves (each input read once, each output written once); "
                 "times are medians of pytest-benchmark rounds after warm-up (torch.compile warmed up first).",
@@ -125,8 +128,10 @@ def print_table(res: dict) -> None:
         table = Table(title=title)
         for h in header:
             table.add_column(h, justify="left" if h in ("op", "dir", "dtype") else "right")
+        from rich.markup import escape
+
         for row in body:
-            table.add_row(*row)
+            table.add_row(*(escape(c) for c in row))
         Console(width=160).print(table)
     except ImportError:
         print(title)
@@ -191,7 +196,16 @@ def main(argv=None) -> int:
         if args.select:
             cmd += ["-k", args.select]
         print("[bench]", " ".join(cmd), flush=True)
-        rc = subprocess.call(cmd, cwd=HERE)
+        env = dict(os.environ)
+        # inductor's compile-worker pool keeps processes alive that steal cycles from the timed CPU runs
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+        if device == "cpu":
+            # PyTorch's CPU allocator is plain malloc: glibc hands large freed blocks back to the OS and every
+            # call then pays first-touch page faults on its outputs (up to ~4x the kernel time here), in an
+            # order that depends on each implementation's allocation pattern.  Like the caching allocator on
+            # CUDA, keep freed memory (same setting for every implementation; recorded in the results).
+            env.update(MALLOC_ENV)
+        rc = subprocess.call(cmd, cwd=HERE, env=env)
         if rc != 0 or not os.path.exists(raw):
             print(f"[bench] pytest failed (exit {rc})", file=sys.stderr)
             return rc or 1

@@ -38,7 +38,7 @@ def test_op(benchmark, case, impl):
     with umm_ops.value_checks(False):
         for _ in range(2 if impl != "compile" else 3):  # warm-up (and compile)
             run()
-        rounds = 5 if QUICK else (20 if DEVICE == "cuda" else 7)
+        rounds = (50 if QUICK else 30) if DEVICE == "cuda" else (15 if QUICK else 10)
         benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update(
         op=case.op, direction=case.direction, images=case.images, dtype=str(case.dtype).replace("torch.", ""),

@@ -113,36 +113,37 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
   std::vector<float> part(nch * width, 0.f);
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> ubuf(C), dbuf(C);
-    float* uh = ubuf.data();
-    float* dyw = dbuf.data();
+    float* __restrict uh = ubuf.data();
+    float* __restrict dyw = dbuf.data();
     for (int64_t ch = c0; ch < c1; ++ch) {
-      float* acc = part.data() + ch * width;
-      float* acc_lw = acc;
-      float* acc_lb = acc + C;
-      float* acc_w = acc + 2 * C;
-      float& acc_b = acc[2 * C + Dg];
+      float* __restrict acc_lw = part.data() + ch * width;
+      float* __restrict acc_lb = acc_lw + C;
+      float* __restrict acc_w = acc_lw + 2 * C;
+      float acc_b = 0.f;
       for (int64_t n = ch * rpc; n < std::min(N, (ch + 1) * rpc); ++n) {
         const float g = p.gate[n], mean = p.mean[n], rstd = p.rstd[n];
-        const T* lr = low + n * C;
-        const T* hr = high + n * C;
-        const T* dyr = dy_p + n * C;
+        const T* __restrict lr = low + n * C;
+        const T* __restrict hr = high + n * C;
+        const T* __restrict dyr = dy_p + n * C;
         // s1, s2 (and dg below) feed dg = sum_c du * high, which adds C terms correlated with the error of
         // m1/m2: accumulated in double so that dg (hence dgate_hidden, dw_gate, db_gate) keeps fp32 accuracy.
         double s1 = 0.0, s2 = 0.0;
 #pragma omp simd reduction(+ : s1, s2)
         for (int64_t i = 0; i < C; ++i) {
           const float u = ld(lr, i) + g * ld(hr, i);
-          uh[i] = (u - mean) * rstd;
+          const float uhat = (u - mean) * rstd;
           const float dy = ld(dyr, i);
-          dyw[i] = dy * lwp[i];
-          s1 += dyw[i];
-          s2 += dyw[i] * uh[i];
-          acc_lw[i] += dy * uh[i];
+          const float dw = dy * lwp[i];
+          uh[i] = uhat;
+          dyw[i] = dw;
+          acc_lw[i] += dy * uhat;
           acc_lb[i] += dy;
+          s1 += double(dw);
+          s2 += double(dw * uhat);
         }
         const float m1 = float(s1 / double(C)), m2 = float(s2 / double(C));
-        T* dlr = dlow + n * C;
-        T* dhr = dhigh + n * C;
+        T* __restrict dlr = dlow + n * C;
+        T* __restrict dhr = dhigh + n * C;
         // dg sums terms of both signs whose total is much smaller than their magnitudes: accumulate in double
         double dgd = 0.0;
 #pragma omp simd reduction(+ : dgd)
@@ -153,8 +154,8 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
           dgd += double(du) * double(ld(hr, i));
         }
         const float dg = float(dgd);
-        const T* ghr = gh + n * Dg;
-        T* dghr = dgh + n * Dg;
+        const T* __restrict ghr = gh + n * Dg;
+        T* __restrict dghr = dgh + n * Dg;
 #pragma omp simd
         for (int64_t i = 0; i < Dg; ++i) {
           acc_w[i] += dg * ld(ghr, i);
@@ -162,6 +163,7 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
         }
         acc_b += dg;
       }
+      part[ch * width + 2 * C + Dg] = acc_b;
     }
   });
   std::vector<float> tot(width);
