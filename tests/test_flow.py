@@ -250,3 +250,14 @@ def test_flow_sum_reduction_and_shapes(seed):
     xt = x.transpose(1, 2)
     out = umm_ops.flow_step(xt, v.transpose(1, 2), 0.1, 0.3)
     assert torch.allclose(out, xt + 0.2 * v.transpose(1, 2), atol=1e-6)
+
+
+def test_wrong_device_is_named():
+    """A tensor on another device is rejected before any kernel runs (the meta device stands in for a GPU)."""
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="device of x"):
+        umm_ops.flow_step(x, torch.empty(2, 8, device="meta"), 0.1, 0.2)
+    with pytest.raises(ValueError, match="device of x"):
+        umm_ops.flow_step(x, x, torch.zeros(2, device="meta"), 0.2)
+    with pytest.raises(ValueError, match="device of x"):
+        umm_ops.adaln_modulate(x[:, None], torch.zeros(2, 8, device="meta"), torch.zeros(2, 8))
