@@ -142,34 +142,42 @@ def print_table(res: dict) -> None:
 
 
 def plot(res: dict, path: str) -> None:
+    """One panel per (op, direction): achieved GB/s against the number of images, per implementation and dtype."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_case: dict = {}
-    for r in res["results"]:
-        if r["op"] != "copy":
-            by_case.setdefault(r["case"], {})[r["impl"]] = r
-    cases = list(by_case)
-    impls = [i for i in ("umm_ops", "umm_ops[triton]", "eager", "compile") if any(i in v for v in by_case.values())]
-    fig, ax = plt.subplots(figsize=(10, 0.32 * len(cases) * len(impls) + 1.5))
-    h = 0.8 / len(impls)
+    rows = [r for r in res["results"] if r["op"] != "copy"]
+    panels = list(dict.fromkeys((r["op"], r["direction"]) for r in rows))
+    ncol = 4 if len(panels) > 4 else len(panels)
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
     colors = {"umm_ops": "tab:green", "umm_ops[triton]": "tab:olive", "eager": "tab:gray", "compile": "tab:blue"}
-    for j, impl in enumerate(impls):
-        ys = [i + j * h for i in range(len(cases))]
-        xs = [by_case[c][impl]["GBps"] if impl in by_case[c] else 0 for c in cases]
-        ax.barh(ys, xs, height=h, label=impl, color=colors[impl])
-    if res["copy_GBps"]:
-        ax.axvline(res["copy_GBps"], color="k", ls="--", lw=1, label=f"copy {res['copy_GBps']:.0f} GB/s")
-    ax.set_yticks([i + 0.4 - h / 2 for i in range(len(cases))])
-    ax.set_yticklabels(cases, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("achieved GB/s (ideal bytes / median time; higher is better)")
-    ax.set_title(f"umm_ops vs eager / torch.compile - {res['device']} ({res['mode']})", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    styles = {"float32": "-", "bfloat16": "--", "float16": ":"}
+    for ax, (op, direction) in zip(axes.flat, panels):
+        sel = [r for r in rows if r["op"] == op and r["direction"] == direction]
+        for impl in colors:
+            for dt in styles:
+                pts = sorted((r["images"], r["GBps"]) for r in sel if r["impl"] == impl and r["dtype"] == dt)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[dt], marker="o", ms=3,
+                            color=colors[impl], label=f"{impl} {dt}")
+        if res["copy_GBps"]:
+            ax.axhline(res["copy_GBps"], color="k", ls="-.", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{op} {direction}", fontsize=9)
+        ax.set_xlabel("images", fontsize=8)
+        ax.set_ylabel("GB/s", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8)
+    fig.suptitle(f"umm_ops vs eager / torch.compile: achieved GB/s (ideal bytes / median time); dash-dot = copy "
+                 f"bandwidth {res['copy_GBps'] or 0:.0f} GB/s - {res['device']} ({res['mode']})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -179,7 +187,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
     ap.add_argument("-k", dest="select", default=None, help="pytest -k expression to run a subset")
     ap.add_argument("--out-dir", default=None, help="where results go (default bench/results[/quick])")
+    ap.add_argument("--replot", default=None, metavar="RESULTS_JSON", help="only redraw table and plot of a results file")
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            res = json.load(f)
+        print_table(res)
+        plot(res, os.path.splitext(args.replot)[0] + ".png")
+        return 0
 
     import torch
 
