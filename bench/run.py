@@ -220,8 +220,13 @@ def main(argv=None) -> int:
             # order that depends on each implementation's allocation pattern.  Like the caching allocator on
             # CUDA, keep freed memory (same setting for every implementation; recorded in the results).
             env.update(MALLOC_ENV)
-        rc = subprocess.call(cmd, cwd=HERE, env=env)
+        log = os.path.join(out_dir, "pytest-benchmark.log")
+        print(f"[bench] running (pytest-benchmark output: {log}) ...", flush=True)
+        with open(log, "w") as lf:
+            rc = subprocess.call(cmd, cwd=HERE, env=env, stdout=lf, stderr=subprocess.STDOUT)
         if rc != 0 or not os.path.exists(raw):
+            with open(log) as lf:
+                print("".join(lf.readlines()[-40:]), file=sys.stderr)
             print(f"[bench] pytest failed (exit {rc})", file=sys.stderr)
             return rc or 1
         with open(raw) as f:
