@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# What a session with a lent GPU runs first (see ../shared/design/gpu.md), in one call of the device tool:
+#   build for the device's arch, report, run the CUDA and Triton tests on the device, a compute-sanitizer
+#   memcheck pass over the CUDA tests, then the full benchmark sweep.  Everything it writes lands in $OUT
+#   (when set) so it comes back: logs, bench/results/<device>.json and .png.
+# Usage on the device machine:  bash scripts/gpu_session.sh [arch, default 90a]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ARCH=${1:-90a}
+OUT=${OUT:-/tmp/umm_gpu_out}
+mkdir -p "$OUT"
+export UMM_CUDA=ON UMM_CUDA_ARCHS="$ARCH"
+step() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+step "build (archs $ARCH)"
+python -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+python -m umm_ops info | tee "$OUT/info.txt"
+step "tests on the device (cuda or triton)"
+python -m pytest -q tests -m "cuda or triton" -p no:cacheprovider > "$OUT/tests_gpu.log" 2>&1
+echo "rc=$?" | tee -a "$OUT/summary.txt"; tail -5 "$OUT/tests_gpu.log" | tee -a "$OUT/summary.txt"
+step "whole test suite"
+python -m pytest -q tests -p no:cacheprovider > "$OUT/tests_all.log" 2>&1
+echo "rc=$?" | tee -a "$OUT/summary.txt"; tail -3 "$OUT/tests_all.log" | tee -a "$OUT/summary.txt"
+if command -v compute-sanitizer > /dev/null; then
+  step "compute-sanitizer memcheck over the CUDA tests"
+  UMM_OPS_BACKEND=cuda compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python -m pytest -q -x tests/test_flow.py tests/test_norm.py -k "cuda-cuda" -p no:cacheprovider \
+    > "$OUT/memcheck.log" 2>&1
+  echo "rc=$?" | tee -a "$OUT/summary.txt"; tail -5 "$OUT/memcheck.log" | tee -a "$OUT/summary.txt"
+fi
+step "benchmarks (full sweep)"
+python bench/run.py > "$OUT/bench.log" 2>&1
+echo "rc=$?" | tee -a "$OUT/summary.txt"
+cp bench/results/*.json bench/results/*.png "$OUT/" 2>/dev/null
+tail -60 "$OUT/bench.log"
