@@ -115,3 +115,26 @@ def test_cli_info_runs():
     js = subprocess.run([sys.executable, "-m", "umm_ops", "info", "--json"], capture_output=True, text=True,
                         check=True)
     assert json.loads(js.stdout)["reference"]["runnable"] is True
+
+
+def test_backward_runs_on_the_forward_backend(monkeypatch):
+    """Eager autograd runs the backward after the `use_backend` block; it must still use the forced backend."""
+    from umm_ops.reference import kernels as ref
+
+    calls = []
+    real = ref.gated_residual_backward
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ref, "gated_residual_backward", spy)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    g = torch.randn(2, 8, requires_grad=True)
+    with umm_ops.use_backend("reference"):
+        out = umm_ops.gated_residual(x, g, x)
+    out.sum().backward()
+    assert calls == [1]
+    calls.clear()
+    umm_ops.gated_residual(x, g, x).sum().backward()  # automatic: the C++ kernel, not the reference
+    assert calls == ([] if umm_ops.backends()["cpu"]["runnable"] else [1])

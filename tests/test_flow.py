@@ -53,7 +53,8 @@ def test_flow_step_matches_reference(device, backend, sde, seed):
                 else:
                     out = umm_ops.flow_step(xs[0], xs[1], t, tn)
             g = torch.randn_like(out)
-            grads = torch.autograd.grad(out, xs if sde else xs[:2], g)
+            with umm_ops.use_backend(backend):  # the backward on the backend under test too
+                grads = torch.autograd.grad(out, xs if sde else xs[:2], g)
 
             def ref(ds):
                 ins = [a.to(ds).requires_grad_(True) for a in (x, v, z)]
@@ -95,7 +96,8 @@ def test_flow_logprob_and_grads(device, backend, seed):
                 _, lp_step = umm_ops.flow_step(x, v, t, tn, noise=z, sigma=sigma, return_logprob=True)
             assert torch.allclose(lp, lp_step, rtol=1e-5, atol=1e-5)
             g = torch.randn(B, device=device)
-            grads = torch.autograd.grad(lp, xs, g)
+            with umm_ops.use_backend(backend):  # the backward on the backend under test too
+                grads = torch.autograd.grad(lp, xs, g)
 
             def ref(ds):
                 ins = [a.to(ds).requires_grad_(True) for a in (x, x_next, v)]
@@ -128,7 +130,8 @@ def test_flow_kl_and_grads(device, backend, seed):
             with umm_ops.use_backend(backend):
                 kl = umm_ops.flow_kl(*xs, t, tn, sigma)
             g = torch.randn(B, device=device)
-            grads = torch.autograd.grad(kl, xs, g)
+            with umm_ops.use_backend(backend):  # the backward on the backend under test too
+                grads = torch.autograd.grad(kl, xs, g)
 
             def ref(ds):
                 ins = [a.to(ds).requires_grad_(True) for a in (v, vr)]

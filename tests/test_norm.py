@@ -47,7 +47,8 @@ def test_gated_detail_residual(device, backend, seed):
             with umm_ops.use_backend(backend):
                 out = umm_ops.gated_detail_residual(*xs, eps=1e-5)
             g = torch.randn_like(out)
-            grads = torch.autograd.grad(out, xs, g)
+            with umm_ops.use_backend(backend):  # the backward on the backend under test too
+                grads = torch.autograd.grad(out, xs, g)
             _check_all(out, grads, lambda *a: R.gated_detail_residual(*a, eps=1e-5), inputs, g, dtype,
                        f"gdr {dtype} {lead}x{C} Dg={Dg}")
 
@@ -71,7 +72,8 @@ def test_adaln_modulate(device, backend, norm, affine, seed):
                 out = umm_ops.adaln_modulate(xs[0], shift, scale, eps=1e-6, norm=norm, weight=xs[2], bias=xs[3])
             g = torch.randn_like(out)
             used = [a for a in xs if a is not None]
-            grads = torch.autograd.grad(out, used, g)
+            with umm_ops.use_backend(backend):  # the backward on the backend under test too
+                grads = torch.autograd.grad(out, used, g)
 
             def ref_fn(xx, mm, ww=None, bb=None):
                 if ww is not None and bb is None and affine == "weight+bias":
@@ -94,7 +96,8 @@ def test_gated_residual(device, backend, seed):
             with umm_ops.use_backend(backend):
                 out = umm_ops.gated_residual(xs[0], xs[1][:, 2 * C:], xs[2])
             g = torch.randn_like(out)
-            grads = torch.autograd.grad(out, xs, g)
+            with umm_ops.use_backend(backend):  # the backward on the backend under test too
+                grads = torch.autograd.grad(out, xs, g)
             _check_all(out, grads, lambda a, m, c: R.gated_residual(a, m[:, 2 * C:], c), [x, mod, y], g, dtype,
                        f"gated_residual {dtype} {B}x{mid}x{C}")
 

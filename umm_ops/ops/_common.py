@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from .. import _lib
-from ..backend import kernels_for
+import contextlib
+
+from ..backend import forced_backend, kernels_for, use_backend
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALL_DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -51,3 +53,16 @@ def register_fake_both(name: str, fn):
     torch.library.register_fake(f"umm_ops::{name}", fn)
     if _lib.loaded():
         torch.library.register_fake(f"umm_ops::kernel_{name}", fn)
+
+
+def remember_backend(ctx) -> None:
+    """Called in setup_context: the backward runs on the backend that was forced for the forward (if any)."""
+    ctx.umm_backend = forced_backend()
+
+
+def backward_scope(ctx):
+    """Context for a backward call: re-forces the forward's backend (eager autograd runs the backward later,
+    usually outside the user's ``use_backend`` block).  Under torch.compile the compiled backward runs outside
+    this scope and uses the automatic choice."""
+    name = getattr(ctx, "umm_backend", None)
+    return use_backend(name) if name else contextlib.nullcontext()

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 import torch
 
 from ..backend import value_checks_enabled
-from ._common import ALL_DTYPES, check_like, check_tensor, kernels, register_fake_both
+from ._common import (
+    ALL_DTYPES,
+    backward_scope,
+    check_like,
+    check_tensor,
+    kernels,
+    register_fake_both,
+    remember_backend,
+)
 
 __all__ = ["flow_step", "flow_logprob", "flow_kl", "time_shift", "SigmaSchedule"]
 
@@ -111,6 +119,7 @@ register_fake_both("flow_kl_backward", _fake_kl_bwd)
 
 
 def _step_setup(ctx, inputs, output):
+    remember_backend(ctx)
     x, v, noise, t, t_next, sigma, want_logprob = inputs
     ctx.sde = noise is not None
     ctx.save_for_backward(t, t_next, sigma if ctx.sde else None)
@@ -123,11 +132,13 @@ def _step_backward(ctx, grad_x_next, _grad_logprob):
     mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]) and ctx.sde]
     if grad_x_next is None or not any(mask):
         return None, None, None, None, None, None, None
-    dx, dv, dz = _step_bwd_op(grad_x_next.contiguous(), t, t_next, sigma, mask)
+    with backward_scope(ctx):
+        dx, dv, dz = _step_bwd_op(grad_x_next.contiguous(), t, t_next, sigma, mask)
     return (dx if mask[0] else None, dv if mask[1] else None, dz if mask[2] else None, None, None, None, None)
 
 
 def _lp_setup(ctx, inputs, output):
+    remember_backend(ctx)
     x, x_next, v, t, t_next, sigma = inputs
     ctx.save_for_backward(x, x_next, v, t, t_next, sigma)
 
@@ -137,11 +148,13 @@ def _lp_backward(ctx, grad):
     mask = [bool(m) for m in ctx.needs_input_grad[:3]]
     if not any(mask):
         return (None,) * 6
-    g = _lp_bwd_op(grad.contiguous(), x, x_next, v, t, t_next, sigma, mask)
+    with backward_scope(ctx):
+        g = _lp_bwd_op(grad.contiguous(), x, x_next, v, t, t_next, sigma, mask)
     return tuple(gi if m else None for gi, m in zip(g, mask)) + (None, None, None)
 
 
 def _kl_setup(ctx, inputs, output):
+    remember_backend(ctx)
     v, v_ref, t, t_next, sigma = inputs
     ctx.save_for_backward(v, v_ref, t, t_next, sigma)
 
@@ -151,7 +164,8 @@ def _kl_backward(ctx, grad):
     mask = [bool(m) for m in ctx.needs_input_grad[:2]]
     if not any(mask):
         return (None,) * 5
-    g = _kl_bwd_op(grad.contiguous(), v, v_ref, t, t_next, sigma, mask)
+    with backward_scope(ctx):
+        g = _kl_bwd_op(grad.contiguous(), v, v_ref, t, t_next, sigma, mask)
     return tuple(gi if m else None for gi, m in zip(g, mask)) + (None, None, None)
 
 

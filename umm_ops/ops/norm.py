@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from ._common import ALL_DTYPES, check_like, check_tensor, kernels, register_fake_both, unit_last_stride
+from ._common import (
+    ALL_DTYPES,
+    backward_scope,
+    check_like,
+    check_tensor,
+    kernels,
+    register_fake_both,
+    remember_backend,
+    unit_last_stride,
+)
 
 __all__ = ["gated_detail_residual", "adaln_modulate", "gated_residual"]
 
@@ -116,6 +125,7 @@ register_fake_both("gated_residual_backward", _fake_gr_bwd)
 
 
 def _gdr_setup(ctx, inputs, output):
+    remember_backend(ctx)
     low, high, gate_hidden, w_gate, b_gate, ln_weight, ln_bias, eps = inputs
     _, gate, mean, rstd = output
     ctx.eps = eps
@@ -127,11 +137,13 @@ def _gdr_backward(ctx, grad, *_stats):
     low, high, gate_hidden, w_gate, ln_weight, gate, mean, rstd = ctx.saved_tensors
     if grad is None:
         return (None,) * 8
-    g = _gdr_bwd_op(grad.contiguous(), low, high, gate_hidden, w_gate, ln_weight, gate, mean, rstd, ctx.eps)
+    with backward_scope(ctx):
+        g = _gdr_bwd_op(grad.contiguous(), low, high, gate_hidden, w_gate, ln_weight, gate, mean, rstd, ctx.eps)
     return tuple(gi if need else None for gi, need in zip(g, ctx.needs_input_grad[:7])) + (None,)
 
 
 def _ada_setup(ctx, inputs, output):
+    remember_backend(ctx)
     x, shift, scale, weight, bias, eps, rms = inputs
     _, mean, rstd = output
     ctx.eps, ctx.rms = eps, rms
@@ -146,11 +158,13 @@ def _ada_backward(ctx, grad, *_stats):
     mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]) and ctx.has_w, bool(nig[4]) and ctx.has_b]
     if grad is None or not any(mask):
         return (None,) * 7
-    g = _ada_bwd_op(grad.contiguous(), x, scale, weight, bias, mean, rstd, ctx.eps, ctx.rms, mask)
+    with backward_scope(ctx):
+        g = _ada_bwd_op(grad.contiguous(), x, scale, weight, bias, mean, rstd, ctx.eps, ctx.rms, mask)
     return tuple(gi if m else None for gi, m in zip(g, mask)) + (None, None)
 
 
 def _gr_setup(ctx, inputs, output):
+    remember_backend(ctx)
     x, gate, y = inputs
     ctx.save_for_backward(gate, y)
 
@@ -161,7 +175,8 @@ def _gr_backward(ctx, grad):
     mask = [bool(nig[1]), bool(nig[2])]
     dgate = dy = None
     if grad is not None and any(mask):
-        dgate, dy = _gr_bwd_op(grad.contiguous(), gate, y, mask)
+        with backward_scope(ctx):
+            dgate, dy = _gr_bwd_op(grad.contiguous(), gate, y, mask)
     return (grad if nig[0] else None, dgate if mask[0] else None, dy if mask[1] else None)
 
 

@@ -53,6 +53,12 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A custom op may not return an alias of an input; autograd can hand back views of grad_out (e.g. the
+    sum over a size-1 token dim), and .to() of the same dtype is a no-op: always return fresh storage."""
+    return t.clone()
+
+
 def _grads(outputs, inputs, grad_outputs, mask):
     """autograd.grad over the inputs whose mask bit is set; empties elsewhere."""
     wanted = [i for i, m in zip(inputs, mask) if m]
@@ -110,7 +116,7 @@ def flow_logprob_backward(grad, x, x_next, v, t, t_next, sigma, mask):
         ins = [_acc(a).detach().requires_grad_(True) for a in (x, x_next, v)]
         lp = _flow_logprob(*ins, t, t_next, sigma)
         gs = _grads(lp, ins, grad.to(lp.dtype), mask)
-    return tuple(_empty(x) if g is None else g.to(x.dtype) for g in gs)
+    return tuple(_empty(x) if g is None else _own(g.to(x.dtype)) for g in gs)
 
 
 def flow_kl(v, v_ref, t, t_next, sigma):
@@ -122,7 +128,7 @@ def flow_kl_backward(grad, v, v_ref, t, t_next, sigma, mask):
         ins = [_acc(a).detach().requires_grad_(True) for a in (v, v_ref)]
         kl = _flow_kl(*ins, t, t_next, sigma)
         gs = _grads(kl, ins, grad.to(kl.dtype), mask)
-    return tuple(_empty(v) if g is None else g.to(v.dtype) for g in gs)
+    return tuple(_empty(v) if g is None else _own(g.to(v.dtype)) for g in gs)
 
 
 def gated_detail_residual(low, high, gate_hidden, w_gate, b_gate, ln_weight, ln_bias, eps):
@@ -150,7 +156,7 @@ def gated_detail_residual_backward(grad, low, high, gate_hidden, w_gate, ln_weig
         var = ((u - mu) ** 2).mean(-1, keepdim=True)
         out = (u - mu) / torch.sqrt(var + eps) * lw + lb
         gs = torch.autograd.grad(out, [lo, hi, gh, w, b, lw, lb], _acc(grad))
-    return tuple(g.to(low.dtype) for g in gs)
+    return tuple(_own(g.to(low.dtype)) for g in gs)
 
 
 def adaln_modulate(x, shift, scale, weight, bias, eps, rms):
@@ -187,7 +193,7 @@ def adaln_modulate_backward(grad, x, scale, weight, bias, mean, rstd, eps, rms, 
         ins = [xi, sh, sc, w, b]
         m = [bool(mask[i]) and ins[i] is not None for i in range(5)]
         gs = _grads(out, [i if i is not None else xi for i in ins], _acc(grad), m)
-    return tuple(_empty(x) if g is None else g.to(x.dtype) for g in gs)
+    return tuple(_empty(x) if g is None else _own(g.to(x.dtype)) for g in gs)
 
 
 def gated_residual(x, gate, y):
