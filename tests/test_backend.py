@@ -138,3 +138,13 @@ def test_backward_runs_on_the_forward_backend(monkeypatch):
     calls.clear()
     umm_ops.gated_residual(x, g, x).sum().backward()  # automatic: the C++ kernel, not the reference
     assert calls == ([] if umm_ops.backends()["cpu"]["runnable"] else [1])
+
+
+def test_selection_skips_backends_without_the_op():
+    """Ops land backend by backend: a backend lacking a kernel is skipped automatically and refused when forced."""
+    assert B._has_op("reference", "anything")
+    assert not B._has_op("cpu", "no_such_op")
+    assert B.select(torch.device("cpu"), torch.float32, "no_such_op") == "reference"
+    with umm_ops.use_backend("cpu"), pytest.raises(umm_ops.BackendUnavailableError, match="no 'no_such_op' kernel"):
+        B.select(torch.device("cpu"), torch.float32, "no_such_op")
+    assert B.select(torch.device("cpu"), torch.float32, "flow_step") == "cpu"

@@ -92,8 +92,28 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _why_not(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None when backend `name` can run tensors of this device/dtype, else the reason."""
+def _has_op(name: str, op: str) -> bool:
+    """Whether backend `name` implements kernel `op` (ops land backend by backend)."""
+    if name == "reference":
+        return True
+    if name in ("cpu", "cuda"):
+        try:
+            return torch._C._dispatch_has_kernel_for_dispatch_key(f"umm_ops::kernel_{op}", name.upper())
+        except RuntimeError:  # op not defined at all
+            return False
+    mod = _triton_module()
+    return not isinstance(mod, Exception) and callable(getattr(mod, op, None))
+
+
+def _why_not(name: str, device: torch.device, dtype: torch.dtype, op: str | None = None) -> str | None:
+    """None when backend `name` can run `op` on tensors of this device/dtype, else the reason."""
+    why = _why_not_device(name, device, dtype)
+    if why is None and op is not None and not _has_op(name, op):
+        why = f"the {name!r} backend has no {op!r} kernel (yet)"
+    return why
+
+
+def _why_not_device(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     if name == "reference":
         return None
     if dtype == torch.float64:
@@ -122,17 +142,17 @@ def _why_not(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     raise ValueError(name)
 
 
-def select(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that will run a kernel on tensors of this device and dtype."""
+def select(device: torch.device, dtype: torch.dtype, op: str | None = None) -> str:
+    """The backend that will run kernel `op` (any op when None) on tensors of this device and dtype."""
     name = forced_backend()
     if name is not None:
-        why = _why_not(name, device, dtype)
+        why = _why_not(name, device, dtype, op)
         if why is not None:
             raise BackendUnavailableError(f"umm_ops backend {name!r} was forced but cannot run here: {why}")
         return name
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for cand in order:
-        if _why_not(cand, device, dtype) is None:
+        if _why_not(cand, device, dtype, op) is None:
             return cand
     return "reference"
 
@@ -156,8 +176,8 @@ def kernels(name: str):
     return ref
 
 
-def kernels_for(t: torch.Tensor):
-    return kernels(select(t.device, t.dtype))
+def kernels_for(t: torch.Tensor, op: str | None = None):
+    return kernels(select(t.device, t.dtype, op))
 
 
 def backends() -> dict:

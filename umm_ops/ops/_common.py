@@ -44,8 +44,9 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def kernels(t: torch.Tensor):
-    return kernels_for(t)
+def kernels(t: torch.Tensor, op: str):
+    """The kernel namespace of the backend selected for `op` on tensors like `t`."""
+    return kernels_for(t, op)
 
 
 def register_fake_both(name: str, fn):

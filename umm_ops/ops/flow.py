@@ -44,27 +44,28 @@ _S_KL_BWD = ("(Tensor grad, Tensor v, Tensor v_ref, Tensor t, Tensor t_next, Ten
 
 # ----------------------------------------------------------------------------------- custom ops
 def _step_impl(x, v, noise, t, t_next, sigma, want_logprob):
-    return kernels(x).flow_step(x, v, noise, t, t_next, sigma, want_logprob)
+    return kernels(x, "flow_step").flow_step(x, v, noise, t, t_next, sigma, want_logprob)
 
 
 def _step_bwd_impl(grad, t, t_next, sigma, mask):
-    return kernels(grad).flow_step_backward(grad, t, t_next, sigma, list(mask))
+    return kernels(grad, "flow_step_backward").flow_step_backward(grad, t, t_next, sigma, list(mask))
 
 
 def _lp_impl(x, x_next, v, t, t_next, sigma):
-    return kernels(x).flow_logprob(x, x_next, v, t, t_next, sigma)
+    return kernels(x, "flow_logprob").flow_logprob(x, x_next, v, t, t_next, sigma)
 
 
 def _lp_bwd_impl(grad, x, x_next, v, t, t_next, sigma, mask):
-    return kernels(x).flow_logprob_backward(grad, x, x_next, v, t, t_next, sigma, list(mask))
+    k = kernels(x, "flow_logprob_backward")
+    return k.flow_logprob_backward(grad, x, x_next, v, t, t_next, sigma, list(mask))
 
 
 def _kl_impl(v, v_ref, t, t_next, sigma):
-    return kernels(v).flow_kl(v, v_ref, t, t_next, sigma)
+    return kernels(v, "flow_kl").flow_kl(v, v_ref, t, t_next, sigma)
 
 
 def _kl_bwd_impl(grad, v, v_ref, t, t_next, sigma, mask):
-    return kernels(v).flow_kl_backward(grad, v, v_ref, t, t_next, sigma, list(mask))
+    return kernels(v, "flow_kl_backward").flow_kl_backward(grad, v, v_ref, t, t_next, sigma, list(mask))
 
 
 _step_op = torch.library.custom_op("umm_ops::flow_step", _step_impl, mutates_args=(), schema=_S_STEP)

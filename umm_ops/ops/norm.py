@@ -40,28 +40,30 @@ _S_GR_BWD = "(Tensor grad, Tensor gate, Tensor y, bool[2] mask) -> (Tensor, Tens
 
 
 def _gdr_impl(low, high, gate_hidden, w_gate, b_gate, ln_weight, ln_bias, eps):
-    return kernels(low).gated_detail_residual(low, high, gate_hidden, w_gate, b_gate, ln_weight, ln_bias, eps)
+    k = kernels(low, "gated_detail_residual")
+    return k.gated_detail_residual(low, high, gate_hidden, w_gate, b_gate, ln_weight, ln_bias, eps)
 
 
 def _gdr_bwd_impl(grad, low, high, gate_hidden, w_gate, ln_weight, gate, mean, rstd, eps):
-    return kernels(low).gated_detail_residual_backward(grad, low, high, gate_hidden, w_gate, ln_weight, gate, mean,
-                                                       rstd, eps)
+    k = kernels(low, "gated_detail_residual_backward")
+    return k.gated_detail_residual_backward(grad, low, high, gate_hidden, w_gate, ln_weight, gate, mean, rstd, eps)
 
 
 def _ada_impl(x, shift, scale, weight, bias, eps, rms):
-    return kernels(x).adaln_modulate(x, shift, scale, weight, bias, eps, rms)
+    return kernels(x, "adaln_modulate").adaln_modulate(x, shift, scale, weight, bias, eps, rms)
 
 
 def _ada_bwd_impl(grad, x, scale, weight, bias, mean, rstd, eps, rms, mask):
-    return kernels(x).adaln_modulate_backward(grad, x, scale, weight, bias, mean, rstd, eps, rms, list(mask))
+    k = kernels(x, "adaln_modulate_backward")
+    return k.adaln_modulate_backward(grad, x, scale, weight, bias, mean, rstd, eps, rms, list(mask))
 
 
 def _gr_impl(x, gate, y):
-    return kernels(x).gated_residual(x, gate, y)
+    return kernels(x, "gated_residual").gated_residual(x, gate, y)
 
 
 def _gr_bwd_impl(grad, gate, y, mask):
-    return kernels(y).gated_residual_backward(grad, gate, y, list(mask))
+    return kernels(y, "gated_residual_backward").gated_residual_backward(grad, gate, y, list(mask))
 
 
 _gdr_op = torch.library.custom_op("umm_ops::gated_detail_residual", _gdr_impl, mutates_args=(), schema=_S_GDR)
