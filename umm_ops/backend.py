@@ -208,6 +208,7 @@ def backends() -> dict:
             "runnable": tri_ok and (cuda_dev or triton_interpreting()),
         },
         "reference": {"runnable": True},
+        "kernels": kernel_matrix(),
         "forced": forced_backend(),
         "auto": {
             "cpu": select(torch.device("cpu"), torch.float32) if forced_backend() is None else None,
@@ -215,6 +216,20 @@ def backends() -> dict:
         },
     }
     return report
+
+
+def kernel_names() -> list[str]:
+    """Every kernel of the contract (the reference implements them all)."""
+    from .reference import kernels as ref
+
+    return sorted(n for n in dir(ref) if not n.startswith("_") and callable(getattr(ref, n))
+                  and getattr(getattr(ref, n), "__module__", "").startswith("umm_ops.reference")
+                  and n not in ("flow_coefficients",))
+
+
+def kernel_matrix() -> dict:
+    """{kernel: [backends that implement it]} - ops land backend by backend."""
+    return {op: [b for b in BACKENDS if _has_op(b, op)] for op in kernel_names()}
 
 
 def _triton_version():

@@ -26,6 +26,9 @@ def _info(args) -> int:
     print(f"triton           : {t['version'] if t['installed'] else 'not importable'}"
           f"{' (interpreter)' if t['interpreter'] else ''} -> {'runnable' if t['runnable'] else 'not runnable'}")
     print("reference        : runnable")
+    print("kernels          : " + "; ".join(
+        f"{op} [{', '.join(b for b in bk if b != 'reference')}]" for op, bk in rep["kernels"].items()
+        if not op.endswith(("_backward", "_bwd"))))
     print(f"forced backend   : {rep['forced'] or 'none (auto)'}")
     if rep["forced"] is None:
         print(f"auto choice      : cpu tensors -> {rep['auto']['cpu']}; cuda tensors -> {rep['auto']['cuda'] or 'n/a'}")
