@@ -4,8 +4,10 @@ Public ops (torch.compile-traceable custom ops with autograd; the backend is cho
 umm_ops.backend):
     flow_step, flow_logprob, flow_kl, time_shift, SigmaSchedule     - flow-matching transitions (RL-ready)
     gated_detail_residual, adaln_modulate, gated_residual           - Cheers head fusions
+    span_attention, SpanLayout, span_mask                           - packed causal/full/noise span attention
 """
 from . import _lib  # noqa: F401  (loads the compiled kernels if present)
+from .attention import SpanLayout, span_attention, span_mask
 from .backend import BackendUnavailableError, backends, use_backend, value_checks
 from .ops import (
     SigmaSchedule,
@@ -23,4 +25,5 @@ __all__ = [
     "backends", "use_backend", "value_checks", "BackendUnavailableError",
     "flow_step", "flow_logprob", "flow_kl", "time_shift", "SigmaSchedule",
     "gated_detail_residual", "adaln_modulate", "gated_residual",
+    "span_attention", "SpanLayout", "span_mask",
 ]

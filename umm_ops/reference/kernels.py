@@ -205,3 +205,4 @@ def gated_residual_backward(grad, gate, y, mask):
     dgate = (g * _acc(y)).sum(1).to(gate.dtype) if mask[0] else _empty(grad)
     dy = (g * _acc(gate)[:, None, :]).to(y.dtype) if mask[1] else _empty(grad)
     return dgate, dy
+from .attention import span_attention_bwd, span_attention_fwd  # noqa: E402,F401
