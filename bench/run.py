@@ -20,6 +20,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ATTN_PEERS = ("sdpa_dense", "flex_cached", "flex_with_mask")  # span-attention peers (bench/span_cases.py)
 MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 * 2**30), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
 
 
@@ -59,6 +60,11 @@ def build_results(bench_json: dict, device: str, quick: bool) -> dict:
             "median_ms": med * 1e3, "min_ms": b["stats"]["min"] * 1e3, "rounds": b["stats"]["rounds"],
             "GBps": info["bytes"] / med / 1e9,
         })
+        if "allowed_pairs" in info:  # attention: FLOPs over allowed (q, k) pairs only, fwd 1 + bwd 2.5
+            mult = 3.5 if info["direction"] == "fwd+bwd" else 1.0
+            flops = 4 * info["allowed_pairs"] * info["head_dim"] * info["heads_q"] * mult
+            rows[-1].update({k: info[k] for k in ("allowed_pairs", "heads_q", "heads_kv", "head_dim", "tokens")})
+            rows[-1].update(flops=flops, TFLOPs=flops / med / 1e12)
     copy = [r for r in rows if r["op"] == "copy"]
     copy_gbps = copy[0]["GBps"] if copy else None
     by_case: dict = {}
@@ -68,7 +74,7 @@ def build_results(bench_json: dict, device: str, quick: bool) -> dict:
         for r in impls.values():
             if copy_gbps:
                 r["frac_copy_bw"] = r["GBps"] / copy_gbps
-            for peer in ("eager", "compile"):
+            for peer in ("eager", "compile", *ATTN_PEERS):
                 if peer in impls and r["impl"] != peer:
                     r[f"speedup_vs_{peer}"] = impls[peer]["median_ms"] / r["median_ms"]
     try:
@@ -100,7 +106,8 @@ def build_results(bench_json: dict, device: str, quick: bool) -> dict:
 def print_table(res: dict) -> None:
     by_case: dict = {}
     for r in res["results"]:
-        by_case.setdefault(r["case"], {})[r["impl"]] = r
+        if "allowed_pairs" not in r:  # attention rows: their own table below
+            by_case.setdefault(r["case"], {})[r["impl"]] = r
     title = f"umm_ops benchmarks on {res['device']} ({res['mode']}), copy bandwidth {res['copy_GBps'] or 0:.1f} GB/s"
     header = ["op", "dir", "img", "dtype", "umm_ops ms", "eager ms", "compile ms", "umm GB/s", "% copy",
               "x eager", "x compile"]
@@ -121,13 +128,20 @@ def print_table(res: dict) -> None:
             body.append(["  (triton)", "", "", "", f"{t['median_ms']:.3f}", "", "", f"{t['GBps']:.1f}",
                          f"{100 * t.get('frac_copy_bw', 0):.0f}%", f"{t.get('speedup_vs_eager', float('nan')):.2f}",
                          f"{t.get('speedup_vs_compile', float('nan')):.2f}"])
+    _print_rows(title, header, body, ("op", "dir", "dtype"))
+    print_attention_table(res)
+
+
+def _print_rows(title, header, body, left) -> None:
+    if not body:
+        return
     try:
         from rich.console import Console
         from rich.table import Table
 
         table = Table(title=title)
         for h in header:
-            table.add_column(h, justify="left" if h in ("op", "dir", "dtype") else "right")
+            table.add_column(h, justify="left" if h in left else "right")
         from rich.markup import escape
 
         for row in body:
@@ -141,6 +155,35 @@ def print_table(res: dict) -> None:
             print("  ".join(x.ljust(w) for x, w in zip(row, widths)))
 
 
+def print_attention_table(res: dict) -> None:
+    """Span-attention cases: median ms per implementation, achieved TFLOP/s (allowed pairs only) and speedups."""
+    by_case: dict = {}
+    for r in res["results"]:
+        if "allowed_pairs" in r:
+            by_case.setdefault(r["case"], {})[r["impl"]] = r
+    impl_names = ("umm_ops", *ATTN_PEERS)
+    short = {"umm_ops": "umm", "sdpa_dense": "sdpa", "flex_cached": "flex", "flex_with_mask": "flex+bm"}
+    header = ["layout", "dir", "tokens", "dtype", *(f"{short[n]} ms" for n in impl_names), "umm TF/s",
+              "best peer TF/s", "umm GB/s", *(f"x {short[n]}" for n in ATTN_PEERS)]
+    body = []
+    for impls in by_case.values():
+        any_r = next(iter(impls.values()))
+        u = impls.get("umm_ops")
+        peers = [impls[n] for n in ATTN_PEERS if n in impls]
+        best = max(peers, key=lambda r: r["TFLOPs"]) if peers else None
+        body.append([
+            any_r["op"].replace("span_attention[", "").rstrip("]"), any_r["direction"], str(any_r["tokens"]),
+            any_r["dtype"],
+            *(f"{impls[n]['median_ms']:.3f}" if n in impls else "-" for n in impl_names),
+            f"{u['TFLOPs']:.3f}" if u else "-", f"{best['TFLOPs']:.3f} {short[best['impl']]}" if best else "-",
+            f"{u['GBps']:.1f}" if u else "-",
+            *(f"{u[f'speedup_vs_{n}']:.2f}" if u and f"speedup_vs_{n}" in u else "-" for n in ATTN_PEERS),
+        ])
+    _print_rows(f"span_attention on {res['device']} ({res['mode']}); flex = cached BlockMask, flex+bm = "
+                "create_block_mask timed in; TF/s = 4 * allowed pairs * Dh * Hq / time (x 3.5 fwd+bwd)",
+                header, body, ("layout", "dir", "dtype"))
+
+
 def plot(res: dict, path: str) -> None:
     """One panel per (op, direction): achieved GB/s against the number of images, per implementation and dtype."""
     import matplotlib
@@ -148,8 +191,10 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in res["results"] if r["op"] != "copy"]
+    rows = [r for r in res["results"] if r["op"] != "copy" and "allowed_pairs" not in r]  # attention: table only
     panels = list(dict.fromkeys((r["op"], r["direction"]) for r in rows))
+    if not panels:  # e.g. `-k span`: attention cases are in the table only
+        return
     ncol = 4 if len(panels) > 4 else len(panels)
     nrow = (len(panels) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)

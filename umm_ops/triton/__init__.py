@@ -1,6 +1,6 @@
 """Triton backend of the umm_ops kernel contract (see umm_ops/reference/kernels.py).
 
-The 12 functions below have exactly the signatures and return conventions of
+The kernel-contract functions below have exactly the signatures and return conventions of
 ``umm_ops.reference.kernels``.  They run on CUDA tensors, or on CPU tensors under the Triton
 interpreter (TRITON_INTERPRET=1, set before triton is imported).  Only the interpreter path has been
 exercised so far; the GPU path has not been run.
@@ -28,6 +28,8 @@ __all__ = [
     "adaln_modulate_backward",
     "gated_residual",
     "gated_residual_backward",
+    "span_attention_fwd",
+    "span_attention_bwd",
 ]
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -73,3 +75,4 @@ from .norm import (  # noqa: E402
     gated_residual,
     gated_residual_backward,
 )
+from .attention import span_attention_bwd, span_attention_fwd  # noqa: E402
