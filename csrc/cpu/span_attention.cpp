@@ -6,7 +6,10 @@
 // block (the diagonal) needs a per-element bound.  Invisible keys are never touched.
 // dk / dv: one task per (kv head, block of <= kBKV keys lying in ONE segment); the queries that see a key of
 // segment T form one contiguous range of positions (T's own queries -- from the key on when T is causal -- then,
-// unless T is noise, every later query of the document), iterated for every query head of the group.
+// unless T is noise, every later query of the document), iterated for every query head of the group.  The task
+// also stores its dS tiles in a per-(key block, kv head) scratch slab; the dq tasks, run after all dk / dv
+// tasks, sum dS K over the visible key blocks in key order (5 tile products per visible pair).  If the scratch
+// would exceed 256 MB, dq tasks recompute S and dP instead (7 products).
 // Every output element is produced by exactly one task with a fixed summation order: results are bitwise
 // independent of the number of threads and of the scheduling (tasks are handed out dynamically).
 #include <algorithm>
@@ -23,7 +26,7 @@ namespace {
 
 constexpr int64_t kBQ = 32;   // queries per forward / dq task
 constexpr int kW = 64;        // keys per chunk in forward / dq; queries per chunk in dk / dv (vector width dim)
-constexpr int64_t kBKV = 32;  // keys per dk / dv task
+constexpr int64_t kBKV = 64;  // keys per dk / dv task
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // a * b + c: one fused multiply-add where the target has it (explicit, so the result does not depend on the
@@ -69,30 +72,39 @@ inline float vexp(float x) {
 constexpr int kMR = 4, kMC = 16;
 
 // C[r][0..kW) = sum_d A[r][d] * Bt[d][0..kW), for r < nr.  A: [nr][Dh] (row stride lda); Bt: [Dh][kW] (row
-// stride ldb); C: [nr][kW].
-inline void gemm_nt(const float* __restrict A, int64_t lda, int64_t nr, const float* __restrict Bt, int64_t ldb,
-                    int64_t Dh, float* __restrict C) {
+// stride ldb); C: [nr][kW].  Rows go in blocks of MR (then of 4, then one by one): the blocking changes only the
+// speed, never a result.  MR = 6 (12 accumulators) is the backward's; the forward uses 4.
+template <int MR>
+inline int64_t gemm_nt_blocks(const float* __restrict A, int64_t lda, int64_t rbeg, int64_t nr,
+                              const float* __restrict Bt, int64_t ldb, int64_t Dh, float* __restrict C) {
+  const int64_t rmain = rbeg + (nr - rbeg) / MR * MR;
   // column groups outer: one group's Bt slice (Dh lines) stays in L1 across all row groups
-  const int64_t rmain = nr - nr % kMR;
   for (int j0 = 0; j0 < kW; j0 += kMC) {
-    for (int64_t r0 = 0; r0 < rmain; r0 += kMR) {
-      float c[kMR][kMC];
-      for (int rr = 0; rr < kMR; ++rr)
+    for (int64_t r0 = rbeg; r0 < rmain; r0 += MR) {
+      float c[MR][kMC];
+      for (int rr = 0; rr < MR; ++rr)
 #pragma omp simd
         for (int jj = 0; jj < kMC; ++jj) c[rr][jj] = 0.f;
       for (int64_t d = 0; d < Dh; ++d) {
         const float* b = Bt + d * ldb + j0;
-        for (int rr = 0; rr < kMR; ++rr) {
+        for (int rr = 0; rr < MR; ++rr) {
           const float av = A[(r0 + rr) * lda + d];
 #pragma omp simd
           for (int jj = 0; jj < kMC; ++jj) c[rr][jj] = madd(av, b[jj], c[rr][jj]);
         }
       }
-      for (int rr = 0; rr < kMR; ++rr)
+      for (int rr = 0; rr < MR; ++rr)
 #pragma omp simd
         for (int jj = 0; jj < kMC; ++jj) C[(r0 + rr) * kW + j0 + jj] = c[rr][jj];
     }
   }
+  return rmain;
+}
+template <int MR = kMR>
+inline void gemm_nt(const float* __restrict A, int64_t lda, int64_t nr, const float* __restrict Bt, int64_t ldb,
+                    int64_t Dh, float* __restrict C) {
+  int64_t rmain = gemm_nt_blocks<MR>(A, lda, 0, nr, Bt, ldb, Dh, C);
+  if (MR != kMR) rmain = gemm_nt_blocks<kMR>(A, lda, rmain, nr, Bt, ldb, Dh, C);
   for (int64_t r = rmain; r < nr; ++r) {
     float acc[kW];
 #pragma omp simd
@@ -109,46 +121,64 @@ inline void gemm_nt(const float* __restrict A, int64_t lda, int64_t nr, const fl
   }
 }
 
-// C[r][0..Dh) += sum_{j < n} W[r][j] * B[j][0..Dh), for r < nr, summed over j in order.  W: [nr][kW];
-// B: [n][Dh] (row stride ldb); C: [nr][Dh].
-inline void gemm_nn(float* __restrict C, const float* __restrict W, int64_t nr, int64_t n,
-                    const float* __restrict B, int64_t ldb, int64_t Dh) {
-  // column groups outer: one group's B slice (n lines) stays in L1 across all row groups
-  const int64_t rmain = nr - nr % kMR;
+// C[r][0..Dh) += sum_{j < n} W(r, j) * B[j][0..Dh), for r < nr, summed over j in order.  W(r, j) is W[r * ldw + j]
+// (kTransW false) or W[j * ldw + r] (kTransW true); B: [n][Dh] (row stride ldb); C: [nr][Dh].  Rows in blocks of
+// MR, then 4, then one by one (speed only).
+template <bool kTransW, int MR>
+inline int64_t gemm_nn_blocks(float* __restrict C, const float* __restrict W, int64_t ldw, int64_t rbeg, int64_t nr,
+                              int64_t n, const float* __restrict B, int64_t ldb, int64_t Dh) {
+  const auto w_at = [&](int64_t r, int64_t j) { return kTransW ? W[j * ldw + r] : W[r * ldw + j]; };
+  const int64_t rmain = rbeg + (nr - rbeg) / MR * MR;
   const int64_t dmain = Dh - Dh % kMC;
+  // column groups outer: one group's B slice (n lines) stays in L1 across all row groups
   for (int64_t c0 = 0; c0 < dmain; c0 += kMC) {
-    for (int64_t r0 = 0; r0 < rmain; r0 += kMR) {
-      float c[kMR][kMC];
-      for (int rr = 0; rr < kMR; ++rr)
+    for (int64_t r0 = rbeg; r0 < rmain; r0 += MR) {
+      float c[MR][kMC];
+      for (int rr = 0; rr < MR; ++rr)
 #pragma omp simd
         for (int cc = 0; cc < kMC; ++cc) c[rr][cc] = C[(r0 + rr) * Dh + c0 + cc];
       for (int64_t j = 0; j < n; ++j) {
         const float* b = B + j * ldb + c0;
-        for (int rr = 0; rr < kMR; ++rr) {
-          const float w = W[(r0 + rr) * kW + j];
+        for (int rr = 0; rr < MR; ++rr) {
+          const float w = w_at(r0 + rr, j);
 #pragma omp simd
           for (int cc = 0; cc < kMC; ++cc) c[rr][cc] = madd(w, b[cc], c[rr][cc]);
         }
       }
-      for (int rr = 0; rr < kMR; ++rr)
+      for (int rr = 0; rr < MR; ++rr)
 #pragma omp simd
         for (int cc = 0; cc < kMC; ++cc) C[(r0 + rr) * Dh + c0 + cc] = c[rr][cc];
     }
   }
+  return rmain;
+}
+template <bool kTransW, int MR = kMR>
+inline void gemm_nn_w(float* __restrict C, const float* __restrict W, int64_t ldw, int64_t nr, int64_t n,
+                      const float* __restrict B, int64_t ldb, int64_t Dh) {
+  const auto w_at = [&](int64_t r, int64_t j) { return kTransW ? W[j * ldw + r] : W[r * ldw + j]; };
+  int64_t rmain = gemm_nn_blocks<kTransW, MR>(C, W, ldw, 0, nr, n, B, ldb, Dh);
+  if (MR != kMR) rmain = gemm_nn_blocks<kTransW, kMR>(C, W, ldw, rmain, nr, n, B, ldb, Dh);
+  const int64_t dmain = Dh - Dh % kMC;
   // leftover rows (all columns) and the column tail of the blocked rows
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t cstart = r < rmain ? dmain : 0;
     if (cstart >= Dh) continue;
     float* cr = C + r * Dh;
-    const float* wr = W + r * kW;
     for (int64_t j = 0; j < n; ++j) {
-      const float w = wr[j];
+      const float w = w_at(r, j);
       const float* b = B + j * ldb;
 #pragma omp simd
       for (int64_t cc = cstart; cc < Dh; ++cc) cr[cc] = madd(w, b[cc], cr[cc]);
     }
   }
 }
+// W: [nr][kW]
+template <int MR = kMR>
+inline void gemm_nn(float* __restrict C, const float* __restrict W, int64_t nr, int64_t n,
+                    const float* __restrict B, int64_t ldb, int64_t Dh) {
+  gemm_nn_w<false, MR>(C, W, kW, nr, n, B, ldb, Dh);
+}
+constexpr int kMRB = 6;  // backward row blocking
 
 // Whole-tensor float conversions done once per call (parallel, each element written by one thread).
 // Rows: src (L, H, Dh) -> dst [H][L][Dh].
@@ -409,8 +439,16 @@ void bwd_impl(const SpanParams& p) {
   });
 
   // float copies, once: rows [H][L][Dh] and transposed tiles
-  std::vector<float> q_r(Hq * Nq * Dh), g_r(Hq * Nq * Dh), k_r(Hkv * Nk * Dh), v_r(Hkv * Nk * Dh);
-  Tiles q_t, g_t, k_t, v_t;
+  // Kept across calls by the calling thread (no page faults on every call); the tasks use them through these
+  // references (a thread_local named inside a task would be the worker thread's own).
+  thread_local std::vector<float> tl_q_r, tl_g_r, tl_k_r, tl_v_r;
+  thread_local Tiles tl_q_t, tl_g_t, tl_k_t, tl_v_t;
+  std::vector<float>&q_r = tl_q_r, &g_r = tl_g_r, &k_r = tl_k_r, &v_r = tl_v_r;
+  Tiles &q_t = tl_q_t, &g_t = tl_g_t, &k_t = tl_k_t, &v_t = tl_v_t;
+  q_r.resize(Hq * Nq * Dh);
+  g_r.resize(Hq * Nq * Dh);
+  k_r.resize(Hkv * Nk * Dh);
+  v_r.resize(Hkv * Nk * Dh);
   const T* Q = static_cast<const T*>(p.q);
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
@@ -419,15 +457,81 @@ void bwd_impl(const SpanParams& p) {
   to_rows(dO, p.o_row_stride, Nq, Hq, Dh, g_r.data());
   to_tiles(dO, p.o_row_stride, Nq, Hq, Dh, g_t);
   to_rows(K, p.k_row_stride, Nk, Hkv, Dh, k_r.data());
-  to_tiles(K, p.k_row_stride, Nk, Hkv, Dh, k_t);
   to_rows(V, p.v_row_stride, Nk, Hkv, Dh, v_r.data());
-  to_tiles(V, p.v_row_stride, Nk, Hkv, Dh, v_t);
 
   const std::vector<QBlock> qblocks = query_blocks(p, L);
   const std::vector<KBlock> kblocks = key_blocks(p, L);
   const std::vector<int64_t> qorder = order_by_cost(qblocks, Hq);
   const std::vector<int64_t> korder = order_by_cost(kblocks, Hkv);
   const int64_t nqt = int64_t(qorder.size()), nkt = int64_t(korder.size());
+  const int64_t nkb = int64_t(kblocks.size());
+
+  // Single pass (default): the dk/dv tasks also store dS for their (key block, viewer range) in a scratch slab
+  // per (key block, kv head): [G][nk][viewers] with the viewer (query) index contiguous; the dq tasks then only
+  // compute dq = dS K, reading the slabs of the key blocks they see in key order.  Slab size ~ visible pairs x Hq
+  // floats; above kMaxScratch the two-pass scheme (dq tasks recompute S and dP) is used instead.
+  constexpr int64_t kMaxScratch = int64_t(256) << 20;  // bytes
+  std::vector<int64_t> kb_plo(nkb), kb_ld(nkb), slab_off(nkb * Hkv + 1);
+  std::vector<int64_t> seg_first_kb(p.num_segments, -1);
+  slab_off[0] = 0;
+  for (int64_t b = 0; b < nkb; ++b) {
+    const KBlock& kb = kblocks[b];
+    if (seg_first_kb[kb.seg] < 0) seg_first_kb[kb.seg] = b;
+    const int64_t shift = span_query_shift(L.cu_q, L.cu_k, kb.doc);
+    int64_t lo, hi;
+    span_key_viewers(L.ss, L.se, L.sm, kb.seg, kb.k0, L.cu_q[kb.doc] + shift, L.cu_k[kb.doc + 1], &lo, &hi);
+    kb_plo[b] = lo;
+    kb_ld[b] = std::max<int64_t>(hi - lo, 0);
+    for (int64_t hk = 0; hk < Hkv; ++hk)
+      slab_off[b * Hkv + hk + 1] = slab_off[b * Hkv + hk] + G * (kb.k1 - kb.k0) * kb_ld[b];
+  }
+  const bool single_pass = slab_off[nkb * Hkv] * int64_t(sizeof(float)) <= kMaxScratch;
+  // Kept across calls by the calling thread: a fresh allocation of this size costs a page fault per 4 KiB on
+  // every call.  Every element that is read is written first in the same call (no zeroing needed).
+  thread_local std::vector<float> ds_cache;
+  float* ds_all = nullptr;
+  if (single_pass) {
+    if (int64_t(ds_cache.size()) < slab_off[nkb * Hkv]) ds_cache.resize(slab_off[nkb * Hkv]);
+    ds_all = ds_cache.data();
+  } else {
+    to_tiles(K, p.k_row_stride, Nk, Hkv, Dh, k_t);
+    to_tiles(V, p.v_row_stride, Nk, Hkv, Dh, v_t);
+  }
+
+  // dq task of the single pass: (query head, query block); dq = sum over the visible key blocks, in key order, of
+  // dS_block K_block (each summed over the block's keys in order).
+  auto dq_from_ds_task = [&](int64_t t) {
+    thread_local std::vector<float> buf;
+    const QBlock& blk = qblocks[qorder[t] / Hq];
+    const int64_t h = qorder[t] % Hq, hk = h / G, hh = h % G;
+    const int64_t nq = blk.q1 - blk.q0, shift = span_query_shift(L.cu_q, L.cu_k, blk.doc);
+    const int64_t p0 = blk.q0 + shift, plast = blk.q1 - 1 + shift;
+    buf.resize(kBQ * Dh);
+    float* acc = buf.data();
+    std::fill(acc, acc + nq * Dh, 0.f);
+    const float* kr = k_r.data() + hk * Nk * Dh;
+    for (int64_t s = L.so[blk.doc]; s <= blk.seg; ++s) {
+      if (s < blk.seg && L.sm[s] == kSpanNoise) continue;
+      // own causal segment: key blocks starting after the block's last query are invisible to all of it
+      const int64_t khi = (s == blk.seg && L.sm[s] == kSpanCausal) ? plast + 1 : int64_t(L.se[s]);
+      for (int64_t b = seg_first_kb[s]; b < nkb && kblocks[b].seg == s && kblocks[b].k0 < khi; ++b) {
+        const KBlock& kb = kblocks[b];
+        const int64_t nk = kb.k1 - kb.k0, ld = kb_ld[b];
+        // queries of the block that see the key block's first key: positions [max(p0, plo), p1); the others
+        // see none of its keys (diagonal block of a causal segment).  Invisible pairs hold dS = 0.
+        const int64_t r0 = std::max<int64_t>(kb_plo[b] - p0, 0);
+        if (r0 >= nq) continue;
+        const float* w = ds_all + slab_off[b * Hkv + hk] + hh * nk * ld + (p0 + r0 - kb_plo[b]);
+        gemm_nn_w<true, kMRB>(acc + r0 * Dh, w, ld, nq - r0, nk, kr + kb.k0 * Dh, Dh, Dh);
+      }
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      T* o = dQ + (blk.q0 + i) * p.o_row_stride + h * Dh;
+      const float* ai = acc + i * Dh;
+#pragma omp simd
+      for (int64_t c = 0; c < Dh; ++c) st(o, c, ai[c] * scale);
+    }
+  };
 
   // dq task: (query head, query block)
   auto dq_task = [&](int64_t t) {
@@ -501,16 +605,25 @@ void bwd_impl(const SpanParams& p) {
     std::fill(dv, dv + nk * Dh, 0.f);
     int64_t plo, phi;  // query positions that see the block's first key (causal: later keys seen from the key on)
     span_key_viewers(L.ss, L.se, L.sm, blk.seg, blk.k0, pfirst, doc_end, &plo, &phi);
+    const int64_t ld = std::max<int64_t>(phi - plo, 0);
+    float* slab = single_pass ? ds_all + slab_off[(korder[t] / Hkv) * Hkv + hk] : nullptr;
     for (int64_t h = hk * G; h < (hk + 1) * G && plo < phi; ++h) {
       for (int64_t pc = plo; pc < phi; pc += kW) {
         const int64_t nq = std::min<int64_t>(kW, phi - pc), i0 = pc - shift;
         // FULL, or PARTIAL on the causal diagonal of segment T (query at pc + i sees key k0 + j iff k0 + j <= pc + i)
         const int cls = span_classify_tile(L.ss, L.se, L.sm, L.so[blk.doc], L.so[blk.doc + 1], pc, pc + nq, blk.k0,
                                            blk.k1);
-        if (cls == kTileEmpty) continue;
+        if (cls == kTileEmpty) {
+          if (slab)
+            for (int64_t j = 0; j < nk; ++j) {
+              float* dst = slab + ((h - hk * G) * nk + j) * ld + (pc - plo);
+              std::fill(dst, dst + nq, 0.f);
+            }
+          continue;
+        }
         const bool diag = cls == kTilePartial;
-        gemm_nt(kr, Dh, nk, q_t.at(h, i0), kLdT, Dh, s);
-        gemm_nt(vr, Dh, nk, g_t.at(h, i0), kLdT, Dh, dp);
+        gemm_nt<kMRB>(kr, Dh, nk, q_t.at(h, i0), kLdT, Dh, s);
+        gemm_nt<kMRB>(vr, Dh, nk, g_t.at(h, i0), kLdT, Dh, dp);
         const float* delta = DELTA + h * Nq + i0;
         float lse[kW];  // a row without visible keys (lse = -inf) gets +inf: P = exp(-inf) = 0
         for (int64_t i = 0; i < nq; ++i) {
@@ -531,8 +644,12 @@ void bwd_impl(const SpanParams& p) {
             dpj[i] = vis ? ds : 0.f;  // dS
           }
         }
-        gemm_nn(dv, s, nk, nq, g_r.data() + (h * Nq + i0) * Dh, Dh, Dh);
-        gemm_nn(dk, dp, nk, nq, q_r.data() + (h * Nq + i0) * Dh, Dh, Dh);
+        gemm_nn<kMRB>(dv, s, nk, nq, g_r.data() + (h * Nq + i0) * Dh, Dh, Dh);
+        gemm_nn<kMRB>(dk, dp, nk, nq, q_r.data() + (h * Nq + i0) * Dh, Dh, Dh);
+        if (slab) {  // dS^T tile -> slab[h - hk*G][j][pc - plo + i]
+          float* dst = slab + (h - hk * G) * nk * ld + (pc - plo);
+          for (int64_t j = 0; j < nk; ++j) std::copy(dp + j * kW, dp + j * kW + nq, dst + j * ld);
+        }
       }
     }
     for (int64_t j = 0; j < nk; ++j) {
@@ -548,7 +665,13 @@ void bwd_impl(const SpanParams& p) {
     }
   };
 
-  // One pool of tasks: the dk/dv tasks (usually the larger ones) first, then the dq tasks.
+  if (single_pass) {
+    // dk/dv (and dS) first; the dq tasks read the slabs, so they run after all of them.
+    run_tasks(nkt, dkv_task);
+    run_tasks(nqt, dq_from_ds_task);
+    return;
+  }
+  // Two-pass fallback, one pool of tasks: the dk/dv tasks (usually the larger ones) first, then the dq tasks.
   run_tasks(nqt + nkt, [&](int64_t t) {
     if (t < nkt) dkv_task(t);
     else dq_task(t - nkt);
