@@ -132,7 +132,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 // Same butterfly in double (for reductions whose float32 accumulation is not accurate enough).
-__device__ __forceinline__ double warp_sum_d(double v) {
+__device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -140,9 +140,9 @@ __device__ __forceinline__ double warp_sum_d(double v) {
 
 // Sums NS values over a "row group" of `tpr` consecutive threads (tpr a multiple of 32 dividing
 // blockDim.x).  Every thread of the block must call it (it may __syncthreads when tpr > 32); every
-// thread of a group gets the group total.  smem: at least NS * 32 floats.
-template <int NS>
-__device__ __forceinline__ void group_sum(float (&v)[NS], int tpr, float* smem) {
+// thread of a group gets the group total.  smem: at least NS * 32 elements of T (float or double).
+template <int NS, typename T>
+__device__ __forceinline__ void group_sum(T (&v)[NS], int tpr, T* smem) {
 #pragma unroll
   for (int i = 0; i < NS; ++i) v[i] = warp_sum(v[i]);
   if (tpr <= 32) return;
@@ -157,7 +157,7 @@ __device__ __forceinline__ void group_sum(float (&v)[NS], int tpr, float* smem) 
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < NS; ++i) {
-    float s = 0.f;
+    T s = T(0);
     for (int w = 0; w < wpg; ++w) s += smem[i * 32 + w0 + w];
     v[i] = s;
   }

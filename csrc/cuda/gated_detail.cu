@@ -14,31 +14,6 @@ constexpr int kBwdEpt = 16;  // backward: 3 cached row arrays + 2 column accumul
 // `l + g * h` at each site); any difference would be amplified by rstd (C = 1, near-constant rows).
 __device__ __forceinline__ float gd_u(float low, float gate, float high) { return fmaf(gate, high, low); }
 
-// group_sum (common.cuh) in double: warp butterfly, then (tpr > 32) fixed-order sum of the group's warp
-// totals in smem.  Same calling rules as group_sum; smem: at least NS * 32 doubles.
-template <int NS>
-__device__ __forceinline__ void group_sum_d(double (&v)[NS], int tpr, double* smem) {
-#pragma unroll
-  for (int i = 0; i < NS; ++i) v[i] = warp_sum_d(v[i]);
-  if (tpr <= 32) return;
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  const int wpg = tpr >> 5;
-  const int w0 = warp - warp % wpg;
-  if (lane == 0) {
-#pragma unroll
-    for (int i = 0; i < NS; ++i) smem[i * 32 + warp] = v[i];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < NS; ++i) {
-    double s = 0.0;
-    for (int w = 0; w < wpg; ++w) s += smem[i * 32 + w0 + w];
-    v[i] = s;
-  }
-  __syncthreads();
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward: one row per group of tpr threads, G rows per block, grid-stride over rows.
 // CACHED (VEC = 16 / sizeof(T)): u kept in registers, exact two-pass mean / variance.
@@ -172,7 +147,7 @@ struct GdBwdK {
 template <typename T, int VEC, bool CACHED>
 __global__ void __launch_bounds__(kMaxTpr) gd_bwd_kernel(GatedDetailBwdParams p, GdBwdK k) {
   constexpr int NV = CACHED ? kBwdEpt / VEC : 1;
-  __shared__ double smem[64];  // group_sum_d<2>: 2 * 32 doubles
+  __shared__ double smem[64];  // group_sum<2> in double: 2 * 32 doubles
   const int tpr = k.tpr;
   const int g = threadIdx.x / tpr;
   const int t = threadIdx.x - g * tpr;
@@ -248,7 +223,7 @@ __global__ void __launch_bounds__(kMaxTpr) gd_bwd_kernel(GatedDetailBwdParams p,
         }
       });
     }
-    group_sum_d<2>(sums, tpr, smem);
+    group_sum<2>(sums, tpr, smem);  // double: see the note above the kernel
     const float m1 = static_cast<float>(sums[0] / dc), m2 = static_cast<float>(sums[1] / dc);
     // pass 2: du -> dlow, dhigh, dg
     double dg[1] = {0.0};  // in double
@@ -278,7 +253,7 @@ __global__ void __launch_bounds__(kMaxTpr) gd_bwd_kernel(GatedDetailBwdParams p,
       });
     }
     if (k.need_dg) {  // uniform over the block
-      group_sum_d<1>(dg, tpr, smem);
+      group_sum<1>(dg, tpr, smem);
       if (valid) {
         const float dgf = static_cast<float>(dg[0]);
         if (t == 0 && k.dgbuf != nullptr) k.dgbuf[n] = dgf;
