@@ -186,8 +186,11 @@ def print_attention_table(res: dict) -> None:
 
 def plot(res: dict, path: str) -> None:
     """One panel per (op, direction): achieved GB/s against the number of images, per implementation and dtype."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("[bench] matplotlib not installed: no plot (results JSON and table are complete)")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -288,7 +291,7 @@ def main(argv=None) -> int:
     os.replace(tmpj, jpath)
     print_table(res)
     plot(res, ppath)
-    print(f"[bench] results: {jpath}\n[bench] plot:    {ppath}")
+    print(f"[bench] results: {jpath}" + (f"\n[bench] plot:    {ppath}" if os.path.exists(ppath) else ""))
     return 0
 
 

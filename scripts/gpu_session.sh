@@ -4,6 +4,10 @@
 #   memcheck pass over the CUDA tests, then the full benchmark sweep.  Everything it writes lands in $OUT
 #   (when set) so it comes back: logs, bench/results/<device>.json and .png.
 # Usage on the device machine:  bash scripts/gpu_session.sh [arch, default 90a]
+# The device has no network and lacks hypothesis / matplotlib / rich: download their wheels here first and
+# carry them (.whl/ is git-ignored; name it in the device tool's `carry`):
+#   pip download --only-binary=:all: --python-version 3.12 -d .whl hypothesis matplotlib rich
+# Without them the property tests are skipped and the benchmark writes no plot (JSON and table still).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ARCH=${1:-90a}
@@ -11,6 +15,7 @@ OUT=${OUT:-/tmp/umm_gpu_out}
 mkdir -p "$OUT"
 export UMM_CUDA=ON UMM_CUDA_ARCHS="$ARCH"
 step() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+if [ -d .whl ]; then python -m pip install -q --no-index --find-links .whl hypothesis matplotlib rich || true; fi
 step "build (archs $ARCH)"
 python -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 python -m umm_ops info | tee "$OUT/info.txt"
