@@ -1,0 +1,438 @@
+"""MMD-Bench image degradations (CLEAR, arXiv 2604.04780), batched torch implementation.
+
+Each degradation follows the parameterisation of CLEAR's released generator
+(data/corruption_datasets_create/add_degradation.py): the same kernel sizes, sigmas, blend weights, counts and
+pixel sizes (absolute pixels, as in CLEAR), written as batched torch ops that run on CPU and GPU tensors.
+
+    degrade(images, kind, intensity, seed=0, index=None)
+
+`images` is (B, 3, H, W) RGB, uint8 in [0, 255] or floating in [0, 1]; the result has the same shape, dtype,
+device and range. `intensity` is a float in [0, 1] or one of LEVELS ("low" 0.23, "mid" 0.45, "high" 0.9).
+Randomness (noise, angles, positions) comes from one CPU torch.Generator per image, seeded from
+(seed, index[b], kind); so image i's result depends neither on the batch it is in nor on the device.
+
+Internally every function works on float pixels in [0, 255]; out-of-range values are clipped at the end (as
+OpenCV's saturating uint8 arithmetic does). CLEAR's intermediate uint8 roundings are not reproduced.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DEGRADATIONS", "LEVELS", "CATEGORIES", "WEIGHTS", "degrade", "sample_kind", "psnr"]
+
+LEVELS = {"low": 0.23, "mid": 0.45, "high": 0.9}
+CATEGORIES = ("capture", "transmission", "environment", "post_processing")
+
+Gens = Sequence[torch.Generator]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _reflect_index(n: int, p: int, device) -> torch.Tensor:
+    """Indices of a length-n axis padded by p on both sides with OpenCV's BORDER_REFLECT_101 (any p)."""
+    idx = torch.arange(-p, n + p, device=device)
+    if n == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = idx.abs() % period
+    return torch.where(idx >= n, period - idx, idx)
+
+
+def _pad101(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    if ph:
+        x = x.index_select(2, _reflect_index(x.shape[2], ph, x.device))
+    if pw:
+        x = x.index_select(3, _reflect_index(x.shape[3], pw, x.device))
+    return x
+
+
+def _gauss1d(ksize: int, sigma: float) -> torch.Tensor:
+    """cv2.getGaussianKernel: sigma <= 0 picks sigma from ksize."""
+    if sigma <= 0:
+        sigma = 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
+    t = torch.arange(ksize, dtype=torch.float64) - (ksize - 1) / 2
+    k = torch.exp(-(t * t) / (2 * sigma * sigma))
+    return k / k.sum()
+
+
+def _sep_filter(x: torch.Tensor, k1d: torch.Tensor) -> torch.Tensor:
+    """Separable filter with the same 1-D kernel along rows and columns, per channel, reflect-101 border."""
+    k = k1d.to(device=x.device, dtype=x.dtype)
+    n = k.numel()
+    p = n // 2
+    B, C, H, W = x.shape
+    y = _pad101(x, p, p).reshape(B * C, 1, H + 2 * p, W + 2 * p)
+    y = F.conv2d(y, k.view(1, 1, n, 1))
+    y = F.conv2d(y, k.view(1, 1, 1, n))
+    return y.reshape(B, C, H, W)
+
+
+def _filter2d(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """cv2.filter2D (correlation, reflect-101 border) with one (k, k) kernel or one kernel per image (B, k, k)."""
+    B, C, H, W = x.shape
+    k = k.to(device=x.device, dtype=x.dtype)
+    if k.dim() == 2:
+        k = k.expand(B, *k.shape)
+    kh, kw = k.shape[-2:]
+    y = _pad101(x, kh // 2, kw // 2).reshape(1, B * C, H + kh - 1 + (1 - kh % 2), W + kw - 1 + (1 - kw % 2))
+    w = k.repeat_interleave(C, dim=0).unsqueeze(1)  # (B*C, 1, kh, kw)
+    return F.conv2d(y, w, groups=B * C).reshape(B, C, H, W)
+
+
+def _grid(H: int, W: int, device, dtype):
+    yy = torch.arange(H, device=device, dtype=dtype).view(1, H, 1)
+    xx = torch.arange(W, device=device, dtype=dtype).view(1, 1, W)
+    return yy, xx
+
+
+def _randint(gens: Gens, lo: int, hi: int, n: int) -> torch.Tensor:
+    """(B, n) integers in [lo, hi] inclusive (like random.randint), one generator per image."""
+    return torch.stack([torch.randint(lo, hi + 1, (n,), generator=g) for g in gens])
+
+
+def _rand(gens: Gens, n: int) -> torch.Tensor:
+    return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in gens])
+
+
+def _paint(canvas: torch.Tensor, mask: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
+    """canvas (B, C, H, W); mask (B, H, W) bool; color (B, C): overwrite like cv2 drawing."""
+    return torch.where(mask.unsqueeze(1), color.to(canvas)[:, :, None, None], canvas)
+
+
+def _circle_mask(yy, xx, cy, cx, r):
+    """cy, cx, r: (B,) tensors -> (B, H, W) filled disc."""
+    return (yy - cy.view(-1, 1, 1)) ** 2 + (xx - cx.view(-1, 1, 1)) ** 2 <= (r.view(-1, 1, 1)) ** 2
+
+
+def _segment_mask(yy, xx, y0, x0, y1, x1, thickness):
+    """(B, H, W) pixels within thickness/2 of the segment (x0, y0)-(x1, y1)."""
+    y0, x0, y1, x1 = (t.view(-1, 1, 1) for t in (y0, x0, y1, x1))
+    dy, dx = y1 - y0, x1 - x0
+    L2 = (dx * dx + dy * dy).clamp_min(1e-9)
+    t = (((xx - x0) * dx + (yy - y0) * dy) / L2).clamp(0, 1)
+    d2 = (xx - x0 - t * dx) ** 2 + (yy - y0 - t * dy) ** 2
+    return d2 <= (torch.as_tensor(thickness, dtype=yy.dtype, device=yy.device).view(-1, 1, 1) / 2) ** 2 + 0.25
+
+
+def _ellipse_mask(yy, xx, cy, cx, ay, ax, angle_deg):
+    """Filled rotated ellipse, semi-axes ax (along the rotated x axis) and ay."""
+    th = torch.deg2rad(angle_deg).view(-1, 1, 1)
+    u = xx - cx.view(-1, 1, 1)
+    v = yy - cy.view(-1, 1, 1)
+    ur = u * torch.cos(th) + v * torch.sin(th)
+    vr = -u * torch.sin(th) + v * torch.cos(th)
+    return (ur / ax.view(-1, 1, 1)) ** 2 + (vr / ay.view(-1, 1, 1)) ** 2 <= 1
+
+
+# ----------------------------------------------------------------------------------------------- degradations
+# Each takes x: float (B, 3, H, W) in [0, 255], intensity, per-image generators; returns float (unclipped ok).
+
+def gaussian_noise(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """Additive i.i.d. Gaussian noise, std 75*i on the 0..255 scale."""
+    if i == 0:
+        return x
+    noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32) for g in gens])
+    return x + noise.to(device=x.device, dtype=x.dtype) * (75.0 * i)
+
+
+def dark_illumination(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """Uniform darkening: pixel * (1 - i^2)."""
+    return x * (1.0 - i * i)
+
+
+def jpeg_quality(i: float) -> int:
+    """CLEAR: int(100 - 95 i) clamped to [5, 100]."""
+    return max(5, min(100, int(100 - i * 95)))
+
+
+def jpeg(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """Real JPEG encode/decode with Pillow (libjpeg) at quality int(100 - 95 i), one image at a time."""
+    from PIL import Image
+
+    q = jpeg_quality(i)
+    u8 = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for img in u8:
+        buf = io.BytesIO()
+        Image.fromarray(img, mode="RGB").save(buf, format="JPEG", quality=q)
+        buf.seek(0)
+        out.append(np.asarray(Image.open(buf).convert("RGB")))
+    y = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+    return y.to(device=x.device, dtype=x.dtype)
+
+
+def _motion_kernel(k: int, angle_deg: float) -> torch.Tensor:
+    """A 1-pixel-wide anti-aliased line through the kernel centre at `angle_deg` (CLEAR rotates diag(ones))."""
+    c = (k - 1) / 2
+    t = torch.arange(k, dtype=torch.float64) - c
+    v, u = t.view(k, 1), t.view(1, k)
+    th = math.radians(angle_deg)
+    perp = -u * math.sin(th) + v * math.cos(th)
+    ker = (1 - perp.abs()).clamp_min(0)
+    return ker / ker.sum()
+
+
+def motion_blur(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """Linear motion blur: line kernel of odd size max(5, int(30 i)) | 1 at a random angle in [0, 360)."""
+    k = max(5, int(i * 30)) | 1
+    angles = _rand(gens, 1)[:, 0] * 360.0
+    kers = torch.stack([_motion_kernel(k, float(a)) for a in angles])
+    return _filter2d(x, kers)
+
+
+def lens_blur(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """Gaussian defocus, kernel min(101, int(3 + 300 i)) | 1, sigma 20 i, blended x*(1-0.7i) + blur*0.9i."""
+    if i == 0:
+        return x
+    ksize = min(101, int(3 + i * 300)) | 1
+    blurred = _sep_filter(x, _gauss1d(ksize, i * 20)).clamp(0, 255)
+    return x * (1 - 0.7 * i) + blurred * (0.9 * i)
+
+
+def hsv_saturation(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """Desaturation: HSV saturation * (1 - i) at fixed hue and value (each channel c -> V - (1-i)(V - c))."""
+    v = x.amax(dim=1, keepdim=True)
+    return v - (1.0 - i) * (v - x)
+
+
+def scan_lines(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """Near-black horizontal lines: width max(5, int(7 i)) every max(3, int(20 / (i + 0.1))) rows."""
+    H = x.shape[2]
+    interval = max(3, int(20 / (i + 0.1)))
+    width = max(5, int(7 * i))
+    rows = torch.arange(H, device=x.device)
+    on = (rows % interval) < width
+    return torch.where(on.view(1, 1, H, 1), x * 0.01, x)
+
+
+def block_exchange(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """int(35 i) sequential swaps of random grid-aligned square blocks of size min(32, int(5 + 30 i))."""
+    n = int(i * 35)
+    bs = min(32, int(5 + i * 30))
+    B, C, H, W = x.shape
+    gh, gw = H // bs, W // bs
+    if n == 0 or gh * gw < 2:
+        return x
+    picks = _randint(gens, 0, gh * gw - 1, 2 * n).view(B, n, 2)  # (block1, block2) flat grid indices
+    perm = torch.arange(gh * gw).repeat(B, 1)
+    for s in range(n):  # n <= 35 swaps of an index table, not pixels
+        a, b = picks[:, s, 0], picks[:, s, 1]
+        pa = perm.gather(1, a[:, None])
+        pb = perm.gather(1, b[:, None])
+        perm.scatter_(1, a[:, None], pb)
+        perm.scatter_(1, b[:, None], pa)
+    core = x[:, :, : gh * bs, : gw * bs].reshape(B, C, gh, bs, gw, bs).permute(0, 2, 4, 1, 3, 5)
+    core = core.reshape(B, gh * gw, C, bs, bs)
+    core = core.gather(1, perm.to(x.device).view(B, -1, 1, 1, 1).expand_as(core))
+    core = core.reshape(B, gh, gw, C, bs, bs).permute(0, 3, 1, 4, 2, 5).reshape(B, C, gh * bs, gw * bs)
+    out = x.clone()
+    out[:, :, : gh * bs, : gw * bs] = core
+    return out
+
+
+def sharpness_change(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """CLEAR's over-sharpening: 3x3 Laplacian sharpen scaled by 80 i (saturating), blended 0.7 x + 0.3 result.
+
+    At i = 0 CLEAR takes its blur branch (3x3 Gaussian) instead, so intensity 0 is a mild blur, not identity.
+    """
+    if i > 0:
+        k = torch.tensor([[0, -1, 0], [-1, 5, -1], [0, -1, 0]], dtype=torch.float64) * (i * 80)
+        res = _filter2d(x, k)
+    else:
+        res = _sep_filter(x, _gauss1d(3, 0))
+    return 0.7 * x + 0.3 * res.clamp(0, 255)
+
+
+def color_diffusion(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """Colour bleeding: Gaussian (size 3 + 2 int(20 i), sigma 50 i) scaled by i^2, blended
+    x*max(0.1, 1-0.9i) + diffused*min(0.9, 0.9i); above i = 0.9 also int(100 i) random grey blots (r 5..19)."""
+    ksize = 3 + 2 * int(i * 20)
+    diffused = _sep_filter(x, _gauss1d(ksize, i * 50)) * (i * i)
+    if i > 0.9:
+        B, C, H, W = x.shape
+        m = int(100 * i)
+        cx, cy = _randint(gens, 0, W - 1, m), _randint(gens, 0, H - 1, m)
+        r, g = _randint(gens, 5, 19, m), _randint(gens, 0, 254, m)
+        yy, xx = _grid(H, W, x.device, x.dtype)
+        for j in range(m):
+            mask = _circle_mask(yy, xx, cy[:, j].to(yy), cx[:, j].to(yy), r[:, j].to(yy))
+            diffused = _paint(diffused, mask, g[:, j:j + 1].expand(B, C))
+    return x * max(0.1, 1 - i * 0.9) + diffused.clamp(0, 255) * min(0.9, i * 0.9)
+
+
+def atmospheric_turbulence(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """Heat-haze warp (CLEAR, deterministic): d(y) = 40 i sin(y/30 + 5 i); sample at (x + d, y + 0.7 d), bilinear."""
+    B, C, H, W = x.shape
+    yy, xx = _grid(H, W, x.device, torch.float64)
+    d = 40 * i * torch.sin(yy / 30 + i * 5)
+    xs = (xx + d).clamp(0, W - 1)
+    ys = (yy + 0.7 * d).clamp(0, H - 1)
+    gx = xs / max(W - 1, 1) * 2 - 1
+    gy = ys / max(H - 1, 1) * 2 - 1
+    grid = torch.stack(torch.broadcast_tensors(gx, gy), dim=-1).to(x.dtype).expand(B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def dirty_lens(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """Smudges on the lens: grey ellipses (i > 0.1), int(300 i) spots and (i > 0.5) large blotches, blurred with
+    sigma 30 and blended x*(1-0.7i) + dirt*0.8i (CLEAR's sizes, in pixels)."""
+    if i == 0:
+        return x
+    B, C, H, W = x.shape
+    yy, xx = _grid(H, W, x.device, torch.float32)
+    dirt = torch.zeros(B, 1, H, W, device=x.device, dtype=torch.float32)
+
+    def col(v):
+        return torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1).expand(B, 1)
+
+    dev = lambda t: t.to(device=x.device, dtype=torch.float32)  # noqa: E731
+    if i > 0.1:
+        m = int(10 * i)
+        cx, cy = _randint(gens, 0, W, m), _randint(gens, 0, H, m)
+        ax, ay, ang = _randint(gens, 150, 300, m), _randint(gens, 100, 200, m), _randint(gens, 0, 180, m)
+        for j in range(m):
+            mask = _ellipse_mask(yy, xx, dev(cy[:, j]), dev(cx[:, j]), dev(ay[:, j]), dev(ax[:, j]), dev(ang[:, j]))
+            dirt = _paint(dirt, mask, col(50.0))
+    m = int(300 * i)
+    cx, cy = _randint(gens, 0, W, m), _randint(gens, 0, H, m)
+    r, g = _randint(gens, 4, 20, m), _randint(gens, 50, 100, m)
+    for j in range(m):
+        dirt = _paint(dirt, _circle_mask(yy, xx, dev(cy[:, j]), dev(cx[:, j]), dev(r[:, j])), dev(g[:, j:j + 1]))
+    if i > 0.5:
+        m = int(5 * i)
+        cx, cy = _randint(gens, 0, W, m), _randint(gens, 0, H, m)
+        r1, r2 = _randint(gens, 20, 50, m), _randint(gens, 10, 30, m)
+        for j in range(m):
+            dirt = _paint(dirt, _circle_mask(yy, xx, dev(cy[:, j]), dev(cx[:, j]), dev(r1[:, j])), col(80.0))
+            dirt = _paint(dirt, _circle_mask(yy, xx, dev(cy[:, j]), dev(cx[:, j]), dev(r2[:, j])), col(120.0))
+    ksize = int(round(30 * 4 * 2 + 1)) | 1  # cv2 GaussianBlur(ksize=0, sigma=30) on float images
+    dirt = _sep_filter(dirt, _gauss1d(ksize, 30.0)).to(x.dtype)
+    return x * (1 - 0.7 * i) + dirt * (0.8 * i)
+
+
+def lens_flare(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """3 + int(30 i) bright discs (r 10..50) with streaks (length 30..150, width 2), 3x3 blur sigma 20 i,
+    added with weight 0.9 i (CLEAR's BGR colour (255, 255, 235) -> RGB (235, 255, 255))."""
+    if i == 0:
+        return x
+    B, C, H, W = x.shape
+    yy, xx = _grid(H, W, x.device, torch.float32)
+    flare = torch.zeros(B, 1, H, W, device=x.device, dtype=torch.float32)
+    m = 3 + int(30 * i)
+    cx, cy = _randint(gens, 0, W, m).float(), _randint(gens, 0, H, m).float()
+    r = _randint(gens, 10, 50, m).float()
+    ang = _rand(gens, m).float() * 2 * math.pi
+    length = _randint(gens, 30, 150, m).float()
+    ex, ey = (cx + length * torch.cos(ang)).trunc(), (cy + length * torch.sin(ang)).trunc()
+    one = torch.ones(B, 1)
+    dev = lambda t: t.to(x.device)  # noqa: E731
+    for j in range(m):
+        flare = _paint(flare, _circle_mask(yy, xx, dev(cy[:, j]), dev(cx[:, j]), dev(r[:, j])), one)
+        flare = _paint(flare, _segment_mask(yy, xx, dev(cy[:, j]), dev(cx[:, j]), dev(ey[:, j]), dev(ex[:, j]), 2.0),
+                       one)
+    color = torch.tensor([235.0, 255.0, 255.0], device=x.device).view(1, 3, 1, 1)
+    flare = _sep_filter(flare * color, _gauss1d(3, 20 * i)).to(x.dtype)
+    return x + flare * (0.9 * i)
+
+
+# ----------------------------------------------------------------------------------------------- registry
+DEGRADATIONS: dict[str, tuple[str, Callable]] = {
+    "lens_blur": ("capture", lens_blur),
+    "lens_flare": ("capture", lens_flare),
+    "motion_blur": ("capture", motion_blur),
+    "dirty_lens": ("capture", dirty_lens),
+    "hsv_saturation": ("capture", hsv_saturation),
+    "jpeg": ("transmission", jpeg),
+    "block_exchange": ("transmission", block_exchange),
+    "scan_lines": ("transmission", scan_lines),
+    "dark_illumination": ("environment", dark_illumination),
+    "atmospheric_turbulence": ("environment", atmospheric_turbulence),
+    "gaussian_noise": ("environment", gaussian_noise),
+    "color_diffusion": ("environment", color_diffusion),
+    "sharpness_change": ("post_processing", sharpness_change),
+}
+
+# CLEAR's sampling weights (generate_degradation_benchmark.py); only registered types are sampled.
+_CLEAR_WEIGHTS = {
+    "lens_blur": 20, "lens_flare": 20, "motion_blur": 20, "dirty_lens": 20, "hsv_saturation": 20,
+    "jpeg": 25, "block_exchange": 25, "mean_shift": 25, "scan_lines": 25,
+    "dark_illumination": 25, "atmospheric_turbulence": 25, "gaussian_noise": 25, "color_diffusion": 25,
+    "sharpness_change": 33, "graffiti": 33, "watermark_damage": 34,
+}
+WEIGHTS = {k: _CLEAR_WEIGHTS[k] for k in DEGRADATIONS}
+
+
+def sample_kind(generator: torch.Generator | None = None) -> str:
+    """One degradation type drawn with CLEAR's weights (restricted to the registered types)."""
+    names = list(WEIGHTS)
+    w = torch.tensor([float(WEIGHTS[n]) for n in names], dtype=torch.float64)
+    return names[int(torch.multinomial(w, 1, generator=generator))]
+
+
+def _image_seed(seed: int, index: int, kind: str) -> int:
+    h = hashlib.blake2b(f"{int(seed)}:{int(index)}:{kind}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def _intensity(intensity) -> float:
+    if isinstance(intensity, str):
+        if intensity not in LEVELS:
+            raise ValueError(f"unknown intensity level {intensity!r}; use one of {sorted(LEVELS)} or a float in [0, 1]")
+        return LEVELS[intensity]
+    if isinstance(intensity, bool) or not isinstance(intensity, (int, float, np.floating, np.integer)):
+        raise TypeError(f"intensity must be a float in [0, 1] or a level name {sorted(LEVELS)}, got {intensity!r}")
+    i = float(intensity)
+    if not (0.0 <= i <= 1.0):  # also rejects nan
+        raise ValueError(f"intensity must be in [0, 1], got {intensity!r}")
+    return i
+
+
+def degrade(images: torch.Tensor, kind: str, intensity, seed: int = 0, index=None) -> torch.Tensor:
+    """Apply MMD-Bench degradation `kind` at `intensity` to a batch of RGB images (see module docstring)."""
+    if kind not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {kind!r}; valid kinds: {', '.join(sorted(DEGRADATIONS))}")
+    i = _intensity(intensity)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] < 1 or images.shape[3] < 1:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"images must be uint8 in [0, 255] or floating in [0, 1], got dtype {images.dtype}")
+    is_u8 = images.dtype == torch.uint8
+    B = images.shape[0]
+    if index is None:
+        idx = list(range(B))
+    else:
+        idx = [int(v) for v in (index.tolist() if isinstance(index, torch.Tensor) else index)]
+        if len(idx) != B:
+            raise ValueError(f"index has {len(idx)} entries for a batch of {B} images")
+    if B == 0:
+        return images.clone()
+    work = torch.float64 if images.dtype == torch.float64 else torch.float32
+    if is_u8:
+        x = images.to(work)
+    else:
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"floating images must be in [0, 1] (got values in [{lo:.3g}, {hi:.3g}]); "
+                             "pass uint8 for 0..255 pixels")
+        x = images.to(work) * 255.0
+    gens = [torch.Generator().manual_seed(_image_seed(seed, j, kind)) for j in idx]
+    y = DEGRADATIONS[kind][1](x, i, gens).clamp(0, 255)
+    if is_u8:
+        return y.round().to(torch.uint8)
+    return (y / 255.0).to(images.dtype)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB on the 0..255 scale (uint8 or [0, 1] float inputs)."""
+    def f(t):
+        return t.double() if t.dtype == torch.uint8 else t.double() * 255.0
+    mse = ((f(a) - f(b)) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-12))
