@@ -15,7 +15,7 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-stamp=.venv/.umm_deps_v1
+stamp=.venv/.umm_deps_v2  # bump when the dependency list changes
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing dependencies"
   python -m pip install -q --upgrade pip
