@@ -1,4 +1,7 @@
-"""Command line: `python -m umm_ops info` (what was compiled, what runs here).  Benchmarks: bench/run.py."""
+"""Command line (`umm` / `python -m umm_ops`):
+  info                       what was compiled and what can run here
+  mmd-bench preview          a PNG grid of every MMD-Bench degradation at every level
+Benchmarks: bench/run.py in the repository."""
 from __future__ import annotations
 
 import argparse
@@ -35,12 +38,75 @@ def _info(args) -> int:
     return 0
 
 
+def _demo_image(size: int):
+    """A procedural test picture (gradients, shapes, fine texture) as a (1, 3, size, size) uint8 tensor."""
+    import torch
+
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    img = torch.stack([x, y, 1 - x * y]) * 200 + 30
+    img += 12 * torch.sin(x * 60) * torch.cos(y * 45)
+    s = size
+    img[:, s // 5: s // 2, s // 6: s // 2] = torch.tensor([220.0, 40, 40])[:, None, None]
+    inside = (x - 0.7) ** 2 + (y - 0.65) ** 2 < 0.04
+    img[:, inside] = torch.tensor([30.0, 160, 60])[:, None]
+    return img.clamp(0, 255).to(torch.uint8)[None]
+
+
+def _load_image(path: str, size: int):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    try:
+        im = Image.open(path).convert("RGB").resize((size, size))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"mmd-bench preview: cannot read image {path!r}: {e}")
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None]
+
+
+def _mmd_preview(args) -> int:
+    from PIL import Image, ImageDraw
+
+    from .data import DEGRADATIONS, LEVELS, degrade
+
+    img = _load_image(args.image, args.size) if args.image else _demo_image(args.size)
+    levels = [("clean", 0.0)] + sorted(LEVELS.items(), key=lambda kv: kv[1])
+    kinds = sorted(DEGRADATIONS, key=lambda k: (DEGRADATIONS[k][0], k))
+    S, pad, label_w = args.size, 4, 150
+    grid = Image.new("RGB", (label_w + len(levels) * (S + pad), 20 + len(kinds) * (S + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (name, lv) in enumerate(levels):
+        draw.text((label_w + c * (S + pad), 4), f"{name} ({lv})", fill="black")
+    for r, kind in enumerate(kinds):
+        top = 20 + r * (S + pad)
+        draw.text((4, top + S // 2 - 10), f"{kind}\n[{DEGRADATIONS[kind][0]}]", fill="black")
+        for c, (_, lv) in enumerate(levels):
+            out = img if lv == 0.0 else degrade(img, kind, lv, seed=args.seed)
+            tile = Image.fromarray(out[0].permute(1, 2, 0).contiguous().numpy())
+            grid.paste(tile, (label_w + c * (S + pad), top))
+    tmp = args.out + ".tmp.png"
+    grid.save(tmp)
+    import os
+
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: {len(kinds)} degradations x {len(levels)} levels ({args.size} px tiles)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="umm_ops", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("info", help="what was compiled and what can run here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_info)
+    mb = sub.add_parser("mmd-bench", help="MMD-Bench degradations (CLEAR)")
+    mbs = mb.add_subparsers(dest="mmd_cmd", required=True)
+    pv = mbs.add_parser("preview", help="PNG grid of every degradation type at every level")
+    pv.add_argument("--out", default="mmd_bench_preview.png")
+    pv.add_argument("--image", default=None, help="an image file (default: a procedural test picture)")
+    pv.add_argument("--size", type=int, default=256, help="tile size in pixels")
+    pv.add_argument("--seed", type=int, default=0)
+    pv.set_defaults(fn=_mmd_preview)
 
     args = ap.parse_args(argv)
     return args.fn(args)
