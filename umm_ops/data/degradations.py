@@ -341,6 +341,185 @@ def lens_flare(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
     return x + flare * (0.9 * i)
 
 
+def _ms_profile(q: torch.Tensor) -> torch.Tensor:
+    """Range weight for q = |dc|^2 / sr^2: cv2's flat profile (1 inside the colour ball), with a short linear
+    ramp (q in [0.75, 1]) instead of the hard step so the result is continuous in the input."""
+    return ((1 - q) * 4).clamp(0, 1)
+
+
+def mean_shift(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """Mean-shift filtering (CLEAR: cv2.pyrMeanShiftFiltering(img, sp=int(40 i), sr=int(40 i)), used unblended).
+
+    Batched torch approximation, same two-level pyramid idea as OpenCV but cheaper:
+      1. area-downsample by f = ceil(sp / 4) so the spatial window is a (2r+1)^2 box with r = round(sp / f) <= 4;
+      2. 5 mean-shift iterations (cv2's default iteration cap) in colour space at every low-res pixel: the colour
+         estimate moves to the mean of the window's original colours weighted by a flat range profile
+         (1 inside the colour ball |c - c_k| < sr, as cv2, with a short linear ramp at its edge for continuity), so each
+         pixel converges to its local colour mode while colours farther than sr (across edges) are ignored;
+      3. edge-aware upsampling (in place of cv2's full-resolution level): each full-res pixel takes the
+         tent-weighted mean of the 3x3 surrounding low-res modes, each weighted by the same range profile at
+         1.5 sr against the pixel's own colour (a cv2 trajectory moves step by step, so it reaches modes somewhat
+         farther than sr from its start), plus a small weight on the pixel itself, so a colour far from every
+         neighbouring mode (an edge, a small detail) stays as it is.
+    Unlike cv2 the spatial position does not move with the colour, and the window is the downsampled one; the
+    effect is the same kind: flat, posterised colour regions with sharp edges, stronger with intensity.
+    """
+    sp = sr = int(40 * i)
+    if sp < 1:
+        return x
+    B, C, H, W = x.shape
+    f = max(1, math.ceil(sp / 4))
+    r = max(1, round(sp / f))
+    h, w = max(1, math.ceil(H / f)), max(1, math.ceil(W / f))
+    low = F.adaptive_avg_pool2d(x, (h, w)) if f > 1 else x
+    k = 2 * r + 1
+    nb = F.unfold(_pad101(low, r, r), k)  # reflect-101 padding of any width
+    nb = nb.view(B, C, k * k, h, w)
+    inv = 1.0 / (sr * sr)
+    eps = 1e-3
+    c = low
+    for _ in range(5):
+        d2 = ((nb - c.unsqueeze(2)) ** 2).sum(1, keepdim=True)
+        wgt = _ms_profile(d2 * inv)
+        c = ((wgt * nb).sum(2) + eps * c) / (wgt.sum(2) + eps)
+    if f == 1:
+        return c
+    # edge-aware upsampling from the 3x3 low-res neighbourhood of each full-res pixel
+    modes = F.unfold(F.pad(c, (1, 1, 1, 1), mode="replicate"), 3).view(B, C, 9, h, w)
+    ys = (torch.arange(H, device=x.device, dtype=x.dtype) + 0.5) / f - 0.5
+    xs = (torch.arange(W, device=x.device, dtype=x.dtype) + 0.5) / f - 0.5
+    yi, xi = ys.round().clamp(0, h - 1).long(), xs.round().clamp(0, w - 1).long()
+    modes = modes[:, :, :, yi][:, :, :, :, xi]  # (B, C, 9, H, W)
+    off = torch.arange(-1, 2, device=x.device, dtype=x.dtype)
+    ty = (1.5 - (ys.view(-1, 1) - (yi.to(x.dtype).view(-1, 1) + off)).abs()).clamp(0, 1)  # (H, 3)
+    tx = (1.5 - (xs.view(-1, 1) - (xi.to(x.dtype).view(-1, 1) + off)).abs()).clamp(0, 1)  # (W, 3)
+    tent = (ty.t().reshape(3, 1, H, 1) * tx.t().reshape(1, 3, 1, W)).reshape(1, 1, 9, H, W)
+    d2 = ((modes - x.unsqueeze(2)) ** 2).sum(1, keepdim=True)
+    wgt = _ms_profile(d2 * inv / 1.5 ** 2) * tent  # 1.5 sr: cv2's trajectories travel beyond sr
+    self_w = 0.05
+    return ((wgt * modes).sum(2) + self_w * x) / (wgt.sum(2) + self_w)
+
+
+_GRAFFITI_TEXTS = ("X", "FAKE", "COPY", "VOID", "COPYRIGHT")
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # old Pillow: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def graffiti(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """CLEAR's graffiti, drawn with Pillow's ImageDraw: int(10 i) strokes of random colour between two random
+    points, width randint(1, max(1, int(5 i))) (every other one a quadratic curve through a random control point);
+    above i = 0.55 one red word from ("X", "FAKE", "COPY", "VOID", "COPYRIGHT", a number 1..100) at cv2 font scale
+    max(0.5, 5 i) (Pillow's default font sized to Hershey-simplex cap height ~22 px * scale).
+
+    The per-image parameters for all 10 possible strokes are always drawn, so a lower intensity draws a prefix
+    of the strokes of a higher one. Strokes are rasterised into a colour layer + mask and overwrite the image.
+    """
+    from PIL import Image, ImageDraw
+
+    B, C, H, W = x.shape
+    n = int(10 * i)
+    text_on = i > 0.55
+    if n == 0 and not text_on:
+        return x
+    tmax = max(1, int(5 * i))
+    layers, masks = [], []
+    for g in gens:
+        col = torch.randint(0, 256, (10, 3), generator=g).tolist()
+        pts = torch.stack([torch.randint(0, W, (10, 3), generator=g),
+                           torch.randint(0, H, (10, 3), generator=g)], -1).tolist()  # p1, p2, control
+        u = torch.rand(10, generator=g, dtype=torch.float64).tolist()
+        curve = torch.rand(10, generator=g).lt(0.5).tolist()
+        word_pick = int(torch.randint(0, len(_GRAFFITI_TEXTS) + 1, (1,), generator=g))
+        number = int(torch.randint(1, 101, (1,), generator=g))
+        tu = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        layer = Image.new("RGB", (W, H))
+        mask = Image.new("L", (W, H))
+        dl, dm = ImageDraw.Draw(layer), ImageDraw.Draw(mask)
+        for j in range(n):
+            (x0, y0), (x1, y1), (cx, cy) = pts[j]
+            width = 1 + min(tmax - 1, int(u[j] * tmax))
+            if curve[j]:
+                ts = [s / 16 for s in range(17)]
+                line = [((1 - t) ** 2 * x0 + 2 * t * (1 - t) * cx + t * t * x1,
+                         (1 - t) ** 2 * y0 + 2 * t * (1 - t) * cy + t * t * y1) for t in ts]
+            else:
+                line = [(x0, y0), (x1, y1)]
+            dl.line(line, fill=tuple(col[j]), width=width, joint="curve")
+            dm.line(line, fill=255, width=width, joint="curve")
+        if text_on:
+            text = _GRAFFITI_TEXTS[word_pick] if word_pick < len(_GRAFFITI_TEXTS) else str(number)
+            scale = max(0.5, 5 * i)
+            font = _font(max(8, round(22 * scale / 0.75)))
+            stroke = max(0, int(scale) // 3)
+            l_, t_, r_, b_ = dl.textbbox((0, 0), text, font=font, anchor="ls", stroke_width=stroke)
+            tw, th = r_ - l_, -t_
+            if H - 10 > th + 10:
+                tx = int(tu[0] * (max(1, W - tw - 10) + 1))
+                ty = th + 10 + int(tu[1] * (H - 10 - th - 10 + 1))
+                dl.text((tx, ty), text, fill=(255, 0, 0), font=font, anchor="ls", stroke_width=stroke)
+                dm.text((tx, ty), text, fill=255, font=font, anchor="ls", stroke_width=stroke)
+        layers.append(torch.from_numpy(np.asarray(layer).copy()))
+        masks.append(torch.from_numpy(np.asarray(mask).copy()))
+    layer = torch.stack(layers).permute(0, 3, 1, 2).to(device=x.device, dtype=x.dtype)
+    mask = torch.stack(masks).to(x.device).gt(127)
+    return torch.where(mask.unsqueeze(1), layer, x)
+
+
+def _push_pull_fill(x: torch.Tensor, known: torch.Tensor, iters: int = 30) -> torch.Tensor:
+    """Inpainting-like fill of the unknown pixels (known: (B, 1, H, W) float 0/1) from the surrounding ones:
+    a push-pull pyramid (masked 2x2 averages down, fill holes from the coarser level up) gives a smooth first
+    fill, then `iters` Jacobi steps of harmonic diffusion with the known pixels fixed."""
+    levels = [(x * known, known)]
+    while max(levels[-1][0].shape[-2:]) > 1:  # fixed depth: independent of the other images in the batch
+        v, m = levels[-1]
+        levels.append((F.avg_pool2d(v, 2, ceil_mode=True), F.avg_pool2d(m, 2, ceil_mode=True)))
+    v, m = levels[-1]
+    fill = v / m.clamp_min(1e-6)
+    for v, m in reversed(levels[:-1]):
+        up = F.interpolate(fill, size=v.shape[-2:], mode="bilinear", align_corners=False)
+        val = v / m.clamp_min(1e-6)
+        fill = val * m + up * (1 - m)  # partly known cells keep their own average, holes take the coarser fill
+    k = torch.tensor([[0, 0.25, 0], [0.25, 0, 0.25], [0, 0.25, 0]], dtype=x.dtype, device=x.device)
+    k = k.view(1, 1, 3, 3).repeat(x.shape[1], 1, 1, 1)
+    for _ in range(iters):
+        nb = F.conv2d(F.pad(fill, (1, 1, 1, 1), mode="replicate"), k, groups=x.shape[1])
+        fill = x * known + nb * (1 - known)
+    return x * known + fill * (1 - known)
+
+
+def watermark_damage(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
+    """CLEAR's removed-watermark damage: int(1 + 15 i) rectangles (top-left in [0, W-50] x [0, H-50], size
+    50..200 x 20..80 px) are inpainted (cv2.INPAINT_TELEA there; a push-pull + diffusion fill from the borders
+    here), blended x*(1-i) + repaired*i, and above i = 0.5 the rectangles' edges are darkened to 0.8.
+
+    The parameters of all 16 possible rectangles are always drawn, so lower intensities use a prefix of them."""
+    B, C, H, W = x.shape
+    n = int(1 + 15 * i)
+    x0, y0 = _randint(gens, 0, max(0, W - 50), 16), _randint(gens, 0, max(0, H - 50), 16)
+    rw, rh = _randint(gens, 50, 200, 16), _randint(gens, 20, 80, 16)
+    yy, xx = _grid(H, W, x.device, torch.float32)
+    mask = torch.zeros(B, H, W, dtype=torch.bool, device=x.device)
+    dev = lambda t: t.to(device=x.device, dtype=torch.float32).view(-1, 1, 1)  # noqa: E731
+    for j in range(n):
+        a, b = dev(x0[:, j]), dev(y0[:, j])
+        mask |= (xx >= a) & (xx <= a + dev(rw[:, j])) & (yy >= b) & (yy <= b + dev(rh[:, j]))
+    m = mask.unsqueeze(1).to(x.dtype)
+    repaired = _push_pull_fill(x, 1 - m)
+    out = x * (1 - i) + repaired * i
+    if i > 0.5:  # mask edges (cv2.Canny on the binary mask): inner boundary, no edge at the image border
+        er = -F.max_pool2d(-F.pad(m, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        edge = (m > 0.5) & (er < 0.5)
+        out = torch.where(edge, out * 0.8, out)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- registry
 DEGRADATIONS: dict[str, tuple[str, Callable]] = {
     "lens_blur": ("capture", lens_blur),
@@ -351,11 +530,14 @@ DEGRADATIONS: dict[str, tuple[str, Callable]] = {
     "jpeg": ("transmission", jpeg),
     "block_exchange": ("transmission", block_exchange),
     "scan_lines": ("transmission", scan_lines),
+    "mean_shift": ("transmission", mean_shift),
     "dark_illumination": ("environment", dark_illumination),
     "atmospheric_turbulence": ("environment", atmospheric_turbulence),
     "gaussian_noise": ("environment", gaussian_noise),
     "color_diffusion": ("environment", color_diffusion),
     "sharpness_change": ("post_processing", sharpness_change),
+    "graffiti": ("post_processing", graffiti),
+    "watermark_damage": ("post_processing", watermark_damage),
 }
 
 # CLEAR's sampling weights (generate_degradation_benchmark.py); only registered types are sampled.
