@@ -1,5 +1,6 @@
 """Command line (`umm` / `python -m umm_ops`):
   info                       what was compiled and what can run here
+  mmd-bench build            degrade a benchmark (JSONL or MMBench TSV) at the three levels
   mmd-bench preview          a PNG grid of every MMD-Bench degradation at every level
 Benchmarks: bench/run.py in the repository."""
 from __future__ import annotations
@@ -93,6 +94,22 @@ def _mmd_preview(args) -> int:
     return 0
 
 
+def _mmd_build(args) -> int:
+    from .data.mmd_bench import BadRecord, build
+
+    levels = tuple(x.strip() for x in args.levels.split(",") if x.strip())
+    try:
+        rep = build(args.manifest, args.out, seed=args.seed, levels=levels, skip_bad=args.skip_bad)
+    except (BadRecord, FileNotFoundError, ValueError) as e:
+        print(f"mmd-bench build: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {rep.written} records x {len(levels)} levels to {args.out}; skipped {len(rep.skipped)}")
+    for n, why in rep.skipped[:20]:
+        print(f"  skipped record {n}: {why}")
+    print("types: " + ", ".join(f"{k} {v}" for k, v in sorted(rep.counts.items())))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="umm_ops", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -101,6 +118,13 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_info)
     mb = sub.add_parser("mmd-bench", help="MMD-Bench degradations (CLEAR)")
     mbs = mb.add_subparsers(dest="mmd_cmd", required=True)
+    bd = mbs.add_parser("build", help="degrade a benchmark: one weighted-random type per image, three levels")
+    bd.add_argument("--manifest", required=True, help="JSONL (image path + fields per line) or MMBench-style TSV")
+    bd.add_argument("--out", required=True, help="output folder: <out>/<level>/manifest.jsonl and images/")
+    bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--levels", default="low,mid,high")
+    bd.add_argument("--skip-bad", action="store_true", help="skip and count unusable records instead of stopping")
+    bd.set_defaults(fn=_mmd_build)
     pv = mbs.add_parser("preview", help="PNG grid of every degradation type at every level")
     pv.add_argument("--out", default="mmd_bench_preview.png")
     pv.add_argument("--image", default=None, help="an image file (default: a procedural test picture)")
