@@ -18,6 +18,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "torch/checks.h"
 #include "umm/params.h"
 #ifdef UMM_WITH_CUDA
 #include "umm/cuda_api.h"
@@ -28,19 +29,6 @@ namespace {
 
 using at::Tensor;
 using OptT = std::optional<Tensor>;
-
-DType dtype_code(const Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kHalf:
-      return DType::kFloat16;
-    default:
-      TORCH_CHECK(false, "umm_ops: ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-}
 
 void check_like(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "umm_ops: ", name, " must have the dtype of ", ref_name, " (",

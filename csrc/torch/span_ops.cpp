@@ -8,26 +8,13 @@
 #include <algorithm>
 #include <tuple>
 
+#include "torch/checks.h"
 #include "umm/span.h"
 
 namespace umm::torch_ops {
 namespace {
 
 using at::Tensor;
-
-DType span_dtype(const Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kHalf:
-      return DType::kFloat16;
-    default:
-      TORCH_CHECK(false, "umm_ops.span_attention: ", name, " must be float32, bfloat16 or float16, got ",
-                  t.scalar_type());
-  }
-}
 
 void check_act(const Tensor& t, const Tensor& q, const char* name) {
   TORCH_CHECK(t.dim() == 3, "umm_ops.span_attention: ", name, " must be 3-D (tokens, heads, head_dim), got shape ",
@@ -58,7 +45,7 @@ Checked check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Te
                      int64_t max_k) {
   Checked c;
   TORCH_CHECK(q.dim() == 3, "umm_ops.span_attention: q must be 3-D (tokens, heads, head_dim), got shape ", q.sizes());
-  c.dt = span_dtype(q, "q");
+  c.dt = dtype_code(q, "q", "umm_ops.span_attention");
   check_act(q, q, "q");
   check_act(k, q, "k");
   check_act(v, q, "v");
