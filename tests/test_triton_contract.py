@@ -7,34 +7,15 @@ same (upcast) inputs, to about 2 ulps of the dtype.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from triton_interp import interpreted_modules
 
-if torch.cuda.is_available():  # the interpreter would take over the whole process; test_flow/test_norm cover the device
-    pytest.skip("GPU present: the Triton kernels are tested on the device by test_flow.py / test_norm.py",
-                allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"
-
-pytest.importorskip("triton")
+tk_flow, tk_norm, tk = interpreted_modules(
+    "umm_ops.triton.flow", "umm_ops.triton.norm", "umm_ops.triton",
+    reason="GPU present: the Triton kernels are tested on the device by test_flow.py / test_norm.py")
 
 import umm_ops.reference.kernels as ref  # noqa: E402
-import umm_ops.triton as tk  # noqa: E402
-from umm_ops.triton import flow as tk_flow, norm as tk_norm  # noqa: E402
-
-# triton.jit picks the interpreter when the kernel is *defined*: if umm_ops.triton was imported earlier in
-# this process without TRITON_INTERPRET=1, re-define its kernels now.
-try:
-    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
-except ImportError:  # pragma: no cover
-    _Interpreted = None
-if _Interpreted is not None and not isinstance(tk_flow._flow_step_kernel, _Interpreted):
-    import importlib
-
-    tk_flow = importlib.reload(tk_flow)
-    tk_norm = importlib.reload(tk_norm)
-    tk = importlib.reload(tk)
 
 pytestmark = pytest.mark.triton
 

@@ -9,36 +9,16 @@ bfloat16 results are compared with the contract evaluated in float32 on the same
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from triton_interp import interpreted_modules
 
-if torch.cuda.is_available():  # the interpreter would take over the whole process
-    pytest.skip("GPU present: the Triton span attention is tested on the device by test_span_attention.py",
-                allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"
-
-pytest.importorskip("triton")
+_tk_flow, tk_attn, tk = interpreted_modules(
+    "umm_ops.triton.flow", "umm_ops.triton.attention", "umm_ops.triton",
+    reason="GPU present: the Triton span attention is tested on the device by test_span_attention.py")
 
 import umm_ops.reference.attention as ref  # noqa: E402
-import umm_ops.triton as tk  # noqa: E402
 from umm_ops import SpanLayout  # noqa: E402
-from umm_ops.triton import attention as tk_attn  # noqa: E402
-
-# triton.jit picks the interpreter when the kernel is *defined*: if umm_ops.triton was imported earlier in
-# this process without TRITON_INTERPRET=1, re-define its kernels now.
-try:
-    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
-except ImportError:  # pragma: no cover
-    _Interpreted = None
-if _Interpreted is not None and not isinstance(tk_attn._fwd_kernel, _Interpreted):
-    import importlib
-
-    from umm_ops.triton import flow as _tk_flow
-
-    importlib.reload(_tk_flow)
-    tk_attn = importlib.reload(tk_attn)
 
 pytestmark = pytest.mark.triton
 
