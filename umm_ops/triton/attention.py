@@ -112,6 +112,38 @@ def _elem_mask(qp, qseg, qstart, qmode, offs_n, kseg, kmode):
     return own | earlier
 
 
+@triton.jit
+def _q_block(pid, qb_doc, qb_q0, qb_q1, cu_k, q_pos, tok_seg, seg_start, seg_end, seg_mode):
+    """Query range [q0, q1) of block `pid`, the key range [k_lo, k_hi) of its document that it can see, and the
+    block scalars the tile classifier needs (p0, sq0, sq1, st0, mq0)."""
+    d = tl.load(qb_doc + pid)
+    q0 = tl.load(qb_q0 + pid)
+    q1 = tl.load(qb_q1 + pid)
+    k_lo = tl.load(cu_k + d)
+    p0, p1, sq0, sq1, st0, mq0, mq1 = _block_info(q_pos, tok_seg, seg_start, seg_mode, q0, q1)
+    k_hi = tl.where(mq1 == 0, p1 + 1, tl.load(seg_end + sq1))
+    k_hi = tl.where(q1 > q0, k_hi, k_lo)
+    return q0, q1, k_lo, k_hi, p0, sq0, sq1, st0, mq0
+
+
+@triton.jit
+def _q_rows(offs_m, row_ok, q_pos, tok_seg, seg_start, seg_mode):
+    """Per-query mask inputs: key position, segment, segment start and mode."""
+    qp = tl.load(q_pos + offs_m, mask=row_ok, other=0)
+    qseg = tl.load(tok_seg + qp, mask=row_ok, other=-1)
+    qstart = tl.load(seg_start + qseg, mask=row_ok, other=0)
+    qmode = tl.load(seg_mode + qseg, mask=row_ok, other=0)
+    return qp, qseg, qstart, qmode
+
+
+@triton.jit
+def _key_mask(qp, qseg, qstart, qmode, offs_n, col_ok, tok_seg, tok_mode):
+    """The per-element mask of a PARTIAL tile."""
+    kseg = tl.load(tok_seg + offs_n, mask=col_ok, other=-2)
+    kmode = tl.load(tok_mode + offs_n, mask=col_ok, other=2)
+    return _elem_mask(qp, qseg, qstart, qmode, offs_n, kseg, kmode)
+
+
 # ------------------------------------------------------------------------------------------------
 # kernels
 
@@ -127,13 +159,8 @@ def _fwd_kernel(
     pid = tl.program_id(0)
     h = tl.program_id(1)
     kh = h // (HQ // HKV)
-    d = tl.load(qb_doc + pid)
-    q0 = tl.load(qb_q0 + pid)
-    q1 = tl.load(qb_q1 + pid)
-    k_lo = tl.load(cu_k + d)
-    p0, p1, sq0, sq1, st0, mq0, mq1 = _block_info(q_pos, tok_seg, seg_start, seg_mode, q0, q1)
-    k_hi = tl.where(mq1 == 0, p1 + 1, tl.load(seg_end + sq1))
-    k_hi = tl.where(q1 > q0, k_hi, k_lo)
+    q0, q1, k_lo, k_hi, p0, sq0, sq1, st0, mq0 = _q_block(pid, qb_doc, qb_q0, qb_q1, cu_k, q_pos, tok_seg,
+                                                            seg_start, seg_end, seg_mode)
 
     offs_m = q0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q1
@@ -141,10 +168,7 @@ def _fwd_kernel(
     d_ok = offs_d < HEAD_D
     q = tl.load(Q + offs_m.to(tl.int64)[:, None] * (HQ * HEAD_D) + h * HEAD_D + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    qp = tl.load(q_pos + offs_m, mask=row_ok, other=0)
-    qseg = tl.load(tok_seg + qp, mask=row_ok, other=-1)
-    qstart = tl.load(seg_start + qseg, mask=row_ok, other=0)
-    qmode = tl.load(seg_mode + qseg, mask=row_ok, other=0)
+    qp, qseg, qstart, qmode = _q_rows(offs_m, row_ok, q_pos, tok_seg, seg_start, seg_mode)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -161,9 +185,7 @@ def _fwd_kernel(
             s = _dot(q, tl.trans(k), F32) * scale
             allowed = row_ok[:, None] & col_ok[None, :]
             if not full:
-                kseg = tl.load(tok_seg + offs_n, mask=col_ok, other=-2)
-                kmode = tl.load(tok_mode + offs_n, mask=col_ok, other=2)
-                allowed = allowed & _elem_mask(qp, qseg, qstart, qmode, offs_n, kseg, kmode)
+                allowed = allowed & _key_mask(qp, qseg, qstart, qmode, offs_n, col_ok, tok_seg, tok_mode)
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -193,13 +215,8 @@ def _bwd_dq_kernel(
     pid = tl.program_id(0)
     h = tl.program_id(1)
     kh = h // (HQ // HKV)
-    d = tl.load(qb_doc + pid)
-    q0 = tl.load(qb_q0 + pid)
-    q1 = tl.load(qb_q1 + pid)
-    k_lo = tl.load(cu_k + d)
-    p0, p1, sq0, sq1, st0, mq0, mq1 = _block_info(q_pos, tok_seg, seg_start, seg_mode, q0, q1)
-    k_hi = tl.where(mq1 == 0, p1 + 1, tl.load(seg_end + sq1))
-    k_hi = tl.where(q1 > q0, k_hi, k_lo)
+    q0, q1, k_lo, k_hi, p0, sq0, sq1, st0, mq0 = _q_block(pid, qb_doc, qb_q0, qb_q1, cu_k, q_pos, tok_seg,
+                                                            seg_start, seg_end, seg_mode)
 
     offs_m = q0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q1
@@ -213,10 +230,7 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + h.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
     live = lse != float("-inf")
     lse = tl.where(live, lse, 0.0)
-    qp = tl.load(q_pos + offs_m, mask=row_ok, other=0)
-    qseg = tl.load(tok_seg + qp, mask=row_ok, other=-1)
-    qstart = tl.load(seg_start + qseg, mask=row_ok, other=0)
-    qmode = tl.load(seg_mode + qseg, mask=row_ok, other=0)
+    qp, qseg, qstart, qmode = _q_rows(offs_m, row_ok, q_pos, tok_seg, seg_start, seg_mode)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for kb in range(k_lo, k_hi, BLOCK_N):
@@ -232,9 +246,7 @@ def _bwd_dq_kernel(
             s = _dot(q, tl.trans(k), F32) * scale
             allowed = (row_ok & live)[:, None] & col_ok[None, :]
             if not full:
-                kseg = tl.load(tok_seg + offs_n, mask=col_ok, other=-2)
-                kmode = tl.load(tok_mode + offs_n, mask=col_ok, other=2)
-                allowed = allowed & _elem_mask(qp, qseg, qstart, qmode, offs_n, kseg, kmode)
+                allowed = allowed & _key_mask(qp, qseg, qstart, qmode, offs_n, col_ok, tok_seg, tok_mode)
             p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
             dp = _dot(do, tl.trans(v), F32)
             ds = p * (dp - delta[:, None])
