@@ -92,6 +92,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache  # asked on every op call; the registrations are fixed once umm_ops is imported
 def _has_op(name: str, op: str) -> bool:
     """Whether backend `name` implements kernel `op` (ops land backend by backend)."""
     if name == "reference":

@@ -236,20 +236,23 @@ def _flatten(x: torch.Tensor, name: str):
     return x.reshape(x.shape[0], -1).contiguous()
 
 
-def _check_times(t, t_next, sde: bool):
+def _check_values(t, t_next, sigma, sde: bool):
+    """Value checks of the per-sample scalars, read back in ONE device sync (they run on every call)."""
     if not value_checks_enabled() or t.numel() == 0:
         return
-    for name, tt in (("t", t), ("t_next", t_next)):
-        if bool(((tt < 0) | (tt > 1) | ~torch.isfinite(tt)).any()):
+    flags = [((tt < 0) | (tt > 1) | ~torch.isfinite(tt)).any() for tt in (t, t_next)]
+    flags.append((t_next <= t).any() if sde else torch.zeros((), dtype=torch.bool, device=t.device))
+    if sigma is not None:
+        flags.append((~torch.isfinite(sigma) | (sigma <= 0)).any())
+    bad_t, bad_tn, bad_order, *bad_sigma = torch.stack(flags).tolist()
+    if bad_sigma and bad_sigma[0]:
+        raise ValueError(f"sigma must be finite and > 0, got {sigma.tolist()}")
+    for name, tt, bad in (("t", t, bad_t), ("t_next", t_next, bad_tn)):
+        if bad:
             raise ValueError(f"{name} must lie in [0, 1] (Cheers convention: t = 1 is clean), got {tt.tolist()}")
-    if sde and bool((t_next <= t).any()):
+    if bad_order:
         raise ValueError("an SDE step needs t < t_next (sampling runs from noise t = 0 to clean t = 1), "
                          f"got t={t.tolist()} t_next={t_next.tolist()}")
-
-
-def _check_sigma(sigma):
-    if value_checks_enabled() and sigma.numel() and bool((~torch.isfinite(sigma) | (sigma <= 0)).any()):
-        raise ValueError(f"sigma must be finite and > 0, got {sigma.tolist()}")
 
 
 def _resolve_sigma(sigma, t, t_next, B, x):
@@ -259,7 +262,6 @@ def _resolve_sigma(sigma, t, t_next, B, x):
         s = sigma(t, t_next)
     else:
         s = _per_sample(sigma, B, x, "sigma")
-    _check_sigma(s)
     return s.to(_stat_dtype(x)).contiguous()
 
 
@@ -295,7 +297,7 @@ def flow_step(x, v, t, t_next, noise=None, sigma=None, return_logprob: bool = Fa
         if return_logprob:
             raise ValueError("return_logprob needs an SDE step (noise and sigma): an Euler step is deterministic")
         s_ = None
-    _check_times(t_, tn_, sde)
+    _check_values(t_, tn_, s_, sde)
     x2 = _flatten(x, "x")
     out, lp = _step_op(x2, _flatten(v, "v"), _flatten(noise, "noise") if sde else None, t_, tn_, s_,
                        bool(return_logprob))
@@ -318,7 +320,7 @@ def flow_logprob(x, x_next, v, t, t_next, sigma, reduction: str = "mean"):
     t_ = _per_sample(t, B, x, "t")
     tn_ = _per_sample(t_next, B, x, "t_next")
     s_ = _resolve_sigma(sigma, t_, tn_, B, x)
-    _check_times(t_, tn_, True)
+    _check_values(t_, tn_, s_, True)
     if B and x[0].numel() == 0:
         raise ValueError(f"flow_logprob: each sample must have at least one element, got shape {tuple(x.shape)}")
     lp = _lp_op(_flatten(x, "x"), _flatten(x_next, "x_next"), _flatten(v, "v"), t_, tn_, s_)
@@ -339,7 +341,7 @@ def flow_kl(v, v_ref, t, t_next, sigma, reduction: str = "mean"):
     t_ = _per_sample(t, B, v, "t")
     tn_ = _per_sample(t_next, B, v, "t_next")
     s_ = _resolve_sigma(sigma, t_, tn_, B, v)
-    _check_times(t_, tn_, True)
+    _check_values(t_, tn_, s_, True)
     if B and v[0].numel() == 0:
         raise ValueError(f"flow_kl: each sample must have at least one element, got shape {tuple(v.shape)}")
     kl = _kl_op(_flatten(v, "v"), _flatten(v_ref, "v_ref"), t_, tn_, s_)
