@@ -148,3 +148,11 @@ def test_selection_skips_backends_without_the_op():
     with umm_ops.use_backend("cpu"), pytest.raises(umm_ops.BackendUnavailableError, match="no 'no_such_op' kernel"):
         B.select(torch.device("cpu"), torch.float32, "no_such_op")
     assert B.select(torch.device("cpu"), torch.float32, "flow_step") == "cpu"
+
+
+def test_kernel_list_is_the_reference_contract():
+    from umm_ops.reference import kernels as ref
+
+    for name in ref.KERNELS:
+        assert callable(getattr(ref, name))
+    assert set(umm_ops.backends()["kernels"]) == set(ref.KERNELS)

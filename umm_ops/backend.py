@@ -223,9 +223,7 @@ def kernel_names() -> list[str]:
     """Every kernel of the contract (the reference implements them all)."""
     from .reference import kernels as ref
 
-    return sorted(n for n in dir(ref) if not n.startswith("_") and callable(getattr(ref, n))
-                  and getattr(getattr(ref, n), "__module__", "").startswith("umm_ops.reference")
-                  and n not in ("flow_coefficients",))
+    return sorted(ref.KERNELS)
 
 
 def kernel_matrix() -> dict:

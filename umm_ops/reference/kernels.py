@@ -206,3 +206,10 @@ def gated_residual_backward(grad, gate, y, mask):
     dy = (g * _acc(gate)[:, None, :]).to(y.dtype) if mask[1] else _empty(grad)
     return dgate, dy
 from .attention import span_attention_bwd, span_attention_fwd  # noqa: E402,F401
+
+# The kernel contract: every backend implements (a subset of) exactly these names.
+KERNELS = (
+    "flow_step", "flow_step_backward", "flow_logprob", "flow_logprob_backward", "flow_kl", "flow_kl_backward",
+    "gated_detail_residual", "gated_detail_residual_backward", "adaln_modulate", "adaln_modulate_backward",
+    "gated_residual", "gated_residual_backward", "span_attention_fwd", "span_attention_bwd",
+)
