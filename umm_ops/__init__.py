@@ -5,6 +5,7 @@ umm_ops.backend):
     flow_step, flow_logprob, flow_kl, time_shift, SigmaSchedule     - flow-matching transitions (RL-ready)
     gated_detail_residual, adaln_modulate, gated_residual           - Cheers head fusions
     span_attention, SpanLayout, span_mask                           - packed causal/full/noise span attention
+    compress_tokens, expand_tokens, pack_latents, unpack_latents    - fused tokenizer compression / latent packing
 """
 from . import _lib  # noqa: F401  (loads the compiled kernels if present)
 from .attention import SpanLayout, span_attention, span_mask
@@ -16,8 +17,12 @@ from .ops import (
     flow_logprob,
     flow_step,
     gated_detail_residual,
+    compress_tokens,
+    expand_tokens,
     gated_residual,
+    pack_latents,
     time_shift,
+    unpack_latents,
 )
 
 __version__ = "0.1.0"
@@ -26,4 +31,5 @@ __all__ = [
     "flow_step", "flow_logprob", "flow_kl", "time_shift", "SigmaSchedule",
     "gated_detail_residual", "adaln_modulate", "gated_residual",
     "span_attention", "SpanLayout", "span_mask",
+    "compress_tokens", "expand_tokens", "pack_latents", "unpack_latents",
 ]
