@@ -221,6 +221,51 @@ def test_from_segments_errors(docs, q_lens, exc, match):
         SpanLayout.from_segments(docs, q_lens)
 
 
+def test_from_segments_rejects_int32_overflow():
+    with pytest.raises(ValueError, match="int32"):
+        SpanLayout.from_segments([[(2**30, "causal"), (2**30, "full")]])
+
+
+def _python_path(monkeypatch):
+    from umm_ops.attention import layout as layout_mod
+    monkeypatch.setattr(layout_mod, "_HOST", None)  # what a build without the compiled host builder does
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts())
+def test_compiled_host_builder_equals_python_path(case):
+    """The compiled builder (umm_ops._C.span_layout_host) and the Python path build identical layouts."""
+    from umm_ops.attention import layout as layout_mod
+    if layout_mod._host_builder() is None:
+        pytest.skip("this build of umm_ops._C has no span_layout_host")
+    docs, q_lens = case
+    fast = SpanLayout.from_segments(docs, q_lens)
+    with pytest.MonkeyPatch.context() as mp:
+        _python_path(mp)
+        slow = SpanLayout.from_segments(docs, q_lens)
+    for a, b in zip(fast.tensors(), slow.tensors()):
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b)
+    for name in ("num_docs", "num_segments", "max_seqlen_q", "max_seqlen_k", "total_q", "total_k"):
+        assert getattr(fast, name) == getattr(slow, name), name
+    # tuples as documents / segments take the same path
+    tup = SpanLayout.from_segments(tuple(tuple(tuple(seg) for seg in doc) for doc in docs),
+                                   None if q_lens is None else tuple(q_lens))
+    assert all(torch.equal(a, b) for a, b in zip(tup.tensors(), slow.tensors()))
+
+
+@pytest.mark.parametrize("python_path", [False, True])
+def test_from_segments_errors_both_paths(python_path, monkeypatch):
+    """The precise errors hold whichever path runs first (the compiled builder declines bad input)."""
+    if python_path:
+        _python_path(monkeypatch)
+    with pytest.raises(ValueError, match="document 1 is empty"):
+        SpanLayout.from_segments([[(3, "causal")], []])
+    with pytest.raises(TypeError, match="length must be an int"):
+        SpanLayout.from_segments([[(3, "causal"), (True, "full")]])
+    with pytest.raises(ValueError, match=r"q_lens\[1\] must be in \[0, 2\]"):
+        SpanLayout.from_segments([[(3, "causal")], [(2, "full")]], [1, 3])
+
+
 def _good():
     return [t.clone() for t in SpanLayout.from_segments([[(2, "causal"), (3, "full")], [(4, "noise")]],
                                                         q_lens=[5, 2]).tensors()]

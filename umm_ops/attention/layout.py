@@ -37,6 +37,19 @@ def _is_int(x) -> bool:
 
 
 _SEQ_TYPES = {list, tuple}
+_INT32_MAX = 2**31 - 1
+
+
+def _host_builder():
+    """umm_ops._C.span_layout_host when the compiled extension has it (older builds do not), else None."""
+    global _HOST
+    if _HOST is False:
+        from .. import _lib
+        _HOST = getattr(_lib._C, "span_layout_host", None) if _lib.loaded() else None
+    return _HOST
+
+
+_HOST = False
 
 
 def _check_document(d: int, doc) -> None:
@@ -134,8 +147,21 @@ class SpanLayout:
             if len(q_lens) != len(docs):
                 raise ValueError(f"q_lens must have one entry per document: expected {len(docs)}, "
                                  f"got {len(q_lens)}")
-        # fast path over all segments at once (plain ints, known modes); anything unusual goes through the
-        # per-document checks for a precise message
+        # fastest path: the compiled host builder (~5 us for 64 documents); it returns None for anything but the
+        # plain well-formed case, which then goes through the Python paths below (and their precise errors)
+        host = _host_builder()
+        if host is not None:
+            r = host(docs, q_lens)
+            if r is not None:
+                buf, D1, S, max_q, max_k, total_q, total_k = r
+                flat = torch.frombuffer(buf, dtype=torch.int32)
+                if device is not None:
+                    flat = flat.to(device)
+                parts = flat.split_with_sizes([D1, D1, D1, S, S, S])
+                return cls(*parts, max_seqlen_q=max_q, max_seqlen_k=max_k, validate=False, total_q=total_q,
+                           total_k=total_k)
+        # fast Python path over all segments at once (plain ints, known modes); anything unusual goes through
+        # the per-document checks for a precise message
         try:
             ok = set(map(type, docs)) <= _SEQ_TYPES
             seg_counts = list(map(len, docs))
@@ -166,6 +192,9 @@ class SpanLayout:
                     if ql < 0 or ql > n:
                         raise ValueError(f"q_lens[{d}] must be in [0, {n}] (the length of document {d}), got {ql}")
             cu_q = acc(lens_q)
+        if cu_k[-1] > _INT32_MAX:
+            raise ValueError(f"the layout has {cu_k[-1]} tokens in total: span layouts index tokens with int32, "
+                             f"at most {_INT32_MAX}")
         starts, ends = ends[:-1], ends[1:]
         # one host buffer, one copy to the device, then views
         flat = torch.frombuffer(array.array("i", cu_q + cu_k + offs + starts + ends + seg_mode), dtype=torch.int32)
