@@ -1,0 +1,199 @@
+"""Configuration of the Cheers-style unified model and its presets (tiny / small / cheers-1.5b).
+
+One ``CheersConfig`` holds the whole model: the LLM and ViT as Hugging Face style dicts (the keys of transformers'
+Qwen2Config / SiglipVisionConfig, turned into our dataclasses by :meth:`CheersConfig.llm_config` /
+:meth:`CheersConfig.vit_config`), the VAE (diffusers AutoencoderKLFlux2 arguments), the cascaded flow head, the
+losses and the sampler defaults.  ``to_dict`` / ``from_dict`` give the ``config.json`` of a checkpoint.
+
+Geometry (checked by :meth:`CheersConfig.validate`): an image of H x W pixels has a VAE latent of (H/8, W/8),
+packed 2x2 into (H/16, W/16) tokens of 4*32 = 128 channels; the ViT sees the decoded image with patch 16, so its
+token grid is the packed-latent grid; the understanding projector compresses that grid 2x2 into (H/32)*(W/32)
+LLM tokens (``pixels_per_token`` = 32).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+__all__ = ["VAEConfig", "HeadConfig", "CheersConfig", "PRESETS", "preset"]
+
+
+@dataclass
+class VAEConfig:
+    """Arguments of diffusers' AutoencoderKLFlux2 (FLUX.2-style: 32 latent channels, 8x down, quant convs)."""
+
+    latent_channels: int = 32
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+    patch: int = 2                 # 2x2 latent packing -> 4 * latent_channels packed channels
+    bn_eps: float = 1e-4           # Cheers' BatchNorm2d(affine=False, eps=1e-4), used with running stats only
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def packed_channels(self) -> int:
+        return self.latent_channels * self.patch * self.patch
+
+    def diffusers_kwargs(self) -> dict:
+        n = len(self.block_out_channels)
+        return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                    up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(self.block_out_channels),
+                    layers_per_block=self.layers_per_block, latent_channels=self.latent_channels,
+                    norm_num_groups=self.norm_num_groups, mid_block_add_attention=self.mid_block_add_attention,
+                    batch_norm_eps=self.bn_eps, patch_size=(self.patch, self.patch))
+
+
+@dataclass
+class HeadConfig:
+    """Cascaded flow head.  Widths and heads come from the LLM (semantic stage) and the ViT (detail stage)."""
+
+    semantic_layers: int = 7       # adaLN-Zero blocks at the LLM width (Cheers' gen_projector.diffusion_head_a)
+    detail_layers: int = 3         # adaLN-Zero blocks at the ViT width (Cheers' hi_projector.diffusion_head_a)
+    mlp_ratio: int = 4             # SwiGLU hidden = mlp_ratio * width
+    rope_theta: float = 10000.0
+    freq_dim: int = 256            # sinusoidal timestep features, ordered [cos, sin]
+    norm_eps: float = 1e-6         # the head's RMSNorms
+    gate_ln_eps: float = 1e-5      # HiGate LayerNorm (nn.LayerNorm default)
+
+
+@dataclass
+class CheersConfig:
+    llm: dict = field(default_factory=dict)       # transformers Qwen2Config keys
+    vit: dict = field(default_factory=dict)       # transformers SiglipVisionConfig keys
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    image_size: int = 512          # default generation size (pixels, square)
+    projector_ln_eps: float = 1e-5  # und_projector LayerNorm (nn.LayerNorm default in Cheers)
+    compress: int = 2              # understanding projector 2x2 space-to-depth (4x fewer tokens)
+    text_loss_weight: float = 1.0
+    flow_loss_weight: float = 1.0
+    cfg_dropout: float = 0.2       # probability of replacing a generation prompt by the null prompt
+    time_shift: float = 0.5        # sampling t' = a t / (1 + (a - 1) t)
+    sample_steps: int = 80
+    cfg_scale: float = 9.5
+    gen_mode: str = "full"         # "full" (Cheers: image tokens visible to later text) | "noise" (BAGEL)
+    tokenizer: str = "byte"        # "byte" or a local Hugging Face tokenizer folder
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def vit_patch(self) -> int:
+        return int(self.vit["patch_size"])
+
+    @property
+    def pixels_per_token(self) -> int:
+        """Pixels per LLM token side (the packer's PackSpec.patch)."""
+        return self.vit_patch * self.compress
+
+    def llm_config(self):
+        from .llm import Qwen2Config
+        return Qwen2Config.from_hf(dict(self.llm))
+
+    def vit_config(self):
+        from .vit import SiglipVisionConfig
+        names = {f.name for f in dataclasses.fields(SiglipVisionConfig)}
+        return SiglipVisionConfig(**{k: v for k, v in self.vit.items() if k in names})
+
+    def validate(self) -> "CheersConfig":
+        if self.gen_mode not in ("full", "noise"):
+            raise ValueError(f"gen_mode must be 'full' or 'noise', got {self.gen_mode!r}")
+        for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+            if k not in self.llm:
+                raise ValueError(f"CheersConfig.llm needs {k!r} (a transformers Qwen2Config dict), got keys "
+                                 f"{sorted(self.llm)}")
+        for k in ("hidden_size", "num_attention_heads", "patch_size", "image_size"):
+            if k not in self.vit:
+                raise ValueError(f"CheersConfig.vit needs {k!r} (a transformers SiglipVisionConfig dict), got "
+                                 f"keys {sorted(self.vit)}")
+        packed = self.vae.downsample * self.vae.patch
+        if self.vit_patch != packed:
+            raise ValueError(f"the ViT patch ({self.vit_patch} px) must equal the packed-latent stride "
+                             f"(VAE {self.vae.downsample}x down * {self.vae.patch}x{self.vae.patch} pack = {packed} "
+                             f"px) so that the ViT grid is the packed-latent grid the head predicts")
+        if self.image_size % self.pixels_per_token:
+            raise ValueError(f"image_size must be a multiple of {self.pixels_per_token} px, got {self.image_size}")
+        if self.llm["num_attention_heads"] % self.llm["num_key_value_heads"]:
+            raise ValueError("LLM heads must be a multiple of its KV heads")
+        if self.vit["num_attention_heads"] % self.llm["num_key_value_heads"]:
+            raise ValueError(f"the detail stage uses the ViT's {self.vit['num_attention_heads']} heads with the "
+                             f"LLM's {self.llm['num_key_value_heads']} KV heads (as Cheers does): heads must be "
+                             f"a multiple of KV heads")
+        if not 0.0 <= self.cfg_dropout <= 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
+        return self
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["vae"]["block_out_channels"] = list(self.vae.block_out_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CheersConfig":
+        d = copy.deepcopy(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"CheersConfig: unknown keys {unknown} (expected some of {sorted(known)})")
+        vae = d.pop("vae", {})
+        head = d.pop("head", {})
+        if "block_out_channels" in vae:
+            vae["block_out_channels"] = tuple(vae["block_out_channels"])
+        return cls(vae=VAEConfig(**vae), head=HeadConfig(**head), **d).validate()
+
+
+def _tiny() -> CheersConfig:
+    # ~15M parameters; 64-128 px images: VAE 8x down, packed 16 px per token = ViT patch 16, 32 px per LLM token.
+    return CheersConfig(
+        llm=dict(vocab_size=263, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                 tie_word_embeddings=True, max_position_embeddings=4096),
+        vit=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                 patch_size=16, image_size=128, num_channels=3, layer_norm_eps=1e-6),
+        vae=VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
+        head=HeadConfig(semantic_layers=2, detail_layers=2),
+        image_size=128, sample_steps=20, cfg_scale=4.0,
+    ).validate()
+
+
+def _small() -> CheersConfig:
+    # one GPU: Qwen2.5-0.5B-sized LLM, SigLIP-base-sized ViT, the full FLUX.2 VAE, 4 + 2 head blocks, 256 px.
+    return CheersConfig(
+        llm=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                 tie_word_embeddings=True, max_position_embeddings=32768),
+        vit=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 patch_size=16, image_size=256, num_channels=3, layer_norm_eps=1e-6),
+        vae=VAEConfig(),
+        head=HeadConfig(semantic_layers=4, detail_layers=2),
+        image_size=256, sample_steps=50,
+    ).validate()
+
+
+def _cheers_1_5b() -> CheersConfig:
+    # The released Cheers (AI9Stars/Cheers Training/cheers_config/config.json + modeling_umm.py): Qwen2.5-1.5B,
+    # SigLIP2 so400m patch16-512, FLUX.2 VAE (32 ch), head 7 blocks @1536 + 3 blocks @1152 / 16 heads.
+    return CheersConfig(
+        llm=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                 tie_word_embeddings=True, max_position_embeddings=32768),
+        vit=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                 patch_size=16, image_size=512, num_channels=3, layer_norm_eps=1e-6),
+        vae=VAEConfig(),
+        head=HeadConfig(semantic_layers=7, detail_layers=3),
+        image_size=512, sample_steps=80, cfg_scale=9.5, time_shift=0.5,
+    ).validate()
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "cheers-1.5b": _cheers_1_5b}
+
+
+def preset(name: str) -> CheersConfig:
+    """A fresh CheersConfig of a named preset: "tiny", "small" or "cheers-1.5b"."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,226 @@
+"""Cheers' cascaded flow-matching head, on the fused ops.
+
+    LLM hidden states at the image tokens (N, n, D_llm), t (N,)
+      -> semantic stage: adaLN-Zero blocks at the LLM width (1-D RoPE theta 1e4 over 0..n-1)
+      -> final adaLN layer + Linear(D_llm -> 4 C_vit) + 2x2 depth-to-space  (``umm_ops.expand_tokens``)
+      -> HiGate: LayerNorm(low + g * high), g = Linear(SiLU(Linear(low))) one unbounded scalar per token
+         (``umm_ops.gated_detail_residual``), high = ViT patch (+ position) embedding of the decoded noisy image
+      -> detail stage: adaLN-Zero blocks at the ViT width (RoPE over arange(4n/2) repeated twice, as released)
+      -> final adaLN layer -> packed-latent velocity (N, 4n, 128).
+
+Every block's modulation is ``adaln_modulate`` (RMSNorm with learnable weight, x * (1 + scale) + shift in fp32) and
+its residuals ``gated_residual``; attention is ``span_attention`` over the images of a batch packed back to back, one
+bidirectional ("full") document per image, so images of different sizes share one call.  Module and parameter
+names follow the released Cheers checkpoint (``time_embed.mlp_1``, ``gen_projector.diffusion_head_a.{i}``,
+``diffusion_head_b``, ``hi_gate.gate``, ``hi_projector``), zero-initialised where Cheers zero-initialises (every
+block's adaLN projection, HiGate's last Linear).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import umm_ops
+
+__all__ = ["TimestepEmbedder", "RMSNorm", "HeadBlock", "FinalLayer", "HeadStage", "HiGate", "FlowHead",
+           "rope_cos_sin", "apply_rope", "image_layout"]
+
+
+# ----------------------------------------------------------------------------------- small pieces
+class TimestepEmbedder(nn.Module):
+    """Raw t in [0, 1] (t = 1 clean) -> sinusoidal features [cos, sin] -> one MLP per head width."""
+
+    def __init__(self, width_1: int, width_2: int, freq_dim: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
+        self.mlp_1 = nn.Sequential(nn.Linear(freq_dim, width_1), nn.SiLU(), nn.Linear(width_1, width_1))
+        self.mlp_2 = nn.Sequential(nn.Linear(freq_dim, width_2), nn.SiLU(), nn.Linear(width_2, width_2))
+
+    def features(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.reshape(-1, 1).float() * freqs
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if self.freq_dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor, dtype=None):
+        f = self.features(t).to(dtype or self.mlp_1[0].weight.dtype)
+        return self.mlp_1(f), self.mlp_2(f)
+
+
+class RMSNorm(nn.Module):
+    """Holds the learnable weight of an RMSNorm that adaln_modulate applies (fused with the modulation)."""
+
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
+    """(L,) positions -> cos, sin (L, head_dim) in the rotate-half layout (frequencies repeated twice)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    f = positions.float()[:, None] * inv[None]
+    emb = torch.cat([f, f], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (L, H, D) with cos / sin (L, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rot = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+def image_layout(n_images: int, tokens_per_image: int, device) -> umm_ops.SpanLayout:
+    """Packed layout of `n_images` independent bidirectional images of the same length."""
+    return umm_ops.SpanLayout.from_segments([[(tokens_per_image, "full")]] * n_images, device=device)
+
+
+class HeadAttention(nn.Module):
+    """Bias-free GQA attention with RoPE over packed images (span_attention, one 'full' document per image)."""
+
+    def __init__(self, width: int, heads: int, kv_heads: int):
+        super().__init__()
+        if width % heads or heads % kv_heads:
+            raise ValueError(f"head attention: width {width} must split into {heads} heads and heads into "
+                             f"{kv_heads} KV heads")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, width // heads
+        self.q_proj = nn.Linear(width, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, width, bias=False)
+
+    def forward(self, x, cos, sin, layout):
+        N, L, C = x.shape
+        x = x.reshape(N * L, C)
+        q = apply_rope(self.q_proj(x).view(N * L, self.heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(N * L, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(N * L, self.kv_heads, self.head_dim)
+        o = umm_ops.span_attention(q, k, v, layout)
+        return self.o_proj(o.reshape(N * L, -1)).view(N, L, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(width, hidden, bias=False)
+        self.up_proj = nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HeadBlock(nn.Module):
+    """adaLN-Zero transformer block: chunks (shift, scale, gate) for attention then (shift, scale, gate) for the MLP."""
+
+    def __init__(self, width: int, heads: int, kv_heads: int, mlp_ratio: int = 4, eps: float = 1e-6):
+        super().__init__()
+        self.attn = HeadAttention(width, heads, kv_heads)
+        self.mlp = MLP(width, width * mlp_ratio)
+        self.input_layernorm = RMSNorm(width, eps)
+        self.post_attention_layernorm = RMSNorm(width, eps)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        nn.init.zeros_(self.adaLN_modulation[1].weight)
+        nn.init.zeros_(self.adaLN_modulation[1].bias)
+
+    def forward(self, x, c, cos, sin, layout):
+        """x (N, L, C) tokens, c (N, C) conditioning."""
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        h = umm_ops.adaln_modulate(x, sh1, sc1, n1.eps, "rms", n1.weight)
+        x = umm_ops.gated_residual(x, g1, self.attn(h, cos, sin, layout))
+        h = umm_ops.adaln_modulate(x, sh2, sc2, n2.eps, "rms", n2.weight)
+        return umm_ops.gated_residual(x, g2, self.mlp(h))
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm + adaLN (shift, scale) + Linear.  With `expand_grid` the Linear is fused with the 2x2 depth-to-space."""
+
+    def __init__(self, width: int, out: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm_final = RMSNorm(width, eps)
+        self.linear = nn.Linear(width, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, c, expand_grid=None):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        h = umm_ops.adaln_modulate(x, shift, scale, self.norm_final.eps, "rms", self.norm_final.weight)
+        if expand_grid is None:
+            return self.linear(h)
+        return umm_ops.expand_tokens(h, expand_grid, self.linear.weight, self.linear.bias, 2)
+
+
+class HeadStage(nn.Module):
+    """``diffusion_head_a`` (blocks) + ``diffusion_head_b`` (final layer)."""
+
+    def __init__(self, width, heads, kv_heads, layers, out, mlp_ratio=4, eps=1e-6, theta=1e4):
+        super().__init__()
+        self.head_dim, self.theta = width // heads, theta
+        self.diffusion_head_a = nn.ModuleList(HeadBlock(width, heads, kv_heads, mlp_ratio, eps) for _ in range(layers))
+        self.diffusion_head_b = FinalLayer(width, out, eps)
+
+    def forward(self, x, c, positions, expand_grid=None):
+        N, L, _ = x.shape
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.theta, x.dtype)
+        cos, sin = cos.repeat(N, 1), sin.repeat(N, 1)
+        layout = image_layout(N, L, x.device)
+        for blk in self.diffusion_head_a:
+            x = blk(x, c, cos, sin, layout)
+        return self.diffusion_head_b(x, c, expand_grid)
+
+
+class HiGate(nn.Module):
+    """LayerNorm(low + g * high) with g = gate(low) = Linear(C -> 1)(SiLU(Linear(C -> C)(low))), unbounded."""
+
+    def __init__(self, width: int, eps: float = 1e-5):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+        self.layer_norm = nn.LayerNorm(width, eps=eps)
+        nn.init.zeros_(self.gate[2].weight)
+        nn.init.zeros_(self.gate[2].bias)
+
+    def forward(self, low, high):
+        hidden = F.silu(self.gate[0](low))
+        return umm_ops.gated_detail_residual(low, high, hidden, self.gate[2].weight, self.gate[2].bias,
+                                             self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps)
+
+    def gate_values(self, low):
+        """The per-token gate g (..., 1) (for heat maps)."""
+        return self.gate(low)
+
+
+class FlowHead(nn.Module):
+    """The whole cascaded head.  Widths: D = LLM hidden, C = ViT hidden; out = packed latent channels."""
+
+    def __init__(self, d_llm, llm_heads, kv_heads, c_vit, vit_heads, out_channels, cfg):
+        super().__init__()
+        self.time_embed = TimestepEmbedder(d_llm, c_vit, cfg.freq_dim)
+        self.gen_projector = HeadStage(d_llm, llm_heads, kv_heads, cfg.semantic_layers, 4 * c_vit, cfg.mlp_ratio,
+                                       cfg.norm_eps, cfg.rope_theta)
+        self.hi_gate = HiGate(c_vit, cfg.gate_ln_eps)
+        self.hi_projector = HeadStage(c_vit, vit_heads, kv_heads, cfg.detail_layers, out_channels, cfg.mlp_ratio,
+                                      cfg.norm_eps, cfg.rope_theta)
+
+    def forward(self, h: torch.Tensor, t: torch.Tensor, high: torch.Tensor, grid_hw) -> torch.Tensor:
+        """h (N, gh*gw, D) LLM hidden states of N images with the same LLM token grid (gh, gw); t (N,);
+        high (N, 4*gh*gw, C) ViT patch embeddings of the decoded x_t.  Returns v (N, 4*gh*gw, out)."""
+        N, n, D = h.shape
+        gh, gw = int(grid_hw[0]), int(grid_hw[1])
+        if n != gh * gw:
+            raise ValueError(f"FlowHead: h has {n} tokens per image, expected gh*gw = {gh}*{gw}")
+        fine = (2 * gh, 2 * gw)
+        if high.shape[:2] != (N, 4 * n):
+            raise ValueError(f"FlowHead: high must be (N, 4*gh*gw, C) = ({N}, {4 * n}, C), got {tuple(high.shape)}")
+        c1, c2 = self.time_embed(t, h.dtype)
+        pos = torch.arange(n, device=h.device)
+        low = self.gen_projector(h, c1, pos, expand_grid=fine)                 # (N, 4n, C)
+        x = self.hi_gate(low, high.to(low.dtype))
+        pos2 = torch.arange(2 * n, device=h.device).repeat(2)                   # arange(L/2) twice, as released
+        return self.hi_projector(x, c2, pos2)
