@@ -1,0 +1,246 @@
+"""Inference for CheersModel: text generation with a KV cache, image generation (Euler ODE or SDE with log-probs)
+and image editing.  Everything is seeded (``seed=``) and reproducible.
+
+Text: the prompts (with their understanding images) are prefilled once as a packed batch; each step adds one
+causal token per unfinished document through span attention's cache case (finished documents add none).
+
+Images: the prompt (and any image to edit) is prefilled once; every sampling step re-runs decoder copy -> ViT ->
+projector -> LLM over the image tokens only (``update_cache=False``: the prompt stays cached, the image part is
+recomputed, as Cheers does) -> both head stages.  Classifier-free guidance runs the conditional and the null-prompt
+documents in the same packed batch: v = v_uncond + s (v_cond - v_uncond).  Time runs from 0 (noise) to 1 (clean)
+on ``time_shift(linspace(0, 1, steps + 1), a)``.
+"""
+from __future__ import annotations
+
+import torch
+
+import umm_ops
+
+from ..data.packing import ROLES, ImageItem, Sample, TextItem, encode_sample
+
+__all__ = ["generate_text", "generate_image", "edit_image", "sample_tokens"]
+
+
+def _generator(seed, device="cpu"):
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
+    """(B, V) -> (B,): greedy at temperature 0, else the LLM helper's sampler (temperature / top-k / top-p)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    from .sampling import sample_next
+
+    return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+
+def _as_sample(p, who: str) -> Sample:
+    if isinstance(p, Sample):
+        return p
+    if isinstance(p, str):
+        return Sample([TextItem(p)])
+    raise TypeError(f"{who}: each prompt must be a str or a umm_ops.data.packing.Sample, got {type(p).__name__}")
+
+
+def _embed_doc(model, doc, dev):
+    """Embeddings of an encoded document with its images (all understanding, t = 1) placed at their spans."""
+    ids = doc.input_ids.to(dev)
+    emb = model.llm.embed(ids)
+    for img, row in zip(doc.images, doc.image_rows):
+        start, n = row[0], row[1]
+        if row[2] != ROLES["understand"]:
+            raise ValueError("prompts for generation may only hold images to understand")
+        pix = img[None].to(dev)
+        feats, _ = model.image_features(model.vae.encode(pix).to(model.dtype), pix.shape[-2:])
+        emb = emb.index_put((torch.arange(start, start + n, device=dev),), feats[0].to(emb.dtype))
+    return emb
+
+
+@torch.no_grad()
+def generate_text(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, stop=None, seed: int = 0, return_ids: bool = False):
+    """Continue each prompt (a str, or a Sample with text and images to understand) with up to `max_new_tokens`.
+
+    Stops a document at the tokenizer's eos (<|im_end|>) or when its new text contains one of `stop` (a str or a
+    list of str; the text is cut before it).  Returns the list of generated strings (and the token lists).
+    """
+    if isinstance(prompts, (str, Sample)):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("generate_text: expected at least one prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate_text: max_new_tokens must be >= 1, got {max_new_tokens}")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    was_training = model.training
+    model.eval()
+    dev, tok = model.device, model.tokenizer
+    spec = model.pack_spec()
+    docs = [encode_sample(_as_sample(p, "generate_text"), spec, i) for i, p in enumerate(prompts)]
+    embeds = torch.cat([_embed_doc(model, d, dev) for d in docs])
+    cache = model.llm.new_cache()
+    layout = cache.layout_for([d.segments for d in docs], device=dev)
+    pos = cache.positions_for(layout)
+    hidden = model.llm.forward_packed(embeds, pos, layout, cache)
+    ends = torch.tensor([d.length for d in docs], device=dev).cumsum(0) - 1
+    logits = model.llm.logits(hidden[ends])
+    g = _generator(seed, dev)
+    B = len(docs)
+    out = [[] for _ in range(B)]
+    texts = [""] * B
+    active = list(range(B))
+    for step in range(max_new_tokens):
+        nxt = sample_tokens(logits.float(), temperature, top_k, top_p, g).tolist()
+        still = []
+        for d, t in zip(active, nxt):
+            if t == tok.eos_id:
+                continue
+            out[d].append(t)
+            texts[d] = tok.decode(out[d])
+            hit = [texts[d].index(s) for s in stops if s in texts[d]]
+            if hit:
+                texts[d] = texts[d][:min(hit)]
+                continue
+            still.append((d, t))
+        if not still or step == max_new_tokens - 1:
+            break
+        active = [d for d, _ in still]
+        new = [[] for _ in range(B)]
+        for d, _ in still:
+            new[d] = [(1, "causal")]
+        layout = cache.layout_for(new, device=dev)
+        pos = cache.positions_for(layout)
+        x = model.llm.embed(torch.tensor([t for _, t in still], device=dev))
+        logits = model.llm.logits(model.llm.forward_packed(x, pos, layout, cache))
+    model.train(was_training)
+    return (texts, out) if return_ids else texts
+
+
+def _velocity(model, cache, x, t, hw, grid, gen_mode, n_docs):
+    """One step of the generation network: x (n_docs, n_vit, 128) at time t (n_docs,) -> v (n_docs, n_vit, 128)."""
+    n = grid[0] * grid[1]
+    emb, high = model.image_features(x.to(model.dtype), hw, want_high=True)
+    layout = cache.layout_for([[(n, gen_mode)]] * n_docs)
+    pos = cache.positions_for(layout)
+    h = model.llm.forward_packed(emb.reshape(n_docs * n, -1), pos, layout, cache, update_cache=False)
+    return model.head(h.view(n_docs, n, -1), t, high, grid).float()
+
+
+@torch.no_grad()
+def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed, mode, sigma, return_trajectory):
+    cfg = model.config
+    steps = cfg.sample_steps if steps is None else int(steps)
+    cfg_scale = cfg.cfg_scale if cfg_scale is None else float(cfg_scale)
+    a = cfg.time_shift if time_shift is None else float(time_shift)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if mode not in ("ode", "sde"):
+        raise ValueError(f"mode must be 'ode' (Euler) or 'sde' (Flow-GRPO transition with log-probs), got {mode!r}")
+    if mode == "sde" and sigma is None:
+        sigma = umm_ops.SigmaSchedule(0.7)
+    was_training = model.training
+    model.eval()
+    dev = model.device
+    spec = model.pack_spec()
+    hw = (int(height), int(width))
+    model.vae.latent_hw(hw)
+    grid = (hw[0] // cfg.pixels_per_token, hw[1] // cfg.pixels_per_token)
+    placeholder = torch.zeros(3, *hw)
+    docs = [encode_sample(Sample(list(s.items) + [ImageItem(placeholder, "generate")]), spec, i)
+            for i, s in enumerate(samples)]
+    N = len(docs)
+    use_cfg = cfg_scale != 1.0
+    # prefix = everything before the generated image's span (its <|vision_start|> included)
+    prefix_ids, prefix_segs, prefix_embeds = [], [], []
+    for d in docs:
+        start = d.image_rows[-1][0]
+        prefix_ids.append(d.input_ids[:start])
+        prefix_segs.append(list(d.segments[:-2]))         # drop the generated span and the trailing vision_end
+        prefix_embeds.append(_embed_doc(model, _Prefix(d, start), dev))
+    if use_cfg:
+        null = [model.null_prompt_ids(ids.to(dev)) for ids in prefix_ids]
+        for d, ids, segs in zip(docs, null, list(prefix_segs)):
+            prefix_embeds.append(_embed_doc(model, _Prefix(d, ids.shape[0], ids), dev))
+            prefix_segs.append(segs)
+    n_docs = len(prefix_segs)
+    cache = model.llm.new_cache()
+    layout = cache.layout_for(prefix_segs, device=dev)
+    model.llm.forward_packed(torch.cat(prefix_embeds), cache.positions_for(layout), layout, cache)
+
+    g = _generator(seed)
+    n_vit = 4 * grid[0] * grid[1]
+    C = cfg.vae.packed_channels
+    x = torch.randn(N, n_vit, C, generator=g).to(dev)
+    ts = umm_ops.time_shift(torch.linspace(0, 1, steps + 1, dtype=torch.float64), a).tolist()
+    traj, logps = [x], []
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        xin = torch.cat([x, x]) if use_cfg else x
+        v = _velocity(model, cache, xin, torch.full((n_docs,), t, device=dev), hw, grid, cfg.gen_mode, n_docs)
+        if use_cfg:
+            v_c, v_u = v[:N], v[N:]
+            v = v_u + cfg_scale * (v_c - v_u)
+        if mode == "ode":
+            x = umm_ops.flow_step(x, v, t, t_next)
+        else:
+            z = torch.randn(x.shape, generator=g).to(dev)
+            if t_next >= 1.0:        # the last step lands on clean data: deterministic
+                x = umm_ops.flow_step(x, v, t, t_next)
+                logps.append(torch.zeros(N, device=dev))
+            else:
+                x, lp = umm_ops.flow_step(x, v, t, t_next, noise=z, sigma=sigma, return_logprob=True)
+                logps.append(lp)
+        traj.append(x)
+    images = model.vae.decode(x.to(model.dtype), hw).float()
+    model.train(was_training)
+    out = dict(images=images, latents=x, timesteps=torch.tensor(ts))
+    if return_trajectory or mode == "sde":
+        out["trajectory"] = torch.stack(traj, 1)              # (N, steps + 1, n_vit, C)
+    if mode == "sde":
+        out["logprobs"] = torch.stack(logps, 1)               # (N, steps)
+    return out
+
+
+class _Prefix:
+    """The first `length` tokens of an encoded document (optionally with replaced ids) for _embed_doc."""
+
+    def __init__(self, doc, length, ids=None):
+        self.input_ids = doc.input_ids[:length] if ids is None else ids
+        rows = [(r, img) for r, img in zip(doc.image_rows, doc.images) if r[0] + r[1] <= length]
+        self.image_rows = [r for r, _ in rows]
+        self.images = [img for _, img in rows]
+
+
+def generate_image(model, prompts, height: int | None = None, width: int | None = None, steps: int | None = None,
+                   cfg_scale: float | None = None, time_shift: float | None = None, seed: int = 0,
+                   mode: str = "ode", sigma=None, return_trajectory: bool = False) -> dict:
+    """Generate one image per prompt (a str or a Sample of text / images to understand).
+
+    Defaults from the config: image_size, sample_steps, cfg_scale, time_shift.  mode "ode": Euler; "sde": Flow-GRPO
+    transitions (sigma: float or umm_ops.SigmaSchedule, default SigmaSchedule(0.7); the last step, which lands on
+    t = 1, is Euler) returning ``trajectory`` (N, steps + 1, n, 128) and ``logprobs`` (N, steps).
+    Returns dict(images (N, 3, H, W) in [-1, 1], latents (N, n, 128), timesteps (steps + 1,), ...).
+    """
+    if isinstance(prompts, (str, Sample)):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("generate_image: expected at least one prompt")
+    size = model.config.image_size
+    samples = [_as_sample(p, "generate_image") for p in prompts]
+    return _generate(model, samples, height or size, width or size, steps, cfg_scale, time_shift, seed, mode, sigma,
+                     return_trajectory)
+
+
+def edit_image(model, images, instructions, height: int | None = None, width: int | None = None, **kw) -> dict:
+    """Image-conditioned generation: the prompt is [image to understand, instruction text] (one per pair).
+    Output size defaults to the input image's size.  Other arguments as generate_image."""
+    if isinstance(images, torch.Tensor) and images.dim() == 3:
+        images = [images]
+    if isinstance(instructions, str):
+        instructions = [instructions]
+    if len(images) != len(instructions):
+        raise ValueError(f"edit_image: {len(images)} images for {len(instructions)} instructions")
+    samples = [Sample([ImageItem(img, "understand"), TextItem(txt)]) for img, txt in zip(images, instructions)]
+    h, w = images[0].shape[-2:]
+    return generate_image(model, samples, height=height or h, width=width or w, **kw)
