@@ -1,5 +1,6 @@
 """Data: MMD-Bench degradations (CLEAR)."""
 from .degradations import CATEGORIES, DEGRADATIONS, LEVELS, WEIGHTS, degrade, psnr, sample_kind
+from .loader import PackedLoader
 from .packing import (ImageItem, LogitNormalTimesteps, PackedBatch, PackSpec, Sample, TextItem, UniformTimesteps,
                       chat_sample, pack, unpack)
 from .tokenizer import ByteTokenizer, HFTokenizer, chat_template, load_tokenizer
@@ -7,4 +8,4 @@ from .tokenizer import ByteTokenizer, HFTokenizer, chat_template, load_tokenizer
 __all__ = ["DEGRADATIONS", "LEVELS", "CATEGORIES", "WEIGHTS", "degrade", "sample_kind", "psnr",
            "ByteTokenizer", "HFTokenizer", "load_tokenizer", "chat_template",
            "TextItem", "ImageItem", "Sample", "PackSpec", "PackedBatch", "pack", "unpack", "chat_sample",
-           "UniformTimesteps", "LogitNormalTimesteps"]
+           "UniformTimesteps", "LogitNormalTimesteps", "PackedLoader"]
