@@ -1,0 +1,392 @@
+"""Checkpoints of CheersModel: our own format, part loaders, and the released Cheers checkpoint's names.
+
+Our format (``save_pretrained`` / ``from_pretrained``): a folder with ``config.json`` (``{"model_type":
+"umm_ops-cheers", "config": CheersConfig.to_dict()}``), safetensors shards ``model-0000i-of-0000n.safetensors``
+and ``model.safetensors.index.json`` (Hugging Face layout).  The folder is written next to its destination under a
+temporary name and moved into place with ``os.replace``: a crash never leaves a half-written checkpoint under the
+final name.  A tied ``llm.lm_head.weight`` is stored once (as the embedding).  Only safetensors are ever read: no
+pickle.
+
+Parts: ``load_parts(model, llm=..., vit=..., vae=...)`` fills the LLM from a Hugging Face Qwen2 folder, the ViT from
+a SigLIP / SigLIP2 vision folder (both through ``umm_ops.model.hf``) and the VAE from a diffusers
+AutoencoderKLFlux2 folder (the trainable decoder copy is re-initialised from the loaded decoder).
+
+Released Cheers (AI9Stars/Cheers, ``Training/cheers_config``): ``convert_cheers_state_dict`` maps its names
+(read from its model.safetensors.index.json) to ours:
+
+    lm_head.weight                                   -> dropped when tied (else llm.lm_head.weight)
+    model.language_model.*                           -> llm.model.*
+    model.vision_representation.head.*               -> dropped (the SigLIP pooling head, unused by Cheers)
+    model.vision_representation.*                    -> vit.vision_model.*
+    model.und_projector.*                            -> und_projector.*
+    model.{time_embed,gen_projector,hi_gate,hi_projector}.* -> head.{...}.*
+    model.vae_model.{encoder,decoder}.* (BFL/LDM names: down.i.block.j, mid.attn_1.q, ...)
+                                                     -> vae.frozen.* (diffusers names, via diffusers'
+                                                        convert_ldm_vae_checkpoint; encoder.quant_conv and
+                                                        decoder.post_quant_conv are top-level in diffusers)
+    model.vae_model.bn.*                             -> vae.frozen.bn.*
+    model.vae_decoder_projector.decoder.*            -> vae.decoder_copy.{decoder,post_quant_conv}.*
+    model.vae_decoder_projector.bn.*                 -> vae.decoder_copy.bn.*
+
+``to_cheers_state_dict`` is the inverse (export to the released layout).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+
+from .config import CheersConfig, preset
+
+__all__ = ["save_pretrained", "from_pretrained", "load_state", "load_parts", "convert_cheers_state_dict",
+           "to_cheers_state_dict", "from_cheers_checkpoint", "cheers_config_from_released"]
+
+MODEL_TYPE = "umm_ops-cheers"
+INDEX = "model.safetensors.index.json"
+
+
+# ----------------------------------------------------------------------------------- safetensors folders
+def _shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _state_for_saving(model) -> dict:
+    sd = model.state_dict()
+    if model.llm.config.tie_word_embeddings:
+        sd.pop("llm.lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def write_safetensors_folder(state: dict, folder: str, max_shard_bytes: int = 2 << 30, metadata=None):
+    """Write `state` as safetensors shards + index into the (existing, empty) `folder`."""
+    from safetensors.torch import save_file
+
+    shards, cur, size = [], {}, 0
+    for k in sorted(state):
+        t = state[k]
+        nb = t.numel() * t.element_size()
+        if cur and size + nb > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = t
+        size += nb
+    shards.append(cur)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = _shard_name(i, len(shards))
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt", **(metadata or {})})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(folder, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+
+
+def read_safetensors_folder(folder: str, device="cpu") -> dict:
+    """All tensors of a folder holding model.safetensors or a sharded model.safetensors.index.json."""
+    from safetensors.torch import load_file
+
+    folder = os.fspath(folder)
+    index = os.path.join(folder, INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        found = sorted(os.listdir(folder)) if os.path.isdir(folder) else "no such folder"
+        raise FileNotFoundError(f"{folder}: expected {INDEX} or model.safetensors (safetensors only, never pickle), "
+                                f"found {found}")
+    state = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder}: the index names {name}, which is missing")
+        state.update(load_file(path, device=str(device)))
+    return state
+
+
+def _atomic_folder(folder: str):
+    """A temporary sibling of `folder` and the function that moves it into place."""
+    folder = os.path.abspath(os.fspath(folder))
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
+
+    def commit():
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old-", dir=parent)
+            os.replace(folder, os.path.join(old, "x"))
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+
+    return tmp, commit
+
+
+# ----------------------------------------------------------------------------------- our format
+def save_pretrained(model, folder, max_shard_bytes: int = 2 << 30) -> str:
+    """Write config.json + sharded safetensors + index to `folder`, atomically.  Returns the folder."""
+    tmp, commit = _atomic_folder(folder)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"model_type": MODEL_TYPE, "config": model.config.to_dict()}, f, indent=2)
+        write_safetensors_folder(_state_for_saving(model), tmp, max_shard_bytes)
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return os.fspath(folder)
+
+
+def load_state(model, state: dict, strict: bool = True, who: str = "checkpoint") -> None:
+    """Copy `state` into `model` (the tied lm_head may be absent), with a clear error naming what does not match."""
+    own = model.state_dict()
+    tied = model.llm.config.tie_word_embeddings
+    expected = set(own) - ({"llm.lm_head.weight"} if tied else set())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if strict and (missing or unexpected):
+        raise ValueError(f"{who}: {len(missing)} missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{who}: shape mismatch (name, checkpoint, model): {bad[:8]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def from_pretrained(folder, device=None, dtype=None, tokenizer=None):
+    """Build a CheersModel from a folder written by save_pretrained."""
+    from .cheers import CheersModel
+
+    folder = os.fspath(folder)
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{folder}: no config.json (expected a folder written by save_pretrained)")
+    with open(cfg_path) as f:
+        meta = json.load(f)
+    if meta.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{cfg_path}: model_type {meta.get('model_type')!r}, expected {MODEL_TYPE!r} "
+                         f"(for the released Cheers checkpoint use from_cheers_checkpoint)")
+    model = CheersModel(CheersConfig.from_dict(meta["config"]), tokenizer=tokenizer)
+    load_state(model, read_safetensors_folder(folder), who=folder)
+    if dtype is not None:
+        model.to(dtype)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+# ----------------------------------------------------------------------------------- parts
+@torch.no_grad()
+def load_parts(model, llm=None, vit=None, vae=None):
+    """Fill parts of `model` from pretrained folders: llm (HF Qwen2), vit (HF SigLIP/SigLIP2 vision), vae (diffusers
+    AutoencoderKLFlux2; also re-initialises the trainable decoder copy and its statistics from it)."""
+    from . import hf
+
+    if llm is not None:
+        part = hf.load_llm(llm)
+        _copy_part(model.llm, part.state_dict(), f"LLM {llm}")
+    if vit is not None:
+        part = hf.load_siglip(vit)
+        _copy_part(model.vit, part.state_dict(), f"ViT {vit}")
+    if vae is not None:
+        from diffusers import AutoencoderKLFlux2
+
+        part = AutoencoderKLFlux2.from_pretrained(os.fspath(vae), local_files_only=True)
+        _copy_part(model.vae.frozen, part.state_dict(), f"VAE {vae}")
+        dc = model.vae.decoder_copy
+        dc.decoder.load_state_dict(model.vae.frozen.decoder.state_dict())
+        if dc.post_quant_conv is not None:
+            dc.post_quant_conv.load_state_dict(model.vae.frozen.post_quant_conv.state_dict())
+        dc.bn.load_state_dict(model.vae.frozen.bn.state_dict())
+    return model
+
+
+def _copy_part(module, state, who):
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"{who}: the loaded part lacks {missing[:8]} (is its config the one of this model?)")
+    bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if state[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{who}: shapes differ from this model's config (name, loaded, model): {bad[:8]}")
+    module.load_state_dict({k: state[k] for k in own})
+
+
+# ----------------------------------------------------------------------------------- released Cheers names
+_HEAD_PARTS = ("time_embed", "gen_projector", "hi_gate", "hi_projector")
+
+
+def _vae_block_types(n):
+    return {"down_block_types": ("DownEncoderBlock2D",) * n, "up_block_types": ("UpDecoderBlock2D",) * n}
+
+
+def convert_cheers_state_dict(state: dict, num_vae_blocks: int = 4, tie_word_embeddings: bool = True) -> dict:
+    """Released Cheers names -> ours (see the module docstring).  Raises on a name it does not know."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    out, vae, dec_copy, unknown = {}, {}, {}, []
+    for k, v in state.items():
+        if k == "lm_head.weight":
+            if not tie_word_embeddings:
+                out["llm.lm_head.weight"] = v
+        elif k.startswith("model.language_model."):
+            out["llm.model." + k[len("model.language_model."):]] = v
+        elif k.startswith("model.vision_representation.head."):
+            continue
+        elif k.startswith("model.vision_representation."):
+            out["vit.vision_model." + k[len("model.vision_representation."):]] = v
+        elif k.startswith("model.und_projector."):
+            out[k[len("model."):]] = v
+        elif k.split(".")[1] in _HEAD_PARTS and k.startswith("model."):
+            out["head." + k[len("model."):]] = v
+        elif k.startswith("model.vae_model.bn."):
+            out["vae.frozen.bn." + k[len("model.vae_model.bn."):]] = v
+        elif k.startswith("model.vae_model.encoder.quant_conv."):
+            vae["quant_conv." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("model.vae_model.decoder.post_quant_conv."):
+            vae["post_quant_conv." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("model.vae_model."):
+            vae[k[len("model.vae_model."):]] = v
+        elif k.startswith("model.vae_decoder_projector.bn."):
+            out["vae.decoder_copy.bn." + k[len("model.vae_decoder_projector.bn."):]] = v
+        elif k.startswith("model.vae_decoder_projector.decoder.post_quant_conv."):
+            out["vae.decoder_copy.post_quant_conv." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("model.vae_decoder_projector.decoder."):
+            dec_copy[k[len("model.vae_decoder_projector."):]] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        raise ValueError(f"convert_cheers_state_dict: {len(unknown)} names not in the released Cheers layout: "
+                         f"{unknown[:8]}")
+    types = _vae_block_types(num_vae_blocks)
+    if vae:
+        conv = convert_ldm_vae_checkpoint(vae, types)
+        _check_all_used(vae, conv, "model.vae_model")
+        out.update({"vae.frozen." + k: v for k, v in conv.items()})
+    if dec_copy:
+        conv = convert_ldm_vae_checkpoint(dec_copy, types)
+        _check_all_used(dec_copy, conv, "model.vae_decoder_projector")
+        out.update({"vae.decoder_copy." + k: v for k, v in conv.items()})
+    return out
+
+
+def _check_all_used(src, conv, who):
+    if len(conv) != len(src):
+        raise ValueError(f"{who}: {len(src)} VAE tensors but {len(conv)} converted (names outside the FLUX/LDM "
+                         f"autoencoder layout?)")
+
+
+def _diffusers_to_ldm_vae(name: str, n_blocks: int) -> str:
+    """One diffusers VAE name (encoder./decoder. ...) -> its LDM/BFL name."""
+    s = name
+    m = re.match(r"(encoder)\.down_blocks\.(\d+)\.(resnets|downsamplers)\.(\d+)\.(.*)", s)
+    if m:
+        _, i, kind, j, rest = m.groups()
+        if kind == "downsamplers":
+            return f"encoder.down.{i}.downsample.{rest}"
+        return f"encoder.down.{i}.block.{j}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+    m = re.match(r"(decoder)\.up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.(.*)", s)
+    if m:
+        _, i, kind, j, rest = m.groups()
+        b = n_blocks - 1 - int(i)
+        if kind == "upsamplers":
+            return f"decoder.up.{b}.upsample.{rest}"
+        return f"decoder.up.{b}.block.{j}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+    m = re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", s)
+    if m:
+        part, j, rest = m.groups()
+        return f"{part}.mid.block_{int(j) + 1}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+    m = re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", s)
+    if m:
+        part, rest = m.groups()
+        rest = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[
+            rest.rsplit(".", 1)[0]] + "." + rest.rsplit(".", 1)[1]
+        return f"{part}.mid.attn_1.{rest}"
+    return s.replace("conv_norm_out", "norm_out")
+
+
+def to_cheers_state_dict(model) -> dict:
+    """Our state dict in the released Cheers layout (inverse of convert_cheers_state_dict)."""
+    n = len(model.config.vae.block_out_channels)
+    out = {}
+    for k, v in model.state_dict().items():
+        if k == "llm.lm_head.weight":
+            out["lm_head.weight"] = v
+        elif k.startswith("llm.model."):
+            out["model.language_model." + k[len("llm.model."):]] = v
+        elif k.startswith("vit.vision_model."):
+            out["model.vision_representation." + k[len("vit.vision_model."):]] = v
+        elif k.startswith("und_projector."):
+            out["model." + k] = v
+        elif k.startswith("head."):
+            out["model." + k[len("head."):]] = v
+        elif k.startswith("vae.frozen.bn."):
+            out["model.vae_model.bn." + k[len("vae.frozen.bn."):]] = v
+        elif k.startswith("vae.frozen.quant_conv."):
+            out["model.vae_model.encoder.quant_conv." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("vae.frozen.post_quant_conv."):
+            out["model.vae_model.decoder.post_quant_conv." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("vae.frozen."):
+            out["model.vae_model." + _diffusers_to_ldm_vae(k[len("vae.frozen."):], n)] = _attn_conv(k, v)
+        elif k.startswith("vae.decoder_copy.bn."):
+            out["model.vae_decoder_projector.bn." + k[len("vae.decoder_copy.bn."):]] = v
+        elif k.startswith("vae.decoder_copy.post_quant_conv."):
+            out["model.vae_decoder_projector.decoder.post_quant_conv." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("vae.decoder_copy."):
+            out["model.vae_decoder_projector." + _diffusers_to_ldm_vae(k[len("vae.decoder_copy."):], n)] = \
+                _attn_conv(k, v)
+        else:
+            raise AssertionError(f"to_cheers_state_dict: no released name for {k}")
+    return out
+
+
+def _attn_conv(name, v):
+    """diffusers' mid-block attention Linear weights are 1x1 convs in the LDM/BFL layout."""
+    if ".attentions." in name and name.endswith("weight") and v.dim() == 2:
+        return v[:, :, None, None]
+    return v
+
+
+def cheers_config_from_released(d: dict) -> CheersConfig:
+    """A CheersConfig from the released Cheers config.json (text_config / vision_representation_config); the rest
+    (VAE, head depth, sampler) is the cheers-1.5b preset."""
+    cfg = preset("cheers-1.5b")
+    text = d.get("text_config", {})
+    llm = dict(cfg.llm)
+    llm.update({k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                     "num_key_value_heads", "tie_word_embeddings", "max_position_embeddings",
+                                     "num_hidden_layers", "rope_theta", "rms_norm_eps") if k in text})
+    vis = d.get("vision_representation_config", {})
+    vit = dict(cfg.vit)
+    vit.update({k: vis[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                    "patch_size", "image_size", "num_channels", "layer_norm_eps") if k in vis})
+    cfg.llm, cfg.vit = llm, vit
+    return cfg.validate()
+
+
+def from_cheers_checkpoint(folder, config: CheersConfig | None = None, tokenizer=None, device=None):
+    """A CheersModel from a released Cheers folder (config.json + model*.safetensors); the tokenizer defaults to the
+    folder's own (Hugging Face) tokenizer."""
+    from .cheers import CheersModel
+
+    folder = os.fspath(folder)
+    if config is None:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = cheers_config_from_released(json.load(f))
+    if tokenizer is None and config.tokenizer == "byte" and os.path.isfile(os.path.join(folder,
+                                                                                         "tokenizer_config.json")):
+        config.tokenizer = folder
+    model = CheersModel(config, tokenizer=tokenizer)
+    state = convert_cheers_state_dict(read_safetensors_folder(folder), len(config.vae.block_out_channels),
+                                      config.llm.get("tie_word_embeddings", True))
+    load_state(model, state, who=folder)
+    if device is not None:
+        model.to(device)
+    return model
+
