@@ -1,0 +1,161 @@
+"""The cascaded flow head (umm_ops.model.head) against a plain-PyTorch transcription of the released Cheers head
+(RMSNorm module + fp32 modulate, SDPA with repeat_kv per image, view/permute unpatchify, unfused HiGate)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import umm_ops
+from umm_ops.model.config import HeadConfig
+from umm_ops.model.head import FlowHead, TimestepEmbedder
+from tolerance import assert_close_rule
+
+D, HQ, HKV, C, CH, OUT = 64, 4, 2, 48, 4, 32     # LLM width / heads / kv heads, ViT width / heads, out channels
+
+
+def make_head(dtype=torch.float32, randomize=True):
+    head = FlowHead(D, HQ, HKV, C, CH, OUT, HeadConfig(semantic_layers=2, detail_layers=2)).to(dtype)
+    if randomize:   # the adaLN / HiGate zero-inits would hide most of the computation
+        with torch.no_grad():
+            for p in head.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    return head
+
+
+# ------------------------------------------------------------------ plain transcription of the released head
+def _up(x):                                    # the released code's .float(), never a downcast of float64
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _rms(x, w, eps):
+    xf = _up(x)
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _modulate(x, shift, scale):
+    return (_up(x) * (1 + _up(scale)[:, None]) + _up(shift)[:, None]).to(x.dtype)
+
+
+def _rope(x, pos, theta):                      # x (B, H, L, Dh), rotate-half; frequencies in float32 as released
+    dh = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, dh, 2, dtype=torch.int64).float() / dh))
+    f = pos.float()[:, None] * inv[None]
+    emb = torch.cat([f, f], -1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def _attn(blk, x, pos, theta):
+    B, L, W = x.shape
+    a = blk.attn
+    q = a.q_proj(x).view(B, L, -1, a.head_dim).transpose(1, 2)
+    k = a.k_proj(x).view(B, L, -1, a.head_dim).transpose(1, 2)
+    v = a.v_proj(x).view(B, L, -1, a.head_dim).transpose(1, 2)
+    q, k = _rope(q, pos, theta), _rope(k, pos, theta)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    o = F.scaled_dot_product_attention(q, k, v)
+    return a.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+
+
+def _stage(stage, x, c, pos, theta=1e4):
+    for blk in stage.diffusion_head_a:
+        sh1, sc1, g1, sh2, sc2, g2 = blk.adaLN_modulation(c).chunk(6, -1)
+        h = _modulate(_rms(x, blk.input_layernorm.weight, 1e-6), sh1, sc1)
+        x = x + g1[:, None] * _attn(blk, h, pos, theta)
+        h = _modulate(_rms(x, blk.post_attention_layernorm.weight, 1e-6), sh2, sc2)
+        m = blk.mlp
+        x = x + g2[:, None] * m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+    fl = stage.diffusion_head_b
+    shift, scale = fl.adaLN_modulation(c).chunk(2, -1)
+    return fl.linear(_modulate(_rms(x, fl.norm_final.weight, 1e-6), shift, scale))
+
+
+def reference_head(head, h, t, high, grid):
+    te = head.time_embed
+    half = 128
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    tf = torch.cat([torch.cos(args), torch.sin(args)], -1).to(h.dtype)
+    c1, c2 = te.mlp_1(tf), te.mlp_2(tf)
+    N, n, _ = h.shape
+    low = _stage(head.gen_projector, h, c1, torch.arange(n))
+    gh, gw = grid
+    P = 2
+    Dv = low.shape[-1] // (P * P)
+    low = low.view(N, gh, gw, P, P, Dv).permute(0, 1, 3, 2, 4, 5).reshape(N, gh * P * gw * P, Dv)
+    hg = head.hi_gate
+    x = F.layer_norm(low + hg.gate(low) * high, (Dv,), hg.layer_norm.weight, hg.layer_norm.bias, hg.layer_norm.eps)
+    L = x.shape[1]
+    return _stage(head.hi_projector, x, c2, torch.arange(L // 2).repeat(2))
+
+
+# ------------------------------------------------------------------ tests
+def _inputs(N, grid, dtype):
+    n = grid[0] * grid[1]
+    return torch.randn(N, n, D, dtype=dtype), torch.rand(N, dtype=dtype), torch.randn(N, 4 * n, C, dtype=dtype)
+
+
+def test_head_matches_released_formulation_float64(seed):
+    head = make_head(torch.float64)
+    h, t, high = _inputs(3, (2, 3), torch.float64)
+    with umm_ops.use_backend("reference"):
+        out = head(h, t, high, (2, 3))
+    ref = reference_head(head, h, t, high, (2, 3))
+    assert out.shape == (3, 24, OUT)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_head_fused_float32_within_pytorch_error(seed):
+    """Default backend in float32 vs the float64 transcription: at most 2x PyTorch's own float32 error (+ ulps)."""
+    head64 = make_head(torch.float64)
+    head32 = FlowHead(D, HQ, HKV, C, CH, OUT, HeadConfig(semantic_layers=2, detail_layers=2))
+    head32.load_state_dict({k: v.float() for k, v in head64.state_dict().items()})
+    h, t, high = _inputs(2, (2, 2), torch.float64)
+    ref64 = reference_head(head64, h, t, high, (2, 2))
+    ref32 = reference_head(head32, h.float(), t.float(), high.float(), (2, 2))
+    out = head32(h.float(), t.float(), high.float(), (2, 2))
+    assert_close_rule(out, ref64, ref32, torch.float32, "head velocity")
+
+
+def test_images_in_one_call_do_not_interact(seed):
+    head = make_head()
+    h, t, high = _inputs(3, (2, 2), torch.float32)
+    together = head(h, t, high, (2, 2))
+    for i in range(3):
+        alone = head(h[i:i + 1], t[i:i + 1], high[i:i + 1], (2, 2))
+        torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_init_as_released(seed):
+    """adaLN projections and HiGate's last Linear start at zero: blocks are identities and the gate is closed."""
+    head = make_head(randomize=False)
+    for stage in (head.gen_projector, head.hi_projector):
+        for blk in stage.diffusion_head_a:
+            assert not blk.adaLN_modulation[1].weight.any() and not blk.adaLN_modulation[1].bias.any()
+    low, high = torch.randn(2, 8, C), torch.randn(2, 8, C)
+    hg = head.hi_gate
+    torch.testing.assert_close(hg(low, high), F.layer_norm(low, (C,), hg.layer_norm.weight, hg.layer_norm.bias,
+                                                           hg.layer_norm.eps), rtol=1e-5, atol=1e-5)
+
+
+def test_timestep_features_cos_then_sin():
+    te = TimestepEmbedder(8, 8, freq_dim=6)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    f = te.features(t)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(3) / 3)
+    torch.testing.assert_close(f[:, :3], torch.cos(t[:, None] * freqs))
+    torch.testing.assert_close(f[:, 3:], torch.sin(t[:, None] * freqs))
+
+
+def test_head_errors():
+    head = make_head(randomize=False)
+    h, t, high = _inputs(2, (2, 2), torch.float32)
+    with pytest.raises(ValueError, match="expected gh\\*gw"):
+        head(h, t, high, (2, 3))
+    with pytest.raises(ValueError, match="high must be"):
+        head(h, t, high[:, :8], (2, 2))
