@@ -1,0 +1,916 @@
+// CUDA span attention (docs/span-attention-contract.md), sm80+ tensor cores via CuTe: forward and backward.
+// Design notes and integration steps: csrc/cuda_wip/README.md.  Same tiling idea and the same tile classifier
+// (umm/span.h: span_classify_tile) as the CPU kernel (csrc/cpu/span_attention.cpp) and the Triton kernel
+// (umm_ops/triton/attention.py).
+//
+// Three tile kernels share one structure ("fixed" operands loaded once per CTA, "streamed" operands double
+// buffered through shared memory with cp.async):
+//
+//   kernel      CTA                         fixed (A side, 64 rows)   streamed (B side, kN rows)   products per tile
+//   forward     (query block, doc, q head)  Q                         K, V                         S = Q K^T, O += P V
+//   dq          (query block, doc, q head)  Q, dO                     K, V                         S, dP = dO V^T, dQ += dS K
+//   dk / dv     (key block, doc, kv head)   K, V                       Q, dO (every q head of       S^T = K Q^T, dP^T = V dO^T,
+//                                                                     the GQA group)               dV += P^T dO, dK += dS^T Q
+//
+// The dk/dv kernel computes the TRANSPOSED scores directly (keys are its rows), so P^T and dS^T are already in
+// the accumulator layout of the A operand of the next product: no shared-memory round trip for P or dS, and no
+// atomics anywhere.  dQ is a separate pass (it recomputes S and dP: 7 tile products per visible pair instead of
+// FlashAttention-2's 5 with float atomics) so every output element is written once, in a fixed order: the
+// backward is bitwise deterministic, as the project's other CUDA kernels are.
+//
+// Rows / columns of a tile and the mask.  A document owns keys [k_begin, k_end) and queries [q_begin, q_end); query
+// i sits at key position p = i + shift (shift = k_end - q_end, the cache case's bottom-right alignment).  With
+// a = start of the segment of p and hi = p + 1 (causal segment) or the segment's end (full / noise):
+//
+//   allowed(p, k) = (a <= k < hi) || (k < a && mode(segment of k) != noise)          (k, p in the same document)
+//
+// which is the contract's definition.  Every (query tile, key tile) pair is classified from the segment table
+// alone (span_classify_tile): EMPTY tiles are skipped (never loaded), FULL tiles need only the bounds mask (key
+// columns past the tile's end, rows / columns past the valid range), PARTIAL tiles evaluate allowed() per element.
+//
+// Numerics: bf16/fp16 operands, fp32 accumulation (SM80_16x8x16 MMA); softmax in fp32 in log2 units
+// (scores * softmax_scale * log2(e), max taken after scaling, so any finite scale, even <= 0, is fine); P and dS
+// are rounded to the input dtype before their products (as FlashAttention does); lse is written in float32 in
+// natural log units.  A query with no visible key gets out = 0, lse = -inf and zero gradients (never NaN).
+//
+// NOTE: compiled only (no GPU in the session that wrote it); see README.md for what was checked.
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "common.cuh"
+#include "span_cuda_api.h"
+#include "umm/span.h"
+
+namespace umm {
+namespace cuda {
+namespace span {
+
+using namespace cute;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <class T>
+struct MmaAtomFor;
+template <>
+struct MmaAtomFor<cutlass::bfloat16_t> {
+  using type = SM80_16x8x16_F32BF16BF16F32_TN;
+};
+template <>
+struct MmaAtomFor<cutlass::half_t> {
+  using type = SM80_16x8x16_F32F16F16F32_TN;
+};
+
+// ------------------------------------------------------------------------------------------------ traits
+// kHeadDim: the padded head dim (64, 96 or 128); the real Dh <= kHeadDim, the extra columns are zero-filled on load
+// and never stored.  kM = 64 rows of the fixed operands (4 warps x 16 rows: each warp owns 16 full rows of every
+// product, which is what lets P / dS go from the accumulator straight into the A operand of the next product);
+// kN rows of the streamed operands.
+template <int kHeadDim_, int kN_, class T_>
+struct Traits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kM = 64;
+  static constexpr int kN = kN_;
+  static constexpr int kNWarps = 4;
+  static constexpr int kNThreads = 32 * kNWarps;
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "padded head dim: 64, 96 or 128");
+  static_assert(kN % 32 == 0, "streamed rows: a multiple of 32 (gmem copy passes, 16-wide MMA tiles)");
+
+  using TiledMma = TiledMMA<MMA_Atom<typename MmaAtomFor<T>::type>, Layout<Shape<Int<kNWarps>, _1, _1>>,
+                            Tile<Int<16 * kNWarps>, _16, _16>>;
+
+  // Shared memory: rows of kHeadDim elements, in 8 x kBlockKSmem swizzled atoms (conflict-free ldmatrix and
+  // 128-bit cp.async; a swizzle never moves the 8-element (16-byte) chunks apart).
+  static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
+  static constexpr int kSwizzle = kBlockKSmem == 64 ? 3 : 2;
+  using SmemAtom = decltype(composition(Swizzle<kSwizzle, 3, 3>{},
+                                        Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
+  using SmemFixed = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kM>, Int<kHeadDim>>{}));
+  using SmemStream = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kN>, Int<kHeadDim>>{}));
+  // Transposed view of a streamed tile: (d, row) -> element (row, d).  The B operand of O += P V (V^T),
+  // dQ += dS K (K^T), dV += P^T dO (dO^T), dK += dS^T Q (Q^T); read with transposing ldmatrix.
+  using SmemStreamT =
+      decltype(composition(SmemStream{}, make_layout(Shape<Int<kHeadDim>, Int<kN>>{}, GenRowMajor{})));
+
+  static constexpr int kFixedElems = kM * kHeadDim;
+  static constexpr int kStreamElems = kN * kHeadDim;
+
+  // Global <-> shared: 128-bit chunks (8 elements), kGmemThreadsPerRow threads per kBlockKSmem columns.
+  static constexpr int kGmemThreadsPerRow = kBlockKSmem / 8;
+  using GmemThreads = Layout<Shape<Int<kNThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
+                             Stride<Int<kGmemThreadsPerRow>, _1>>;
+  using GmemLoad = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, T>{},
+                                            GmemThreads{}, Layout<Shape<_1, _8>>{}));
+  using GmemStore =
+      decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, T>{}, GmemThreads{}, Layout<Shape<_1, _8>>{}));
+  static_assert(kM % (kNThreads / kGmemThreadsPerRow) == 0 && kN % (kNThreads / kGmemThreadsPerRow) == 0,
+                "tile rows must be a multiple of the rows one gmem copy pass covers");
+
+  // Shared -> registers.
+  using LdsmA = Copy_Atom<SM75_U32x4_LDSM_N, T>;   // A operands (fixed tiles, row-major, d contiguous)
+  using LdsmB = Copy_Atom<SM75_U32x4_LDSM_N, T>;   // B operands read as (row, d): S = Q K^T, dP = dO V^T, ...
+  using LdsmBt = Copy_Atom<SM75_U16x8_LDSM_T, T>;  // B operands read transposed: (d, row)
+};
+
+// ------------------------------------------------------------------------------------------------ helpers
+// Accumulator layout ((2, 2), MMA_M, MMA_N) of the SM80 16x8 MMA -> (rows, cols) = ((2, MMA_M), (2, MMA_N)).
+// Value (v0, v1) of atom (m, n) of thread t sits at row 16 m' + t / 4 + 8 v1, column 8 n + 2 (t % 4) + v0 of the
+// warp's tile; we never rely on that formula: coordinates always come from an identity tensor partitioned the
+// same way.  What we rely on: the four threads t with equal t / 4 (a quad) own all columns of their rows.
+template <class L>
+__device__ __forceinline__ constexpr auto rowcol(L const& l) {
+  static_assert(decltype(rank(l))::value == 3, "accumulator layout ((2,2), MMA_M, MMA_N) expected");
+  static_assert(decltype(size<0>(l))::value == 4, "accumulator layout ((2,2), MMA_M, MMA_N) expected");
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// Accumulator layout ((2, 2), MMA_M, MMA_N) -> A-operand layout ((2, 2, 2), MMA_M, MMA_N / 2) of the 16x8x16 MMA:
+// the A fragment of k-block j is the accumulators of n-atoms 2j and 2j + 1 (the third value mode selects the
+// second 8 columns).  Same register contents, only re-indexed.
+template <class L>
+__device__ __forceinline__ constexpr auto acc_to_a(L const& l) {
+  static_assert(decltype(size<2>(l))::value % 2 == 0, "the MMA_N of the scores must be even");
+  auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});  // ((2, 2), MMA_M, (2, MMA_N / 2))
+  return make_layout(make_layout(get<0, 0>(d), get<0, 1>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+}
+
+// Round a float fragment to T, keeping its layout re-indexed as an A operand.
+template <class T, class Frag>
+__device__ __forceinline__ auto to_a_operand(Frag const& acc) {
+  Tensor r = make_tensor<T>(shape(acc));
+  static_assert(decltype(size(r))::value == decltype(size(acc))::value, "fragment sizes");
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) r(i) = T(acc(i));
+  // r has the compact layout of acc's shape; acc (from partition_fragment_C) is compact with the same shape, so
+  // r(i) and acc(i) are the same coordinate.
+  return make_tensor(r.data(), acc_to_a(r.layout()));
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// acc += A B^T with both operands in shared memory; fragments are loaded with ldmatrix one k-block ahead.
+// tCsA / tCsB: shared-memory partitions of the ldmatrix thread copies; tCrA / tCrB: MMA register fragments.
+template <class Mma, class Acc, class RA, class RB, class SA, class SB, class CpA, class CpB, class ThrA, class ThrB>
+__device__ __forceinline__ void gemm_ss(Mma const& mma, Acc& acc, RA& tCrA, RB& tCrB, SA const& tCsA,
+                                        SB const& tCsB, CpA const& cpA, CpB const& cpB, ThrA const& thrA,
+                                        ThrB const& thrB) {
+  Tensor vA = thrA.retile_D(tCrA);
+  Tensor vB = thrB.retile_D(tCrB);
+  static_assert(decltype(size<1>(tCsA))::value == decltype(size<1>(vA))::value, "A copy / MMA partition mismatch");
+  static_assert(decltype(size<1>(tCsB))::value == decltype(size<1>(vB))::value, "B copy / MMA partition mismatch");
+  static_assert(decltype(size<2>(tCrA))::value == decltype(size<2>(tCrB))::value, "K extents differ");
+  copy(cpA, tCsA(_, _, 0), vA(_, _, 0));
+  copy(cpB, tCsB(_, _, 0), vB(_, _, 0));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(tCrA); ++k) {
+    if (k + 1 < size<2>(tCrA)) {
+      copy(cpA, tCsA(_, _, k + 1), vA(_, _, k + 1));
+      copy(cpB, tCsB(_, _, k + 1), vB(_, _, k + 1));
+    }
+    cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k), acc);
+  }
+}
+
+// acc += A B^T with A already in registers (P or dS) and B in shared memory.
+template <class Mma, class Acc, class RA, class RB, class SB, class CpB, class ThrB>
+__device__ __forceinline__ void gemm_rs(Mma const& mma, Acc& acc, RA const& tCrA, RB& tCrB, SB const& tCsB,
+                                        CpB const& cpB, ThrB const& thrB) {
+  Tensor vB = thrB.retile_D(tCrB);
+  static_assert(decltype(size<1>(tCsB))::value == decltype(size<1>(vB))::value, "B copy / MMA partition mismatch");
+  static_assert(decltype(size<2>(tCrA))::value == decltype(size<2>(tCrB))::value, "K extents differ");
+  copy(cpB, tCsB(_, _, 0), vB(_, _, 0));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(tCrA); ++k) {
+    if (k + 1 < size<2>(tCrA)) copy(cpB, tCsB(_, _, k + 1), vB(_, _, k + 1));
+    cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k), acc);
+  }
+}
+
+// Issue the cp.async loads of a ROWS x kHeadDim tile starting at `g` (row stride `ld` elements) into the shared
+// tile `s`: rows >= rows_valid and columns >= cols_valid (a multiple of 8) are zero-filled with plain stores
+// instead (never addressed in global memory).  The caller commits the group (cp_async_fence).
+template <class K, int ROWS, class SmemLayout>
+__device__ __forceinline__ void load_tile(typename K::T const* g, int64_t ld, int rows_valid, int cols_valid,
+                                          typename K::T* s, int tid) {
+  using T = typename K::T;
+  Tensor gT = make_tensor(make_gmem_ptr(g), make_layout(make_shape(Int<ROWS>{}, Int<K::kHeadDim>{}),
+                                                        make_stride(ld, _1{})));
+  Tensor sT = make_tensor(make_smem_ptr(s), SmemLayout{});
+  Tensor cT = make_identity_tensor(make_shape(Int<ROWS>{}, Int<K::kHeadDim>{}));
+  typename K::GmemLoad cp;
+  auto thr = cp.get_thread_slice(tid);
+  Tensor tg = thr.partition_S(gT);
+  Tensor ts = thr.partition_D(sT);
+  Tensor tc = thr.partition_S(cT);
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(ts); ++m) {
+    const bool row_ok = get<0>(tc(0, m, 0)) < rows_valid;
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(ts); ++k) {
+      if (row_ok && get<1>(tc(0, m, k)) < cols_valid) {
+        copy(cp, tg(_, m, k), ts(_, m, k));
+      } else {
+        fill(ts(_, m, k), T(0.f));
+      }
+    }
+  }
+}
+
+// Store a ROWS x kHeadDim shared tile to global memory (rows < rows_valid, columns < cols_valid only).  The
+// caller has synchronised the block after writing the shared tile.
+template <class K, int ROWS, class SmemLayout>
+__device__ __forceinline__ void store_tile(typename K::T* g, int64_t ld, int rows_valid, int cols_valid,
+                                           typename K::T const* s, int tid) {
+  Tensor gT = make_tensor(make_gmem_ptr(g), make_layout(make_shape(Int<ROWS>{}, Int<K::kHeadDim>{}),
+                                                        make_stride(ld, _1{})));
+  Tensor sT = make_tensor(make_smem_ptr(s), SmemLayout{});
+  Tensor cT = make_identity_tensor(make_shape(Int<ROWS>{}, Int<K::kHeadDim>{}));
+  typename K::GmemStore cp;
+  auto thr = cp.get_thread_slice(tid);
+  Tensor ts = thr.partition_S(sT);
+  Tensor tg = thr.partition_D(gT);
+  Tensor tc = thr.partition_D(cT);
+  Tensor tr = make_fragment_like(ts);
+  copy(cp, ts, tr);
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(tg); ++m) {
+    if (get<0>(tc(0, m, 0)) < rows_valid) {
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tg); ++k) {
+        if (get<1>(tc(0, m, k)) < cols_valid) copy(cp, tr(_, m, k), tg(_, m, k));
+      }
+    }
+  }
+}
+
+// Write an fp32 accumulator tile (ROWS x kHeadDim, partitioned by thr_mma) to a shared tile, rounded to T.
+template <class K, int ROWS, class SmemLayout, class Acc, class ThrMma>
+__device__ __forceinline__ void acc_to_smem(Acc const& acc, typename K::T* s, ThrMma const& thr_mma, float mul) {
+  using T = typename K::T;
+  Tensor sT = make_tensor(make_smem_ptr(s), SmemLayout{});
+  Tensor cT = make_identity_tensor(make_shape(Int<ROWS>{}, Int<K::kHeadDim>{}));
+  Tensor tc = thr_mma.partition_C(cT);
+  static_assert(decltype(size(tc))::value == decltype(size(acc))::value, "accumulator / coordinate partition");
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) sT(get<0>(tc(i)), get<1>(tc(i))) = T(acc(i) * mul);
+}
+
+// The layout arithmetic of one document.
+struct Doc {
+  int64_t q_begin, q_end, k_begin, k_end, shift, s0, s1;
+};
+__device__ __forceinline__ Doc load_doc(const SpanParams& p, int64_t d) {
+  Doc D;
+  D.q_begin = p.cu_seqlens_q[d];
+  D.q_end = p.cu_seqlens_q[d + 1];
+  D.k_begin = p.cu_seqlens_k[d];
+  D.k_end = p.cu_seqlens_k[d + 1];
+  D.shift = D.k_end - D.q_end;  // = span_query_shift
+  D.s0 = p.seg_offsets[d];
+  D.s1 = p.seg_offsets[d + 1];
+  return D;
+}
+
+// Own-segment bounds of the query at key position `pos` (inside the document): visible own keys [a, hi).
+__device__ __forceinline__ void own_range(const SpanParams& p, const Doc& D, int64_t pos, int64_t* a, int64_t* hi) {
+  const int64_t s = span_segment_of(p.seg_start, D.s0, D.s1, pos);
+  *a = p.seg_start[s];
+  *hi = p.seg_mode[s] == kSpanCausal ? pos + 1 : int64_t(p.seg_end[s]);
+}
+
+// Whether key k (inside the document) lies in a noise segment; the search starts at segment s_from (<= k's).
+__device__ __forceinline__ bool key_is_noise(const SpanParams& p, int64_t s_from, int64_t s1, int64_t k) {
+  return p.seg_mode[span_segment_of(p.seg_start, s_from, s1, k)] == kSpanNoise;
+}
+
+__device__ __forceinline__ bool allowed(int64_t a, int64_t hi, int64_t k, bool k_noise) {
+  return (a <= k && k < hi) || (k < a && !k_noise);
+}
+
+// ------------------------------------------------------------------------------------------------ forward / dq
+// Grid: x = doc * m_blocks + (m_blocks - 1 - query block) (the longer-running later blocks of a document first),
+// y = query head.  Query block mb of document d: queries [q_begin + 64 mb, min(q_begin + 64 (mb + 1), q_end)).
+// Key tiles: [k_begin + kN t, ...) up to k_hi = the last visible key of the block's last query, + 1 (later keys are
+// invisible to every query of the block: earlier queries' own ranges end no later).
+template <class K, bool kIsDq>
+struct FwdDqSmem {
+  static constexpr int kQ = 0;
+  static constexpr int kDO = K::kFixedElems;                          // dq only
+  static constexpr int kK = K::kFixedElems * (kIsDq ? 2 : 1);         // two buffers of kStreamElems
+  static constexpr int kV = kK + 2 * K::kStreamElems;                 // two buffers
+  static constexpr int kElems = kV + 2 * K::kStreamElems;
+  static constexpr int kBytes = kElems * int(sizeof(typename K::T));
+};
+
+template <class K, bool kIsDq>
+__global__ void __launch_bounds__(128) fwd_dq_kernel(const SpanParams p, int64_t m_blocks) {
+  using T = typename K::T;
+  using Sm = FwdDqSmem<K, kIsDq>;
+  constexpr int kM = K::kM, kN = K::kN;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int tid = threadIdx.x;
+
+  const int64_t doc = int64_t(blockIdx.x) / m_blocks;
+  const int64_t mb = m_blocks - 1 - (int64_t(blockIdx.x) - doc * m_blocks);
+  const int64_t h = blockIdx.y;
+  const int64_t hk = h / (p.Hq / p.Hkv);
+  const Doc D = load_doc(p, doc);
+  const int64_t q0 = D.q_begin + mb * kM;
+  if (q0 >= D.q_end) return;  // block-uniform
+  const int64_t q1 = min(q0 + int64_t(kM), D.q_end);
+  const int rows_valid = int(q1 - q0);
+  const int Dh = int(p.Dh);
+  const int64_t p0 = q0 + D.shift, p1 = q1 + D.shift;  // key positions of the block's queries: [p0, p1)
+  int64_t a_last, k_hi;
+  own_range(p, D, p1 - 1, &a_last, &k_hi);
+  const int64_t n_tiles = (k_hi - D.k_begin + kN - 1) / kN;
+
+  const T* Q = static_cast<const T*>(p.q);
+  const T* Kp = static_cast<const T*>(p.k);
+  const T* Vp = static_cast<const T*>(p.v);
+  const T* dO = static_cast<const T*>(p.dout);
+
+  // Tile classification (identical in every thread: the loop below branches on it around __syncthreads).
+  auto tile_k0 = [&](int64_t t) { return D.k_begin + t * kN; };
+  auto tile_k1 = [&](int64_t t) { return min(D.k_begin + (t + 1) * kN, k_hi); };
+  auto classify = [&](int64_t t) {
+    return span_classify_tile(p.seg_start, p.seg_end, p.seg_mode, D.s0, D.s1, p0, p1, tile_k0(t), tile_k1(t));
+  };
+  auto next_tile = [&](int64_t t, int* cls) {  // first non-empty tile after t (n_tiles if none)
+    for (++t; t < n_tiles; ++t) {
+      *cls = classify(t);
+      if (*cls != kTileEmpty) break;
+    }
+    return t;
+  };
+  auto load_kv = [&](int64_t t, int buf) {
+    const int64_t k0 = tile_k0(t);
+    const int nvalid = int(tile_k1(t) - k0);
+    load_tile<K, kN, typename K::SmemStream>(Kp + k0 * p.k_row_stride + hk * Dh, p.k_row_stride, nvalid, Dh,
+                                             smem + Sm::kK + buf * K::kStreamElems, tid);
+    load_tile<K, kN, typename K::SmemStream>(Vp + k0 * p.v_row_stride + hk * Dh, p.v_row_stride, nvalid, Dh,
+                                             smem + Sm::kV + buf * K::kStreamElems, tid);
+  };
+
+  // MMA machinery.
+  typename K::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor sQ = make_tensor(make_smem_ptr(smem + Sm::kQ), typename K::SmemFixed{});
+  Tensor sDO = make_tensor(make_smem_ptr(smem + Sm::kDO), typename K::SmemFixed{});
+  Tensor sK0 = make_tensor(make_smem_ptr(smem + Sm::kK), typename K::SmemStream{});
+  Tensor sK0t = make_tensor(make_smem_ptr(smem + Sm::kK), typename K::SmemStreamT{});
+  auto cpA = make_tiled_copy_A(typename K::LdsmA{}, mma);
+  auto thrA = cpA.get_thread_slice(tid);
+  auto cpB = make_tiled_copy_B(typename K::LdsmB{}, mma);
+  auto thrB = cpB.get_thread_slice(tid);
+  auto cpBt = make_tiled_copy_B(typename K::LdsmBt{}, mma);
+  auto thrBt = cpBt.get_thread_slice(tid);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);     // (MMA, MMA_M, MMA_K = kHeadDim / 16)
+  Tensor tSrK = thr_mma.partition_fragment_B(sK0);    // (MMA, MMA_N = kN / 8, MMA_K)
+  Tensor tOrVt = thr_mma.partition_fragment_B(sK0t);  // (MMA, MMA_N = kHeadDim / 8, MMA_K = kN / 16)
+  Tensor tSsQ = thrA.partition_S(sQ);
+  Tensor tSsDO = thrA.partition_S(sDO);
+  Tensor acc_o = partition_fragment_C(mma, Shape<Int<kM>, Int<K::kHeadDim>>{});  // O (forward) or dQ (dq)
+  clear(acc_o);
+  Tensor o_rc = make_tensor(acc_o.data(), rowcol(acc_o.layout()));
+
+  // Coordinates of the score accumulators: (row = query in block, col = key in tile).
+  Tensor cS = make_identity_tensor(Shape<Int<kM>, Int<kN>>{});
+  Tensor tScS = thr_mma.partition_C(cS);
+  Tensor cS_rc = make_tensor(tScS.data(), rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(cS_rc))::value;  // 2 rows per thread (MMA_M = 1)
+  constexpr int kCols = decltype(size<1>(cS_rc))::value;
+
+  // Per-row constants: own range [a, hi), and (dq) lse in log2 units and delta.  Rows past the block's last
+  // query use the last query's values (finite; their results are never stored).
+  int64_t row_a[kRows], row_hi[kRows];
+  float row_lse2[kRows], row_delta[kRows];
+  bool row_live[kRows];
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int m = get<0>(cS_rc(r, 0));
+    const int64_t pos = min(p0 + m, p1 - 1);
+    own_range(p, D, pos, &row_a[r], &row_hi[r]);
+    row_lse2[r] = 0.f;
+    row_delta[r] = 0.f;
+    row_live[r] = true;
+    if constexpr (kIsDq) {
+      const int64_t qi = pos - D.shift;
+      const float l = p.lse[h * p.total_q + qi];
+      row_live[r] = l != -INFINITY;
+      row_lse2[r] = row_live[r] ? l * kLog2e : 0.f;
+      row_delta[r] = p.delta[h * p.total_q + qi];
+    }
+  }
+  float row_m[kRows], row_l[kRows];  // forward: running max (log2 units) and this thread's partial row sum
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    row_m[r] = -INFINITY;
+    row_l[r] = 0.f;
+  }
+  const float scale_log2 = p.softmax_scale * kLog2e;
+
+  // Prologue: the fixed tiles and the first non-empty key tile in one cp.async group.
+  load_tile<K, kM, typename K::SmemFixed>(Q + q0 * p.q_row_stride + h * Dh, p.q_row_stride, rows_valid, Dh,
+                                          smem + Sm::kQ, tid);
+  if constexpr (kIsDq)
+    load_tile<K, kM, typename K::SmemFixed>(dO + q0 * p.o_row_stride + h * Dh, p.o_row_stride, rows_valid, Dh,
+                                            smem + Sm::kDO, tid);
+  int cls = kTileEmpty;
+  int64_t t = next_tile(-1, &cls);
+  if (t < n_tiles) load_kv(t, 0);
+  cp_async_fence();
+
+  int buf = 0;
+  while (t < n_tiles) {  // uniform: t and cls are the same in every thread
+    int cls_next = kTileEmpty;
+    const int64_t t_next = next_tile(t, &cls_next);
+    if (t_next < n_tiles) {
+      load_kv(t_next, buf ^ 1);  // buffer buf ^ 1 was released by the __syncthreads ending the previous iteration
+      cp_async_fence();
+      cp_async_wait<1>();  // everything but the group just issued has landed
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    T* kbuf = smem + Sm::kK + buf * K::kStreamElems;
+    T* vbuf = smem + Sm::kV + buf * K::kStreamElems;
+    Tensor sK = make_tensor(make_smem_ptr(kbuf), typename K::SmemStream{});
+    Tensor sV = make_tensor(make_smem_ptr(vbuf), typename K::SmemStream{});
+    const int64_t k0 = tile_k0(t);
+    const int nvalid = int(tile_k1(t) - k0);
+
+    // S = Q K^T
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
+    clear(acc_s);
+    gemm_ss(mma, acc_s, tSrQ, tSrK, tSsQ, thrB.partition_S(sK), cpA, cpB, thrA, thrB);
+    Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+
+    if constexpr (!kIsDq) {
+      // Scale into log2 units and mask (-inf): bounds always, allowed() on PARTIAL tiles.
+      const int64_t s_from = cls == kTilePartial ? span_segment_of(p.seg_start, D.s0, D.s1, k0) : D.s0;
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int n = get<1>(cS_rc(0, c));
+        const int64_t k = k0 + n;
+        const bool col_ok = n < nvalid;
+        const bool knoise = (cls == kTilePartial && col_ok) ? key_is_noise(p, s_from, D.s1, k) : false;
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          const bool ok = col_ok && (cls == kTileFull || allowed(row_a[r], row_hi[r], k, knoise));
+          s_rc(r, c) = ok ? s_rc(r, c) * scale_log2 : -INFINITY;
+        }
+      }
+      // Online softmax (rows are owned by quads).
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        float mx = -INFINITY;
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, s_rc(r, c));
+        mx = quad_max(mx);
+        const float m_new = fmaxf(row_m[r], mx);
+        // m_new == -inf: nothing visible so far (acc and l are 0): keep them, P below is 0.
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = m_new == -INFINITY ? 1.f : exp2f(row_m[r] - m_new);  // exp2(-inf) = 0 on the first hit
+        float sum = 0.f;
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          const float e = exp2f(s_rc(r, c) - m_use);
+          s_rc(r, c) = e;
+          sum += e;
+        }
+        row_l[r] = row_l[r] * alpha + sum;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= alpha;
+        row_m[r] = m_new;
+      }
+      // O += P V
+      Tensor tOrP = to_a_operand<T>(acc_s);
+      Tensor sVt = make_tensor(make_smem_ptr(vbuf), typename K::SmemStreamT{});
+      gemm_rs(mma, acc_o, tOrP, tOrVt, thrBt.partition_S(sVt), cpBt, thrBt);
+    } else {
+      // dP = dO V^T
+      Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
+      clear(acc_dp);
+      gemm_ss(mma, acc_dp, tSrQ, tSrK, tSsDO, thrB.partition_S(sV), cpA, cpB, thrA, thrB);
+      Tensor dp_rc = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
+      // dS = P (dP - delta), P = exp2(S scale log2e - lse log2e) on allowed pairs, 0 elsewhere.
+      const int64_t s_from = cls == kTilePartial ? span_segment_of(p.seg_start, D.s0, D.s1, k0) : D.s0;
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int n = get<1>(cS_rc(0, c));
+        const int64_t k = k0 + n;
+        const bool col_ok = n < nvalid;
+        const bool knoise = (cls == kTilePartial && col_ok) ? key_is_noise(p, s_from, D.s1, k) : false;
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          const bool ok = col_ok && row_live[r] && (cls == kTileFull || allowed(row_a[r], row_hi[r], k, knoise));
+          const float pv = ok ? exp2f(s_rc(r, c) * scale_log2 - row_lse2[r]) : 0.f;
+          s_rc(r, c) = pv * (dp_rc(r, c) - row_delta[r]);
+        }
+      }
+      // dQ += dS K   (the softmax scale is applied once, in the epilogue)
+      Tensor tdSr = to_a_operand<T>(acc_s);
+      Tensor sKt = make_tensor(make_smem_ptr(kbuf), typename K::SmemStreamT{});
+      gemm_rs(mma, acc_o, tdSr, tOrVt, thrBt.partition_S(sKt), cpBt, thrBt);
+    }
+    __syncthreads();  // every thread is done with buffer `buf` before it is refilled
+    t = t_next;
+    cls = cls_next;
+    buf ^= 1;
+  }
+  cp_async_wait<0>();  // no tile at all: the fixed loads may still be in flight
+  __syncthreads();
+
+  // Epilogue: O = acc / l (forward) or dQ = scale * acc; through shared memory (the Q tile) for 128-bit stores.
+  float mul[kRows];
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    if constexpr (!kIsDq) {
+      const float l = quad_sum(row_l[r]);
+      const bool ok = l > 0.f;
+      mul[r] = ok ? 1.f / l : 0.f;
+      const float lse = ok ? row_m[r] * kLn2 + logf(l) : -INFINITY;
+      const int m = get<0>(cS_rc(r, 0));
+      if ((tid & 3) == 0 && m < rows_valid) p.lse[h * p.total_q + q0 + m] = lse;
+    } else {
+      mul[r] = p.softmax_scale;
+    }
+  }
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= mul[r];
+  }
+  acc_to_smem<K, kM, typename K::SmemFixed>(acc_o, smem + Sm::kQ, thr_mma, 1.f);
+  __syncthreads();
+  T* out = static_cast<T*>(kIsDq ? p.dq : p.out);
+  store_tile<K, kM, typename K::SmemFixed>(out + q0 * p.o_row_stride + h * Dh, p.o_row_stride, rows_valid, Dh,
+                                           smem + Sm::kQ, tid);
+}
+
+// ------------------------------------------------------------------------------------------------ dk / dv
+// Grid: x = doc * n_blocks + key block, y = kv head.  Key block nb of document d: keys [k_begin + 64 nb, ...).
+// Its viewers form ONE contiguous range of query positions [v_lo, v_hi) (span.h, span_key_viewers): from the first
+// key (causal segment) or its segment's start, to the document's end -- or, when every key of the block is noise,
+// to the end of the block's last segment.  Query tiles of kN positions from v_lo; every query head of the GQA
+// group walks them (head outer), all in one double-buffered pipeline.
+template <class K>
+struct DkvSmem {
+  static constexpr int kK = 0;
+  static constexpr int kV = K::kFixedElems;
+  static constexpr int kQ = 2 * K::kFixedElems;             // two buffers
+  static constexpr int kDO = kQ + 2 * K::kStreamElems;      // two buffers
+  static constexpr int kElems = kDO + 2 * K::kStreamElems;
+  static constexpr int kBytes = kElems * int(sizeof(typename K::T));
+};
+
+template <class K>
+__global__ void __launch_bounds__(128) dkv_kernel(const SpanParams p, int64_t n_blocks) {
+  using T = typename K::T;
+  using Sm = DkvSmem<K>;
+  constexpr int kM = K::kM, kN = K::kN;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int tid = threadIdx.x;
+
+  const int64_t doc = int64_t(blockIdx.x) / n_blocks;
+  const int64_t nb = int64_t(blockIdx.x) - doc * n_blocks;
+  const int64_t hk = blockIdx.y;
+  const int64_t G = p.Hq / p.Hkv;
+  const Doc D = load_doc(p, doc);
+  const int64_t kb0 = D.k_begin + nb * kM;
+  if (kb0 >= D.k_end) return;  // block-uniform
+  const int64_t kb1 = min(kb0 + int64_t(kM), D.k_end);
+  const int rows_valid = int(kb1 - kb0);
+  const int Dh = int(p.Dh);
+
+  // Viewer range (query positions), see above.
+  const int64_t seg_first = span_segment_of(p.seg_start, D.s0, D.s1, kb0);
+  bool any_visible_later = false;
+  int64_t seg_last = seg_first;
+  for (int64_t s = seg_first; s < D.s1 && p.seg_start[s] < kb1; ++s) {
+    if (p.seg_mode[s] != kSpanNoise) any_visible_later = true;
+    seg_last = s;
+  }
+  const int64_t lo = p.seg_mode[seg_first] == kSpanCausal ? kb0 : int64_t(p.seg_start[seg_first]);
+  const int64_t p_first = D.q_begin + D.shift;  // the document's first query position
+  const int64_t v_lo = max(lo, p_first);
+  const int64_t v_hi = any_visible_later ? D.k_end : int64_t(p.seg_end[seg_last]);
+  const int64_t n_tiles = v_lo < v_hi ? (v_hi - v_lo + kN - 1) / kN : 0;
+
+  const T* Q = static_cast<const T*>(p.q);
+  const T* Kp = static_cast<const T*>(p.k);
+  const T* Vp = static_cast<const T*>(p.v);
+  const T* dO = static_cast<const T*>(p.dout);
+
+  auto tile_p0 = [&](int64_t t) { return v_lo + t * kN; };
+  auto tile_p1 = [&](int64_t t) { return min(v_lo + (t + 1) * kN, v_hi); };
+  auto classify = [&](int64_t t) {
+    return span_classify_tile(p.seg_start, p.seg_end, p.seg_mode, D.s0, D.s1, tile_p0(t), tile_p1(t), kb0, kb1);
+  };
+  auto next_tile = [&](int64_t t, int* cls) {
+    for (++t; t < n_tiles; ++t) {
+      *cls = classify(t);
+      if (*cls != kTileEmpty) break;
+    }
+    return t;
+  };
+  // Iteration (g, t): query head hk * G + g, query tile t; the same non-empty tiles for every head.
+  int cls_first = kTileEmpty;
+  const int64_t t_first = next_tile(-1, &cls_first);
+  auto load_qdo = [&](int64_t g, int64_t t, int buf) {
+    const int64_t i0 = tile_p0(t) - D.shift;  // query index of the tile's first row
+    const int nvalid = int(tile_p1(t) - tile_p0(t));
+    const int64_t h = hk * G + g;
+    load_tile<K, kN, typename K::SmemStream>(Q + i0 * p.q_row_stride + h * Dh, p.q_row_stride, nvalid, Dh,
+                                             smem + Sm::kQ + buf * K::kStreamElems, tid);
+    load_tile<K, kN, typename K::SmemStream>(dO + i0 * p.o_row_stride + h * Dh, p.o_row_stride, nvalid, Dh,
+                                             smem + Sm::kDO + buf * K::kStreamElems, tid);
+  };
+
+  typename K::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor sK = make_tensor(make_smem_ptr(smem + Sm::kK), typename K::SmemFixed{});
+  Tensor sV = make_tensor(make_smem_ptr(smem + Sm::kV), typename K::SmemFixed{});
+  Tensor sQ0 = make_tensor(make_smem_ptr(smem + Sm::kQ), typename K::SmemStream{});
+  Tensor sQ0t = make_tensor(make_smem_ptr(smem + Sm::kQ), typename K::SmemStreamT{});
+  auto cpA = make_tiled_copy_A(typename K::LdsmA{}, mma);
+  auto thrA = cpA.get_thread_slice(tid);
+  auto cpB = make_tiled_copy_B(typename K::LdsmB{}, mma);
+  auto thrB = cpB.get_thread_slice(tid);
+  auto cpBt = make_tiled_copy_B(typename K::LdsmBt{}, mma);
+  auto thrBt = cpBt.get_thread_slice(tid);
+  Tensor tSrK = thr_mma.partition_fragment_A(sK);     // (MMA, MMA_M, MMA_K = kHeadDim / 16)
+  Tensor tSrQ = thr_mma.partition_fragment_B(sQ0);    // (MMA, MMA_N = kN / 8, MMA_K)
+  Tensor tDrQt = thr_mma.partition_fragment_B(sQ0t);  // (MMA, MMA_N = kHeadDim / 8, MMA_K = kN / 16)
+  Tensor tSsK = thrA.partition_S(sK);
+  Tensor tSsV = thrA.partition_S(sV);
+  Tensor acc_dk = partition_fragment_C(mma, Shape<Int<kM>, Int<K::kHeadDim>>{});
+  Tensor acc_dv = partition_fragment_C(mma, Shape<Int<kM>, Int<K::kHeadDim>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+
+  // Coordinates of the (transposed) score accumulators: (row = key in block, col = query in tile).
+  Tensor cS = make_identity_tensor(Shape<Int<kM>, Int<kN>>{});
+  Tensor tScS = thr_mma.partition_C(cS);
+  Tensor cS_rc = make_tensor(tScS.data(), rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(cS_rc))::value;
+  constexpr int kCols = decltype(size<1>(cS_rc))::value;
+  int64_t row_k[kRows];
+  bool row_ok[kRows], row_noise[kRows];
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int m = get<0>(cS_rc(r, 0));
+    row_ok[r] = m < rows_valid;
+    row_k[r] = kb0 + min(m, rows_valid - 1);
+    row_noise[r] = key_is_noise(p, seg_first, D.s1, row_k[r]);
+  }
+  const float scale_log2 = p.softmax_scale * kLog2e;
+
+  // Prologue: K, V and the first (Q, dO) tile in one group.
+  load_tile<K, kM, typename K::SmemFixed>(Kp + kb0 * p.k_row_stride + hk * Dh, p.k_row_stride, rows_valid, Dh,
+                                          smem + Sm::kK, tid);
+  load_tile<K, kM, typename K::SmemFixed>(Vp + kb0 * p.v_row_stride + hk * Dh, p.v_row_stride, rows_valid, Dh,
+                                          smem + Sm::kV, tid);
+  int64_t g = 0, t = t_first;
+  int cls = cls_first;
+  if (t < n_tiles) load_qdo(g, t, 0);
+  cp_async_fence();
+
+  int buf = 0;
+  while (t < n_tiles) {  // uniform
+    // next iteration: the next non-empty tile of this head, else the first one of the next head
+    int cls_next = kTileEmpty;
+    int64_t g_next = g, t_next = next_tile(t, &cls_next);
+    if (t_next >= n_tiles && g + 1 < G) {
+      g_next = g + 1;
+      t_next = t_first;
+      cls_next = cls_first;
+    }
+    if (t_next < n_tiles) {
+      load_qdo(g_next, t_next, buf ^ 1);
+      cp_async_fence();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    const int64_t h = hk * G + g;
+    T* qbuf = smem + Sm::kQ + buf * K::kStreamElems;
+    T* dobuf = smem + Sm::kDO + buf * K::kStreamElems;
+    Tensor sQ = make_tensor(make_smem_ptr(qbuf), typename K::SmemStream{});
+    Tensor sDO = make_tensor(make_smem_ptr(dobuf), typename K::SmemStream{});
+    const int64_t pt0 = tile_p0(t), pt1 = tile_p1(t);
+
+    // S^T = K Q^T, dP^T = V dO^T
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
+    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
+    clear(acc_s);
+    clear(acc_dp);
+    gemm_ss(mma, acc_s, tSrK, tSrQ, tSsK, thrB.partition_S(sQ), cpA, cpB, thrA, thrB);
+    gemm_ss(mma, acc_dp, tSrK, tSrQ, tSsV, thrB.partition_S(sDO), cpA, cpB, thrA, thrB);
+    Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+    Tensor dp_rc = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
+
+    // P^T = exp2(S^T scale log2e - lse log2e) on allowed pairs (0 elsewhere), dS^T = P^T (dP^T - delta).
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const int n = get<1>(cS_rc(0, c));
+      const int64_t pos = pt0 + n;
+      const bool col_ok = pos < pt1;
+      const int64_t qi = pos - D.shift;
+      float lse2 = 0.f, dl = 0.f;
+      bool live = false;
+      if (col_ok) {
+        const float l = p.lse[h * p.total_q + qi];
+        live = l != -INFINITY;
+        lse2 = live ? l * kLog2e : 0.f;
+        dl = p.delta[h * p.total_q + qi];
+      }
+      int64_t a = 0, hi = 0;
+      if (cls == kTilePartial && col_ok) own_range(p, D, pos, &a, &hi);
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const bool ok = col_ok && live && row_ok[r] &&
+                        (cls == kTileFull || allowed(a, hi, row_k[r], row_noise[r]));
+        const float pv = ok ? exp2f(s_rc(r, c) * scale_log2 - lse2) : 0.f;
+        s_rc(r, c) = pv;
+        dp_rc(r, c) = pv * (dp_rc(r, c) - dl);
+      }
+    }
+    // dV += P^T dO, dK += dS^T Q   (the softmax scale of dK is applied in the epilogue)
+    Tensor tPr = to_a_operand<T>(acc_s);
+    Tensor sDOt = make_tensor(make_smem_ptr(dobuf), typename K::SmemStreamT{});
+    gemm_rs(mma, acc_dv, tPr, tDrQt, thrBt.partition_S(sDOt), cpBt, thrBt);
+    Tensor tdSr = to_a_operand<T>(acc_dp);
+    Tensor sQt = make_tensor(make_smem_ptr(qbuf), typename K::SmemStreamT{});
+    gemm_rs(mma, acc_dk, tdSr, tDrQt, thrBt.partition_S(sQt), cpBt, thrBt);
+
+    __syncthreads();  // buffer `buf` is free for the next prefetch
+    g = g_next;
+    t = t_next;
+    cls = cls_next;
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue (through the K and V tiles): dK = scale * acc_dk, dV = acc_dv; keys no query sees get zeros.
+  acc_to_smem<K, kM, typename K::SmemFixed>(acc_dk, smem + Sm::kK, thr_mma, p.softmax_scale);
+  acc_to_smem<K, kM, typename K::SmemFixed>(acc_dv, smem + Sm::kV, thr_mma, 1.f);
+  __syncthreads();
+  store_tile<K, kM, typename K::SmemFixed>(static_cast<T*>(p.dk) + kb0 * p.k_row_stride + hk * Dh, p.k_row_stride,
+                                           rows_valid, Dh, smem + Sm::kK, tid);
+  store_tile<K, kM, typename K::SmemFixed>(static_cast<T*>(p.dv) + kb0 * p.v_row_stride + hk * Dh, p.v_row_stride,
+                                           rows_valid, Dh, smem + Sm::kV, tid);
+}
+
+// ------------------------------------------------------------------------------------------------ delta
+// delta[h, i] = sum_d dout[i, h, d] * out[i, h, d] in float32; one warp per (i, h) row, fixed order.
+template <class T>
+__global__ void __launch_bounds__(256) delta_kernel(const SpanParams p) {
+  const T* O = static_cast<const T*>(p.out);
+  const T* G = static_cast<const T*>(p.dout);
+  const int lane = threadIdx.x & 31;
+  const int64_t rows = p.total_q * p.Hq;
+  for (int64_t row = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5); row < rows; row += int64_t(gridDim.x) * 8) {
+    const int64_t i = row / p.Hq, h = row - i * p.Hq;
+    const T* o = O + i * p.o_row_stride + h * p.Dh;
+    const T* g = G + i * p.o_row_stride + h * p.Dh;
+    float s = 0.f;
+    for (int64_t d = lane; d < p.Dh; d += 32) s += float(o[d]) * float(g[d]);
+    s = warp_sum(s);
+    if (lane == 0) p.delta[h * p.total_q + i] = s;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ launchers
+template <class Kern>
+cudaError_t set_smem(Kern kernel, int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+// Key tile of the forward / dq kernels and query tile of the dk/dv kernel for each padded head dim (register
+// budget of 128 threads; smem stays <= 96 KiB, the sm_86 / sm_89 per-block limit).
+template <int kHeadDim>
+struct Config {
+  static constexpr int kFwdN = 64;
+  static constexpr int kDkvN = kHeadDim <= 64 ? 64 : 32;
+};
+
+template <class T, int kHeadDim, bool kIsDq>
+cudaError_t launch_fwd_dq(const SpanParams& p, cudaStream_t st) {
+  using K = Traits<kHeadDim, Config<kHeadDim>::kFwdN, T>;
+  constexpr int smem = FwdDqSmem<K, kIsDq>::kBytes;
+  const int64_t m_blocks = ceil_div(p.max_seqlen_q, K::kM);
+  if (m_blocks <= 0 || p.num_docs <= 0) return cudaSuccess;
+  if (m_blocks * p.num_docs > kMaxGridX || p.Hq > 65535) return cudaErrorInvalidConfiguration;
+  auto kernel = fwd_dq_kernel<K, kIsDq>;
+  cudaError_t e = set_smem(kernel, smem);
+  if (e != cudaSuccess) return e;
+  kernel<<<dim3(unsigned(m_blocks * p.num_docs), unsigned(p.Hq)), K::kNThreads, smem, st>>>(p, m_blocks);
+  return cudaGetLastError();
+}
+
+template <class T, int kHeadDim>
+cudaError_t launch_dkv(const SpanParams& p, cudaStream_t st) {
+  using K = Traits<kHeadDim, Config<kHeadDim>::kDkvN, T>;
+  constexpr int smem = DkvSmem<K>::kBytes;
+  const int64_t n_blocks = ceil_div(p.max_seqlen_k, K::kM);
+  if (n_blocks <= 0 || p.num_docs <= 0) return cudaSuccess;
+  if (n_blocks * p.num_docs > kMaxGridX || p.Hkv > 65535) return cudaErrorInvalidConfiguration;
+  auto kernel = dkv_kernel<K>;
+  cudaError_t e = set_smem(kernel, smem);
+  if (e != cudaSuccess) return e;
+  kernel<<<dim3(unsigned(n_blocks * p.num_docs), unsigned(p.Hkv)), K::kNThreads, smem, st>>>(p, n_blocks);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_delta(const SpanParams& p, cudaStream_t st) {
+  const int64_t rows = p.total_q * p.Hq;
+  if (rows <= 0) return cudaSuccess;
+  const int64_t grid = min(ceil_div(rows, 8), int64_t(1) << 20);
+  delta_kernel<T><<<unsigned(grid), 256, 0, st>>>(p);
+  return cudaGetLastError();
+}
+
+// f(TypeTag<T>{}, std::integral_constant<int, kHeadDim>{}) for the dtype (1 bf16, 2 fp16) and padded head dim.
+template <class F>
+cudaError_t dispatch(const SpanParams& p, int dtype, F&& f) {
+  auto by_dim = [&](auto tag) -> cudaError_t {
+    if (p.Dh <= 64) return f(tag, std::integral_constant<int, 64>{});
+    if (p.Dh <= 96) return f(tag, std::integral_constant<int, 96>{});
+    return f(tag, std::integral_constant<int, 128>{});
+  };
+  if (dtype == 1) return by_dim(TypeTag<cutlass::bfloat16_t>{});
+  if (dtype == 2) return by_dim(TypeTag<cutlass::half_t>{});
+  return cudaErrorInvalidValue;
+}
+
+bool valid_params(const SpanParams& p, int dtype) {
+  if (dtype != 1 && dtype != 2) return false;
+  if (p.Dh < 1 || p.Dh > 128 || p.Dh % 8 != 0) return false;
+  if (p.Hq < 1 || p.Hkv < 1 || p.Hq % p.Hkv != 0) return false;
+  if (p.num_docs < 0 || p.total_q < 0 || p.total_k < 0) return false;
+  for (int64_t s : {p.q_row_stride, p.k_row_stride, p.v_row_stride, p.o_row_stride})
+    if (s % 8 != 0) return false;
+  return true;
+}
+
+}  // namespace span
+}  // namespace cuda
+}  // namespace umm
+
+extern "C" int umm_cuda_span_attention_fwd(const umm::SpanParams* pp, int dtype, void* stream) {
+  using namespace umm::cuda;
+  using namespace umm::cuda::span;
+  if (pp == nullptr || !valid_params(*pp, dtype)) return to_int(cudaErrorInvalidValue);
+  const umm::SpanParams& p = *pp;
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out))
+    return to_int(cudaErrorInvalidValue);
+  if (p.total_q == 0) return 0;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  return to_int(dispatch(p, dtype, [&](auto tag, auto dim) {
+    using T = typename decltype(tag)::type;
+    return launch_fwd_dq<T, decltype(dim)::value, false>(p, st);
+  }));
+}
+
+extern "C" int umm_cuda_span_attention_bwd(const umm::SpanParams* pp, int dtype, void* stream) {
+  using namespace umm::cuda;
+  using namespace umm::cuda::span;
+  if (pp == nullptr || !valid_params(*pp, dtype)) return to_int(cudaErrorInvalidValue);
+  const umm::SpanParams& p = *pp;
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) || !aligned16(p.dout) ||
+      !aligned16(p.dq) || !aligned16(p.dk) || !aligned16(p.dv))
+    return to_int(cudaErrorInvalidValue);
+  if (p.total_q > 0 && p.delta == nullptr) return to_int(cudaErrorInvalidValue);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  return to_int(dispatch(p, dtype, [&](auto tag, auto dim) {
+    using T = typename decltype(tag)::type;
+    constexpr int kD = decltype(dim)::value;
+    cudaError_t e = launch_delta<T>(p, st);  // read by both kernels below (same stream)
+    if (e == cudaSuccess && p.total_q > 0) e = launch_fwd_dq<T, kD, true>(p, st);
+    if (e == cudaSuccess && p.total_k > 0) e = launch_dkv<T, kD>(p, st);  // also zeros for keys nobody sees
+    return e;
+  }));
+}
