@@ -207,9 +207,105 @@ def gated_residual_backward(grad, gate, y, mask):
     return dgate, dy
 from .attention import span_attention_bwd, span_attention_fwd  # noqa: E402,F401
 
+
+# ------------------------------------------------------------------------------------------ tokens
+# Tokenizer compression (umm/tokens.h, conventions in umm_ops/reference/tokens.py).  Grids are passed as the
+# FINE grid (H, W) and the factor f; tokens are contiguous.
+#   compress_tokens(x (N, H*W, C), ln_weight (C,)?, ln_bias (C,)?, weight (C_out, f*f*C), bias (C_out,)?, H, W, f,
+#                   activation, eps, save_pre) -> (out (N, L, C_out), pre, mean (N*H*W,), rstd (N*H*W,))
+#     pre: the biased pre-activation (N*L, C_out) in x's dtype when save_pre and activation != "none", else (0,).
+#   compress_tokens_backward(grad, x, ln_weight, ln_bias, weight, bias, pre, mean, rstd, H, W, f, activation, eps,
+#                            mask[5]) -> (dx, dln_weight, dln_bias, dweight, dbias); pre may be (0,) (recomputed).
+#   expand_tokens(y (N, L, C_in), weight (f*f*C, C_in), bias (f*f*C,)?, H, W, f) -> (N, H*W, C)
+#   expand_tokens_backward(grad, y, weight, H, W, f, mask[3]) -> (dy, dweight, dbias)
+#   pack_latents(z (B, C, H, W), running_mean, running_var (C*f*f,) float32, f, eps) -> (B, L, C*f*f)
+#   pack_latents_backward(grad, running_var, H, W, f, eps) -> dz
+#   unpack_latents(tokens, running_mean, running_var, H, W, f, eps) -> (B, C, H, W)
+#   unpack_latents_backward(grad, running_var, f, eps) -> dtokens
+from . import tokens as _tok  # noqa: E402
+
+
+def compress_tokens(x, ln_weight, ln_bias, weight, bias, H, W, factor, activation, eps, save_pre):
+    if activation not in _tok.ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {_tok.ACTIVATIONS}, got {activation!r}")
+    xc = _acc(x)
+    mean = xc.mean(-1)
+    rstd = torch.rsqrt(((xc - mean[..., None]) ** 2).mean(-1) + eps)
+    xn = (xc - mean[..., None]) * rstd[..., None]
+    if ln_weight is not None:
+        xn = xn * _acc(ln_weight)
+    if ln_bias is not None:
+        xn = xn + _acc(ln_bias)
+    a = _tok.space_to_depth(xn, (H, W), factor)
+    pre = a @ _acc(weight).t()
+    if bias is not None:
+        pre = pre + _acc(bias)
+    out = _tok._activation(pre, activation).to(x.dtype)
+    keep = save_pre and activation != "none"
+    pre_out = pre.reshape(-1, pre.shape[-1]).to(x.dtype) if keep else _empty(x)
+    sd = _stat_dtype(x)
+    return out, _own(pre_out) if keep else pre_out, mean.reshape(-1).to(sd), rstd.reshape(-1).to(sd)
+
+
+def _compress_chain(x, ln_weight, ln_bias, weight, bias, H, W, factor, activation, eps):
+    """The compress formula on already-upcast tensors (differentiable)."""
+    xn = torch.nn.functional.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+    y = _tok.space_to_depth(xn, (H, W), factor) @ weight.t()
+    if bias is not None:
+        y = y + bias
+    return _tok._activation(y, activation)
+
+
+def compress_tokens_backward(grad, x, ln_weight, ln_bias, weight, bias, pre, mean, rstd, H, W, factor, activation,
+                             eps, mask):
+    """Recompute through the reference formula (the saved pre-activation and statistics are not needed)."""
+    with _autograd_on():
+        ins = [None if a is None else _acc(a).detach().requires_grad_(True)
+               for a in (x, ln_weight, ln_bias, weight, bias)]
+        out = _compress_chain(*ins, H, W, factor, activation, eps)
+        m = [bool(mask[i]) and ins[i] is not None for i in range(5)]
+        gs = _grads(out, [i if i is not None else ins[0] for i in ins], _acc(grad), m)
+    return tuple(_empty(x) if g is None else _own(g.to(x.dtype)) for g in gs)
+
+
+def expand_tokens(y, weight, bias, H, W, factor):
+    return _own(_tok.expand_tokens(y, (H, W), weight, bias, factor))
+
+
+def expand_tokens_backward(grad, y, weight, H, W, factor, mask):
+    g = _tok.space_to_depth(_acc(grad), (H, W), factor)           # (N, L, f*f*C) = dZ
+    g2 = g.reshape(-1, g.shape[-1])
+    dy = (g @ _acc(weight)).to(y.dtype) if mask[0] else _empty(y)
+    dw = (g2.t() @ _acc(y).reshape(-1, y.shape[-1])).to(y.dtype) if mask[1] else _empty(y)
+    db = g2.sum(0).to(y.dtype) if mask[2] else _empty(y)
+    return dy, dw, db
+
+
+def pack_latents(z, running_mean, running_var, factor, eps):
+    return _own(_tok.pack_latents(z, running_mean, running_var, factor, eps))
+
+
+def pack_latents_backward(grad, running_var, H, W, factor, eps):
+    g = _acc(grad) * torch.rsqrt(running_var.to(_acc(grad).dtype) + eps)
+    return _own(_tok._unpatchify(g, (H, W), factor).to(grad.dtype))
+
+
+def unpack_latents(tokens, running_mean, running_var, H, W, factor, eps):
+    return _own(_tok.unpack_latents(tokens, (H, W), running_mean, running_var, factor, eps))
+
+
+def unpack_latents_backward(grad, running_var, factor, eps):
+    g = _tok._patchify(_acc(grad), factor)
+    return _own((g * torch.sqrt(running_var.to(g.dtype) + eps)).to(grad.dtype))
+
+
+
+
 # The kernel contract: every backend implements (a subset of) exactly these names.
 KERNELS = (
     "flow_step", "flow_step_backward", "flow_logprob", "flow_logprob_backward", "flow_kl", "flow_kl_backward",
     "gated_detail_residual", "gated_detail_residual_backward", "adaln_modulate", "adaln_modulate_backward",
     "gated_residual", "gated_residual_backward", "span_attention_fwd", "span_attention_bwd",
+    "compress_tokens", "compress_tokens_backward", "expand_tokens", "expand_tokens_backward",
+    "pack_latents", "pack_latents_backward", "unpack_latents", "unpack_latents_backward",
 )

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "umm/params.h"
+#include "umm/tokens.h"
 
 extern "C" {
 
@@ -32,5 +33,19 @@ int umm_cuda_adaln_bwd(const umm::AdaLNBwdParams* p, int dtype, void* stream);
 int umm_cuda_gated_residual(const umm::GatedResidualParams* p, int dtype, void* stream);
 int64_t umm_cuda_gated_residual_bwd_workspace(int64_t B, int64_t L, int64_t C);
 int umm_cuda_gated_residual_bwd(const umm::GatedResidualBwdParams* p, int dtype, void* stream);
+
+// Tokenizer compression (umm/tokens.h).  The memory passes mirror csrc/cpu/tokens.cpp; the GEMMs of the
+// backward are cuBLAS calls made by the torch glue.  umm_cuda_tokens_gemm returns cudaErrorNotSupported
+// (without launching) when the fused kernel does not cover the case (float32, no CUTLASS headers at build
+// time, a device below sm80, or a shape it does not tile): the caller then runs gather + at::mm + epilogue.
+int umm_cuda_tokens_gather(const umm::TokensGatherParams* p, int dtype, void* stream);
+int umm_cuda_tokens_bias_act(const umm::TokensBiasActParams* p, int dtype, void* stream);
+int umm_cuda_tokens_act_bwd(const umm::TokensActBwdParams* p, int dtype, void* stream);
+int umm_cuda_tokens_ln_scatter_bwd(const umm::TokensLnScatterBwdParams* p, int dtype, void* stream);
+int umm_cuda_tokens_depth_scatter(const umm::TokensDepthScatterParams* p, int dtype, void* stream);
+int umm_cuda_tokens_space_gather(const umm::TokensSpaceGatherParams* p, int dtype, void* stream);
+int umm_cuda_latent_pack(const umm::LatentPackParams* p, int dtype, void* stream);
+int umm_cuda_tokens_gemm(const umm::TokensGemmParams* p, int dtype, void* stream);
+int umm_cuda_error_not_supported();
 
 }  // extern "C"

@@ -1,0 +1,295 @@
+// CPU kernels of the tokenizer-compression ops (formulas and geometry: umm/tokens.h).
+//
+// The GEMMs are not here: the torch glue (csrc/torch/tokens_ops.cpp) runs them with at::mm, and these
+// kernels are the memory passes around them, each fused so that a tensor is read and written once:
+//   gather (LayerNorm + space-to-depth into the GEMM's A operand), bias + activation, activation backward,
+//   LayerNorm backward + depth-to-space scatter, the expand scatter (+ bias) and gather, latent (un)packing.
+// Parallel work is cut by rows; column reductions go through per-chunk partials summed in chunk order
+// (chunk sizes depend only on the shape: results do not depend on the thread count).
+#include <cmath>
+#include <vector>
+
+#include "cpu/common.h"
+#include "cpu/kernels.h"
+
+namespace umm::cpu {
+namespace {
+
+template <typename T>
+std::vector<float> param_or(const void* p, int64_t n, float fill) {
+  std::vector<float> out(n, fill);
+  if (p) {
+    const T* s = static_cast<const T*>(p);
+    for (int64_t i = 0; i < n; ++i) out[i] = ld(s, i);
+  }
+  return out;
+}
+
+// Coarse rows per parallel task (row passes) and per reduction chunk (shape-only).
+inline int64_t row_grain(int64_t K) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)); }
+inline int64_t rows_per_chunk(int64_t rows) { return std::max<int64_t>(16, ceil_div(rows, 256)); }
+
+// ------------------------------------------------------------------ compress: gather
+template <typename T>
+void gather_impl(const TokensGatherParams& p) {
+  const TokensGeom g = p.g;
+  const int64_t C = g.C, ff = g.f * g.f, K = ff * C;
+  const int64_t M = g.N * (g.H / g.f) * (g.W / g.f);
+  const std::vector<float> lw = param_or<T>(p.ln_w, C, 1.f), lb = param_or<T>(p.ln_b, C, 0.f);
+  const float* lwp = lw.data();
+  const float* lbp = lb.data();
+  const T* x = static_cast<const T*>(p.x);
+  T* a = static_cast<T*>(p.a);
+  at::parallel_for(0, M, row_grain(K), [&](int64_t lo, int64_t hi) {
+    std::vector<float> buf(C);
+    float* xr = buf.data();
+    for (int64_t m = lo; m < hi; ++m) {
+      for (int64_t s = 0; s < ff; ++s) {
+        const int64_t t = fine_token(g, m, s);
+        const T* src = x + t * C;
+        for (int64_t i0 = 0; i0 < C; i0 += kRun) load_f32(src + i0, xr + i0, std::min(kRun, C - i0));
+        float mean, rstd;
+        if (p.stats_given) {
+          mean = p.mean[t];
+          rstd = p.rstd[t];
+        } else {
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t i = 0; i < C; ++i) sum += xr[i];
+          mean = sum / float(C);
+          float q = 0.f;
+#pragma omp simd reduction(+ : q)
+          for (int64_t i = 0; i < C; ++i) {
+            const float d = xr[i] - mean;
+            q += d * d;
+          }
+          rstd = 1.f / std::sqrt(q / float(C) + p.eps);
+          p.mean[t] = mean;
+          p.rstd[t] = rstd;
+        }
+        if (!a) continue;
+        T* dst = a + m * K + s * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) st(dst, i, (xr[i] - mean) * rstd * lwp[i] + lbp[i]);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ compress: bias + activation
+template <typename T>
+void bias_act_impl(const TokensBiasActParams& p) {
+  const int64_t Co = p.Cout;
+  const std::vector<float> b = param_or<T>(p.bias, Co, 0.f);
+  const float* bp = b.data();
+  T* pre = static_cast<T*>(p.pre);
+  T* out = static_cast<T*>(p.out);
+  const int act = p.act;
+  at::parallel_for(0, p.M, row_grain(Co), [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m) {
+      T* pr = pre + m * Co;
+      T* orow = out + m * Co;
+      if (act == int(TokenAct::kNone)) {
+#pragma omp simd
+        for (int64_t i = 0; i < Co; ++i) st(orow, i, ld(pr, i) + bp[i]);
+      } else if (p.keep_pre) {
+        for (int64_t i = 0; i < Co; ++i) {
+          const float v = ld(pr, i) + bp[i];
+          st(pr, i, v);
+          st(orow, i, token_act(v, act));
+        }
+      } else {
+        for (int64_t i = 0; i < Co; ++i) st(orow, i, token_act(ld(pr, i) + bp[i], act));
+      }
+    }
+  });
+}
+
+template <typename T>
+void act_bwd_impl(const TokensActBwdParams& p) {
+  const int64_t Co = p.Cout;
+  const T* gr = static_cast<const T*>(p.grad);
+  const T* pre = static_cast<const T*>(p.pre);
+  T* d = static_cast<T*>(p.dpre);
+  const int act = p.act;
+  at::parallel_for(0, p.M, row_grain(Co), [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m) {
+      const T* g = gr + m * Co;
+      T* dr = d + m * Co;
+      if (act == int(TokenAct::kNone)) {
+        for (int64_t i = 0; i < Co; ++i) st(dr, i, ld(g, i));
+      } else {
+        const T* pr = pre + m * Co;
+        for (int64_t i = 0; i < Co; ++i) st(dr, i, ld(g, i) * token_act_grad(ld(pr, i), act));
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ compress: LayerNorm backward + scatter
+template <typename T>
+void ln_scatter_bwd_impl(const TokensLnScatterBwdParams& p) {
+  const TokensGeom g = p.g;
+  const int64_t C = g.C, ff = g.f * g.f, K = ff * C;
+  const int64_t M = g.N * (g.H / g.f) * (g.W / g.f);
+  const std::vector<float> lw = param_or<T>(p.ln_w, C, 1.f);
+  const float* lwp = lw.data();
+  const T* da = static_cast<const T*>(p.da);
+  const T* x = static_cast<const T*>(p.x);
+  T* dx = static_cast<T*>(p.dx);
+  const bool want_params = p.dln_w || p.dln_b;
+  const int64_t rpc = rows_per_chunk(M), nch = ceil_div(M, rpc);
+  std::vector<float> part(want_params ? nch * 2 * C : 0, 0.f);
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> b1(C), b2(C);
+    float* __restrict xh = b1.data();
+    float* __restrict gy = b2.data();
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      float* __restrict acc_w = want_params ? part.data() + ch * 2 * C : nullptr;
+      float* __restrict acc_b = want_params ? acc_w + C : nullptr;
+      for (int64_t m = ch * rpc; m < std::min(M, (ch + 1) * rpc); ++m) {
+        for (int64_t s = 0; s < ff; ++s) {
+          const int64_t t = fine_token(g, m, s);
+          const float mean = p.mean[t], rstd = p.rstd[t];
+          const T* __restrict xr = x + t * C;
+          const T* __restrict dr = da + m * K + s * C;
+          float s1 = 0.f, s2 = 0.f;
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t i = 0; i < C; ++i) {
+            const float xv = (ld(xr, i) - mean) * rstd;
+            const float dv = ld(dr, i);
+            const float gv = dv * lwp[i];
+            xh[i] = xv;
+            gy[i] = gv;
+            s1 += gv;
+            s2 += gv * xv;
+          }
+          if (want_params) {
+#pragma omp simd
+            for (int64_t i = 0; i < C; ++i) {
+              const float dv = ld(dr, i);
+              acc_w[i] += dv * xh[i];
+              acc_b[i] += dv;
+            }
+          }
+          if (dx) {
+            const float m1 = s1 / float(C), m2 = s2 / float(C);
+            T* __restrict dxr = dx + t * C;
+#pragma omp simd
+            for (int64_t i = 0; i < C; ++i) st(dxr, i, rstd * (gy[i] - m1 - xh[i] * m2));
+          }
+        }
+      }
+    }
+  });
+  if (!want_params) return;
+  std::vector<double> tot(2 * C, 0.0);
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    const float* row = part.data() + ch * 2 * C;
+    for (int64_t j = 0; j < 2 * C; ++j) tot[j] += row[j];
+  }
+  for (int64_t i = 0; i < C; ++i) {
+    if (p.dln_w) p.dln_w[i] = float(tot[i]);
+    if (p.dln_b) p.dln_b[i] = float(tot[C + i]);
+  }
+}
+
+// ------------------------------------------------------------------ expand: scatter (+ bias) and gather
+template <typename T>
+void depth_scatter_impl(const TokensDepthScatterParams& p) {
+  const TokensGeom g = p.g;
+  const int64_t C = g.C, ff = g.f * g.f, K = ff * C;
+  const int64_t M = g.N * (g.H / g.f) * (g.W / g.f);
+  const std::vector<float> b = param_or<T>(p.bias, K, 0.f);
+  const float* bp = b.data();
+  const T* z = static_cast<const T*>(p.z);
+  T* out = static_cast<T*>(p.out);
+  at::parallel_for(0, M, row_grain(K), [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m) {
+      for (int64_t s = 0; s < ff; ++s) {
+        const T* zr = z + m * K + s * C;
+        const float* br = bp + s * C;
+        T* orow = out + fine_token(g, m, s) * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) st(orow, i, ld(zr, i) + br[i]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void space_gather_impl(const TokensSpaceGatherParams& p) {
+  const TokensGeom g = p.g;
+  const int64_t C = g.C, ff = g.f * g.f, K = ff * C;
+  const int64_t M = g.N * (g.H / g.f) * (g.W / g.f);
+  const T* src = static_cast<const T*>(p.src);
+  T* dst = static_cast<T*>(p.dst);
+  at::parallel_for(0, M, row_grain(K), [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m)
+      for (int64_t s = 0; s < ff; ++s)
+        std::memcpy(dst + m * K + s * C, src + fine_token(g, m, s) * C, C * sizeof(T));
+  });
+}
+
+// ------------------------------------------------------------------ latent (un)packing
+template <typename T>
+void latent_pack_impl(const LatentPackParams& p) {
+  const int64_t B = p.B, C = p.C, H = p.H, W = p.W, f = p.f, ff = f * f, K = C * ff;
+  const int64_t Hc = H / f, Wc = W / f;
+  const float* sc = p.scale;
+  const float* sh = p.shift;
+  const T* src = static_cast<const T*>(p.src);
+  T* dst = static_cast<T*>(p.dst);
+  // one task per (image, coarse row i): it owns Wc tokens and f latent rows of every channel
+  at::parallel_for(0, B * Hc, std::max<int64_t>(1, 4096 / std::max<int64_t>(Wc * K, 1)), [&](int64_t lo, int64_t hi) {
+    for (int64_t bi = lo; bi < hi; ++bi) {
+      const int64_t b = bi / Hc, i = bi - b * Hc;
+      const int64_t tok0 = (b * Hc + i) * Wc;  // first token of this coarse row
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t di = 0; di < f; ++di) {
+          const int64_t lat = ((b * C + c) * H + f * i + di) * W;  // latent row offset
+          const int64_t k0 = c * ff + di * f;
+          if (p.to_tokens) {
+            const T* sr = src + lat;
+            for (int64_t w = 0; w < W; ++w) {
+              const int64_t j = w / f, k = k0 + (w - j * f);
+              st(dst, (tok0 + j) * K + k, ld(sr, w) * sc[k] + (sh ? sh[k] : 0.f));
+            }
+          } else {
+            T* dr = dst + lat;
+            for (int64_t w = 0; w < W; ++w) {
+              const int64_t j = w / f, k = k0 + (w - j * f);
+              st(dr, w, ld(src, (tok0 + j) * K + k) * sc[k] + (sh ? sh[k] : 0.f));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void tokens_gather(const TokensGatherParams& p, DType dt) {
+  UMM_CPU_DISPATCH(dt, T, [&] { gather_impl<T>(p); });
+}
+void tokens_bias_act(const TokensBiasActParams& p, DType dt) {
+  UMM_CPU_DISPATCH(dt, T, [&] { bias_act_impl<T>(p); });
+}
+void tokens_act_bwd(const TokensActBwdParams& p, DType dt) {
+  UMM_CPU_DISPATCH(dt, T, [&] { act_bwd_impl<T>(p); });
+}
+void tokens_ln_scatter_bwd(const TokensLnScatterBwdParams& p, DType dt) {
+  UMM_CPU_DISPATCH(dt, T, [&] { ln_scatter_bwd_impl<T>(p); });
+}
+void tokens_depth_scatter(const TokensDepthScatterParams& p, DType dt) {
+  UMM_CPU_DISPATCH(dt, T, [&] { depth_scatter_impl<T>(p); });
+}
+void tokens_space_gather(const TokensSpaceGatherParams& p, DType dt) {
+  UMM_CPU_DISPATCH(dt, T, [&] { space_gather_impl<T>(p); });
+}
+void latent_pack(const LatentPackParams& p, DType dt) {
+  UMM_CPU_DISPATCH(dt, T, [&] { latent_pack_impl<T>(p); });
+}
+
+}  // namespace umm::cpu
