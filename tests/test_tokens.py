@@ -19,7 +19,7 @@ from tolerance import assert_close_rule
 # (N, H, W, C, C_out, f): square and non-square grids, batch 1..3, C / C_out odd and not multiples of any tile,
 # a factor of 3, one wider case (K = 520 > every K tile).
 COMPRESS_SHAPES = [(1, 2, 2, 3, 5, 2), (3, 6, 4, 17, 33, 2), (2, 4, 8, 130, 65, 2), (2, 6, 9, 7, 11, 3)]
-TRITON_SHAPES = [(1, 2, 2, 3, 5, 2), (2, 6, 4, 17, 9, 2)]
+TRITON_SHAPES = [(1, 2, 2, 3, 5, 2), (2, 6, 4, 17, 9, 2), (3, 8, 6, 5, 37, 2)]  # M, C_out and K > one tile
 LATENT_SHAPES = [(1, 1, 2, 2, 2), (2, 4, 6, 8, 2), (3, 3, 6, 9, 3), (2, 32, 8, 4, 2)]  # (B, C, H, W, f)
 
 

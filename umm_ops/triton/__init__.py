@@ -30,6 +30,14 @@ __all__ = [
     "gated_residual_backward",
     "span_attention_fwd",
     "span_attention_bwd",
+    "compress_tokens",
+    "compress_tokens_backward",
+    "expand_tokens",
+    "expand_tokens_backward",
+    "pack_latents",
+    "pack_latents_backward",
+    "unpack_latents",
+    "unpack_latents_backward",
 ]
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -76,3 +84,13 @@ from .norm import (  # noqa: E402
     gated_residual_backward,
 )
 from .attention import span_attention_bwd, span_attention_fwd  # noqa: E402
+from .tokens import (  # noqa: E402
+    compress_tokens,
+    compress_tokens_backward,
+    expand_tokens,
+    expand_tokens_backward,
+    pack_latents,
+    pack_latents_backward,
+    unpack_latents,
+    unpack_latents_backward,
+)
