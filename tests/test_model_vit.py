@@ -134,3 +134,17 @@ def test_config_round_trip_and_errors(tmp_path):
     save_file({k: v for k, v in sd.items() if "layers.1.mlp.fc2" not in k}, bad / "model.safetensors")
     with pytest.raises(ValueError, match=r"2 weights missing.*vision_model\.encoder\.layers\.1\.mlp\.fc2\.bias"):
         load_siglip(bad)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_transformers(tmp_path, dtype, seed):
+    ref = hf_vision(hidden_size=64)                    # head dim 16
+    ref.save_pretrained(tmp_path)
+    px = pixels(3, 16, 16)
+    with torch.no_grad():
+        hf64 = ref.double()(px.double()).last_hidden_state
+        hf_low = ref.to(dtype).cuda()(px.to(dtype).cuda()).last_hidden_state.cpu()
+        ours = load_siglip(tmp_path, dtype=dtype, device="cuda")(px.to(dtype).cuda()).cpu()
+    assert_close_rule(ours, hf64, hf_low, dtype, f"cuda {dtype} last hidden state")
