@@ -1,0 +1,274 @@
+"""CheersModel (tiny preset) at model level: masks, packing independence, fused vs reference ops, gradients,
+seeded generation, KV-cache decoding, overfitting, presets and their parameter counts."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import umm_ops
+from umm_ops.data.packing import ImageItem, Sample, TextItem, pack
+from umm_ops.model.cheers import CheersModel
+from umm_ops.model.config import CheersConfig, preset
+from tolerance import assert_close_rule
+
+
+def _img(seed, size=64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(3, size, size, generator=g) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1234)
+    m = CheersModel("tiny")
+    with torch.no_grad():   # open the zero-initialised gates so every path carries signal
+        for name, p in m.head.named_parameters():
+            if "adaLN_modulation" in name or name.startswith("hi_gate.gate.2"):
+                p.normal_(0, 0.02)
+    m.vae.calibrate(torch.stack([_img(i) for i in range(3)]))
+    return m.eval()
+
+
+def _samples():
+    return [Sample([TextItem("draw a red box"), ImageItem(_img(10), "generate")]),
+            Sample([ImageItem(_img(11), "understand"), TextItem("what is it?"), TextItem("a box", loss=True)])]
+
+
+def _hidden(model, samples, **kw):
+    b = pack(samples, model.pack_spec(**kw))[0]
+    out = model(b, generator=torch.Generator().manual_seed(0), return_outputs=True)
+    return b, out
+
+
+# ------------------------------------------------------------------ masks at model level
+def test_later_text_never_changes_earlier_states(model):
+    a = Sample([TextItem("hello there"), ImageItem(_img(1), "understand"), TextItem("abc", loss=True)])
+    b = Sample([TextItem("hello there"), ImageItem(_img(1), "understand"), TextItem("abX", loss=True)])
+    with torch.no_grad():
+        _, oa = _hidden(model, [a])
+        _, ob = _hidden(model, [b])
+    L = oa["hidden"].shape[0]
+    torch.testing.assert_close(oa["hidden"][:L - 1], ob["hidden"][:L - 1], rtol=0, atol=0)
+    assert not torch.equal(oa["hidden"][L - 1], ob["hidden"][L - 1])
+
+
+def test_image_tokens_see_each_other(model):
+    """Changing only the bottom-right quarter of an understood image changes the state of the image's FIRST token
+    (it sees later tokens of its own block), and every later text token."""
+    x = _img(2)
+    y = x.clone()
+    y[:, 32:, 32:] = -y[:, 32:, 32:]
+    with torch.no_grad():
+        ba, oa = _hidden(model, [Sample([TextItem("look"), ImageItem(x, "understand"), TextItem("ok")])])
+        _, ob = _hidden(model, [Sample([TextItem("look"), ImageItem(y, "understand"), TextItem("ok")])])
+    start = int(ba.image_spans[0, 0])
+    torch.testing.assert_close(oa["hidden"][:start], ob["hidden"][:start], rtol=0, atol=0)
+    assert (oa["hidden"][start] - ob["hidden"][start]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("gen_mode", ["full", "noise"])
+def test_noise_block_invisible_to_other_tokens(model, gen_mode):
+    """BAGEL's noise mode hides a generated image from every later token; Cheers' full mode does not."""
+    cfg = dataclasses.replace(model.config, gen_mode=gen_mode)
+    old = model.config
+    model.config = cfg
+    try:
+        with torch.no_grad():
+            s = lambda im: [Sample([TextItem("make"), ImageItem(im, "generate"), TextItem("after")])]  # noqa: E731
+            b, oa = _hidden(model, s(_img(3)))
+            _, ob = _hidden(model, s(_img(4)))
+    finally:
+        model.config = old
+    start, n = (int(v) for v in b.image_spans[0, :2])
+    after = slice(start + n, None)
+    diff = (oa["hidden"][after] - ob["hidden"][after]).abs().max()
+    if gen_mode == "noise":
+        assert diff == 0
+    else:
+        assert diff > 1e-4
+
+
+def test_packed_batch_equals_each_sample_alone(model):
+    s0 = Sample([ImageItem(_img(5), "understand"), TextItem("q?"), TextItem("yes", loss=True)])
+    s1 = Sample([TextItem("just text here"), TextItem(" and more", loss=True)])
+    s2 = Sample([TextItem("hi"), ImageItem(_img(6, 96), "understand"), TextItem("wide")])
+    with torch.no_grad():
+        b, packed = _hidden(model, [s0, s1, s2])
+        offs = b.doc_offsets.tolist()
+        losses = []
+        for d, s in enumerate([s0, s1, s2]):
+            _, alone = _hidden(model, [s])
+            torch.testing.assert_close(packed["hidden"][offs[d]:offs[d + 1]], alone["hidden"], rtol=1e-5, atol=1e-5)
+            losses.append((alone["text_loss"] * alone["text_tokens"], alone["text_tokens"]))
+    total = sum(l for l, _ in losses) / sum(n for _, n in losses)
+    torch.testing.assert_close(packed["text_loss"], total, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ fused vs reference, gradients
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(batch, generator=torch.Generator().manual_seed(7))
+    out["loss"].backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def test_fused_vs_reference_ops_same_loss_and_grads(model):
+    """Whole model, default (fused) backend vs umm_ops.use_backend("reference"), both float32, judged against a
+    float64 run with the tolerance rule on the loss and on the gradient of every trainable part."""
+    batch = pack(_samples(), model.pack_spec(), seed=3)[0]
+    model.train()
+    try:
+        out_f, g_f = _loss_and_grads(model, batch)
+        with umm_ops.use_backend("reference"):
+            out_r, g_r = _loss_and_grads(model, batch)
+            m64 = model.double()
+            try:
+                out_64, g_64 = _loss_and_grads(m64, batch)
+            finally:
+                model.float()
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+    for k in ("loss", "text_loss", "flow_loss"):
+        assert_close_rule(out_f[k].detach().reshape(1), out_64[k].detach().reshape(1),
+                          out_r[k].detach().reshape(1), torch.float32, k, ulps=256)
+    assert set(g_f) == set(g_r) == set(g_64)
+    for part in ("llm.", "vit.", "vae.decoder_copy.", "und_projector.", "head.gen_projector.", "head.hi_gate.",
+                 "head.hi_projector.", "head.time_embed."):
+        names = [n for n in g_f if n.startswith(part)]
+        assert names, part
+        f = torch.cat([g_f[n].flatten() for n in names])
+        r = torch.cat([g_r[n].flatten() for n in names])
+        ref = torch.cat([g_64[n].flatten() for n in names])
+        assert_close_rule(f, ref, r, torch.float32, f"grad {part}", ulps=256)
+
+
+def test_gradients_reach_every_trainable_part_and_never_the_frozen_vae(model):
+    batch = pack(_samples(), model.pack_spec(), seed=4)[0]
+    model.train()
+    try:
+        _, grads = _loss_and_grads(model, batch)
+    finally:
+        model.eval()
+    frozen = [n for n, p in model.named_parameters() if n.startswith("vae.frozen.")]
+    assert frozen and all(not p.requires_grad for n, p in model.named_parameters() if n in frozen)
+    assert not any(n in grads for n in frozen)
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (n not in grads
+                                                                               or not grads[n].abs().sum() > 0)]
+    # the ViT's position embedding rows are all used at 64 px (grid 4x4 of 8x8 resized: all rows contribute)
+    assert no_grad == [], no_grad
+    model.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------ generation
+def test_generate_image_is_seeded_and_reproducible(model):
+    kw = dict(height=64, width=64, steps=2, cfg_scale=3.0)
+    a = model.generate_image(["a red box"], seed=5, **kw)
+    b = model.generate_image(["a red box"], seed=5, **kw)
+    c = model.generate_image(["a red box"], seed=6, **kw)
+    assert a["images"].shape == (1, 3, 64, 64) and a["images"].abs().max() <= 1
+    assert torch.equal(a["latents"], b["latents"]) and not torch.equal(a["latents"], c["latents"])
+    sde = model.generate_image(["a red box"], seed=5, mode="sde", sigma=0.3, **kw)
+    assert sde["trajectory"].shape == (1, 3, 16, 128) and sde["logprobs"].shape == (1, 2)
+    assert torch.isfinite(sde["logprobs"]).all()
+    ts = sde["timesteps"].tolist()
+    x0, x1 = sde["trajectory"][:, 0], sde["trajectory"][:, 1]
+    assert x1.shape == x0.shape and not torch.equal(x0, x1) and ts[0] == 0.0 and ts[-1] == 1.0
+
+
+def test_generate_text_cache_matches_full_recompute(model):
+    """Greedy decoding through the KV cache (span attention's cache case) == argmax of a full forward each step."""
+    prompts = ["hello", Sample([ImageItem(_img(7), "understand"), TextItem("what?")])]
+    texts, ids = model.generate_text(prompts, max_new_tokens=4, return_ids=True)
+    spec = model.pack_spec()
+    for p, got in zip(prompts, ids):
+        s = p if isinstance(p, Sample) else Sample([TextItem(p)])
+        ref = []
+        for _ in range(len(got)):
+            items = list(s.items) + ([TextItem(model.tokenizer.decode(ref))] if ref else [])
+            b = pack([Sample(items)], spec)[0]
+            with torch.no_grad():
+                from umm_ops.model.generate import _embed_doc
+                from umm_ops.data.packing import encode_sample
+                doc = encode_sample(Sample(items), spec)
+                emb = _embed_doc(model, doc, model.device)
+                h = model.llm.forward_packed(emb, b.position_ids, b.layout)
+            ref.append(int(model.llm.logits(h[-1:]).argmax(-1)))
+        assert got == ref
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    # stop strings cut the text
+    out = model.generate_text(["hello"], max_new_tokens=4, stop=[model.tokenizer.decode(ids[0][1:2])])
+    assert len(out[0]) <= len(texts[0])
+
+
+def test_edit_image_shapes(model):
+    out = model.edit_image(_img(8), "make it blue", steps=1, cfg_scale=1.0)
+    assert out["images"].shape == (1, 3, 64, 64)
+
+
+# ------------------------------------------------------------------ training
+def test_tiny_overfits_a_handful_of_samples():
+    """Fixed noise and timesteps (same seeds every step): the loss of 3 samples must fall clearly in 12 steps."""
+    torch.manual_seed(0)
+    m = CheersModel("tiny")
+    red = torch.zeros(3, 32, 32)
+    red[0] = 0.8
+    samples = [Sample([TextItem("red"), ImageItem(red, "generate")]),
+               Sample([TextItem("Say hi."), TextItem("hi there", loss=True)]),
+               Sample([ImageItem(-red, "understand"), TextItem("Color?"), TextItem("cyan", loss=True)])]
+    m.vae.calibrate(torch.stack([red, -red]))
+    batch = pack(samples, m.pack_spec(), seed=0)[0]
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=3e-3, weight_decay=0.0)
+    m.train()
+    m.config.cfg_dropout = 0.0
+    hist = []
+    for _ in range(12):
+        out = m(batch, generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        hist.append((out["loss"].item(), out["text_loss"].item(), out["flow_loss"].item()))
+    first, last = hist[0], hist[-1]
+    assert last[0] < 0.4 * first[0], hist
+    assert last[1] < 0.3 * first[1], hist
+    assert last[2] < 0.8 * first[2], hist
+
+
+# ------------------------------------------------------------------ presets
+def test_presets_validate_and_round_trip():
+    for name in ("tiny", "small", "cheers-1.5b"):
+        cfg = preset(name)
+        assert CheersConfig.from_dict(cfg.to_dict()) == cfg
+    bad = preset("tiny").to_dict()
+    bad["vit"]["patch_size"] = 14
+    with pytest.raises(ValueError, match="ViT patch"):
+        CheersConfig.from_dict(bad)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+
+
+def test_tiny_size(model):
+    n = sum(p.numel() for p in model.parameters())
+    assert 10e6 <= n <= 30e6, n
+
+
+def test_cheers_1_5b_parameter_count_on_meta_device():
+    """Expected count from the released checkpoint itself (AI9Stars/Cheers Training/cheers_config/
+    model.safetensors.index.json): total_size = 5,609,423,890 bytes over 1321 tensors, all stored in bfloat16
+    (2 bytes each, BatchNorm counters included) -> 2,804,711,945 elements.  Remove what our model does not hold:
+    the duplicate tied lm_head (151936 x 1536), SigLIP2's unused pooling head (probe C, attention in_proj 3C^2+3C,
+    out_proj C^2+C, LayerNorm 2C, MLP C*I+I + I*C+C with C=1152, I=4304: 15,238,352) and the BatchNorm buffers
+    (2 x (128 mean + 128 var + 1 counter) = 514): 2,556,099,383 parameters.  This equals the sum of the parts:
+    Qwen2.5-1.5B 1,543,714,304 (its model card: 1.54B) + SigLIP2-so400m-16-512 vision tower without the pooling head
+    + two FLUX.2 VAE decoders and one encoder + projector + head."""
+    with torch.device("meta"):
+        m = CheersModel("cheers-1.5b")
+    C, I = 1152, 4304
+    pool = C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (C * I + I) + (I * C + C)
+    assert pool == 15_238_352
+    expected = 5_609_423_890 // 2 - 151936 * 1536 - pool - 2 * (128 + 128 + 1)
+    assert sum(p.numel() for p in m.parameters()) == expected == 2_556_099_383
+    assert sum(p.numel() for p in m.llm.parameters()) == 1_543_714_304
