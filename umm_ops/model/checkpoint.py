@@ -160,7 +160,7 @@ def load_state(model, state: dict, strict: bool = True, who: str = "checkpoint")
 
 
 def from_pretrained(folder, device=None, dtype=None, tokenizer=None):
-    """Build a CheersModel from a folder written by save_pretrained."""
+    """Build a CheersModel from a folder written by save_pretrained (in eval mode, as Hugging Face does)."""
     from .cheers import CheersModel
 
     folder = os.fspath(folder)
@@ -174,6 +174,7 @@ def from_pretrained(folder, device=None, dtype=None, tokenizer=None):
                          f"(for the released Cheers checkpoint use from_cheers_checkpoint)")
     model = CheersModel(CheersConfig.from_dict(meta["config"]), tokenizer=tokenizer)
     load_state(model, read_safetensors_folder(folder), who=folder)
+    model.eval()
     if dtype is not None:
         model.to(dtype)
     if device is not None:
@@ -386,6 +387,7 @@ def from_cheers_checkpoint(folder, config: CheersConfig | None = None, tokenizer
     state = convert_cheers_state_dict(read_safetensors_folder(folder), len(config.vae.block_out_channels),
                                       config.llm.get("tie_word_embeddings", True))
     load_state(model, state, who=folder)
+    model.eval()
     if device is not None:
         model.to(device)
     return model
