@@ -11,6 +11,8 @@ or two images to understand or generate, an answer):
   encode       the per-sample half alone (what loader workers do)
   collate      the per-batch half alone (concatenation + SpanLayout), from encoded samples
   loader-wN    PackedLoader over an in-memory dataset with N workers (includes moving samples between processes)
+  loader-jpeg-wN   the same over a dataset that decodes each image from JPEG bytes (Pillow) in __getitem__
+                   (a quarter of the samples)
 For context each configuration also reports, for one batch, the time to build its SpanLayout from the segment lists
 and the time to build its dense (L, L) boolean mask (span_mask, once): the object a dense-mask model (Cheers' released
 code, BAGEL's SDPA fallback) builds per batch instead of a layout.
@@ -80,6 +82,46 @@ class ListDataset:
         return self.samples[i]
 
 
+class JpegDataset:
+    """The same samples with each image stored as JPEG bytes and decoded (Pillow) in __getitem__: the per-sample
+    work of a real-format reader, which loader workers take off the main process."""
+
+    def __init__(self, samples, quality: int = 90):
+        import io
+
+        from PIL import Image
+
+        self.io, self.Image = io, Image
+        codes, self.items = {}, []
+        for s in samples:
+            row = []
+            for it in s.items:
+                if isinstance(it, ImageItem):
+                    key = id(it.image)
+                    if key not in codes:
+                        u8 = ((it.image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+                        buf = io.BytesIO()
+                        Image.fromarray(u8).save(buf, format="JPEG", quality=quality)
+                        codes[key] = buf.getvalue()
+                    row.append((codes[key], it.role))
+                else:
+                    row.append(it)
+            self.items.append(row)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        out = []
+        for it in self.items[i]:
+            if isinstance(it, tuple):
+                im = self.Image.open(self.io.BytesIO(it[0])).convert("RGB")
+                x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3)
+                it = ImageItem(x.permute(2, 0, 1).float() / 127.5 - 1, it[1])
+            out.append(it)
+        return Sample(out)
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
     ts = []
@@ -107,7 +149,7 @@ def run_case(name, samples, spec, repeats, workers=None):
         groups.append(p.flush())
         sec = timed(lambda: [collate_docs(g) for g in groups], repeats)
     else:
-        ds = ListDataset(samples)
+        ds = JpegDataset(samples) if name == "loader-jpeg" else ListDataset(samples)
 
         def go():
             loader = PackedLoader(ds, spec, seed=0, num_workers=workers)
@@ -137,13 +179,16 @@ def main(argv=None):
         mask_ms = (time.perf_counter() - t0) * 1e3
         layout_ms = timed(lambda: SpanLayout.from_segments(b0.layout.segments()[0]), 20) * 1e3
         cases = ["pack", "encode", "collate", "loader-w0", "loader-w2"]
+        if side == 512 and align is None:
+            cases += ["loader-jpeg-w0", "loader-jpeg-w2"]
         for c in cases:
             workers = int(c.split("-w")[1]) if c.startswith("loader") else None
-            r = run_case(c if workers is None else "loader", samples, spec, repeats, workers)
+            sub = samples[:n // 4] if "jpeg" in c else samples  # decoding dominates: fewer samples suffice
+            r = run_case(c if workers is None else c.rsplit("-w", 1)[0], sub, spec, repeats, workers)
             r.update(case=c, image_px=side, budget=budget, align=align, gen_mode=gen_mode,
                      layout_ms_per_batch=layout_ms, dense_mask_ms_per_batch=mask_ms)
             configs.append(r)
-            print(f"{c:10s} img {side:3d}px budget {budget:5d} align {str(align):4s} {gen_mode:5s}: "
+            print(f"{c:14s} img {side:3d}px budget {budget:5d} align {str(align):4s} {gen_mode:5s}: "
                   f"{r['samples_per_s']:9.0f} samples/s {r['tokens_per_s'] / 1e6:7.2f} Mtok/s "
                   f"{r['ms_per_batch']:7.3f} ms/batch ({r['docs_per_batch']:.1f} docs, "
                   f"{r['mean_batch_tokens']:.0f} tok; layout {layout_ms:.3f} ms, dense mask {mask_ms:.0f} ms)", flush=True)
@@ -155,7 +200,9 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "note": "Packing runs on the CPU whatever the training device. seconds = median over repeats after one "
                 "warm-up; tokens include image tokens, wrapper tokens and alignment pads. loader-wN includes "
-                "worker start-up (a new DataLoader per epoch) and inter-process transfer of the samples.",
+                "worker start-up (a new DataLoader per epoch) and inter-process transfer of the samples; workers run torch with "
+                "1 thread each. On a shared machine multi-threaded torch ops in the main process (image range checks, "
+                "float conversion) slow down sharply when the other cores are busy.",
         "results": configs,
     }
     out = args.out or os.path.join(HERE, "results", f"{slug(res['device'])}-packing.json")

@@ -85,10 +85,11 @@ def test_workers_and_exact_resume(data, reference, workers):
     flat = [b for ep in reference for b in ep]
     n0 = len(reference[0])
     assert n0 >= 6, "the test needs several batches per epoch"
-    # uninterrupted with workers == uninterrupted without
-    loader = PackedLoader(ds, make_spec(), seed=11, num_workers=workers)
-    got = list(loader) + list(loader)
-    assert len(got) == len(flat) and all(batch_equal(a, b) for a, b in zip(got, flat))
+    # uninterrupted with workers == uninterrupted without (whatever the samples fetched per worker round trip)
+    for fetch in (None, 3):
+        loader = PackedLoader(ds, make_spec(), seed=11, num_workers=workers, samples_per_fetch=fetch)
+        got = list(loader) + list(loader)
+        assert len(got) == len(flat) and all(batch_equal(a, b) for a, b in zip(got, flat))
     # interrupt after k batches (mid-epoch, last batch of an epoch, first of the next), save, resume in a new loader
     for k in (3, n0, n0 + 2):
         first = PackedLoader(ds, make_spec(), seed=11, num_workers=workers)
@@ -161,5 +162,7 @@ def test_constructor_errors(data):
         PackedLoader(data[1], {"budget": 10})
     with pytest.raises(ValueError, match="num_workers must be an int >= 0"):
         PackedLoader(data[1], make_spec(), num_workers=-1)
+    with pytest.raises(ValueError, match="samples_per_fetch must be an int >= 1, got 0"):
+        PackedLoader(data[1], make_spec(), samples_per_fetch=0)
     with pytest.raises(ValueError, match="prefetch_factor needs num_workers > 0"):
         PackedLoader(data[1], make_spec(), prefetch_factor=2)

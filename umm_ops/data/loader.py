@@ -41,6 +41,9 @@ class _Encoded(Dataset):
     def __getitem__(self, i):
         return encode_sample(self.dataset[i], self.spec, sample_id=int(i), seed=self.pack_seed)
 
+    def __getitems__(self, indices):  # one worker round trip per chunk of samples
+        return [self[i] for i in indices]
+
 
 class PackedLoader:
     """Iterate packed batches (:class:`~umm_ops.data.packing.PackedBatch`) of a map-style dataset of Samples.
@@ -56,10 +59,13 @@ class PackedLoader:
         seed: seeds the permutations and the timesteps.
         num_workers, prefetch_factor, timeout, multiprocessing_context: passed to ``torch.utils.data.DataLoader``
             (samples are loaded and tokenized in the workers; packing happens in the main process).
+        samples_per_fetch: samples a worker loads per round trip (default 8 with workers: halves the inter-process
+            overhead per sample; prefetch_factor counts these chunks).  Batches do not depend on it.
     """
 
     def __init__(self, dataset, spec: PackSpec, *, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
-                 prefetch_factor: int | None = None, timeout: float = 0, multiprocessing_context=None):
+                 prefetch_factor: int | None = None, samples_per_fetch: int | None = None, timeout: float = 0,
+                 multiprocessing_context=None):
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(f"PackedLoader: dataset must be map-style (len(dataset) and dataset[i] -> Sample), got "
                             f"{type(dataset).__name__}")
@@ -79,6 +85,11 @@ class PackedLoader:
             self._dl_kwargs["prefetch_factor"] = 4 if prefetch_factor is None else prefetch_factor
         elif prefetch_factor is not None:
             raise ValueError("PackedLoader: prefetch_factor needs num_workers > 0")
+        if samples_per_fetch is None:
+            samples_per_fetch = 8 if num_workers else 1
+        if not isinstance(samples_per_fetch, int) or isinstance(samples_per_fetch, bool) or samples_per_fetch < 1:
+            raise ValueError(f"PackedLoader: samples_per_fetch must be an int >= 1, got {samples_per_fetch!r}")
+        self.chunk = samples_per_fetch
         self._n = n
         self._epoch = 0      # epoch of the next batch
         self._pos = 0        # index, in that epoch's order, of the next batch's first sample
@@ -106,13 +117,15 @@ class PackedLoader:
             self._epoch, self._pos, self._batches = self._epoch + 1, 0, 0
         epoch, pos = self._epoch, self._pos
         order = self.order(epoch)
-        dl = DataLoader(_Encoded(self.dataset, self.spec, self.pack_seed(epoch)), batch_size=None,
-                        sampler=order[pos:], num_workers=self.num_workers, collate_fn=_identity,
+        rest = order[pos:]
+        chunks = [rest[i:i + self.chunk] for i in range(0, len(rest), self.chunk)]
+        dl = DataLoader(_Encoded(self.dataset, self.spec, self.pack_seed(epoch)), batch_sampler=chunks,
+                        num_workers=self.num_workers, collate_fn=_identity,
                         # workers' base seed: from this generator, never from (and never advancing) torch's global RNG
                         generator=torch.Generator().manual_seed(_mix(self.seed, epoch, pos, 3)),
                         **self._dl_kwargs)
         packer = GreedyPacker(self.spec.budget)
-        for k, doc in enumerate(dl, start=pos):
+        for k, doc in enumerate((d for chunk in dl for d in chunk), start=pos):
             group = packer.add(doc, position=k)
             if group:  # sample k opens the next batch: resume there
                 self._pos, self._batches = k, self._batches + 1
