@@ -288,3 +288,20 @@ def test_errors():
         pack([Sample([ImageItem(torch.zeros(3, 8, 8), "generate")])], bad)
     with pytest.raises(TypeError, match="expected a PackedBatch"):
         unpack("batch", tok)
+
+
+def test_layout_runs_span_attention(seed):
+    """A packed batch's layout drives span_attention: the output equals plain masked-softmax attention under the
+    mask derived from the batch's documents and image spans (float64)."""
+    import umm_ops
+
+    samples = random_samples(seed, 6, max_side=3)
+    spec = spec_for("noise", budget=4096, align=4)
+    b, = pack(samples, spec)
+    L, H, Dh = b.num_tokens, 2, 16
+    q, k, v = (torch.randn(L, H, Dh, dtype=torch.float64) for _ in range(3))
+    out = umm_ops.span_attention(q, k, v, b.layout)
+    m = expected_mask(b, "noise")
+    s = torch.einsum("qhd,khd->hqk", q, k) / Dh**0.5
+    ref = torch.einsum("hqk,khd->qhd", s.masked_fill(~m, float("-inf")).softmax(-1), v)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

@@ -168,3 +168,22 @@ def test_chat_template_errors():
         chat_template("hello")
     with pytest.raises(ValueError, match="role must be a non-empty str"):
         chat_template([{"role": "", "content": "x"}])
+
+
+def test_hf_tokenizer_packs_and_round_trips(qwen_like_folder, seed):
+    """The packer runs on an HF tokenizer as on the byte one: special ids from it, text back through unpack."""
+    from umm_ops.data.packing import ImageItem, PackSpec, Sample, TextItem, pack, unpack
+
+    tok = HFTokenizer(qwen_like_folder)
+    spec = PackSpec(tok, patch=8, budget=4096, align=16)
+    rng = random.Random(seed)
+    samples = [Sample([TextItem("<|im_start|>user\n" + random_text(rng, 12, specials=False)),
+                       ImageItem(torch.rand(3, 16, 8) * 2 - 1),
+                       TextItem(random_text(rng, 10, specials=False) + "<|im_end|>", loss=True)]) for _ in range(3)]
+    b, = pack(samples, spec)
+    assert unpack(b, tok) == samples
+    start, n, _ = b.image_spans[0].tolist()
+    assert n == 2 and start % 16 == 0
+    assert b.input_ids[start - 1].item() == tok.special("<|vision_start|>")
+    assert (b.input_ids[start:start + n] == tok.special("<|image_pad|>")).all()
+    assert b.input_ids[b.input_ids == tok.pad_id].numel() > 0  # alignment pads use the tokenizer's pad token
