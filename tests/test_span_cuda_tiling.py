@@ -1,0 +1,207 @@
+"""The work decomposition of the CUDA span-attention kernels (csrc/cuda_wip/span_attention.cu), replayed on the CPU.
+
+The CUDA kernels cannot run without a GPU, but which (query, key) pairs they compute is decided by plain integer
+arithmetic: query blocks and their key range [k_begin, k_hi) (forward / dq), key blocks and their contiguous viewer
+range [v_lo, v_hi) (dk / dv), tiles classified EMPTY / FULL / PARTIAL by span.h's span_classify_tile, FULL tiles
+masked only by bounds, PARTIAL tiles by allowed(a, hi, k, noise(k)).  This module transcribes that arithmetic
+(names follow the kernel source) and checks, on random layouts and for several tile sizes, that every allowed pair
+of span_mask is computed exactly once and no other pair is.  A wrong k_hi, viewer range, bound or use of the
+classification in the kernels' design shows up here; the CuTe index mapping is checked separately by
+csrc/cuda_wip/span_layout_check.cu and the numbers by tests/test_span_cuda.py on a GPU.
+"""
+from __future__ import annotations
+
+import bisect
+import random
+
+import pytest
+import torch
+
+from umm_ops import SpanLayout, span_mask
+
+CAUSAL, FULL, NOISE = 0, 1, 2
+EMPTY_T, FULL_T, PARTIAL_T = 0, 1, 2
+MODES = ("causal", "full", "noise")
+
+
+# ----------------------------------------------------------------------------------- span.h, transcribed
+def segment_of(ss, s0, s1, pos):
+    """span_segment_of: the segment of [s0, s1) containing key position pos."""
+    return s0 + bisect.bisect_right(ss[s0:s1], pos) - 1
+
+
+def classify_seg(ss, se, sm, s0, s1, sq, p0, p1, k0, k1):
+    if p0 >= p1 or k0 >= k1:
+        return EMPTY_T
+    a, b = ss[sq], se[sq]
+    vis = invis = False
+    hi_a = min(k1, a)
+    if k0 < hi_a:
+        s = segment_of(ss, s0, s1, k0)
+        while s < s1 and ss[s] < hi_a:
+            if sm[s] == NOISE:
+                invis = True
+            else:
+                vis = True
+            if vis and invis:
+                return PARTIAL_T
+            s += 1
+    lo_b, hi_b = max(k0, a), min(k1, b)
+    if lo_b < hi_b:
+        if sm[sq] != CAUSAL:
+            vis = True
+        elif hi_b - 1 <= p0:
+            vis = True
+        elif lo_b > p1 - 1:
+            invis = True
+        else:
+            vis = invis = True
+    if k1 > b:
+        invis = True
+    return (PARTIAL_T if invis else FULL_T) if vis else EMPTY_T
+
+
+def classify(ss, se, sm, s0, s1, p0, p1, k0, k1):
+    if p0 >= p1 or k0 >= k1:
+        return EMPTY_T
+    vis = invis = False
+    s = segment_of(ss, s0, s1, p0)
+    while s < s1 and ss[s] < p1:
+        c = classify_seg(ss, se, sm, s0, s1, s, max(p0, ss[s]), min(p1, se[s]), k0, k1)
+        if c == PARTIAL_T:
+            return PARTIAL_T
+        if c == FULL_T:
+            vis = True
+        else:
+            invis = True
+        if vis and invis:
+            return PARTIAL_T
+        s += 1
+    return (PARTIAL_T if invis else FULL_T) if vis else EMPTY_T
+
+
+# ----------------------------------------------------------------------------------- the kernels' decomposition
+class Lay:
+    def __init__(self, layout: SpanLayout):
+        self.cu_q, self.cu_k, self.so, self.ss, self.se, self.sm = (t.tolist() for t in layout.tensors())
+        self.max_q, self.max_k = layout.max_seqlen_q, layout.max_seqlen_k
+
+    def doc(self, d):
+        q_begin, q_end, k_begin, k_end = self.cu_q[d], self.cu_q[d + 1], self.cu_k[d], self.cu_k[d + 1]
+        return q_begin, q_end, k_begin, k_end, k_end - q_end, self.so[d], self.so[d + 1]
+
+    def own_range(self, s0, s1, pos):
+        s = segment_of(self.ss, s0, s1, pos)
+        return self.ss[s], (pos + 1 if self.sm[s] == CAUSAL else self.se[s])
+
+    def key_is_noise(self, s_from, s1, k):
+        return self.sm[segment_of(self.ss, s_from, s1, k)] == NOISE
+
+
+def allowed(a, hi, k, k_noise):
+    return (a <= k < hi) or (k < a and not k_noise)
+
+
+def fwd_dq_pairs(L: Lay, kM: int, kN: int, counts):
+    """fwd_dq_kernel: grid (query block of each document), key tiles from k_begin to k_hi."""
+    m_blocks = -(-L.max_q // kM)
+    for d in range(len(L.cu_q) - 1):
+        q_begin, q_end, k_begin, k_end, shift, s0, s1 = L.doc(d)
+        for mb in range(m_blocks):
+            q0 = q_begin + mb * kM
+            if q0 >= q_end:
+                continue
+            q1 = min(q0 + kM, q_end)
+            p0, p1 = q0 + shift, q1 + shift
+            _, k_hi = L.own_range(s0, s1, p1 - 1)
+            n_tiles = -(-(k_hi - k_begin) // kN)
+            rows = [L.own_range(s0, s1, min(p0 + m, p1 - 1)) for m in range(kM)]
+            for t in range(n_tiles):
+                k0, k1 = k_begin + t * kN, min(k_begin + (t + 1) * kN, k_hi)
+                cls = classify(L.ss, L.se, L.sm, s0, s1, p0, p1, k0, k1)
+                if cls == EMPTY_T:
+                    continue
+                s_from = segment_of(L.ss, s0, s1, k0) if cls == PARTIAL_T else s0
+                for n in range(kN):
+                    k = k0 + n
+                    if n >= k1 - k0:  # col_ok
+                        continue
+                    knoise = L.key_is_noise(s_from, s1, k) if cls == PARTIAL_T else False
+                    for m in range(q1 - q0):  # rows past the block are never stored
+                        a, hi = rows[m]
+                        if cls == FULL_T or allowed(a, hi, k, knoise):
+                            counts[q0 + m, k] += 1
+
+
+def dkv_pairs(L: Lay, kM: int, kN: int, counts):
+    """dkv_kernel: grid (key block of each document), query tiles over the contiguous viewer range."""
+    n_blocks = -(-L.max_k // kM)
+    for d in range(len(L.cu_q) - 1):
+        q_begin, q_end, k_begin, k_end, shift, s0, s1 = L.doc(d)
+        for nb in range(n_blocks):
+            kb0 = k_begin + nb * kM
+            if kb0 >= k_end:
+                continue
+            kb1 = min(kb0 + kM, k_end)
+            seg_first = segment_of(L.ss, s0, s1, kb0)
+            any_visible_later, seg_last = False, seg_first
+            s = seg_first
+            while s < s1 and L.ss[s] < kb1:
+                if L.sm[s] != NOISE:
+                    any_visible_later = True
+                seg_last = s
+                s += 1
+            lo = kb0 if L.sm[seg_first] == CAUSAL else L.ss[seg_first]
+            v_lo = max(lo, q_begin + shift)
+            v_hi = k_end if any_visible_later else L.se[seg_last]
+            n_tiles = -(-(v_hi - v_lo) // kN) if v_lo < v_hi else 0
+            row_noise = [L.key_is_noise(seg_first, s1, k) for k in range(kb0, kb1)]
+            for t in range(n_tiles):
+                pt0, pt1 = v_lo + t * kN, min(v_lo + (t + 1) * kN, v_hi)
+                cls = classify(L.ss, L.se, L.sm, s0, s1, pt0, pt1, kb0, kb1)
+                if cls == EMPTY_T:
+                    continue
+                for n in range(kN):
+                    pos = pt0 + n
+                    if pos >= pt1:  # col_ok
+                        continue
+                    assert q_begin + shift <= pos < k_end, "viewer outside the document's queries"
+                    a, hi = L.own_range(s0, s1, pos) if cls == PARTIAL_T else (0, 0)
+                    for r in range(kb1 - kb0):  # row_ok
+                        if cls == FULL_T or allowed(a, hi, kb0 + r, row_noise[r]):
+                            counts[pos - shift, kb0 + r] += 1
+
+
+LENGTHS = (1, 1, 2, 3, 5, 7, 8, 9, 16, 17, 31, 64, 65)
+
+
+def random_layout(rng):
+    docs = [[(rng.choice(LENGTHS), rng.choice(MODES)) for _ in range(rng.randint(1, 6))]
+            for _ in range(rng.randint(1, 4))]
+    q_lens = None
+    if rng.random() < 0.5:
+        q_lens = [rng.choice([0, 1, rng.randint(0, sum(n for n, _ in d)), sum(n for n, _ in d)]) for d in docs]
+    return docs, q_lens
+
+
+@pytest.mark.parametrize("tiles", [(4, 4), (4, 8), (8, 4), (16, 8), (64, 64), (64, 32)],
+                         ids=lambda t: f"M{t[0]}xN{t[1]}")
+def test_kernels_compute_each_allowed_pair_once(tiles, seed):
+    kM, kN = tiles
+    rng = random.Random(seed)
+    fixed = [([[(1, "noise"), (1, "causal"), (1, "full"), (1, "noise"), (1, "causal")]], None),
+             ([[(70, "causal"), (33, "full")], [(20, "full"), (45, "causal")]], [1, 50]),
+             ([[(9, "noise"), (4, "noise"), (6, "causal")], [(5, "full"), (3, "noise")]], [19, 2])]
+    for docs, q_lens in fixed + [random_layout(rng) for _ in range(8)]:
+        layout = SpanLayout.from_segments(docs, q_lens)
+        L = Lay(layout)
+        mask = span_mask(layout)
+        for name, fn in (("forward/dq", fwd_dq_pairs), ("dk/dv", dkv_pairs)):
+            counts = torch.zeros(mask.shape, dtype=torch.int32)
+            fn(L, kM, kN, counts)
+            what = f"{name} tiles {kM}x{kN} docs={docs} q_lens={q_lens}"
+            assert counts.numel() == 0 or int(counts.max()) <= 1, f"{what}: a pair computed twice"
+            missing = (mask & (counts == 0)).nonzero().tolist()
+            extra = (~mask & (counts > 0)).nonzero().tolist()
+            assert not missing, f"{what}: allowed pairs never computed, e.g. {missing[:5]}"
+            assert not extra, f"{what}: disallowed pairs computed, e.g. {extra[:5]}"
