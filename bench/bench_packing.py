@@ -191,7 +191,8 @@ def main(argv=None):
             print(f"{c:14s} img {side:3d}px budget {budget:5d} align {str(align):4s} {gen_mode:5s}: "
                   f"{r['samples_per_s']:9.0f} samples/s {r['tokens_per_s'] / 1e6:7.2f} Mtok/s "
                   f"{r['ms_per_batch']:7.3f} ms/batch ({r['docs_per_batch']:.1f} docs, "
-                  f"{r['mean_batch_tokens']:.0f} tok; layout {layout_ms:.3f} ms, dense mask {mask_ms:.0f} ms)", flush=True)
+                  f"{r['mean_batch_tokens']:.0f} tok; layout {layout_ms:.3f} ms, dense mask {mask_ms:.0f} ms)",
+                  flush=True)
     dev = "cpu"
     res = {
         "device": device_name(dev), "device_kind": dev, "mode": "quick" if args.quick else "full",
@@ -200,9 +201,9 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "note": "Packing runs on the CPU whatever the training device. seconds = median over repeats after one "
                 "warm-up; tokens include image tokens, wrapper tokens and alignment pads. loader-wN includes "
-                "worker start-up (a new DataLoader per epoch) and inter-process transfer of the samples; workers run torch with "
-                "1 thread each. On a shared machine multi-threaded torch ops in the main process (image range checks, "
-                "float conversion) slow down sharply when the other cores are busy.",
+                "worker start-up (a new DataLoader per epoch) and inter-process transfer of the samples; workers "
+                "run torch with 1 thread each. On a shared machine multi-threaded torch ops in the main process "
+                "(image range checks, float conversion) slow down sharply when the other cores are busy.",
         "results": configs,
     }
     out = args.out or os.path.join(HERE, "results", f"{slug(res['device'])}-packing.json")

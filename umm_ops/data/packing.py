@@ -36,7 +36,8 @@ from ..attention.layout import SpanLayout
 from .tokenizer import load_tokenizer
 
 __all__ = ["TextItem", "ImageItem", "Sample", "PackSpec", "PackedBatch", "pack", "unpack", "UniformTimesteps",
-           "LogitNormalTimesteps", "ROLES", "GEN_MODES", "chat_sample"]
+           "LogitNormalTimesteps", "ROLES", "GEN_MODES", "chat_sample", "EncodedSample", "encode_sample",
+           "collate_docs", "GreedyPacker"]
 
 ROLES = {"understand": 0, "generate": 1}
 _ROLE_NAMES = {v: k for k, v in ROLES.items()}
@@ -279,15 +280,17 @@ def _mix(*xs: int) -> int:
 
 
 @dataclass
-class _Doc:
-    """One sample as tokens (what a loader worker hands back)."""
+class EncodedSample:
+    """One sample as tokens: what :func:`encode_sample` returns, loader workers hand back and :func:`collate_docs`
+    concatenates (also used by the model's generation code).  Offsets are relative to the document's first token.
+    """
 
     sample_id: int
     input_ids: torch.Tensor      # (n,) int64
     labels: torch.Tensor         # (n,) int64
     segments: list               # [(length, mode)]
-    images: list                 # tensors
-    image_rows: list             # [(offset in doc, length, role, gh, gw)]
+    images: list                 # the ImageItems' tensors, in order
+    image_rows: list             # [(offset in doc, length, role, gh, gw)], one per image
     timesteps: list              # floats
     text_rows: list              # [(offset in doc, length, loss)]
     meta: dict
@@ -302,7 +305,7 @@ def _name(sample_id: int, position: int | None) -> str:
 
 
 def encode_sample(sample: Sample, spec: PackSpec, sample_id: int = 0, seed: int = 0,
-                  position: int | None = None) -> _Doc:
+                  position: int | None = None) -> EncodedSample:
     """Tokens, labels, segments and image rows of one sample (the per-sample half of :func:`pack`)."""
     who = _name(sample_id, position)
     if not isinstance(sample, Sample):
@@ -365,7 +368,7 @@ def encode_sample(sample: Sample, spec: PackSpec, sample_id: int = 0, seed: int 
     loss_mask = torch.frombuffer(loss_tok, dtype=torch.bool)
     labels = torch.full_like(input_ids, IGNORE)
     labels[:-1] = torch.where(loss_mask[1:], input_ids[1:], IGNORE)
-    return _Doc(int(sample_id), input_ids, labels, segments, images, image_rows, timesteps, text_rows,
+    return EncodedSample(int(sample_id), input_ids, labels, segments, images, image_rows, timesteps, text_rows,
                 dict(sample.meta))
 
 
@@ -384,7 +387,8 @@ def collate_docs(docs: list) -> PackedBatch:
     img = torch.tensor(image_rows, dtype=torch.int64).reshape(-1, 5)
     return PackedBatch(
         input_ids=torch.cat([d.input_ids for d in docs]),
-        position_ids=torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths]),  # (repeat_interleave: 10x slower)
+        # per-document aranges: repeat_interleave was 10-100x slower here (its thread pool, on a busy 2-core CPU)
+        position_ids=torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths]),
         labels=torch.cat([d.labels for d in docs]),
         layout=SpanLayout.from_segments([d.segments for d in docs]),
         doc_offsets=doc_offsets,
@@ -407,7 +411,7 @@ class GreedyPacker:
         self.open: list = []
         self.used = 0
 
-    def add(self, doc: _Doc, position: int | None = None):
+    def add(self, doc: EncodedSample, position: int | None = None):
         n = doc.length
         if n > self.budget:
             raise ValueError(f"pack: {_name(doc.sample_id, position)} needs {n} tokens, more than the budget of "
