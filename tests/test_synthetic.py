@@ -298,3 +298,21 @@ def test_to_samples(seed):
     assert cap.items[-1].text == r.caption and cap.items[-1].loss and not cap.items[1].loss
     with pytest.raises(ValueError, match="tasks must be"):
         syn.to_samples(r, tasks=("captions",))
+
+
+# ----------------------------------------------------------------------------------------------- the benchmark script
+def test_degradation_bench_writes_results(tmp_path):
+    import importlib.util as iu
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_degradations.py")
+    spec = iu.spec_from_file_location("bench_degradations", path)
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "deg.json"
+    assert mod.main(["--quick", "--device", "cpu", "-k", "dark_illumination", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["mode"] == "quick" and res["device_kind"] == "cpu"
+    assert {(r["kind"], r["size"]) for r in res["results"]} == {("dark_illumination", 256), ("dark_illumination", 512)}
+    assert all(r["images_per_s"] > 0 and r["batch"] >= 1 for r in res["results"])
