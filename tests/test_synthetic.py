@@ -298,6 +298,10 @@ def test_to_samples(seed):
     assert cap.items[-1].text == r.caption and cap.items[-1].loss and not cap.items[1].loss
     with pytest.raises(ValueError, match="tasks must be"):
         syn.to_samples(r, tasks=("captions",))
+    deg = syn.to_samples(r, tasks=("degraded_vqa",))
+    d, kind = r.degraded()
+    assert len(deg) == len(r.vqa) and all(s.meta["degradation"] == kind for s in deg)
+    assert torch.equal(((deg[0].items[0].image + 1) * 127.5).round().to(torch.uint8), d)
 
 
 # ----------------------------------------------------------------------------------------------- the benchmark script

@@ -11,7 +11,8 @@ JSON line, undecodable image, malformed fields) raises BadRecord naming the file
 skip_bad=True it is skipped instead and counted in `reader.skipped` (its message kept in `reader.errors`).
 Problems with the whole input (a missing annotation file, a JSON file that does not parse) always raise.
 
-COCO segmentations: polygons are rasterised with Pillow; RLE, both the uncompressed form ({"counts": [ints]}) and
+COCO segmentations: polygons are rasterised with Pillow (which fills the boundary pixels, so masks can be a pixel
+wider at the edges than pycocotools' rasterisation); RLE, both the uncompressed form ({"counts": [ints]}) and
 the compressed string form of the COCO API (6-bit characters, delta-coded runs), is decoded here (no pycocotools).
 """
 from __future__ import annotations

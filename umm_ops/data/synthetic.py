@@ -689,10 +689,11 @@ def check(prompt_spec: dict, image, value_range=(0.0, 1.0)) -> dict:
 # ----------------------------------------------------------------------------------------------- to packed samples
 def to_samples(record: SceneRecord, tasks=("caption", "vqa", "generate", "segment"), multiple_choice: bool = True):
     """A record as umm_ops.data.packing Samples: caption (image -> caption), vqa (image + question -> answer, one
-    per item), generate (prompt -> image), segment (SGT: image + instruction -> colour-coded instance map)."""
+    per item), generate (prompt -> image), segment (SGT: image + instruction -> colour-coded instance map), and,
+    when asked for, degraded_vqa (CLEAR: the vqa samples on the record's degraded copy, type drawn per record)."""
     from .packing import ImageItem, Sample, TextItem
 
-    known = {"caption", "vqa", "generate", "segment"}
+    known = {"caption", "vqa", "generate", "segment", "degraded_vqa"}
     if isinstance(tasks, str) or not set(tasks) <= known:
         raise ValueError(f"to_samples: tasks must be a collection drawn from {sorted(known)}, got {tasks!r}")
 
@@ -710,6 +711,13 @@ def to_samples(record: SceneRecord, tasks=("caption", "vqa", "generate", "segmen
             out.append(Sample([ImageItem(img(record.image), "understand"),
                                TextItem(format_question(q, multiple_choice)), TextItem(ans, loss=True)],
                               meta={**meta, "task": "vqa", "type": q["type"]}))
+    if "degraded_vqa" in tasks:
+        degraded, kind = record.degraded()
+        for q in record.vqa:
+            ans = q["answer_letter"] if multiple_choice else q["answer"]
+            out.append(Sample([ImageItem(img(degraded), "understand"),
+                               TextItem(format_question(q, multiple_choice)), TextItem(ans, loss=True)],
+                              meta={**meta, "task": "degraded_vqa", "type": q["type"], "degradation": kind}))
     if "generate" in tasks:
         out.append(Sample([TextItem(record.prompt["text"]), ImageItem(img(record.image), "generate")],
                           meta={**meta, "task": "generate", "prompt": record.prompt}))
