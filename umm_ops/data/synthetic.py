@@ -661,7 +661,9 @@ def check(prompt_spec: dict, image, value_range=(0.0, 1.0)) -> dict:
     relation, which holds when every object of group a is on the stated side of every object of group b (bbox
     centres apart by more than REL_MARGIN of the image side) and both groups are present.  Objects not named in
     the prompt are ignored.  -> {"score": fraction of constraints met, "correct": all met, "details": {...}}.
-    Images: uint8 (3, H, W), float (3, H, W) in value_range, numpy (H, W, 3), or PIL."""
+    Images: uint8 (3, H, W), float (3, H, W) in value_range, numpy (H, W, 3), or PIL.
+    Rendered scenes score exactly; blur and noise are tolerated, but shapes about 16 px across or smaller can be
+    misread after lossy compression (JPEG's chroma subsampling smears their outline)."""
     spec = _validate_spec(prompt_spec)
     x = _as_hwc(image, value_range)
     H, W, _ = x.shape
