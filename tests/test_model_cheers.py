@@ -31,9 +31,9 @@ def model():
     return m.eval()
 
 
-def _samples():
-    return [Sample([TextItem("draw a red box"), ImageItem(_img(10), "generate")]),
-            Sample([ImageItem(_img(11), "understand"), TextItem("what is it?"), TextItem("a box", loss=True)])]
+def _samples(size=32):
+    return [Sample([TextItem("draw a red box"), ImageItem(_img(10, size), "generate")]),
+            Sample([ImageItem(_img(11, size), "understand"), TextItem("what is it?"), TextItem("a box", loss=True)])]
 
 
 def _hidden(model, samples, **kw):
@@ -158,21 +158,21 @@ def test_gradients_reach_every_trainable_part_and_never_the_frozen_vae(model):
     assert not any(n in grads for n in frozen)
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (n not in grads
                                                                                or not grads[n].abs().sum() > 0)]
-    # the ViT's position embedding rows are all used at 64 px (grid 4x4 of 8x8 resized: all rows contribute)
+    # the ViT's position embedding table (8x8) resized bicubically to the 2x2 grid of 32 px images: every row is a tap
     assert no_grad == [], no_grad
     model.zero_grad(set_to_none=True)
 
 
 # ------------------------------------------------------------------ generation
 def test_generate_image_is_seeded_and_reproducible(model):
-    kw = dict(height=64, width=64, steps=2, cfg_scale=3.0)
-    a = model.generate_image(["a red box"], seed=5, **kw)
-    b = model.generate_image(["a red box"], seed=5, **kw)
-    c = model.generate_image(["a red box"], seed=6, **kw)
-    assert a["images"].shape == (1, 3, 64, 64) and a["images"].abs().max() <= 1
+    kw = dict(height=64, width=32, steps=2, cfg_scale=3.0)
+    a = model.generate_image(["a red box", "blue"], seed=5, **kw)
+    b = model.generate_image(["a red box", "blue"], seed=5, **kw)
+    c = model.generate_image(["a red box", "blue"], seed=6, **kw)
+    assert a["images"].shape == (2, 3, 64, 32) and a["images"].abs().max() <= 1
     assert torch.equal(a["latents"], b["latents"]) and not torch.equal(a["latents"], c["latents"])
     sde = model.generate_image(["a red box"], seed=5, mode="sde", sigma=0.3, **kw)
-    assert sde["trajectory"].shape == (1, 3, 16, 128) and sde["logprobs"].shape == (1, 2)
+    assert sde["trajectory"].shape == (1, 3, 8, 128) and sde["logprobs"].shape == (1, 2)
     assert torch.isfinite(sde["logprobs"]).all()
     ts = sde["timesteps"].tolist()
     x0, x1 = sde["trajectory"][:, 0], sde["trajectory"][:, 1]
@@ -199,14 +199,18 @@ def test_generate_text_cache_matches_full_recompute(model):
             ref.append(int(model.llm.logits(h[-1:]).argmax(-1)))
         assert got == ref
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
-    # stop strings cut the text
-    out = model.generate_text(["hello"], max_new_tokens=4, stop=[model.tokenizer.decode(ids[0][1:2])])
-    assert len(out[0]) <= len(texts[0])
+    # stop strings cut the text before them
+    stop = model.tokenizer.decode(ids[0][2:3])
+    out = model.generate_text(["hello"], max_new_tokens=4, stop=[stop])
+    assert out[0] == texts[0][:texts[0].index(stop)]
+    # sampling (temperature / top-k / top-p) is reproducible with a seed
+    kw = dict(max_new_tokens=3, temperature=1.0, top_k=20, top_p=0.9)
+    assert model.generate_text(["hi"], seed=3, **kw) == model.generate_text(["hi"], seed=3, **kw)
 
 
 def test_edit_image_shapes(model):
-    out = model.edit_image(_img(8), "make it blue", steps=1, cfg_scale=1.0)
-    assert out["images"].shape == (1, 3, 64, 64)
+    out = model.edit_image(_img(8, 32), "make it blue", steps=1, cfg_scale=1.0)
+    assert out["images"].shape == (1, 3, 32, 32)
 
 
 # ------------------------------------------------------------------ training
@@ -232,9 +236,10 @@ def test_tiny_overfits_a_handful_of_samples():
         opt.step()
         hist.append((out["loss"].item(), out["text_loss"].item(), out["flow_loss"].item()))
     first, last = hist[0], hist[-1]
-    assert last[0] < 0.4 * first[0], hist
-    assert last[1] < 0.3 * first[1], hist
-    assert last[2] < 0.8 * first[2], hist
+    # measured (seed 0, CPU): total 7.7 -> 1.2, text 5.6 -> 1.1, flow 2.1 -> 0.02
+    assert last[0] < 0.3 * first[0], hist
+    assert last[1] < 0.35 * first[1], hist
+    assert last[2] < 0.1 * first[2], hist
 
 
 # ------------------------------------------------------------------ presets
