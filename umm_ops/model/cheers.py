@@ -141,8 +141,10 @@ class CheersModel(nn.Module):
     def forward(self, batch, generator: torch.Generator | None = None, return_outputs: bool = False) -> dict:
         """Losses of a PackedBatch (see umm_ops.data.packing).
 
-        Returns dict(loss, text_loss, flow_loss, text_tokens, gen_images); with return_outputs also ``hidden``
-        (L, D) and ``v_pred`` / ``v_target`` (lists over the generated images).  `generator` (CPU) draws the flow
+        Returns dict(loss, text_loss, flow_loss, text_tokens, flow_images); with return_outputs also ``hidden``
+        (L, D) and ``v_pred`` / ``v_target`` (lists over the images given to the head, grouped by size).
+        The head sees the generated images, and with ``config.und_flow_loss`` (the released Cheers' choice) the
+        understanding images too, at t = 1 with a zero target.  `generator` (CPU) draws the flow
         noise and the CFG dropout; None uses torch's global RNG.
         """
         cfg = self.config
@@ -169,7 +171,8 @@ class CheersModel(nn.Module):
             noise = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device="cpu").to(dev) \
                 if bool(is_gen.any()) else torch.zeros_like(x1)
             x_t = torch.where(is_gen[:, None, None], add_noise(x1, noise, t), x1)
-            emb, high = self.image_features(x_t.to(dt), hw, want_high=bool(is_gen.any()))
+            head_all = cfg.und_flow_loss
+            emb, high = self.image_features(x_t.to(dt), hw, want_high=head_all or bool(is_gen.any()))
             for j, i in enumerate(idx):
                 start, length, _ = spans[i]
                 if emb.shape[1] != length:
@@ -178,11 +181,12 @@ class CheersModel(nn.Module):
                                      f"(patch = {cfg.pixels_per_token})")
                 rows.append(torch.arange(start, start + length, device=dev))
                 img_embeds.append(emb[j])
-            g = [j for j, i in enumerate(idx) if spans[i][2] == GENERATE]
+            g = [j for j, i in enumerate(idx) if head_all or spans[i][2] == GENERATE]
             if g:
                 gi = torch.tensor(g, device=dev)
-                gen.append((tuple(grids[idx[g[0]]]), [spans[idx[j]][0] for j in g], t[gi], high[gi],
-                            flow_target(x1[gi], noise[gi])))
+                # understanding images (und_flow_loss): t = 1, target 0 (released Cheers masks v by t < 1)
+                target = torch.where(is_gen[gi][:, None, None], flow_target(x1[gi], noise[gi]), 0.0)
+                gen.append((tuple(grids[idx[g[0]]]), [spans[idx[j]][0] for j in g], t[gi], high[gi], target))
         if rows:
             embeds = embeds.index_put((torch.cat(rows),), torch.cat(img_embeds).to(embeds.dtype))
         hidden = self.llm.forward_packed(embeds, batch.position_ids, batch.layout)
@@ -200,7 +204,7 @@ class CheersModel(nn.Module):
             l_flow = hidden[:1].sum() * 0.0
         loss = cfg.text_loss_weight * l_text + cfg.flow_loss_weight * l_flow
         out = dict(loss=loss, text_loss=l_text.detach(), flow_loss=l_flow.detach(), text_tokens=n_text,
-                   gen_images=sum(len(s) for _, s, *_ in gen))
+                   flow_images=sum(len(s) for _, s, *_ in gen))
         if return_outputs:
             out.update(hidden=hidden, v_pred=v_preds, v_target=targets)
         return out

@@ -73,6 +73,7 @@ class CheersConfig:
     text_loss_weight: float = 1.0
     flow_loss_weight: float = 1.0
     cfg_dropout: float = 0.2       # probability of replacing a generation prompt by the null prompt
+    und_flow_loss: bool = False    # released Cheers: understanding images also pass the head (t = 1, target 0)
     time_shift: float = 0.5        # sampling t' = a t / (1 + (a - 1) t)
     sample_steps: int = 80
     cfg_scale: float = 9.5
@@ -185,7 +186,7 @@ def _cheers_1_5b() -> CheersConfig:
                  patch_size=16, image_size=512, num_channels=3, layer_norm_eps=1e-6),
         vae=VAEConfig(),
         head=HeadConfig(semantic_layers=7, detail_layers=3),
-        image_size=512, sample_steps=80, cfg_scale=9.5, time_shift=0.5,
+        image_size=512, sample_steps=80, cfg_scale=9.5, time_shift=0.5, und_flow_loss=True,
     ).validate()
 
 
