@@ -114,16 +114,19 @@ CUTE_HOST_DEVICE constexpr auto acc_to_a(L const& l) {
   return make_layout(make_layout(get<0, 0>(d), get<0, 1>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
 }
 
-// Round a float fragment to T, keeping its layout re-indexed as an A operand.
+// Round a float accumulator fragment to T and return it, OWNING its registers, indexed as an A operand:
+// element i of the accumulator (linear index over its shape) is stored at offset i, and the returned tensor reads
+// that storage through acc_to_a(compact layout of the accumulator's shape) (span_layout_check.cu verifies that every
+// A position then holds the coordinate the MMA expects).
 template <class T, class Frag>
-__device__ __forceinline__ auto to_a_operand(Frag const& acc) {
-  Tensor r = make_tensor<T>(shape(acc));
-  static_assert(decltype(size(r))::value == decltype(size(acc))::value, "fragment sizes");
+CUTE_HOST_DEVICE auto to_a_operand(Frag const& acc) {
+  auto compact = make_layout(shape(acc));
+  Tensor r = make_tensor<T>(acc_to_a(compact));  // owning; acc_to_a only re-indexes: cosize == size
+  static_assert(decltype(cosize(r.layout()))::value == decltype(size(acc))::value, "fragment sizes");
+  Tensor w = make_tensor(r.data(), compact);  // the same registers in the accumulator's shape
   CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) r(i) = T(acc(i));
-  // r has the compact layout of acc's shape; acc (from partition_fragment_C) is compact with the same shape, so
-  // r(i) and acc(i) are the same coordinate.
-  return make_tensor(r.data(), acc_to_a(r.layout()));
+  for (int i = 0; i < size(acc); ++i) w(i) = T(acc(i));
+  return r;
 }
 
 __device__ __forceinline__ float quad_max(float v) {

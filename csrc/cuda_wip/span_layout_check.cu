@@ -9,8 +9,9 @@
 //     every element owned exactly once; the row coordinate of a (r, c) entry depends on r only and the column on c
 //     only; all owners of a row are the 4 threads of one quad (what the quad shuffles of the softmax assume); the
 //     r-th row of the score and of the output view is the same row (per-row scaling of O / dQ);
-//  2. acc_to_a(): the re-indexed score accumulator holds, at every A-fragment position of the next product, the
-//     (row, k) coordinate the MMA partition expects there (P and dS go straight from accumulators to A operands);
+//  2. to_a_operand() / acc_to_a(): the re-indexed score accumulator holds, at every A-fragment position of the
+//     next product, the (row, k) coordinate the MMA partition expects there (P and dS go straight from
+//     accumulators to A operands);
 //  3. the transposed shared-memory view: SmemStreamT(d, n) == SmemStream(n, d);
 //  4. global <-> shared copies: every (row, column) of a tile is moved exactly once, each thread's chunk is 8
 //     consecutive columns of one row, and the chunk is 8 consecutive shared-memory elements (128-bit accesses).
@@ -80,14 +81,15 @@ void check_acc_to_a(const char* what) {
     auto thr = mma.get_thread_slice(tid);
     Tensor c = thr.partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));  // score coordinates
     Tensor a = thr.partition_A(make_identity_tensor(Shape<Int<M>, Int<N>>{}));  // expected A coordinates
-    // to_a_operand copies acc(i) to a compact tensor r(i) and views r through acc_to_a(r.layout()):
-    auto compact = make_layout(shape(c));
-    auto view = acc_to_a(compact);
+    // the kernels' to_a_operand, fed accumulator "values" that are their own linear indices (exact in float)
+    Tensor acc = make_tensor<float>(shape(c));
+    for (int i = 0; i < size(acc); ++i) acc(i) = float(i);
+    Tensor view = umm::cuda::span::to_a_operand<float>(acc);
     CHECK(size<0>(view) == size<0>(a) && size<1>(view) == size<1>(a) && size<2>(view) == size<2>(a),
           "%s: A view shape mismatch", what);
     CHECK(size<0>(view) == 8, "%s: A fragment of the 16x8x16 MMA has 8 values", what);
     for (int j = 0; j < size(a); ++j) {
-      const int idx = view(j);  // offset into the compact copy = the accumulator's linear index
+      const int idx = int(view(j));  // the accumulator element found at A position j
       const auto got = c(idx);
       const auto want = a(j);
       CHECK(get<0>(got) == get<0>(want) && get<1>(got) == get<1>(want),
