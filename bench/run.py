@@ -65,6 +65,8 @@ def build_results(bench_json: dict, device: str, quick: bool) -> dict:
             flops = 4 * info["allowed_pairs"] * info["head_dim"] * info["heads_q"] * mult
             rows[-1].update({k: info[k] for k in ("allowed_pairs", "heads_q", "heads_kv", "head_dim", "tokens")})
             rows[-1].update(flops=flops, TFLOPs=flops / med / 1e12)
+        elif "flops" in info:  # GEMM-bound cases (compress / expand tokens, bench/tokens_cases.py)
+            rows[-1].update(flops=info["flops"], TFLOPs=info["flops"] / med / 1e12)
     copy = [r for r in rows if r["op"] == "copy"]
     copy_gbps = copy[0]["GBps"] if copy else None
     by_case: dict = {}
@@ -77,6 +79,8 @@ def build_results(bench_json: dict, device: str, quick: bool) -> dict:
             for peer in ("eager", "compile", *ATTN_PEERS):
                 if peer in impls and r["impl"] != peer:
                     r[f"speedup_vs_{peer}"] = impls[peer]["median_ms"] / r["median_ms"]
+            if "mm" in impls and r["impl"] != "mm":  # fraction of the plain GEMM's rate (torch.mm, pre-unfolded)
+                r["frac_of_mm"] = impls["mm"]["median_ms"] / r["median_ms"]
     try:
         import triton
 
@@ -106,7 +110,7 @@ def build_results(bench_json: dict, device: str, quick: bool) -> dict:
 def print_table(res: dict) -> None:
     by_case: dict = {}
     for r in res["results"]:
-        if "allowed_pairs" not in r:  # attention rows: their own table below
+        if "allowed_pairs" not in r and "flops" not in r:  # attention / GEMM rows: their own tables below
             by_case.setdefault(r["case"], {})[r["impl"]] = r
     title = f"umm_ops benchmarks on {res['device']} ({res['mode']}), copy bandwidth {res['copy_GBps'] or 0:.1f} GB/s"
     header = ["op", "dir", "img", "dtype", "umm_ops ms", "eager ms", "compile ms", "umm GB/s", "% copy",
@@ -129,7 +133,35 @@ def print_table(res: dict) -> None:
                          f"{100 * t.get('frac_copy_bw', 0):.0f}%", f"{t.get('speedup_vs_eager', float('nan')):.2f}",
                          f"{t.get('speedup_vs_compile', float('nan')):.2f}"])
     _print_rows(title, header, body, ("op", "dir", "dtype"))
+    print_gemm_table(res)
     print_attention_table(res)
+
+
+def print_gemm_table(res: dict) -> None:
+    """GEMM-bound token cases: median ms per implementation, TFLOP/s, fraction of the plain GEMM's rate."""
+    by_case: dict = {}
+    for r in res["results"]:
+        if "flops" in r and "allowed_pairs" not in r:
+            by_case.setdefault(r["case"], {})[r["impl"]] = r
+    names = ("umm_ops", "umm_ops[triton]", "eager", "compile", "mm")
+    short = {"umm_ops": "umm", "umm_ops[triton]": "triton", "eager": "eager", "compile": "compile", "mm": "mm"}
+    present = [n for n in names if any(n in impls for impls in by_case.values())]
+    header = ["op", "dir", "img", "dtype", *(f"{short[n]} ms" for n in present), "umm TF/s", "% of mm",
+              "x eager", "x compile"]
+    body = []
+    for impls in by_case.values():
+        any_r = next(iter(impls.values()))
+        u = impls.get("umm_ops")
+        body.append([
+            any_r["op"], any_r["direction"], str(any_r["images"]), any_r["dtype"],
+            *(f"{impls[n]['median_ms']:.3f}" if n in impls else "-" for n in present),
+            f"{u['TFLOPs']:.3f}" if u else "-", f"{100 * u['frac_of_mm']:.0f}%" if u and "frac_of_mm" in u else "-",
+            f"{u['speedup_vs_eager']:.2f}" if u and "speedup_vs_eager" in u else "-",
+            f"{u['speedup_vs_compile']:.2f}" if u and "speedup_vs_compile" in u else "-",
+        ])
+    _print_rows(f"GEMM-bound token ops on {res['device']} ({res['mode']}); mm = torch.mm on the pre-unfolded "
+                "tensor (fwd+bwd: the three GEMMs); % of mm = mm time / umm time", header, body,
+                ("op", "dir", "dtype"))
 
 
 def _print_rows(title, header, body, left) -> None:
@@ -194,7 +226,8 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in res["results"] if r["op"] != "copy" and "allowed_pairs" not in r]  # attention: table only
+    rows = [r for r in res["results"] if r["op"] != "copy" and "allowed_pairs" not in r
+            and "flops" not in r]  # attention and GEMM-bound token ops: tables only
     panels = list(dict.fromkeys((r["op"], r["direction"]) for r in rows))
     if not panels:  # e.g. `-k span`: attention cases are in the table only
         return

@@ -12,11 +12,13 @@ import torch
 import umm_ops
 from cases import copy_case, make_cases
 from span_cases import make_span_cases
+from tokens_cases import make_tokens_cases
 
 QUICK = os.environ.get("UMM_BENCH_QUICK") == "1"
 DEVICE = os.environ.get("UMM_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 CASES = [copy_case(DEVICE, QUICK)] + make_cases(DEVICE, QUICK)
 CASES += make_span_cases(DEVICE, QUICK)
+CASES += make_tokens_cases(DEVICE, QUICK)
 PARAMS = [pytest.param(c, name, id=f"{c.id}-{name}") for c in CASES for name in c.impls]
 
 
