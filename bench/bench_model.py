@@ -5,11 +5,15 @@ generation latency per sampling step, with the fused ops vs the same model on th
     python bench/bench_model.py --preset small          # on a GPU: small (or cheers-1.5b) preset
 
 "fused": umm_ops' automatic backend choice (CUDA / Triton / C++ CPU kernels); "reference": the same model under
-``umm_ops.use_backend("reference")`` (plain PyTorch: dense (L, L) mask attention, eager norms).  Each backend runs in
-its own process so that peak memory is its own: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps;
-on CPU the growth of the process's peak resident set (ru_maxrss) from just before the first (warm-up) step (model and
-batch built, nothing run) to the end - the step's working memory (activations, gradients, kernel workspaces),
-allocator caching included.
+``umm_ops.use_backend("reference")`` (plain PyTorch: dense (L, L) mask attention, eager norms).
+
+Timing: one process, the backends interleaved step by step (fused, reference, fused, ...) so that both see the same
+load on a shared machine; each number is the minimum over the timed steps (the least disturbed), the median and every
+raw time are kept in the results file.  Generation: best of 3 runs of 1 and 1 + gen_steps sampling steps, the
+difference divided by gen_steps (prompt prefill excluded).
+Peak memory: each backend in its own process, two training steps: on CUDA ``torch.cuda.max_memory_allocated``
+minus what was allocated before; on CPU the growth of the process's peak resident set (ru_maxrss) from just before
+the first step (model and batch built) - the step's working memory, allocator caching included.
 
 Batch: ``--samples`` synthetic chat samples packed into one batch, alternating text-to-image (prompt + image to
 generate) and image understanding (image + question + answer with loss), images ``--image-size`` px.
@@ -51,10 +55,12 @@ def _samples(n, size, seed=0):
     return out
 
 
-def worker(args) -> dict:
+BACKENDS = {"fused": "auto", "reference": "reference"}
+
+
+def _setup(args):
     import torch
 
-    import umm_ops
     from umm_ops.data.packing import pack
     from umm_ops.model.cheers import CheersModel
 
@@ -65,56 +71,90 @@ def worker(args) -> dict:
         model = model.to(torch.bfloat16)
     model.train()
     batch = pack(_samples(args.samples, args.image_size), model.pack_spec(budget=1 << 30))[0].to(dev)
-    ctx = umm_ops.use_backend("reference") if args.backend == "reference" else umm_ops.use_backend("auto")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    res = dict(backend=args.backend, preset=args.preset, tokens=batch.num_tokens, docs=batch.num_docs,
-               images=len(batch.images), image_size=args.image_size, dtype=args.dtype,
-               params=sum(p.numel() for p in model.parameters()),
-               trainable=sum(p.numel() for p in model.trainable_parameters()))
-    with ctx:
-        def step():
-            model.zero_grad(set_to_none=True)
-            out = model(batch, generator=torch.Generator().manual_seed(0))
-            out["loss"].backward()
-            return out["loss"].item()
 
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # model + batch built, nothing run yet
-        for _ in range(args.warmup):
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        return out["loss"].item()
+
+    return dev, model, batch, sync, step
+
+
+def worker_memory(args) -> dict:
+    """Peak memory of one training step of one backend (own process)."""
+    import torch
+
+    import umm_ops
+
+    dev, model, batch, sync, step = _setup(args)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # model + batch built, nothing run yet
+    with umm_ops.use_backend(BACKENDS[args.backend]):
+        for _ in range(2):
             step()
         sync()
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t)
-        med = statistics.median(times)
-        res.update(step_s=med, step_s_all=times, tokens_per_s=batch.num_tokens / med)
-        if dev.type == "cuda":
-            res.update(peak_mem_bytes=torch.cuda.max_memory_allocated() - base, peak_mem_kind="cuda max allocated - "
-                       "allocated before the first step")
-        else:
-            res.update(peak_mem_bytes=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024,
-                       peak_mem_kind="growth of the process peak RSS from before the first step (CPU)")
-        # generation latency per sampling step (CFG on: conditional + null prompt in one packed batch)
-        model.eval()
-        model.zero_grad(set_to_none=True)
-        prompts = [f"<|im_start|>user\nDraw picture {i}.<|im_end|>\n<|im_start|>assistant\n"
-                   for i in range(args.gen_batch)]
-        kw = dict(height=args.image_size, width=args.image_size, cfg_scale=4.0, seed=0)
-        model.generate_image(prompts, steps=1, **kw)                  # warm-up
-        lat = {}
+    if dev.type == "cuda":
+        return dict(peak_mem_bytes=torch.cuda.max_memory_allocated() - base,
+                    peak_mem_kind="cuda max allocated during 2 steps - allocated before")
+    return dict(peak_mem_bytes=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024,
+                peak_mem_kind="growth of the process peak RSS over 2 steps (CPU)")
+
+
+def worker_timing(args) -> dict:
+    """Step and generation times of every backend, interleaved step by step in one process (same load for all)."""
+    import torch
+
+    import umm_ops
+
+    dev, model, batch, sync, step = _setup(args)
+    names = args.backends.split(",")
+    res = {be: dict(backend=be, preset=args.preset, tokens=batch.num_tokens, docs=batch.num_docs,
+                    images=len(batch.images), image_size=args.image_size, dtype=args.dtype,
+                    params=sum(p.numel() for p in model.parameters()),
+                    trainable=sum(p.numel() for p in model.trainable_parameters()), step_s_all=[])
+           for be in names}
+    for _ in range(args.warmup):
+        for be in names:
+            with umm_ops.use_backend(BACKENDS[be]):
+                step()
+    for _ in range(args.steps):
+        for be in names:
+            with umm_ops.use_backend(BACKENDS[be]):
+                sync()
+                t = time.perf_counter()
+                step()
+                sync()
+                res[be]["step_s_all"].append(time.perf_counter() - t)
+    for be in names:
+        times = res[be]["step_s_all"]
+        best = min(times)    # shared machines: the minimum is the least disturbed measurement
+        res[be].update(step_s=best, step_s_median=statistics.median(times), tokens_per_s=batch.num_tokens / best)
+    # generation latency per sampling step (CFG on: conditional + null prompt in one packed batch)
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    prompts = [f"<|im_start|>user\nDraw picture {i}.<|im_end|>\n<|im_start|>assistant\n"
+               for i in range(args.gen_batch)]
+    kw = dict(height=args.image_size, width=args.image_size, cfg_scale=4.0, seed=0)
+    lat = {be: {1: [], 1 + args.gen_steps: []} for be in names}
+    for be in names:
+        with umm_ops.use_backend(BACKENDS[be]):
+            model.generate_image(prompts, steps=1, **kw)              # warm-up
+    for _ in range(3):
         for n in (1, 1 + args.gen_steps):
-            sync()
-            t = time.perf_counter()
-            model.generate_image(prompts, steps=n, **kw)
-            sync()
-            lat[n] = time.perf_counter() - t
-        res.update(gen_batch=args.gen_batch, gen_step_s=(lat[1 + args.gen_steps] - lat[1]) / args.gen_steps,
-                   gen_total_1step_s=lat[1])
+            for be in names:
+                with umm_ops.use_backend(BACKENDS[be]):
+                    sync()
+                    t = time.perf_counter()
+                    model.generate_image(prompts, steps=n, **kw)
+                    sync()
+                    lat[be][n].append(time.perf_counter() - t)
+    for be in names:
+        lo, hi = min(lat[be][1]), min(lat[be][1 + args.gen_steps])
+        res[be].update(gen_batch=args.gen_batch, gen_step_s=(hi - lo) / args.gen_steps, gen_total_1step_s=lo)
     return res
 
 
@@ -145,28 +185,35 @@ def main(argv=None) -> int:
     args.samples = args.samples or (16 if gpu else (4 if args.quick else 8))
     args.image_size = args.image_size or (256 if gpu else 128)
     args.steps = args.steps or (3 if args.quick else 10)
-    args.gen_steps = args.gen_steps or (2 if args.quick else 5)
+    args.gen_steps = args.gen_steps or (3 if args.quick else 8)
     if args.worker:
         args.backend = args.worker
-        print("RESULT " + json.dumps(worker(args)))
+        out = worker_timing(args) if args.worker == "timing" else worker_memory(args)
+        print("RESULT " + json.dumps(out))
         return 0
 
     from run import device_name, slug  # bench/run.py: one way to name devices
 
-    rows = []
-    for be in args.backends.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", be, "--preset", args.preset, "--device",
-               args.device, "--dtype", args.dtype, "--samples", str(args.samples), "--image-size",
-               str(args.image_size), "--steps", str(args.steps), "--warmup", str(args.warmup), "--gen-steps",
-               str(args.gen_steps), "--gen-batch", str(args.gen_batch)]
-        print(f"[bench_model] {be}: {args.preset} on {args.device}, {args.samples} samples @ {args.image_size} px, "
-              f"{args.steps} steps ...", flush=True)
-        p = subprocess.run(cmd, capture_output=True, text=True)
+    base = [sys.executable, os.path.abspath(__file__), "--preset", args.preset, "--device", args.device, "--dtype",
+            args.dtype, "--samples", str(args.samples), "--image-size", str(args.image_size), "--steps",
+            str(args.steps), "--warmup", str(args.warmup), "--gen-steps", str(args.gen_steps), "--gen-batch",
+            str(args.gen_batch), "--backends", args.backends]
+
+    def run(mode):
+        p = subprocess.run(base + ["--worker", mode], capture_output=True, text=True)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not line:
             sys.stderr.write(p.stdout + p.stderr)
-            raise SystemExit(f"[bench_model] the {be} worker failed (exit {p.returncode})")
-        rows.append(json.loads(line[0][len("RESULT "):]))
+            raise SystemExit(f"[bench_model] the {mode} worker failed (exit {p.returncode})")
+        return json.loads(line[0][len("RESULT "):])
+
+    print(f"[bench_model] {args.backends} interleaved: {args.preset} on {args.device}, {args.samples} samples @ "
+          f"{args.image_size} px, {args.steps} steps each ...", flush=True)
+    timing = run("timing")
+    rows = []
+    for be in args.backends.split(","):
+        print(f"[bench_model] peak memory, {be} ...", flush=True)
+        rows.append({**timing[be], **run(be)})
 
     dev_name = device_name("cuda" if gpu else "cpu")
     by = {r["backend"]: r for r in rows}
