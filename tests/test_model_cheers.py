@@ -91,17 +91,27 @@ def test_noise_block_invisible_to_other_tokens(model, gen_mode):
 
 
 def test_packed_batch_equals_each_sample_alone(model):
+    """Documents of one packed batch do not interact: hidden states, text loss and (with per-sample seeded noise)
+    the flow velocity of each sample equal those of the sample packed alone."""
     s0 = Sample([ImageItem(_img(5), "understand"), TextItem("q?"), TextItem("yes", loss=True)])
     s1 = Sample([TextItem("just text here"), TextItem(" and more", loss=True)])
     s2 = Sample([TextItem("hi"), ImageItem(_img(6, 96), "understand"), TextItem("wide")])
+    s3 = Sample([TextItem("paint"), ImageItem(_img(9), "generate")])
+    samples = [s0, s1, s2, s3]
+    spec = model.pack_spec()
     with torch.no_grad():
-        b, packed = _hidden(model, [s0, s1, s2])
+        b = pack(samples, spec, seed=4)[0]
+        packed = model(b, seed=11, return_outputs=True)
         offs = b.doc_offsets.tolist()
         losses = []
-        for d, s in enumerate([s0, s1, s2]):
-            _, alone = _hidden(model, [s])
+        for d, s in enumerate(samples):
+            alone_b = pack([s], spec, seed=4, sample_ids=[d])[0]
+            alone = model(alone_b, seed=11, return_outputs=True)
             torch.testing.assert_close(packed["hidden"][offs[d]:offs[d + 1]], alone["hidden"], rtol=1e-5, atol=1e-5)
             losses.append((alone["text_loss"] * alone["text_tokens"], alone["text_tokens"]))
+            if d == 3:
+                torch.testing.assert_close(packed["v_pred"][0], alone["v_pred"][0], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(packed["flow_loss"], alone["flow_loss"], rtol=1e-5, atol=1e-6)
     total = sum(l for l, _ in losses) / sum(n for _, n in losses)
     torch.testing.assert_close(packed["text_loss"], total, rtol=1e-5, atol=1e-6)
 

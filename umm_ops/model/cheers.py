@@ -22,7 +22,7 @@ from torch import nn
 
 import umm_ops
 
-from ..data.packing import ROLES
+from ..data.packing import ROLES, _mix
 from ..data.tokenizer import load_tokenizer
 from .config import CheersConfig, preset
 from .head import FlowHead
@@ -121,7 +121,11 @@ class CheersModel(nn.Module):
             keep |= input_ids == tok.special(name)
         return torch.where(keep, input_ids, torch.full_like(input_ids, tok.pad_id))
 
-    def _cfg_dropout(self, batch, generator) -> torch.Tensor:
+    @staticmethod
+    def _sample_rng(seed: int, sample_id: int, *key: int) -> torch.Generator:
+        return torch.Generator().manual_seed(_mix(seed, sample_id, *key))
+
+    def _cfg_dropout(self, batch, generator, seed) -> torch.Tensor:
         """Replace the prompt of each document holding a generated image by the null prompt with prob. cfg_dropout."""
         ids = batch.input_ids
         p = self.config.cfg_dropout
@@ -129,30 +133,44 @@ class CheersModel(nn.Module):
         if not self.training or p <= 0 or spans.shape[0] == 0 or not bool((spans[:, 2] == GENERATE).any()):
             return ids
         offs = batch.doc_offsets.to(ids.device)
-        gen_starts = spans[spans[:, 2] == GENERATE, 0].to(ids.device)
+        gen_starts = spans[spans[:, 2] == GENERATE, 0].contiguous().to(ids.device)
         docs = torch.unique(torch.searchsorted(offs, gen_starts, right=True) - 1)
-        drop = torch.rand(docs.shape[0], generator=generator, device="cpu").to(ids.device) < p
+        if seed is None:
+            u = torch.rand(docs.shape[0], generator=generator, device="cpu")
+        else:
+            sids = batch.sample_ids.tolist()
+            u = torch.cat([torch.rand(1, generator=self._sample_rng(seed, sids[d], 0xD20F)) for d in docs.tolist()])
+        drop = u.to(ids.device) < p
         doc_of_tok = torch.searchsorted(offs, torch.arange(ids.shape[0], device=ids.device), right=True) - 1
         dropped = torch.zeros(batch.num_docs, dtype=torch.bool, device=ids.device)
         dropped[docs[drop]] = True
         return torch.where(dropped[doc_of_tok], self.null_prompt_ids(ids), ids)
 
     # ------------------------------------------------------------------ training forward
-    def forward(self, batch, generator: torch.Generator | None = None, return_outputs: bool = False) -> dict:
+    def forward(self, batch, generator: torch.Generator | None = None, return_outputs: bool = False,
+                seed: int | None = None) -> dict:
         """Losses of a PackedBatch (see umm_ops.data.packing).
 
         Returns dict(loss, text_loss, flow_loss, text_tokens, flow_images); with return_outputs also ``hidden``
         (L, D) and ``v_pred`` / ``v_target`` (lists over the images given to the head, grouped by size).
         The head sees the generated images, and with ``config.und_flow_loss`` (the released Cheers' choice) the
-        understanding images too, at t = 1 with a zero target.  `generator` (CPU) draws the flow
-        noise and the CFG dropout; None uses torch's global RNG.
+        understanding images too, at t = 1 with a zero target.
+
+        Randomness (flow noise, CFG dropout): with ``seed`` every draw comes from a generator seeded by (seed,
+        sample id, image index), as the packer seeds timesteps, so a sample gets the same noise in whatever batch it
+        is packed; else from `generator` (CPU) or, when None, torch's global RNG.
         """
         cfg = self.config
         dev, dt = self.device, self.dtype
         if batch.device != dev:
             batch = batch.to(dev)
-        ids = self._cfg_dropout(batch, generator)
+        ids = self._cfg_dropout(batch, generator, seed)
         embeds = self.llm.embed(ids)
+        if seed is not None:   # (sample id, index of the image inside its document) per image
+            doc_of = (torch.searchsorted(batch.doc_offsets.cpu(), batch.image_spans[:, 0].cpu().contiguous(), right=True) - 1).tolist() \
+                if batch.image_spans.shape[0] else []
+            sids = batch.sample_ids.tolist()
+            img_key = [(sids[d], doc_of[:i].count(d)) for i, d in enumerate(doc_of)]
 
         spans = batch.image_spans.tolist()
         grids = batch.image_grids.tolist()
@@ -168,8 +186,13 @@ class CheersModel(nn.Module):
             x1 = self.vae.encode(pixels)
             t = torch.tensor([ts[i] for i in idx], device=dev, dtype=torch.float32)
             is_gen = torch.tensor([spans[i][2] == GENERATE for i in idx], device=dev)
-            noise = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device="cpu").to(dev) \
-                if bool(is_gen.any()) else torch.zeros_like(x1)
+            if not bool(is_gen.any()):
+                noise = torch.zeros_like(x1)
+            elif seed is None:
+                noise = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device="cpu").to(dev)
+            else:
+                noise = torch.stack([torch.randn(x1.shape[1:], generator=self._sample_rng(seed, *img_key[i], 0x9015E),
+                                                 dtype=x1.dtype) for i in idx]).to(dev)
             x_t = torch.where(is_gen[:, None, None], add_noise(x1, noise, t), x1)
             head_all = cfg.und_flow_loss
             emb, high = self.image_features(x_t.to(dt), hw, want_high=head_all or bool(is_gen.any()))
