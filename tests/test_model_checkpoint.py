@@ -117,7 +117,8 @@ def test_released_1_5b_name_set():
               "model.time_embed.mlp_2.2.weight", "model.und_projector.mlp.2.bias",
               "model.hi_projector.diffusion_head_b.norm_final.weight",
               "model.gen_projector.diffusion_head_a.6.attn.k_proj.weight",
-              "model.vae_model.decoder.up.3.upsample.conv.weight", "model.vae_model.encoder.down.2.downsample.conv.bias",
+              "model.vae_model.decoder.up.3.upsample.conv.weight",
+              "model.vae_model.encoder.down.2.downsample.conv.bias",
               "model.vae_model.encoder.quant_conv.weight", "model.vae_decoder_projector.bn.running_var",
               "model.vision_representation.encoder.layers.26.mlp.fc2.bias",
               "model.language_model.layers.27.self_attn.q_proj.bias"):

@@ -2,7 +2,7 @@
 
     from umm_ops.model import CheersModel, preset
     model = CheersModel("tiny")                       # or CheersModel(preset("cheers-1.5b"))
-    loss = model(packed_batch)["loss"]                # packed_batch from umm_ops.data.packing.pack(..., model.pack_spec())
+    loss = model(packed_batch)["loss"]    # packed_batch: umm_ops.data.packing.pack(samples, model.pack_spec())[0]
     model.generate_text(["Hello"]); model.generate_image(["a red square"], height=64, width=64, steps=8)
 
 Parts: config (CheersConfig, presets), vae (CheersVAE), head (FlowHead), cheers (CheersModel), losses,

@@ -167,8 +167,8 @@ class CheersModel(nn.Module):
         ids = self._cfg_dropout(batch, generator, seed)
         embeds = self.llm.embed(ids)
         if seed is not None:   # (sample id, index of the image inside its document) per image
-            doc_of = (torch.searchsorted(batch.doc_offsets.cpu(), batch.image_spans[:, 0].cpu().contiguous(), right=True) - 1).tolist() \
-                if batch.image_spans.shape[0] else []
+            starts = batch.image_spans[:, 0].cpu().contiguous()
+            doc_of = (torch.searchsorted(batch.doc_offsets.cpu(), starts, right=True) - 1).tolist()
             sids = batch.sample_ids.tolist()
             img_key = [(sids[d], doc_of[:i].count(d)) for i, d in enumerate(doc_of)]
 
