@@ -337,3 +337,23 @@ def test_cheers_1_5b_parameter_count_on_meta_device():
     expected = 5_609_423_890 // 2 - 151936 * 1536 - pool - 2 * (128 + 128 + 1)
     assert sum(p.numel() for p in m.parameters()) == expected == 2_556_099_383
     assert sum(p.numel() for p in m.llm.parameters()) == 1_543_714_304
+
+
+def test_clear_errors(model):
+    from umm_ops.data.packing import PackSpec
+
+    b = pack([Sample([TextItem("x"), ImageItem(_img(1, 32), "understand")])],
+             PackSpec(tokenizer=model.tokenizer, patch=16))[0]
+    with pytest.raises(ValueError, match=r"gives 1 LLM tokens but its span in the batch has 4: pack with "
+                                         r"model.pack_spec\(\) \(patch = 32\)"):
+        model(b)
+    with pytest.raises(ValueError, match="multiples of 32 px .* got 48x32"):
+        model.generate_image("x", height=48, width=32, steps=1)
+    with pytest.raises(ValueError, match="mode must be 'ode'"):
+        model.generate_image("x", height=32, width=32, steps=1, mode="euler")
+    cfg = preset("tiny").to_dict()
+    cfg["gen_mode"] = "hidden"
+    with pytest.raises(ValueError, match="gen_mode must be 'full' or 'noise'"):
+        CheersConfig.from_dict(cfg)
+    with pytest.raises(ValueError, match="unknown keys"):
+        CheersConfig.from_dict({**preset("tiny").to_dict(), "widht": 3})

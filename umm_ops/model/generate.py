@@ -144,7 +144,10 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
     dev = model.device
     spec = model.pack_spec()
     hw = (int(height), int(width))
-    model.vae.latent_hw(hw)
+    ppt = cfg.pixels_per_token
+    if hw[0] <= 0 or hw[1] <= 0 or hw[0] % ppt or hw[1] % ppt:
+        raise ValueError(f"height and width must be positive multiples of {ppt} px (one LLM token per {ppt}x{ppt} "
+                         f"pixels), got {hw[0]}x{hw[1]}")
     grid = (hw[0] // cfg.pixels_per_token, hw[1] // cfg.pixels_per_token)
     placeholder = torch.zeros(3, *hw)
     docs = [encode_sample(Sample(list(s.items) + [ImageItem(placeholder, "generate")]), spec, i)
