@@ -130,10 +130,11 @@ def make_tokens_cases(device: str, quick: bool) -> list[Case]:
                     flops = 2.0 * M * K * Co * (3 if bwd else 1)
                     nbytes = (T * C + Co * K + M * Co) * es * (1 if not bwd else 2)
                     shape = f"({n}, {H}x{W}, {C}) -> ({n}, {M // n}, {Co})"
-                    cases.append(TokensCase("compress_tokens", direction, n, dtype, device, shape, nbytes, c_inputs,
+                    op = f"compress_tokens[{C}->{Co}]"  # the widths are part of the case id (several sweeps)
+                    cases.append(TokensCase(op, direction, n, dtype, device, shape, nbytes, c_inputs,
                                             impls, flops=flops))
                     mm = _mm_chain(bwd)
-                    cases.append(TokensCase("compress_tokens", direction, n, dtype, device, shape, nbytes,
+                    cases.append(TokensCase(op, direction, n, dtype, device, shape, nbytes,
                                             lambda M=M, K=K, Co=Co, r=r: (r(M, K), r(Co, K) / K**0.5, r(M, Co)),
                                             {"mm": mm}, flops=flops))
 
@@ -156,9 +157,10 @@ def make_tokens_cases(device: str, quick: bool) -> list[Case]:
                     eflops = 2.0 * M * Ci * K * (3 if bwd else 1)
                     ebytes = (M * Ci + K * Ci + T * C) * es * (1 if not bwd else 2)
                     eshape = f"({n}, {M // n}, {Ci}) -> ({n}, {H}x{W}, {C})"
-                    cases.append(TokensCase("expand_tokens", direction, n, dtype, device, eshape, ebytes, e_inputs,
+                    eop = f"expand_tokens[{Ci}->4x{C}]"
+                    cases.append(TokensCase(eop, direction, n, dtype, device, eshape, ebytes, e_inputs,
                                             impls, flops=eflops))
-                    cases.append(TokensCase("expand_tokens", direction, n, dtype, device, eshape, ebytes,
+                    cases.append(TokensCase(eop, direction, n, dtype, device, eshape, ebytes,
                                             lambda M=M, K=K, Ci=Ci, r=r: (r(M, Ci), r(K, Ci) / Ci**0.5, r(M, K)),
                                             {"mm": _mm_chain(bwd)}, flops=eflops))
     # latent packing (memory-bound): Cheers' VAE latents 32 channels at 32 x 32, packed 2x2 -> 256 x 128
