@@ -4,10 +4,14 @@
 #   memcheck pass over the CUDA tests, then the full benchmark sweep.  Everything it writes lands in $OUT
 #   (when set) so it comes back: logs, bench/results/<device>.json and .png.
 # Usage on the device machine:  bash scripts/gpu_session.sh [arch, default 90a]
-# The device has no network and lacks hypothesis / matplotlib / rich: download their wheels here first and
-# carry them (.whl/ is git-ignored; name it in the device tool's `carry`):
-#   pip download --only-binary=:all: --python-version 3.12 -d .whl hypothesis matplotlib rich
-# Without them the property tests are skipped and the benchmark writes no plot (JSON and table still).
+# The device has no network and lacks hypothesis / matplotlib / rich / nvidia-cutlass (and the model's
+# safetensors / transformers / diffusers): download their wheels here first and carry them (.whl/ is git-ignored;
+# name it in the device tool's `carry`, 64 MiB at most - check `du -sh .whl`):
+#   pip download --only-binary=:all: --python-version 3.12 -d .whl hypothesis matplotlib rich safetensors \
+#       transformers "diffusers>=0.42"
+#   pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0
+# Without them the property tests are skipped, the benchmark writes no plot (JSON and table still), the
+# model tests fail to import, and the CUDA kernels that need CuTe (span attention, tokens GEMM) are not built.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ARCH=${1:-90a}
@@ -15,7 +19,11 @@ OUT=${OUT:-/tmp/umm_gpu_out}
 mkdir -p "$OUT"
 export UMM_CUDA=ON UMM_CUDA_ARCHS="$ARCH"
 step() { echo "== $*" | tee -a "$OUT/summary.txt"; }
-if [ -d .whl ]; then python -m pip install -q --no-index --find-links .whl hypothesis matplotlib rich || true; fi
+if [ -d .whl ]; then
+  python -m pip install -q --no-index --find-links .whl hypothesis matplotlib rich || true
+  python -m pip install -q --no-index --find-links .whl safetensors transformers "diffusers>=0.42" || true
+  python -m pip install -q --no-index --no-deps --find-links .whl nvidia-cutlass==4.2.0.0 || true
+fi
 step "build (archs $ARCH)"
 python -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 python -m umm_ops info | tee "$OUT/info.txt"

@@ -22,7 +22,7 @@ if [ ! -f "$stamp" ]; then
   python -m pip install -q "${UMM_TORCH_SPEC:-torch==2.13.0}" "triton==3.8.0" "numpy" \
     "scikit-build-core>=0.10" "ninja" "cmake>=3.25" \
     "pytest>=8" "hypothesis>=6" "pytest-benchmark>=4" "matplotlib>=3.7" "rich>=13" "pillow>=10" \
-    "safetensors>=0.4" "transformers>=4.45" "diffusers>=0.30"
+    "safetensors>=0.4" "transformers>=4.45" "diffusers>=0.42"
   python -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0"
   touch "$stamp"
 fi
