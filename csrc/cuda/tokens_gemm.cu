@@ -23,38 +23,11 @@
 #include "umm/tokens.h"
 
 #if defined(UMM_HAVE_CUTLASS)
-#include <cute/tensor.hpp>
-#include <cutlass/numeric_types.h>
+#include "tokens_gemm.cuh"
 
 namespace umm {
 namespace cuda {
 namespace tokgemm {
-
-using namespace cute;
-
-constexpr int kBM = 128, kBN = 128, kBK = 32, kThreads = 128;
-constexpr int kChunks = kBM * kBK / 8 / kThreads;  // 16-byte chunks per thread per operand tile (4)
-static_assert(kBM == kBN, "A and B tiles share the chunk mapping");
-
-template <class T>
-struct Atom;
-template <>
-struct Atom<cutlass::bfloat16_t> {
-  using type = SM80_16x8x16_F32BF16BF16F32_TN;
-};
-template <>
-struct Atom<cutlass::half_t> {
-  using type = SM80_16x8x16_F32F16F16F32_TN;
-};
-
-template <class T>
-struct Cfg {
-  using TiledMma = TiledMMA<MMA_Atom<typename Atom<T>::type>, Layout<Shape<_2, _2, _1>>, Tile<_32, _32, _16>>;
-  using SmemAtom = decltype(composition(Swizzle<2, 3, 3>{}, Layout<Shape<_8, Int<kBK>>, Stride<Int<kBK>, _1>>{}));
-  using SmemA = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBM>, Int<kBK>, _2>{}));
-  using SmemB = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBN>, Int<kBK>, _2>{}));
-  using Ldsm = Copy_Atom<SM75_U32x4_LDSM_N, T>;
-};
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -79,15 +52,14 @@ __device__ __forceinline__ unsigned short f2t(float v) {
 struct AStage {
   uint4 raw[kChunks];
   float mean[kChunks], rstd[kChunks];
-  int64_t c0[kChunks];  // channel of the chunk's first element (gather) or -1 (masked out)
+  int c0[kChunks];  // channel of the chunk's first element (gather) or -1 (masked out)
 };
 
 __device__ __forceinline__ void load_a(const TokensGemmParams& p, int64_t m0, int64_t k0, AStage& st, int tid) {
   const uint4* base = static_cast<const uint4*>(p.a);
   CUTE_UNROLL
   for (int i = 0; i < kChunks; ++i) {
-    const int q = tid + i * kThreads;
-    const int row = q / (kBK / 8), kc = (q % (kBK / 8)) * 8;
+    const int row = chunk_row(tid, i), kc = chunk_col(tid, i);
     const int64_t m = m0 + row, k = k0 + kc;
     st.c0[i] = -1;
     st.raw[i] = make_uint4(0, 0, 0, 0);
@@ -98,10 +70,10 @@ __device__ __forceinline__ void load_a(const TokensGemmParams& p, int64_t m0, in
         st.raw[i] = __ldg(base + (t * C + c) / 8);
         st.mean[i] = __ldg(p.mean + t);
         st.rstd[i] = __ldg(p.rstd + t);
-        st.c0[i] = c;
+        st.c0[i] = static_cast<int>(c);
       } else {
         st.raw[i] = __ldg(base + (m * p.Kdim + k) / 8);
-        st.c0[i] = k;
+        st.c0[i] = 0;
       }
     }
   }
@@ -112,8 +84,7 @@ template <class T, class SA>
 __device__ __forceinline__ void store_a(const TokensGemmParams& p, const AStage& st, SA& sA, int stage, int tid) {
   CUTE_UNROLL
   for (int i = 0; i < kChunks; ++i) {
-    const int q = tid + i * kThreads;
-    const int row = q / (kBK / 8), kc = (q % (kBK / 8)) * 8;
+    const int row = chunk_row(tid, i), kc = chunk_col(tid, i);
     Pack8 v;
     v.u = st.raw[i];
     if (p.gather_a) {
@@ -140,8 +111,7 @@ __device__ __forceinline__ void load_b_async(const TokensGemmParams& p, int64_t 
   const char* w = static_cast<const char*>(p.weight);
   CUTE_UNROLL
   for (int i = 0; i < kChunks; ++i) {
-    const int q = tid + i * kThreads;
-    const int row = q / (kBK / 8), kc = (q % (kBK / 8)) * 8;
+    const int row = chunk_row(tid, i), kc = chunk_col(tid, i);
     const int64_t n = n0 + row, k = k0 + kc;
     void* dst = &sB(row, kc, stage);
     if (n < p.Nout && k < p.Kdim) {
