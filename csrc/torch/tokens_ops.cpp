@@ -149,11 +149,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> compress_tokens(const Tensor& x, cons
   Tensor out = at::empty({g.N, M / std::max<int64_t>(g.N, 1), Co}, x.options());
   const bool keep = save_pre && act != int(TokenAct::kNone);
   Tensor pre;
+  bool stats_done = false;
 #ifdef UMM_WITH_CUDA
   if (x.is_cuda() && M * Co > 0) {
     TokensGatherParams sp{x.data_ptr(), cptr(ln_weight), cptr(ln_bias), nullptr, mean.data_ptr<float>(),
                           rstd.data_ptr<float>(), g, float(eps), false};
     if (T > 0) cuda_check(umm_cuda_tokens_gather(&sp, int(dt), stream_of(x)), "tokens_gather (statistics)");
+    stats_done = true;
     pre = keep ? at::empty({M, Co}, x.options()) : at::empty({0}, x.options());
     TokensGemmParams gp{x.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), cptr(ln_weight),
                         cptr(ln_bias), weight.data_ptr(), cptr(bias), out.data_ptr(), keep ? pre.data_ptr() : nullptr,
@@ -164,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> compress_tokens(const Tensor& x, cons
                 umm_cuda_error_string(err));
   }
 #endif
-  Tensor a = gather_a(x, ln_weight, ln_bias, mean, rstd, g, eps, false, dt);
+  Tensor a = gather_a(x, ln_weight, ln_bias, mean, rstd, g, eps, /*given=*/stats_done, dt);
   pre = a.mm(weight.t());
   TokensBiasActParams bp{pre.data_ptr(), cptr(bias), out.data_ptr(), M, Co, act, keep};
   if (M * Co > 0) UMM_TOK_CALL(x, tokens_bias_act, bp, dt);
