@@ -16,7 +16,10 @@
 //     affine, rounds to T and stores 16 bytes to shared memory after the current k-tile's MMAs are issued, so
 //     the global loads overlap the tensor-core work.  The normalised, unfolded tensor never exists in memory.
 //   * Epilogue straight from the accumulators (coordinates from an identity tensor partitioned like them):
-//     + bias, optional store of the biased pre-activation, activation, store (or the depth-to-space scatter).
+//     + bias, optional store of the biased pre-activation, activation, store (or the depth-to-space scatter,
+//     its destination token row_base(m) + col_off(n) read from per-tile shared tables).
+//   * Index math: fine_token(m, s) = row_base(m) + di W + dj is separable; int32 divisions per row (once per
+//     CTA) and per chunk column only, never int64 divisions per element.
 // Coverage: T = bf16 / fp16, sm80+, Kdim % 8 == 0 (C % 8 for the gather, C_in % 8 for expand) and 16-byte
 // aligned x / y / weight; anything else answers cudaErrorNotSupported and the caller runs gather + cuBLAS.
 #include "common.cuh"
@@ -55,7 +58,30 @@ struct AStage {
   int c0[kChunks];  // channel of the chunk's first element (gather) or -1 (masked out)
 };
 
-__device__ __forceinline__ void load_a(const TokensGemmParams& p, int64_t m0, int64_t k0, AStage& st, int tid) {
+// fine_token(m, s) = row_base(m) + di W + dj is separable: the coarse-row part of the thread's kChunks rows is
+// computed once per CTA (int32 token indices: the launcher checks N H W < 2^31), the segment part per chunk.
+struct ARows {
+  int base[kChunks];  // row_base of the chunk's row, or -1 when the row is past M
+};
+
+__device__ __forceinline__ ARows a_rows(const TokensGemmParams& p, int64_t m0, int tid) {
+  ARows r;
+  const int f = int(p.g.f), W = int(p.g.W), Wc = W / f, L = int(p.g.H / p.g.f) * Wc, HW = int(p.g.H) * W;
+  CUTE_UNROLL
+  for (int i = 0; i < kChunks; ++i) {
+    const int64_t m = m0 + chunk_row(tid, i);
+    if (m < p.M) {
+      const int mi = int(m), n = mi / L, l = mi - n * L, ii = l / Wc, jj = l - ii * Wc;
+      r.base[i] = n * HW + f * ii * W + f * jj;
+    } else {
+      r.base[i] = -1;
+    }
+  }
+  return r;
+}
+
+__device__ __forceinline__ void load_a(const TokensGemmParams& p, const ARows& rows, int64_t m0, int64_t k0,
+                                       AStage& st, int tid) {
   const uint4* base = static_cast<const uint4*>(p.a);
   CUTE_UNROLL
   for (int i = 0; i < kChunks; ++i) {
@@ -65,12 +91,13 @@ __device__ __forceinline__ void load_a(const TokensGemmParams& p, int64_t m0, in
     st.raw[i] = make_uint4(0, 0, 0, 0);
     if (m < p.M && k < p.Kdim) {
       if (p.gather_a) {
-        const int64_t C = p.g.C, s = k / C, c = k - s * C;
-        const int64_t t = fine_token(p.g, m, s);
+        const int C = int(p.g.C), f = int(p.g.f), ki = int(k);
+        const int s = ki / C, c = ki - s * C, di = s / f;
+        const int64_t t = int64_t(rows.base[i]) + di * int(p.g.W) + (s - di * f);
         st.raw[i] = __ldg(base + (t * C + c) / 8);
         st.mean[i] = __ldg(p.mean + t);
         st.rstd[i] = __ldg(p.rstd + t);
-        st.c0[i] = static_cast<int>(c);
+        st.c0[i] = c;
       } else {
         st.raw[i] = __ldg(base + (m * p.Kdim + k) / 8);
         st.c0[i] = 0;
@@ -150,10 +177,11 @@ __global__ void __launch_bounds__(kThreads) gather_gemm_kernel(const TokensGemmP
   Tensor tBrB = thr_s2r_b.retile_D(tCrB);
 
   const int64_t ktiles = (p.Kdim + kBK - 1) / kBK;
+  const ARows rows = a_rows(p, m0, tid);
   AStage st;
   load_b_async<T>(p, n0, 0, sB, 0, tid);
   cp_async_fence();
-  load_a(p, m0, 0, st, tid);
+  load_a(p, rows, m0, 0, st, tid);
   store_a<T>(p, st, sA, 0, tid);
   cp_async_wait<0>();
   __syncthreads();
@@ -163,7 +191,7 @@ __global__ void __launch_bounds__(kThreads) gather_gemm_kernel(const TokensGemmP
     if (more) {
       load_b_async<T>(p, n0, (kt + 1) * kBK, sB, cur ^ 1, tid);
       cp_async_fence();
-      load_a(p, m0, (kt + 1) * kBK, st, tid);  // in flight during the MMAs below
+      load_a(p, rows, m0, (kt + 1) * kBK, st, tid);  // in flight during the MMAs below
     }
     CUTE_UNROLL
     for (int k = 0; k < size<2>(tCrA); ++k) {
@@ -178,7 +206,25 @@ __global__ void __launch_bounds__(kThreads) gather_gemm_kernel(const TokensGemmP
     __syncthreads();
   }
 
-  // epilogue
+  // epilogue.  Scatter (expand): the destination fine token of (m, n) is row_base(m) + col_off(n) (separable);
+  // the tile's 128 row bases and 128 (col_off, channel) pairs go to shared memory once, one per thread.
+  __shared__ int s_row[kBM], s_col[kBN], s_ch[kBN];
+  static_assert(kBM == kThreads && kBN == kThreads, "one row and one column per thread");
+  if (p.scatter_out) {
+    const int f = int(p.g.f), W = int(p.g.W), Wc = W / f, L = int(p.g.H / p.g.f) * Wc, HW = int(p.g.H) * W;
+    const int Cc = int(p.g.C);
+    const int64_t m = m0 + tid, n = n0 + tid;
+    if (m < p.M) {
+      const int mi = int(m), nn = mi / L, l = mi - nn * L, ii = l / Wc, jj = l - ii * Wc;
+      s_row[tid] = nn * HW + f * ii * W + f * jj;
+    }
+    if (n < p.Nout) {
+      const int ni = int(n), sg = ni / Cc, di = sg / f;
+      s_col[tid] = di * W + (sg - di * f);
+      s_ch[tid] = ni - sg * Cc;
+    }
+    __syncthreads();
+  }
   Tensor cC = make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{});
   Tensor tCcC = thr_mma.partition_C(cC);
   const T* bias = static_cast<const T*>(p.bias);
@@ -186,15 +232,15 @@ __global__ void __launch_bounds__(kThreads) gather_gemm_kernel(const TokensGemmP
   T* pre = static_cast<T*>(p.pre);
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) {
-    const int64_t m = m0 + get<0>(tCcC(i)), n = n0 + get<1>(tCcC(i));
+    const int r = get<0>(tCcC(i)), cn = get<1>(tCcC(i));
+    const int64_t m = m0 + r, n = n0 + cn;
     if (m >= p.M || n >= p.Nout) continue;
     float v = acc(i);
     if (bias) v += float(bias[n]);
     if (pre) pre[m * p.Nout + n] = T(v);
     v = token_act(v, p.act);
     if (p.scatter_out) {
-      const int64_t Cc = p.g.C, s = n / Cc;
-      out[fine_token(p.g, m, s) * Cc + (n - s * Cc)] = T(v);
+      out[(int64_t(s_row[r]) + s_col[cn]) * p.g.C + s_ch[cn]] = T(v);
     } else {
       out[m * p.Nout + n] = T(v);
     }
@@ -219,7 +265,9 @@ extern "C" int umm_cuda_tokens_gemm(const umm::TokensGemmParams* p, int dtype, v
   if (p->M <= 0 || p->Nout <= 0) return 0;
   if (p->Kdim % 8 != 0 || (p->gather_a && p->g.C % 8 != 0) || !aligned16(p->a) || !aligned16(p->weight))
     return unsupported;
-  if (p->M > int64_t(65535) * tokgemm::kBM || p->Nout > int64_t(INT_MAX)) return unsupported;
+  if (p->M > int64_t(65535) * tokgemm::kBM || p->Nout > int64_t(INT_MAX) || p->Kdim > int64_t(INT_MAX) ||
+      p->g.N * p->g.H * p->g.W > int64_t(INT_MAX))  // int32 token / channel indices in the A loads
+    return unsupported;
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) !=
                                                  cudaSuccess) {

@@ -91,28 +91,34 @@ def _act_grad(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _fine_token(m, s, H, W, Wc, L, F: tl.constexpr):
-    """Fine token of coarse row m, segment s = di*F + dj (int64 in, int64 out; broadcasting)."""
-    n = m // L
-    l = m - n * L
+def _row_base(offs_m, H, W, Wc, L, F: tl.constexpr):
+    """fine_token(m, s) = row_base(m) + col_off(s): the coarse-row part, n H W + F i W + F j (int64)."""
+    n = offs_m // L
+    l = offs_m - n * L
     i = l // Wc
     j = l - i * Wc
-    di = s // F
-    dj = s - di * F
-    return n * H * W + (F * i + di) * W + F * j + dj
+    return n * H * W + F * i * W + F * j
 
 
 @triton.jit
-def _load_a(a_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, offs_m, offs_k, M, K, C, H, W, Wc, L,
-            F: tl.constexpr, GATHER: tl.constexpr, NORM: tl.constexpr, HAS_LNW: tl.constexpr,
-            HAS_LNB: tl.constexpr):
-    """A[offs_m, offs_k] in float32: gathered with space-to-depth addressing (GATHER) and LayerNorm-ed from the
-    per-token statistics (NORM), or a plain row-major (M, K) load.  Out-of-range lanes are 0."""
+def _col_split(offs_k, C, W, F: tl.constexpr):
+    """Unfolded channel k = s C + c -> (col_off(s) = di W + dj, c)."""
+    s = offs_k // C
+    c = offs_k - s * C
+    di = s // F
+    return di * W + (s - di * F), c
+
+
+@triton.jit
+def _load_a(a_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, offs_m, offs_k, row_base, col_off, c, M, K, C,
+            GATHER: tl.constexpr, NORM: tl.constexpr, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr):
+    """A[offs_m, offs_k] in float32: gathered with space-to-depth addressing (GATHER; fine token
+    row_base[m] + col_off[k], channel c[k]) and LayerNorm-ed from the per-token statistics (NORM), or a plain
+    row-major (M, K) load.  Out-of-range lanes are 0.  The index split is separable, so the integer divisions
+    are per row and per column, never per element."""
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if GATHER:
-        s = offs_k // C
-        c = offs_k - s * C
-        t = _fine_token(offs_m[:, None], s[None, :], H, W, Wc, L, F)
+        t = row_base[:, None] + col_off[None, :]
         a = tl.load(a_ptr + t * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
         if NORM:
             mu = tl.load(mean_ptr + t, mask=mask, other=0.0)
@@ -178,11 +184,13 @@ def _gather_gemm_kernel(
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = offs_n < NOUT
+    row_base = _row_base(offs_m, H, W, Wc, L, F)  # hoisted: depends on the output rows only
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        a = _load_a(a_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, offs_m, offs_k, M, K, C, H, W, Wc, L,
-                    F, GATHER, NORM, HAS_LNW, HAS_LNB)
+        col_off, c = _col_split(offs_k, C, W, F)
+        a = _load_a(a_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, offs_m, offs_k, row_base, col_off, c, M, K, C,
+                    GATHER, NORM, HAS_LNW, HAS_LNB)
         b = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                     mask=(offs_k[:, None] < K) & nm[None, :], other=0.0)
         acc += _dot(a, b, F32)
@@ -193,9 +201,8 @@ def _gather_gemm_kernel(
         tl.store(pre_ptr + offs_m[:, None] * NOUT + offs_n[None, :], _cast_out(acc, pre_ptr), mask=om)
     y = _act(acc, ACT)
     if SCATTER:
-        s = offs_n // C
-        c = offs_n - s * C
-        t = _fine_token(offs_m[:, None], s[None, :], H, W, Wc, L, F)
+        col_off, c = _col_split(offs_n, C, W, F)
+        t = row_base[:, None] + col_off[None, :]
         tl.store(out_ptr + t * C + c[None, :], _cast_out(y, out_ptr), mask=om)
     else:
         tl.store(out_ptr + offs_m[:, None] * NOUT + offs_n[None, :], _cast_out(y, out_ptr), mask=om)
@@ -215,11 +222,13 @@ def _gather_dw_kernel(
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_o = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
     om = offs_o < O
+    col_off, c = _col_split(offs_k, C, W, F)  # hoisted: depends on the output rows (k) only
     acc = tl.zeros([BLOCK_K, BLOCK_O], dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        a = _load_a(a_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, offs_m, offs_k, M, K, C, H, W, Wc, L,
-                    F, True, NORM, HAS_LNW, HAS_LNB)
+        row_base = _row_base(offs_m, H, W, Wc, L, F)
+        a = _load_a(a_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, offs_m, offs_k, row_base, col_off, c, M, K, C,
+                    True, NORM, HAS_LNW, HAS_LNB)
         d = tl.load(d_ptr + offs_m[:, None] * O + offs_o[None, :], mask=(offs_m[:, None] < M) & om[None, :],
                     other=0.0)
         acc += _dot(tl.trans(a), d, F32)
