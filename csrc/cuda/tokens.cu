@@ -6,7 +6,8 @@
 //
 //  * gather (LayerNorm statistics + space-to-depth into A): one warp per fine token (m, s), two passes over
 //    its C channels (sum, then centred squares; the second pass re-reads the row from L1/L2).
-//  * bias_act, act_bwd, depth_scatter, space_gather, latent_pack: grid-stride elementwise kernels.
+//  * bias_act, act_bwd: grid-stride elementwise kernels; depth_scatter, space_gather: one warp per (coarse row,
+//    segment) pair, latent_pack: one warp per latent row (index math per row, not per element).
 //  * ln_scatter_bwd: dx by one warp per fine token; dln_w / dln_b by a column kernel writing per-chunk
 //    partials (a cudaMallocAsync scratch) summed in a fixed order by a finishing kernel: no atomics, the
 //    result depends only on the shape.
@@ -97,53 +98,64 @@ __global__ void act_bwd_kernel(TokensActBwdParams p) {
   }
 }
 
+// Row kernels: one warp per (coarse row m, segment s) pair r = m f f + s (the index math once per row).
 template <typename T>
 __global__ void depth_scatter_kernel(TokensDepthScatterParams p) {
   const TokensGeom g = p.g;
-  const int64_t C = g.C, K = g.f * g.f * C;
-  const int64_t n = g.N * g.H * g.W * C;  // = M K
+  const int64_t C = g.C, ff = g.f * g.f, rows = g.N * g.H * g.W;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   const T* z = static_cast<const T*>(p.z);
   T* out = static_cast<T*>(p.out);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t m = i / K, k = i - m * K, s = k / C, c = k - s * C;
-    out[fine_token(g, m, s) * C + c] = from_f<T>(to_f<T>(z[i]) + ld_or<T>(p.bias, k, 0.f));
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const int64_t m = r / ff, s = r - m * ff;
+    const T* zr = z + r * C;  // = m K + s C
+    T* orow = out + fine_token(g, m, s) * C;
+    for (int64_t c = lane; c < C; c += 32) orow[c] = from_f<T>(to_f<T>(zr[c]) + ld_or<T>(p.bias, s * C + c, 0.f));
   }
 }
 
 template <typename T>
 __global__ void space_gather_kernel(TokensSpaceGatherParams p) {
   const TokensGeom g = p.g;
-  const int64_t C = g.C, K = g.f * g.f * C;
-  const int64_t n = g.N * g.H * g.W * C;
+  const int64_t C = g.C, ff = g.f * g.f, rows = g.N * g.H * g.W;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   const T* src = static_cast<const T*>(p.src);
   T* dst = static_cast<T*>(p.dst);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t m = i / K, k = i - m * K, s = k / C, c = k - s * C;
-    dst[i] = src[fine_token(g, m, s) * C + c];
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const int64_t m = r / ff, s = r - m * ff;
+    const T* sr = src + fine_token(g, m, s) * C;
+    T* dr = dst + r * C;
+    for (int64_t c = lane; c < C; c += 32) dr[c] = sr[c];
   }
 }
 
+// One warp per latent row (b, c, h) of W elements; the token side is addressed per element with one division
+// by f.
 template <typename T>
 __global__ void latent_pack_kernel(LatentPackParams p) {
   const int64_t f = p.f, ff = f * f, K = p.C * ff, Hc = p.H / f, Wc = p.W / f;
-  const int64_t n = p.B * p.C * p.H * p.W;
+  const int64_t rows = p.B * p.C * p.H;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   const T* src = static_cast<const T*>(p.src);
   T* dst = static_cast<T*>(p.dst);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    // i enumerates the token layout (b, l, k); lat is the matching (b, c, h, w) offset
-    const int64_t b = i / (Hc * Wc * K), r = i - b * Hc * Wc * K;
-    const int64_t l = r / K, k = r - l * K;
-    const int64_t ii = l / Wc, jj = l - ii * Wc;
-    const int64_t c = k / ff, q = k - c * ff, di = q / f, dj = q - di * f;
-    const int64_t lat = ((b * p.C + c) * p.H + f * ii + di) * p.W + f * jj + dj;
-    const float sh = p.shift ? p.shift[k] : 0.f;
-    if (p.to_tokens) {
-      dst[i] = from_f<T>(to_f<T>(src[lat]) * p.scale[k] + sh);
-    } else {
-      dst[lat] = from_f<T>(to_f<T>(src[i]) * p.scale[k] + sh);
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const int64_t b = r / (p.C * p.H), rem = r - b * p.C * p.H, c = rem / p.H, h = rem - c * p.H;
+    const int64_t i = h / f, di = h - i * f;
+    const int64_t tok0 = (b * Hc + i) * Wc;   // first token of the coarse row
+    const int64_t k0 = c * ff + di * f;       // packed channel of (c, di, dj = 0)
+    const int64_t lat = r * p.W;              // = ((b C + c) H + h) W
+    for (int64_t w = lane; w < p.W; w += 32) {
+      const int64_t j = w / f, k = k0 + (w - j * f);
+      const int64_t tok = (tok0 + j) * K + k;
+      const float sh = p.shift ? p.shift[k] : 0.f;
+      if (p.to_tokens) {
+        dst[tok] = from_f<T>(to_f<T>(src[lat + w]) * p.scale[k] + sh);
+      } else {
+        dst[lat + w] = from_f<T>(to_f<T>(src[tok]) * p.scale[k] + sh);
+      }
     }
   }
 }
@@ -272,21 +284,21 @@ extern "C" int umm_cuda_tokens_act_bwd(const TokensActBwdParams* p, int dtype, v
 extern "C" int umm_cuda_tokens_depth_scatter(const TokensDepthScatterParams* p, int dtype, void* stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return launch_1d(depth_scatter_kernel<T>, *p, p->g.N * p->g.H * p->g.W * p->g.C, stream);
+    return launch_1d(depth_scatter_kernel<T>, *p, p->g.N * p->g.H * p->g.W * 32, stream);
   });
 }
 
 extern "C" int umm_cuda_tokens_space_gather(const TokensSpaceGatherParams* p, int dtype, void* stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return launch_1d(space_gather_kernel<T>, *p, p->g.N * p->g.H * p->g.W * p->g.C, stream);
+    return launch_1d(space_gather_kernel<T>, *p, p->g.N * p->g.H * p->g.W * 32, stream);
   });
 }
 
 extern "C" int umm_cuda_latent_pack(const LatentPackParams* p, int dtype, void* stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return launch_1d(latent_pack_kernel<T>, *p, p->B * p->C * p->H * p->W, stream);
+    return launch_1d(latent_pack_kernel<T>, *p, p->B * p->C * p->H * 32, stream);
   });
 }
 
