@@ -339,3 +339,24 @@ def test_cuda_fused_gemm_cheers_sizes(dtype, shape, seed):
     _compare(lambda yy, ww, bb: umm_ops.expand_tokens(yy, (H, W), ww, bb, factor=f),
              lambda yy, ww, bb: _eager_expand(yy, (H, W), ww, bb, f), [y, w2, b2], dtype, f"cuda expand {shape}",
              "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fused_gemm_is_the_path_taken(seed):
+    """bf16 with C % 8 == 0 runs the CuTe gather-GEMM (the fallback would pass the accuracy tests too); C = 17
+    falls back to gather + cuBLAS."""
+    if not umm_ops.backends()["cuda"]["runnable"]:
+        pytest.skip("no CUDA kernels in this build")
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels_run(C):
+        x, lw, lb, w, b = _compress_inputs(2, 8, 8, C, 40, 2, torch.bfloat16, "cuda")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            umm_ops.compress_tokens(x, (8, 8), lw, lb, w, b)
+            torch.cuda.synchronize()
+        return " ".join(e.name for e in prof.events())
+
+    assert "gather_gemm_kernel" in kernels_run(24)
+    assert "gather_gemm_kernel" not in kernels_run(17)
+
