@@ -156,3 +156,18 @@ def test_kernel_list_is_the_reference_contract():
     for name in ref.KERNELS:
         assert callable(getattr(ref, name))
     assert set(umm_ops.backends()["kernels"]) == set(ref.KERNELS)
+
+
+def test_cuda_span_kernel_limits():
+    """The CUDA span-attention kernel covers bf16/fp16 and head dims % 8 == 0 up to 128; other CUDA tensors fall
+    through to Triton when nothing is forced (the limit is part of the backend choice, not a kernel error)."""
+    lim = B._OP_LIMITS[("cuda", "span_attention_fwd")]
+    assert B._OP_LIMITS[("cuda", "span_attention_bwd")] is lim
+    assert lim(torch.bfloat16, (10, 4, 72)) is None and lim(torch.float16, (10, 4, 128)) is None
+    assert "bfloat16 / float16" in lim(torch.float32, (10, 4, 64))
+    assert "multiple of 8" in lim(torch.bfloat16, (10, 4, 12))
+    assert "<= 128" in lim(torch.bfloat16, (10, 4, 256))
+    if torch.cuda.is_available() and B._has_op("cuda", "span_attention_fwd") and B.forced_backend() is None:
+        dev = torch.device("cuda")
+        assert B.select(dev, torch.float32, "span_attention_fwd", (10, 4, 64)) != "cuda"
+        assert B.select(dev, torch.bfloat16, "span_attention_fwd", (10, 4, 64)) == "cuda"

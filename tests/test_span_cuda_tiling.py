@@ -1,4 +1,4 @@
-"""The work decomposition of the CUDA span-attention kernels (csrc/cuda_wip/span_attention.cu), replayed on the CPU.
+"""The work decomposition of the CUDA span-attention kernels (csrc/cuda/span_attention.cu), replayed on the CPU.
 
 The CUDA kernels cannot run without a GPU, but which (query, key) pairs they compute is decided by plain integer
 arithmetic: query blocks and their key range [k_begin, k_hi) (forward / dq), key blocks and their contiguous viewer
@@ -7,7 +7,7 @@ masked only by bounds, PARTIAL tiles by allowed(a, hi, k, noise(k)).  This modul
 (names follow the kernel source) and checks, on random layouts and for several tile sizes, that every allowed pair
 of span_mask is computed exactly once and no other pair is.  A wrong k_hi, viewer range, bound or use of the
 classification in the kernels' design shows up here; the CuTe index mapping is checked separately by
-csrc/cuda_wip/span_layout_check.cu and the numbers by tests/test_span_cuda.py on a GPU.
+csrc/cuda/checks/span_layout_check.cu and the numbers by tests/test_span_cuda.py on a GPU.
 """
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def test_kernels_compute_each_allowed_pair_once(tiles, seed):
 
 
 def test_cute_layout_check(tmp_path):
-    """Compile and run csrc/cuda_wip/span_layout_check.cu (host code: CuTe layouts and MMA / copy partitions of every
+    """Compile and run csrc/cuda/checks/span_layout_check.cu (host code: CuTe layouts and MMA / copy partitions of every
     tile configuration of the CUDA kernels; no GPU needed).  Skipped without nvcc or the CUTLASS headers."""
     import os
     import shutil
@@ -216,9 +216,7 @@ def test_cute_layout_check(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    src = root / "csrc" / "cuda_wip" / "span_layout_check.cu"
-    if not src.exists():  # moved to csrc/cuda on integration
-        src = root / "csrc" / "cuda" / "span_layout_check.cu"
+    src = root / "csrc" / "cuda" / "checks" / "span_layout_check.cu"
     nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
     try:
         import cutlass_library

@@ -106,11 +106,30 @@ def _has_op(name: str, op: str) -> bool:
     return not isinstance(mod, Exception) and callable(getattr(mod, op, None))
 
 
-def _why_not(name: str, device: torch.device, dtype: torch.dtype, op: str | None = None) -> str | None:
-    """None when backend `name` can run `op` on tensors of this device/dtype, else the reason."""
+def _span_cuda_limits(dtype: torch.dtype, shape) -> str | None:
+    """The CUDA span-attention kernel (csrc/cuda/span_attention.cu): tensor cores, bf16/fp16, head dim % 8 == 0 and
+    <= 128.  Anything else falls through to the next backend (Triton) when nothing is forced."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return (f"the CUDA span-attention kernel runs bfloat16 / float16 (tensor cores), got "
+                f"{str(dtype).replace('torch.', '')}")
+    if shape is not None and (shape[-1] % 8 or shape[-1] > 128):
+        return f"the CUDA span-attention kernel needs a head dim that is a multiple of 8 and <= 128, got {shape[-1]}"
+    return None
+
+
+# (backend, kernel op) -> limits(dtype, shape or None) -> reason or None: kernels that cover only part of the
+# dtypes / shapes the op accepts
+_OP_LIMITS = {("cuda", "span_attention_fwd"): _span_cuda_limits, ("cuda", "span_attention_bwd"): _span_cuda_limits}
+
+
+def _why_not(name: str, device: torch.device, dtype: torch.dtype, op: str | None = None, shape=None) -> str | None:
+    """None when backend `name` can run `op` on tensors of this device/dtype (and shape, when given), else the
+    reason."""
     why = _why_not_device(name, device, dtype)
     if why is None and op is not None and not _has_op(name, op):
         why = f"the {name!r} backend has no {op!r} kernel (yet)"
+    if why is None and op is not None and (name, op) in _OP_LIMITS:
+        why = _OP_LIMITS[(name, op)](dtype, shape)
     return why
 
 
@@ -143,17 +162,17 @@ def _why_not_device(name: str, device: torch.device, dtype: torch.dtype) -> str 
     raise ValueError(name)
 
 
-def select(device: torch.device, dtype: torch.dtype, op: str | None = None) -> str:
-    """The backend that will run kernel `op` (any op when None) on tensors of this device and dtype."""
+def select(device: torch.device, dtype: torch.dtype, op: str | None = None, shape=None) -> str:
+    """The backend that will run kernel `op` (any op when None) on tensors of this device, dtype (and shape)."""
     name = forced_backend()
     if name is not None:
-        why = _why_not(name, device, dtype, op)
+        why = _why_not(name, device, dtype, op, shape)
         if why is not None:
             raise BackendUnavailableError(f"umm_ops backend {name!r} was forced but cannot run here: {why}")
         return name
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for cand in order:
-        if _why_not(cand, device, dtype, op) is None:
+        if _why_not(cand, device, dtype, op, shape) is None:
             return cand
     return "reference"
 
@@ -178,7 +197,7 @@ def kernels(name: str):
 
 
 def kernels_for(t: torch.Tensor, op: str | None = None):
-    return kernels(select(t.device, t.dtype, op))
+    return kernels(select(t.device, t.dtype, op, tuple(t.shape)))
 
 
 def backends() -> dict:

@@ -1,5 +1,6 @@
 // Torch-facing side of span attention (docs/span-attention-contract.md): schemas of the kernel ops, input and
-// layout checks, params filling, CPU dispatch.  (No CUDA implementation yet: CUDA tensors find no kernel.)
+// layout checks, params filling, CPU dispatch; the CUDA dispatch (bf16/fp16, csrc/cuda/span_attention.cu) at the end,
+// built when the CUDA kernels are built with the CUTLASS/CuTe headers (UMM_WITH_SPAN_CUDA).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -217,3 +218,164 @@ TORCH_LIBRARY_IMPL(umm_ops, CPU, m) {
 }
 
 }  // namespace umm::torch_ops
+
+// ----------------------------------------------------------------------------------------- CUDA dispatch
+// kernel_span_attention_fwd / _bwd on CUDA tensors: the checks above plus the tensor-core kernel's own
+// requirements (bf16/fp16, head dim % 8 == 0 and <= 128, 16-byte aligned rows), then the launchers of
+// csrc/cuda/span_attention.cu.  Built when the CUDA kernels are built with the CUTLASS/CuTe headers.
+#if defined(UMM_WITH_CUDA) && defined(UMM_WITH_SPAN_CUDA)
+#include <ATen/DeviceAccelerator.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <cstdint>
+
+#include "umm/cuda_api.h"
+
+namespace umm::torch_ops {
+namespace {
+
+void* span_stream_of(const Tensor& t) {
+  return at::accelerator::getCurrentStream(t.device().index()).native_handle();
+}
+
+void span_cuda_check(int err, const char* what) {
+  TORCH_CHECK(err == 0, "umm_ops.span_attention: CUDA kernel ", what, " failed: ", umm_cuda_error_string(err));
+}
+
+// The kernels read 128-bit chunks: a tensor whose data pointer is not 16-byte aligned (a contiguous view with an
+// odd storage offset) is copied once into a fresh (aligned) allocation.
+Tensor span_aligned(const Tensor& t) {
+  return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15u) == 0 ? t : t.clone();
+}
+
+void check_layout_tensor_cuda(const Tensor& t, const Tensor& q, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, "umm_ops.span_attention: ", name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), "umm_ops.span_attention: ", name, " must be on the device of q (", q.device(),
+              "), got ", t.device(), " (use layout.to(q.device) once, outside the training step)");
+  TORCH_CHECK(t.dim() == 1, "umm_ops.span_attention: ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "umm_ops.span_attention: ", name, " must be contiguous");
+}
+
+// Shapes, dtypes, devices and the sizes of the layout tensors.  The layout's VALUES are not read: that would copy
+// them to the host and synchronise on every call.  They are trusted (SpanLayout validates them when it is built,
+// or its caller vouched for them with validate=False), as FlashAttention trusts cu_seqlens.
+Checked check_inputs_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
+                          const Tensor& so, const Tensor& ss, const Tensor& se, const Tensor& sm, int64_t max_q,
+                          int64_t max_k) {
+  Checked c;
+  TORCH_CHECK(q.dim() == 3, "umm_ops.span_attention: q must be 3-D (tokens, heads, head_dim), got shape ", q.sizes());
+  TORCH_CHECK(q.is_cuda(), "umm_ops.span_attention: the CUDA kernel runs CUDA tensors, got q on ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "umm_ops.span_attention: the CUDA kernel (sm80 tensor cores) takes bfloat16 or float16, got ",
+              q.scalar_type(), " (float32 CUDA tensors run on the triton or reference backend)");
+  c.dt = dtype_code(q, "q", "umm_ops.span_attention");
+  check_act(q, q, "q");
+  check_act(k, q, "k");
+  check_act(v, q, "v");
+  c.Lq = q.size(0);
+  c.Hq = q.size(1);
+  c.Dh = q.size(2);
+  c.Lk = k.size(0);
+  c.Hkv = k.size(1);
+  TORCH_CHECK(c.Dh >= 8 && c.Dh <= 128 && c.Dh % 8 == 0,
+              "umm_ops.span_attention: the CUDA kernel takes head dims that are multiples of 8 up to 128 (64, 72, 80, "
+              "96, 128, ...), got ", c.Dh);
+  TORCH_CHECK(c.Hq >= 1 && c.Hkv >= 1, "umm_ops.span_attention: head counts must be >= 1, got Hq=", c.Hq,
+              " Hkv=", c.Hkv);
+  TORCH_CHECK(c.Hq % c.Hkv == 0, "umm_ops.span_attention: the query heads (", c.Hq,
+              ") must be a multiple of the kv heads (", c.Hkv, ")");
+  TORCH_CHECK(c.Hq <= 65535 && c.Hkv <= 65535, "umm_ops.span_attention: at most 65535 heads, got Hq=", c.Hq);
+  TORCH_CHECK(k.size(2) == c.Dh, "umm_ops.span_attention: k must have the head_dim of q (", c.Dh, "), got ",
+              k.size(2));
+  TORCH_CHECK(v.sizes() == k.sizes(), "umm_ops.span_attention: v must have the shape of k ", k.sizes(), ", got ",
+              v.sizes());
+  check_layout_tensor_cuda(cu_q, q, "cu_seqlens_q");
+  check_layout_tensor_cuda(cu_k, q, "cu_seqlens_k");
+  check_layout_tensor_cuda(so, q, "seg_offsets");
+  check_layout_tensor_cuda(ss, q, "seg_start");
+  check_layout_tensor_cuda(se, q, "seg_end");
+  check_layout_tensor_cuda(sm, q, "seg_mode");
+  TORCH_CHECK(cu_q.numel() >= 1, "umm_ops.span_attention: cu_seqlens_q must have length num_docs + 1 >= 1");
+  c.D = cu_q.numel() - 1;
+  c.S = ss.numel();
+  TORCH_CHECK(cu_k.numel() == c.D + 1, "umm_ops.span_attention: cu_seqlens_k must have length num_docs + 1 = ",
+              c.D + 1, " (that of cu_seqlens_q), got ", cu_k.numel());
+  TORCH_CHECK(so.numel() == c.D + 1, "umm_ops.span_attention: seg_offsets must have length num_docs + 1 = ", c.D + 1,
+              ", got ", so.numel());
+  TORCH_CHECK(se.numel() == c.S && sm.numel() == c.S,
+              "umm_ops.span_attention: seg_start, seg_end and seg_mode must have the same length, got ", c.S, ", ",
+              se.numel(), ", ", sm.numel());
+  TORCH_CHECK(c.Lk == 0 || c.S >= 1, "umm_ops.span_attention: ", c.Lk, " key tokens but no segment");
+  TORCH_CHECK(max_q >= 0 && max_k >= 0 && max_q <= c.Lq && max_k <= c.Lk && max_q <= max_k,
+              "umm_ops.span_attention: max_seqlen_q / max_seqlen_k (", max_q, ", ", max_k,
+              ") must lie in [0, Lq_total] / [0, Lk_total] = [0, ", c.Lq, "] / [0, ", c.Lk, "] with max_seqlen_q <= "
+              "max_seqlen_k (each document has at most as many queries as keys)");
+  TORCH_CHECK(c.Lq == 0 || max_q >= 1, "umm_ops.span_attention: max_seqlen_q is 0 but there are ", c.Lq,
+              " queries");
+  TORCH_CHECK(c.Lk == 0 || max_k >= 1, "umm_ops.span_attention: max_seqlen_k is 0 but there are ", c.Lk, " keys");
+  return c;
+}
+
+std::tuple<Tensor, Tensor> span_attention_fwd_cuda(const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                                                   const Tensor& cu_q, const Tensor& cu_k, const Tensor& so,
+                                                   const Tensor& ss, const Tensor& se, const Tensor& sm, int64_t max_q,
+                                                   int64_t max_k, double scale) {
+  const Checked c = check_inputs_cuda(q_, k_, v_, cu_q, cu_k, so, ss, se, sm, max_q, max_k);
+  c10::DeviceGuard guard(q_.device());
+  const Tensor q = span_aligned(q_), k = span_aligned(k_), v = span_aligned(v_);
+  Tensor out = at::empty_like(q);
+  Tensor lse = at::empty({c.Hq, c.Lq}, q.options().dtype(at::kFloat));
+  SpanParams p = make_params(c, q, k, v, cu_q, cu_k, so, ss, se, sm, max_q, max_k, scale);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  if (c.Lq > 0) span_cuda_check(umm_cuda_span_attention_fwd(&p, int(c.dt), span_stream_of(q)), "span_attention_fwd");
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> span_attention_bwd_cuda(const Tensor& dout_, const Tensor& q_, const Tensor& k_,
+                                                           const Tensor& v_, const Tensor& out_, const Tensor& lse,
+                                                           const Tensor& cu_q, const Tensor& cu_k, const Tensor& so,
+                                                           const Tensor& ss, const Tensor& se, const Tensor& sm,
+                                                           int64_t max_q, int64_t max_k, double scale) {
+  const Checked c = check_inputs_cuda(q_, k_, v_, cu_q, cu_k, so, ss, se, sm, max_q, max_k);
+  check_act(dout_, q_, "dout");
+  check_act(out_, q_, "out");
+  TORCH_CHECK(dout_.sizes() == q_.sizes(), "umm_ops.span_attention: dout must have the shape of q ", q_.sizes(),
+              ", got ", dout_.sizes());
+  TORCH_CHECK(out_.sizes() == q_.sizes(), "umm_ops.span_attention: out must have the shape of q ", q_.sizes(),
+              ", got ", out_.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "umm_ops.span_attention: lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK(lse.device() == q_.device(), "umm_ops.span_attention: lse must be on the device of q (", q_.device(),
+              "), got ", lse.device());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == c.Hq && lse.size(1) == c.Lq,
+              "umm_ops.span_attention: lse must have shape (Hq, Lq_total) = (", c.Hq, ", ", c.Lq, "), got ",
+              lse.sizes());
+  TORCH_CHECK(lse.is_contiguous(), "umm_ops.span_attention: lse must be contiguous");
+  c10::DeviceGuard guard(q_.device());
+  const Tensor q = span_aligned(q_), k = span_aligned(k_), v = span_aligned(v_);
+  const Tensor dout = span_aligned(dout_), out = span_aligned(out_);
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  Tensor delta = at::empty({std::max<int64_t>(c.Hq * c.Lq, 1)}, q.options().dtype(at::kFloat));
+  SpanParams p = make_params(c, q, k, v, cu_q, cu_k, so, ss, se, sm, max_q, max_k, scale);
+  p.out = const_cast<void*>(out.data_ptr());
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.delta = delta.data_ptr<float>();
+  // Every key lies in a segment, hence in a key block of the dk/dv kernel: dk / dv are fully written (zeros for
+  // keys no query sees, e.g. all of them when Lq == 0).
+  if (c.Lk > 0) span_cuda_check(umm_cuda_span_attention_bwd(&p, int(c.dt), span_stream_of(q)), "span_attention_bwd");
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(umm_ops, CUDA, m) {
+  m.impl("kernel_span_attention_fwd", &span_attention_fwd_cuda);
+  m.impl("kernel_span_attention_bwd", &span_attention_bwd_cuda);
+}
+
+}  // namespace umm::torch_ops
+#endif  // UMM_WITH_CUDA && UMM_WITH_SPAN_CUDA

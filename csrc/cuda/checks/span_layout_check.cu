@@ -2,7 +2,7 @@
 // CuTe layouts and MMA / copy partitions are host-device code).  Build and run (from the repository root):
 //
 //   nvcc -std=c++17 --expt-relaxed-constexpr -I csrc/include -I csrc/cuda -I <cutlass>/include \
-//        csrc/cuda_wip/span_layout_check.cu -o /tmp/span_layout_check && /tmp/span_layout_check
+//        csrc/cuda/checks/span_layout_check.cu -o /tmp/span_layout_check && /tmp/span_layout_check
 //
 // For every tile configuration the launchers instantiate, for all 128 threads, it checks:
 //  1. score accumulators (rows x streamed rows) and output accumulators (rows x head dim), viewed with rowcol():

@@ -1,5 +1,5 @@
 // CUDA span attention (docs/span-attention-contract.md), sm80+ tensor cores via CuTe: forward and backward.
-// Design notes and integration steps: csrc/cuda_wip/README.md.  Same tiling idea and the same tile classifier
+// Design notes: csrc/cuda/SPAN_ATTENTION.md.  Same tiling idea and the same tile classifier
 // (umm/span.h: span_classify_tile) as the CPU kernel (csrc/cpu/span_attention.cpp) and the Triton kernel
 // (umm_ops/triton/attention.py).
 //
@@ -33,14 +33,13 @@
 // are rounded to the input dtype before their products (as FlashAttention does); lse is written in float32 in
 // natural log units.  A query with no visible key gets out = 0, lse = -inf and zero gradients (never NaN).
 //
-// NOTE: compiled only (no GPU in the session that wrote it); see README.md for what was checked.
+// NOTE: compiled only (no GPU in the session that wrote it); see SPAN_ATTENTION.md for what was checked.
 #include <cuda_runtime.h>
 
 #include <climits>
 #include <cstdint>
 
 #include "span_attention.cuh"
-#include "span_cuda_api.h"
 
 namespace umm {
 namespace cuda {
