@@ -423,15 +423,16 @@ def _plot_losses(rows: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in rows]
-    for key, color in (("loss", "black"), ("text_loss", "tab:blue"), ("flow_loss", "tab:orange")):
-        ys = [r[key] for r in rows]
+    gen = [r for r in rows if r.get("flow_images", 1) > 0]   # a batch with no image to generate has flow loss 0
+    for key, color, rs in (("loss", "black", rows), ("text_loss", "tab:blue", rows), ("flow_loss", "tab:orange", gen)):
+        steps, ys = [r["step"] for r in rs], [r[key] for r in rs]
         ema, smooth = None, []
         for y in ys:
             ema = y if ema is None else 0.9 * ema + 0.1 * y
             smooth.append(ema)
         ax.plot(steps, ys, color=color, alpha=0.25, lw=0.8)
-        ax.plot(steps, smooth, color=color, lw=1.8, label=f"{key} (EMA 0.9)")
+        ax.plot(steps, smooth, color=color, lw=1.8, label=f"{key} (EMA 0.9)" + (" (batches with an image to "
+                                                                                 "generate)" if rs is gen else ""))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("SFT on the synthetic world")
@@ -671,6 +672,9 @@ def train(config: SFTConfig, resume: bool = True, on_step=None) -> dict:
                "trainable_parameters": n_params, "train_s": train_s,
                "tokens_per_s": tokens_run / train_s if tokens_run else None}
     if rows:
+        ts = sorted(r["step_s"] for r in rows)
+        summary["median_step_s"] = ts[len(ts) // 2]   # robust to the first steps' warm-up and to a shared machine
+        summary["median_tokens_per_s"] = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
         k = max(1, min(10, len(rows) // 4))
         gen = [r for r in rows if r["flow_images"] > 0] or rows   # batches without an image to generate report 0
         for key, rs in (("loss", rows), ("text_loss", rows), ("flow_loss", gen)):
