@@ -36,10 +36,18 @@ echo "rc=$?" | tee -a "$OUT/summary.txt"; tail -3 "$OUT/tests_all.log" | tee -a 
 if command -v compute-sanitizer > /dev/null; then
   step "compute-sanitizer memcheck over the CUDA tests"
   UMM_OPS_BACKEND=cuda compute-sanitizer --tool memcheck --error-exitcode 9 \
-    python -m pytest -q -x tests/test_flow.py tests/test_norm.py -k "cuda-cuda" -p no:cacheprovider \
+    python -m pytest -q -x tests/test_flow.py tests/test_norm.py tests/test_tokens.py -k "cuda" -p no:cacheprovider \
     > "$OUT/memcheck.log" 2>&1
   echo "rc=$?" | tee -a "$OUT/summary.txt"; tail -5 "$OUT/memcheck.log" | tee -a "$OUT/summary.txt"
+  step "compute-sanitizer memcheck over the CUDA span-attention tests (never run before: correctness first)"
+  UMM_OPS_BACKEND=cuda compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python -m pytest -q -x tests/test_span_cuda.py -p no:cacheprovider > "$OUT/memcheck_span.log" 2>&1
+  echo "rc=$?" | tee -a "$OUT/summary.txt"; tail -5 "$OUT/memcheck_span.log" | tee -a "$OUT/summary.txt"
 fi
+step "span layout build time, model training step (small preset, bf16)"
+python bench/bench_layout.py > "$OUT/bench_layout.log" 2>&1; tail -4 "$OUT/bench_layout.log" | tee -a "$OUT/summary.txt"
+python bench/bench_model.py --preset small --dtype bfloat16 > "$OUT/bench_model.log" 2>&1
+echo "rc=$?" | tee -a "$OUT/summary.txt"; tail -8 "$OUT/bench_model.log" | tee -a "$OUT/summary.txt"
 step "benchmarks (full sweep)"
 python bench/run.py > "$OUT/bench.log" 2>&1
 echo "rc=$?" | tee -a "$OUT/summary.txt"
