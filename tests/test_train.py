@@ -130,7 +130,7 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
 
 
 def test_resume_refuses_a_different_run(tmp_path):
-    cfg = _cfg(tmp_path / "run", steps=1)
+    cfg = _cfg(tmp_path / "run", steps=1, progress=True)   # the rich progress bar path (as on a terminal)
     train(cfg)
     with pytest.raises(ValueError, match="seed=0.*seed=1"):
         train(_cfg(tmp_path / "run", steps=2, seed=1))
