@@ -137,7 +137,8 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 
 def test_loss_falls(tmp_path):
-    """25 steps on fresh synthetic batches: the text loss (byte vocabulary, ln 263 = 5.6 at init)s clearly.  Measured (seed 0, CPU): text 4.4 -> 2.9 (means of the first / last 5 steps)."""
+    """25 steps on fresh synthetic batches: the text loss (byte vocabulary, ln 263 = 5.6 at init) falls clearly.
+    Measured (seed 0, CPU): text 4.4 -> 2.9 (means of the first / last 5 steps)."""
     cfg = _cfg(tmp_path / "run", steps=25, budget=512, warmup=5, save_every=0, keep_last=1)
     s = train(cfg)
     rows = _metrics(cfg.out)

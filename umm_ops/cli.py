@@ -119,7 +119,8 @@ def _train(args) -> int:
               warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
               num_workers=args.num_workers, out=args.out, save_every=args.save_every, keep_last=args.keep_last,
               log_every=args.log_every, evaluate=not args.no_eval, eval_vqa=args.eval_vqa,
-              eval_images=args.eval_images, eval_captions=args.eval_captions, eval_steps=args.eval_steps, eval_prompts=tuple(args.eval_prompt or ()),
+              eval_images=args.eval_images, eval_captions=args.eval_captions, eval_steps=args.eval_steps,
+              eval_prompts=tuple(args.eval_prompt or ()),
               dtype=args.dtype, device=args.device)
     if args.tasks:
         kw["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())

@@ -129,7 +129,8 @@ class SFTConfig:
         for name in ("warmup", "save_every", "num_workers", "seed", "eval_vqa", "eval_images", "eval_captions"):
             v = getattr(self, name)
             need(is_int(v) and v >= 0, f"{name} must be an int >= 0, got {v!r}")
-        need(is_int(self.eval_steps) and self.eval_steps >= 1, f"eval_steps must be an int >= 1, got {self.eval_steps!r}")
+        need(is_int(self.eval_steps) and self.eval_steps >= 1,
+             f"eval_steps must be an int >= 1, got {self.eval_steps!r}")
         need(is_int(self.train_records) and self.train_records >= 1,
              f"train_records must be an int >= 1, got {self.train_records!r}")
         need(is_int(self.max_objects) and 1 <= self.max_objects <= 8,
@@ -517,9 +518,10 @@ def evaluate(model, cfg: SFTConfig, out_dir=None) -> dict:
                 _to_pil(gen[k]).save(edir / f"generated-{k}.png")
                 item["png"] = str(edir / f"generated-{k}.png")
             items.append(item)
-        res["images"] = {"n": len(items), "mean_score": sum(i["score"] for i in items) / len(items),
-                         "correct": sum(i["correct"] for i in items) / len(items),
-                         "vae_reconstruction_mean_score": sum(i["vae_reconstruction_score"] for i in items) / len(items),
+        n = len(items)
+        res["images"] = {"n": n, "mean_score": sum(i["score"] for i in items) / n,
+                         "correct": sum(i["correct"] for i in items) / n,
+                         "vae_reconstruction_mean_score": sum(i["vae_reconstruction_score"] for i in items) / n,
                          "items": items}
         if edir is not None:   # rows: truth, frozen-VAE reconstruction, generated
             from PIL import Image
@@ -648,7 +650,8 @@ def train(config: SFTConfig, resume: bool = True, on_step=None) -> dict:
                 rec = {"step": step + 1, "loss": float(loss.detach()), "text_loss": float(res["text_loss"]),
                        "flow_loss": float(res["flow_loss"]), "lr": lr, "grad_norm": gnorm, "tokens": ntok,
                        "docs": int(batch.num_docs), "text_tokens": int(res["text_tokens"]),
-                       "flow_images": int(res["flow_images"]), "step_s": dt, "data_s": t_data, "tokens_per_s": ntok / dt}
+                       "flow_images": int(res["flow_images"]), "step_s": dt, "data_s": t_data,
+                       "tokens_per_s": ntok / dt}
                 rows.append(rec)
                 mfile.write(json.dumps(rec) + "\n")
                 mfile.flush()
@@ -693,7 +696,8 @@ def train(config: SFTConfig, resume: bool = True, on_step=None) -> dict:
     _write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     if rows:
         k = max(1, min(10, len(rows) // 4))
-        rep.line(f"loss (mean of the first / last {k} steps; flow: of those with an image to generate): {summary[f'loss_first{k}']:.3f} -> {summary[f'loss_last{k}']:.3f} "
+        rep.line(f"loss (mean of the first / last {k} steps; flow: of those with an image to generate): "
+                 f"{summary[f'loss_first{k}']:.3f} -> {summary[f'loss_last{k}']:.3f} "
                  f"(text {summary[f'text_loss_first{k}']:.3f} -> {summary[f'text_loss_last{k}']:.3f}, flow "
                  f"{summary[f'flow_loss_first{k}']:.3f} -> {summary[f'flow_loss_last{k}']:.3f}); "
                  f"wall {summary['wall_s']:.1f} s; {out / 'summary.json'}")
