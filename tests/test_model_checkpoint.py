@@ -80,8 +80,10 @@ def test_load_errors(model, tmp_path):
     state["something.else"] = torch.zeros(1)
     with pytest.raises(ValueError, match="missing keys .*hi_gate.*unexpected keys .*something.else"):
         ck.load_state(model, state)
-    with pytest.raises(FileNotFoundError, match="safetensors only"):
+    with pytest.raises(FileNotFoundError, match="holds no model.safetensors"):
         ck.read_safetensors_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        ck.read_safetensors_folder(tmp_path / "nope")
 
 
 def test_released_cheers_names_round_trip(model, tmp_path):

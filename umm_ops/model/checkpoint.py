@@ -50,10 +50,6 @@ INDEX = "model.safetensors.index.json"
 
 
 # ----------------------------------------------------------------------------------- safetensors folders
-def _shard_name(i: int, n: int) -> str:
-    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
 def _state_for_saving(model) -> dict:
     sd = model.state_dict()
     if model.llm.config.tie_word_embeddings:
@@ -61,52 +57,22 @@ def _state_for_saving(model) -> dict:
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
-def write_safetensors_folder(state: dict, folder: str, max_shard_bytes: int = 2 << 30, metadata=None):
-    """Write `state` as safetensors shards + index into the (existing, empty) `folder`."""
-    from safetensors.torch import save_file
+def write_safetensors_folder(state: dict, folder: str, max_shard_bytes: int = 2 << 30) -> list[str]:
+    """Write `state` as Hugging Face-layout safetensors into `folder`: model.safetensors, or shards + index above
+    `max_shard_bytes` (umm_ops.model.hf.save_safetensors: tied storage refused, each file renamed into place)."""
+    from .hf import save_safetensors
 
-    shards, cur, size = [], {}, 0
-    for k in sorted(state):
-        t = state[k]
-        nb = t.numel() * t.element_size()
-        if cur and size + nb > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = t
-        size += nb
-    shards.append(cur)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = _shard_name(i, len(shards))
-        save_file(shard, os.path.join(folder, name), metadata={"format": "pt", **(metadata or {})})
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    with open(os.path.join(folder, INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    return save_safetensors(state, folder, max_shard_size=max_shard_bytes)
 
 
 def read_safetensors_folder(folder: str, device="cpu") -> dict:
-    """All tensors of a folder holding model.safetensors or a sharded model.safetensors.index.json."""
-    from safetensors.torch import load_file
+    """All tensors of a folder holding model.safetensors or a sharded model.safetensors.index.json (safetensors
+    only, never pickle; umm_ops.model.hf.load_safetensors)."""
+    from .hf import load_safetensors
 
-    folder = os.fspath(folder)
-    index = os.path.join(folder, INDEX)
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        found = sorted(os.listdir(folder)) if os.path.isdir(folder) else "no such folder"
-        raise FileNotFoundError(f"{folder}: expected {INDEX} or model.safetensors (safetensors only, never pickle), "
-                                f"found {found}")
-    state = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{folder}: the index names {name}, which is missing")
-        state.update(load_file(path, device=str(device)))
-    return state
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{os.fspath(folder)!r}: no such folder (expected safetensors weights)")
+    return load_safetensors(folder, device)
 
 
 def _atomic_folder(folder: str):
