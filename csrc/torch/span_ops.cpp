@@ -27,10 +27,17 @@ void check_act(const Tensor& t, const Tensor& q, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "umm_ops.span_attention: ", name, " must be contiguous, got strides ", t.strides());
 }
 
-void check_layout_tensor(const Tensor& t, const char* name) {
+// A layout tensor: int32, 1-D, contiguous, on the device of q (the CPU kernel reads it on the host, the CUDA
+// kernels on the device).
+void check_layout_tensor(const Tensor& t, const Tensor& q, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kInt, "umm_ops.span_attention: ", name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "umm_ops.span_attention: ", name,
-              " must be a CPU tensor for the CPU kernel (the layout lives on the device of q), got ", t.device());
+  if (q.device().is_cpu()) {
+    TORCH_CHECK(t.device().is_cpu(), "umm_ops.span_attention: ", name,
+                " must be a CPU tensor for the CPU kernel (the layout lives on the device of q), got ", t.device());
+  } else {
+    TORCH_CHECK(t.device() == q.device(), "umm_ops.span_attention: ", name, " must be on the device of q (",
+                q.device(), "), got ", t.device(), " (use layout.to(q.device) once, outside the training step)");
+  }
   TORCH_CHECK(t.dim() == 1, "umm_ops.span_attention: ", name, " must be 1-D, got shape ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), "umm_ops.span_attention: ", name, " must be contiguous");
 }
@@ -40,17 +47,16 @@ struct Checked {
   int64_t Lq, Lk, Hq, Hkv, Dh, D, S;
 };
 
-// Shapes, dtypes and the whole segment table (O(D + S) on the host).
-Checked check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
-                     const Tensor& so, const Tensor& ss, const Tensor& se, const Tensor& sm, int64_t max_q,
-                     int64_t max_k) {
+// Shapes, dtypes, devices and the lengths of the layout tensors (no layout VALUE is read): shared by the CPU and
+// CUDA dispatch.
+Checked check_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
+                     const Tensor& so, const Tensor& ss, const Tensor& se, const Tensor& sm) {
   Checked c;
   TORCH_CHECK(q.dim() == 3, "umm_ops.span_attention: q must be 3-D (tokens, heads, head_dim), got shape ", q.sizes());
   c.dt = dtype_code(q, "q", "umm_ops.span_attention");
   check_act(q, q, "q");
   check_act(k, q, "k");
   check_act(v, q, "v");
-  TORCH_CHECK(q.device().is_cpu(), "umm_ops.span_attention: the kernel op runs on CPU tensors only, got ", q.device());
   c.Lq = q.size(0);
   c.Hq = q.size(1);
   c.Dh = q.size(2);
@@ -66,12 +72,12 @@ Checked check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Te
   TORCH_CHECK(v.sizes() == k.sizes(), "umm_ops.span_attention: v must have the shape of k ", k.sizes(), ", got ",
               v.sizes());
 
-  check_layout_tensor(cu_q, "cu_seqlens_q");
-  check_layout_tensor(cu_k, "cu_seqlens_k");
-  check_layout_tensor(so, "seg_offsets");
-  check_layout_tensor(ss, "seg_start");
-  check_layout_tensor(se, "seg_end");
-  check_layout_tensor(sm, "seg_mode");
+  check_layout_tensor(cu_q, q, "cu_seqlens_q");
+  check_layout_tensor(cu_k, q, "cu_seqlens_k");
+  check_layout_tensor(so, q, "seg_offsets");
+  check_layout_tensor(ss, q, "seg_start");
+  check_layout_tensor(se, q, "seg_end");
+  check_layout_tensor(sm, q, "seg_mode");
   TORCH_CHECK(cu_q.numel() >= 1, "umm_ops.span_attention: cu_seqlens_q must have length num_docs + 1 >= 1");
   c.D = cu_q.numel() - 1;
   c.S = ss.numel();
@@ -82,7 +88,15 @@ Checked check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Te
   TORCH_CHECK(se.numel() == c.S && sm.numel() == c.S,
               "umm_ops.span_attention: seg_start, seg_end and seg_mode must have the same length, got ", c.S, ", ",
               se.numel(), ", ", sm.numel());
+  return c;
+}
 
+// The CPU kernel: the shapes plus the whole segment table (O(D + S) on the host; the values are right there).
+Checked check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
+                     const Tensor& so, const Tensor& ss, const Tensor& se, const Tensor& sm, int64_t max_q,
+                     int64_t max_k) {
+  TORCH_CHECK(q.device().is_cpu(), "umm_ops.span_attention: the kernel op runs on CPU tensors only, got ", q.device());
+  const Checked c = check_shapes(q, k, v, cu_q, cu_k, so, ss, se, sm);
   const int32_t* pq = cu_q.data_ptr<int32_t>();
   const int32_t* pk = cu_k.data_ptr<int32_t>();
   const int32_t* po = so.data_ptr<int32_t>();
@@ -169,12 +183,8 @@ std::tuple<Tensor, Tensor> span_attention_fwd(const Tensor& q, const Tensor& k, 
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> span_attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                      const Tensor& cu_q, const Tensor& cu_k, const Tensor& so,
-                                                      const Tensor& ss, const Tensor& se, const Tensor& sm,
-                                                      int64_t max_q, int64_t max_k, double scale) {
-  const Checked c = check_inputs(q, k, v, cu_q, cu_k, so, ss, se, sm, max_q, max_k);
+// The backward's extra inputs: dout and out like q, lse float32 (Hq, Lq_total) on q's device.
+void check_bwd_inputs(const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& q, const Checked& c) {
   check_act(dout, q, "dout");
   check_act(out, q, "out");
   TORCH_CHECK(dout.sizes() == q.sizes(), "umm_ops.span_attention: dout must have the shape of q ", q.sizes(),
@@ -182,23 +192,47 @@ std::tuple<Tensor, Tensor, Tensor> span_attention_bwd(const Tensor& dout, const 
   TORCH_CHECK(out.sizes() == q.sizes(), "umm_ops.span_attention: out must have the shape of q ", q.sizes(), ", got ",
               out.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "umm_ops.span_attention: lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK(lse.device() == q.device(), "umm_ops.span_attention: lse must be on the device of q");
+  TORCH_CHECK(lse.device() == q.device(), "umm_ops.span_attention: lse must be on the device of q (", q.device(),
+              "), got ", lse.device());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == c.Hq && lse.size(1) == c.Lq,
               "umm_ops.span_attention: lse must have shape (Hq, Lq_total) = (", c.Hq, ", ", c.Lq, "), got ",
               lse.sizes());
   TORCH_CHECK(lse.is_contiguous(), "umm_ops.span_attention: lse must be contiguous");
-  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  Tensor delta = at::empty({std::max<int64_t>(c.Hq * c.Lq, 1)}, q.options().dtype(at::kFloat));
-  SpanParams p = make_params(c, q, k, v, cu_q, cu_k, so, ss, se, sm, max_q, max_k, scale);
-  p.out = const_cast<void*>(out.data_ptr());
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
-  p.dout = dout.data_ptr();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.delta = delta.data_ptr<float>();
-  if (c.Lk > 0) cpu::span_attention_bwd(p, c.dt);  // every key lies in a segment: dk / dv fully written
-  return {dq, dk, dv};
+}
+
+// Outputs and workspace of a backward call, and its params.
+struct BwdCall {
+  Tensor dq, dk, dv, delta;
+  SpanParams p;
+};
+
+BwdCall make_bwd_call(const Checked& c, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                      const Tensor& out, const Tensor& lse, const Tensor& cu_q, const Tensor& cu_k, const Tensor& so,
+                      const Tensor& ss, const Tensor& se, const Tensor& sm, int64_t max_q, int64_t max_k,
+                      double scale) {
+  BwdCall b{at::empty_like(q), at::empty_like(k), at::empty_like(v),
+            at::empty({std::max<int64_t>(c.Hq * c.Lq, 1)}, q.options().dtype(at::kFloat)),
+            make_params(c, q, k, v, cu_q, cu_k, so, ss, se, sm, max_q, max_k, scale)};
+  b.p.out = const_cast<void*>(out.data_ptr());
+  b.p.lse = const_cast<float*>(lse.data_ptr<float>());
+  b.p.dout = dout.data_ptr();
+  b.p.dq = b.dq.data_ptr();
+  b.p.dk = b.dk.data_ptr();
+  b.p.dv = b.dv.data_ptr();
+  b.p.delta = b.delta.data_ptr<float>();
+  return b;
+}
+
+std::tuple<Tensor, Tensor, Tensor> span_attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                      const Tensor& cu_q, const Tensor& cu_k, const Tensor& so,
+                                                      const Tensor& ss, const Tensor& se, const Tensor& sm,
+                                                      int64_t max_q, int64_t max_k, double scale) {
+  const Checked c = check_inputs(q, k, v, cu_q, cu_k, so, ss, se, sm, max_q, max_k);
+  check_bwd_inputs(dout, out, lse, q, c);
+  BwdCall b = make_bwd_call(c, dout, q, k, v, out, lse, cu_q, cu_k, so, ss, se, sm, max_q, max_k, scale);
+  if (c.Lk > 0) cpu::span_attention_bwd(b.p, c.dt);  // every key lies in a segment: dk / dv fully written
+  return {b.dq, b.dk, b.dv};
 }
 
 }  // namespace
@@ -248,63 +282,21 @@ Tensor span_aligned(const Tensor& t) {
   return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15u) == 0 ? t : t.clone();
 }
 
-void check_layout_tensor_cuda(const Tensor& t, const Tensor& q, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, "umm_ops.span_attention: ", name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == q.device(), "umm_ops.span_attention: ", name, " must be on the device of q (", q.device(),
-              "), got ", t.device(), " (use layout.to(q.device) once, outside the training step)");
-  TORCH_CHECK(t.dim() == 1, "umm_ops.span_attention: ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "umm_ops.span_attention: ", name, " must be contiguous");
-}
-
 // Shapes, dtypes, devices and the sizes of the layout tensors.  The layout's VALUES are not read: that would copy
 // them to the host and synchronise on every call.  They are trusted (SpanLayout validates them when it is built,
 // or its caller vouched for them with validate=False), as FlashAttention trusts cu_seqlens.
 Checked check_inputs_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
                           const Tensor& so, const Tensor& ss, const Tensor& se, const Tensor& sm, int64_t max_q,
                           int64_t max_k) {
-  Checked c;
-  TORCH_CHECK(q.dim() == 3, "umm_ops.span_attention: q must be 3-D (tokens, heads, head_dim), got shape ", q.sizes());
   TORCH_CHECK(q.is_cuda(), "umm_ops.span_attention: the CUDA kernel runs CUDA tensors, got q on ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "umm_ops.span_attention: the CUDA kernel (sm80 tensor cores) takes bfloat16 or float16, got ",
               q.scalar_type(), " (float32 CUDA tensors run on the triton or reference backend)");
-  c.dt = dtype_code(q, "q", "umm_ops.span_attention");
-  check_act(q, q, "q");
-  check_act(k, q, "k");
-  check_act(v, q, "v");
-  c.Lq = q.size(0);
-  c.Hq = q.size(1);
-  c.Dh = q.size(2);
-  c.Lk = k.size(0);
-  c.Hkv = k.size(1);
+  const Checked c = check_shapes(q, k, v, cu_q, cu_k, so, ss, se, sm);
   TORCH_CHECK(c.Dh >= 8 && c.Dh <= 128 && c.Dh % 8 == 0,
               "umm_ops.span_attention: the CUDA kernel takes head dims that are multiples of 8 up to 128 (64, 72, 80, "
               "96, 128, ...), got ", c.Dh);
-  TORCH_CHECK(c.Hq >= 1 && c.Hkv >= 1, "umm_ops.span_attention: head counts must be >= 1, got Hq=", c.Hq,
-              " Hkv=", c.Hkv);
-  TORCH_CHECK(c.Hq % c.Hkv == 0, "umm_ops.span_attention: the query heads (", c.Hq,
-              ") must be a multiple of the kv heads (", c.Hkv, ")");
   TORCH_CHECK(c.Hq <= 65535 && c.Hkv <= 65535, "umm_ops.span_attention: at most 65535 heads, got Hq=", c.Hq);
-  TORCH_CHECK(k.size(2) == c.Dh, "umm_ops.span_attention: k must have the head_dim of q (", c.Dh, "), got ",
-              k.size(2));
-  TORCH_CHECK(v.sizes() == k.sizes(), "umm_ops.span_attention: v must have the shape of k ", k.sizes(), ", got ",
-              v.sizes());
-  check_layout_tensor_cuda(cu_q, q, "cu_seqlens_q");
-  check_layout_tensor_cuda(cu_k, q, "cu_seqlens_k");
-  check_layout_tensor_cuda(so, q, "seg_offsets");
-  check_layout_tensor_cuda(ss, q, "seg_start");
-  check_layout_tensor_cuda(se, q, "seg_end");
-  check_layout_tensor_cuda(sm, q, "seg_mode");
-  TORCH_CHECK(cu_q.numel() >= 1, "umm_ops.span_attention: cu_seqlens_q must have length num_docs + 1 >= 1");
-  c.D = cu_q.numel() - 1;
-  c.S = ss.numel();
-  TORCH_CHECK(cu_k.numel() == c.D + 1, "umm_ops.span_attention: cu_seqlens_k must have length num_docs + 1 = ",
-              c.D + 1, " (that of cu_seqlens_q), got ", cu_k.numel());
-  TORCH_CHECK(so.numel() == c.D + 1, "umm_ops.span_attention: seg_offsets must have length num_docs + 1 = ", c.D + 1,
-              ", got ", so.numel());
-  TORCH_CHECK(se.numel() == c.S && sm.numel() == c.S,
-              "umm_ops.span_attention: seg_start, seg_end and seg_mode must have the same length, got ", c.S, ", ",
-              se.numel(), ", ", sm.numel());
   TORCH_CHECK(c.Lk == 0 || c.S >= 1, "umm_ops.span_attention: ", c.Lk, " key tokens but no segment");
   TORCH_CHECK(max_q >= 0 && max_k >= 0 && max_q <= c.Lq && max_k <= c.Lk && max_q <= max_k,
               "umm_ops.span_attention: max_seqlen_q / max_seqlen_k (", max_q, ", ", max_k,
@@ -338,36 +330,16 @@ std::tuple<Tensor, Tensor, Tensor> span_attention_bwd_cuda(const Tensor& dout_, 
                                                            const Tensor& ss, const Tensor& se, const Tensor& sm,
                                                            int64_t max_q, int64_t max_k, double scale) {
   const Checked c = check_inputs_cuda(q_, k_, v_, cu_q, cu_k, so, ss, se, sm, max_q, max_k);
-  check_act(dout_, q_, "dout");
-  check_act(out_, q_, "out");
-  TORCH_CHECK(dout_.sizes() == q_.sizes(), "umm_ops.span_attention: dout must have the shape of q ", q_.sizes(),
-              ", got ", dout_.sizes());
-  TORCH_CHECK(out_.sizes() == q_.sizes(), "umm_ops.span_attention: out must have the shape of q ", q_.sizes(),
-              ", got ", out_.sizes());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "umm_ops.span_attention: lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK(lse.device() == q_.device(), "umm_ops.span_attention: lse must be on the device of q (", q_.device(),
-              "), got ", lse.device());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == c.Hq && lse.size(1) == c.Lq,
-              "umm_ops.span_attention: lse must have shape (Hq, Lq_total) = (", c.Hq, ", ", c.Lq, "), got ",
-              lse.sizes());
-  TORCH_CHECK(lse.is_contiguous(), "umm_ops.span_attention: lse must be contiguous");
+  check_bwd_inputs(dout_, out_, lse, q_, c);
   c10::DeviceGuard guard(q_.device());
   const Tensor q = span_aligned(q_), k = span_aligned(k_), v = span_aligned(v_);
   const Tensor dout = span_aligned(dout_), out = span_aligned(out_);
-  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  Tensor delta = at::empty({std::max<int64_t>(c.Hq * c.Lq, 1)}, q.options().dtype(at::kFloat));
-  SpanParams p = make_params(c, q, k, v, cu_q, cu_k, so, ss, se, sm, max_q, max_k, scale);
-  p.out = const_cast<void*>(out.data_ptr());
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
-  p.dout = dout.data_ptr();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.delta = delta.data_ptr<float>();
+  BwdCall b = make_bwd_call(c, dout, q, k, v, out, lse, cu_q, cu_k, so, ss, se, sm, max_q, max_k, scale);
   // Every key lies in a segment, hence in a key block of the dk/dv kernel: dk / dv are fully written (zeros for
   // keys no query sees, e.g. all of them when Lq == 0).
-  if (c.Lk > 0) span_cuda_check(umm_cuda_span_attention_bwd(&p, int(c.dt), span_stream_of(q)), "span_attention_bwd");
-  return {dq, dk, dv};
+  if (c.Lk > 0)
+    span_cuda_check(umm_cuda_span_attention_bwd(&b.p, int(c.dt), span_stream_of(q)), "span_attention_bwd");
+  return {b.dq, b.dk, b.dv};
 }
 
 }  // namespace
