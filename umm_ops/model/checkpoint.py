@@ -41,12 +41,12 @@ import tempfile
 import torch
 
 from .config import CheersConfig, preset
+from .hf import _INDEX as INDEX, load_safetensors, save_safetensors
 
 __all__ = ["save_pretrained", "from_pretrained", "load_state", "load_parts", "convert_cheers_state_dict",
            "to_cheers_state_dict", "from_cheers_checkpoint", "cheers_config_from_released"]
 
 MODEL_TYPE = "umm_ops-cheers"
-INDEX = "model.safetensors.index.json"
 
 
 # ----------------------------------------------------------------------------------- safetensors folders
@@ -60,16 +60,12 @@ def _state_for_saving(model) -> dict:
 def write_safetensors_folder(state: dict, folder: str, max_shard_bytes: int = 2 << 30) -> list[str]:
     """Write `state` as Hugging Face-layout safetensors into `folder`: model.safetensors, or shards + index above
     `max_shard_bytes` (umm_ops.model.hf.save_safetensors: tied storage refused, each file renamed into place)."""
-    from .hf import save_safetensors
-
     return save_safetensors(state, folder, max_shard_size=max_shard_bytes)
 
 
 def read_safetensors_folder(folder: str, device="cpu") -> dict:
     """All tensors of a folder holding model.safetensors or a sharded model.safetensors.index.json (safetensors
     only, never pickle; umm_ops.model.hf.load_safetensors)."""
-    from .hf import load_safetensors
-
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{os.fspath(folder)!r}: no such folder (expected safetensors weights)")
     return load_safetensors(folder, device)
