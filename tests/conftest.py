@@ -36,6 +36,11 @@ def seed(request):
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# The compiled CPU kernels' instruction-set variants this CPU runs (x86-64-v3 / x86-64-v4): tests through the
+# "cpu" backend run once per variant (ids "cpu-cpu" for the default one, "cpu-cpu@<isa>" for the others).
+CPU_ISAS = _backend.cpu_isas() if umm_ops.backends()["extension"]["loaded"] else []
+DEFAULT_CPU_ISA = _backend.cpu_isa() if CPU_ISAS else None
+
 
 def backends_for(device: str) -> list:
     """(backend, marks) pairs that can run tensors of `device` here."""
@@ -46,7 +51,30 @@ def backends_for(device: str) -> list:
             if name == "cuda":
                 marks.append(pytest.mark.cuda)
             out.append(pytest.param(device, name, marks=marks, id=f"{device}-{name}"))
+            if name == "cpu":
+                out += [pytest.param(device, name, marks=[pytest.mark.cpu_isa(isa)], id=f"{device}-cpu@{isa}")
+                        for isa in CPU_ISAS if isa != DEFAULT_CPU_ISA]
     return out
+
+
+@pytest.fixture(autouse=True)
+def _cpu_isa_from_marker(request):
+    """Tests marked cpu_isa(name) run the compiled CPU kernels' variant `name`."""
+    m = request.node.get_closest_marker("cpu_isa")
+    if m is None:
+        yield
+        return
+    with _backend.use_cpu_isa(m.args[0]):
+        yield
+
+
+@pytest.fixture(params=CPU_ISAS or [None])
+def cpu_isa(request):
+    """Parametrises a test over the CPU kernels' variants (the test runs with that variant in force)."""
+    if request.param is None:
+        pytest.skip("the compiled extension did not load")
+    with _backend.use_cpu_isa(request.param):
+        yield request.param
 
 
 def device_backend_params():

@@ -112,9 +112,11 @@ def test_modulation_shapes_accepted():
     st = torch.randn(8, 2).t()
     assert torch.allclose(umm_ops.gated_residual(x, st, x), R.gated_residual(x, st, x))
     # nn.Linear(Dg, 1) weight (1, Dg) and a 0-d bias are accepted
+    # (low and high independent: with low == high the LayerNorm input (1 + g) x is ill-conditioned near g = -1)
     lin = torch.nn.Linear(8, 1)
-    out = umm_ops.gated_detail_residual(x, x, x, lin.weight, lin.bias)
-    ref = R.gated_detail_residual(x, x, x, lin.weight.reshape(-1), lin.bias, None, None)
+    hi = torch.randn(2, 5, 8)
+    out = umm_ops.gated_detail_residual(x, hi, x, lin.weight, lin.bias)
+    ref = R.gated_detail_residual(x, hi, x, lin.weight.reshape(-1), lin.bias, None, None)
     assert torch.allclose(out, ref, atol=1e-5)
     out.sum().backward()
     assert lin.weight.grad is not None and lin.bias.grad is not None

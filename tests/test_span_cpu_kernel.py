@@ -147,7 +147,7 @@ def run_case(lay, hq, hkv, dh, dtype, scale=None, gen=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dh", [16, 72])
 @pytest.mark.parametrize("group", [1, 2, 4])
-def test_random_layouts(dtype, dh, group, seed):
+def test_random_layouts(dtype, dh, group, seed, cpu_isa):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     hkv = rng.choice([1, 2])
@@ -156,20 +156,20 @@ def test_random_layouts(dtype, dh, group, seed):
 
 
 @pytest.mark.parametrize("docs", FIXED_DOCS, ids=[f"fixed{i}" for i in range(len(FIXED_DOCS))])
-def test_fixed_layouts(docs, seed):
+def test_fixed_layouts(docs, seed, cpu_isa):
     gen = torch.Generator().manual_seed(seed)
     run_case(make_layout(docs), 4, 2, 16, torch.float32, gen=gen)
     run_case(make_layout(docs), 2, 1, 72, torch.bfloat16, scale=0.3, gen=gen)
 
 
-def test_float16_and_odd_head_dim(seed):
+def test_float16_and_odd_head_dim(seed, cpu_isa):
     gen = torch.Generator().manual_seed(seed)
     lay = make_layout(FIXED_DOCS[2])
     run_case(lay, 3, 1, 1, torch.float32, gen=gen)
     run_case(lay, 2, 2, 5, torch.float16, gen=gen)
 
 
-def test_deterministic_across_runs_and_threads(seed):
+def test_deterministic_across_runs_and_threads(seed, cpu_isa):
     gen = torch.Generator().manual_seed(seed)
     lay = make_layout([([(70, CAUSAL), (64, FULL), (9, NOISE), (40, CAUSAL)], None),
                        ([(33, FULL), (50, CAUSAL)], 60)])

@@ -6,6 +6,10 @@ Order when nothing is forced (per call, from the first tensor's device and dtype
   float64:     "reference" (the only backend that computes in float64)
 Triton runs on CPU tensors only through its interpreter (TRITON_INTERPRET=1) and only when forced.
 
+The compiled CPU kernels come in instruction-set variants ("x86-64-v3": AVX2 + FMA, and "x86-64-v4": AVX-512,
+on x86-64); the widest one the CPU supports runs unless ``UMM_CPU_ISA`` or ``set_cpu_isa`` / ``use_cpu_isa``
+names another (``cpu_isas()`` lists what can run here).
+
 Force a backend for a block of code with ``with umm_ops.use_backend("triton"): ...`` or for the process with
 the environment variable ``UMM_OPS_BACKEND=cpu|cuda|triton|reference|auto``.  Forcing a backend that
 cannot run the given tensors raises ``BackendUnavailableError`` saying why.
@@ -200,6 +204,42 @@ def kernels_for(t: torch.Tensor, op: str | None = None):
     return kernels(select(t.device, t.dtype, op, tuple(t.shape)))
 
 
+def _cpu_c():
+    if not _lib.loaded():
+        raise BackendUnavailableError(f"the compiled extension umm_ops._C did not load: {_lib.load_error()}")
+    from . import _C
+
+    return _C
+
+
+def cpu_isa() -> str:
+    """The instruction-set variant the compiled CPU kernels run ("x86-64-v3", "x86-64-v4", ...)."""
+    return _cpu_c().cpu_isa()
+
+
+def cpu_isas() -> list[str]:
+    """The variants built into this module that this CPU can run, narrowest first."""
+    return list(_cpu_c().cpu_isas())
+
+
+def set_cpu_isa(name: str) -> None:
+    """Run the CPU kernels' variant `name` (one of ``cpu_isas()``, or "auto" for the widest) from now on,
+    process-wide.  Results agree across variants to float rounding (sums are vectorised at different widths)."""
+    _cpu_c().set_cpu_isa(name)
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str):
+    """``set_cpu_isa(name)`` inside the block, the previous variant restored after it (process-wide, not
+    per thread)."""
+    before = cpu_isa()
+    set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        set_cpu_isa(before)
+
+
 def backends() -> dict:
     """What was compiled and what can run here."""
     info = _lib.build_info() if _lib.loaded() else {}
@@ -213,7 +253,9 @@ def backends() -> dict:
         "device": torch.cuda.get_device_name(0) if cuda_dev else f"cpu ({platform.processor() or platform.machine()})",
         "cpu_threads": torch.get_num_threads(),
         "extension": {"loaded": _lib.loaded(), "error": _lib.load_error(), "built_against_torch": info.get("torch")},
-        "cpu": {"compiled": _lib.loaded(), "runnable": _lib.loaded()},
+        "cpu": {"compiled": _lib.loaded(), "runnable": _lib.loaded(),
+                "isa": cpu_isa() if _lib.loaded() else None, "isas": cpu_isas() if _lib.loaded() else [],
+                "isas_built": list(_cpu_c().cpu_isas_built()) if _lib.loaded() else []},
         "cuda": {
             "compiled": bool(info.get("cuda")),
             "archs": info.get("cuda_archs"),

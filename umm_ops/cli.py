@@ -24,7 +24,9 @@ def _info(args) -> int:
     print(f"device           : {rep['device']}  ({rep['cpu_threads']} CPU threads)")
     print(f"compiled module  : {'loaded' if ext['loaded'] else 'NOT loaded: ' + str(ext['error'])}"
           + (f" (built against torch {ext['built_against_torch']})" if ext["loaded"] else ""))
-    print(f"cpu kernels      : {'yes' if rep['cpu']['compiled'] else 'no'}")
+    cpu = rep["cpu"]
+    print(f"cpu kernels      : " + (f"yes, running {cpu['isa']} (built: {', '.join(cpu['isas_built'])}; "
+                                    f"this CPU runs: {', '.join(cpu['isas'])})" if cpu["compiled"] else "no"))
     c = rep["cuda"]
     print(f"cuda kernels     : {'compiled for sm ' + str(c['archs']) if c['compiled'] else 'not compiled'}; "
           f"device {'present' if c['device_available'] else 'absent'} -> {'runnable' if c['runnable'] else 'not runnable'}")

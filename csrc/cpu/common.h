@@ -15,7 +15,7 @@
 
 #include "umm/params.h"
 
-namespace umm::cpu {
+namespace umm::cpu::UMM_CPU_NS {
 
 constexpr int64_t kRun = 512;  // elements converted per run (2 KiB of floats per buffer)
 
@@ -114,4 +114,4 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
     TORCH_CHECK(false, "umm_ops: unsupported dtype code ", int(DTYPE));   \
   }()
 
-}  // namespace umm::cpu
+}  // namespace umm::cpu::UMM_CPU_NS

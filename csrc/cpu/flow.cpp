@@ -8,7 +8,7 @@
 #include "cpu/common.h"
 #include "cpu/kernels.h"
 
-namespace umm::cpu {
+namespace umm::cpu::UMM_CPU_NS {
 namespace {
 
 constexpr int64_t kChunk = 16384;
@@ -239,4 +239,4 @@ void flow_logprob_bwd(const FlowLogprobBwdParams& p, DType dt) {
 void flow_kl(const FlowKlParams& p, DType dt) { UMM_CPU_DISPATCH(dt, T, [&] { flow_kl_impl<T>(p); }); }
 void flow_kl_bwd(const FlowKlBwdParams& p, DType dt) { UMM_CPU_DISPATCH(dt, T, [&] { flow_kl_bwd_impl<T>(p); }); }
 
-}  // namespace umm::cpu
+}  // namespace umm::cpu::UMM_CPU_NS

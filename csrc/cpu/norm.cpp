@@ -11,7 +11,7 @@
 #include "cpu/common.h"
 #include "cpu/kernels.h"
 
-namespace umm::cpu {
+namespace umm::cpu::UMM_CPU_NS {
 namespace {
 
 template <typename T>
@@ -63,26 +63,30 @@ void gated_detail_impl(const GatedDetailParams& p) {
     float* u = ubuf.data();
     for (int64_t n = lo; n < hi; ++n) {
       const T* ghr = gh + n * Dg;
-      float gd = 0.f;
+      // The gate and the row statistics are summed in double: the backward's gate gradient is a sum of C
+      // terms that cancel, and it inherits any error of g, mean and rstd amplified by ~C (a float sum of
+      // C = 1152 terms put it ~10x over PyTorch's error, which sums in cascades).
+      double gd = 0.0;
 #pragma omp simd reduction(+ : gd)
-      for (int64_t i = 0; i < Dg; ++i) gd += ld(ghr, i) * wp[i];
-      const float g = gd + bg;
+      for (int64_t i = 0; i < Dg; ++i) gd += double(ld(ghr, i)) * double(wp[i]);
+      const float g = float(gd + double(bg));
       const T* lr = low + n * C;
       const T* hr = high + n * C;
-      float s = 0.f;
+      double s = 0.0;
 #pragma omp simd reduction(+ : s)
       for (int64_t i = 0; i < C; ++i) {
         u[i] = ld(lr, i) + g * ld(hr, i);
-        s += u[i];
+        s += double(u[i]);
       }
-      const float mean = s / float(C);
-      float q = 0.f;
+      const double meand = s / double(C);
+      const float mean = float(meand);
+      double q = 0.0;
 #pragma omp simd reduction(+ : q)
       for (int64_t i = 0; i < C; ++i) {
-        const float d = u[i] - mean;
+        const double d = double(u[i]) - meand;
         q += d * d;
       }
-      const float rstd = 1.f / std::sqrt(q / float(C) + p.eps);
+      const float rstd = float(1.0 / std::sqrt(q / double(C) + double(p.eps)));
       T* orow = out + n * C;
 #pragma omp simd
       for (int64_t i = 0; i < C; ++i) st(orow, i, (u[i] - mean) * rstd * lwp[i] + lbp[i]);
@@ -125,12 +129,15 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
         const T* __restrict lr = low + n * C;
         const T* __restrict hr = high + n * C;
         const T* __restrict dyr = dy_p + n * C;
-        // s1, s2 (and dg below) feed dg = sum_c du * high, which adds C terms correlated with the error of
-        // m1/m2: accumulated in double so that dg (hence dgate_hidden, dw_gate, db_gate) keeps fp32 accuracy.
-        double s1 = 0.0, s2 = 0.0;
-#pragma omp simd reduction(+ : s1, s2)
+        // dg = sum_c du_c * high_c with du_c = rstd * (dyw_c - m1 - uhat_c * m2): its terms cancel to a total
+        // much smaller than their size, so dg is not summed from the fp32 du_c (whose rounding, relative to the
+        // O(1) terms, would dominate it) but expanded into double sums of exact products:
+        // dg = rstd * (sum dyw h - m1 sum h - m2 sum uhat h), with m1, m2 in double too.
+        double s1 = 0.0, s2 = 0.0, sdh = 0.0, sh = 0.0, suh = 0.0;
+#pragma omp simd reduction(+ : s1, s2, sdh, sh, suh)
         for (int64_t i = 0; i < C; ++i) {
-          const float u = ld(lr, i) + g * ld(hr, i);
+          const float h = ld(hr, i);
+          const float u = ld(lr, i) + g * h;
           const float uhat = (u - mean) * rstd;
           const float dy = ld(dyr, i);
           const float dw = dy * lwp[i];
@@ -139,21 +146,22 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
           acc_lw[i] += dy * uhat;
           acc_lb[i] += dy;
           s1 += double(dw);
-          s2 += double(dw * uhat);
+          s2 += double(dw) * double(uhat);
+          sdh += double(dw) * double(h);
+          sh += double(h);
+          suh += double(uhat) * double(h);
         }
-        const float m1 = float(s1 / double(C)), m2 = float(s2 / double(C));
+        const double m1d = s1 / double(C), m2d = s2 / double(C);
+        const float m1 = float(m1d), m2 = float(m2d);
+        const float dg = float(double(rstd) * (sdh - m1d * sh - m2d * suh));
         T* __restrict dlr = dlow + n * C;
         T* __restrict dhr = dhigh + n * C;
-        // dg sums terms of both signs whose total is much smaller than their magnitudes: accumulate in double
-        double dgd = 0.0;
-#pragma omp simd reduction(+ : dgd)
+#pragma omp simd
         for (int64_t i = 0; i < C; ++i) {
           const float du = rstd * (dyw[i] - m1 - uh[i] * m2);
           st(dlr, i, du);
           st(dhr, i, g * du);
-          dgd += double(du) * double(ld(hr, i));
         }
-        const float dg = float(dgd);
         const T* __restrict ghr = gh + n * Dg;
         T* __restrict dghr = dgh + n * Dg;
 #pragma omp simd
@@ -380,4 +388,4 @@ void gated_residual_bwd(const GatedResidualBwdParams& p, DType dt) {
   UMM_CPU_DISPATCH(dt, T, [&] { gated_residual_bwd_impl<T>(p); });
 }
 
-}  // namespace umm::cpu
+}  // namespace umm::cpu::UMM_CPU_NS

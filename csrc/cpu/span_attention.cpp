@@ -19,9 +19,9 @@
 #include <vector>
 
 #include "cpu/common.h"
-#include "umm/span.h"
+#include "cpu/kernels.h"
 
-namespace umm::cpu {
+namespace umm::cpu::UMM_CPU_NS {
 namespace {
 
 constexpr int64_t kBQ = 32;   // queries per forward / dq task
@@ -66,10 +66,15 @@ inline float vexp(float x) {
   return y * sc;
 }
 
-// Register-blocked products: micro-tiles of kMR rows x kMC columns (kMR * kMC / 8 = 8 AVX2 accumulators) are
-// accumulated in registers.  Every output element is summed over the inner index in order with the same
+// Register-blocked products: micro-tiles of kMR rows x kMC columns are accumulated in registers: two vectors
+// per row (AVX2: 16 floats; AVX-512: 32), i.e. 8 accumulators for kMR = 4 and 12 for the backward's 6.  Every
+// output element is summed over the inner index in order with the same
 // operations whatever the tiling, so a score comes out bitwise the same whichever operand is transposed.
+#if defined(__AVX512F__)
+constexpr int kMR = 4, kMC = 32;
+#else
 constexpr int kMR = 4, kMC = 16;
+#endif
 
 // C[r][0..kW) = sum_d A[r][d] * Bt[d][0..kW), for r < nr.  A: [nr][Dh] (row stride lda); Bt: [Dh][kW] (row
 // stride ldb); C: [nr][kW].  Rows go in blocks of MR (then of 4, then one by one): the blocking changes only the
@@ -683,4 +688,4 @@ void bwd_impl(const SpanParams& p) {
 void span_attention_fwd(const SpanParams& p, DType dt) { UMM_CPU_DISPATCH(dt, T, [&] { fwd_impl<T>(p); }); }
 void span_attention_bwd(const SpanParams& p, DType dt) { UMM_CPU_DISPATCH(dt, T, [&] { bwd_impl<T>(p); }); }
 
-}  // namespace umm::cpu
+}  // namespace umm::cpu::UMM_CPU_NS

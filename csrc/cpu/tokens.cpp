@@ -12,7 +12,7 @@
 #include "cpu/common.h"
 #include "cpu/kernels.h"
 
-namespace umm::cpu {
+namespace umm::cpu::UMM_CPU_NS {
 namespace {
 
 template <typename T>
@@ -388,4 +388,4 @@ void latent_pack(const LatentPackParams& p, DType dt) {
   UMM_CPU_DISPATCH(dt, T, [&] { latent_pack_impl<T>(p); });
 }
 
-}  // namespace umm::cpu
+}  // namespace umm::cpu::UMM_CPU_NS

@@ -7,7 +7,12 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
+
+#include <c10/util/Exception.h>
+
+#include "cpu/kernels.h"
 
 namespace {
 
@@ -100,10 +105,43 @@ PyObject* span_layout_host(PyObject*, PyObject* args) {
   return Py_BuildValue("NnnLLLL", bytes, D + 1, S, max_q, max_k, qpos, pos);
 }
 
+PyObject* str_list(const std::vector<std::string>& v) {
+  PyObject* out = PyList_New(Py_ssize_t(v.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < v.size(); ++i) PyList_SET_ITEM(out, Py_ssize_t(i), PyUnicode_FromString(v[i].c_str()));
+  return out;
+}
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(umm::cpu::cpu_isa().c_str());
+  } catch (const c10::Error& e) {  // a bad UMM_CPU_ISA in the environment
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+PyObject* cpu_isas(PyObject*, PyObject*) { return str_list(umm::cpu::cpu_isas()); }
+PyObject* cpu_isas_built(PyObject*, PyObject*) { return str_list(umm::cpu::cpu_isas_built()); }
+PyObject* set_cpu_isa(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  try {
+    umm::cpu::set_cpu_isa(name);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef umm_ops_c_methods[] = {
     {"span_layout_host", span_layout_host, METH_VARARGS,
      "span_layout_host(docs, q_lens) -> (bytearray of int32 layout tensors, D+1, S, max_q, max_k, total_q, "
      "total_k), or None when the input is not the plain well-formed case"},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "cpu_isa() -> the instruction-set variant the CPU kernels run"},
+    {"cpu_isas", cpu_isas, METH_NOARGS, "cpu_isas() -> the built variants this CPU supports, narrowest first"},
+    {"cpu_isas_built", cpu_isas_built, METH_NOARGS, "cpu_isas_built() -> the variants compiled into this module"},
+    {"set_cpu_isa", set_cpu_isa, METH_VARARGS, "set_cpu_isa(name) -> None; name one of cpu_isas() or 'auto'"},
     {nullptr, nullptr, 0, nullptr}};
 
 struct PyModuleDef umm_ops_c_module = {PyModuleDef_HEAD_INIT, "_C",

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "torch/checks.h"
+#include "cpu/kernels.h"
 #include "umm/span.h"
 
 namespace umm::torch_ops {

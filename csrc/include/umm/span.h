@@ -146,11 +146,4 @@ UMM_HD int span_classify_tile(const int32_t* seg_start, const int32_t* seg_end, 
   return vis ? (invis ? kTilePartial : kTileFull) : kTileEmpty;
 }
 
-namespace cpu {
-// csrc/cpu/span_attention.cpp.  Forward writes out and lse; backward reads out, lse, dout and writes dq, dk, dv
-// (using p.delta as workspace).  The layout is trusted: the torch wrapper validates it.
-void span_attention_fwd(const SpanParams& p, DType dt);
-void span_attention_bwd(const SpanParams& p, DType dt);
-}  // namespace cpu
-
 }  // namespace umm
