@@ -99,6 +99,7 @@ def build_results(bench_json: dict, device: str, quick: bool) -> dict:
         "umm_ops_build": umm_ops.backends()["cuda"] | {"extension": umm_ops.backends()["extension"]["loaded"]},
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_isa": umm_ops.backends()["cpu"].get("isa"),
         "malloc_env": MALLOC_ENV if device == "cpu" else None,
         "copy_GBps": copy_gbps,
         "note": "GB/s counts the bytes an ideal kernel moves (each input read once, each output written once); "

@@ -1,7 +1,8 @@
 // Helpers shared by the CPU kernels: dtype <-> float conversion of short runs, fixed-order reductions.
 //
 // The kernels convert runs of up to kRun elements into float buffers on the stack, compute in float32 with
-// plain loops that the compiler vectorises (-O3 -march=x86-64-v3 -fopenmp-simd), and convert back.
+// plain loops that the compiler vectorises (-O3 -fopenmp-simd; -march=x86-64-v3 or x86-64-v4 per variant, see
+// kernels.h), and convert back.
 // Parallel work is cut into chunks whose size depends only on the problem shape, never on the thread
 // count, and partial sums are added in chunk order: results are bitwise reproducible across thread counts.
 #pragma once

@@ -27,7 +27,7 @@ std::vector<float> param_or(const void* p, int64_t n, float fill) {
 
 // ------------------------------------------------------------------ vectorisable activations
 // glibc's erff / expf / tanhf are scalar calls that the loops below cannot vectorise (they cost ~10x the GEMM's
-// epilogue budget on this CPU); these float versions compile to AVX2 under `omp simd` (this file is built with
+// epilogue budget on this CPU); these float versions compile to AVX2 / AVX-512 under `omp simd` (this file is built with
 // -fno-trapping-math so that the clamps and selects if-convert; no value changes).
 //   exp: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, degree-6 Taylor polynomial: relative error ~1.5e-7.
 //   erf: Abramowitz & Stegun 7.1.26 (the formula PyTorch's vectorised erf uses): |error| <= 1.5e-7.
