@@ -174,6 +174,42 @@ def test_compress_without_grad_keeps_no_preactivation():
         assert torch.allclose(a, bb, rtol=1e-5, atol=1e-5)
 
 
+def test_eager_direct_path_equals_the_custom_op(seed, monkeypatch):
+    """Eager calls without gradients skip the custom op's dispatch (ops/tokens.py `_direct`): same kernels, so the
+    same bits; with gradients, under a dispatch mode (FakeTensorMode) or torch.compile the custom op runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from umm_ops.ops import tokens as T
+
+    x, lw, lb, w, b = _compress_inputs(2, 4, 6, 8, 6, 2, torch.float32, "cpu")
+    y, we, be = torch.randn(3, 6, 5), torch.randn(4 * 7, 5), torch.randn(4 * 7)
+    z, rm, rv = torch.randn(2, 3, 4, 6), torch.randn(12), torch.rand(12) + 0.5
+    calls = []
+
+    def fn():
+        return (umm_ops.compress_tokens(x, (4, 6), lw, lb, w, b), umm_ops.expand_tokens(y, (4, 6), we, be),
+                umm_ops.pack_latents(z, rm, rv), umm_ops.unpack_latents(umm_ops.pack_latents(z, rm, rv), (4, 6), rm, rv))
+
+    with torch.no_grad():
+        direct = fn()
+    for name in ("_ct_op", "_et_op", "_pk_op", "_up_op"):
+        op = getattr(T, name)
+        monkeypatch.setattr(T, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    with torch.no_grad():
+        assert fn() is not None and calls == []  # no custom op on the direct path
+    x.requires_grad_(True)
+    out = umm_ops.compress_tokens(x, (4, 6), lw, lb, w, b)
+    assert calls == ["_ct_op"] and out.grad_fn is not None
+    assert torch.equal(out.detach(), direct[0])
+    with torch.no_grad():
+        via_op = (T._ct_op(x.detach(), lw, lb, w, b, 4, 6, 2, "gelu", 1e-6, False)[0], T._et_op(y, we, be, 4, 6, 2))
+    assert torch.equal(via_op[0], direct[0]) and torch.equal(via_op[1], direct[1])
+    calls.clear()
+    with FakeTensorMode() as mode:
+        fy = mode.from_tensor(y)
+        fo = umm_ops.expand_tokens(fy, (4, 6), mode.from_tensor(we), mode.from_tensor(be))
+    assert calls == ["_et_op"] and fo.shape == (3, 24, 7)
+
+
 def test_tokens_bad_inputs():
     x, lw, lb, w, b = _compress_inputs(2, 4, 6, 8, 5, 2, torch.float32, "cpu")
     ct = umm_ops.compress_tokens
