@@ -86,17 +86,19 @@ def _mm_chain(bwd):
     return run
 
 
-def make_tokens_cases(device: str, quick: bool) -> list[Case]:
+def make_tokens_cases(device: str, quick: bool, dtypes=None) -> list[Case]:
+    """dtypes: override the GEMM cases' dtypes (default: bf16 (+ fp16) on a GPU, fp32 on the CPU)."""
     on_gpu = device == "cuda"
     H = W = 32
     f = 2
     if on_gpu:
         configs = [(1152, 4608, 1536, [8] if quick else [1, 8, 64])]
-        dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
+        dtypes_default = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
     else:
         configs = ([(384, 1536, 512, [1])] if quick else
                    [(384, 1536, 512, [1, 8]), (1152, 4608, 1536, [1, 4])])
-        dtypes = [torch.float32]
+        dtypes_default = [torch.float32]
+    dtypes = dtypes or dtypes_default
     with_triton = on_gpu and umm_ops.backends()["triton"]["runnable"]
     cases: list[Case] = []
     for dtype in dtypes:

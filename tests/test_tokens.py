@@ -174,39 +174,51 @@ def test_compress_without_grad_keeps_no_preactivation():
         assert torch.allclose(a, bb, rtol=1e-5, atol=1e-5)
 
 
-def test_eager_direct_path_equals_the_custom_op(seed, monkeypatch):
-    """Eager calls without gradients skip the custom op's dispatch (ops/tokens.py `_direct`): same kernels, so the
-    same bits; with gradients, under a dispatch mode (FakeTensorMode) or torch.compile the custom op runs."""
+def test_eager_path_equals_the_custom_op(seed, monkeypatch):
+    """Eager calls skip the custom op's dispatch (ops/tokens.py `_eager`): the implementation directly without
+    gradients, a plain autograd.Function with the custom op's setup / backward with them: same kernels, same
+    bits, forward and backward.  Under a dispatch mode (FakeTensorMode) or torch.compile the custom op runs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from umm_ops.ops import tokens as T
 
     x, lw, lb, w, b = _compress_inputs(2, 4, 6, 8, 6, 2, torch.float32, "cpu")
     y, we, be = torch.randn(3, 6, 5), torch.randn(4 * 7, 5), torch.randn(4 * 7)
     z, rm, rv = torch.randn(2, 3, 4, 6), torch.randn(12), torch.rand(12) + 0.5
-    calls = []
+    ins = [x, lw, lb, w, b, y, we, be, z]
 
     def fn():
-        return (umm_ops.compress_tokens(x, (4, 6), lw, lb, w, b), umm_ops.expand_tokens(y, (4, 6), we, be),
+        outs = (umm_ops.compress_tokens(x, (4, 6), lw, lb, w, b), umm_ops.expand_tokens(y, (4, 6), we, be),
                 umm_ops.pack_latents(z, rm, rv), umm_ops.unpack_latents(umm_ops.pack_latents(z, rm, rv), (4, 6), rm, rv))
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return outs, None
+        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i))).sum()
+                   for i, o in enumerate(outs))
+        return outs, torch.autograd.grad(loss, ins)
 
     with torch.no_grad():
-        direct = fn()
+        direct, _ = fn()
+    for t in ins:
+        t.requires_grad_(True)
+    eager_outs, eager_grads = fn()
+    calls = []
     for name in ("_ct_op", "_et_op", "_pk_op", "_up_op"):
         op = getattr(T, name)
         monkeypatch.setattr(T, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
-    with torch.no_grad():
-        assert fn() is not None and calls == []  # no custom op on the direct path
-    x.requires_grad_(True)
-    out = umm_ops.compress_tokens(x, (4, 6), lw, lb, w, b)
-    assert calls == ["_ct_op"] and out.grad_fn is not None
-    assert torch.equal(out.detach(), direct[0])
-    with torch.no_grad():
-        via_op = (T._ct_op(x.detach(), lw, lb, w, b, 4, 6, 2, "gelu", 1e-6, False)[0], T._et_op(y, we, be, 4, 6, 2))
-    assert torch.equal(via_op[0], direct[0]) and torch.equal(via_op[1], direct[1])
+    monkeypatch.setattr(T, "_eager", lambda t: False)  # force the custom op
+    op_outs, op_grads = fn()
+    assert sorted(set(calls)) == ["_ct_op", "_et_op", "_pk_op", "_up_op"]
+    for a, bb, c in zip(direct, eager_outs, op_outs):
+        assert torch.equal(a, bb.detach()) and torch.equal(a, c.detach())
+    for a, bb in zip(eager_grads, op_grads):
+        assert torch.equal(a, bb)
+    monkeypatch.undo()
     calls.clear()
+    for name in ("_et_op",):
+        op = getattr(T, name)
+        monkeypatch.setattr(T, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    yd, wd, bd = y.detach(), we.detach(), be.detach()
     with FakeTensorMode() as mode:
-        fy = mode.from_tensor(y)
-        fo = umm_ops.expand_tokens(fy, (4, 6), mode.from_tensor(we), mode.from_tensor(be))
+        fo = umm_ops.expand_tokens(mode.from_tensor(yd), (4, 6), mode.from_tensor(wd), mode.from_tensor(bd))
     assert calls == ["_et_op"] and fo.shape == (3, 24, 7)
 
 
