@@ -207,10 +207,10 @@ void act_bwd_impl(const TokensActBwdParams& p) {
   const T* pre = static_cast<const T*>(p.pre);
   T* d = static_cast<T*>(p.dpre);
   const int act = p.act;
-  at::parallel_for(0, p.M, row_grain(Co), [&](int64_t lo, int64_t hi) {
-    for (int64_t m = lo; m < hi; ++m) {
-      const T* g = gr + m * Co;
-      T* dr = d + m * Co;
+  const auto row = [&](int64_t m, float* acc) {
+    const T* g = gr + m * Co;
+    T* dr = d + m * Co;
+    if (acc == nullptr) {
       if (act == int(TokenAct::kNone)) {
         for (int64_t i = 0; i < Co; ++i) st(dr, i, ld(g, i));
       } else if (act == int(TokenAct::kGelu)) {
@@ -218,6 +218,47 @@ void act_bwd_impl(const TokensActBwdParams& p) {
       } else {
         act_bwd_row<T, int(TokenAct::kGeluTanh)>(g, pre + m * Co, dr, Co);
       }
+      return;
+    }
+    // with the bias gradient: dpre in float runs, accumulated before rounding to T
+    const T* pr = pre + m * Co;
+    float gb[kRun], pb[kRun];
+    for (int64_t i0 = 0; i0 < Co; i0 += kRun) {
+      const int64_t n = std::min(kRun, Co - i0);
+      load_f32(g + i0, gb, n);
+      if (act == int(TokenAct::kGelu)) {
+        load_f32(pr + i0, pb, n);
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) gb[i] *= act_grad(pb[i], int(TokenAct::kGelu));
+      } else if (act == int(TokenAct::kGeluTanh)) {
+        load_f32(pr + i0, pb, n);
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) gb[i] *= act_grad(pb[i], int(TokenAct::kGeluTanh));
+      }
+      float* a = acc + i0;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) a[i] += gb[i];
+      store_f32(gb, dr + i0, n);
+    }
+  };
+  if (p.dbias == nullptr) {
+    at::parallel_for(0, p.M, row_grain(Co), [&](int64_t lo, int64_t hi) {
+      for (int64_t m = lo; m < hi; ++m) row(m, nullptr);
+    });
+    return;
+  }
+  constexpr int64_t kBlk = 64;  // rows per partial sum: fixed, so the sums do not depend on the threads
+  const int64_t nblk = ceil_div(p.M, kBlk);
+  std::vector<float> part(nblk * Co, 0.f);
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t m = b * kBlk; m < std::min(p.M, (b + 1) * kBlk); ++m) row(m, part.data() + b * Co);
+  });
+  at::parallel_for(0, Co, 256, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double s = 0.0;
+      for (int64_t b = 0; b < nblk; ++b) s += part[b * Co + c];
+      p.dbias[c] = float(s);
     }
   });
 }
@@ -320,10 +361,41 @@ void space_gather_impl(const TokensSpaceGatherParams& p) {
   const int64_t M = g.N * (g.H / g.f) * (g.W / g.f);
   const T* src = static_cast<const T*>(p.src);
   T* dst = static_cast<T*>(p.dst);
-  at::parallel_for(0, M, row_grain(K), [&](int64_t lo, int64_t hi) {
-    for (int64_t m = lo; m < hi; ++m)
-      for (int64_t s = 0; s < ff; ++s)
-        std::memcpy(dst + m * K + s * C, src + fine_token(g, m, s) * C, C * sizeof(T));
+  if (p.dbias == nullptr) {
+    at::parallel_for(0, M, row_grain(K), [&](int64_t lo, int64_t hi) {
+      for (int64_t m = lo; m < hi; ++m)
+        for (int64_t s = 0; s < ff; ++s)
+          std::memcpy(dst + m * K + s * C, src + fine_token(g, m, s) * C, C * sizeof(T));
+    });
+    return;
+  }
+  constexpr int64_t kBlk = 64;  // rows per partial sum: fixed, so the sums do not depend on the threads
+  const int64_t nblk = ceil_div(M, kBlk);
+  std::vector<float> part(nblk * K, 0.f);
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    float buf[kRun];
+    for (int64_t b = b0; b < b1; ++b) {
+      float* acc = part.data() + b * K;
+      for (int64_t m = b * kBlk; m < std::min(M, (b + 1) * kBlk); ++m)
+        for (int64_t s = 0; s < ff; ++s) {
+          const T* sr = src + fine_token(g, m, s) * C;
+          std::memcpy(dst + m * K + s * C, sr, C * sizeof(T));
+          for (int64_t c0 = 0; c0 < C; c0 += kRun) {
+            const int64_t n = std::min(kRun, C - c0);
+            load_f32(sr + c0, buf, n);
+            float* a = acc + s * C + c0;
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) a[i] += buf[i];
+          }
+        }
+    }
+  });
+  at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      double acc = 0.0;
+      for (int64_t b = 0; b < nblk; ++b) acc += part[b * K + k];
+      p.dbias[k] = float(acc);
+    }
   });
 }
 

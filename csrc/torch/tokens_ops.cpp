@@ -210,15 +210,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> compress_tokens_backward(
     a = gather_a(x, ln_weight, ln_bias, mean_c, rstd_c, g, 0.0, true, dt);
   Tensor g2 = grad.reshape({M, Co});
   Tensor dpre = g2;
+  Tensor db32;  // the bias gradient, when the CPU activation backward sums it on the way
   if (act != int(TokenAct::kNone)) {
     Tensor p2 = have_pre ? pre : (bias ? a.mm(weight.t()).add_(*bias) : a.mm(weight.t()));
     dpre = at::empty_like(g2);
-    TokensActBwdParams ap{g2.data_ptr(), p2.data_ptr(), dpre.data_ptr(), M, Co, act};
+    const bool fuse_db = want_b && !x.is_cuda() && M * Co > 0;
+    if (fuse_db) db32 = at::empty({Co}, x.options().dtype(at::kFloat));
+    TokensActBwdParams ap{g2.data_ptr(), p2.data_ptr(), dpre.data_ptr(), M, Co, act,
+                          fuse_db ? db32.data_ptr<float>() : nullptr};
     if (M * Co > 0) UMM_TOK_CALL(x, tokens_act_bwd, ap, dt);
   }
   auto e = [&] { return at::empty({0}, x.options()); };  // one fresh empty per masked-out gradient (no aliasing)
   Tensor dx = e(), dlw = e(), dlb = e(), dw = e(), db = e();
-  if (want_b) db = dpre.sum({0}, false, at::kFloat).to(x.scalar_type());
+  if (want_b) db = (db32.defined() ? db32 : dpre.sum({0}, false, at::kFloat)).to(x.scalar_type());
   if (want_w) dw = dpre.t().mm(a);
   if (want_dx || want_lw || want_lb) {
     Tensor da = dpre.mm(weight);
@@ -295,12 +299,14 @@ std::tuple<Tensor, Tensor, Tensor> expand_tokens_backward(const Tensor& grad, co
   check_shape(grad, {g.N, H * W, g.C}, "grad");
   c10::DeviceGuard guard(y.device());
   Tensor dz = at::empty({M, K}, y.options());
-  TokensSpaceGatherParams p{grad.data_ptr(), dz.data_ptr(), g};
+  const bool fuse_db = mask[2] && !y.is_cuda() && M * K > 0;  // the CPU gather sums the bias gradient on the way
+  Tensor db32 = fuse_db ? at::empty({K}, y.options().dtype(at::kFloat)) : Tensor();
+  TokensSpaceGatherParams p{grad.data_ptr(), dz.data_ptr(), g, fuse_db ? db32.data_ptr<float>() : nullptr};
   if (M * K > 0) UMM_TOK_CALL(y, tokens_space_gather, p, dt);
   auto e = [&] { return at::empty({0}, y.options()); };
   Tensor dy = mask[0] ? dz.mm(weight).reshape(y.sizes()) : e();
   Tensor dw = mask[1] ? dz.t().mm(y.reshape({M, Ci})) : e();
-  Tensor db = mask[2] ? dz.sum({0}, false, at::kFloat).to(y.scalar_type()) : e();
+  Tensor db = mask[2] ? (fuse_db ? db32 : dz.sum({0}, false, at::kFloat)).to(y.scalar_type()) : e();
   return {dy, dw, db};
 }
 

@@ -164,6 +164,7 @@ register_fake_both("unpack_latents_backward", _fake_up_bwd)
 # ----------------------------------------------------------------------------------- autograd
 def _ct_setup(ctx, inputs, output):
     remember_backend(ctx)
+    ctx.set_materialize_grads(False)  # pre / mean / rstd get no gradient: no zero tensors for them
     x, ln_weight, ln_bias, weight, bias, H, W, factor, activation, eps, _save = inputs
     _, pre, mean, rstd = output
     ctx.geom = (H, W, factor, activation, eps)

@@ -100,6 +100,9 @@ struct TokensActBwdParams {
   void* dpre;
   int64_t M, Cout;
   int act;
+  // CPU only (nullptr on CUDA): also db[o] = sum_m dpre[m, o] (float32 (Cout,), from the unrounded dpre), summed
+  // per fixed block of rows and then over blocks in order (independent of the thread count)
+  float* dbias = nullptr;
 };
 
 // LayerNorm backward through the depth-to-space scatter of dA (M, K):
@@ -131,6 +134,9 @@ struct TokensSpaceGatherParams {
   const void* src;
   void* dst;
   TokensGeom g;
+  // CPU only (nullptr on CUDA): also db[k] = sum_m dst[m, k] (float32 (K,)), per fixed block of rows, then over
+  // blocks in order (independent of the thread count)
+  float* dbias = nullptr;
 };
 
 // Latent patchify with a per-packed-channel affine map (see the header comment).  B images, C channels,
