@@ -341,6 +341,13 @@ void depth_scatter_impl(const TokensDepthScatterParams& p) {
   const float* bp = b.data();
   const T* z = static_cast<const T*>(p.z);
   T* out = static_cast<T*>(p.out);
+  if (p.bias == nullptr) {  // a pure permutation of rows of C elements
+    at::parallel_for(0, M, row_grain(K), [&](int64_t lo, int64_t hi) {
+      for (int64_t m = lo; m < hi; ++m)
+        for (int64_t s = 0; s < ff; ++s) std::memcpy(out + fine_token(g, m, s) * C, z + m * K + s * C, C * sizeof(T));
+    });
+    return;
+  }
   at::parallel_for(0, M, row_grain(K), [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; ++m) {
       for (int64_t s = 0; s < ff; ++s) {

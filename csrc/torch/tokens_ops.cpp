@@ -283,8 +283,12 @@ Tensor expand_tokens(const Tensor& y, const Tensor& weight, const OptT& bias, in
                 umm_cuda_error_string(err));
   }
 #endif
-  Tensor z = y.reshape({M, Ci}).mm(weight.t());
-  TokensDepthScatterParams p{z.data_ptr(), cptr(bias), out.data_ptr(), g};
+  // fp32: plain GEMM, bias added in the scatter pass.  bf16 / fp16: the bias goes into the GEMM (oneDNN adds it
+  // to the fp32 accumulator: one rounding instead of two, and its epilogue is cheaper than converting in the
+  // scatter), which is then a pure permutation.
+  const bool bias_in_gemm = bias && y.scalar_type() != at::kFloat;
+  Tensor z = bias_in_gemm ? at::addmm(*bias, y.reshape({M, Ci}), weight.t()) : y.reshape({M, Ci}).mm(weight.t());
+  TokensDepthScatterParams p{z.data_ptr(), bias_in_gemm ? nullptr : cptr(bias), out.data_ptr(), g};
   UMM_TOK_CALL(y, tokens_depth_scatter, p, dt);
   return out;
 }
