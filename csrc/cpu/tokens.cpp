@@ -424,17 +424,18 @@ void latent_pack_impl(const LatentPackParams& p) {
         for (int64_t di = 0; di < f; ++di) {
           const int64_t lat = ((b * C + c) * H + f * i + di) * W;  // latent row offset
           const int64_t k0 = c * ff + di * f;
-          if (p.to_tokens) {
-            const T* sr = src + lat;
-            for (int64_t w = 0; w < W; ++w) {
-              const int64_t j = w / f, k = k0 + (w - j * f);
-              st(dst, (tok0 + j) * K + k, ld(sr, w) * sc[k] + (sh ? sh[k] : 0.f));
-            }
-          } else {
-            T* dr = dst + lat;
-            for (int64_t w = 0; w < W; ++w) {
-              const int64_t j = w / f, k = k0 + (w - j * f);
-              st(dr, w, ld(src, (tok0 + j) * K + k) * sc[k] + (sh ? sh[k] : 0.f));
+          // latent column w = j f + dj <-> token tok0 + j, packed channel k0 + dj (no division per element)
+          for (int64_t dj = 0; dj < f; ++dj) {
+            const int64_t k = k0 + dj;
+            const float a = sc[k], o = sh ? sh[k] : 0.f;
+            if (p.to_tokens) {
+              const T* sr = src + lat + dj;
+              T* dr = dst + tok0 * K + k;
+              for (int64_t j = 0; j < Wc; ++j) st(dr, j * K, ld(sr, j * f) * a + o);
+            } else {
+              const T* sr = src + tok0 * K + k;
+              T* dr = dst + lat + dj;
+              for (int64_t j = 0; j < Wc; ++j) st(dr, j * f, ld(sr, j * K) * a + o);
             }
           }
         }

@@ -287,7 +287,7 @@ Tensor expand_tokens(const Tensor& y, const Tensor& weight, const OptT& bias, in
   // to the fp32 accumulator: one rounding instead of two, and its epilogue is cheaper than converting in the
   // scatter), which is then a pure permutation.
   const bool bias_in_gemm = bias && y.scalar_type() != at::kFloat;
-  Tensor z = bias_in_gemm ? at::addmm(*bias, y.reshape({M, Ci}), weight.t()) : y.reshape({M, Ci}).mm(weight.t());
+  Tensor z = bias_in_gemm ? bias->addmm(y.reshape({M, Ci}), weight.t()) : y.reshape({M, Ci}).mm(weight.t());
   TokensDepthScatterParams p{z.data_ptr(), bias_in_gemm ? nullptr : cptr(bias), out.data_ptr(), g};
   UMM_TOK_CALL(y, tokens_depth_scatter, p, dt);
   return out;
