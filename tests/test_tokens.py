@@ -222,6 +222,33 @@ def test_eager_path_equals_the_custom_op(seed, monkeypatch):
     assert calls == ["_et_op"] and fo.shape == (3, 24, 7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_results_independent_of_threads(dtype, seed, cpu_isa):
+    """The CPU kernels' column sums (LayerNorm-weight / bias gradients) go in fixed row blocks, then in order:
+    bitwise the same results with 1 and 2 threads (M = 13 x 8 = 104 rows: a full block and a ragged one)."""
+    x, lw, lb, w, b = _compress_inputs(13, 4, 8, 24, 40, 2, dtype, "cpu")
+    y, we, be = torch.randn(13, 8, 16).to(dtype), (torch.randn(4 * 12, 16) / 4).to(dtype), torch.randn(48).to(dtype)
+    ins = [t.requires_grad_(True) for t in (x, lw, lb, w, b, y, we, be)]
+
+    def run():
+        with umm_ops.use_backend("cpu"):
+            o1 = umm_ops.compress_tokens(ins[0], (4, 8), *ins[1:5])
+            o2 = umm_ops.expand_tokens(ins[5], (4, 8), ins[6], ins[7])
+            gs = torch.autograd.grad((o1.float().square().sum() + o2.float().square().sum()), ins)
+        return (o1, o2) + gs
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = run()
+        torch.set_num_threads(2)
+        bb = run()
+    finally:
+        torch.set_num_threads(threads)
+    for u, v in zip(a, bb):
+        assert torch.equal(u, v)
+
+
 def test_tokens_bad_inputs():
     x, lw, lb, w, b = _compress_inputs(2, 4, 6, 8, 5, 2, torch.float32, "cpu")
     ct = umm_ops.compress_tokens
