@@ -175,10 +175,11 @@ def test_compress_without_grad_keeps_no_preactivation():
 
 
 def test_eager_path_equals_the_custom_op(seed, monkeypatch):
-    """Eager calls skip the custom op's dispatch (ops/tokens.py `_eager`): the implementation directly without
+    """Eager calls skip the custom op's dispatch (ops/_common.py `dispatch`): the implementation directly without
     gradients, a plain autograd.Function with the custom op's setup / backward with them: same kernels, same
     bits, forward and backward.  Under a dispatch mode (FakeTensorMode) or torch.compile the custom op runs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from umm_ops.ops import _common as C
     from umm_ops.ops import tokens as T
 
     x, lw, lb, w, b = _compress_inputs(2, 4, 6, 8, 6, 2, torch.float32, "cpu")
@@ -204,7 +205,7 @@ def test_eager_path_equals_the_custom_op(seed, monkeypatch):
     for name in ("_ct_op", "_et_op", "_pk_op", "_up_op"):
         op = getattr(T, name)
         monkeypatch.setattr(T, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
-    monkeypatch.setattr(T, "_eager", lambda t: False)  # force the custom op
+    monkeypatch.setattr(C, "eager_ok", lambda t: False)  # force the custom op
     op_outs, op_grads = fn()
     assert sorted(set(calls)) == ["_ct_op", "_et_op", "_pk_op", "_up_op"]
     for a, bb, c in zip(direct, eager_outs, op_outs):

@@ -12,7 +12,8 @@ import math
 import torch
 
 from .. import _lib
-from ..ops._common import ALL_DTYPES, backward_scope, check_tensor, kernels, remember_backend
+from ..ops._common import (ALL_DTYPES, backward_op, backward_scope, check_tensor, dispatch, eager_function, kernels,
+                           remember_backend)
 from .layout import SpanLayout
 
 __all__ = ["span_attention"]
@@ -83,11 +84,12 @@ def _backward(ctx, dout, _dlse):
     if dout is None or not any(nig[:3]):
         return (None,) * 12
     with backward_scope(ctx):
-        dq, dk, dv = _bwd_op(dout.contiguous(), q, k, v, out, lse, *lay, ctx.max_q, ctx.max_k, ctx.scale)
+        dq, dk, dv = backward_op(ctx, _bwd_op, _bwd_impl)(dout.contiguous(), q, k, v, out, lse, *lay, ctx.max_q, ctx.max_k, ctx.scale)
     return (dq if nig[0] else None, dk if nig[1] else None, dv if nig[2] else None) + (None,) * 9
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd_eager = eager_function("SpanAttention", _fwd_impl, _setup, _backward)
 
 
 # ----------------------------------------------------------------------------------- public API
@@ -142,6 +144,7 @@ def span_attention(q, k, v, layout: SpanLayout, softmax_scale: float | None = No
         scale = float(softmax_scale)
         if not math.isfinite(scale):
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
-    out, lse = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), *layout.tensors(), layout.max_seqlen_q,
-                       layout.max_seqlen_k, scale)
+    qc = q.contiguous()
+    out, lse = dispatch(_fwd_op, _fwd_eager, _fwd_impl, qc, qc, k.contiguous(), v.contiguous(), *layout.tensors(),
+                        layout.max_seqlen_q, layout.max_seqlen_k, scale)
     return (out, lse) if return_lse else out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _lib
 import contextlib
@@ -67,3 +68,48 @@ def backward_scope(ctx):
     this scope and uses the automatic choice."""
     name = getattr(ctx, "umm_backend", None)
     return use_backend(name) if name else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------- eager calls
+# Every public op is a torch.library custom op (so torch.compile traces it and opcheck checks it).  In plain eager
+# mode the custom op's dispatch and its autograd wrapper cost 20 us per call on tiny inputs and up to 0.3-0.5 ms
+# around a few-ms fwd+bwd on a CPU (bench/NOTES.md, tokenizer section) for no benefit, so eager calls skip them:
+# the implementation runs directly when nothing needs a gradient, and through a plain autograd.Function with the
+# custom op's own setup / backward when something does.  The kernels called, hence the results, are the same.
+def eager_ok(x: torch.Tensor) -> bool:
+    """Nothing is tracing (torch.compile, a dispatch mode such as FakeTensorMode) and x is a plain tensor."""
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+
+
+def needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
+def eager_function(name: str, impl, setup, backward):
+    """An autograd.Function running `impl` with the custom op's `setup` (setup_context) and `backward`; the
+    backward's kernels are picked with `backward_op(ctx, op, impl)`."""
+    # forward(ctx, ...) style: a separate setup_context makes Function.apply bind arguments through
+    # inspect.signature on every call (~40 us)
+    def forward(ctx, *args):
+        ctx.umm_eager = True
+        out = impl(*args)
+        setup(ctx, args, out)
+        return out
+
+    @torch.autograd.function.once_differentiable
+    def bwd(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
+
+
+def backward_op(ctx, op, impl):
+    """In a backward: the backward custom op, or its implementation when the forward ran eagerly."""
+    return impl if getattr(ctx, "umm_eager", False) else op
+
+
+def dispatch(op, fn, impl, x: torch.Tensor, *args):
+    """Run custom op `op` on args, or in eager mode (eager_ok(x)) its implementation / autograd.Function `fn`."""
+    if eager_ok(x):
+        return fn.apply(*args) if needs_grad(*args) else impl(*args)
+    return op(*args)

@@ -21,7 +21,10 @@ import torch
 from ..backend import value_checks_enabled
 from ._common import (
     ALL_DTYPES,
+    backward_op,
     backward_scope,
+    dispatch,
+    eager_function,
     check_like,
     check_tensor,
     kernels,
@@ -134,7 +137,7 @@ def _step_backward(ctx, grad_x_next, _grad_logprob):
     if grad_x_next is None or not any(mask):
         return None, None, None, None, None, None, None
     with backward_scope(ctx):
-        dx, dv, dz = _step_bwd_op(grad_x_next.contiguous(), t, t_next, sigma, mask)
+        dx, dv, dz = backward_op(ctx, _step_bwd_op, _step_bwd_impl)(grad_x_next.contiguous(), t, t_next, sigma, mask)
     return (dx if mask[0] else None, dv if mask[1] else None, dz if mask[2] else None, None, None, None, None)
 
 
@@ -150,7 +153,7 @@ def _lp_backward(ctx, grad):
     if not any(mask):
         return (None,) * 6
     with backward_scope(ctx):
-        g = _lp_bwd_op(grad.contiguous(), x, x_next, v, t, t_next, sigma, mask)
+        g = backward_op(ctx, _lp_bwd_op, _lp_bwd_impl)(grad.contiguous(), x, x_next, v, t, t_next, sigma, mask)
     return tuple(gi if m else None for gi, m in zip(g, mask)) + (None, None, None)
 
 
@@ -166,13 +169,16 @@ def _kl_backward(ctx, grad):
     if not any(mask):
         return (None,) * 5
     with backward_scope(ctx):
-        g = _kl_bwd_op(grad.contiguous(), v, v_ref, t, t_next, sigma, mask)
+        g = backward_op(ctx, _kl_bwd_op, _kl_bwd_impl)(grad.contiguous(), v, v_ref, t, t_next, sigma, mask)
     return tuple(gi if m else None for gi, m in zip(g, mask)) + (None, None, None)
 
 
 _step_op.register_autograd(_step_backward, setup_context=_step_setup)
 _lp_op.register_autograd(_lp_backward, setup_context=_lp_setup)
 _kl_op.register_autograd(_kl_backward, setup_context=_kl_setup)
+_step_eager = eager_function("FlowStep", _step_impl, _step_setup, _step_backward)
+_lp_eager = eager_function("FlowLogprob", _lp_impl, _lp_setup, _lp_backward)
+_kl_eager = eager_function("FlowKL", _kl_impl, _kl_setup, _kl_backward)
 
 
 # ----------------------------------------------------------------------------------- public API
@@ -299,8 +305,8 @@ def flow_step(x, v, t, t_next, noise=None, sigma=None, return_logprob: bool = Fa
         s_ = None
     _check_values(t_, tn_, s_, sde)
     x2 = _flatten(x, "x")
-    out, lp = _step_op(x2, _flatten(v, "v"), _flatten(noise, "noise") if sde else None, t_, tn_, s_,
-                       bool(return_logprob))
+    out, lp = dispatch(_step_op, _step_eager, _step_impl, x2, x2, _flatten(v, "v"),
+                       _flatten(noise, "noise") if sde else None, t_, tn_, s_, bool(return_logprob))
     out = out.reshape(x.shape)
     return (out, lp) if return_logprob else out
 
@@ -323,7 +329,8 @@ def flow_logprob(x, x_next, v, t, t_next, sigma, reduction: str = "mean"):
     _check_values(t_, tn_, s_, True)
     if B and x[0].numel() == 0:
         raise ValueError(f"flow_logprob: each sample must have at least one element, got shape {tuple(x.shape)}")
-    lp = _lp_op(_flatten(x, "x"), _flatten(x_next, "x_next"), _flatten(v, "v"), t_, tn_, s_)
+    xf = _flatten(x, "x")
+    lp = dispatch(_lp_op, _lp_eager, _lp_impl, xf, xf, _flatten(x_next, "x_next"), _flatten(v, "v"), t_, tn_, s_)
     return lp * x[0].numel() if reduction == "sum" and B else lp
 
 
@@ -344,5 +351,6 @@ def flow_kl(v, v_ref, t, t_next, sigma, reduction: str = "mean"):
     _check_values(t_, tn_, s_, True)
     if B and v[0].numel() == 0:
         raise ValueError(f"flow_kl: each sample must have at least one element, got shape {tuple(v.shape)}")
-    kl = _kl_op(_flatten(v, "v"), _flatten(v_ref, "v_ref"), t_, tn_, s_)
+    vf = _flatten(v, "v")
+    kl = dispatch(_kl_op, _kl_eager, _kl_impl, vf, vf, _flatten(v_ref, "v_ref"), t_, tn_, s_)
     return kl * v[0].numel() if reduction == "sum" and B else kl

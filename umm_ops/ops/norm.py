@@ -16,7 +16,10 @@ import torch
 
 from ._common import (
     ALL_DTYPES,
+    backward_op,
     backward_scope,
+    dispatch,
+    eager_function,
     check_like,
     check_tensor,
     kernels,
@@ -140,7 +143,7 @@ def _gdr_backward(ctx, grad, *_stats):
     if grad is None:
         return (None,) * 8
     with backward_scope(ctx):
-        g = _gdr_bwd_op(grad.contiguous(), low, high, gate_hidden, w_gate, ln_weight, gate, mean, rstd, ctx.eps)
+        g = backward_op(ctx, _gdr_bwd_op, _gdr_bwd_impl)(grad.contiguous(), low, high, gate_hidden, w_gate, ln_weight, gate, mean, rstd, ctx.eps)
     return tuple(gi if need else None for gi, need in zip(g, ctx.needs_input_grad[:7])) + (None,)
 
 
@@ -161,7 +164,7 @@ def _ada_backward(ctx, grad, *_stats):
     if grad is None or not any(mask):
         return (None,) * 7
     with backward_scope(ctx):
-        g = _ada_bwd_op(grad.contiguous(), x, scale, weight, bias, mean, rstd, ctx.eps, ctx.rms, mask)
+        g = backward_op(ctx, _ada_bwd_op, _ada_bwd_impl)(grad.contiguous(), x, scale, weight, bias, mean, rstd, ctx.eps, ctx.rms, mask)
     return tuple(gi if m else None for gi, m in zip(g, mask)) + (None, None)
 
 
@@ -178,13 +181,16 @@ def _gr_backward(ctx, grad):
     dgate = dy = None
     if grad is not None and any(mask):
         with backward_scope(ctx):
-            dgate, dy = _gr_bwd_op(grad.contiguous(), gate, y, mask)
+            dgate, dy = backward_op(ctx, _gr_bwd_op, _gr_bwd_impl)(grad.contiguous(), gate, y, mask)
     return (grad if nig[0] else None, dgate if mask[0] else None, dy if mask[1] else None)
 
 
 _gdr_op.register_autograd(_gdr_backward, setup_context=_gdr_setup)
 _ada_op.register_autograd(_ada_backward, setup_context=_ada_setup)
 _gr_op.register_autograd(_gr_backward, setup_context=_gr_setup)
+_gdr_eager = eager_function("GatedDetailResidual", _gdr_impl, _gdr_setup, _gdr_backward)
+_ada_eager = eager_function("AdaLNModulate", _ada_impl, _ada_setup, _ada_backward)
+_gr_eager = eager_function("GatedResidual", _gr_impl, _gr_setup, _gr_backward)
 
 
 # ----------------------------------------------------------------------------------- public API
@@ -223,8 +229,9 @@ def gated_detail_residual(low, high, gate_hidden, w_gate, b_gate=None, ln_weight
     lb = _param(ln_bias, C, low, "ln_bias", 0.0)
     if not (eps >= 0):
         raise ValueError(f"eps must be >= 0, got {eps}")
-    out, _, _, _ = _gdr_op(low.reshape(-1, C).contiguous(), high.reshape(-1, C).contiguous(),
-                           gate_hidden.reshape(-1, Dg).contiguous(), w, b, lw, lb, float(eps))
+    out, _, _, _ = dispatch(_gdr_op, _gdr_eager, _gdr_impl, low, low.reshape(-1, C).contiguous(),
+                            high.reshape(-1, C).contiguous(), gate_hidden.reshape(-1, Dg).contiguous(), w, b, lw, lb,
+                            float(eps))
     return out.reshape(low.shape)
 
 
@@ -256,7 +263,8 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, norm: str = "rms", weight
     sc = _modulation(scale, B, C, x, "scale")
     w = _param(weight, C, x, "weight", None)
     b = _param(bias, C, x, "bias", None)
-    out, _, _ = _ada_op(x.reshape(B, -1, C).contiguous(), sh, sc, w, b, float(eps), norm == "rms")
+    out, _, _ = dispatch(_ada_op, _ada_eager, _ada_impl, x, x.reshape(B, -1, C).contiguous(), sh, sc, w, b,
+                         float(eps), norm == "rms")
     return out.reshape(x.shape)
 
 
@@ -266,4 +274,5 @@ def gated_residual(x, gate, y):
     check_like(y, x, "y", "x")
     B, C = x.shape[0], x.shape[-1]
     g = _modulation(gate, B, C, x, "gate")
-    return _gr_op(x.reshape(B, -1, C).contiguous(), g, y.reshape(B, -1, C).contiguous()).reshape(x.shape)
+    return dispatch(_gr_op, _gr_eager, _gr_impl, x, x.reshape(B, -1, C).contiguous(), g,
+                    y.reshape(B, -1, C).contiguous()).reshape(x.shape)

@@ -22,12 +22,14 @@ the reference backend.  Running statistics of pack / unpack are buffers: they ge
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..reference.tokens import ACTIVATIONS
 from ._common import (
     ALL_DTYPES,
+    backward_op,
     backward_scope,
+    dispatch,
+    eager_function,
     check_like,
     check_tensor,
     kernels,
@@ -172,7 +174,7 @@ def _ct_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(pre, mean, rstd)
 
 
-def _ct_backward(ctx, grad, *_rest, _bwd=None):
+def _ct_backward(ctx, grad, *_rest):
     x, ln_weight, ln_bias, weight, bias, pre, mean, rstd = ctx.saved_tensors
     nig = ctx.needs_input_grad
     mask = [bool(nig[0]), bool(nig[1]) and ln_weight is not None, bool(nig[2]) and ln_bias is not None,
@@ -181,7 +183,7 @@ def _ct_backward(ctx, grad, *_rest, _bwd=None):
         return (None,) * 11
     H, W, factor, activation, eps = ctx.geom
     with backward_scope(ctx):
-        g = (_bwd or _ct_bwd_op)(grad.contiguous(), x, ln_weight, ln_bias, weight, bias, pre, mean, rstd, H, W, factor,
+        g = backward_op(ctx, _ct_bwd_op, _ct_bwd_impl)(grad.contiguous(), x, ln_weight, ln_bias, weight, bias, pre, mean, rstd, H, W, factor,
                        activation, eps, mask)
     return tuple(gi if m else None for gi, m in zip(g, mask)) + (None,) * 6
 
@@ -194,14 +196,14 @@ def _et_setup(ctx, inputs, output):
     ctx.save_for_backward(y, weight)
 
 
-def _et_backward(ctx, grad, _bwd=None):
+def _et_backward(ctx, grad):
     y, weight = ctx.saved_tensors
     nig = ctx.needs_input_grad
     mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]) and ctx.has_bias]
     if grad is None or not any(mask):
         return (None,) * 6
     with backward_scope(ctx):
-        g = (_bwd or _et_bwd_op)(grad.contiguous(), y, weight, *ctx.geom, mask)
+        g = backward_op(ctx, _et_bwd_op, _et_bwd_impl)(grad.contiguous(), y, weight, *ctx.geom, mask)
     return tuple(gi if m else None for gi, m in zip(g, mask)) + (None,) * 3
 
 
@@ -212,12 +214,12 @@ def _pk_setup(ctx, inputs, output):
     ctx.save_for_backward(running_var)
 
 
-def _pk_backward(ctx, grad, _bwd=None):
+def _pk_backward(ctx, grad):
     (running_var,) = ctx.saved_tensors
     if grad is None or not ctx.needs_input_grad[0]:
         return (None,) * 5
     with backward_scope(ctx):
-        dz = (_bwd or _pk_bwd_op)(grad.contiguous(), running_var, *ctx.geom)
+        dz = backward_op(ctx, _pk_bwd_op, _pk_bwd_impl)(grad.contiguous(), running_var, *ctx.geom)
     return dz, None, None, None, None
 
 
@@ -228,12 +230,12 @@ def _up_setup(ctx, inputs, output):
     ctx.save_for_backward(running_var)
 
 
-def _up_backward(ctx, grad, _bwd=None):
+def _up_backward(ctx, grad):
     (running_var,) = ctx.saved_tensors
     if grad is None or not ctx.needs_input_grad[0]:
         return (None,) * 7
     with backward_scope(ctx):
-        dt = (_bwd or _up_bwd_op)(grad.contiguous(), running_var, *ctx.geom)
+        dt = backward_op(ctx, _up_bwd_op, _up_bwd_impl)(grad.contiguous(), running_var, *ctx.geom)
     return (dt,) + (None,) * 6
 
 
@@ -243,27 +245,10 @@ _pk_op.register_autograd(_pk_backward, setup_context=_pk_setup)
 _up_op.register_autograd(_up_backward, setup_context=_up_setup)
 
 
-def _eager_function(name, impl, setup, backward, bwd_impl):
-    """The same forward / setup / backward as the custom op's autograd, as a plain autograd.Function calling the
-    implementations directly: what eager calls with gradients run (see `_direct`)."""
-    # forward(ctx, ...) style: a separate setup_context makes Function.apply bind arguments through
-    # inspect.signature on every call (~40 us)
-    def forward(ctx, *args):
-        out = impl(*args)
-        setup(ctx, args, out)
-        return out
-
-    @torch.autograd.function.once_differentiable
-    def bwd(ctx, *grads):
-        return backward(ctx, *grads, _bwd=bwd_impl)
-
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
-
-
-_ct_eager = _eager_function("CompressTokens", _ct_impl, _ct_setup, _ct_backward, _ct_bwd_impl)
-_et_eager = _eager_function("ExpandTokens", _et_impl, _et_setup, _et_backward, _et_bwd_impl)
-_pk_eager = _eager_function("PackLatents", _pk_impl, _pk_setup, _pk_backward, _pk_bwd_impl)
-_up_eager = _eager_function("UnpackLatents", _up_impl, _up_setup, _up_backward, _up_bwd_impl)
+_ct_eager = eager_function("CompressTokens", _ct_impl, _ct_setup, _ct_backward)
+_et_eager = eager_function("ExpandTokens", _et_impl, _et_setup, _et_backward)
+_pk_eager = eager_function("PackLatents", _pk_impl, _pk_setup, _pk_backward)
+_up_eager = eager_function("UnpackLatents", _up_impl, _up_setup, _up_backward)
 
 
 # ----------------------------------------------------------------------------------- public API
@@ -298,15 +283,6 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def _eager(x: torch.Tensor) -> bool:
-    """Whether a call may skip the custom op: nothing tracing (torch.compile, a dispatch mode such as
-    FakeTensorMode) and a plain tensor.  Then the implementation runs directly (no gradient needed) or through
-    a plain autograd.Function with the custom op's own setup / backward (`_eager_function`): the custom op's
-    dispatch and autograd wrapper cost 20 us per call on a tiny input and up to ~0.3-0.5 ms around a 5 ms
-    fwd+bwd on this CPU (bench/NOTES.md).  The kernels called, hence the results, are the same."""
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-
-
 def compress_tokens(x, grid_hw, ln_weight, ln_bias, weight, bias, factor=2, activation="gelu", eps=1e-6):
     """activation(Linear(space_to_depth(LayerNorm(x)))): (N, H*W, C) -> (N, (H/f)*(W/f), C_out).
 
@@ -335,10 +311,7 @@ def compress_tokens(x, grid_hw, ln_weight, ln_bias, weight, bias, factor=2, acti
         raise ValueError(f"weight must be (C_out, f*f*C) = (C_out, {f * f * C}), got shape {tuple(weight.shape)}")
     b = _vec(bias, weight.shape[0], x, "bias", "x")
     args = (x.contiguous(), lw, lb, weight.contiguous(), b, H, W, f, activation, float(eps))
-    grad = _needs_grad(x, ln_weight, ln_bias, weight, bias)
-    if _eager(x):
-        return (_ct_eager.apply(*args, True) if grad else _ct_impl(*args, False))[0]
-    return _ct_op(*args, grad)[0]
+    return dispatch(_ct_op, _ct_eager, _ct_impl, x, *args, _needs_grad(x, ln_weight, ln_bias, weight, bias))[0]
 
 
 def expand_tokens(y, grid_hw, weight, bias, factor=2):
@@ -362,9 +335,7 @@ def expand_tokens(y, grid_hw, weight, bias, factor=2):
                          f"rows, got shape {tuple(weight.shape)}")
     b = _vec(bias, weight.shape[0], y, "bias", "y")
     args = (y.contiguous(), weight.contiguous(), b, H, W, f)
-    if _eager(y):
-        return _et_eager.apply(*args) if _needs_grad(y, weight, bias) else _et_impl(*args)
-    return _et_op(*args)
+    return dispatch(_et_op, _et_eager, _et_impl, y, *args)
 
 
 def _stats(s, n: int, ref: torch.Tensor, name: str) -> torch.Tensor:
@@ -396,9 +367,7 @@ def pack_latents(z, running_mean, running_var, factor=2, eps=1e-4):
     n = C * f * f
     args = (z.contiguous(), _stats(running_mean, n, z, "running_mean"), _stats(running_var, n, z, "running_var"),
             f, float(eps))
-    if _eager(z):
-        return _pk_eager.apply(*args) if _needs_grad(z) else _pk_impl(*args)
-    return _pk_op(*args)
+    return dispatch(_pk_op, _pk_eager, _pk_impl, z, *args)
 
 
 def unpack_latents(tokens, grid_hw, running_mean, running_var, factor=2, eps=1e-4):
@@ -415,6 +384,4 @@ def unpack_latents(tokens, grid_hw, running_mean, running_var, factor=2, eps=1e-
     n = tokens.shape[2]
     args = (tokens.contiguous(), _stats(running_mean, n, tokens, "running_mean"),
             _stats(running_var, n, tokens, "running_var"), H, W, f, float(eps))
-    if _eager(tokens):
-        return _up_eager.apply(*args) if _needs_grad(tokens) else _up_impl(*args)
-    return _up_op(*args)
+    return dispatch(_up_op, _up_eager, _up_impl, tokens, *args)
