@@ -38,7 +38,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # The compiled CPU kernels' instruction-set variants this CPU runs (x86-64-v3 / x86-64-v4): tests through the
 # "cpu" backend run once per variant (ids "cpu-cpu" for the default one, "cpu-cpu@<isa>" for the others).
-CPU_ISAS = _backend.cpu_isas() if umm_ops.backends()["extension"]["loaded"] else []
+CPU_ISAS = _backend.cpu_isas() if umm_ops._lib.loaded() else []
 DEFAULT_CPU_ISA = _backend.cpu_isa() if CPU_ISAS else None
 
 

@@ -225,8 +225,9 @@ def test_eager_path_equals_the_custom_op(seed, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_results_independent_of_threads(dtype, seed, cpu_isa):
-    """The CPU kernels' column sums (LayerNorm-weight / bias gradients) go in fixed row blocks, then in order:
-    bitwise the same results with 1 and 2 threads (M = 13 x 8 = 104 rows: a full block and a ragged one)."""
+    """The CPU kernels' column sums (LayerNorm-weight / bias gradients) go in shape-only row chunks, then in
+    order: bitwise the same results with 1 and 2 threads (M = 13 x 8 = 104 rows: six 16-row chunks and a ragged
+    one)."""
     x, lw, lb, w, b = _compress_inputs(13, 4, 8, 24, 40, 2, dtype, "cpu")
     y, we, be = torch.randn(13, 8, 16).to(dtype), (torch.randn(4 * 12, 16) / 4).to(dtype), torch.randn(48).to(dtype)
     ins = [t.requires_grad_(True) for t in (x, lw, lb, w, b, y, we, be)]

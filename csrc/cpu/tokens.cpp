@@ -81,6 +81,28 @@ __attribute__((always_inline)) inline float act_grad(float v, int act) {
 inline int64_t row_grain(int64_t K) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)); }
 inline int64_t rows_per_chunk(int64_t rows) { return std::max<int64_t>(16, ceil_div(rows, 256)); }
 
+// Runs fn(r0, r1, acc) over the rows [0, M) in chunks of rows_per_chunk(M), in parallel.  With out != nullptr,
+// each chunk accumulates column sums into its own zeroed float partial row acc[0, width), and out[j] = the sum
+// over chunks, in chunk order and in double, of acc[j]: bitwise independent of the thread count.  With
+// out == nullptr, acc is nullptr.
+template <typename F>
+void chunked_rows(int64_t M, int64_t width, float* out, const F& fn) {
+  const int64_t rpc = rows_per_chunk(M), nch = ceil_div(M, rpc);
+  std::vector<float> part(out ? nch * width : 0, 0.f);
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch)
+      fn(ch * rpc, std::min(M, (ch + 1) * rpc), out ? part.data() + ch * width : nullptr);
+  });
+  if (out == nullptr) return;
+  at::parallel_for(0, width, 256, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      double acc = 0.0;
+      for (int64_t ch = 0; ch < nch; ++ch) acc += part[ch * width + j];
+      out[j] = float(acc);
+    }
+  });
+}
+
 // ------------------------------------------------------------------ compress: gather
 template <typename T>
 void gather_impl(const TokensGatherParams& p) {
@@ -157,19 +179,35 @@ inline void bias_act_row(T* __restrict pr, const float* __restrict bp, T* __rest
   }
 }
 
+// dr = g * act'(pr) (ACT = kNone: dr = g); with acc != nullptr also acc[i] += the float value before rounding to T.
 template <typename T, int ACT>
-inline void act_bwd_row(const T* __restrict g, const T* __restrict pr, T* __restrict dr, int64_t Co) {
+inline void act_bwd_row(const T* __restrict g, const T* __restrict pr, T* __restrict dr, int64_t Co,
+                        float* __restrict acc) {
   if constexpr (std::is_same_v<T, float>) {
+    if constexpr (ACT == int(TokenAct::kNone)) {
+      std::memcpy(dr, g, Co * sizeof(float));
+    } else {
 #pragma omp simd
-    for (int64_t i = 0; i < Co; ++i) dr[i] = g[i] * act_grad(pr[i], ACT);
+      for (int64_t i = 0; i < Co; ++i) dr[i] = g[i] * act_grad(pr[i], ACT);
+    }
+    if (acc) {
+#pragma omp simd
+      for (int64_t i = 0; i < Co; ++i) acc[i] += dr[i];
+    }
   } else {
     float gb[kRun], pb[kRun];
     for (int64_t i0 = 0; i0 < Co; i0 += kRun) {
       const int64_t n = std::min(kRun, Co - i0);
       load_f32(g + i0, gb, n);
-      load_f32(pr + i0, pb, n);
+      if constexpr (ACT != int(TokenAct::kNone)) {
+        load_f32(pr + i0, pb, n);
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) gb[i] *= act_grad(pb[i], ACT);
+        for (int64_t i = 0; i < n; ++i) gb[i] *= act_grad(pb[i], ACT);
+      }
+      if (acc) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) acc[i0 + i] += gb[i];
+      }
       store_f32(gb, dr + i0, n);
     }
   }
@@ -207,58 +245,17 @@ void act_bwd_impl(const TokensActBwdParams& p) {
   const T* pre = static_cast<const T*>(p.pre);
   T* d = static_cast<T*>(p.dpre);
   const int act = p.act;
-  const auto row = [&](int64_t m, float* acc) {
-    const T* g = gr + m * Co;
-    T* dr = d + m * Co;
-    if (acc == nullptr) {
+  chunked_rows(p.M, Co, p.dbias, [&](int64_t r0, int64_t r1, float* acc) {
+    for (int64_t m = r0; m < r1; ++m) {
+      const T *g = gr + m * Co, *pr = pre + m * Co;
+      T* dr = d + m * Co;
       if (act == int(TokenAct::kNone)) {
-        for (int64_t i = 0; i < Co; ++i) st(dr, i, ld(g, i));
+        act_bwd_row<T, int(TokenAct::kNone)>(g, pr, dr, Co, acc);
       } else if (act == int(TokenAct::kGelu)) {
-        act_bwd_row<T, int(TokenAct::kGelu)>(g, pre + m * Co, dr, Co);
+        act_bwd_row<T, int(TokenAct::kGelu)>(g, pr, dr, Co, acc);
       } else {
-        act_bwd_row<T, int(TokenAct::kGeluTanh)>(g, pre + m * Co, dr, Co);
+        act_bwd_row<T, int(TokenAct::kGeluTanh)>(g, pr, dr, Co, acc);
       }
-      return;
-    }
-    // with the bias gradient: dpre in float runs, accumulated before rounding to T
-    const T* pr = pre + m * Co;
-    float gb[kRun], pb[kRun];
-    for (int64_t i0 = 0; i0 < Co; i0 += kRun) {
-      const int64_t n = std::min(kRun, Co - i0);
-      load_f32(g + i0, gb, n);
-      if (act == int(TokenAct::kGelu)) {
-        load_f32(pr + i0, pb, n);
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) gb[i] *= act_grad(pb[i], int(TokenAct::kGelu));
-      } else if (act == int(TokenAct::kGeluTanh)) {
-        load_f32(pr + i0, pb, n);
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) gb[i] *= act_grad(pb[i], int(TokenAct::kGeluTanh));
-      }
-      float* a = acc + i0;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) a[i] += gb[i];
-      store_f32(gb, dr + i0, n);
-    }
-  };
-  if (p.dbias == nullptr) {
-    at::parallel_for(0, p.M, row_grain(Co), [&](int64_t lo, int64_t hi) {
-      for (int64_t m = lo; m < hi; ++m) row(m, nullptr);
-    });
-    return;
-  }
-  constexpr int64_t kBlk = 64;  // rows per partial sum: fixed, so the sums do not depend on the threads
-  const int64_t nblk = ceil_div(p.M, kBlk);
-  std::vector<float> part(nblk * Co, 0.f);
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t m = b * kBlk; m < std::min(p.M, (b + 1) * kBlk); ++m) row(m, part.data() + b * Co);
-  });
-  at::parallel_for(0, Co, 256, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double s = 0.0;
-      for (int64_t b = 0; b < nblk; ++b) s += part[b * Co + c];
-      p.dbias[c] = float(s);
     }
   });
 }
@@ -275,60 +272,50 @@ void ln_scatter_bwd_impl(const TokensLnScatterBwdParams& p) {
   const T* x = static_cast<const T*>(p.x);
   T* dx = static_cast<T*>(p.dx);
   const bool want_params = p.dln_w || p.dln_b;
-  const int64_t rpc = rows_per_chunk(M), nch = ceil_div(M, rpc);
-  std::vector<float> part(want_params ? nch * 2 * C : 0, 0.f);
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+  std::vector<float> tot(want_params ? 2 * C : 0);  // [dln_w (C) | dln_b (C)]
+  chunked_rows(M, 2 * C, want_params ? tot.data() : nullptr, [&](int64_t r0, int64_t r1, float* acc) {
     std::vector<float> b1(C), b2(C);
     float* __restrict xh = b1.data();
     float* __restrict gy = b2.data();
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      float* __restrict acc_w = want_params ? part.data() + ch * 2 * C : nullptr;
-      float* __restrict acc_b = want_params ? acc_w + C : nullptr;
-      for (int64_t m = ch * rpc; m < std::min(M, (ch + 1) * rpc); ++m) {
-        for (int64_t s = 0; s < ff; ++s) {
-          const int64_t t = fine_token(g, m, s);
-          const float mean = p.mean[t], rstd = p.rstd[t];
-          const T* __restrict xr = x + t * C;
-          const T* __restrict dr = da + m * K + s * C;
-          float s1 = 0.f, s2 = 0.f;
+    float* __restrict acc_w = acc;
+    float* __restrict acc_b = acc ? acc + C : nullptr;
+    for (int64_t m = r0; m < r1; ++m) {
+      for (int64_t s = 0; s < ff; ++s) {
+        const int64_t t = fine_token(g, m, s);
+        const float mean = p.mean[t], rstd = p.rstd[t];
+        const T* __restrict xr = x + t * C;
+        const T* __restrict dr = da + m * K + s * C;
+        float s1 = 0.f, s2 = 0.f;
 #pragma omp simd reduction(+ : s1, s2)
+        for (int64_t i = 0; i < C; ++i) {
+          const float xv = (ld(xr, i) - mean) * rstd;
+          const float dv = ld(dr, i);
+          const float gv = dv * lwp[i];
+          xh[i] = xv;
+          gy[i] = gv;
+          s1 += gv;
+          s2 += gv * xv;
+        }
+        if (acc) {
+#pragma omp simd
           for (int64_t i = 0; i < C; ++i) {
-            const float xv = (ld(xr, i) - mean) * rstd;
             const float dv = ld(dr, i);
-            const float gv = dv * lwp[i];
-            xh[i] = xv;
-            gy[i] = gv;
-            s1 += gv;
-            s2 += gv * xv;
+            acc_w[i] += dv * xh[i];
+            acc_b[i] += dv;
           }
-          if (want_params) {
+        }
+        if (dx) {
+          const float m1 = s1 / float(C), m2 = s2 / float(C);
+          T* __restrict dxr = dx + t * C;
 #pragma omp simd
-            for (int64_t i = 0; i < C; ++i) {
-              const float dv = ld(dr, i);
-              acc_w[i] += dv * xh[i];
-              acc_b[i] += dv;
-            }
-          }
-          if (dx) {
-            const float m1 = s1 / float(C), m2 = s2 / float(C);
-            T* __restrict dxr = dx + t * C;
-#pragma omp simd
-            for (int64_t i = 0; i < C; ++i) st(dxr, i, rstd * (gy[i] - m1 - xh[i] * m2));
-          }
+          for (int64_t i = 0; i < C; ++i) st(dxr, i, rstd * (gy[i] - m1 - xh[i] * m2));
         }
       }
     }
   });
   if (!want_params) return;
-  std::vector<double> tot(2 * C, 0.0);
-  for (int64_t ch = 0; ch < nch; ++ch) {
-    const float* row = part.data() + ch * 2 * C;
-    for (int64_t j = 0; j < 2 * C; ++j) tot[j] += row[j];
-  }
-  for (int64_t i = 0; i < C; ++i) {
-    if (p.dln_w) p.dln_w[i] = float(tot[i]);
-    if (p.dln_b) p.dln_b[i] = float(tot[C + i]);
-  }
+  if (p.dln_w) std::memcpy(p.dln_w, tot.data(), C * sizeof(float));
+  if (p.dln_b) std::memcpy(p.dln_b, tot.data() + C, C * sizeof(float));
 }
 
 // ------------------------------------------------------------------ expand: scatter (+ bias) and gather
@@ -368,41 +355,21 @@ void space_gather_impl(const TokensSpaceGatherParams& p) {
   const int64_t M = g.N * (g.H / g.f) * (g.W / g.f);
   const T* src = static_cast<const T*>(p.src);
   T* dst = static_cast<T*>(p.dst);
-  if (p.dbias == nullptr) {
-    at::parallel_for(0, M, row_grain(K), [&](int64_t lo, int64_t hi) {
-      for (int64_t m = lo; m < hi; ++m)
-        for (int64_t s = 0; s < ff; ++s)
-          std::memcpy(dst + m * K + s * C, src + fine_token(g, m, s) * C, C * sizeof(T));
-    });
-    return;
-  }
-  constexpr int64_t kBlk = 64;  // rows per partial sum: fixed, so the sums do not depend on the threads
-  const int64_t nblk = ceil_div(M, kBlk);
-  std::vector<float> part(nblk * K, 0.f);
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+  chunked_rows(M, K, p.dbias, [&](int64_t r0, int64_t r1, float* acc) {
     float buf[kRun];
-    for (int64_t b = b0; b < b1; ++b) {
-      float* acc = part.data() + b * K;
-      for (int64_t m = b * kBlk; m < std::min(M, (b + 1) * kBlk); ++m)
-        for (int64_t s = 0; s < ff; ++s) {
-          const T* sr = src + fine_token(g, m, s) * C;
-          std::memcpy(dst + m * K + s * C, sr, C * sizeof(T));
-          for (int64_t c0 = 0; c0 < C; c0 += kRun) {
-            const int64_t n = std::min(kRun, C - c0);
-            load_f32(sr + c0, buf, n);
-            float* a = acc + s * C + c0;
+    for (int64_t m = r0; m < r1; ++m)
+      for (int64_t s = 0; s < ff; ++s) {
+        const T* sr = src + fine_token(g, m, s) * C;
+        std::memcpy(dst + m * K + s * C, sr, C * sizeof(T));
+        if (acc == nullptr) continue;
+        for (int64_t c0 = 0; c0 < C; c0 += kRun) {
+          const int64_t n = std::min(kRun, C - c0);
+          load_f32(sr + c0, buf, n);
+          float* a = acc + s * C + c0;
 #pragma omp simd
-            for (int64_t i = 0; i < n; ++i) a[i] += buf[i];
-          }
+          for (int64_t i = 0; i < n; ++i) a[i] += buf[i];
         }
-    }
-  });
-  at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      double acc = 0.0;
-      for (int64_t b = 0; b < nblk; ++b) acc += part[b * K + k];
-      p.dbias[k] = float(acc);
-    }
+      }
   });
 }
 

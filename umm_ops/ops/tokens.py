@@ -28,11 +28,12 @@ from ._common import (
     ALL_DTYPES,
     backward_op,
     backward_scope,
-    dispatch,
-    eager_function,
     check_like,
     check_tensor,
+    dispatch,
+    eager_function,
     kernels,
+    needs_grad,
     register_fake_both,
     remember_backend,
 )
@@ -279,10 +280,6 @@ def _vec(p, n: int, ref: torch.Tensor, name: str, ref_name: str):
     return p.contiguous()
 
 
-def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-
-
 def compress_tokens(x, grid_hw, ln_weight, ln_bias, weight, bias, factor=2, activation="gelu", eps=1e-6):
     """activation(Linear(space_to_depth(LayerNorm(x)))): (N, H*W, C) -> (N, (H/f)*(W/f), C_out).
 
@@ -311,7 +308,7 @@ def compress_tokens(x, grid_hw, ln_weight, ln_bias, weight, bias, factor=2, acti
         raise ValueError(f"weight must be (C_out, f*f*C) = (C_out, {f * f * C}), got shape {tuple(weight.shape)}")
     b = _vec(bias, weight.shape[0], x, "bias", "x")
     args = (x.contiguous(), lw, lb, weight.contiguous(), b, H, W, f, activation, float(eps))
-    return dispatch(_ct_op, _ct_eager, _ct_impl, x, *args, _needs_grad(x, ln_weight, ln_bias, weight, bias))[0]
+    return dispatch(_ct_op, _ct_eager, _ct_impl, x, *args, needs_grad(x, ln_weight, ln_bias, weight, bias))[0]
 
 
 def expand_tokens(y, grid_hw, weight, bias, factor=2):

@@ -101,7 +101,7 @@ struct TokensActBwdParams {
   int64_t M, Cout;
   int act;
   // CPU only (nullptr on CUDA): also db[o] = sum_m dpre[m, o] (float32 (Cout,), from the unrounded dpre), summed
-  // per fixed block of rows and then over blocks in order (independent of the thread count)
+  // per shape-only chunk of rows, then over chunks in order (independent of the thread count)
   float* dbias = nullptr;
 };
 
@@ -134,8 +134,8 @@ struct TokensSpaceGatherParams {
   const void* src;
   void* dst;
   TokensGeom g;
-  // CPU only (nullptr on CUDA): also db[k] = sum_m dst[m, k] (float32 (K,)), per fixed block of rows, then over
-  // blocks in order (independent of the thread count)
+  // CPU only (nullptr on CUDA): also db[k] = sum_m dst[m, k] (float32 (K,)), per shape-only chunk of rows, then
+  // over chunks in order (independent of the thread count)
   float* dbias = nullptr;
 };
 
