@@ -275,6 +275,7 @@ extern "C" int umm_cuda_tokens_bias_act(const TokensBiasActParams* p, int dtype,
 }
 
 extern "C" int umm_cuda_tokens_act_bwd(const TokensActBwdParams* p, int dtype, void* stream) {
+  if (p->dbias != nullptr) return static_cast<int>(cudaErrorNotSupported);  // the fused bias gradient is CPU-only
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return launch_1d(act_bwd_kernel<T>, *p, p->M * p->Cout, stream);
@@ -289,6 +290,7 @@ extern "C" int umm_cuda_tokens_depth_scatter(const TokensDepthScatterParams* p, 
 }
 
 extern "C" int umm_cuda_tokens_space_gather(const TokensSpaceGatherParams* p, int dtype, void* stream) {
+  if (p->dbias != nullptr) return static_cast<int>(cudaErrorNotSupported);  // the fused bias gradient is CPU-only
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return launch_1d(space_gather_kernel<T>, *p, p->g.N * p->g.H * p->g.W * 32, stream);
