@@ -174,6 +174,20 @@ def test_compress_without_grad_keeps_no_preactivation():
         assert torch.allclose(a, bb, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "none"])
+def test_compress_forward_without_grad_same_bits(dtype, activation, seed, cpu_isa):
+    """Without gradients the CPU epilogue runs in place in the GEMM's output (no pre-activation kept): the
+    same bits as the forward that keeps the pre-activation, and the result is its own tensor, not a view."""
+    x, lw, lb, w, b = _compress_inputs(3, 6, 4, 37, 29, 2, dtype, "cpu")
+    k = torch.ops.umm_ops.kernel_compress_tokens
+    out, pre, _, _ = k(x, lw, lb, w, b, 6, 4, 2, activation, 1e-6, False)
+    kept, pre2, _, _ = k(x, lw, lb, w, b, 6, 4, 2, activation, 1e-6, True)
+    assert pre.numel() == 0 and out._base is None and out.is_contiguous()
+    assert pre2.numel() == (0 if activation == "none" else 18 * 29)
+    assert torch.equal(out, kept)
+
+
 def test_eager_path_equals_the_custom_op(seed, monkeypatch):
     """Eager calls skip the custom op's dispatch (ops/_common.py `dispatch`): the implementation directly without
     gradients, a plain autograd.Function with the custom op's setup / backward with them: same kernels, same
@@ -249,6 +263,29 @@ def test_cpu_results_independent_of_threads(dtype, seed, cpu_isa):
         torch.set_num_threads(threads)
     for u, v in zip(a, bb):
         assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_cpu_weight_grad_same_with_and_without_layernorm_backward(dtype, affine, seed, cpu_isa):
+    """The CPU backward re-writes A (the GEMM operand of dW) inside the LayerNorm-backward pass when that pass
+    runs, and with a separate gather when it does not (only weight / bias need gradients): the two A's, hence
+    dW and db, must be bitwise the same; and the mask subsets must not change the gradients they share."""
+    x, lw, lb, w, b = _compress_inputs(3, 6, 4, 37, 29, 2, dtype, "cpu", affine=affine)
+    g = torch.randn(3, 6, 29).to(dtype)
+
+    def grads(*req):
+        ins = [None if t is None else t.detach().clone().requires_grad_(r) for t, r in zip((x, lw, lb, w, b), req)]
+        with umm_ops.use_backend("cpu"):
+            out = umm_ops.compress_tokens(ins[0], (6, 4), *ins[1:])
+            out.backward(g)
+        return [None if t is None else t.grad for t in ins]
+
+    full = grads(True, True, True, True, True)
+    only_w = grads(False, False, False, True, True)
+    only_x = grads(True, False, False, False, False)
+    assert torch.equal(full[3], only_w[3]) and torch.equal(full[4], only_w[4])
+    assert torch.equal(full[0], only_x[0])
 
 
 def test_tokens_bad_inputs():

@@ -213,6 +213,24 @@ inline void act_bwd_row(const T* __restrict g, const T* __restrict pr, T* __rest
   }
 }
 
+// In place (out == pre, nothing kept): pr = act(pr + bias).
+template <typename T, int ACT>
+inline void bias_act_row_inplace(T* __restrict pr, const float* __restrict bp, int64_t Co) {
+  if constexpr (std::is_same_v<T, float>) {
+#pragma omp simd
+    for (int64_t i = 0; i < Co; ++i) pr[i] = act_fwd(pr[i] + bp[i], ACT);
+  } else {
+    float vb[kRun];
+    for (int64_t i0 = 0; i0 < Co; i0 += kRun) {
+      const int64_t n = std::min(kRun, Co - i0);
+      load_f32(pr + i0, vb, n);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) vb[i] = act_fwd(vb[i] + bp[i0 + i], ACT);
+      store_f32(vb, pr + i0, n);
+    }
+  }
+}
+
 template <typename T>
 void bias_act_impl(const TokensBiasActParams& p) {
   const int64_t Co = p.Cout;
@@ -223,11 +241,21 @@ void bias_act_impl(const TokensBiasActParams& p) {
   constexpr int kNone = int(TokenAct::kNone), kGelu = int(TokenAct::kGelu), kTanh = int(TokenAct::kGeluTanh);
   const int act = p.act;
   const bool keep = p.keep_pre && act != kNone;
+  const bool inplace = out == pre;
+  TORCH_CHECK(!(inplace && keep), "umm_ops.tokens: tokens_bias_act with out == pre needs keep_pre == false");
   at::parallel_for(0, p.M, row_grain(Co), [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; ++m) {
       T* pr = pre + m * Co;
       T* orow = out + m * Co;
-      if (act == kNone) {
+      if (inplace) {
+        if (act == kNone) {
+          bias_act_row_inplace<T, kNone>(pr, bp, Co);
+        } else if (act == kGelu) {
+          bias_act_row_inplace<T, kGelu>(pr, bp, Co);
+        } else {
+          bias_act_row_inplace<T, kTanh>(pr, bp, Co);
+        }
+      } else if (act == kNone) {
         bias_act_row<T, kNone, false>(pr, bp, orow, Co);
       } else if (act == kGelu) {
         keep ? bias_act_row<T, kGelu, true>(pr, bp, orow, Co) : bias_act_row<T, kGelu, false>(pr, bp, orow, Co);
@@ -261,57 +289,75 @@ void act_bwd_impl(const TokensActBwdParams& p) {
 }
 
 // ------------------------------------------------------------------ compress: LayerNorm backward + scatter
-template <typename T>
-void ln_scatter_bwd_impl(const TokensLnScatterBwdParams& p) {
+// (+ the re-gathered A when p.a is set: this pass reads x and the statistics anyway, so A costs its write only)
+template <typename T, bool WRITE_A>
+void ln_scatter_bwd_rows(const TokensLnScatterBwdParams& p, const float* __restrict lwp, const float* __restrict lbp,
+                         int64_t r0, int64_t r1, float* acc) {
   const TokensGeom g = p.g;
   const int64_t C = g.C, ff = g.f * g.f, K = ff * C;
-  const int64_t M = g.N * (g.H / g.f) * (g.W / g.f);
-  const std::vector<float> lw = param_or<T>(p.ln_w, C, 1.f);
-  const float* lwp = lw.data();
   const T* da = static_cast<const T*>(p.da);
   const T* x = static_cast<const T*>(p.x);
   T* dx = static_cast<T*>(p.dx);
+  T* a = static_cast<T*>(p.a);
+  std::vector<float> b1(C), b2(C);
+  float* __restrict xh = b1.data();
+  float* __restrict gy = b2.data();
+  float* __restrict acc_w = acc;
+  float* __restrict acc_b = acc ? acc + C : nullptr;
+  for (int64_t m = r0; m < r1; ++m) {
+    for (int64_t s = 0; s < ff; ++s) {
+      const int64_t t = fine_token(g, m, s);
+      const float mean = p.mean[t], rstd = p.rstd[t];
+      const T* __restrict xr = x + t * C;
+      const T* __restrict dr = da + m * K + s * C;
+      float s1 = 0.f, s2 = 0.f;
+#pragma omp simd reduction(+ : s1, s2)
+      for (int64_t i = 0; i < C; ++i) {
+        const float xv = (ld(xr, i) - mean) * rstd;
+        const float dv = ld(dr, i);
+        const float gv = dv * lwp[i];
+        xh[i] = xv;
+        gy[i] = gv;
+        s1 += gv;
+        s2 += gv * xv;
+      }
+      if constexpr (WRITE_A) {
+        // the gather's expression, ((x - mean) rstd) lnw + lnb
+        T* __restrict ar = a + m * K + s * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) st(ar, i, xh[i] * lwp[i] + lbp[i]);
+      }
+      if (acc) {
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) {
+          const float dv = ld(dr, i);
+          acc_w[i] += dv * xh[i];
+          acc_b[i] += dv;
+        }
+      }
+      if (dx) {
+        const float m1 = s1 / float(C), m2 = s2 / float(C);
+        T* __restrict dxr = dx + t * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) st(dxr, i, rstd * (gy[i] - m1 - xh[i] * m2));
+      }
+    }
+  }
+}
+
+template <typename T>
+void ln_scatter_bwd_impl(const TokensLnScatterBwdParams& p) {
+  const TokensGeom g = p.g;
+  const int64_t C = g.C;
+  const int64_t M = g.N * (g.H / g.f) * (g.W / g.f);
+  const std::vector<float> lw = param_or<T>(p.ln_w, C, 1.f), lb = param_or<T>(p.ln_b, C, 0.f);
   const bool want_params = p.dln_w || p.dln_b;
   std::vector<float> tot(want_params ? 2 * C : 0);  // [dln_w (C) | dln_b (C)]
   chunked_rows(M, 2 * C, want_params ? tot.data() : nullptr, [&](int64_t r0, int64_t r1, float* acc) {
-    std::vector<float> b1(C), b2(C);
-    float* __restrict xh = b1.data();
-    float* __restrict gy = b2.data();
-    float* __restrict acc_w = acc;
-    float* __restrict acc_b = acc ? acc + C : nullptr;
-    for (int64_t m = r0; m < r1; ++m) {
-      for (int64_t s = 0; s < ff; ++s) {
-        const int64_t t = fine_token(g, m, s);
-        const float mean = p.mean[t], rstd = p.rstd[t];
-        const T* __restrict xr = x + t * C;
-        const T* __restrict dr = da + m * K + s * C;
-        float s1 = 0.f, s2 = 0.f;
-#pragma omp simd reduction(+ : s1, s2)
-        for (int64_t i = 0; i < C; ++i) {
-          const float xv = (ld(xr, i) - mean) * rstd;
-          const float dv = ld(dr, i);
-          const float gv = dv * lwp[i];
-          xh[i] = xv;
-          gy[i] = gv;
-          s1 += gv;
-          s2 += gv * xv;
-        }
-        if (acc) {
-#pragma omp simd
-          for (int64_t i = 0; i < C; ++i) {
-            const float dv = ld(dr, i);
-            acc_w[i] += dv * xh[i];
-            acc_b[i] += dv;
-          }
-        }
-        if (dx) {
-          const float m1 = s1 / float(C), m2 = s2 / float(C);
-          T* __restrict dxr = dx + t * C;
-#pragma omp simd
-          for (int64_t i = 0; i < C; ++i) st(dxr, i, rstd * (gy[i] - m1 - xh[i] * m2));
-        }
-      }
-    }
+    if (p.a)
+      ln_scatter_bwd_rows<T, true>(p, lw.data(), lb.data(), r0, r1, acc);
+    else
+      ln_scatter_bwd_rows<T, false>(p, lw.data(), lb.data(), r0, r1, acc);
   });
   if (!want_params) return;
   if (p.dln_w) std::memcpy(p.dln_w, tot.data(), C * sizeof(float));

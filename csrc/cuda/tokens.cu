@@ -305,6 +305,7 @@ extern "C" int umm_cuda_latent_pack(const LatentPackParams* p, int dtype, void* 
 }
 
 extern "C" int umm_cuda_tokens_ln_scatter_bwd(const TokensLnScatterBwdParams* p, int dtype, void* stream) {
+  if (p->a != nullptr) return static_cast<int>(cudaErrorNotSupported);  // re-writing A here is CPU-only
   const int64_t rows = p->g.N * p->g.H * p->g.W, C = p->g.C;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(dtype, [&](auto tag) {

@@ -8,9 +8,10 @@
 // compress backward: dpre = grad act'(pre) (one pass; pre recomputed by GEMM when the forward did not keep
 //   it) ; dbias = column sums of dpre ; dA = dpre W (at::mm) ; LayerNorm backward fused with the
 //   depth-to-space scatter of dA (one pass) ; dW = dpre^T A with A RECOMPUTED from x and the saved
-//   statistics: re-gathering costs one read of x and one write of A, the same traffic as reading a saved A
-//   back, and keeping A alive from forward to backward would cost a whole extra activation (N L f f C
-//   elements, as big as x) per layer.
+//   statistics (CPU: written by that LayerNorm-backward pass, which reads x and the statistics anyway, so A
+//   costs one write; otherwise one separate gather pass: a read of x and a write of A, the traffic of
+//   reading a saved A back), and keeping A alive from forward to backward would cost a whole extra
+//   activation (N L f f C elements, as big as x) per layer.
 // expand: Z = y W^T (at::mm) ; depth-to-space scatter + bias (one pass; CUDA bf16/fp16: the scatter is the
 //   GEMM's epilogue).  Backward: dZ = space-to-depth gather of grad ; dy = dZ W, dW = dZ^T y, db = sums.
 // pack / unpack: one pass each, the running statistics folded into a per-channel (scale, shift).
@@ -18,6 +19,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
@@ -146,7 +148,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> compress_tokens(const Tensor& x, cons
   c10::DeviceGuard guard(x.device());
   const int64_t T = g.N * g.H * g.W;
   Tensor mean = at::empty({T}, x.options().dtype(at::kFloat)), rstd = at::empty({T}, x.options().dtype(at::kFloat));
-  Tensor out = at::empty({g.N, M / std::max<int64_t>(g.N, 1), Co}, x.options());
+  const std::array<int64_t, 3> out_shape{g.N, M / std::max<int64_t>(g.N, 1), Co};
+  Tensor out;
   const bool keep = save_pre && act != int(TokenAct::kNone);
   Tensor pre;
   bool stats_done = false;
@@ -156,6 +159,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> compress_tokens(const Tensor& x, cons
                           rstd.data_ptr<float>(), g, float(eps), false};
     if (T > 0) cuda_check(umm_cuda_tokens_gather(&sp, int(dt), stream_of(x)), "tokens_gather (statistics)");
     stats_done = true;
+    out = at::empty(out_shape, x.options());
     pre = keep ? at::empty({M, Co}, x.options()) : at::empty({0}, x.options());
     TokensGemmParams gp{x.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), cptr(ln_weight),
                         cptr(ln_bias), weight.data_ptr(), cptr(bias), out.data_ptr(), keep ? pre.data_ptr() : nullptr,
@@ -167,7 +171,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> compress_tokens(const Tensor& x, cons
   }
 #endif
   Tensor a = gather_a(x, ln_weight, ln_bias, mean, rstd, g, eps, /*given=*/stats_done, dt);
-  pre = a.mm(weight.t());
+  // CPU, nothing kept for a backward: the GEMM writes straight into the output and the epilogue runs in
+  // place there (no second (M, Cout) buffer)
+  const bool inplace = !keep && !x.is_cuda();
+  out = at::empty(out_shape, x.options());
+  if (inplace) {
+    pre = out.view({M, Co});
+    at::mm_out(pre, a, weight.t());
+  } else {
+    pre = a.mm(weight.t());
+  }
+  a = Tensor();  // A's memory goes back to the allocator before the epilogue
   TokensBiasActParams bp{pre.data_ptr(), cptr(bias), out.data_ptr(), M, Co, act, keep};
   if (M * Co > 0) UMM_TOK_CALL(x, tokens_bias_act, bp, dt);
   if (!keep) pre = at::empty({0}, x.options());
@@ -205,9 +219,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> compress_tokens_backward(
   Tensor mean_c = mean, rstd_c = rstd;  // read by the gather (stats_given), not written
   const bool want_dx = mask[0], want_lw = mask[1] && ln_weight, want_lb = mask[2] && ln_bias;
   const bool want_w = mask[3], want_b = mask[4] && bias;
+  const bool want_ln = want_dx || want_lw || want_lb;
+  const bool a_first = act != int(TokenAct::kNone) && !have_pre;  // pre is recomputed from A
+  // CPU: when the LayerNorm backward runs anyway, it re-writes A for dW on its way (it reads x and the
+  // statistics already): one pass fewer than a separate gather.
+  const bool a_in_ln = want_w && want_ln && !a_first && !x.is_cuda();
   Tensor a;  // recomputed A, when dW or pre needs it
-  if (want_w || (act != int(TokenAct::kNone) && !have_pre))
-    a = gather_a(x, ln_weight, ln_bias, mean_c, rstd_c, g, 0.0, true, dt);
+  if ((want_w && !a_in_ln) || a_first) a = gather_a(x, ln_weight, ln_bias, mean_c, rstd_c, g, 0.0, true, dt);
   Tensor g2 = grad.reshape({M, Co});
   Tensor dpre = g2;
   Tensor db32;  // the bias gradient, when the CPU activation backward sums it on the way
@@ -223,8 +241,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> compress_tokens_backward(
   auto e = [&] { return at::empty({0}, x.options()); };  // one fresh empty per masked-out gradient (no aliasing)
   Tensor dx = e(), dlw = e(), dlb = e(), dw = e(), db = e();
   if (want_b) db = (db32.defined() ? db32 : dpre.sum({0}, false, at::kFloat)).to(x.scalar_type());
-  if (want_w) dw = dpre.t().mm(a);
-  if (want_dx || want_lw || want_lb) {
+  if (want_w && !a_in_ln) dw = dpre.t().mm(a);
+  if (want_ln) {
     Tensor da = dpre.mm(weight);
     auto f32 = x.options().dtype(at::kFloat);
     Tensor lwf = want_lw ? at::empty({g.C}, f32) : e();
@@ -234,6 +252,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> compress_tokens_backward(
                                 rstd.data_ptr<float>(), want_dx ? dx.data_ptr() : nullptr,
                                 want_lw ? lwf.data_ptr<float>() : nullptr, want_lb ? lbf.data_ptr<float>() : nullptr,
                                 g};
+    if (a_in_ln) {
+      a = at::empty({M, K}, x.options());
+      lp.a = a.data_ptr();
+      lp.ln_b = cptr(ln_bias);
+    }
     if (M * K > 0) {
       UMM_TOK_CALL(x, tokens_ln_scatter_bwd, lp, dt);
     } else {
@@ -243,6 +266,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> compress_tokens_backward(
     if (want_lw) dlw = lwf.to(x.scalar_type());
     if (want_lb) dlb = lbf.to(x.scalar_type());
   }
+  if (a_in_ln) dw = dpre.t().mm(a);
   return {dx, dlw, dlb, dw, db};
 }
 

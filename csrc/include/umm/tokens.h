@@ -15,7 +15,8 @@
 //                      normalises A on the fly and applies the epilogue below),
 //   * the epilogue:    pre += bias; out = act(pre)  (one pass).
 // compress backward: dpre = dout act'(pre) (one pass), dA = dpre W, dW = dpre^T A (A recomputed), and the
-//   LayerNorm backward fused with the depth-to-space scatter of dA (ln_scatter_bwd).
+//   LayerNorm backward fused with the depth-to-space scatter of dA (ln_scatter_bwd; on the CPU that pass
+//   also re-writes A for dW, since it reads x and the statistics anyway).
 // expand: Z = y W^T (GEMM), out[t, c] = Z[m, s C + c] + bias[s C + c] (depth_scatter); backward:
 //   dZ = space-to-depth gather of dout (space_gather), dy = dZ W, dW = dZ^T y.
 // pack / unpack (FLUX.2 patchify, channel-major k = c f f + di f + dj):
@@ -83,7 +84,8 @@ struct TokensGatherParams {
 };
 
 // pre (M, Cout) in/out: pre += bias (bias (Cout,) or nullptr); out = act(pre).  keep_pre: write the biased
-// pre-activation back into pre (the backward's input), else pre is left as is.
+// pre-activation back into pre (the backward's input), else pre is left as is.  CPU: out may equal pre when
+// keep_pre is false (in place: the no-grad forward needs no second (M, Cout) buffer).
 struct TokensBiasActParams {
   void* pre;
   const void* bias;
@@ -119,6 +121,10 @@ struct TokensLnScatterBwdParams {
   float* dln_w;
   float* dln_b;
   TokensGeom g;
+  // CPU only (nullptr on CUDA): also write A (M, K) exactly as the gather with given statistics does,
+  // A[m, s C + c] = xhat lnw[c] + lnb[c] (ln_b may be nullptr: 0) - the recomputed GEMM operand of dW
+  void* a = nullptr;
+  const void* ln_b = nullptr;
 };
 
 // expand forward epilogue: out[t, c] = z[m, s C + c] + bias[s C + c]  (z (M, K), out (N H W, C)).
