@@ -79,6 +79,27 @@ def test_env_variable_forces_backend(monkeypatch):
         B.select(torch.device("cpu"), torch.float32)
 
 
+def test_cached_automatic_choice_yields_to_forcing(monkeypatch):
+    """kernels_for caches the automatic choice per (device kind, dtype, op); a forced backend (block or
+    environment variable, set after the cache was filled) still wins, and shape-limited ops are not cached."""
+    from umm_ops.reference import kernels as ref
+
+    x = torch.randn(3)
+    auto = B.kernels_for(x, "flow_step")
+    assert B.kernels_for(x, "flow_step") is auto
+    assert (auto is ref) == (B.select(x.device, x.dtype, "flow_step") == "reference")
+    with umm_ops.use_backend("reference"):
+        assert B.kernels_for(x, "flow_step") is ref
+    monkeypatch.setenv("UMM_OPS_BACKEND", "reference")
+    assert B.kernels_for(x, "flow_step") is ref
+    monkeypatch.delenv("UMM_OPS_BACKEND")
+    assert B.kernels_for(x, "flow_step") is auto
+    assert B.kernels_for(x.double(), "flow_step") is ref
+    assert B.kernels_for(torch.empty(3, device="meta"), "flow_step") is ref
+    B.kernels_for(x, "span_attention_fwd")
+    assert not any(k[-1].startswith("span_attention") for k in B._AUTO_CACHE)
+
+
 def test_backends_give_identical_results_for_the_same_call(seed):
     """Sanity across backends on one call (the real checks are in test_flow/test_norm)."""
     x, v = torch.randn(4, 33), torch.randn(4, 33)

@@ -53,10 +53,27 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
+# os.environ.get of a variable that is not set raises and catches a KeyError inside the Mapping: ~14 us when it
+# runs between large kernels (measured, see kernels_for).  Every op call reads UMM_OPS_BACKEND, so it reads the
+# dict behind os.environ (CPython's _Environ, updated by os.environ[...] = / putenv through it) directly.
+try:
+    _ENV_DATA, _ENV_KEY, _ENV_DECODE = os.environ._data, os.environ.encodekey(_ENV), os.environ.decodevalue
+except AttributeError:  # not CPython's _Environ
+    _ENV_DATA = None
+
+
+def _env_backend() -> str:
+    if _ENV_DATA is None:
+        return os.environ.get(_ENV, "")
+    v = _ENV_DATA.get(_ENV_KEY)
+    return _ENV_DECODE(v) if v else ""
+
+
 def forced_backend() -> str | None:
     name = _forced.get()
     if name is None:
-        env = os.environ.get(_ENV, "").strip().lower()
+        env = _env_backend()
+        env = env.strip().lower() if env else env
         name = _check_name(env) if env else None
     return None if name == "auto" else name
 
@@ -182,14 +199,21 @@ def select(device: torch.device, dtype: torch.dtype, op: str | None = None, shap
 
 
 class _CppKernels:
+    """torch.ops.umm_ops.kernel_<name> as attribute <name> (looked up once, then a plain instance attribute)."""
+
     def __getattr__(self, name):
-        return getattr(torch.ops.umm_ops, "kernel_" + name)
+        fn = getattr(torch.ops.umm_ops, "kernel_" + name)
+        setattr(self, name, fn)
+        return fn
+
+
+_CPP_KERNELS = _CppKernels()
 
 
 def kernels(name: str):
     """The kernel-contract namespace of a backend (see umm_ops/reference/kernels.py)."""
     if name in ("cpu", "cuda"):
-        return _CppKernels()
+        return _CPP_KERNELS
     if name == "triton":
         mod = _triton_module()
         if isinstance(mod, Exception):
@@ -200,7 +224,26 @@ def kernels(name: str):
     return ref
 
 
+# (device type, dtype, op) -> kernel namespace of the automatic choice, for ops whose choice does not depend on
+# the shape.  Why: every op call selects its backend, and the selection's few microseconds of Python cost 10x
+# more when they run between large kernels than in a tight loop (cold caches and branch predictors): ~35 us
+# measured around a 0.35 ms bf16 expand_tokens on the 2-core CPU (bench/NOTES.md, tokens v3).
+_AUTO_CACHE: dict = {}
+
+
 def kernels_for(t: torch.Tensor, op: str | None = None):
+    """The kernel namespace of the backend selected for `op` on tensors like `t`."""
+    if _forced.get() is None and not _env_backend():
+        # (t.device builds a torch.device object: slower).  Every other device type (meta, mps, ...) gets the
+        # reference backend from select(), so they may share the (False, False) key.
+        key = (t.is_cuda, t.is_cpu, t.dtype, op)
+        ns = _AUTO_CACHE.get(key)
+        if ns is None:
+            name = select(t.device, t.dtype, op, tuple(t.shape))
+            ns = kernels(name)
+            if not any((cand, op) in _OP_LIMITS for cand in BACKENDS):
+                _AUTO_CACHE[key] = ns
+        return ns
     return kernels(select(t.device, t.dtype, op, tuple(t.shape)))
 
 

@@ -45,9 +45,7 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def kernels(t: torch.Tensor, op: str):
-    """The kernel namespace of the backend selected for `op` on tensors like `t`."""
-    return kernels_for(t, op)
+kernels = kernels_for  # kernels(t, op): the kernel namespace of the backend selected for `op` on tensors like `t`
 
 
 def register_fake_both(name: str, fn):
@@ -82,7 +80,12 @@ def eager_ok(x: torch.Tensor) -> bool:
 
 
 def needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+    if not torch.is_grad_enabled():
+        return False
+    for t in ts:  # a plain loop: a generator under any() costs several microseconds more between large kernels
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False
 
 
 def eager_function(name: str, impl, setup, backward):
@@ -108,8 +111,11 @@ def backward_op(ctx, op, impl):
     return impl if getattr(ctx, "umm_eager", False) else op
 
 
-def dispatch(op, fn, impl, x: torch.Tensor, *args):
-    """Run custom op `op` on args, or in eager mode (eager_ok(x)) its implementation / autograd.Function `fn`."""
+def dispatch(op, fn, impl, x: torch.Tensor, *args, grad: bool | None = None):
+    """Run custom op `op` on args, or in eager mode (eager_ok(x)) its implementation / autograd.Function `fn`.
+    grad: needs_grad(*args) when the caller has it already."""
     if eager_ok(x):
-        return fn.apply(*args) if needs_grad(*args) else impl(*args)
+        if grad is None:
+            grad = needs_grad(*args)
+        return fn.apply(*args) if grad else impl(*args)
     return op(*args)

@@ -261,7 +261,8 @@ def _factor(factor) -> int:
 
 def _grid(grid_hw, factor: int, what: str) -> tuple[int, int]:
     try:
-        H, W = (int(v) for v in grid_hw)
+        H, W = grid_hw
+        H, W = int(H), int(W)
     except (TypeError, ValueError):
         raise ValueError(f"grid_hw must be a pair of ints (H, W), got {grid_hw!r}") from None
     if H < 1 or W < 1:
@@ -307,8 +308,9 @@ def compress_tokens(x, grid_hw, ln_weight, ln_bias, weight, bias, factor=2, acti
     if weight.dim() != 2 or weight.shape[1] != f * f * C:
         raise ValueError(f"weight must be (C_out, f*f*C) = (C_out, {f * f * C}), got shape {tuple(weight.shape)}")
     b = _vec(bias, weight.shape[0], x, "bias", "x")
-    args = (x.contiguous(), lw, lb, weight.contiguous(), b, H, W, f, activation, float(eps))
-    return dispatch(_ct_op, _ct_eager, _ct_impl, x, *args, needs_grad(x, ln_weight, ln_bias, weight, bias))[0]
+    grad = needs_grad(x, ln_weight, ln_bias, weight, bias)
+    args = (x.contiguous(), lw, lb, weight.contiguous(), b, H, W, f, activation, float(eps), grad)
+    return dispatch(_ct_op, _ct_eager, _ct_impl, x, *args, grad=grad)[0]
 
 
 def expand_tokens(y, grid_hw, weight, bias, factor=2):
