@@ -116,9 +116,10 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
   const int64_t width = 2 * C + Dg + 1;
   std::vector<float> part(nch * width, 0.f);
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> ubuf(C), dbuf(C);
+    std::vector<float> ubuf(C), dbuf(C), hbuf(C);
     float* __restrict uh = ubuf.data();
     float* __restrict dyw = dbuf.data();
+    float* __restrict hb = hbuf.data();
     for (int64_t ch = c0; ch < c1; ++ch) {
       float* __restrict acc_lw = part.data() + ch * width;
       float* __restrict acc_lb = acc_lw + C;
@@ -133,8 +134,9 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
         // much smaller than their size, so dg is not summed from the fp32 du_c (whose rounding, relative to the
         // O(1) terms, would dominate it) but expanded into double sums of exact products:
         // dg = rstd * (sum dyw h - m1 sum h - m2 sum uhat h), with m1, m2 in double too.
-        double s1 = 0.0, s2 = 0.0, sdh = 0.0, sh = 0.0, suh = 0.0;
-#pragma omp simd reduction(+ : s1, s2, sdh, sh, suh)
+        // Two loops: the float work first, then the five double sums alone (one loop doing both ran scalar:
+        // GCC vectorised it only with a runtime check that failed, 4.1 ms for 1024 x 1152 fp32).
+#pragma omp simd
         for (int64_t i = 0; i < C; ++i) {
           const float h = ld(hr, i);
           const float u = ld(lr, i) + g * h;
@@ -143,13 +145,19 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
           const float dw = dy * lwp[i];
           uh[i] = uhat;
           dyw[i] = dw;
+          hb[i] = h;
           acc_lw[i] += dy * uhat;
           acc_lb[i] += dy;
-          s1 += double(dw);
-          s2 += double(dw) * double(uhat);
-          sdh += double(dw) * double(h);
-          sh += double(h);
-          suh += double(uhat) * double(h);
+        }
+        double s1 = 0.0, s2 = 0.0, sdh = 0.0, sh = 0.0, suh = 0.0;
+#pragma omp simd reduction(+ : s1, s2, sdh, sh, suh)
+        for (int64_t i = 0; i < C; ++i) {
+          const double dw = dyw[i], u = uh[i], h = hb[i];
+          s1 += dw;
+          s2 += dw * u;
+          sdh += dw * h;
+          sh += h;
+          suh += u * h;
         }
         const double m1d = s1 / double(C), m2d = s2 / double(C);
         const float m1 = float(m1d), m2 = float(m2d);
