@@ -111,7 +111,10 @@ def umm_gated_residual(x, gate, y):
 
 # ------------------------------------------------------------------------------------- helpers
 def _with_backward(fn, n_grad_inputs):
-    """fwd+bwd timing: loss = sum of outputs * fixed random cotangent; grads for the first n inputs."""
+    """fwd+bwd timing: loss = sum of outputs (cast to float32); grads for the first n inputs.  Every
+    implementation runs under the same eager harness: the compile peer is _with_backward(torch.compile(fn)),
+    not torch.compile(_with_backward(fn)), which would also fuse the harness's own cast / sum and their
+    backwards into the compiled graph and time less work than the others."""
     def run(*inputs):
         out = fn(*inputs)
         outs = out if isinstance(out, tuple) else (out,)
@@ -168,7 +171,7 @@ def make_cases(device: str, quick: bool) -> list[Case]:
             cases.append(Case("flow_logprob", "fwd+bwd", n_img, dtype, device, f"({B}, {FLOW_TOKENS}x{FLOW_CH})",
                               B * N * es * (3 + 3 + 1), lp_inputs,
                               {"umm_ops": lp_bwd(umm_flow_logprob), "eager": lp_bwd(eager_flow_logprob),
-                               "compile": _compiled(lp_bwd(eager_flow_logprob))}))
+                               "compile": lp_bwd(_compiled(eager_flow_logprob))}))
 
             T, C = n_img * VIT_TOKENS, VIT_CH
 
@@ -178,10 +181,9 @@ def make_cases(device: str, quick: bool) -> list[Case]:
 
             for direction in ("fwd", "fwd+bwd"):
                 bwd = direction == "fwd+bwd"
-                impls = {"umm_ops": umm_gdr, "eager": eager_gdr}
+                impls = {"umm_ops": umm_gdr, "eager": eager_gdr, "compile": _compiled(eager_gdr)}
                 if bwd:
                     impls = {k: _with_backward(f, 7) for k, f in impls.items()}
-                impls["compile"] = _compiled(impls["eager"])
                 nbytes = T * C * es * (4 if not bwd else 4 + 7)
                 cases.append(Case("gated_detail_residual", direction, n_img, dtype, device, f"({T}, {C})", nbytes,
                                   lambda g=bwd, f=gdr_inputs: f(grad=g), impls))
@@ -196,10 +198,9 @@ def make_cases(device: str, quick: bool) -> list[Case]:
 
                 for direction in ("fwd", "fwd+bwd"):
                     bwd = direction == "fwd+bwd"
-                    impls = {"umm_ops": umm_adaln, "eager": eager_adaln}
+                    impls = {"umm_ops": umm_adaln, "eager": eager_adaln, "compile": _compiled(eager_adaln)}
                     if bwd:
                         impls = {k: _with_backward(f, 4) for k, f in impls.items()}
-                    impls["compile"] = _compiled(impls["eager"])
                     nbytes = B * L * C * es * (2 if not bwd else 2 + 3)
                     cases.append(Case(f"adaln_modulate[{label}]", direction, n_img, dtype, device, f"({B}, {L}, {C})",
                                       nbytes, lambda g=bwd, f=ada_inputs: f(grad=g), impls))
@@ -210,10 +211,10 @@ def make_cases(device: str, quick: bool) -> list[Case]:
 
                 for direction in ("fwd", "fwd+bwd"):
                     bwd = direction == "fwd+bwd"
-                    impls = {"umm_ops": umm_gated_residual, "eager": eager_gated_residual}
+                    impls = {"umm_ops": umm_gated_residual, "eager": eager_gated_residual,
+                             "compile": _compiled(eager_gated_residual)}
                     if bwd:
                         impls = {k: _with_backward(f, 3) for k, f in impls.items()}
-                    impls["compile"] = _compiled(impls["eager"])
                     nbytes = B * L * C * es * (3 if not bwd else 3 + 3)  # bwd: read grad, y; write dy (dx is grad)
                     cases.append(Case(f"gated_residual[{label}]", direction, n_img, dtype, device, f"({B}, {L}, {C})",
                                       nbytes, lambda g=bwd, f=gr_inputs: f(grad=g), impls))

@@ -120,7 +120,7 @@ def make_tokens_cases(device: str, quick: bool, dtypes=None) -> list[Case]:
                     def umm_c(x, lw, lb, w, b):
                         return umm_ops.compress_tokens(x, (H, W), lw, lb, w, b, factor=f)
 
-                    impls = {"umm_ops": umm_c, "eager": eager_compress}
+                    impls = {"umm_ops": umm_c, "eager": eager_compress, "compile": _compiled(eager_compress)}
                     if with_triton:
                         def tri(*a):
                             with umm_ops.use_backend("triton"):
@@ -128,7 +128,6 @@ def make_tokens_cases(device: str, quick: bool, dtypes=None) -> list[Case]:
                         impls["umm_ops[triton]"] = tri
                     if bwd:
                         impls = {k: _with_backward(fn, 5) for k, fn in impls.items()}
-                    impls["compile"] = _compiled(impls["eager"])
                     flops = 2.0 * M * K * Co * (3 if bwd else 1)
                     nbytes = (T * C + Co * K + M * Co) * es * (1 if not bwd else 2)
                     shape = f"({n}, {H}x{W}, {C}) -> ({n}, {M // n}, {Co})"
@@ -147,7 +146,7 @@ def make_tokens_cases(device: str, quick: bool, dtypes=None) -> list[Case]:
                     def umm_e(y, w, b):
                         return umm_ops.expand_tokens(y, (H, W), w, b, factor=f)
 
-                    impls = {"umm_ops": umm_e, "eager": eager_expand}
+                    impls = {"umm_ops": umm_e, "eager": eager_expand, "compile": _compiled(eager_expand)}
                     if with_triton:
                         def tri_e(*a):
                             with umm_ops.use_backend("triton"):
@@ -155,7 +154,6 @@ def make_tokens_cases(device: str, quick: bool, dtypes=None) -> list[Case]:
                         impls["umm_ops[triton]"] = tri_e
                     if bwd:
                         impls = {k: _with_backward(fn, 3) for k, fn in impls.items()}
-                    impls["compile"] = _compiled(impls["eager"])
                     eflops = 2.0 * M * Ci * K * (3 if bwd else 1)
                     ebytes = (M * Ci + K * Ci + T * C) * es * (1 if not bwd else 2)
                     eshape = f"({n}, {M // n}, {Ci}) -> ({n}, {H}x{W}, {C})"
