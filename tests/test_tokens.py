@@ -474,3 +474,34 @@ def test_cuda_fused_gemm_is_the_path_taken(seed):
     assert "gather_gemm_kernel" in kernels_run(24)
     assert "gather_gemm_kernel" not in kernels_run(17)
 
+
+
+@pytest.mark.parametrize("device,backend", _params())
+def test_empty_batch(device, backend):
+    """N = 0 images: every op returns the shapes its fake kernel promises (found: compress gave (0, 0, C_out)
+    instead of (0, (H/f)(W/f), C_out)), forward and backward, without touching memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    H, W, C, Co, f = 4, 6, 5, 7, 2
+    x, lw, lb, w, b = (t.to(device) for t in _compress_inputs(0, H, W, C, Co, f, torch.float32, "cpu"))
+    y, we, be = torch.randn(0, 6, 3, device=device), torch.randn(4 * C, 3, device=device), torch.randn(4 * C, device=device)
+    z = torch.randn(0, 2, H, W, device=device)
+    rm, rv = torch.zeros(8, device=device), torch.ones(8, device=device)
+    calls = {
+        "compress": lambda *a: umm_ops.compress_tokens(a[0], (H, W), *a[1:]),
+        "expand": lambda *a: umm_ops.expand_tokens(a[0], (H, W), *a[1:]),
+        "pack": lambda zz: umm_ops.pack_latents(zz, rm, rv),
+        "unpack": lambda t: umm_ops.unpack_latents(t, (H, W), rm, rv),
+    }
+    inputs = {"compress": (x, lw, lb, w, b), "expand": (y, we, be), "pack": (z,),
+              "unpack": (torch.randn(0, 6, 8, device=device),)}
+    for name, fn in calls.items():
+        ins = [t.clone().requires_grad_(True) for t in inputs[name]]
+        with umm_ops.use_backend(backend):
+            out = fn(*ins)
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # (the latent statistics stay real)
+                fake = fn(*(mode.from_tensor(t.detach()) for t in inputs[name]))
+            grads = torch.autograd.grad(out.sum(), ins, allow_unused=True)
+        assert out.shape == fake.shape, (name, out.shape, fake.shape)
+        for t, g in zip(ins, grads):
+            assert g is None or g.shape == t.shape, name

@@ -102,7 +102,8 @@ TokensGeom grid(const Tensor& fine, int64_t H, int64_t W, int64_t f, const char*
   return TokensGeom{fine.size(0), H, W, f, fine.size(2)};
 }
 
-inline int64_t coarse_rows(const TokensGeom& g) { return g.N * (g.H / g.f) * (g.W / g.f); }
+inline int64_t coarse_per_image(const TokensGeom& g) { return (g.H / g.f) * (g.W / g.f); }
+inline int64_t coarse_rows(const TokensGeom& g) { return g.N * coarse_per_image(g); }
 
 // A = space_to_depth(LayerNorm(x)) (M, K) in x's dtype; statistics computed (given == false) or read.
 Tensor gather_a(const Tensor& x, const OptT& lw, const OptT& lb, Tensor& mean, Tensor& rstd, const TokensGeom& g,
@@ -148,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> compress_tokens(const Tensor& x, cons
   c10::DeviceGuard guard(x.device());
   const int64_t T = g.N * g.H * g.W;
   Tensor mean = at::empty({T}, x.options().dtype(at::kFloat)), rstd = at::empty({T}, x.options().dtype(at::kFloat));
-  const std::array<int64_t, 3> out_shape{g.N, M / std::max<int64_t>(g.N, 1), Co};
+  const std::array<int64_t, 3> out_shape{g.N, coarse_per_image(g), Co};
   Tensor out;
   const bool keep = save_pre && act != int(TokenAct::kNone);
   Tensor pre;
@@ -207,7 +208,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> compress_tokens_backward(
     check_shape(*bias, {Co}, "bias");
   }
   check_same(grad, x, "grad", "x");
-  check_shape(grad, {g.N, M / std::max<int64_t>(g.N, 1), Co}, "grad");
+  check_shape(grad, {g.N, coarse_per_image(g), Co}, "grad");
   check_stats(mean, T, x, "mean");
   check_stats(rstd, T, x, "rstd");
   const bool have_pre = pre.numel() > 0;

@@ -239,7 +239,7 @@ def _per_sample(val, B: int, x: torch.Tensor, name: str) -> torch.Tensor:
 
 def _flatten(x: torch.Tensor, name: str):
     check_tensor(x, name, dtypes=ALL_DTYPES, min_dim=1)
-    return x.reshape(x.shape[0], -1).contiguous()
+    return x.reshape(x.shape[0], math.prod(x.shape[1:])).contiguous()  # (-1 is ambiguous for an empty batch)
 
 
 def _check_values(t, t_next, sigma, sde: bool):

@@ -12,6 +12,8 @@ tensor are used without a copy) but need unit stride along C.  All floating inpu
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._common import (
@@ -263,7 +265,8 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, norm: str = "rms", weight
     sc = _modulation(scale, B, C, x, "scale")
     w = _param(weight, C, x, "weight", None)
     b = _param(bias, C, x, "bias", None)
-    out, _, _ = dispatch(_ada_op, _ada_eager, _ada_impl, x, x.reshape(B, -1, C).contiguous(), sh, sc, w, b,
+    L = math.prod(x.shape[1:-1])  # (not reshape(B, -1, C): ambiguous for an empty batch)
+    out, _, _ = dispatch(_ada_op, _ada_eager, _ada_impl, x, x.reshape(B, L, C).contiguous(), sh, sc, w, b,
                          float(eps), norm == "rms")
     return out.reshape(x.shape)
 
@@ -274,5 +277,6 @@ def gated_residual(x, gate, y):
     check_like(y, x, "y", "x")
     B, C = x.shape[0], x.shape[-1]
     g = _modulation(gate, B, C, x, "gate")
-    return dispatch(_gr_op, _gr_eager, _gr_impl, x, x.reshape(B, -1, C).contiguous(), g,
-                    y.reshape(B, -1, C).contiguous()).reshape(x.shape)
+    L = math.prod(x.shape[1:-1])  # (not reshape(B, -1, C): ambiguous for an empty batch)
+    return dispatch(_gr_op, _gr_eager, _gr_impl, x, x.reshape(B, L, C).contiguous(), g,
+                    y.reshape(B, L, C).contiguous()).reshape(x.shape)

@@ -390,7 +390,7 @@ def compress_tokens(x, ln_weight, ln_bias, weight, bias, H, W, factor, activatio
     K, Co = f * f * C, weight.shape[0]
     M = N * (H // f) * (W // f)
     mean, rstd = _stats(x.reshape(-1, C), eps)
-    out = torch.empty(N, M // max(N, 1), Co, device=x.device, dtype=x.dtype)
+    out = torch.empty(N, (H // f) * (W // f), Co, device=x.device, dtype=x.dtype)
     keep = bool(save_pre) and act != 0
     pre = torch.empty(M, Co, device=x.device, dtype=x.dtype) if keep else x.new_empty(0)
     if M * Co > 0:
