@@ -400,20 +400,27 @@ def mean_shift(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
         c = ((wgt * nb).sum(2) + eps * c) / (wgt.sum(2) + eps)
     if f == 1:
         return c
-    # edge-aware upsampling from the 3x3 low-res neighbourhood of each full-res pixel
-    modes = F.unfold(F.pad(c, (1, 1, 1, 1), mode="replicate"), 3).view(B, C, 9, h, w)
+    # edge-aware upsampling from the 3x3 low-res neighbourhood of each full-res pixel, one neighbour at a time:
+    # (B, C, H, W) temporaries only, no (B, C, 9, H, W) gather (28 MB per 512 px image); same bits, same speed
+    cp = F.pad(c, (1, 1, 1, 1), mode="replicate")  # (B, C, h + 2, w + 2): low-res neighbour (a, b) of (y, x)
     ys = (torch.arange(H, device=x.device, dtype=x.dtype) + 0.5) / f - 0.5
     xs = (torch.arange(W, device=x.device, dtype=x.dtype) + 0.5) / f - 0.5
     yi, xi = ys.round().clamp(0, h - 1).long(), xs.round().clamp(0, w - 1).long()
-    modes = modes[:, :, :, yi][:, :, :, :, xi]  # (B, C, 9, H, W)
     off = torch.arange(-1, 2, device=x.device, dtype=x.dtype)
     ty = (1.5 - (ys.view(-1, 1) - (yi.to(x.dtype).view(-1, 1) + off)).abs()).clamp(0, 1)  # (H, 3)
     tx = (1.5 - (xs.view(-1, 1) - (xi.to(x.dtype).view(-1, 1) + off)).abs()).clamp(0, 1)  # (W, 3)
-    tent = (ty.t().reshape(3, 1, H, 1) * tx.t().reshape(1, 3, 1, W)).reshape(1, 1, 9, H, W)
-    d2 = ((modes - x.unsqueeze(2)) ** 2).sum(1, keepdim=True)
-    wgt = _ms_profile(d2 * inv / 1.5 ** 2) * tent  # 1.5 sr: cv2's trajectories travel beyond sr
+    inv_up = inv / 1.5 ** 2  # 1.5 sr: cv2's trajectories travel beyond sr
     self_w = 0.05
-    return ((wgt * modes).sum(2) + self_w * x) / (wgt.sum(2) + self_w)
+    num, den = self_w * x, torch.full_like(x[:, :1], self_w)
+    for a in range(3):
+        rows = cp.index_select(2, yi + a)  # (B, C, H, w + 2)
+        for b in range(3):
+            mode = rows.index_select(3, xi + b)  # (B, C, H, W)
+            d2 = (mode - x).square().sum(1, keepdim=True)
+            wgt = _ms_profile(d2 * inv_up) * (ty[:, a].view(H, 1) * tx[:, b].view(1, W))
+            num = num + wgt * mode
+            den = den + wgt
+    return num / den
 
 
 _GRAFFITI_TEXTS = ("X", "FAKE", "COPY", "VOID", "COPYRIGHT")
