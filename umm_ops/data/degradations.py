@@ -389,15 +389,20 @@ def mean_shift(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
     h, w = max(1, math.ceil(H / f)), max(1, math.ceil(W / f))
     low = F.adaptive_avg_pool2d(x, (h, w)) if f > 1 else x
     k = 2 * r + 1
-    nb = F.unfold(_pad101(low, r, r), k)  # reflect-101 padding of any width
-    nb = nb.view(B, C, k * k, h, w)
+    lowp = _pad101(low, r, r)  # reflect-101 padding of any width; window offset (a, b) = a slice of it
     inv = 1.0 / (sr * sr)
     eps = 1e-3
     c = low
     for _ in range(5):
-        d2 = ((nb - c.unsqueeze(2)) ** 2).sum(1, keepdim=True)
-        wgt = _ms_profile(d2 * inv)
-        c = ((wgt * nb).sum(2) + eps * c) / (wgt.sum(2) + eps)
+        # one window offset at a time on (B, C, h, w) slices (no (B, C, k*k, h, w) unfold)
+        num, den = eps * c, torch.full_like(c[:, :1], eps)
+        for a in range(k):
+            for b in range(k):
+                sh = lowp[:, :, a:a + h, b:b + w]
+                wgt = _ms_profile((sh - c).square().sum(1, keepdim=True) * inv)
+                num.addcmul_(wgt, sh)
+                den.add_(wgt)
+        c = num / den
     if f == 1:
         return c
     # edge-aware upsampling from the 3x3 low-res neighbourhood of each full-res pixel, one neighbour at a time:
@@ -412,14 +417,14 @@ def mean_shift(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
     inv_up = inv / 1.5 ** 2  # 1.5 sr: cv2's trajectories travel beyond sr
     self_w = 0.05
     num, den = self_w * x, torch.full_like(x[:, :1], self_w)
-    for a in range(3):
-        rows = cp.index_select(2, yi + a)  # (B, C, H, w + 2)
-        for b in range(3):
-            mode = rows.index_select(3, xi + b)  # (B, C, H, W)
+    for b in range(3):
+        cols = cp.index_select(3, xi + b)  # (B, C, h + 2, W): the column gather on the small tensor
+        for a in range(3):
+            mode = cols.index_select(2, yi + a)  # (B, C, H, W): whole-row copies
             d2 = (mode - x).square().sum(1, keepdim=True)
-            wgt = _ms_profile(d2 * inv_up) * (ty[:, a].view(H, 1) * tx[:, b].view(1, W))
-            num = num + wgt * mode
-            den = den + wgt
+            wgt = _ms_profile(d2 * inv_up) * (ty[:, a].view(H, 1) * tx[:, b].view(1, W))  # (a, b): tent weight
+            num.addcmul_(wgt, mode)
+            den.add_(wgt)
     return num / den
 
 
