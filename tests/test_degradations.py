@@ -153,3 +153,21 @@ def test_errors():
         degrade(BATCH, kind, 0.5, index=[0, 1])
     with pytest.raises(TypeError):
         degrade(IMG.numpy(), kind, 0.5)
+
+
+@pytest.mark.parametrize("ksize", [1, 3, 15, 61, 181])
+@pytest.mark.parametrize("hw", [(1, 7), (40, 56), (33, 1)])
+def test_separable_filter_gemm_matches_convolution(ksize, hw):
+    """The blurs run as two GEMMs with border-folded band matrices below max(1024 px, 16 x kernel) and as two
+    convolutions with explicit reflect-101 padding above: the same filter, including kernels wider than the image
+    (the border reflects more than once) and single-pixel axes."""
+    from umm_ops.data import degradations as D
+
+    x = torch.rand(2, 3, *hw, dtype=torch.float64) * 255
+    k = D._gauss1d(ksize, 0.0 if ksize < 3 else ksize / 5)
+    got, want = D._sep_filter(x, k), D._sep_filter_conv(x, k)
+    assert got.shape == want.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    # a constant image stays constant (the weights of every output pixel sum to 1, border included)
+    c = torch.full((1, 1, *hw), 7.0, dtype=torch.float64)
+    torch.testing.assert_close(D._sep_filter(c, k), c, rtol=0, atol=1e-9)

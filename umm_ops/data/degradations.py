@@ -74,15 +74,21 @@ def _band_matrix(n: int, k1d: torch.Tensor, device, dtype) -> torch.Tensor:
 
 def _sep_filter(x: torch.Tensor, k1d: torch.Tensor) -> torch.Tensor:
     """Separable filter with the same 1-D kernel along rows and columns, per channel, reflect-101 border."""
-    n = k1d.numel()
-    p = n // 2
-    B, C, H, W = x.shape
-    if max(H, W) <= max(1024, 16 * n):
+    H, W = x.shape[-2:]
+    if max(H, W) <= max(1024, 16 * k1d.numel()):
         # two GEMMs with banded (border-folded) matrices: 6-15x faster on a CPU than the single-channel
-        # convolutions below at 256-512 px for every kernel size used here (bench/results/*-degradations.json)
+        # convolutions below at 256-512 px for every kernel size used here (bench/NOTES.md, degradations)
         return torch.matmul(torch.matmul(_band_matrix(H, k1d, x.device, x.dtype), x),
                             _band_matrix(W, k1d, x.device, x.dtype).t())
+    return _sep_filter_conv(x, k1d)
+
+
+def _sep_filter_conv(x: torch.Tensor, k1d: torch.Tensor) -> torch.Tensor:
+    """_sep_filter by two single-channel convolutions (O(kernel) per pixel: large images, small kernels)."""
     k = k1d.to(device=x.device, dtype=x.dtype)
+    n = k.numel()
+    p = n // 2
+    B, C, H, W = x.shape
     y = _pad101(x, p, p).reshape(B * C, 1, H + 2 * p, W + 2 * p)
     y = F.conv2d(y, k.view(1, 1, n, 1))
     y = F.conv2d(y, k.view(1, 1, 1, n))
