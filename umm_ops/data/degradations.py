@@ -521,11 +521,23 @@ def _push_pull_fill(x: torch.Tensor, known: torch.Tensor, iters: int = 30) -> to
         val = v / m.clamp_min(1e-6)
         fill = val * m + up * (1 - m)  # partly known cells keep their own average, holes take the coarser fill
     xk, unknown = x * known, 1 - known
-    for _ in range(iters):  # the 4-neighbour mean by slices (a depthwise conv2d was ~10x slower on a CPU)
-        q = F.pad(fill, (1, 1, 1, 1), mode="replicate")
-        nb = ((q[..., :-2, 1:-1] + q[..., 2:, 1:-1]) + (q[..., 1:-1, :-2] + q[..., 1:-1, 2:])) * 0.25
-        fill = xk + nb * unknown
-    return xk + fill * unknown
+    # Jacobi steps fill <- xk + mean4(fill) * unknown, the 4-neighbour mean by slices of a replicate-padded copy
+    # (a depthwise conv2d was ~10x slower on a CPU), in two ping-pong padded buffers without allocations.
+    # unknown / 4 is exact (a power of two), so ((a + b) + (c + d)) * (unknown / 4) rounds as (... * 0.25) * unknown.
+    uq = unknown * 0.25
+    cur = F.pad(fill, (1, 1, 1, 1), mode="replicate")
+    nxt, tmp = torch.empty_like(cur), torch.empty_like(fill)
+    for _ in range(iters):
+        inner = nxt[..., 1:-1, 1:-1]
+        torch.add(cur[..., :-2, 1:-1], cur[..., 2:, 1:-1], out=inner)
+        torch.add(cur[..., 1:-1, :-2], cur[..., 1:-1, 2:], out=tmp)
+        inner.add_(tmp).mul_(uq).add_(xk)
+        nxt[..., 0, 1:-1] = inner[..., 0, :]  # replicate border
+        nxt[..., -1, 1:-1] = inner[..., -1, :]
+        nxt[..., :, 0] = nxt[..., :, 1]
+        nxt[..., :, -1] = nxt[..., :, -2]
+        cur, nxt = nxt, cur
+    return xk + cur[..., 1:-1, 1:-1] * unknown
 
 
 def watermark_damage(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
