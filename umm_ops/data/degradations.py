@@ -324,8 +324,17 @@ def dirty_lens(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
     m = int(300 * i)
     cx, cy = _randint(gens, 0, W, m), _randint(gens, 0, H, m)
     r, g = _randint(gens, 4, 20, m), _randint(gens, 50, 100, m)
-    for j in range(m):
-        dirt = _paint(dirt, _circle_mask(yy, xx, dev(cy[:, j]), dev(cx[:, j]), dev(r[:, j])), dev(g[:, j:j + 1]))
+    # the small spots (r <= 20) are painted in their own bounding windows, in order (later spots cover earlier
+    # ones), with the full-frame formula on the window's coordinates: the same pixels as a full-frame mask
+    yv, xv = yy.view(-1), xx.view(-1)
+    for b in range(B):
+        for j, (sx, sy, sr, sg) in enumerate(zip(cx[b].tolist(), cy[b].tolist(), r[b].tolist(), g[b].tolist())):
+            y0, y1, x0, x1 = max(0, sy - sr), min(H, sy + sr + 1), max(0, sx - sr), min(W, sx + sr + 1)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            inside = (yv[y0:y1, None] - sy) ** 2 + (xv[None, x0:x1] - sx) ** 2 <= float(sr) ** 2
+            win = dirt[b, 0, y0:y1, x0:x1]
+            win.masked_fill_(inside, float(sg))
     if i > 0.5:
         m = int(5 * i)
         cx, cy = _randint(gens, 0, W, m), _randint(gens, 0, H, m)
