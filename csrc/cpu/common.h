@@ -11,8 +11,10 @@
 #include <c10/util/Half.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "umm/params.h"
 
@@ -94,6 +96,28 @@ inline void round_trip(float* buf, int64_t n) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Runs fn(r0, r1, acc) over the rows [0, M) in chunks of max(min_rows, ceil(M / 256)) rows, in parallel.  With
+// out != nullptr, each chunk accumulates column sums into its own zeroed float partial row acc[0, width), and
+// out[j] = the sum over chunks, in chunk order and in double, of acc[j]: chunk sizes depend only on the shape,
+// so the result is bitwise independent of the thread count.  With out == nullptr, acc is nullptr.
+template <typename F>
+void chunked_rows(int64_t M, int64_t min_rows, int64_t width, float* out, const F& fn) {
+  const int64_t rpc = std::max<int64_t>(min_rows, ceil_div(M, 256)), nch = ceil_div(M, rpc);
+  std::vector<float> part(out ? nch * width : 0, 0.f);
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch)
+      fn(ch * rpc, std::min(M, (ch + 1) * rpc), out ? part.data() + ch * width : nullptr);
+  });
+  if (out == nullptr) return;
+  at::parallel_for(0, width, 256, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      double acc = 0.0;
+      for (int64_t ch = 0; ch < nch; ++ch) acc += part[ch * width + j];
+      out[j] = float(acc);
+    }
+  });
+}
 
 // Dispatch a DType to a template parameter.
 #define UMM_CPU_DISPATCH(DTYPE, T, ...)                                   \

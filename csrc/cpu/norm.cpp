@@ -29,17 +29,7 @@ std::vector<float> to_float_vec(const void* p, int64_t n, float fill) {
   return out;
 }
 
-// Sum partial rows [nchunks, width] in order into out[width].
-inline void sum_partials(const std::vector<float>& part, int64_t nchunks, int64_t width, float* out) {
-  std::vector<double> acc(width, 0.0);
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const float* row = part.data() + c * width;
-    for (int64_t j = 0; j < width; ++j) acc[j] += row[j];
-  }
-  for (int64_t j = 0; j < width; ++j) out[j] = float(acc[j]);
-}
-
-inline int64_t rows_per_chunk(int64_t rows) { return std::max<int64_t>(64, ceil_div(rows, 256)); }
+inline constexpr int64_t kMinChunkRows = 64;  // chunked_rows' smallest row chunk here (common.h)
 
 // ------------------------------------------------------------------ gated detail residual
 // sum_i a[i] b[i] in double (exact float products).  A function of its own with restrict pointers: written
@@ -119,79 +109,74 @@ void gated_detail_bwd_impl(const GatedDetailBwdParams& p) {
   T* dgh = static_cast<T*>(p.dgate_hidden);
   const float* wp = w.data();
   const float* lwp = lw.data();
-  const int64_t rpc = rows_per_chunk(N), nch = ceil_div(N, rpc);
-  // partial layout per chunk: [dln_w (C) | dln_b (C) | dw_gate (Dg) | db_gate (1)]
+  // column sums per chunk of rows: [dln_w (C) | dln_b (C) | dw_gate (Dg) | db_gate (1)]
   const int64_t width = 2 * C + Dg + 1;
-  std::vector<float> part(nch * width, 0.f);
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+  std::vector<float> tot(width);
+  chunked_rows(N, kMinChunkRows, width, tot.data(), [&](int64_t r0, int64_t r1, float* acc) {
     std::vector<float> ubuf(C), dbuf(C), hbuf(C);
     float* __restrict uh = ubuf.data();
     float* __restrict dyw = dbuf.data();
     float* __restrict hb = hbuf.data();
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      float* __restrict acc_lw = part.data() + ch * width;
-      float* __restrict acc_lb = acc_lw + C;
-      float* __restrict acc_w = acc_lw + 2 * C;
-      float acc_b = 0.f;
-      for (int64_t n = ch * rpc; n < std::min(N, (ch + 1) * rpc); ++n) {
-        const float g = p.gate[n], mean = p.mean[n], rstd = p.rstd[n];
-        const T* __restrict lr = low + n * C;
-        const T* __restrict hr = high + n * C;
-        const T* __restrict dyr = dy_p + n * C;
-        // dg = sum_c du_c * high_c with du_c = rstd * (dyw_c - m1 - uhat_c * m2): its terms cancel to a total
-        // much smaller than their size, so dg is not summed from the fp32 du_c (whose rounding, relative to the
-        // O(1) terms, would dominate it) but expanded into double sums of exact products:
-        // dg = rstd * (sum dyw h - m1 sum h - m2 sum uhat h), with m1, m2 in double too.
-        // Two loops: the float work first, then the five double sums alone (one loop doing both ran scalar:
-        // GCC vectorised it only with a runtime check that failed, 4.1 ms for 1024 x 1152 fp32).
+    float* __restrict acc_lw = acc;
+    float* __restrict acc_lb = acc_lw + C;
+    float* __restrict acc_w = acc_lw + 2 * C;
+    float acc_b = 0.f;
+    for (int64_t n = r0; n < r1; ++n) {
+      const float g = p.gate[n], mean = p.mean[n], rstd = p.rstd[n];
+      const T* __restrict lr = low + n * C;
+      const T* __restrict hr = high + n * C;
+      const T* __restrict dyr = dy_p + n * C;
+      // dg = sum_c du_c * high_c with du_c = rstd * (dyw_c - m1 - uhat_c * m2): its terms cancel to a total
+      // much smaller than their size, so dg is not summed from the fp32 du_c (whose rounding, relative to the
+      // O(1) terms, would dominate it) but expanded into double sums of exact products:
+      // dg = rstd * (sum dyw h - m1 sum h - m2 sum uhat h), with m1, m2 in double too.
+      // Two loops: the float work first, then the five double sums alone (one loop doing both ran scalar:
+      // GCC vectorised it only with a runtime check that failed, 4.1 ms for 1024 x 1152 fp32).
 #pragma omp simd
-        for (int64_t i = 0; i < C; ++i) {
-          const float h = ld(hr, i);
-          const float u = ld(lr, i) + g * h;
-          const float uhat = (u - mean) * rstd;
-          const float dy = ld(dyr, i);
-          const float dw = dy * lwp[i];
-          uh[i] = uhat;
-          dyw[i] = dw;
-          hb[i] = h;
-          acc_lw[i] += dy * uhat;
-          acc_lb[i] += dy;
-        }
-        double s1 = 0.0, s2 = 0.0, sdh = 0.0, sh = 0.0, suh = 0.0;
-#pragma omp simd reduction(+ : s1, s2, sdh, sh, suh)
-        for (int64_t i = 0; i < C; ++i) {
-          const double dw = dyw[i], u = uh[i], h = hb[i];
-          s1 += dw;
-          s2 += dw * u;
-          sdh += dw * h;
-          sh += h;
-          suh += u * h;
-        }
-        const double m1d = s1 / double(C), m2d = s2 / double(C);
-        const float m1 = float(m1d), m2 = float(m2d);
-        const float dg = float(double(rstd) * (sdh - m1d * sh - m2d * suh));
-        T* __restrict dlr = dlow + n * C;
-        T* __restrict dhr = dhigh + n * C;
-#pragma omp simd
-        for (int64_t i = 0; i < C; ++i) {
-          const float du = rstd * (dyw[i] - m1 - uh[i] * m2);
-          st(dlr, i, du);
-          st(dhr, i, g * du);
-        }
-        const T* __restrict ghr = gh + n * Dg;
-        T* __restrict dghr = dgh + n * Dg;
-#pragma omp simd
-        for (int64_t i = 0; i < Dg; ++i) {
-          acc_w[i] += dg * ld(ghr, i);
-          st(dghr, i, dg * wp[i]);
-        }
-        acc_b += dg;
+      for (int64_t i = 0; i < C; ++i) {
+        const float h = ld(hr, i);
+        const float u = ld(lr, i) + g * h;
+        const float uhat = (u - mean) * rstd;
+        const float dy = ld(dyr, i);
+        const float dw = dy * lwp[i];
+        uh[i] = uhat;
+        dyw[i] = dw;
+        hb[i] = h;
+        acc_lw[i] += dy * uhat;
+        acc_lb[i] += dy;
       }
-      part[ch * width + 2 * C + Dg] = acc_b;
+      double s1 = 0.0, s2 = 0.0, sdh = 0.0, sh = 0.0, suh = 0.0;
+#pragma omp simd reduction(+ : s1, s2, sdh, sh, suh)
+      for (int64_t i = 0; i < C; ++i) {
+        const double dw = dyw[i], u = uh[i], h = hb[i];
+        s1 += dw;
+        s2 += dw * u;
+        sdh += dw * h;
+        sh += h;
+        suh += u * h;
+      }
+      const double m1d = s1 / double(C), m2d = s2 / double(C);
+      const float m1 = float(m1d), m2 = float(m2d);
+      const float dg = float(double(rstd) * (sdh - m1d * sh - m2d * suh));
+      T* __restrict dlr = dlow + n * C;
+      T* __restrict dhr = dhigh + n * C;
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) {
+        const float du = rstd * (dyw[i] - m1 - uh[i] * m2);
+        st(dlr, i, du);
+        st(dhr, i, g * du);
+      }
+      const T* __restrict ghr = gh + n * Dg;
+      T* __restrict dghr = dgh + n * Dg;
+#pragma omp simd
+      for (int64_t i = 0; i < Dg; ++i) {
+        acc_w[i] += dg * ld(ghr, i);
+        st(dghr, i, dg * wp[i]);
+      }
+      acc_b += dg;
     }
+    acc[2 * C + Dg] = acc_b;
   });
-  std::vector<float> tot(width);
-  sum_partials(part, nch, width, tot.data());
   if (p.dln_w) std::memcpy(p.dln_w, tot.data(), C * sizeof(float));
   if (p.dln_b) std::memcpy(p.dln_b, tot.data() + C, C * sizeof(float));
   if (p.dw_gate) std::memcpy(p.dw_gate, tot.data() + 2 * C, Dg * sizeof(float));

@@ -79,29 +79,7 @@ __attribute__((always_inline)) inline float act_grad(float v, int act) {
 
 // Coarse rows per parallel task (row passes) and per reduction chunk (shape-only).
 inline int64_t row_grain(int64_t K) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)); }
-inline int64_t rows_per_chunk(int64_t rows) { return std::max<int64_t>(16, ceil_div(rows, 256)); }
-
-// Runs fn(r0, r1, acc) over the rows [0, M) in chunks of rows_per_chunk(M), in parallel.  With out != nullptr,
-// each chunk accumulates column sums into its own zeroed float partial row acc[0, width), and out[j] = the sum
-// over chunks, in chunk order and in double, of acc[j]: bitwise independent of the thread count.  With
-// out == nullptr, acc is nullptr.
-template <typename F>
-void chunked_rows(int64_t M, int64_t width, float* out, const F& fn) {
-  const int64_t rpc = rows_per_chunk(M), nch = ceil_div(M, rpc);
-  std::vector<float> part(out ? nch * width : 0, 0.f);
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t ch = c0; ch < c1; ++ch)
-      fn(ch * rpc, std::min(M, (ch + 1) * rpc), out ? part.data() + ch * width : nullptr);
-  });
-  if (out == nullptr) return;
-  at::parallel_for(0, width, 256, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      double acc = 0.0;
-      for (int64_t ch = 0; ch < nch; ++ch) acc += part[ch * width + j];
-      out[j] = float(acc);
-    }
-  });
-}
+inline constexpr int64_t kMinChunkRows = 16;  // chunked_rows' smallest row chunk here (common.h)
 
 // ------------------------------------------------------------------ compress: gather
 template <typename T>
@@ -273,7 +251,7 @@ void act_bwd_impl(const TokensActBwdParams& p) {
   const T* pre = static_cast<const T*>(p.pre);
   T* d = static_cast<T*>(p.dpre);
   const int act = p.act;
-  chunked_rows(p.M, Co, p.dbias, [&](int64_t r0, int64_t r1, float* acc) {
+  chunked_rows(p.M, kMinChunkRows, Co, p.dbias, [&](int64_t r0, int64_t r1, float* acc) {
     for (int64_t m = r0; m < r1; ++m) {
       const T *g = gr + m * Co, *pr = pre + m * Co;
       T* dr = d + m * Co;
@@ -353,7 +331,7 @@ void ln_scatter_bwd_impl(const TokensLnScatterBwdParams& p) {
   const std::vector<float> lw = param_or<T>(p.ln_w, C, 1.f), lb = param_or<T>(p.ln_b, C, 0.f);
   const bool want_params = p.dln_w || p.dln_b;
   std::vector<float> tot(want_params ? 2 * C : 0);  // [dln_w (C) | dln_b (C)]
-  chunked_rows(M, 2 * C, want_params ? tot.data() : nullptr, [&](int64_t r0, int64_t r1, float* acc) {
+  chunked_rows(M, kMinChunkRows, 2 * C, want_params ? tot.data() : nullptr, [&](int64_t r0, int64_t r1, float* acc) {
     if (p.a)
       ln_scatter_bwd_rows<T, true>(p, lw.data(), lb.data(), r0, r1, acc);
     else
@@ -401,7 +379,7 @@ void space_gather_impl(const TokensSpaceGatherParams& p) {
   const int64_t M = g.N * (g.H / g.f) * (g.W / g.f);
   const T* src = static_cast<const T*>(p.src);
   T* dst = static_cast<T*>(p.dst);
-  chunked_rows(M, K, p.dbias, [&](int64_t r0, int64_t r1, float* acc) {
+  chunked_rows(M, kMinChunkRows, K, p.dbias, [&](int64_t r0, int64_t r1, float* acc) {
     float buf[kRun];
     for (int64_t m = r0; m < r1; ++m)
       for (int64_t s = 0; s < ff; ++s) {
