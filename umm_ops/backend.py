@@ -72,8 +72,7 @@ def _env_backend() -> str:
 def forced_backend() -> str | None:
     name = _forced.get()
     if name is None:
-        env = _env_backend()
-        env = env.strip().lower() if env else env
+        env = _env_backend().strip().lower()
         name = _check_name(env) if env else None
     return None if name == "auto" else name
 

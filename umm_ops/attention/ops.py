@@ -12,8 +12,8 @@ import math
 import torch
 
 from .. import _lib
-from ..ops._common import (ALL_DTYPES, backward_op, backward_scope, check_tensor, dispatch, eager_function, kernels,
-                           remember_backend)
+from ..ops._common import (ALL_DTYPES, backward_op, backward_scope, check_tensor, dispatch, kernels,
+                           register_autograd, remember_backend)
 from .layout import SpanLayout
 
 __all__ = ["span_attention"]
@@ -84,12 +84,12 @@ def _backward(ctx, dout, _dlse):
     if dout is None or not any(nig[:3]):
         return (None,) * 12
     with backward_scope(ctx):
-        dq, dk, dv = backward_op(ctx, _bwd_op, _bwd_impl)(dout.contiguous(), q, k, v, out, lse, *lay, ctx.max_q, ctx.max_k, ctx.scale)
+        dq, dk, dv = backward_op(ctx, _bwd_op, _bwd_impl)(dout.contiguous(), q, k, v, out, lse, *lay, ctx.max_q,
+                                                          ctx.max_k, ctx.scale)
     return (dq if nig[0] else None, dk if nig[1] else None, dv if nig[2] else None) + (None,) * 9
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
-_fwd_eager = eager_function("SpanAttention", _fwd_impl, _setup, _backward)
+_fwd_eager = register_autograd(_fwd_op, "SpanAttention", _fwd_impl, _setup, _backward)
 
 
 # ----------------------------------------------------------------------------------- public API

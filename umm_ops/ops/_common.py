@@ -88,9 +88,12 @@ def needs_grad(*ts) -> bool:
     return False
 
 
-def eager_function(name: str, impl, setup, backward):
-    """An autograd.Function running `impl` with the custom op's `setup` (setup_context) and `backward`; the
-    backward's kernels are picked with `backward_op(ctx, op, impl)`."""
+def register_autograd(op, name: str, impl, setup, backward):
+    """Register `setup` (setup_context) and `backward` as custom op `op`'s autograd, and return the eager-mode
+    twin: an autograd.Function named `name` running `impl` with the same `setup` and `backward` (the backward's
+    kernels are picked with `backward_op(ctx, op, impl)`)."""
+    op.register_autograd(backward, setup_context=setup)
+
     # forward(ctx, ...) style: a separate setup_context makes Function.apply bind arguments through
     # inspect.signature on every call (~40 us)
     def forward(ctx, *args):

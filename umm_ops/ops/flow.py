@@ -23,11 +23,11 @@ from ._common import (
     ALL_DTYPES,
     backward_op,
     backward_scope,
-    dispatch,
-    eager_function,
     check_like,
     check_tensor,
+    dispatch,
     kernels,
+    register_autograd,
     register_fake_both,
     remember_backend,
 )
@@ -173,12 +173,9 @@ def _kl_backward(ctx, grad):
     return tuple(gi if m else None for gi, m in zip(g, mask)) + (None, None, None)
 
 
-_step_op.register_autograd(_step_backward, setup_context=_step_setup)
-_lp_op.register_autograd(_lp_backward, setup_context=_lp_setup)
-_kl_op.register_autograd(_kl_backward, setup_context=_kl_setup)
-_step_eager = eager_function("FlowStep", _step_impl, _step_setup, _step_backward)
-_lp_eager = eager_function("FlowLogprob", _lp_impl, _lp_setup, _lp_backward)
-_kl_eager = eager_function("FlowKL", _kl_impl, _kl_setup, _kl_backward)
+_step_eager = register_autograd(_step_op, "FlowStep", _step_impl, _step_setup, _step_backward)
+_lp_eager = register_autograd(_lp_op, "FlowLogprob", _lp_impl, _lp_setup, _lp_backward)
+_kl_eager = register_autograd(_kl_op, "FlowKL", _kl_impl, _kl_setup, _kl_backward)
 
 
 # ----------------------------------------------------------------------------------- public API

@@ -20,11 +20,11 @@ from ._common import (
     ALL_DTYPES,
     backward_op,
     backward_scope,
-    dispatch,
-    eager_function,
     check_like,
     check_tensor,
+    dispatch,
     kernels,
+    register_autograd,
     register_fake_both,
     remember_backend,
     unit_last_stride,
@@ -145,7 +145,8 @@ def _gdr_backward(ctx, grad, *_stats):
     if grad is None:
         return (None,) * 8
     with backward_scope(ctx):
-        g = backward_op(ctx, _gdr_bwd_op, _gdr_bwd_impl)(grad.contiguous(), low, high, gate_hidden, w_gate, ln_weight, gate, mean, rstd, ctx.eps)
+        g = backward_op(ctx, _gdr_bwd_op, _gdr_bwd_impl)(grad.contiguous(), low, high, gate_hidden, w_gate,
+                                                         ln_weight, gate, mean, rstd, ctx.eps)
     return tuple(gi if need else None for gi, need in zip(g, ctx.needs_input_grad[:7])) + (None,)
 
 
@@ -166,7 +167,8 @@ def _ada_backward(ctx, grad, *_stats):
     if grad is None or not any(mask):
         return (None,) * 7
     with backward_scope(ctx):
-        g = backward_op(ctx, _ada_bwd_op, _ada_bwd_impl)(grad.contiguous(), x, scale, weight, bias, mean, rstd, ctx.eps, ctx.rms, mask)
+        g = backward_op(ctx, _ada_bwd_op, _ada_bwd_impl)(grad.contiguous(), x, scale, weight, bias, mean, rstd,
+                                                         ctx.eps, ctx.rms, mask)
     return tuple(gi if m else None for gi, m in zip(g, mask)) + (None, None)
 
 
@@ -187,12 +189,9 @@ def _gr_backward(ctx, grad):
     return (grad if nig[0] else None, dgate if mask[0] else None, dy if mask[1] else None)
 
 
-_gdr_op.register_autograd(_gdr_backward, setup_context=_gdr_setup)
-_ada_op.register_autograd(_ada_backward, setup_context=_ada_setup)
-_gr_op.register_autograd(_gr_backward, setup_context=_gr_setup)
-_gdr_eager = eager_function("GatedDetailResidual", _gdr_impl, _gdr_setup, _gdr_backward)
-_ada_eager = eager_function("AdaLNModulate", _ada_impl, _ada_setup, _ada_backward)
-_gr_eager = eager_function("GatedResidual", _gr_impl, _gr_setup, _gr_backward)
+_gdr_eager = register_autograd(_gdr_op, "GatedDetailResidual", _gdr_impl, _gdr_setup, _gdr_backward)
+_ada_eager = register_autograd(_ada_op, "AdaLNModulate", _ada_impl, _ada_setup, _ada_backward)
+_gr_eager = register_autograd(_gr_op, "GatedResidual", _gr_impl, _gr_setup, _gr_backward)
 
 
 # ----------------------------------------------------------------------------------- public API

@@ -31,9 +31,9 @@ from ._common import (
     check_like,
     check_tensor,
     dispatch,
-    eager_function,
     kernels,
     needs_grad,
+    register_autograd,
     register_fake_both,
     remember_backend,
 )
@@ -184,8 +184,8 @@ def _ct_backward(ctx, grad, *_rest):
         return (None,) * 11
     H, W, factor, activation, eps = ctx.geom
     with backward_scope(ctx):
-        g = backward_op(ctx, _ct_bwd_op, _ct_bwd_impl)(grad.contiguous(), x, ln_weight, ln_bias, weight, bias, pre, mean, rstd, H, W, factor,
-                       activation, eps, mask)
+        g = backward_op(ctx, _ct_bwd_op, _ct_bwd_impl)(grad.contiguous(), x, ln_weight, ln_bias, weight, bias, pre,
+                                                       mean, rstd, H, W, factor, activation, eps, mask)
     return tuple(gi if m else None for gi, m in zip(g, mask)) + (None,) * 6
 
 
@@ -240,16 +240,10 @@ def _up_backward(ctx, grad):
     return (dt,) + (None,) * 6
 
 
-_ct_op.register_autograd(_ct_backward, setup_context=_ct_setup)
-_et_op.register_autograd(_et_backward, setup_context=_et_setup)
-_pk_op.register_autograd(_pk_backward, setup_context=_pk_setup)
-_up_op.register_autograd(_up_backward, setup_context=_up_setup)
-
-
-_ct_eager = eager_function("CompressTokens", _ct_impl, _ct_setup, _ct_backward)
-_et_eager = eager_function("ExpandTokens", _et_impl, _et_setup, _et_backward)
-_pk_eager = eager_function("PackLatents", _pk_impl, _pk_setup, _pk_backward)
-_up_eager = eager_function("UnpackLatents", _up_impl, _up_setup, _up_backward)
+_ct_eager = register_autograd(_ct_op, "CompressTokens", _ct_impl, _ct_setup, _ct_backward)
+_et_eager = register_autograd(_et_op, "ExpandTokens", _et_impl, _et_setup, _et_backward)
+_pk_eager = register_autograd(_pk_op, "PackLatents", _pk_impl, _pk_setup, _pk_backward)
+_up_eager = register_autograd(_up_op, "UnpackLatents", _up_impl, _up_setup, _up_backward)
 
 
 # ----------------------------------------------------------------------------------- public API
