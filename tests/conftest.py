@@ -85,3 +85,17 @@ def dtypes_for(device: str, backend: str):
     if backend == "reference":
         return [torch.float32, torch.bfloat16]
     return [torch.float32, torch.bfloat16, torch.float16]
+
+
+def results_by_thread_count(run, counts=(1, 2)) -> list:
+    """[run() with torch.set_num_threads(n) for n in counts], the process's thread count restored after (for the
+    checks that the CPU kernels' results do not depend on the thread count)."""
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for n in counts:
+            torch.set_num_threads(n)
+            out.append(run())
+        return out
+    finally:
+        torch.set_num_threads(before)

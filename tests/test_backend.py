@@ -12,7 +12,7 @@ import torch
 
 import umm_ops
 from umm_ops import backend as B
-from conftest import device_backend_params
+from conftest import device_backend_params, results_by_thread_count
 
 
 def test_report_says_what_was_built():
@@ -114,19 +114,14 @@ def test_backends_give_identical_results_for_the_same_call(seed):
 def test_cpu_kernels_deterministic_across_thread_counts(seed):
     x = torch.randn(3, 40000)
     v, z = torch.randn_like(x), torch.randn_like(x)
-    n = torch.get_num_threads()
-    try:
-        res = []
-        for threads in (1, max(2, n)):
-            torch.set_num_threads(threads)
-            _, lp = umm_ops.flow_step(x, v, 0.1, 0.2, noise=z, sigma=0.4, return_logprob=True)
-            a = torch.randn(2, 300, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
-            s = torch.randn(2, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
-            out = umm_ops.adaln_modulate(a, s, s, norm="layer")
-            g = torch.autograd.grad(out.square().sum(), [a, s])
-            res.append((lp, *g))
-    finally:
-        torch.set_num_threads(n)
+    def run():
+        _, lp = umm_ops.flow_step(x, v, 0.1, 0.2, noise=z, sigma=0.4, return_logprob=True)
+        a = torch.randn(2, 300, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        s = torch.randn(2, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        out = umm_ops.adaln_modulate(a, s, s, norm="layer")
+        return (lp, *torch.autograd.grad(out.square().sum(), [a, s]))
+
+    res = results_by_thread_count(run, (1, max(2, torch.get_num_threads())))
     for a, b in zip(*res):
         assert torch.equal(a, b)
 

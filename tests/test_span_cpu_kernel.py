@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import umm_ops  # noqa: F401  (loads the extension)
+from conftest import results_by_thread_count
 from tolerance import assert_close_rule
 
 if not hasattr(torch.ops.umm_ops, "kernel_span_attention_fwd"):
@@ -181,15 +182,8 @@ def test_deterministic_across_runs_and_threads(seed, cpu_isa):
         out, lse = FWD(q, k, v, *lay_args(lay), 0.15)
         return (out, lse) + tuple(BWD(g, q, k, v, out, lse, *lay_args(lay), 0.15))
 
-    threads = torch.get_num_threads()
-    try:
-        a, b = run(), run()
-        torch.set_num_threads(1)
-        c = run()
-        torch.set_num_threads(2)
-        d = run()
-    finally:
-        torch.set_num_threads(threads)
+    a, b = run(), run()
+    c, d = results_by_thread_count(run)
     for x, y, z, w in zip(a, b, c, d):
         assert torch.equal(x, y) and torch.equal(x, z) and torch.equal(x, w)
 

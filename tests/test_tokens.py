@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import umm_ops
 from umm_ops import backend as B
 from umm_ops.reference import tokens as R
-from conftest import device_backend_params, dtypes_for
+from conftest import device_backend_params, dtypes_for, results_by_thread_count
 from tolerance import assert_close_rule
 
 # (N, H, W, C, C_out, f): square and non-square grids, batch 1..3, C / C_out odd and not multiples of any tile,
@@ -253,14 +253,7 @@ def test_cpu_results_independent_of_threads(dtype, seed, cpu_isa):
             gs = torch.autograd.grad((o1.float().square().sum() + o2.float().square().sum()), ins)
         return (o1, o2) + gs
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        a = run()
-        torch.set_num_threads(2)
-        bb = run()
-    finally:
-        torch.set_num_threads(threads)
+    a, bb = results_by_thread_count(run)
     for u, v in zip(a, bb):
         assert torch.equal(u, v)
 
