@@ -65,6 +65,7 @@ def atomic_write(path, data=None, *, write=None, suffix: str = "", fsync: bool =
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", suffix=suffix, dir=parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp's 0600 -> what open() would have given
         if data is not None:
             with os.fdopen(fd, "wb" if isinstance(data, (bytes, bytearray)) else "w") as f:
                 f.write(data)
@@ -87,6 +88,12 @@ def atomic_write(path, data=None, *, write=None, suffix: str = "", fsync: bool =
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fsync_tree(folder) -> None:
     """fsync every file and folder below `folder` (before renaming it into place)."""
     for root, dirs, files in os.walk(folder):
@@ -105,6 +112,7 @@ def atomic_folder(folder, *, fsync: bool = True):
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp's 0700 -> what mkdir would have given
     try:
         yield tmp
         if fsync:

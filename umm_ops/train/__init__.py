@@ -1,9 +1,14 @@
-"""Training recipes.  ``sft``: supervised fine-tuning of CheersModel on packed span batches (the built-in demo job
-trains the tiny preset on the synthetic world), with exact resume from atomic checkpoints.
+"""Training: the engine (umm_ops.train.engine: the loop, DDP / FSDP2, DCP checkpoints, exact resume), the config
+tree (umm_ops.train.config), recipes registered by name (umm_ops.train.spec, umm_ops.train.recipes: ``sft``), and
+the training policy of CheersModel (umm_ops.train.policy: flow noise, CFG dropout).
 
-    from umm_ops.train import SFTConfig, train
-    summary = train(SFTConfig(steps=200, out="runs/demo"))
+    from umm_ops.train import Config, train
+    summary = train(Config.build("sft", overrides=["job.steps=200", "job.out=runs/demo"]))
 """
-from .sft import SFTConfig, SyntheticSFTDataset, evaluate, latest_checkpoint, load_checkpoint_model, train
+from .config import Config, ConfigError
+from .engine import train
+from .export import export, load_checkpoint_model
+from .spec import Recipe, get_recipe, recipe_names, register
 
-__all__ = ["SFTConfig", "SyntheticSFTDataset", "train", "evaluate", "latest_checkpoint", "load_checkpoint_model"]
+__all__ = ["Config", "ConfigError", "train", "export", "load_checkpoint_model", "Recipe", "register", "get_recipe",
+           "recipe_names"]

@@ -1,0 +1,380 @@
+"""The config tree of a training run: one dataclass per section, loadable from TOML, overridable with
+``--set section.key=value``, saved in every checkpoint.
+
+    cfg = Config.build(recipe="sft", toml="run.toml", overrides=["optim.lr=3e-4", "job.steps=300"])
+
+Sections: ``job`` (run folder, steps, seed, device), ``model`` (preset, parameter dtype), ``data`` (tokens per
+micro-batch and per optimizer step, loader workers), ``optim``, ``schedule``, ``parallel`` (DDP / FSDP2, mixed
+precision, activation checkpointing, torch.compile), ``checkpoint``, ``metrics``, and ``recipe`` (the recipe's own
+dataclass, see :mod:`umm_ops.train.spec`).  Every value is checked against its field's type when it is set, and
+:meth:`Config.validate` refuses impossible combinations; every message names the key, the value and what is
+allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Config", "JobConfig", "ModelConfig", "DataConfig", "OptimConfig", "ScheduleConfig", "ParallelConfig",
+           "CheckpointConfig", "MetricsConfig", "ConfigError", "set_value", "to_dict", "from_dict", "parse_value"]
+
+
+class ConfigError(ValueError):
+    """A config key, value or combination that is not allowed (the message says which and what is)."""
+
+
+def _doc(text: str):
+    return field(default=None, metadata={"doc": text})
+
+
+@dataclass
+class JobConfig:
+    out: str = "runs/demo"            # the run folder: checkpoints, metrics.jsonl, plots, eval, summary.json
+    steps: int = 150                  # optimizer steps in total (a resumed run continues up to this)
+    seed: int = 0                     # model init, data order, timesteps, noise: every draw is seeded from it
+    device: str = "auto"              # "cpu", "cuda" or "auto" (cuda when torch sees a GPU)
+    resume: bool = True               # continue from the newest intact checkpoint in `out`
+    progress: typing.Optional[bool] = None   # a progress bar (None: when stdout is a terminal)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"              # CheersModel preset
+    dtype: str = "float32"            # parameter dtype: "float32" or "bfloat16" (pure bf16, AdamW moments too)
+
+
+@dataclass
+class DataConfig:
+    budget: int = 1024                # tokens per packed micro-batch (one forward/backward)
+    global_tokens: int = 0            # tokens per optimizer step across all ranks; a multiple of budget (0: = budget)
+    num_workers: int = 0              # loader worker processes per rank
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01        # on matrices only (parameters with >= 2 dims)
+    grad_clip: float = 1.0            # max global gradient norm (0: off)
+    ema: float = 0.0                  # EMA decay of the weights (0: off; CLEAR uses 0.995)
+
+
+@dataclass
+class ScheduleConfig:
+    warmup: int = 10                  # steps of linear warmup
+    decay: str = "cosine"             # "cosine", "linear" or "constant" after warmup
+    min_lr_ratio: float = 0.1         # floor of the decay as a fraction of lr
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "auto"                # "auto" (ddp when world > 1, else none), "none", "ddp", "fsdp"
+    mixed_precision: str = "none"     # "none" or "bf16" (FSDP2 MixedPrecisionPolicy / autocast for DDP)
+    activation_checkpointing: bool = False
+    compile: bool = False             # torch.compile each block
+    backend: str = "auto"             # process group backend: "auto" (nccl on cuda, gloo on cpu), "gloo", "nccl"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50                   # steps between checkpoints (0: only at the end)
+    keep_last: int = 2                # complete checkpoints kept
+    verify: str = "hash"              # "hash" (BLAKE2b of every file, checked before loading) or "size"
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 10               # console line period (metrics.jsonl gets every step)
+    tensorboard: bool = False         # also write TensorBoard events to out/tensorboard
+    plot: bool = True                 # loss_curve.png at the end
+
+
+_SECTIONS = {"job": JobConfig, "model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+             "schedule": ScheduleConfig, "parallel": ParallelConfig, "checkpoint": CheckpointConfig,
+             "metrics": MetricsConfig}
+
+_CHOICES = {
+    ("job", "device"): ("cpu", "cuda", "auto"),
+    ("model", "dtype"): ("float32", "bfloat16"),
+    ("schedule", "decay"): ("cosine", "linear", "constant"),
+    ("parallel", "mode"): ("auto", "none", "ddp", "fsdp"),
+    ("parallel", "mixed_precision"): ("none", "bf16"),
+    ("parallel", "backend"): ("auto", "gloo", "nccl"),
+    ("checkpoint", "verify"): ("hash", "size"),
+}
+
+
+@dataclass
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    recipe_name: str = "sft"
+    recipe: typing.Any = None         # the recipe's dataclass instance
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, recipe: str = "sft", toml=None, overrides=(), values: dict | None = None) -> "Config":
+        """Defaults of every dataclass <- a TOML file <- `values` ({"section.key": value}, already typed) <-
+        `overrides` ("section.key=value" strings).  A TOML file may name its recipe (top-level ``recipe = "sft"``),
+        which must agree with `recipe`."""
+        from .spec import get_recipe
+
+        data = {}
+        if toml is not None:
+            data = load_toml(toml)
+            named = data.pop("recipe_name", None)
+            if named is not None and named != recipe:
+                raise ConfigError(f"{toml}: the file is for recipe {named!r} but the run asks for recipe {recipe!r}")
+        rec = get_recipe(recipe)
+        cfg = cls(recipe_name=recipe, recipe=rec.config_class())
+        _apply_tree(cfg, data, where=str(toml) if toml is not None else "config")
+        for key, v in (values or {}).items():
+            set_value(cfg, key, v, where="command line")
+        for item in overrides:
+            if not isinstance(item, str) or "=" not in item:
+                raise ConfigError(f"--set expects KEY=VALUE (e.g. optim.lr=3e-4), got {item!r}")
+            key, text = item.split("=", 1)
+            set_value(cfg, key.strip(), parse_value(text.strip()), where="--set")
+        return cfg.validate()
+
+    def sections(self) -> dict:
+        d = {k: getattr(self, k) for k in _SECTIONS}
+        d["recipe"] = self.recipe
+        return d
+
+    def validate(self) -> "Config":
+        j, d, o, s, p, c, m = self.job, self.data, self.optim, self.schedule, self.parallel, self.checkpoint, \
+            self.metrics
+        for sec, obj in self.sections().items():
+            if obj is None:
+                raise ConfigError(f"config: section [{sec}] is missing")
+            for f in dataclasses.fields(obj):
+                _check_type(sec, f.name, getattr(obj, f.name), f.type, type(obj))
+                allowed = _CHOICES.get((sec, f.name))
+                if allowed and getattr(obj, f.name) not in allowed:
+                    raise ConfigError(f"{sec}.{f.name} = {getattr(obj, f.name)!r} is not allowed; use one of "
+                                      f"{list(allowed)}")
+
+        def need(ok, key, value, what):
+            if not ok:
+                raise ConfigError(f"{key} = {value!r}: {what}")
+
+        need(j.steps >= 1, "job.steps", j.steps, "must be >= 1")
+        need(j.seed >= 0, "job.seed", j.seed, "must be >= 0")
+        need(bool(str(j.out)), "job.out", j.out, "must name a folder")
+        need(d.budget >= 16, "data.budget", d.budget, "must be >= 16 tokens")
+        need(d.global_tokens >= 0, "data.global_tokens", d.global_tokens, "must be >= 0 (0: = data.budget)")
+        need(d.global_tokens % d.budget == 0, "data.global_tokens", d.global_tokens,
+             f"must be a multiple of data.budget = {d.budget} (micro-batches per step = global_tokens / budget)")
+        need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+        need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be a finite number > 0")
+        need(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", o.betas,
+             "must be two numbers in [0, 1)")
+        need(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+        need(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
+             "must be >= 0")
+        need(math.isfinite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", o.grad_clip,
+             "must be >= 0 (0 = no clipping)")
+        need(0.0 <= o.ema < 1.0, "optim.ema", o.ema, "must be in [0, 1) (0 = no EMA)")
+        need(s.warmup >= 0, "schedule.warmup", s.warmup, "must be >= 0")
+        need(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
+        need(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end)")
+        need(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+        need(m.log_every >= 1, "metrics.log_every", m.log_every, "must be >= 1")
+        if p.mixed_precision == "bf16" and self.model.dtype == "bfloat16":
+            raise ConfigError("parallel.mixed_precision = 'bf16' with model.dtype = 'bfloat16': mixed precision "
+                              "keeps float32 master weights; use model.dtype = 'float32' with it, or pure bf16 "
+                              "without it")
+        if p.backend == "nccl" and j.device == "cpu":
+            raise ConfigError("parallel.backend = 'nccl' with job.device = 'cpu': nccl needs CUDA tensors; use "
+                              "'gloo' or 'auto'")
+        if hasattr(self.recipe, "validate"):
+            self.recipe.validate()
+        return self
+
+    def micro_per_step(self) -> int:
+        """Micro-batches per optimizer step across all ranks."""
+        return max(1, self.data.global_tokens // self.data.budget) if self.data.global_tokens else 1
+
+    # ------------------------------------------------------------------ (de)serialising
+    def to_dict(self) -> dict:
+        out = {k: to_dict(v) for k, v in self.sections().items()}
+        out["recipe_name"] = self.recipe_name
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "saved config") -> "Config":
+        d = dict(d)
+        name = d.pop("recipe_name", "sft")
+        from .spec import get_recipe
+
+        cfg = cls(recipe_name=name, recipe=get_recipe(name).config_class())
+        _apply_tree(cfg, d, where=where)
+        return cfg.validate()
+
+    def to_toml(self) -> str:
+        lines = [f"recipe_name = {_toml_value(self.recipe_name)}", ""]
+        for sec, obj in self.sections().items():
+            lines.append(f"[{sec}]")
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if v is not None:
+                    lines.append(f"{f.name} = {_toml_value(v)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def to_dict(obj) -> dict:
+    d = dataclasses.asdict(obj)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def from_dict(cls, d: dict, where: str = "config"):
+    obj = cls()
+    for k, v in d.items():
+        set_value(obj, k, v, where=where, section=cls.__name__)
+    return obj
+
+
+def load_toml(path) -> dict:
+    try:
+        import tomllib
+    except ImportError:   # Python 3.10
+        import tomli as tomllib   # type: ignore[no-redef]
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: no such file")
+    try:
+        with open(p, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    if "recipe" in data and not isinstance(data["recipe"], dict):   # top-level `recipe = "sft"` names the recipe
+        data["recipe_name"] = data.pop("recipe")
+    return data
+
+
+def _apply_tree(cfg: Config, data: dict, where: str) -> None:
+    sections = cfg.sections()
+    for sec, body in data.items():
+        if sec == "recipe_name":
+            continue
+        if sec not in sections:
+            raise ConfigError(f"{where}: unknown section [{sec}]; sections: {sorted(sections)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: [{sec}] must be a table of keys, got {body!r}")
+        for k, v in body.items():
+            set_value(cfg, f"{sec}.{k}", v, where=where)
+
+
+def _fields(obj) -> dict:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(obj)}
+
+
+def set_value(cfg, key: str, value, where: str = "config", section: str | None = None) -> None:
+    """Set ``section.key`` on a Config (or ``key`` on one section's dataclass), checked against the field type."""
+    if isinstance(cfg, Config):
+        if "." not in key:
+            raise ConfigError(f"{where}: key {key!r} must be SECTION.KEY (sections: {sorted(cfg.sections())})")
+        sec, name = key.split(".", 1)
+        obj = cfg.sections().get(sec)
+        if obj is None:
+            raise ConfigError(f"{where}: unknown section {sec!r} in {key!r}; sections: {sorted(cfg.sections())}")
+    else:
+        obj, sec, name = cfg, section or type(cfg).__name__, key
+    fields = _fields(obj)
+    if name not in fields:
+        raise ConfigError(f"{where}: unknown key {sec}.{name}; [{sec}] has: {sorted(fields)}")
+    setattr(obj, name, _coerce(f"{sec}.{name}", value, fields[name], where))
+    allowed = _CHOICES.get((sec, name))
+    if allowed and getattr(obj, name) not in allowed:
+        raise ConfigError(f"{where}: {sec}.{name} = {value!r} is not allowed; use one of {list(allowed)}")
+
+
+def _coerce(key: str, value, tp, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(key, value, inner[0], where)
+    bad = ConfigError(f"{where}: {key} = {value!r} ({type(value).__name__}) is not a valid "
+                      f"{getattr(tp, '__name__', str(tp))}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            v = float(value)
+            if math.isnan(v):
+                raise ConfigError(f"{where}: {key} = nan is not allowed")
+            return v
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if tp is tuple or origin is tuple:
+        if isinstance(value, str):
+            value = [x.strip() for x in value.split(",") if x.strip()]
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise bad
+    return value
+
+
+def _check_type(sec, name, value, tp, cls):
+    try:
+        tp = typing.get_type_hints(cls).get(name, tp)
+    except Exception:  # noqa: BLE001
+        pass
+    _coerce(f"{sec}.{name}", value, tp, "config")
+
+
+def parse_value(text: str):
+    """A command-line value: TOML syntax when it parses (3e-4, true, [0.9, 0.95], "x"), else the raw string."""
+    try:
+        import tomllib
+    except ImportError:   # Python 3.10
+        import tomli as tomllib   # type: ignore[no-redef]
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        low = text.lower()
+        if low in ("nan", "inf", "+inf", "-inf"):
+            return float(low)
+        return text
+
+
+def _toml_value(v) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))

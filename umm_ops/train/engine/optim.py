@@ -1,0 +1,104 @@
+"""Optimizer, learning-rate schedule and EMA of the weights.
+
+* :func:`build_optimizer`: AdamW over the trainable parameters in two groups, weight decay on matrices only
+  (parameters with >= 2 dims; biases, norms and gates without).
+* :class:`LRSchedule`: linear warmup to ``lr`` over ``warmup`` steps, then cosine / linear decay to
+  ``min_lr_ratio * lr`` at ``steps``, or constant; stateful (``state_dict`` holds the step and the settings it was
+  built with) and a pure function of the step, so a resumed run with a new ``lr`` or ``steps`` follows the new
+  schedule from the step it resumes at.
+* :class:`EMA`: ``ema = decay * ema + (1 - decay) * param`` after every optimizer step, in float32, on the same
+  shards as the parameters (DTensor shards under FSDP2); saved with the checkpoint, exported with ``--ema``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["build_optimizer", "LRSchedule", "EMA", "canonical_name", "named_trainable"]
+
+# wrapper prefixes that DDP, activation checkpointing and torch.compile put into parameter names
+_WRAPPERS = ("module.", "_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name in the bare model (without the DDP / checkpoint-wrapper / compile prefixes)."""
+    for w in _WRAPPERS:
+        name = name.replace(w, "")
+    return name
+
+
+def named_trainable(model) -> list:
+    """[(canonical name, parameter)] of the parameters that require grad, in the model's order."""
+    return [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_optimizer(model, ocfg) -> torch.optim.Optimizer:
+    params = named_trainable(model)
+    if not params:
+        raise ValueError("build_optimizer: the model has no parameter that requires grad")
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps)
+
+
+class LRSchedule:
+    def __init__(self, lr: float, steps: int, warmup: int, decay: str = "cosine", min_lr_ratio: float = 0.1):
+        self.lr, self.steps, self.warmup, self.decay, self.min_lr_ratio = lr, steps, warmup, decay, min_lr_ratio
+        self.step_count = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "LRSchedule":
+        s = cfg.schedule
+        return cls(cfg.optim.lr, cfg.job.steps, s.warmup, s.decay, s.min_lr_ratio)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of (0-based) optimizer step `step`."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.decay == "constant":
+            return self.lr
+        span = max(1, self.steps - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        floor = self.lr * self.min_lr_ratio
+        if self.decay == "linear":
+            return self.lr + (floor - self.lr) * progress
+        return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer, step: int) -> float:
+        lr = self.lr_at(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        self.step_count = step + 1
+        return lr
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "lr": self.lr, "steps": self.steps, "warmup": self.warmup,
+                "decay": self.decay, "min_lr_ratio": self.min_lr_ratio}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])   # the settings come from the (possibly changed) config
+
+
+class EMA:
+    def __init__(self, model, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA: decay must be in (0, 1), got {decay!r}")
+        self.decay = decay
+        self.params = named_trainable(model)
+        self.shadow = {n: p.detach().to(torch.float32, copy=True) for n, p in self.params}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params:
+            self.shadow[n].lerp_(p.detach().to(torch.float32), 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict) -> None:
+        for n in self.shadow:
+            if n not in state:
+                raise KeyError(f"EMA.load_state_dict: the saved EMA lacks {n!r}")
+            self.shadow[n].copy_(state[n])

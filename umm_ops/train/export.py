@@ -1,0 +1,58 @@
+"""From a run to a model: load a checkpoint's weights into a bare model (``umm generate``), or write the consolidated
+save_pretrained folder (``umm export``: config.json + safetensors, one process, whatever world size trained it)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["resolve_checkpoint", "load_checkpoint_model", "export"]
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint-{step} folder from a run folder (its newest intact checkpoint) or that folder itself."""
+    from .engine.checkpoint import STATE_FILE, latest_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such folder (expected a run folder, a checkpoint-<step> folder or a "
+                                f"save_pretrained folder)")
+    if (p / STATE_FILE).is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise FileNotFoundError(f"{p}: holds neither config.json, {STATE_FILE} nor a complete checkpoint-<step> "
+                                f"folder")
+    return latest
+
+
+def load_checkpoint_model(path, device=None, ema: bool = False):
+    """The model (eval mode) of a run folder (its newest checkpoint), a checkpoint-{step} folder, or a
+    save_pretrained folder; ``ema=True`` loads the checkpoint's EMA weights."""
+    from ..model.checkpoint import from_pretrained
+    from .config import Config
+    from .engine.checkpoint import load_model_state, read_trainer_state
+    from .spec import get_recipe
+
+    p = Path(path)
+    if (p / "config.json").is_file():
+        if ema:
+            raise ValueError(f"{p}: a save_pretrained folder holds one set of weights (no EMA)")
+        return from_pretrained(p, device=device)
+    folder = resolve_checkpoint(p)
+    st = read_trainer_state(folder)
+    cfg = Config.from_dict(st["config"], where=f"{folder}/trainer_state.json")
+    torch.manual_seed(0)
+    model = get_recipe(cfg.recipe_name).build_model(cfg)
+    model.to(dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype])
+    load_model_state(folder, model, ema=ema)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def export(path, out, ema: bool = False) -> Path:
+    """Write the consolidated save_pretrained folder of a run / checkpoint to `out` (atomically)."""
+    model = load_checkpoint_model(path, ema=ema)
+    model.save_pretrained(out)
+    return Path(out)

@@ -1,0 +1,162 @@
+"""SFT: supervised fine-tuning of CheersModel on packed span batches (the built-in demo job on the synthetic world).
+
+    umm train --recipe sft --steps 150 --out runs/demo
+
+Data: a map-style dataset over SyntheticWorld records (index i -> record i // len(tasks), task tasks[i % len(tasks)];
+a task giving several samples per record (vqa: one per question) yields the one picked by seed_of(seed, record,
+"pick")).  Losses: the model's text cross-entropy and flow-matching MSE (``CheersModel.forward``), with the flow
+noise and the CFG prompt dropout drawn here per (step, sample) (:mod:`umm_ops.train.policy`) and the timesteps by
+the packer per (epoch, sample).  Evaluation after training: held-out records (index >= train_records),
+:func:`umm_ops.eval.world.evaluate_world`.
+"""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+
+import torch
+
+from ...utils import seed_of
+from ..spec import DataSource, Recipe, StepOutput, register
+
+__all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS"]
+
+TASKS = ("caption", "vqa", "generate", "segment", "degraded_vqa")
+
+
+@dataclass
+class SFTRecipeConfig:
+    image_size: int = 64              # side of the synthetic pictures (a multiple of 32, the pixels per LLM token)
+    tasks: tuple = ("caption", "vqa", "generate")
+    train_records: int = 50_000       # records 0 .. train_records-1 are trained on, later ones held out
+    max_objects: int = 3              # objects per scene
+    cfg_dropout: typing.Optional[float] = None   # CFG prompt dropout probability (None: the model preset's)
+    evaluate: bool = True             # run the held-out evaluation after training
+    eval_vqa: int = 32                # held-out questions
+    eval_images: int = 4              # held-out image prompts generated and scored
+    eval_captions: int = 2            # held-out pictures captioned
+    eval_steps: int = 12              # sampler steps of the evaluation images
+    eval_prompts: tuple = ()          # extra free-text image prompts (generated and saved, not scored)
+
+    def validate(self):
+        from ..config import ConfigError
+
+        def need(ok, key, what):
+            if not ok:
+                raise ConfigError(f"recipe.{key} = {getattr(self, key)!r}: {what}")
+
+        need(self.image_size >= 32 and self.image_size % 32 == 0, "image_size",
+             "must be a multiple of 32 (pixels per LLM token), >= 32")
+        need(len(self.tasks) >= 1 and set(self.tasks) <= set(TASKS) and len(set(self.tasks)) == len(self.tasks),
+             "tasks", f"must be distinct names from {list(TASKS)}")
+        need(self.train_records >= 1, "train_records", "must be >= 1")
+        need(1 <= self.max_objects <= 8, "max_objects", "must be in [1, 8]")
+        need(self.cfg_dropout is None or 0.0 <= self.cfg_dropout <= 1.0, "cfg_dropout", "must be in [0, 1]")
+        for k in ("eval_vqa", "eval_images", "eval_captions"):
+            need(getattr(self, k) >= 0, k, "must be >= 0")
+        need(self.eval_steps >= 1, "eval_steps", "must be >= 1")
+        need(all(isinstance(p, str) and p for p in self.eval_prompts), "eval_prompts", "must be non-empty strings")
+        return self
+
+
+class SyntheticSFTDataset:
+    """Map-style dataset of Samples over SyntheticWorld records ``first .. first + records - 1`` (see the module
+    docstring); the same sample for the same index in any process."""
+
+    def __init__(self, size: int, seed: int, records: int, tasks=("caption", "vqa", "generate"), max_objects: int = 3,
+                 first: int = 0):
+        from ...data.synthetic import SyntheticWorld
+
+        self.world = SyntheticWorld(size=size, seed=seed, max_objects=max_objects, length=first + records)
+        self.tasks, self.records, self.first, self.seed = tuple(tasks), records, first, seed
+
+    def __len__(self) -> int:
+        return self.records * len(self.tasks)
+
+    def __getitem__(self, i):
+        from ...data.synthetic import to_samples
+
+        if isinstance(i, bool) or not isinstance(i, int) or not (0 <= i < len(self)):
+            raise IndexError(f"SyntheticSFTDataset: index {i!r} out of range [0, {len(self)})")
+        r = self.first + i // len(self.tasks)
+        samples = to_samples(self.world[r], (self.tasks[i % len(self.tasks)],))
+        return samples[seed_of(self.seed, r, "pick") % len(samples)]
+
+    def images(self, n: int) -> torch.Tensor:
+        """The first n records' pictures as (n, 3, H, W) in [-1, 1] (VAE calibration)."""
+        return torch.stack([self.world[self.first + k].image.float() / 127.5 - 1.0 for k in range(n)])
+
+
+class Encoder:
+    """encode(sample, index, epoch seed) -> the packer's EncodedSample (picklable for loader workers)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def __call__(self, sample, index: int, seed: int):
+        from ...data.packing import encode_sample
+
+        return encode_sample(sample, self.spec, sample_id=int(index), seed=int(seed))
+
+
+def collate(docs):
+    from ...data.packing import collate_docs
+
+    return collate_docs(docs)
+
+
+@register
+class SFTRecipe(Recipe):
+    name = "sft"
+    config_class = SFTRecipeConfig
+    run_defining = ("image_size", "tasks", "train_records", "max_objects", "cfg_dropout")
+
+    def _dataset(self, cfg) -> SyntheticSFTDataset:
+        r = cfg.recipe
+        return SyntheticSFTDataset(r.image_size, cfg.job.seed, r.train_records, r.tasks, r.max_objects)
+
+    def build_model(self, cfg):
+        from ...model.cheers import CheersModel
+
+        model = CheersModel(cfg.model.preset)
+        model.config.image_size = cfg.recipe.image_size   # the checkpoint's default generation size
+        # a fresh VAE needs its latent statistics (a pretrained one brings them; a resumed run loads them)
+        model.vae.calibrate(self._dataset(cfg).images(min(64, cfg.recipe.train_records)))
+        return model
+
+    def build_data(self, cfg, model) -> DataSource:
+        spec = model.pack_spec(budget=cfg.data.budget)
+        r = cfg.recipe
+        return DataSource(self._dataset(cfg), Encoder(spec), collate,
+                          describe=f"{r.image_size} px synthetic world, tasks {'/'.join(r.tasks)}")
+
+    def describe(self, cfg) -> str:
+        r = cfg.recipe
+        return f"{r.image_size} px synthetic world, tasks {'/'.join(r.tasks)}"
+
+    def step(self, model, batch, ctx) -> StepOutput:
+        from .. import policy
+
+        bare, r = ctx.module, ctx.config.recipe
+        p = bare.config.cfg_dropout if r.cfg_dropout is None else r.cfg_dropout
+        inputs = policy.training_inputs(bare, batch, seed_of(ctx.seed, ctx.step, "sft-step"), p)
+        out = model(batch, **inputs)
+        return StepOutput(out["loss"], {"text_loss": out["text_loss"], "flow_loss": out["flow_loss"]},
+                          {"text_tokens": out["text_tokens"], "flow_images": out["flow_images"]})
+
+    def wants_eval(self, cfg) -> bool:
+        return cfg.recipe.evaluate
+
+    def evaluate(self, model, cfg, out_dir) -> dict:
+        from ...eval.world import evaluate_world
+
+        r = cfg.recipe
+        return evaluate_world(model, image_size=r.image_size, seed=cfg.job.seed, max_objects=r.max_objects,
+                              first=r.train_records, n_vqa=r.eval_vqa, n_images=r.eval_images,
+                              n_captions=r.eval_captions, steps=r.eval_steps, prompts=r.eval_prompts,
+                              out_dir=out_dir)
+
+    def report(self, results: dict) -> list:
+        from ...eval.world import report_lines
+
+        return report_lines(results)

@@ -1,0 +1,128 @@
+"""What a recipe supplies to the training engine, and the registry of recipes by name.
+
+A recipe owns its data, its random draws (flow noise, timesteps, CFG dropout) and its losses; it never touches
+the optimizer, the device mesh or the checkpoint format (those are the engine's).  Adding a recipe = a module with
+a :class:`Recipe` subclass and one :func:`register` call.
+
+    class MyRecipe(Recipe):
+        name = "mine"
+        config_class = MyRecipeConfig                 # a dataclass: the [recipe] section of the config
+        run_defining = ("image_size", "tasks")        # recipe keys that may not change on resume
+
+        def build_model(self, cfg): ...               # an nn.Module on the CPU, float32, initialised
+        def build_data(self, cfg, model): ...         # DataSource(dataset, encode, collate, length=None)
+        def step(self, model, batch, ctx): ...        # StepOutput(loss, metrics) of one micro-batch
+        def evaluate(self, model, cfg, out_dir): ...  # a dict of scores (after training, rank 0, unwrapped model)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+__all__ = ["Recipe", "StepContext", "StepOutput", "DataSource", "register", "get_recipe", "recipe_names"]
+
+
+@dataclass
+class StepContext:
+    """What the engine tells a recipe's step: the (0-based) optimizer step, the run seed, which micro-batch of the
+    step this is (global index among the step's micro-batches, the same for any world size), the device."""
+
+    step: int
+    seed: int
+    micro_index: int
+    micro_per_step: int
+    device: object
+    rank: int = 0
+    world_size: int = 1
+    module: object = None        # the bare model (not the DDP / FSDP wrapper): for its config, tokenizer, VAE
+    config: object = None        # the run's Config (ctx.config.recipe: the recipe's section)
+
+
+@dataclass
+class StepOutput:
+    """A micro-batch's loss (a scalar tensor to backpropagate) and named metrics (floats or 0-d tensors; the engine
+    averages them over the micro-batches and ranks of a step), plus counts to sum instead (``counts``: e.g. tokens)."""
+
+    loss: object
+    metrics: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataSource:
+    """A recipe's training data for the engine's sharded loader.
+
+    ``dataset``: map-style (``len``, ``[i]``); ``encode(sample, index, epoch_seed) -> doc`` with ``doc.length``
+    (tokens); ``collate(list_of_docs) -> batch`` with ``batch.to(device)`` and ``batch.input_ids``;
+    ``length(index) -> int`` (optional): the tokens of ``encode(dataset[index])`` without building it, so that a rank
+    plans the global batch without loading other ranks' samples; ``budget``: tokens per micro-batch (the engine
+    fills it from ``data.budget``); ``describe``: one line for the log."""
+
+    dataset: object
+    encode: object
+    collate: object
+    length: object = None
+    describe: str = ""
+
+
+class Recipe:
+    name: str = ""
+    config_class = None
+    run_defining: tuple = ()
+
+    def build_model(self, cfg):
+        raise NotImplementedError
+
+    def build_data(self, cfg, model) -> DataSource:
+        raise NotImplementedError
+
+    def step(self, model, batch, ctx: StepContext) -> StepOutput:
+        raise NotImplementedError
+
+    def evaluate(self, model, cfg, out_dir) -> dict:
+        return {}
+
+    def wants_eval(self, cfg) -> bool:
+        """Whether :meth:`evaluate` runs after training (default: when the recipe overrides it)."""
+        return type(self).evaluate is not Recipe.evaluate
+
+    def report(self, results: dict) -> list:
+        """Console lines for the evaluation results."""
+        return []
+
+    def describe(self, cfg) -> str:
+        return ""
+
+    def shorthands(self) -> dict:
+        """Command-line flags of this recipe: {flag: (config key, help)} (e.g. {"--image-size": ("recipe.image_size",
+        "...")}); the engine's own flags are in umm_ops.cli."""
+        return {}
+
+
+_REGISTRY: dict = {}
+
+
+def register(recipe_cls):
+    """Class decorator: make a Recipe subclass available by its ``name`` (``umm train --recipe NAME``)."""
+    if not (isinstance(recipe_cls, type) and issubclass(recipe_cls, Recipe)):
+        raise TypeError(f"register: expected a Recipe subclass, got {recipe_cls!r}")
+    if not recipe_cls.name or not dataclasses.is_dataclass(recipe_cls.config_class):
+        raise TypeError(f"register: {recipe_cls.__name__} needs a name and a dataclass config_class")
+    _REGISTRY[recipe_cls.name] = recipe_cls
+    return recipe_cls
+
+
+def _load_builtin() -> None:
+    from . import recipes  # noqa: F401  (registers the built-in recipes)
+
+
+def get_recipe(name: str) -> Recipe:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown recipe {name!r}; recipes: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]()
+
+
+def recipe_names() -> list:
+    _load_builtin()
+    return sorted(_REGISTRY)
