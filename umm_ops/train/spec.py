@@ -82,6 +82,11 @@ class Recipe:
     def evaluate(self, model, cfg, out_dir) -> dict:
         return {}
 
+    def fsdp_units(self, model):
+        """Modules that get their own FSDP2 unit: they must run in every micro-batch on every rank (None: every
+        block of every ModuleList, right for a model whose every part runs on every batch)."""
+        return None
+
     def wants_eval(self, cfg) -> bool:
         """Whether :meth:`evaluate` runs after training (default: when the recipe overrides it)."""
         return type(self).evaluate is not Recipe.evaluate

@@ -34,9 +34,16 @@ def resolve_mode(mode: str, world_size: int) -> str:
     return ("ddp" if world_size > 1 else "none") if mode == "auto" else mode
 
 
-def parallelize(model: nn.Module, pcfg, dist) -> nn.Module:
+def parallelize(model: nn.Module, pcfg, dist, fsdp_units=None) -> nn.Module:
     """Wrap `model` (already on its device) as `pcfg` says; returns the module to call (the bare model for
-    mode none, else its DDP / FSDP2 form)."""
+    mode none, else its DDP / FSDP2 form).
+
+    fsdp_units: the modules that get their own FSDP2 unit (all-gathered just before they run, resharded after),
+    default every block.  FSDP2 issues a unit's all-gather when the unit runs, so a unit that one rank skips for
+    its data (the flow head in a micro-batch without an image to generate) would hang the others: only modules that
+    run in every micro-batch on every rank may be units (the recipe says which, ``Recipe.fsdp_units``); the rest
+    belongs to the root unit, gathered once per forward, with zero gradients reduce-scattered for parameters a rank
+    did not use (``set_reduce_scatter_unused_params``, FSDP2's counterpart of DDP's find_unused_parameters)."""
     mode = resolve_mode(pcfg.mode, dist.world_size)
     blocks = find_blocks(model)
     if pcfg.activation_checkpointing:
@@ -71,9 +78,14 @@ def parallelize(model: nn.Module, pcfg, dist) -> nn.Module:
             mesh = init_device_mesh(dist.device.type, (dist.world_size,), mesh_dim_names=("dp",))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if pcfg.mixed_precision == "bf16" else MixedPrecisionPolicy()
-        for _, _, block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
+        units = [b for _, _, b in blocks] if fsdp_units is None else list(fsdp_units)
+        if pcfg.activation_checkpointing and fsdp_units is not None:   # the wrappers replaced the listed blocks
+            wrapped = {id(getattr(b, "_checkpoint_wrapped_module", b)): b for _, _, b in blocks}
+            units = [wrapped.get(id(u), u) for u in units]
+        for unit in units:
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
+        model.set_reduce_scatter_unused_params(True)
         return model
     raise ValueError(f"parallel.mode = {mode!r}: use 'auto', 'none', 'ddp' or 'fsdp'")
 

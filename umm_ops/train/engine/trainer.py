@@ -142,7 +142,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
     bare.to(device=d.device, dtype=_DTYPES[cfg.model.dtype])
     bare.train()
     mode = resolve_mode(cfg.parallel.mode, d.world_size)
-    model = parallelize(bare, cfg.parallel, d)
+    model = parallelize(bare, cfg.parallel, d, fsdp_units=recipe.fsdp_units(bare))
     opt = build_optimizer(model, cfg.optim)
     sched = LRSchedule.from_config(cfg)
     ema = EMA(model, cfg.optim.ema) if cfg.optim.ema > 0 else None

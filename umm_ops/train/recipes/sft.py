@@ -144,6 +144,11 @@ class SFTRecipe(Recipe):
         return StepOutput(out["loss"], {"text_loss": out["text_loss"], "flow_loss": out["flow_loss"]},
                           {"text_tokens": out["text_tokens"], "flow_images": out["flow_images"]})
 
+    def fsdp_units(self, model):
+        # the LLM's layers run on every packed micro-batch; the ViT, the VAE decoder copy and the flow head only when
+        # the micro-batch holds an image (to generate): they stay in the root unit
+        return list(model.llm.model.layers)
+
     def wants_eval(self, cfg) -> bool:
         return cfg.recipe.evaluate
 
