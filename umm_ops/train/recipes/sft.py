@@ -149,6 +149,19 @@ class SFTRecipe(Recipe):
         # the micro-batch holds an image (to generate): they stay in the root unit
         return list(model.llm.model.layers)
 
+    def shorthands(self) -> dict:
+        return {
+            "--image-size": ("recipe.image_size", "value", "synthetic picture side, a multiple of 32"),
+            "--tasks": ("recipe.tasks", "value", "comma-separated: " + ",".join(TASKS)),
+            "--train-records": ("recipe.train_records", "value", "records trained on (later ones are held out)"),
+            "--no-eval": ("recipe.evaluate", "false", "skip the evaluation after training"),
+            "--eval-vqa": ("recipe.eval_vqa", "value", "held-out VQA questions to evaluate"),
+            "--eval-images": ("recipe.eval_images", "value", "held-out image prompts to generate and score"),
+            "--eval-captions": ("recipe.eval_captions", "value", "held-out pictures to caption"),
+            "--eval-steps": ("recipe.eval_steps", "value", "sampler steps of the evaluation images"),
+            "--eval-prompt": ("recipe.eval_prompts", "append", "an extra image prompt to generate after training"),
+        }
+
     def wants_eval(self, cfg) -> bool:
         return cfg.recipe.evaluate
 
