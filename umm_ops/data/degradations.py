@@ -16,7 +16,6 @@ OpenCV's saturating uint8 arithmetic does). CLEAR's intermediate uint8 roundings
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 from typing import Callable, Sequence
@@ -24,6 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..utils import seed_of
 
 __all__ = ["DEGRADATIONS", "LEVELS", "CATEGORIES", "WEIGHTS", "degrade", "sample_kind", "psnr"]
 
@@ -612,11 +613,6 @@ def sample_kind(generator: torch.Generator | None = None) -> str:
     return names[int(torch.multinomial(w, 1, generator=generator))]
 
 
-def _image_seed(seed: int, index: int, kind: str) -> int:
-    h = hashlib.blake2b(f"{int(seed)}:{int(index)}:{kind}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
 def _intensity(intensity) -> float:
     if isinstance(intensity, str):
         if intensity not in LEVELS:
@@ -660,7 +656,7 @@ def degrade(images: torch.Tensor, kind: str, intensity, seed: int = 0, index=Non
             raise ValueError(f"floating images must be in [0, 1] (got values in [{lo:.3g}, {hi:.3g}]); "
                              "pass uint8 for 0..255 pixels")
         x = images.to(work) * 255.0
-    gens = [torch.Generator().manual_seed(_image_seed(seed, j, kind)) for j in idx]
+    gens = [torch.Generator().manual_seed(seed_of(int(seed), j, kind)) for j in idx]
     y = DEGRADATIONS[kind][1](x, i, gens).clamp(0, 255)
     if is_u8:
         return y.round().to(torch.uint8)

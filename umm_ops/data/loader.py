@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .packing import GreedyPacker, PackSpec, _mix, collate_docs, encode_sample
+from ..utils import seed_of
+from .packing import GreedyPacker, PackSpec, collate_docs, encode_sample
 
 __all__ = ["PackedLoader"]
 
@@ -100,12 +101,12 @@ class PackedLoader:
         """The dataset indices of an epoch, in the order they are packed."""
         if not self.shuffle:
             return list(range(self._n))
-        g = torch.Generator().manual_seed(_mix(self.seed, epoch, 1))
+        g = torch.Generator().manual_seed(seed_of(self.seed, int(epoch), "order"))
         return torch.randperm(self._n, generator=g).tolist()
 
     def pack_seed(self, epoch: int) -> int:
         """The ``seed`` given to the packer for an epoch (timesteps of generated images)."""
-        return _mix(self.seed, epoch, 2)
+        return seed_of(self.seed, int(epoch), "pack")
 
     @property
     def epoch(self) -> int:
@@ -122,7 +123,7 @@ class PackedLoader:
         dl = DataLoader(_Encoded(self.dataset, self.spec, self.pack_seed(epoch)), batch_sampler=chunks,
                         num_workers=self.num_workers, collate_fn=_identity,
                         # workers' base seed: from this generator, never from (and never advancing) torch's global RNG
-                        generator=torch.Generator().manual_seed(_mix(self.seed, epoch, pos, 3)),
+                        generator=torch.Generator().manual_seed(seed_of(self.seed, int(epoch), int(pos), "workers")),
                         **self._dl_kwargs)
         packer = GreedyPacker(self.spec.budget)
         for k, doc in enumerate((d for chunk in dl for d in chunk), start=pos):

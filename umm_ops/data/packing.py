@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention.layout import SpanLayout
+from ..utils import seed_of
 from .tokenizer import load_tokenizer
 
 __all__ = ["TextItem", "ImageItem", "Sample", "PackSpec", "PackedBatch", "pack", "unpack", "UniformTimesteps",
@@ -264,21 +265,6 @@ class PackedBatch:
 
 
 # ----------------------------------------------------------------------------------------------- one document
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*xs: int) -> int:
-    """A 63-bit seed from integers (splitmix64 finaliser chained): stable across processes and Python versions."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (int(x) & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
-    return h >> 1
-
-
 @dataclass
 class EncodedSample:
     """One sample as tokens: what :func:`encode_sample` returns, loader workers hand back and :func:`collate_docs`
@@ -354,7 +340,7 @@ def encode_sample(sample: Sample, spec: PackSpec, sample_id: int = 0, seed: int 
 
     timesteps = [1.0] * len(images)
     if n_gen:
-        g = torch.Generator().manual_seed(_mix(seed, sample_id))
+        g = torch.Generator().manual_seed(seed_of(int(seed), int(sample_id), "timesteps"))
         t = spec.timestep_sampler(n_gen, g)
         if not isinstance(t, torch.Tensor) or t.shape != (n_gen,) or not t.is_floating_point():
             raise TypeError(f"pack: timestep_sampler({n_gen}, generator) must return a ({n_gen},) float tensor, got "

@@ -23,13 +23,14 @@ of the objects' pixel bounding boxes (the same quantity `check` measures on an i
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import random
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from ..utils import seed_of
 
 __all__ = ["COLORS", "KINDS", "SIZES", "RELATIONS", "SyntheticWorld", "SceneRecord", "check", "prompt_text",
            "instance_palette", "format_question", "to_samples"]
@@ -56,11 +57,6 @@ _PROMPT_REL_MARGIN = 0.1  # ... and prompts / questions are only made from relat
 SEGMENT_PROMPT = "Segment instances with different colors."  # SGT's instance-segmentation instruction
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."  # LLaVA's evaluation prompts
 SA_SUFFIX = "Answer the question using a single word or phrase."
-
-
-def _seed(*parts) -> int:
-    h = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
 def instance_palette(n: int) -> list:
@@ -251,7 +247,7 @@ class SceneRecord:
         from .degradations import degrade, sample_kind
 
         if kind is None:
-            kind = sample_kind(torch.Generator().manual_seed(_seed(self.seed, self.index, "degradation")))
+            kind = sample_kind(torch.Generator().manual_seed(seed_of(self.seed, self.index, "degradation")))
         return degrade(self.image[None], kind, intensity, seed=self.seed, index=[self.index])[0], kind
 
 
@@ -298,7 +294,7 @@ class SyntheticWorld:
     def scene(self, i: int) -> dict:
         """The description of scene i (objects with nominal geometry; `__getitem__` adds pixel bboxes/areas)."""
         i = self._check_index(i)
-        rng = random.Random(_seed(self.seed, i, "scene"))
+        rng = random.Random(seed_of(self.seed, i, "scene"))
         S = self.size
         if rng.random() < self.two_tone:
             names = rng.sample(list(_GREYS), 2)
@@ -355,7 +351,7 @@ class SyntheticWorld:
         seg = segmentation_map(inst)
         pal = instance_palette(len(scene["objects"]))
         inst_colors = [{"id": k + 1, "object": k, "color": pal[k]} for k in range(len(scene["objects"]))]
-        rng = random.Random(_seed(self.seed, i, "text"))
+        rng = random.Random(seed_of(self.seed, i, "text"))
         prompts = scene_prompts(scene)
         # prefer the more demanding prompts (GenEval's position / counting / two-object) when the scene has them
         ranked = [p for tag in ("position", "two_object", "counting", "single_object", "all")
