@@ -194,6 +194,8 @@ def main(argv=None) -> int:
 
     from run import device_name, slug  # bench/run.py: one way to name devices
 
+    from umm_ops.utils import atomic_write
+
     base = [sys.executable, os.path.abspath(__file__), "--preset", args.preset, "--device", args.device, "--dtype",
             args.dtype, "--samples", str(args.samples), "--image-size", str(args.image_size), "--steps",
             str(args.steps), "--warmup", str(args.warmup), "--gen-steps", str(args.gen_steps), "--gen-batch",
@@ -228,11 +230,7 @@ def main(argv=None) -> int:
                torch=torch.__version__, threads=torch.get_num_threads(), quick=args.quick,
                load_average=os.getloadavg(), results=rows, summary=speed)
     out = args.out or os.path.join(HERE, "results", f"{slug(dev_name)}-model.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(res, fh, indent=2)
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps(res, indent=2))
 
     print(f"\n{dev_name}  preset={args.preset}  {rows[0]['tokens']} tokens/batch, {rows[0]['images']} images "
           f"@ {args.image_size} px, {rows[0]['params'] / 1e6:.1f}M params")

@@ -43,6 +43,7 @@ from umm_ops.data.loader import PackedLoader  # noqa: E402
 from umm_ops.data.packing import (GreedyPacker, ImageItem, PackSpec, Sample, TextItem, collate_docs,  # noqa: E402
                                   encode_sample, pack)
 from umm_ops.data.tokenizer import ByteTokenizer  # noqa: E402
+from umm_ops.utils import atomic_write  # noqa: E402
 
 WORDS = ("a red circle left of a blue square how many shapes are there in the picture describe the scene "
          "three green triangles above one yellow star on a grey background").split()
@@ -207,11 +208,7 @@ def main(argv=None):
         "results": configs,
     }
     out = args.out or os.path.join(HERE, "results", f"{slug(res['device'])}-packing.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps(res, indent=1))
     print(f"wrote {out}")
 
 

@@ -280,6 +280,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from umm_ops.utils import atomic_write
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = args.out_dir or os.path.join(HERE, "results", "quick" if args.quick else "")
     os.makedirs(out_dir, exist_ok=True)
@@ -319,10 +321,7 @@ def main(argv=None) -> int:
         name += "-subset"
     jpath = os.path.join(out_dir, f"{name}.json")
     ppath = os.path.join(out_dir, f"{name}.png")
-    tmpj = jpath + ".tmp"
-    with open(tmpj, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmpj, jpath)
+    atomic_write(jpath, json.dumps(res, indent=1))
     print_table(res)
     plot(res, ppath)
     print(f"[bench] results: {jpath}" + (f"\n[bench] plot:    {ppath}" if os.path.exists(ppath) else ""))

@@ -73,6 +73,7 @@ def _mmd_preview(args) -> int:
     from PIL import Image, ImageDraw
 
     from .data import DEGRADATIONS, LEVELS, degrade
+    from .utils import atomic_write
 
     img = _load_image(args.image, args.size) if args.image else _demo_image(args.size)
     levels = [("clean", 0.0)] + sorted(LEVELS.items(), key=lambda kv: kv[1])
@@ -89,11 +90,7 @@ def _mmd_preview(args) -> int:
             out = img if lv == 0.0 else degrade(img, kind, lv, seed=args.seed)
             tile = Image.fromarray(out[0].permute(1, 2, 0).contiguous().numpy())
             grid.paste(tile, (label_w + c * (S + pad), top))
-    tmp = args.out + ".tmp.png"
-    grid.save(tmp)
-    import os
-
-    os.replace(tmp, args.out)
+    atomic_write(args.out, write=grid.save, suffix=".png")
     print(f"wrote {args.out}: {len(kinds)} degradations x {len(levels)} levels ({args.size} px tiles)")
     return 0
 
@@ -142,11 +139,10 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
-    import os
-
     import torch
 
     from .train.sft import _to_pil, load_checkpoint_model
+    from .utils import atomic_write
 
     try:
         model = load_checkpoint_model(args.checkpoint, device=args.device)
@@ -173,10 +169,7 @@ def _generate(args) -> int:
         img = model.generate_image([args.prompt], height=size, width=size, steps=args.steps, cfg_scale=args.cfg,
                                    seed=args.seed)["images"][0]
     out = args.out
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.png"
-    _to_pil(img).save(tmp)
-    os.replace(tmp, out)
+    atomic_write(out, write=_to_pil(img).save, suffix=".png")
     print(f"wrote {out} ({size}x{size}, {args.steps or model.config.sample_steps} steps): {args.prompt!r}")
     return 0
 

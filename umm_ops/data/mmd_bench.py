@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..utils import atomic_write
 from .degradations import DEGRADATIONS, LEVELS, degrade, sample_kind
 
 __all__ = ["BadRecord", "BuildReport", "read_manifest", "build"]
@@ -91,16 +92,6 @@ def read_manifest(path: str):
             yield n, rec, load
 
 
-def _atomic_write_lines(path: str, lines) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def build(manifest: str, out_dir: str, seed: int = 0, levels=("low", "mid", "high"), skip_bad: bool = False,
           quality: int = 95) -> BuildReport:
     """Write the degraded benchmark (see the module docstring).  ``skip_bad`` counts and skips unusable records
@@ -138,5 +129,6 @@ def build(manifest: str, out_dir: str, seed: int = 0, levels=("low", "mid", "hig
             records[lv].append(json.dumps(out, ensure_ascii=False))
         report.written += 1
     for lv in levels:
-        _atomic_write_lines(os.path.join(out_dir, lv, "manifest.jsonl"), records[lv])
+        text = "".join(line + "\n" for line in records[lv])
+        atomic_write(os.path.join(out_dir, lv, "manifest.jsonl"), text.encode("utf-8"))  # UTF-8 whatever the locale
     return report

@@ -7,12 +7,14 @@ keys (``strict=False`` ignores unknown keys; missing keys always raise).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 
 import torch
 
+from ..utils import atomic_write
 from .llm import Qwen2Config, Qwen2LM
 from .vit import SiglipViT, SiglipVisionConfig
 
@@ -191,14 +193,6 @@ def _parse_size(size) -> int:
     return max(1, int(float(m.group(1)) * mult))
 
 
-def _atomic_write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def save_safetensors(state: dict, folder, config: dict | None = None, max_shard_size="5GB") -> list[str]:
     """Write ``state`` ({name: tensor}) as ``model.safetensors`` or, above ``max_shard_size``, as
     ``model-0000i-of-0000n.safetensors`` shards + ``model.safetensors.index.json`` (Hugging Face's layout), plus
@@ -238,15 +232,14 @@ def save_safetensors(state: dict, folder, config: dict | None = None, max_shard_
         files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for fname, shard in zip(files, shards):
         path = os.path.join(folder, fname)
-        save_file(shard, path + ".tmp", metadata={"format": "pt"})
-        os.replace(path + ".tmp", path)
+        atomic_write(path, write=functools.partial(save_file, shard, metadata={"format": "pt"}))
     if config is not None:
-        _atomic_write_json(os.path.join(folder, "config.json"), config)
+        atomic_write(os.path.join(folder, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
     index = os.path.join(folder, _INDEX)
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
-        _atomic_write_json(index, {"metadata": {"total_size": total},
-                                   "weight_map": {n: f for f, s in zip(files, shards) for n in s}})
+        index_obj = {"metadata": {"total_size": total}, "weight_map": {n: f for f, s in zip(files, shards) for n in s}}
+        atomic_write(index, json.dumps(index_obj, indent=2, sort_keys=True) + "\n")
     for old in os.listdir(folder):  # stale weight files of an earlier save
         if old in files:
             continue
