@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -50,6 +52,24 @@ def test_save_load_round_trip_is_exact(model, tmp_path):
         la = model(b, generator=torch.Generator().manual_seed(0))["loss"]
         lb = loaded(b, generator=torch.Generator().manual_seed(0))["loss"]
     assert torch.equal(la, lb)
+
+
+def test_checkpoint_sits_below_the_model(model, tmp_path):
+    """No import circle: checkpoint.py never imports cheers.py at import time (cheers.py imports it at its top);
+    CheersModel.from_pretrained passes its class down (a subclass gets itself back)."""
+    code = ("import sys; import umm_ops.model.checkpoint as ck; assert 'umm_ops.model.cheers' not in sys.modules; "
+            "from umm_ops.model.cheers import CheersModel; assert CheersModel.save_pretrained")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+    class Sub(CheersModel):
+        pass
+
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    loaded = Sub.from_pretrained(folder)
+    assert type(loaded) is Sub and not loaded.training
+    assert type(ck.from_pretrained(folder)) is CheersModel
+    _states_equal(model, loaded)
 
 
 def test_save_is_atomic(model, tmp_path, monkeypatch):

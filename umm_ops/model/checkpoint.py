@@ -29,6 +29,11 @@ Released Cheers (AI9Stars/Cheers, ``Training/cheers_config``): ``convert_cheers_
     model.vae_decoder_projector.bn.*                 -> vae.decoder_copy.bn.*
 
 ``to_cheers_state_dict`` is the inverse (export to the released layout).
+
+Imports: this module sits below ``cheers.py`` (which imports it at top level for ``CheersModel.save_pretrained`` /
+``from_pretrained``) and never imports it at module level.  The two functions that build a model
+(``from_pretrained``, ``from_cheers_checkpoint``) take the class to build (``model_class``;
+``CheersModel.from_pretrained`` passes itself); without one they resolve ``umm_ops.model.CheersModel`` when called.
 """
 from __future__ import annotations
 
@@ -43,7 +48,8 @@ import torch
 from .config import CheersConfig, preset
 from .hf import _INDEX as INDEX, load_safetensors, save_safetensors
 
-__all__ = ["save_pretrained", "from_pretrained", "load_state", "load_parts", "convert_cheers_state_dict",
+__all__ = ["save_pretrained", "from_pretrained", "read_pretrained_config", "load_state", "read_safetensors_folder",
+           "load_parts", "convert_cheers_state_dict",
            "to_cheers_state_dict", "from_cheers_checkpoint", "cheers_config_from_released"]
 
 MODEL_TYPE = "umm_ops-cheers"
@@ -121,10 +127,17 @@ def load_state(model, state: dict, strict: bool = True, who: str = "checkpoint")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
-def from_pretrained(folder, device=None, dtype=None, tokenizer=None):
-    """Build a CheersModel from a folder written by save_pretrained (in eval mode, as Hugging Face does)."""
-    from .cheers import CheersModel
+def _model_class(model_class):
+    """`model_class`, or CheersModel (resolved at call time: cheers.py imports this module at its top)."""
+    if model_class is not None:
+        return model_class
+    import importlib
 
+    return importlib.import_module(__package__).CheersModel
+
+
+def read_pretrained_config(folder) -> CheersConfig:
+    """The CheersConfig of a folder written by save_pretrained (its config.json), with clear errors."""
     folder = os.fspath(folder)
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
@@ -134,7 +147,14 @@ def from_pretrained(folder, device=None, dtype=None, tokenizer=None):
     if meta.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{cfg_path}: model_type {meta.get('model_type')!r}, expected {MODEL_TYPE!r} "
                          f"(for the released Cheers checkpoint use from_cheers_checkpoint)")
-    model = CheersModel(CheersConfig.from_dict(meta["config"]), tokenizer=tokenizer)
+    return CheersConfig.from_dict(meta["config"])
+
+
+def from_pretrained(folder, device=None, dtype=None, tokenizer=None, model_class=None):
+    """Build a CheersModel (or `model_class`) from a folder written by save_pretrained (in eval mode, as Hugging Face
+    does)."""
+    folder = os.fspath(folder)
+    model = _model_class(model_class)(read_pretrained_config(folder), tokenizer=tokenizer)
     load_state(model, read_safetensors_folder(folder), who=folder)
     model.eval()
     if dtype is not None:
@@ -333,11 +353,10 @@ def cheers_config_from_released(d: dict) -> CheersConfig:
     return cfg.validate()
 
 
-def from_cheers_checkpoint(folder, config: CheersConfig | None = None, tokenizer=None, device=None):
-    """A CheersModel from a released Cheers folder (config.json + model*.safetensors); the tokenizer defaults to the
-    folder's own (Hugging Face) tokenizer."""
-    from .cheers import CheersModel
-
+def from_cheers_checkpoint(folder, config: CheersConfig | None = None, tokenizer=None, device=None,
+                           model_class=None):
+    """A CheersModel (or `model_class`) from a released Cheers folder (config.json + model*.safetensors); the
+    tokenizer defaults to the folder's own (Hugging Face) tokenizer."""
     folder = os.fspath(folder)
     if config is None:
         with open(os.path.join(folder, "config.json")) as f:
@@ -345,7 +364,7 @@ def from_cheers_checkpoint(folder, config: CheersConfig | None = None, tokenizer
     if tokenizer is None and config.tokenizer == "byte" and os.path.isfile(os.path.join(folder,
                                                                                          "tokenizer_config.json")):
         config.tokenizer = folder
-    model = CheersModel(config, tokenizer=tokenizer)
+    model = _model_class(model_class)(config, tokenizer=tokenizer)
     state = convert_cheers_state_dict(read_safetensors_folder(folder), len(config.vae.block_out_channels),
                                       config.llm.get("tie_word_embeddings", True))
     load_state(model, state, who=folder)

@@ -24,6 +24,7 @@ import umm_ops
 
 from ..data.packing import ROLES, _mix
 from ..data.tokenizer import load_tokenizer
+from .checkpoint import from_pretrained as _from_pretrained, save_pretrained as _save_pretrained
 from .config import CheersConfig, preset
 from .head import FlowHead
 from .losses import add_noise, flow_loss, flow_target, text_loss
@@ -250,12 +251,8 @@ class CheersModel(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints (see checkpoint.py)
     def save_pretrained(self, folder, **kw):
-        from .checkpoint import save_pretrained
-
-        return save_pretrained(self, folder, **kw)
+        return _save_pretrained(self, folder, **kw)
 
     @classmethod
     def from_pretrained(cls, folder, **kw) -> "CheersModel":
-        from .checkpoint import from_pretrained
-
-        return from_pretrained(folder, **kw)
+        return _from_pretrained(folder, model_class=cls, **kw)
