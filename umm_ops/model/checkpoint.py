@@ -40,11 +40,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import torch
 
+from ..utils import atomic_folder
 from .config import CheersConfig, preset
 from .hf import _INDEX as INDEX, load_safetensors, save_safetensors
 
@@ -77,37 +76,13 @@ def read_safetensors_folder(folder: str, device="cpu") -> dict:
     return load_safetensors(folder, device)
 
 
-def _atomic_folder(folder: str):
-    """A temporary sibling of `folder` and the function that moves it into place."""
-    folder = os.path.abspath(os.fspath(folder))
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
-
-    def commit():
-        if os.path.exists(folder):
-            old = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old-", dir=parent)
-            os.replace(folder, os.path.join(old, "x"))
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-
-    return tmp, commit
-
-
 # ----------------------------------------------------------------------------------- our format
 def save_pretrained(model, folder, max_shard_bytes: int = 2 << 30) -> str:
     """Write config.json + sharded safetensors + index to `folder`, atomically.  Returns the folder."""
-    tmp, commit = _atomic_folder(folder)
-    try:
+    with atomic_folder(folder) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"model_type": MODEL_TYPE, "config": model.config.to_dict()}, f, indent=2)
         write_safetensors_folder(_state_for_saving(model), tmp, max_shard_bytes)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return os.fspath(folder)
 
 
