@@ -18,6 +18,7 @@ import math
 import torch
 
 from ..attention.layout import SpanLayout, span_mask
+from ._common import _acc, _autograd_on
 
 __all__ = ["span_attention_reference", "span_attention_fwd", "span_attention_bwd"]
 
@@ -42,10 +43,6 @@ def span_attention_reference(q, k, v, layout: SpanLayout, softmax_scale: float |
     return out, lse
 
 
-def _acc(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-
-
 def _fresh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A new contiguous tensor (the fakes promise contiguous outputs; a custom op may not return an alias)."""
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
@@ -68,8 +65,6 @@ def span_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seg_offsets, seg_sta
 def span_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seg_offsets, seg_start, seg_end,
                        seg_mode, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float):
     """(dq, dk, dv) by autograd through the dense reference (out and lse are recomputed, not used)."""
-    from .kernels import _autograd_on
-
     layout = _layout(q, k, cu_seqlens_q, cu_seqlens_k, seg_offsets, seg_start, seg_end, seg_mode, max_seqlen_q,
                      max_seqlen_k)
     with _autograd_on():

@@ -11,8 +11,6 @@ float32 (float64 when the activations are float64: the reference alone accepts f
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import (
@@ -22,27 +20,10 @@ from . import (
     flow_transition as _flow_transition,
     gated_detail_residual as _gated_detail_residual,
     gated_residual as _gated_residual,
+    tokens as _tok,
 )
-
-
-@contextlib.contextmanager
-def _autograd_on():
-    """Grad mode with the autograd dispatch keys re-included.
-
-    These functions run as the implementation of a custom op (umm_ops.ops), below the autograd layer where
-    torch excludes the autograd keys: enable_grad alone would record nothing.
-    """
-    keys = torch._C.DispatchKey
-    with contextlib.ExitStack() as stack:
-        for k in (keys.AutogradCPU, keys.AutogradCUDA, keys.ADInplaceOrView, keys.AutogradFunctionality):
-            stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(k, False))
-        stack.enter_context(torch.enable_grad())
-        yield
-
-
-def _acc(x: torch.Tensor) -> torch.Tensor:
-    """Compute dtype: float32 for reduced-precision activations, the activation dtype otherwise."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+from ._common import _acc, _autograd_on
+from .attention import span_attention_bwd, span_attention_fwd  # noqa: F401  (the contract's span-attention pair)
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -205,7 +186,6 @@ def gated_residual_backward(grad, gate, y, mask):
     dgate = (g * _acc(y)).sum(1).to(gate.dtype) if mask[0] else _empty(grad)
     dy = (g * _acc(gate)[:, None, :]).to(y.dtype) if mask[1] else _empty(grad)
     return dgate, dy
-from .attention import span_attention_bwd, span_attention_fwd  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -222,7 +202,6 @@ from .attention import span_attention_bwd, span_attention_fwd  # noqa: E402,F401
 #   pack_latents_backward(grad, running_var, H, W, f, eps) -> dz
 #   unpack_latents(tokens, running_mean, running_var, H, W, f, eps) -> (B, C, H, W)
 #   unpack_latents_backward(grad, running_var, f, eps) -> dtokens
-from . import tokens as _tok  # noqa: E402
 
 
 def compress_tokens(x, ln_weight, ln_bias, weight, bias, H, W, factor, activation, eps, save_pre):
