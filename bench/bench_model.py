@@ -71,11 +71,16 @@ def _setup(args):
         model = model.to(torch.bfloat16)
     model.train()
     batch = pack(_samples(args.samples, args.image_size), model.pack_spec(budget=1 << 30))[0].to(dev)
+    # the training step's drawn inputs (flow noise, CFG dropout at the preset's rate), once: the same every step
+    from umm_ops.train import policy
+
+    inputs = policy.training_inputs(model, batch, seed=0, cfg_dropout_p=model.config.cfg_dropout)
+    inputs["noise"] = [None if z is None else z.to(dev) for z in inputs["noise"]]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step():
         model.zero_grad(set_to_none=True)
-        out = model(batch, generator=torch.Generator().manual_seed(0))
+        out = model(batch, **inputs)
         out["loss"].backward()
         return out["loss"].item()
 

@@ -2,7 +2,8 @@
 
     image (3, H, W) in [-1, 1]
       -> frozen VAE encoder -> normalised packed latent x1 (n_vit, 128)          [CheersVAE.encode, no grad]
-      -> x_t = t x1 + (1 - t) noise   (t = 1 for images to understand, t ~ sampler for images to generate)
+      -> x_t = t x1 + (1 - t) noise   (t = 1 for images to understand, t ~ sampler for images to generate;
+                                       the noise is an input of forward: umm_ops.train.policy draws it)
       -> trainable VAE decoder copy -> pixels -> SigLIP ViT -> (n_vit, C)       [CheersVAE.decode_trainable, vit]
       -> und_projector: LayerNorm + 2x2 space-to-depth + Linear + GELU (compress_tokens) + Linear -> (n_vit/4, D)
       -> placed at the image's <|image_pad|> span of the packed sequence
@@ -14,6 +15,11 @@
 Parameter names: ``llm.*`` (transformers Qwen2ForCausalLM), ``vit.*`` (transformers SiglipVisionModel),
 ``vae.frozen.*`` (diffusers AutoencoderKLFlux2), ``vae.decoder_copy.*``, ``und_projector.*`` and ``head.*`` (the
 released Cheers names below their module; see checkpoint.py for the converter).
+
+Training policy stays out of the model: ``forward`` draws nothing.  The flow noise of each generated image
+and the CFG prompt dropout are inputs (``noise=``, ``input_ids=``) that the training recipe draws with
+:mod:`umm_ops.train.policy` (``model(batch, **policy.training_inputs(model, batch, seed, p))``); the timesteps come
+with the packed batch.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from torch import nn
 
 import umm_ops
 
-from ..data.packing import ROLES, _mix
+from ..data.packing import ROLES
 from ..data.tokenizer import load_tokenizer
 from .checkpoint import from_pretrained as _from_pretrained, save_pretrained as _save_pretrained
 from .config import CheersConfig, preset
@@ -96,6 +102,12 @@ class CheersModel(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
+    def latent_shape(self, pixel_hw) -> tuple:
+        """Shape (n_vit, packed_channels) of the normalised packed latent of one image of `pixel_hw` pixels: what
+        ``vae.encode`` gives per image, and the shape of its flow noise."""
+        gh, gw = self.vae.token_grid(pixel_hw)
+        return gh * gw, self.config.vae.packed_channels
+
     def vit_grid(self, pixel_hw):
         p = self.config.vit_patch
         return int(pixel_hw[0]) // p, int(pixel_hw[1]) // p
@@ -122,34 +134,60 @@ class CheersModel(nn.Module):
             keep |= input_ids == tok.special(name)
         return torch.where(keep, input_ids, torch.full_like(input_ids, tok.pad_id))
 
-    @staticmethod
-    def _sample_rng(seed: int, sample_id: int, *key: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_mix(seed, sample_id, *key))
-
-    def _cfg_dropout(self, batch, generator, seed) -> torch.Tensor:
-        """Replace the prompt of each document holding a generated image by the null prompt with prob. cfg_dropout."""
-        ids = batch.input_ids
-        p = self.config.cfg_dropout
-        spans = batch.image_spans
-        if not self.training or p <= 0 or spans.shape[0] == 0 or not bool((spans[:, 2] == GENERATE).any()):
-            return ids
-        offs = batch.doc_offsets.to(ids.device)
-        gen_starts = spans[spans[:, 2] == GENERATE, 0].contiguous().to(ids.device)
-        docs = torch.unique(torch.searchsorted(offs, gen_starts, right=True) - 1)
-        if seed is None:
-            u = torch.rand(docs.shape[0], generator=generator, device="cpu")
-        else:
-            sids = batch.sample_ids.tolist()
-            u = torch.cat([torch.rand(1, generator=self._sample_rng(seed, sids[d], 0xD20F)) for d in docs.tolist()])
-        drop = u.to(ids.device) < p
-        doc_of_tok = torch.searchsorted(offs, torch.arange(ids.shape[0], device=ids.device), right=True) - 1
-        dropped = torch.zeros(batch.num_docs, dtype=torch.bool, device=ids.device)
-        dropped[docs[drop]] = True
-        return torch.where(dropped[doc_of_tok], self.null_prompt_ids(ids), ids)
-
     # ------------------------------------------------------------------ training forward
-    def forward(self, batch, generator: torch.Generator | None = None, return_outputs: bool = False,
-                seed: int | None = None) -> dict:
+    def _check_input_ids(self, batch, input_ids) -> torch.Tensor:
+        if input_ids is None:
+            return batch.input_ids
+        ref = batch.input_ids
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a tensor of shape {tuple(ref.shape)} (the batch's), got "
+                             f"{type(input_ids).__name__}")
+        if input_ids.shape != ref.shape:
+            raise ValueError(f"input_ids must have the batch's shape {tuple(ref.shape)} (same tokens, e.g. with "
+                             f"dropped prompts), got {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        return input_ids.to(ref.device, torch.long)
+
+    def _check_noise(self, batch, noise) -> list:
+        """`noise` checked against the batch's images: a list with a floating tensor of the image's latent shape
+        for every generated image (None or a tensor of that shape elsewhere)."""
+        n_img = len(batch.images)
+        roles = batch.image_spans[:, 2].tolist()
+        if noise is None:
+            gen = [i for i, r in enumerate(roles) if r == GENERATE]
+            if gen:
+                i = gen[0]
+                raise ValueError(f"image {i} is generated (role 'generate') and needs flow noise of shape "
+                                 f"{self.latent_shape(batch.images[i].shape[-2:])}, but noise=None was given: pass "
+                                 f"noise (one tensor per generated image, e.g. umm_ops.train.policy.flow_noise(model, "
+                                 f"batch, seed)) or model(batch, **policy.training_inputs(...))")
+            return [None] * n_img
+        if not isinstance(noise, (list, tuple)) or len(noise) != n_img:
+            got = f"{type(noise).__name__} of {len(noise)}" if isinstance(noise, (list, tuple)) else \
+                type(noise).__name__
+            raise ValueError(f"noise must be a list aligned with batch.images ({n_img} entries: a tensor per "
+                             f"generated image, None for understanding images), got {got}")
+        for i, (z, role) in enumerate(zip(noise, roles)):
+            want = self.latent_shape(batch.images[i].shape[-2:])
+            if z is None:
+                if role == GENERATE:
+                    raise ValueError(f"noise[{i}]: image {i} is generated (role 'generate') and needs flow noise "
+                                     f"of shape {want}, got None")
+                continue
+            if not isinstance(z, torch.Tensor):
+                raise ValueError(f"noise[{i}]: expected a tensor of shape {want} for image {i}, got "
+                                 f"{type(z).__name__}")
+            if tuple(z.shape) != want:
+                raise ValueError(f"noise[{i}]: image {i} ({batch.images[i].shape[-2]}x{batch.images[i].shape[-1]} "
+                                 f"px) needs flow noise of shape {want} (n_vit, packed_channels), got "
+                                 f"{tuple(z.shape)}")
+            if not z.is_floating_point():
+                raise ValueError(f"noise[{i}]: flow noise must be a floating tensor, got dtype {z.dtype}")
+        return list(noise)
+
+    def forward(self, batch, noise: list | None = None, input_ids: torch.Tensor | None = None,
+                return_outputs: bool = False) -> dict:
         """Losses of a PackedBatch (see umm_ops.data.packing).
 
         Returns dict(loss, text_loss, flow_loss, text_tokens, flow_images); with return_outputs also ``hidden``
@@ -157,21 +195,23 @@ class CheersModel(nn.Module):
         The head sees the generated images, and with ``config.und_flow_loss`` (the released Cheers' choice) the
         understanding images too, at t = 1 with a zero target.
 
-        Randomness (flow noise, CFG dropout): with ``seed`` every draw comes from a generator seeded by (seed,
-        sample id, image index), as the packer seeds timesteps, so a sample gets the same noise in whatever batch it
-        is packed; else from `generator` (CPU) or, when None, torch's global RNG.
+        noise: a list aligned with ``batch.images``: for each generated image (span role "generate") a tensor of its
+            packed latent shape ``self.latent_shape((H, W))`` = (n_vit, packed_channels), the flow noise of
+            x_t = t x1 + (1 - t) noise (any floating dtype / device: converted); None (or ignored) for understanding
+            images, which run at x_t = x1 with zero noise.  Required when the batch holds a generated image.
+        input_ids: replaces ``batch.input_ids`` (same shape), e.g. with the prompts dropped for classifier-free
+            guidance (``umm_ops.train.policy.cfg_dropout``).
+
+        Nothing is drawn here: the training recipe draws the noise and the prompt dropout
+        (``umm_ops.train.policy.training_inputs``), the packer draws the timesteps.
         """
         cfg = self.config
         dev, dt = self.device, self.dtype
         if batch.device != dev:
             batch = batch.to(dev)
-        ids = self._cfg_dropout(batch, generator, seed)
+        ids = self._check_input_ids(batch, input_ids)
+        noise = self._check_noise(batch, noise)
         embeds = self.llm.embed(ids)
-        if seed is not None:   # (sample id, index of the image inside its document) per image
-            starts = batch.image_spans[:, 0].cpu().contiguous()
-            doc_of = (torch.searchsorted(batch.doc_offsets.cpu(), starts, right=True) - 1).tolist()
-            sids = batch.sample_ids.tolist()
-            img_key = [(sids[d], doc_of[:i].count(d)) for i, d in enumerate(doc_of)]
 
         spans = batch.image_spans.tolist()
         grids = batch.image_grids.tolist()
@@ -188,13 +228,11 @@ class CheersModel(nn.Module):
             t = torch.tensor([ts[i] for i in idx], device=dev, dtype=torch.float32)
             is_gen = torch.tensor([spans[i][2] == GENERATE for i in idx], device=dev)
             if not bool(is_gen.any()):
-                noise = torch.zeros_like(x1)
-            elif seed is None:
-                noise = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device="cpu").to(dev)
-            else:
-                noise = torch.stack([torch.randn(x1.shape[1:], generator=self._sample_rng(seed, *img_key[i], 0x9015E),
-                                                 dtype=x1.dtype) for i in idx]).to(dev)
-            x_t = torch.where(is_gen[:, None, None], add_noise(x1, noise, t), x1)
+                z = torch.zeros_like(x1)
+            else:   # understanding images: zero noise (x_t = x1 and target 0 below whatever it is)
+                z = torch.stack([noise[i].to(dev, x1.dtype) if spans[i][2] == GENERATE else torch.zeros_like(x1[j])
+                                 for j, i in enumerate(idx)])
+            x_t = torch.where(is_gen[:, None, None], add_noise(x1, z, t), x1)
             head_all = cfg.und_flow_loss
             emb, high = self.image_features(x_t.to(dt), hw, want_high=head_all or bool(is_gen.any()))
             for j, i in enumerate(idx):
@@ -209,7 +247,7 @@ class CheersModel(nn.Module):
             if g:
                 gi = torch.tensor(g, device=dev)
                 # understanding images (und_flow_loss): t = 1, target 0 (released Cheers masks v by t < 1)
-                target = torch.where(is_gen[gi][:, None, None], flow_target(x1[gi], noise[gi]), 0.0)
+                target = torch.where(is_gen[gi][:, None, None], flow_target(x1[gi], z[gi]), 0.0)
                 gen.append((tuple(grids[idx[g[0]]]), [spans[idx[j]][0] for j in g], t[gi], high[gi], target))
         if rows:
             embeds = embeds.index_put((torch.cat(rows),), torch.cat(img_embeds).to(embeds.dtype))
