@@ -2,7 +2,8 @@
   info                       what was compiled and what can run here
   mmd-bench build            degrade a benchmark (JSONL or MMBench TSV) at the three levels
   mmd-bench preview          a PNG grid of every MMD-Bench degradation at every level
-  train                      SFT of CheersModel on the synthetic world (the demo job), resumable
+  train                      train with a recipe on the engine (default sft: the demo job), resumable, torchrun-ready
+  export                     a run's consolidated save_pretrained folder
   generate                   an image (PNG) or text from a trained checkpoint
 Benchmarks: bench/run.py in the repository."""
 from __future__ import annotations
@@ -111,37 +112,11 @@ def _mmd_build(args) -> int:
     return 0
 
 
-def _train(args) -> int:
-    from .train.sft import SFTConfig, train
-
-    kw = dict(preset=args.preset, image_size=args.image_size, steps=args.steps, budget=args.budget, lr=args.lr,
-              warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-              num_workers=args.num_workers, out=args.out, save_every=args.save_every, keep_last=args.keep_last,
-              log_every=args.log_every, evaluate=not args.no_eval, eval_vqa=args.eval_vqa,
-              eval_images=args.eval_images, eval_captions=args.eval_captions, eval_steps=args.eval_steps,
-              eval_prompts=tuple(args.eval_prompt or ()),
-              dtype=args.dtype, device=args.device)
-    if args.tasks:
-        kw["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    if args.progress is not None:
-        kw["progress"] = args.progress
-    try:
-        cfg = SFTConfig(**kw).validate()
-    except ValueError as e:
-        print(f"train: {e}", file=sys.stderr)
-        return 2
-    try:
-        train(cfg, resume=not args.no_resume)
-    except ValueError as e:   # e.g. a run folder started with other settings
-        print(f"train: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def _generate(args) -> int:
     import torch
 
-    from .train.sft import _to_pil, load_checkpoint_model
+    from .eval.world import to_pil as _to_pil
+    from .train.export import load_checkpoint_model
     from .utils import atomic_write
 
     try:
@@ -196,36 +171,9 @@ def main(argv=None) -> int:
     pv.add_argument("--seed", type=int, default=0)
     pv.set_defaults(fn=_mmd_preview)
 
-    tr = sub.add_parser("train", help="SFT of CheersModel on the synthetic world (resumes from out/checkpoint-*)",
-                        description="Train CheersModel on the synthetic world's caption / VQA / generation tasks; "
-                                    "checkpoints, metrics.jsonl, loss_curve.png, eval/ and summary.json go to --out.")
-    tr.add_argument("--preset", default="tiny")
-    tr.add_argument("--steps", type=int, default=150)
-    tr.add_argument("--image-size", type=int, default=64, help="synthetic picture side, a multiple of 32")
-    tr.add_argument("--budget", type=int, default=1024, help="tokens per packed batch")
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--warmup", type=int, default=10)
-    tr.add_argument("--weight-decay", type=float, default=0.01)
-    tr.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--num-workers", type=int, default=0)
-    tr.add_argument("--tasks", default=None, help="comma-separated: caption,vqa,generate,segment,degraded_vqa")
-    tr.add_argument("--out", default="runs/demo")
-    tr.add_argument("--save-every", type=int, default=50)
-    tr.add_argument("--keep-last", type=int, default=2)
-    tr.add_argument("--log-every", type=int, default=10)
-    tr.add_argument("--eval-prompt", action="append", help="an extra image prompt to generate after training")
-    tr.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
-    tr.add_argument("--eval-vqa", type=int, default=32, help="held-out VQA questions to evaluate")
-    tr.add_argument("--eval-images", type=int, default=4, help="held-out image prompts to generate and score")
-    tr.add_argument("--eval-captions", type=int, default=2, help="held-out pictures to caption")
-    tr.add_argument("--eval-steps", type=int, default=12, help="sampler steps of the evaluation images")
-    tr.add_argument("--no-resume", action="store_true", help="start over (removes --out's checkpoints and metrics)")
-    tr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    tr.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    tr.add_argument("--progress", dest="progress", action="store_true", default=None, help="force a progress bar")
-    tr.add_argument("--no-progress", dest="progress", action="store_false")
-    tr.set_defaults(fn=_train)
+    from .train.cli import add_parsers
+
+    add_parsers(sub, argv)
     ge = sub.add_parser("generate", help="an image (PNG) or text from a checkpoint")
     ge.add_argument("checkpoint", help="a run folder (its newest checkpoint), a checkpoint-<step> folder or a "
                                        "save_pretrained folder")

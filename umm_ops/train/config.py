@@ -27,10 +27,6 @@ class ConfigError(ValueError):
     """A config key, value or combination that is not allowed (the message says which and what is)."""
 
 
-def _doc(text: str):
-    return field(default=None, metadata={"doc": text})
-
-
 @dataclass
 class JobConfig:
     out: str = "runs/demo"            # the run folder: checkpoints, metrics.jsonl, plots, eval, summary.json
@@ -126,8 +122,8 @@ class Config:
     @classmethod
     def build(cls, recipe: str = "sft", toml=None, overrides=(), values: dict | None = None) -> "Config":
         """Defaults of every dataclass <- a TOML file <- `values` ({"section.key": value}, already typed) <-
-        `overrides` ("section.key=value" strings).  A TOML file may name its recipe (top-level ``recipe = "sft"``),
-        which must agree with `recipe`."""
+        `overrides` ("section.key=value" strings).  A TOML file may name its recipe (top-level
+        ``recipe_name = "sft"``, as :meth:`to_toml` writes), which must agree with `recipe`."""
         from .spec import get_recipe
 
         data = {}
@@ -261,8 +257,6 @@ def load_toml(path) -> dict:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    if "recipe" in data and not isinstance(data["recipe"], dict):   # top-level `recipe = "sft"` names the recipe
-        data["recipe_name"] = data.pop("recipe")
     return data
 
 

@@ -332,6 +332,12 @@ class Checkpointer:
                 problems.append(err)
                 self.log(f"checkpoint {folder.name} is corrupt, skipped: {err}")
                 continue
+            for bad in candidates[:candidates.index(folder)]:   # set the corrupt ones aside (kept, never loaded)
+                if d.is_main and bad.exists():
+                    aside = self.out / f"corrupt-{bad.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                    os.replace(bad, aside)
+                    self.log(f"moved the corrupt {bad.name} to {aside.name} (kept for inspection, never loaded)")
+            d.barrier()
             if problems:
                 self.log(f"resuming from the newest intact checkpoint, {folder.name} (newer ones were corrupt)")
             rng = folder / "rng" / f"rank{d.rank}.safetensors"

@@ -194,6 +194,15 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
 
     # ---------------------------------------------------------------- the loop
     params = [p for p in model.parameters() if p.requires_grad]
+    # Every trainable parameter gets a (zero) gradient from the start and keeps it (zero_grad without set_to_none):
+    # a parameter a step does not use (the flow head in a batch without an image to generate) is then updated with a
+    # zero gradient like under DDP / FSDP2, and the optimizer state covers every parameter from the first step, so
+    # every checkpoint has the same keys.  (After the resume above: DCP initialises a fresh optimizer's state only
+    # while no parameter has a gradient.)
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
     local = M // d.world_size
     tokens_run, last_saved = 0, ckpt
     t_train = time.perf_counter()
@@ -203,7 +212,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
             micro = loader.next_step()
             t_data = time.perf_counter() - t0
             lr = sched.apply(opt, step)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)
             sums: dict = {"loss": 0.0}
             counts: dict = {"tokens": 0, "docs": 0}
             for k, batch in enumerate(micro):
