@@ -8,7 +8,7 @@ a checkpoint per step (~15 s per torchrun launch on 2 cores).
 Tolerances.  DDP: gloo's all-reduce of two float32 gradients then / 2 gives the same bits as one process
 accumulating loss/2 gradients (x/2 is exact; a + b is the same sum either way), so the comparison is bitwise (and
 measured bitwise).  FSDP2: the gradient norm for clipping is summed over flat shards in another order (relative
-error ~ n_terms * 2^-24; measured 1.3e-6 on ~21), which scales each update by that much; AdamW divides the scale out
+error ~ n_terms * 2^-24; measured 8e-7 on ~21), which scales each update by that much; AdamW divides the scale out
 except for eps: after the first update the parameters agree to 1 ulp (measured max 6e-8: atol 1e-7), and the
 losses of the next steps to ~1e-7 relative (rtol 1e-5 on losses and gradient norms).  Later parameters are not
 compared element by element: where a gradient is mathematically zero (attention key biases: softmax ignores a shift
