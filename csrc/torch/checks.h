@@ -1,9 +1,16 @@
 // Input checks shared by the torch-facing translation units (csrc/torch/*.cpp).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include "umm/params.h"
+
+// First statement of a glue function whose own ATen calls (the tokens GEMMs) must run in the dtype the kernel sized
+// its buffers for: an autocast region of the caller would otherwise return bf16 products into float32 passes (a heap
+// overrun, found by bf16 autocast training).  The public Python ops apply their autocast policy before this.
+#define UMM_NO_AUTOCAST c10::impl::ExcludeDispatchKeyGuard umm_no_autocast_guard_(c10::autocast_dispatch_keyset)
 
 namespace umm::torch_ops {
 

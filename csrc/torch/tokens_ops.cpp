@@ -132,6 +132,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> compress_tokens(const Tensor& x, cons
                                                            const OptT& ln_bias, const Tensor& weight,
                                                            const OptT& bias, int64_t H, int64_t W, int64_t factor,
                                                            std::string activation, double eps, bool save_pre) {
+  UMM_NO_AUTOCAST;
   const DType dt = dtype_code(x, "x", kWho);
   const TokensGeom g = grid(x, H, W, factor, "x");
   TORCH_CHECK(x.is_contiguous(), kWho, ": x must be contiguous, got strides ", x.strides());
@@ -193,6 +194,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> compress_tokens_backward(
     const Tensor& grad, const Tensor& x, const OptT& ln_weight, const OptT& ln_bias, const Tensor& weight,
     const OptT& bias, const Tensor& pre, const Tensor& mean, const Tensor& rstd, int64_t H, int64_t W, int64_t factor,
     std::string activation, double eps, std::array<bool, 5> mask) {
+  UMM_NO_AUTOCAST;
   const DType dt = dtype_code(x, "x", kWho);
   const TokensGeom g = grid(x, H, W, factor, "x");
   TORCH_CHECK(x.is_contiguous(), kWho, ": x must be contiguous, got strides ", x.strides());
@@ -288,6 +290,7 @@ TokensGeom expand_geom(const Tensor& y, const Tensor& weight, int64_t H, int64_t
 }
 
 Tensor expand_tokens(const Tensor& y, const Tensor& weight, const OptT& bias, int64_t H, int64_t W, int64_t factor) {
+  UMM_NO_AUTOCAST;
   const DType dt = dtype_code(y, "y", kWho);
   const TokensGeom g = expand_geom(y, weight, H, W, factor);
   const int64_t K = weight.size(0), M = coarse_rows(g), Ci = y.size(2);
@@ -321,6 +324,7 @@ Tensor expand_tokens(const Tensor& y, const Tensor& weight, const OptT& bias, in
 std::tuple<Tensor, Tensor, Tensor> expand_tokens_backward(const Tensor& grad, const Tensor& y, const Tensor& weight,
                                                           int64_t H, int64_t W, int64_t factor,
                                                           std::array<bool, 3> mask) {
+  UMM_NO_AUTOCAST;
   const DType dt = dtype_code(y, "y", kWho);
   const TokensGeom g = expand_geom(y, weight, H, W, factor);
   const int64_t K = weight.size(0), M = coarse_rows(g), Ci = y.size(2);

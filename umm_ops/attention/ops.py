@@ -12,7 +12,7 @@ import math
 import torch
 
 from .. import _lib
-from ..ops._common import (ALL_DTYPES, backward_op, backward_scope, check_tensor, dispatch, kernels,
+from ..ops._common import (ALL_DTYPES, autocast_policy, backward_op, backward_scope, check_tensor, dispatch, kernels,
                            register_autograd, remember_backend)
 from .layout import SpanLayout
 
@@ -93,6 +93,7 @@ _fwd_eager = register_autograd(_fwd_op, "SpanAttention", _fwd_impl, _setup, _bac
 
 
 # ----------------------------------------------------------------------------------- public API
+@autocast_policy("lower")
 def span_attention(q, k, v, layout: SpanLayout, softmax_scale: float | None = None, return_lse: bool = False):
     """Attention over a packed batch whose mask is given by spans (causal / full / noise, see SpanLayout).
 

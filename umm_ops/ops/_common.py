@@ -114,6 +114,53 @@ def backward_op(ctx, op, impl):
     return impl if getattr(ctx, "umm_eager", False) else op
 
 
+def _first_tensor(args, kwargs):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    for a in kwargs.values():
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+def autocast_policy(kind: str):
+    """Decorator of a public op: its behaviour under ``torch.autocast``.
+
+    "lower": floating tensor arguments are cast to the autocast dtype (the GEMM ops: span attention, compress /
+    expand tokens, as autocast treats matmul and SDPA); "promote": to the widest floating dtype among them (the norm,
+    gate, latent-packing and flow ops, as autocast treats layer_norm and elementwise ops).  The op then runs with
+    autocast off: the kernels' own ATen calls (the tokens GEMMs) must not be re-cast behind their back (they size
+    their buffers from the input dtype).  Outside autocast the op is called as it is."""
+    if kind not in ("lower", "promote"):
+        raise ValueError(kind)
+
+    def wrap(fn):
+        import functools
+
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            t = _first_tensor(args, kwargs)
+            if t is None or not torch.is_autocast_enabled(t.device.type):
+                return fn(*args, **kwargs)
+            dev = t.device.type
+            floats = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            if kind == "lower":
+                dt = torch.get_autocast_dtype(dev)
+            else:
+                dt = max((a.dtype for a in floats), key=lambda d: torch.finfo(d).bits, default=None)
+
+            def cast(a):
+                return a.to(dt) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dt else a
+            if dt is not None:
+                args = tuple(cast(a) for a in args)
+                kwargs = {k: cast(v) for k, v in kwargs.items()}
+            with torch.autocast(dev, enabled=False):
+                return fn(*args, **kwargs)
+        return op
+    return wrap
+
+
 def dispatch(op, fn, impl, x: torch.Tensor, *args, grad: bool | None = None):
     """Run custom op `op` on args, or in eager mode (eager_ok(x)) its implementation / autograd.Function `fn`.
     grad: needs_grad(*args) when the caller has it already."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backend import value_checks_enabled
-from ._common import (
+from ._common import (autocast_policy, 
     ALL_DTYPES,
     backward_op,
     backward_scope,
@@ -268,6 +268,7 @@ def _resolve_sigma(sigma, t, t_next, B, x):
     return s.to(_stat_dtype(x)).contiguous()
 
 
+@autocast_policy("promote")
 def flow_step(x, v, t, t_next, noise=None, sigma=None, return_logprob: bool = False):
     """One sampler step x_t -> x_{t_next} on a batch of latents with per-sample times.
 
@@ -308,6 +309,7 @@ def flow_step(x, v, t, t_next, noise=None, sigma=None, return_logprob: bool = Fa
     return (out, lp) if return_logprob else out
 
 
+@autocast_policy("promote")
 def flow_logprob(x, x_next, v, t, t_next, sigma, reduction: str = "mean"):
     """Log-prob of a given x_next (e.g. a rollout's recorded sample) under the SDE transition with velocity v.
 
@@ -331,6 +333,7 @@ def flow_logprob(x, x_next, v, t, t_next, sigma, reduction: str = "mean"):
     return lp * x[0].numel() if reduction == "sum" and B else lp
 
 
+@autocast_policy("promote")
 def flow_kl(v, v_ref, t, t_next, sigma, reduction: str = "mean"):
     """KL(policy || reference) between the SDE transitions with velocities v and v_ref from the same x.
 

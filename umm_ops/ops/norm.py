@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ._common import (
+from ._common import (autocast_policy, 
     ALL_DTYPES,
     backward_op,
     backward_scope,
@@ -204,6 +204,7 @@ def _param(p, n: int, ref: torch.Tensor, name: str, default: float | None):
     return p.reshape(n).contiguous()
 
 
+@autocast_policy("promote")
 def gated_detail_residual(low, high, gate_hidden, w_gate, b_gate=None, ln_weight=None, ln_bias=None,
                           eps: float = 1e-5):
     """LayerNorm(low + g * high) with g = gate_hidden @ w_gate + b_gate, one unbounded scalar per token.
@@ -245,6 +246,7 @@ def _modulation(m, B: int, C: int, ref: torch.Tensor, name: str) -> torch.Tensor
     return unit_last_stride(m)
 
 
+@autocast_policy("promote")
 def adaln_modulate(x, shift, scale, eps: float = 1e-6, norm: str = "rms", weight=None, bias=None):
     """norm(x) * (1 + scale) + shift with per-sample modulation broadcast over tokens (adaLN-Zero).
 
@@ -270,6 +272,7 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, norm: str = "rms", weight
     return out.reshape(x.shape)
 
 
+@autocast_policy("promote")
 def gated_residual(x, gate, y):
     """x + gate * y with gate (B, C) or (B, 1, C) broadcast over the tokens of x and y (B, ..., C)."""
     check_tensor(x, "x", dtypes=ALL_DTYPES, min_dim=2)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..reference.tokens import ACTIVATIONS
-from ._common import (
+from ._common import (autocast_policy, 
     ALL_DTYPES,
     backward_op,
     backward_scope,
@@ -275,6 +275,7 @@ def _vec(p, n: int, ref: torch.Tensor, name: str, ref_name: str):
     return p.contiguous()
 
 
+@autocast_policy("lower")
 def compress_tokens(x, grid_hw, ln_weight, ln_bias, weight, bias, factor=2, activation="gelu", eps=1e-6):
     """activation(Linear(space_to_depth(LayerNorm(x)))): (N, H*W, C) -> (N, (H/f)*(W/f), C_out).
 
@@ -307,6 +308,7 @@ def compress_tokens(x, grid_hw, ln_weight, ln_bias, weight, bias, factor=2, acti
     return dispatch(_ct_op, _ct_eager, _ct_impl, x, *args, grad=grad)[0]
 
 
+@autocast_policy("lower")
 def expand_tokens(y, grid_hw, weight, bias, factor=2):
     """depth_to_space(Linear(y)): (N, (H/f)*(W/f), C_in) -> (N, H*W, C), the head's inverse of compress.
 
@@ -344,6 +346,7 @@ def _stats(s, n: int, ref: torch.Tensor, name: str) -> torch.Tensor:
     return s.detach().reshape(n).to(_sd(ref)).contiguous()
 
 
+@autocast_policy("promote")
 def pack_latents(z, running_mean, running_var, factor=2, eps=1e-4):
     """(B, C, H, W) latents -> normalised packed tokens (B, (H/f)*(W/f), C*f*f).
 
@@ -363,6 +366,7 @@ def pack_latents(z, running_mean, running_var, factor=2, eps=1e-4):
     return dispatch(_pk_op, _pk_eager, _pk_impl, z, *args)
 
 
+@autocast_policy("promote")
 def unpack_latents(tokens, grid_hw, running_mean, running_var, factor=2, eps=1e-4):
     """Exact inverse of pack_latents: (B, (H/f)*(W/f), C*f*f) -> (B, C, H, W) with grid_hw = (H, W)."""
     check_tensor(tokens, "tokens", dtypes=ALL_DTYPES, dim=3)
