@@ -15,14 +15,14 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-stamp=.venv/.umm_deps_v3  # bump when the dependency list changes
+stamp=.venv/.umm_deps_v4  # bump when the dependency list changes
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing dependencies"
   python -m pip install -q --upgrade pip
   python -m pip install -q "${UMM_TORCH_SPEC:-torch==2.13.0}" "triton==3.8.0" "numpy" \
     "scikit-build-core>=0.10" "ninja" "cmake>=3.25" \
     "pytest>=8" "hypothesis>=6" "pytest-benchmark>=4" "matplotlib>=3.7" "rich>=13" "pillow>=10" \
-    "safetensors>=0.4" "transformers>=4.45" "diffusers>=0.42"
+    "safetensors>=0.4" "transformers>=4.45" "diffusers>=0.42" "tensorboard>=2.15"
   python -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0"
   touch "$stamp"
 fi

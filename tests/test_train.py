@@ -295,13 +295,19 @@ def test_engine_equals_a_bare_loop(straight):
 
 def test_ema_and_export(tmp_path):
     """optim.ema: the EMA follows ema = d ema + (1 - d) param per step (checked against an independent recursion
-    over the saved parameters of each step); `umm export --ema` writes those weights."""
+    over the saved parameters of each step); `umm export --ema` writes those weights; TensorBoard events hold the
+    logged losses."""
     from umm_ops.cli import main
     from umm_ops.model.checkpoint import read_safetensors_folder
 
     out = tmp_path / "run"
     d = 0.5
-    train(_cfg(out, job__steps=2, checkpoint__every=1, optim__ema=d))
+    train(_cfg(out, job__steps=2, checkpoint__every=1, optim__ema=d, metrics__tensorboard=True))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(out / "tensorboard"))
+    ev.Reload()
+    assert [e.value for e in ev.Scalars("train/loss")] == pytest.approx([r["loss"] for r in _metrics(out)])
     p1, p2 = _dcp(out / "checkpoint-1"), _dcp(out / "checkpoint-2")
     ema2 = _dcp(out / "checkpoint-2", "ema")
     init = _dcp_init(out)
