@@ -4,8 +4,8 @@ checkpoint save / load time against size, and tokens/s on 1 and 2 ranks.
     python bench/bench_engine.py --quick          # CPU: tiny preset, ~4 min on 2 cores
     python bench/bench_engine.py                  # more steps and rounds; add --presets tiny,small for sizes
 
-Overhead: the SFT recipe through ``umm_ops.train.train`` vs a hand-written loop (PackedLoader, the same policy
-draws, AdamW, schedule, clipping: the computation the tests prove bitwise equal), in alternating rounds (engine, bare,
+Overhead: the SFT recipe through ``umm_ops.train.train`` vs ``umm_ops.train.recipes.sft.bare_loop`` (PackedLoader,
+the same policy draws, AdamW, schedule, clipping, no engine: the computation the tests prove bitwise equal), in alternating rounds (engine, bare,
 engine, bare, ...) in one process.  Per-step time = the interval between consecutive step ends (data, forward,
 backward, optimizer, and for the engine its metrics reduction, JSONL line and console), the first steps (warm-up)
 and the last (final checkpoint) excluded; the result is the ratio of medians, with every raw interval kept.
@@ -58,36 +58,10 @@ def _engine_intervals(steps, image_size, budget) -> list:
 
 
 def _bare_intervals(steps, image_size, budget) -> list:
-    import torch
+    from umm_ops.train.recipes.sft import bare_loop
 
-    from umm_ops.data.loader import PackedLoader
-    from umm_ops.train import policy
-    from umm_ops.train.engine.optim import LRSchedule, build_optimizer
-    from umm_ops.train.recipes.sft import SFTRecipe
-    from umm_ops.utils import seed_of
-
-    cfg = _cfg("unused", steps, image_size, budget)
-    recipe = SFTRecipe()
-    torch.manual_seed(seed_of(0, "model-init"))
-    model = recipe.build_model(cfg).train()
-    opt = build_optimizer(model, cfg.optim)
-    sched = LRSchedule.from_config(cfg)
-    it = iter(PackedLoader(recipe._dataset(cfg), model.pack_spec(budget=budget), shuffle=True, seed=0))
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.zeros_like(p)
     marks = []
-    for step in range(steps):
-        batch = next(it)
-        sched.apply(opt, step)
-        opt.zero_grad(set_to_none=False)
-        out = model(batch, **policy.training_inputs(model, batch, seed_of(0, step, "sft-step"),
-                                                    model.config.cfg_dropout))
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        float(out["loss"])
-        marks.append(time.perf_counter())
+    bare_loop(_cfg("unused", steps, image_size, budget), on_step=lambda s, loss: marks.append(time.perf_counter()))
     return [b - a for a, b in zip(marks, marks[1:])]
 
 

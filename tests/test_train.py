@@ -261,36 +261,12 @@ def test_bf16_mixed_precision_runs(straight, tmp_path):
 
 
 def test_engine_equals_a_bare_loop(straight):
-    """The engine adds nothing to the computation: a hand-written loop over the same global stream (PackedLoader,
-    the same greedy packing and seeds), the same policy draws, AdamW and schedule gives the same losses, bitwise."""
-    from umm_ops.data.loader import PackedLoader
-    from umm_ops.train import policy
-    from umm_ops.train.engine.optim import LRSchedule, build_optimizer
-    from umm_ops.train.recipes.sft import SFTRecipe
-    from umm_ops.utils import seed_of
+    """The engine adds nothing to the computation: the SFT computation written as a plain loop over the same global
+    stream (PackedLoader: the same greedy packing and seeds), policy draws, AdamW and schedule gives the same losses,
+    bitwise."""
+    from umm_ops.train.recipes.sft import bare_loop
 
-    cfg = _cfg(straight)
-    recipe = SFTRecipe()
-    torch.manual_seed(seed_of(0, "model-init"))
-    model = recipe.build_model(cfg).train()
-    opt = build_optimizer(model, cfg.optim)
-    sched = LRSchedule.from_config(cfg)
-    loader = PackedLoader(recipe._dataset(cfg), model.pack_spec(budget=384), shuffle=True, seed=0)
-    it = iter(loader)
-    losses = []
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p) if p.requires_grad else None
-    for step in range(4):
-        batch = next(it)
-        sched.apply(opt, step)
-        opt.zero_grad(set_to_none=False)
-        out = model(batch, **policy.training_inputs(model, batch, seed_of(0, step, "sft-step"),
-                                                     model.config.cfg_dropout))
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        losses.append(float(out["loss"].detach()))
-    assert losses == [r["loss"] for r in _metrics(straight)]
+    assert bare_loop(_cfg(straight)) == [r["loss"] for r in _metrics(straight)]
 
 
 def test_ema_and_export(tmp_path):

@@ -19,7 +19,7 @@ import torch
 from ...utils import seed_of
 from ..spec import DataSource, Recipe, StepOutput, register
 
-__all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS"]
+__all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS", "bare_loop"]
 
 TASKS = ("caption", "vqa", "generate", "segment", "degraded_vqa")
 
@@ -178,3 +178,40 @@ class SFTRecipe(Recipe):
         from ...eval.world import report_lines
 
         return report_lines(results)
+
+
+def bare_loop(cfg, on_step=None) -> list:
+    """The SFT computation of `cfg` for one process with M = 1 micro-batch per step, written without the engine:
+    PackedLoader (the same global stream as the engine's loader), the same policy draws, AdamW groups, schedule and
+    clipping.  The engine must give the same losses bitwise (tests/test_train.py) and its overhead is measured
+    against this (bench/bench_engine.py).  on_step(step, loss) after each optimizer step; returns the losses."""
+    from ...data.loader import PackedLoader
+    from .. import policy
+    from ..engine.optim import LRSchedule, build_optimizer
+
+    if cfg.micro_per_step() != 1:
+        raise ValueError("bare_loop: one micro-batch per step only (data.global_tokens = 0 or = data.budget)")
+    recipe = SFTRecipe()
+    torch.manual_seed(seed_of(cfg.job.seed, "model-init"))
+    model = recipe.build_model(cfg).train()
+    opt = build_optimizer(model, cfg.optim)
+    sched = LRSchedule.from_config(cfg)
+    it = iter(PackedLoader(recipe._dataset(cfg), model.pack_spec(budget=cfg.data.budget), shuffle=True,
+                           seed=cfg.job.seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    p_drop = model.config.cfg_dropout if cfg.recipe.cfg_dropout is None else cfg.recipe.cfg_dropout
+    losses = []
+    for step in range(cfg.job.steps):
+        batch = next(it)
+        sched.apply(opt, step)
+        opt.zero_grad(set_to_none=False)
+        out = model(batch, **policy.training_inputs(model, batch, seed_of(cfg.job.seed, step, "sft-step"), p_drop))
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+        opt.step()
+        losses.append(float(out["loss"].detach()))
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+    return losses
