@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..utils import atomic_write
+from ..utils import atomic_write, generator
 from .degradations import DEGRADATIONS, LEVELS, degrade, sample_kind
 
 __all__ = ["BadRecord", "BuildReport", "read_manifest", "build"]
@@ -116,7 +116,7 @@ def build(manifest: str, out_dir: str, seed: int = 0, levels=("low", "mid", "hig
             report.skipped.append((n, str(e)))
             continue
         x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
-        kind = sample_kind(torch.Generator().manual_seed(int(seed) * 1_000_003 + n))
+        kind = sample_kind(generator(int(seed), n, "mmd-bench-kind"))
         report.counts[kind] = report.counts.get(kind, 0) + 1
         for lv in levels:
             y = degrade(x, kind, LEVELS[lv], seed=seed, index=[n])
