@@ -1,9 +1,12 @@
 """Held-out evaluation on the synthetic world (what the SFT recipe reports after training).
 
 Records ``first, first + 1, ...`` (never trained on when ``first`` is the recipe's ``train_records``): VQA
-exact-match of the answer letter (greedy), captions, and generated images scored by the world's pixel checker
-(:func:`umm_ops.eval.check`) next to two references: the checker's score of the VAE's reconstruction of the true
-picture (an upper bound for anything decoded by that VAE) and the majority-letter baseline of the VQA answers.
+exact-match of the answer letter (greedy), captions (with the caption check of :mod:`umm_ops.eval.tasks.caption`),
+and generated images scored by the world's pixel checker (:func:`umm_ops.eval.check`) next to two references: the
+checker's score of the VAE's reconstruction of the true picture against the same prompt (an upper bound for
+anything decoded by that VAE) and the majority-letter baseline of the VQA answers.  It runs the tasks of
+``umm eval`` (:mod:`umm_ops.eval.runner`, which adds confidence intervals, breakdowns and more tasks) with the
+recipe's small default counts.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils import atomic_write, seed_of
+from ..utils import atomic_write
 
 __all__ = ["evaluate_world", "to_pil", "report_lines"]
 
@@ -31,62 +34,47 @@ def _save_png(img, path: Path) -> None:
 @torch.no_grad()
 def evaluate_world(model, *, image_size: int, seed: int, max_objects: int, first: int, n_vqa: int = 32,
                    n_images: int = 4, n_captions: int = 2, steps: int = 12, prompts=(), out_dir=None) -> dict:
-    from ..data.packing import ImageItem, Sample, TextItem
-    from ..data.synthetic import SyntheticWorld, format_question
-    from .checker import check
+    """The SFT recipe's after-training evaluation, on the tasks of ``umm eval`` (:mod:`umm_ops.eval.tasks`):
+    vqa (n_vqa records), caption (n_captions), geneval and vae-recon (n_images) on the world of `seed` /
+    `max_objects` from record `first`; `seed` also seeds the evaluation's draws."""
+    from ..data.synthetic import SyntheticWorld
+    from .runner import save_grid
+    from .tasks import EvalContext, get_task
 
     n = max(n_vqa, n_images, n_captions, 1)
     world = SyntheticWorld(size=image_size, seed=seed, max_objects=max_objects, length=first + n)
-    tok = model.tokenizer
     res: dict = {"held_out_records": [first, first + n]}
     edir = None
     if out_dir is not None:
         edir = Path(out_dir) / "eval"
         edir.mkdir(parents=True, exist_ok=True)
 
-    def pix(rec):
-        return rec.image.float() / 127.5 - 1.0
+    def run(task, k):
+        return get_task(task).run(model, EvalContext(world, first, k, seed, image_size, steps))
 
     if n_vqa:
-        qs, answers, types = [], [], []
-        for k in range(n_vqa):
-            rec = world[first + k]
-            q = rec.vqa[seed_of(seed, first + k, "eval-q") % len(rec.vqa)]
-            qs.append(Sample([ImageItem(pix(rec), "understand"), TextItem(format_question(q))]))
-            answers.append(q["answer_letter"])
-            types.append(q["type"])
-        n_new = max(len(tok.encode(a)) for a in answers)
-        preds = []
-        for i in range(0, len(qs), 16):
-            preds += model.generate_text(qs[i:i + 16], max_new_tokens=n_new, temperature=0.0)
-        ok = [p.strip() == a for p, a in zip(preds, answers)]
+        out = run("vqa", n_vqa)
+        items = out.items
         per_type: dict = {}
-        for t, o in zip(types, ok):
-            per_type.setdefault(t, []).append(o)
-        majority = max(answers.count(a) for a in set(answers)) / len(answers)
-        res["vqa"] = {"n": len(ok), "accuracy": sum(ok) / len(ok), "chance": 0.25, "majority_letter": majority,
+        for it in items:
+            per_type.setdefault(it["type"], []).append(it["score"])
+        res["vqa"] = {"n": len(items), "accuracy": sum(it["score"] for it in items) / len(items), "chance": 0.25,
+                      "majority_letter": out.extra["majority_letter"],
                       "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())},
-                      "examples": [{"answer": a, "predicted": p} for a, p in list(zip(answers, preds))[:8]]}
+                      "examples": [{"answer": it["answer"], "predicted": it["predicted"]} for it in items[:8]]}
     if n_captions:
-        recs = [world[first + k] for k in range(n_captions)]
-        cs = [Sample([ImageItem(pix(r), "understand"), TextItem("Describe the image.")]) for r in recs]
-        outs = model.generate_text(cs, max_new_tokens=80, temperature=0.0)
-        res["captions"] = [{"truth": r.caption, "generated": o} for r, o in zip(recs, outs)]
+        out = run("caption", n_captions)
+        res["captions"] = [{"truth": it["truth"], "generated": it["generated"], "score": it["score"]}
+                           for it in out.items]
     if n_images:
-        recs = [world[first + k] for k in range(n_images)]
-        S = image_size
-        gen = model.generate_image([r.prompt["text"] for r in recs], height=S, width=S, steps=steps,
-                                   seed=seed)["images"].float().cpu()
-        real = torch.stack([pix(r) for r in recs]).to(model.device, model.dtype)
-        recon = model.vae.decode(model.vae.encode(real), (S, S)).float().cpu()
-        scores = [check(r.prompt, g, value_range=(-1.0, 1.0)) for r, g in zip(recs, gen)]
-        rscores = [check(r.prompt, x, value_range=(-1.0, 1.0)) for r, x in zip(recs, recon)]
+        gen_out, vae_out = run("geneval", n_images), run("vae-recon", n_images)
+        gen, recon = gen_out.images["generated"], vae_out.images["reconstruction"]
         items = []
-        for k, (r, s, rs) in enumerate(zip(recs, scores, rscores)):
-            item = {"prompt": r.prompt["text"], "tag": r.prompt["tag"], "score": s["score"], "correct": s["correct"],
-                    "vae_reconstruction_score": rs["score"]}
+        for k, (g, v) in enumerate(zip(gen_out.items, vae_out.items)):
+            item = {"prompt": g["prompt"], "tag": g["type"], "score": g["score"], "correct": bool(g["correct"]),
+                    "vae_reconstruction_score": v["prompt_score"]}
             if edir is not None:
-                _save_png(to_pil(gen[k]), edir / f"generated-{k}.png")
+                _save_png(to_pil(gen[k].float() / 127.5 - 1.0), edir / f"generated-{k}.png")
                 item["png"] = str(edir / f"generated-{k}.png")
             items.append(item)
         m = len(items)
@@ -95,14 +83,10 @@ def evaluate_world(model, *, image_size: int, seed: int, max_objects: int, first
                          "vae_reconstruction_mean_score": sum(i["vae_reconstruction_score"] for i in items) / m,
                          "items": items}
         if edir is not None:   # rows: truth, VAE reconstruction, generated
-            from PIL import Image
-
-            grid = Image.new("RGB", (len(recs) * (S + 4), 3 * (S + 4)), "white")
-            for k in range(len(recs)):
-                for row, im in enumerate((pix(recs[k]), recon[k], gen[k])):
-                    grid.paste(to_pil(im), (k * (S + 4), row * (S + 4)))
-            _save_png(grid, edir / "grid.png")
-            res["images"]["grid_png"] = str(edir / "grid.png")
+            recs = [world[first + k] for k in range(m)]
+            grid = {"rows": ["truth", "VAE recon", "generated"],
+                    "columns": [{"label": "", "images": [recs[k].image, recon[k], gen[k]]} for k in range(m)]}
+            res["images"]["grid_png"] = save_grid(grid, edir / "grid.png", tile=image_size, labels=False)
     if prompts:
         S = image_size
         gen = model.generate_image(list(prompts), height=S, width=S, steps=steps, seed=seed)["images"]
@@ -124,7 +108,7 @@ def report_lines(ev: dict) -> list:
         lines.append(f"eval vqa: {v['accuracy']:.3f} exact-match on {v['n']} held-out questions (chance "
                      f"{v['chance']}, always-the-commonest-letter {v['majority_letter']:.3f})")
     for c in ev.get("captions", []):
-        lines.append(f"eval caption: {c['generated']!r}\n        truth: {c['truth']!r}")
+        lines.append(f"eval caption (score {c['score']:.2f}): {c['generated']!r}\n        truth: {c['truth']!r}")
     if "images" in ev:
         im = ev["images"]
         lines.append(f"eval images: checker score {im['mean_score']:.3f}, all-correct {im['correct']:.3f} on "

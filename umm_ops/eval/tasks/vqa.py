@@ -1,0 +1,132 @@
+"""vqa: multiple-choice VQA on held-out scenes, exact match of the answer letter.
+
+Per record one of its questions (colour / shape / count / position, picked by seed_of(seed, index, "eval-q")),
+asked LLaVA-style (question, options A-D, "Answer with the option's letter ...") with the picture to understand;
+greedy decoding of as many tokens as the answer letter takes.  An item scores 1 when the generated text, stripped
+of surrounding whitespace and one trailing "." or ")", is exactly the answer letter.  Chance is 0.25; the
+result also reports the always-the-commonest-letter baseline of the answers and the letters the model chose.
+
+A user's benchmark instead of the world (``umm eval --data FILE``): an MMBench-style TSV (columns question, A-D,
+answer, optional hint and category, image as base64) or a JSONL manifest (image path, question, options or A-D,
+answer as a letter or as the option's text), read with :func:`umm_ops.data.mmd_bench.read_manifest`; its first n
+records, pictures resized to the evaluation size (square), per category.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from . import EvalContext, Task, TaskOutput, pixels, register
+
+__all__ = ["VQATask", "score_answer", "pick_question", "ask", "questions", "read_multiple_choice"]
+
+
+def score_answer(predicted: str, letter: str) -> float:
+    """1.0 if `predicted` is the answer letter (whitespace and one trailing '.' / ')' ignored), else 0.0."""
+    p = predicted.strip()
+    if p[-1:] in (".", ")"):
+        p = p[:-1].strip()
+    return 1.0 if p == letter else 0.0
+
+
+def pick_question(ctx: EvalContext, rec) -> dict:
+    """The record's evaluation question (the same one for every task that asks about this record)."""
+    return rec.vqa[ctx.seed_for(rec.index, "eval-q") % len(rec.vqa)]
+
+
+def read_multiple_choice(path: str, image_size: int, n: int) -> list:
+    """The first n records of an MMBench-style TSV / JSONL manifest -> [{"index", "key", "image" uint8 (3, S, S),
+    "question": {"question", "options", "answer_letter", "type"}}]; BadRecord names a record that cannot be used."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ...data.mmd_bench import BadRecord, read_manifest
+
+    def text(v):
+        return "" if v is None or str(v).strip().lower() in ("", "nan", "none") else str(v).strip()
+
+    out = []
+    for k, rec, load in read_manifest(path):
+        if isinstance(load, BadRecord):
+            raise load
+        where = f"record {k} of {path!r}"
+        opts = rec.get("options")
+        if not isinstance(opts, list):
+            opts = [text(rec.get(L)) for L in "ABCD" if text(rec.get(L))]
+        opts = [str(o) for o in opts][:4]
+        ans = text(rec.get("answer"))
+        letters = "ABCD"[:len(opts)]
+        if len(opts) < 2 or not text(rec.get("question")):
+            raise BadRecord(f"{where}: needs a question and 2-4 options (options list or A-D columns)")
+        if ans in letters and len(ans) == 1:
+            letter = ans
+        elif ans in opts:
+            letter = letters[opts.index(ans)]
+        else:
+            raise BadRecord(f"{where}: answer {ans!r} is neither an option letter ({letters}) nor an option's text")
+        q = text(rec.get("question"))
+        if text(rec.get("hint")):
+            q = f"{text(rec.get('hint'))}\n{q}"
+        im = load().convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+        out.append({"index": k, "key": text(rec.get("index")) or str(k),
+                    "image": torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous(),
+                    "question": {"question": q, "options": opts, "answer_letter": letter,
+                                 "type": text(rec.get("category")) or "all"}})
+        if len(out) == n:
+            break
+    if not out:
+        raise BadRecord(f"{path!r} holds no records")
+    return out
+
+
+def questions(ctx: EvalContext) -> list:
+    """(index, picture uint8 (3, H, W), question) of every item: the world's held-out records, or the user's file."""
+    if ctx.data is not None:
+        return [(r["index"], r["image"], r["question"]) for r in ctx.data_records()]
+    return [(r.index, r.image, pick_question(ctx, r)) for r in ctx.records()]
+
+
+def ask(model, ctx: EvalContext, images, questions, indices, task: str) -> list:
+    """Greedy answers of `model` to multiple-choice `questions` about `images` (uint8 (3, H, W)), batched."""
+    from ...data.packing import ImageItem, Sample, TextItem
+    from ...data.synthetic import format_question
+
+    samples = [Sample([ImageItem(pixels(im), "understand"), TextItem(format_question(q))],
+                      meta={"task": task, "index": i})
+               for im, q, i in zip(images, questions, indices)]
+    tok = getattr(model, "tokenizer", None)
+    n_new = max(len(tok.encode(q["answer_letter"])) for q in questions) if tok is not None else 2
+    preds: list = []
+    for _, batch in ctx.batches(samples):
+        preds += model.generate_text(batch, max_new_tokens=n_new, temperature=0.0)
+    return preds
+
+
+def letter_summary(items) -> dict:
+    answers = [it["answer"] for it in items]
+    out = {"chance": 0.25}
+    if answers:
+        out["majority_letter"] = round(max(Counter(answers).values()) / len(answers), 6)
+        out["predicted_letters"] = dict(sorted(Counter(it["predicted"].strip()[:8] for it in items).items()))
+    return out
+
+
+@register
+class VQATask(Task):
+    name = "vqa"
+    ci = "wilson"
+    breakdowns = ("type",)
+    needs = "VQA in its training mix (SFT task vqa)"
+    reads_data = True
+
+    def run(self, model, ctx: EvalContext) -> TaskOutput:
+        qa = questions(ctx)
+        preds = ask(model, ctx, [im for _, im, _ in qa], [q for _, _, q in qa], [i for i, _, _ in qa], self.name)
+        items = [{"index": i, "type": q["type"], "score": score_answer(p, q["answer_letter"]),
+                  "answer": q["answer_letter"], "predicted": p, "question": q["question"]}
+                 for (i, _, q), p in zip(qa, preds)]
+        k = ctx.grid_items
+        grid = {"rows": ["picture"], "columns": [{"label": f"{it['predicted'].strip()[:3]}/{it['answer']}\n"
+                                                           f"{it['type']}", "images": [im]}
+                                                 for it, (_, im, _) in zip(items[:k], qa[:k])]}
+        return TaskOutput(items, letter_summary(items), grid)
