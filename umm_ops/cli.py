@@ -5,6 +5,7 @@
   train                      train with a recipe on the engine (default sft: the demo job), resumable, torchrun-ready
   export                     a run's consolidated save_pretrained folder
   generate                   an image (PNG) or text from a trained checkpoint
+  eval                       held-out evaluation (vqa, caption, geneval, segment, vae-recon, mmd-bench) with 95% CIs
 Benchmarks: bench/run.py in the repository."""
 from __future__ import annotations
 
@@ -149,6 +150,98 @@ def _generate(args) -> int:
     return 0
 
 
+def _run_world(path):
+    """(first, image_size, world_kwargs) from the saved config of a run / checkpoint folder; None for a
+    save_pretrained folder (it keeps no run config)."""
+    import inspect
+    from pathlib import Path
+
+    from .data.synthetic import SyntheticWorld
+    from .train.engine.checkpoint import read_trainer_state
+    from .train.export import resolve_checkpoint
+
+    if (Path(path) / "config.json").is_file():
+        return None
+    cfg = read_trainer_state(resolve_checkpoint(path))["config"]
+    recipe = cfg.get("recipe") or {}
+    params = set(inspect.signature(SyntheticWorld).parameters) - {"size", "seed", "length"}
+    world = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recipe.items() if k in params}
+    world["seed"] = int(cfg.get("job", {}).get("seed", 0))
+    return recipe.get("train_records"), recipe.get("image_size"), world
+
+
+def _eval(args) -> int:
+    import torch
+
+    from .eval.runner import evaluate, render_markdown, write_json
+    from .utils import seed_of
+
+    if (args.checkpoint is None) == (args.model is None):
+        print("eval: give a run / checkpoint folder or --model PRESET (one of them)", file=sys.stderr)
+        return 2
+    first, size, world = None, None, {}
+    if args.model is not None:
+        from .eval.runner import default_first, default_world_kwargs
+        from .model.cheers import CheersModel
+
+        torch.manual_seed(seed_of(0, "eval", "model-init"))   # the same untrained weights whatever --seed
+        try:
+            model = CheersModel(args.model)
+        except ValueError as e:
+            print(f"eval: {e}", file=sys.stderr)
+            return 2
+        model.eval()
+        bn = model.vae.frozen.bn
+        if bool((bn.running_mean == 0).all()) and bool((bn.running_var == 1).all()):
+            # a fresh VAE has no latent statistics: take them from training records, as the SFT recipe does
+            from .data.synthetic import SyntheticWorld
+
+            k = min(64, default_first())
+            w = SyntheticWorld(size=args.image_size or model.config.image_size, length=k, **default_world_kwargs())
+            model.vae.calibrate(torch.stack([w[i].image.float() / 127.5 - 1.0 for i in range(k)]))
+        if args.device:
+            model.to(args.device)
+        name = f"preset {args.model} (untrained)"
+    else:
+        from .train.export import load_checkpoint_model
+
+        try:
+            model = load_checkpoint_model(args.checkpoint, device=args.device)
+            saved = _run_world(args.checkpoint)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"eval: {e}", file=sys.stderr)
+            return 2
+        if saved is not None:
+            first, size, world = saved
+        name = str(args.checkpoint)
+    if args.first is not None:
+        if first is not None and args.first < first:
+            print(f"eval: --first {args.first} is inside the run's training split (records 0..{first - 1}); "
+                  f"held-out records start at {first}", file=sys.stderr)
+            return 2
+        first = args.first
+
+    def progress(task, res, seconds):
+        sc = "-" if res["score"] is None else f"{res['score']:.3f}"
+        print(f"eval {task}: {sc} on {res['n']} items ({seconds:.1f} s)", flush=True)
+
+    try:
+        res = evaluate(model, args.tasks, n=args.n, seed=args.seed, image_size=args.image_size or size,
+                       out_dir=args.out, world_kwargs=world, first=first, steps=args.steps,
+                       batch_size=args.batch_size, model_name=name, data=args.data, progress=progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"eval: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(render_markdown(res, breakdowns=not args.brief), end="")
+    if args.json:
+        write_json(res, args.json)
+        print(f"wrote {args.json}")
+    if args.out:
+        print(f"wrote {args.out}/eval.json, eval.md and a sample grid per task")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="umm_ops", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -189,6 +282,26 @@ def main(argv=None) -> int:
     ge.add_argument("--seed", type=int, default=0)
     ge.add_argument("--device", default=None)
     ge.set_defaults(fn=_generate)
+    ev = sub.add_parser("eval", help="held-out evaluation with 95%% confidence intervals (markdown table, JSON)")
+    ev.add_argument("checkpoint", nargs="?", default=None,
+                    help="a run folder (its newest checkpoint), a checkpoint-<step> folder or a save_pretrained folder")
+    ev.add_argument("--model", default=None, help="evaluate an untrained preset instead (tiny, small, ...)")
+    ev.add_argument("--tasks", default="vqa,caption,geneval,segment,vae-recon,mmd-bench",
+                    help="comma-separated: vqa, caption, geneval, segment, vae-recon, mmd-bench")
+    ev.add_argument("--n", type=int, default=256, help="held-out records per task")
+    ev.add_argument("--seed", type=int, default=0, help="evaluation seed (question picks, sampler noise, bootstrap)")
+    ev.add_argument("--json", default=None, help="write the result as JSON here")
+    ev.add_argument("--out", default=None, help="folder for eval.json, eval.md and the sample grids (PNG)")
+    ev.add_argument("--first", type=int, default=None,
+                    help="first held-out record (default: the run's recipe.train_records, else 50000)")
+    ev.add_argument("--data", default=None, help="a multiple-choice benchmark (MMBench-style TSV or JSONL manifest) "
+                                                 "for vqa / mmd-bench instead of the synthetic world")
+    ev.add_argument("--image-size", type=int, default=None, help="default: the run's image size")
+    ev.add_argument("--steps", type=int, default=None, help="sampler steps of generated images (default: the model's)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--brief", action="store_true", help="print only the summary table")
+    ev.add_argument("--device", default=None)
+    ev.set_defaults(fn=_eval)
 
     args = ap.parse_args(argv)
     return args.fn(args)
