@@ -115,7 +115,8 @@ def add_parsers(sub, argv) -> None:
 
     ex = sub.add_parser("export", help="write a run's (or checkpoint's) consolidated save_pretrained folder")
     ex.add_argument("checkpoint", help="a run folder (its newest intact checkpoint) or a checkpoint-<step> folder")
-    ex.add_argument("--out", required=True, help="the save_pretrained folder to write (config.json + safetensors)")
+    ex.add_argument("--out", required=True, help="where to write: the save_pretrained folder (config.json + "
+                    "safetensors) of an sft run, the .safetensors file of a vae run")
     ex.add_argument("--ema", action="store_true", help="export the EMA weights (runs with optim.ema > 0)")
     ex.set_defaults(fn=_export)
 
@@ -164,6 +165,6 @@ def _export(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (config.json + safetensors{', EMA weights' if args.ema else ''})")
+    print(f"wrote {out}{' (EMA weights)' if args.ema else ''}")
     return 0
 

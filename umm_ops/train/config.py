@@ -331,8 +331,8 @@ def _coerce(key: str, value, tp, where: str):
             return value
         raise bad
     if tp is tuple or origin is tuple:
-        if isinstance(value, str):
-            value = [x.strip() for x in value.split(",") if x.strip()]
+        if isinstance(value, str):   # "a,b" on the command line: each item parsed like a value (64 -> int)
+            value = [parse_value(x.strip()) for x in value.split(",") if x.strip()]
         if isinstance(value, (list, tuple)):
             return tuple(value)
         raise bad

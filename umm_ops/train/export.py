@@ -52,7 +52,12 @@ def load_checkpoint_model(path, device=None, ema: bool = False):
 
 
 def export(path, out, ema: bool = False) -> Path:
-    """Write the consolidated save_pretrained folder of a run / checkpoint to `out` (atomically)."""
-    model = load_checkpoint_model(path, ema=ema)
-    model.save_pretrained(out)
-    return Path(out)
+    """Write what a run / checkpoint trained where users load it from, as its recipe says (the SFT recipe: the
+    consolidated save_pretrained folder, atomically; the vae recipe: the autoencoder's safetensors file)."""
+    from .config import Config
+    from .engine.checkpoint import read_trainer_state
+    from .spec import get_recipe
+
+    folder = resolve_checkpoint(path)
+    cfg = Config.from_dict(read_trainer_state(folder)["config"], where=f"{folder}/trainer_state.json")
+    return Path(get_recipe(cfg.recipe_name).export(folder, cfg, out, ema=ema))

@@ -53,7 +53,8 @@ class DataSource:
     """A recipe's training data for the engine's sharded loader.
 
     ``dataset``: map-style (``len``, ``[i]``); ``encode(sample, index, epoch_seed) -> doc`` with ``doc.length``
-    (tokens); ``collate(list_of_docs) -> batch`` with ``batch.to(device)`` and ``batch.input_ids``;
+    (tokens); ``collate(list_of_docs) -> batch`` with ``batch.to(device)``, ``batch.num_tokens`` (and optionally
+    ``batch.num_docs``);
     ``length(index) -> int`` (optional): the tokens of ``encode(dataset[index])`` without building it, so that a rank
     plans the global batch without loading other ranks' samples; ``budget``: tokens per micro-batch (the engine
     fills it from ``data.budget``); ``describe``: one line for the log."""
@@ -86,6 +87,15 @@ class Recipe:
         """Modules that get their own FSDP2 unit: they must run in every micro-batch on every rank (None: every
         block of every ModuleList, right for a model whose every part runs on every batch)."""
         return None
+
+    def export(self, checkpoint, cfg, out, ema: bool = False):
+        """``umm export``: write the checkpoint's model where a user loads it from (default: the model's
+        save_pretrained folder)."""
+        from .export import load_checkpoint_model
+
+        model = load_checkpoint_model(checkpoint, ema=ema)
+        model.save_pretrained(out)
+        return out
 
     def wants_eval(self, cfg) -> bool:
         """Whether :meth:`evaluate` runs after training (default: when the recipe overrides it)."""

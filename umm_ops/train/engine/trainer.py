@@ -228,7 +228,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
                     sums[name] = sums.get(name, 0.0) + float(v)
                 for name, v in res.counts.items():
                     counts[name] = counts.get(name, 0) + int(v)
-                counts["tokens"] += int(batch.input_ids.numel())
+                counts["tokens"] += int(batch.num_tokens)
                 counts["docs"] += int(getattr(batch, "num_docs", 0))
             keys = sorted(sums)
             means = dict(zip(keys, d.all_reduce_mean([sums[k] / local for k in keys])))

@@ -1,4 +1,4 @@
-"""Built-in recipes (registered by name on import): ``sft``."""
-from . import sft  # noqa: F401
+"""Built-in recipes (registered by name on import): ``sft``, ``vae``."""
+from . import sft, vae  # noqa: F401
 
-__all__ = ["sft"]
+__all__ = ["sft", "vae"]

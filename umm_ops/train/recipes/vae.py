@@ -1,0 +1,285 @@
+"""VAE: train the FLUX.2-style autoencoder of a CheersModel preset (its ``vae.frozen``) on the synthetic world.
+
+    umm train --recipe vae --out runs/vae --steps 3000
+    umm export runs/vae --out vae-folder            # the CheersModel-free autoencoder: see VAERecipe.export_vae
+
+Data: pictures and colour-coded instance maps of SyntheticWorld records at every size of ``recipe.sizes`` (index i
+-> size sizes[i % S], record (i // S) // 2, picture when (i // S) is even else its segmentation map); records
+>= ``train_records`` are held out.  A picture of side s counts (s / 16)^2 "tokens" (its packed latent tokens), so
+``data.budget`` tokens per micro-batch = that many latent tokens of images, mixed sizes grouped per size.
+Loss per image: L1(reconstruction, picture) + ``kl_weight`` * KL(posterior || N(0, I)) summed over latent elements
+/ pixels (the latent is sampled with noise the recipe draws from seed_of(seed, step, sample id, "vae-noise")).
+Evaluation after training: the pixel checker's score of reconstructions of held-out pictures at every size (the
+issue's target: >= 0.95) and the mean absolute error.
+"""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...utils import generator, seed_of
+from ..spec import DataSource, Recipe, StepOutput, register
+
+__all__ = ["VAERecipe", "VAERecipeConfig", "VAETrainer", "WorldImages"]
+
+
+@dataclass
+class VAERecipeConfig:
+    sizes: tuple = (64, 128)          # picture sides (multiples of 16)
+    train_records: int = 50_000
+    max_objects: int = 4
+    segmentation: bool = True         # also reconstruct the colour-coded instance maps (SGT's targets)
+    kl_weight: float = 1e-6
+    eval_images: int = 64             # held-out pictures per size scored after training
+    evaluate: bool = True
+    init: typing.Optional[str] = None   # a safetensors file of autoencoder weights to start from
+
+    def validate(self):
+        from ..config import ConfigError
+
+        if not self.sizes or any((not isinstance(s, int)) or s < 32 or s % 16 for s in self.sizes):
+            raise ConfigError(f"recipe.sizes = {self.sizes!r}: must be picture sides, multiples of 16, >= 32")
+        if self.train_records < 1:
+            raise ConfigError(f"recipe.train_records = {self.train_records!r}: must be >= 1")
+        if not 1 <= self.max_objects <= 8:
+            raise ConfigError(f"recipe.max_objects = {self.max_objects!r}: must be in [1, 8]")
+        if not self.kl_weight >= 0:
+            raise ConfigError(f"recipe.kl_weight = {self.kl_weight!r}: must be >= 0")
+        if self.eval_images < 0:
+            raise ConfigError(f"recipe.eval_images = {self.eval_images!r}: must be >= 0")
+        return self
+
+
+class WorldImages:
+    """Map-style dataset of (index, size, (3, s, s) float pixels in [-1, 1]) over SyntheticWorld records."""
+
+    def __init__(self, sizes, seed: int, records: int, max_objects: int, segmentation: bool, first: int = 0):
+        from ...data.synthetic import SyntheticWorld
+
+        self.sizes, self.records, self.first, self.seg = tuple(sizes), records, first, segmentation
+        self.worlds = {s: SyntheticWorld(size=s, seed=seed, max_objects=max_objects, length=first + records)
+                       for s in self.sizes}
+        self.kinds = 2 if segmentation else 1
+
+    def __len__(self) -> int:
+        return self.records * len(self.sizes) * self.kinds
+
+    def __getitem__(self, i):
+        if isinstance(i, bool) or not isinstance(i, int) or not (0 <= i < len(self)):
+            raise IndexError(f"WorldImages: index {i!r} out of range [0, {len(self)})")
+        size = self.sizes[i % len(self.sizes)]
+        j = i // len(self.sizes)
+        rec = self.worlds[size][self.first + j // self.kinds]
+        img = rec.segmentation if (self.kinds == 2 and j % 2) else rec.image
+        return size, img.float() / 127.5 - 1.0
+
+    def length(self, i: int) -> int:
+        return (self.sizes[i % len(self.sizes)] // 16) ** 2
+
+
+@dataclass
+class _Doc:
+    index: int
+    pixels: torch.Tensor
+    length: int
+
+
+class ImageBatch:
+    """Pictures grouped by size: {side: (N, 3, s, s)} and their dataset indices."""
+
+    def __init__(self, groups: dict, ids: dict):
+        self.groups, self.ids = groups, ids
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(x.shape[0] * (x.shape[-1] // 16) ** 2 for x in self.groups.values())
+
+    @property
+    def num_docs(self) -> int:
+        return sum(x.shape[0] for x in self.groups.values())
+
+    def to(self, device):
+        return ImageBatch({s: x.to(device) for s, x in self.groups.items()}, self.ids)
+
+
+def _encode(sample, index: int, seed: int) -> _Doc:
+    size, pixels = sample
+    return _Doc(int(index), pixels, (size // 16) ** 2)
+
+
+def _collate(docs) -> ImageBatch:
+    groups: dict = {}
+    for d in docs:
+        groups.setdefault(d.pixels.shape[-1], []).append(d)
+    return ImageBatch({s: torch.stack([d.pixels for d in g]) for s, g in sorted(groups.items())},
+                      {s: [d.index for d in g] for s, g in sorted(groups.items())})
+
+
+class VAETrainer(nn.Module):
+    """The autoencoder under training (diffusers AutoencoderKLFlux2 with the preset's VAEConfig) and its loss."""
+
+    def __init__(self, vae_config):
+        super().__init__()
+        from diffusers import AutoencoderKLFlux2
+
+        self.vae_config = vae_config
+        self.ae = AutoencoderKLFlux2(**vae_config.diffusers_kwargs())
+        self.ae.bn.requires_grad_(False)   # latent statistics: calibrated after training, not learned
+
+    def forward(self, pixels: torch.Tensor, noise: torch.Tensor, kl_weight: float) -> dict:
+        post = self.ae.encode(pixels).latent_dist
+        z = post.mean + post.std * noise.to(post.mean.dtype)
+        recon = self.ae.decode(z).sample
+        l1 = (recon.float() - pixels.float()).abs().mean()
+        kl = 0.5 * (post.mean.float() ** 2 + post.var.float() - 1.0 - post.logvar.float()).sum() / pixels.numel()
+        return {"loss": l1 + kl_weight * kl, "l1": l1.detach(), "kl": kl.detach(), "recon": recon}
+
+
+@register
+class VAERecipe(Recipe):
+    name = "vae"
+    config_class = VAERecipeConfig
+    run_defining = ("sizes", "train_records", "max_objects", "segmentation", "kl_weight", "init")
+
+    def _data(self, cfg, first: int = 0, records: int | None = None) -> WorldImages:
+        r = cfg.recipe
+        return WorldImages(r.sizes, cfg.job.seed, r.train_records if records is None else records, r.max_objects,
+                           r.segmentation, first)
+
+    def build_model(self, cfg):
+        from ...model.config import preset
+
+        model = VAETrainer(preset(cfg.model.preset).vae)
+        if cfg.recipe.init:
+            from safetensors.torch import load_file
+
+            model.ae.load_state_dict(load_file(cfg.recipe.init))
+        return model
+
+    def build_data(self, cfg, model) -> DataSource:
+        ds = self._data(cfg)
+        return DataSource(ds, _encode, _collate, length=ds.length, describe=self.describe(cfg))
+
+    def describe(self, cfg) -> str:
+        r = cfg.recipe
+        return (f"autoencoder of the {cfg.model.preset} preset on {'/'.join(map(str, r.sizes))} px synthetic "
+                f"pictures{' and instance maps' if r.segmentation else ''}")
+
+    def fsdp_units(self, model):
+        return []   # a small convolutional model: one FSDP unit (the root)
+
+    def step(self, model, batch, ctx) -> StepOutput:
+        r = ctx.config.recipe
+        l1s, kls, n = 0.0, 0.0, 0
+        loss = None
+        for size, pixels in batch.groups.items():
+            zs = [torch.randn(ctx.module.vae_config.latent_channels, size // 8, size // 8,
+                              generator=generator(ctx.seed, ctx.step, i, "vae-noise")) for i in batch.ids[size]]
+            out = model(pixels, torch.stack(zs).to(pixels.device), r.kl_weight)
+            w = pixels.shape[0]
+            loss = out["loss"] * w if loss is None else loss + out["loss"] * w
+            l1s += float(out["l1"]) * w
+            kls += float(out["kl"]) * w
+            n += w
+        return StepOutput(loss / n, {"l1": l1s / n, "kl": kls / n}, {"images": n})
+
+    def wants_eval(self, cfg) -> bool:
+        return cfg.recipe.evaluate and cfg.recipe.eval_images > 0
+
+    @torch.no_grad()
+    def evaluate(self, model, cfg, out_dir) -> dict:
+        from ...data.synthetic import SyntheticWorld
+        from ...eval.checker import check
+
+        r = cfg.recipe
+        model.eval()
+        dev = next(model.parameters()).device
+        res = {}
+        for size in r.sizes:
+            world = SyntheticWorld(size=size, seed=cfg.job.seed, max_objects=r.max_objects,
+                                   length=r.train_records + r.eval_images)
+            recs = [world[r.train_records + k] for k in range(r.eval_images)]
+            pix = torch.stack([rec.image.float() / 127.5 - 1.0 for rec in recs]).to(dev)
+            recon = torch.cat([model.ae.decode(model.ae.encode(pix[i:i + 16]).latent_dist.mode()).sample
+                               for i in range(0, len(recs), 16)]).clamp(-1, 1).float().cpu()
+            scores = [check(rec.prompt, x, value_range=(-1.0, 1.0))["score"] for rec, x in zip(recs, recon)]
+            mae = float((recon - pix.float().cpu()).abs().mean() * 127.5)
+            res[str(size)] = {"n": len(recs), "checker_score": sum(scores) / len(scores),
+                              "mean_abs_error_grey_levels": mae}
+            if out_dir is not None:
+                _grid(pix.cpu(), recon, out_dir, size)
+        return res
+
+    def report(self, results: dict) -> list:
+        return [f"eval vae {s} px: checker score of reconstructions {v['checker_score']:.3f} on {v['n']} held-out "
+                f"pictures, mean |error| {v['mean_abs_error_grey_levels']:.1f} grey levels"
+                for s, v in results.items()]
+
+    def export(self, checkpoint, cfg, out, ema: bool = False):
+        if ema:
+            raise ValueError("export of a vae run: EMA weights are not supported here (export the raw weights)")
+        export_vae(checkpoint, out)
+        return out
+
+    def shorthands(self) -> dict:
+        return {"--sizes": ("recipe.sizes", "value", "picture sides, comma-separated"),
+                "--no-eval": ("recipe.evaluate", "false", "skip the evaluation after training")}
+
+
+def _grid(pix, recon, out_dir, size: int, k: int = 8) -> None:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ...eval.world import to_pil
+    from ...utils import atomic_write
+
+    k = min(k, pix.shape[0])
+    grid = Image.new("RGB", (k * (size + 4), 2 * (size + 4)), "white")
+    for i in range(k):
+        grid.paste(to_pil(pix[i]), (i * (size + 4), 0))
+        grid.paste(to_pil(recon[i]), (i * (size + 4), size + 4))
+    path = Path(out_dir) / "eval" / f"vae-recon-{size}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write=lambda p: grid.save(p, format="PNG"), suffix=".png")
+
+
+def export_vae(run_or_checkpoint, out_file, calibrate_images: int = 256) -> dict:
+    """The trained autoencoder of a vae run as one safetensors file (float32), its latent BatchNorm statistics
+    calibrated on training pictures (what CheersVAE.calibrate computes), plus the config and command next to it."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from ...model.config import preset
+    from ...utils import atomic_write
+    from ..config import Config
+    from ..engine.checkpoint import load_model_state, read_trainer_state
+    from ..export import resolve_checkpoint
+
+    folder = resolve_checkpoint(run_or_checkpoint)
+    st = read_trainer_state(folder)
+    cfg = Config.from_dict(st["config"])
+    if cfg.recipe_name != "vae":
+        raise ValueError(f"{folder}: a {cfg.recipe_name!r} run, not a vae run")
+    model = VAETrainer(preset(cfg.model.preset).vae)
+    load_model_state(folder, model)
+    from ...model.vae import CheersVAE
+
+    vae = CheersVAE(preset(cfg.model.preset).vae)
+    vae.frozen.load_state_dict(model.ae.state_dict())
+    ds = VAERecipe()._data(cfg)
+    size = max(cfg.recipe.sizes)
+    picks = [i for i in range(len(ds)) if ds[i][0] == size][:calibrate_images]
+    vae.calibrate(torch.stack([ds[i][1] for i in picks]))
+    state = {k: v.detach().float().contiguous() for k, v in vae.frozen.state_dict().items()}
+    meta = {"recipe": "vae", "step": str(st["step"]), "preset": cfg.model.preset, "seed": str(cfg.job.seed)}
+    atomic_write(out_file, write=lambda p: save_file(state, p, metadata=meta), suffix=".safetensors")
+    info = {"checkpoint": str(folder), "step": st["step"], "config": st["config"],
+            "calibrated_on": f"{len(picks)} training pictures at {size} px"}
+    atomic_write(Path(str(out_file) + ".json"), json.dumps(info, indent=1))
+    return info
