@@ -80,8 +80,21 @@ def _sft_run(tmp_path):
     return out
 
 
+def test_posterior_mode_decodes_the_mean():
+    from umm_ops.model.config import preset
+
+    torch.manual_seed(0)
+    m = VAETrainer(preset("tiny").vae)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    out = m(x, None, kl_weight=0.0)
+    want = (m.ae.decode(m.ae.encode(x).latent_dist.mean).sample - x).abs().mean()
+    torch.testing.assert_close(out["loss"], want)
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="recipe.sizes = \\(64, 40\\): must be picture sides, multiples of 16"):
         Config.build("vae", overrides=["recipe.sizes=64,40"])
     with pytest.raises(ConfigError, match="recipe.kl_weight"):
         Config.build("vae", overrides=["recipe.kl_weight=-1"])
+    with pytest.raises(ConfigError, match="recipe.posterior = 'mean': use 'mode' or 'sample'"):
+        Config.build("vae", overrides=["recipe.posterior=mean"])

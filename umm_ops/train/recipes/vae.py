@@ -1,14 +1,20 @@
 """VAE: train the FLUX.2-style autoencoder of a CheersModel preset (its ``vae.frozen``) on the synthetic world.
 
     umm train --recipe vae --out runs/vae --steps 3000
-    umm export runs/vae --out vae-folder            # the CheersModel-free autoencoder: see VAERecipe.export_vae
+    umm export runs/vae --out vae.safetensors       # the autoencoder, latent statistics calibrated: export_vae
 
 Data: pictures and colour-coded instance maps of SyntheticWorld records at every size of ``recipe.sizes`` (index i
 -> size sizes[i % S], record (i // S) // 2, picture when (i // S) is even else its segmentation map); records
 >= ``train_records`` are held out.  A picture of side s counts (s / 16)^2 "tokens" (its packed latent tokens), so
 ``data.budget`` tokens per micro-batch = that many latent tokens of images, mixed sizes grouped per size.
 Loss per image: L1(reconstruction, picture) + ``kl_weight`` * KL(posterior || N(0, I)) summed over latent elements
-/ pixels (the latent is sampled with noise the recipe draws from seed_of(seed, step, sample id, "vae-noise")).
+/ pixels.  The decoded latent is a sample with noise the recipe draws from seed_of(seed, step, sample id, "vae-noise")
+(``posterior = "sample"``, the default) or the posterior mean (``"mode"``).
+
+Status (CPU, tiny preset, budget 256, lr 2e-3): not yet a usable VAE.  After 1,500 steps (~7,500 images) with
+sampled latents, reconstructions keep shapes and greys but put every object in one washed-out hue (held-out checker
+score 0.0 at 64 and 128 px, mean error 14.5 / 13.5 grey levels); with the posterior mean, greyscale after 500
+steps.  Colour is the part still missing (issue 13).
 Evaluation after training: the pixel checker's score of reconstructions of held-out pictures at every size (the
 issue's target: >= 0.95) and the mean absolute error.
 """
@@ -33,6 +39,8 @@ class VAERecipeConfig:
     max_objects: int = 4
     segmentation: bool = True         # also reconstruct the colour-coded instance maps (SGT's targets)
     kl_weight: float = 1e-6
+    posterior: str = "sample"         # "sample": decode mean + std * noise (a KL-VAE); "mode": decode the posterior
+                                      # mean (a deterministic autoencoder, the KL a small regulariser)
     eval_images: int = 64             # held-out pictures per size scored after training
     evaluate: bool = True
     init: typing.Optional[str] = None   # a safetensors file of autoencoder weights to start from
@@ -48,6 +56,8 @@ class VAERecipeConfig:
             raise ConfigError(f"recipe.max_objects = {self.max_objects!r}: must be in [1, 8]")
         if not self.kl_weight >= 0:
             raise ConfigError(f"recipe.kl_weight = {self.kl_weight!r}: must be >= 0")
+        if self.posterior not in ("mode", "sample"):
+            raise ConfigError(f"recipe.posterior = {self.posterior!r}: use 'mode' or 'sample'")
         if self.eval_images < 0:
             raise ConfigError(f"recipe.eval_images = {self.eval_images!r}: must be >= 0")
         return self
@@ -129,9 +139,10 @@ class VAETrainer(nn.Module):
         self.ae = AutoencoderKLFlux2(**vae_config.diffusers_kwargs())
         self.ae.bn.requires_grad_(False)   # latent statistics: calibrated after training, not learned
 
-    def forward(self, pixels: torch.Tensor, noise: torch.Tensor, kl_weight: float) -> dict:
+    def forward(self, pixels: torch.Tensor, noise: torch.Tensor | None, kl_weight: float) -> dict:
+        """noise None: decode the posterior mean."""
         post = self.ae.encode(pixels).latent_dist
-        z = post.mean + post.std * noise.to(post.mean.dtype)
+        z = post.mean if noise is None else post.mean + post.std * noise.to(post.mean.dtype)
         recon = self.ae.decode(z).sample
         l1 = (recon.float() - pixels.float()).abs().mean()
         kl = 0.5 * (post.mean.float() ** 2 + post.var.float() - 1.0 - post.logvar.float()).sum() / pixels.numel()
@@ -142,7 +153,7 @@ class VAETrainer(nn.Module):
 class VAERecipe(Recipe):
     name = "vae"
     config_class = VAERecipeConfig
-    run_defining = ("sizes", "train_records", "max_objects", "segmentation", "kl_weight", "init")
+    run_defining = ("sizes", "train_records", "max_objects", "segmentation", "kl_weight", "posterior", "init")
 
     def _data(self, cfg, first: int = 0, records: int | None = None) -> WorldImages:
         r = cfg.recipe
@@ -176,9 +187,12 @@ class VAERecipe(Recipe):
         l1s, kls, n = 0.0, 0.0, 0
         loss = None
         for size, pixels in batch.groups.items():
-            zs = [torch.randn(ctx.module.vae_config.latent_channels, size // 8, size // 8,
-                              generator=generator(ctx.seed, ctx.step, i, "vae-noise")) for i in batch.ids[size]]
-            out = model(pixels, torch.stack(zs).to(pixels.device), r.kl_weight)
+            noise = None
+            if r.posterior == "sample":
+                zs = [torch.randn(ctx.module.vae_config.latent_channels, size // 8, size // 8,
+                                  generator=generator(ctx.seed, ctx.step, i, "vae-noise")) for i in batch.ids[size]]
+                noise = torch.stack(zs).to(pixels.device)
+            out = model(pixels, noise, r.kl_weight)
             w = pixels.shape[0]
             loss = out["loss"] * w if loss is None else loss + out["loss"] * w
             l1s += float(out["l1"]) * w
@@ -274,7 +288,8 @@ def export_vae(run_or_checkpoint, out_file, calibrate_images: int = 256) -> dict
     vae.frozen.load_state_dict(model.ae.state_dict())
     ds = VAERecipe()._data(cfg)
     size = max(cfg.recipe.sizes)
-    picks = [i for i in range(len(ds)) if ds[i][0] == size][:calibrate_images]
+    S, kinds = len(ds.sizes), ds.kinds
+    picks = [ds.sizes.index(size) + S * kinds * r for r in range(min(calibrate_images, ds.records))]  # pictures
     vae.calibrate(torch.stack([ds[i][1] for i in picks]))
     state = {k: v.detach().float().contiguous() for k, v in vae.frozen.state_dict().items()}
     meta = {"recipe": "vae", "step": str(st["step"]), "preset": cfg.model.preset, "seed": str(cfg.job.seed)}
