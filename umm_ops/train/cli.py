@@ -96,8 +96,8 @@ def add_parsers(sub, argv) -> None:
     try:
         recipe = get_recipe(name)
         base = Config(recipe_name=name, recipe=recipe.config_class())
-    except ValueError:
-        recipe, base = None, None
+    except ValueError:   # an unknown recipe: _train says so (after argparse accepted the engine's flags)
+        recipe, base = None, Config(recipe_name=name, recipe=None)
     tr = sub.add_parser("train", help="train with a recipe on the engine (resumes from out/checkpoint-*)",
                         description="Train a model with a recipe (default: sft, the tiny model on the synthetic "
                                     "world). Checkpoints, metrics.jsonl, loss_curve.png, eval/ and summary.json go "
@@ -108,8 +108,8 @@ def add_parsers(sub, argv) -> None:
                     help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
     tr.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
-    if base is not None:
-        _add_shorthands(tr, ENGINE_SHORTHANDS, base)
+    _add_shorthands(tr, ENGINE_SHORTHANDS, base)
+    if recipe is not None:
         _add_shorthands(tr, recipe.shorthands(), base)
     tr.set_defaults(fn=_train, _recipe_obj=recipe)
 
