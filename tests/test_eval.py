@@ -13,7 +13,7 @@ import torch
 from umm_ops.data.synthetic import SyntheticWorld, format_question
 from umm_ops.eval.runner import default_world_kwargs, evaluate, render_markdown
 from umm_ops.eval.stats import Z95, bootstrap_mean, summarize, wilson
-from umm_ops.eval.tasks import TASKS, EvalContext
+from umm_ops.eval.tasks import TASKS
 from umm_ops.eval.tasks.caption import score_caption
 from umm_ops.eval.tasks.segment import score_segmentation
 from umm_ops.eval.tasks.vae_recon import scene_spec

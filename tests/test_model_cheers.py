@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_model_open_gates
 
 import umm_ops
 from umm_ops.data.packing import ROLES, ImageItem, Sample, TextItem, pack
@@ -22,14 +23,7 @@ def _img(seed, size=64):
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(1234)
-    m = CheersModel("tiny")
-    with torch.no_grad():   # open the zero-initialised gates so every path carries signal
-        for name, p in m.head.named_parameters():
-            if "adaLN_modulation" in name or name.startswith("hi_gate.gate.2"):
-                p.normal_(0, 0.02)
-    m.vae.calibrate(torch.stack([_img(i) for i in range(3)]))
-    return m.eval()
+    return tiny_model_open_gates()
 
 
 def _noise(model, batch, seed=0):

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_model_open_gates
 
 from umm_ops.data.packing import ROLES, ImageItem, Sample, TextItem, pack
-from umm_ops.model.cheers import CheersModel
 from umm_ops.train import policy
 from umm_ops.utils import generator
 
@@ -22,14 +22,7 @@ def _img(seed, size=32):
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(1234)
-    m = CheersModel("tiny")
-    with torch.no_grad():   # open the zero-initialised gates so every path carries signal
-        for name, p in m.head.named_parameters():
-            if "adaLN_modulation" in name or name.startswith("hi_gate.gate.2"):
-                p.normal_(0, 0.02)
-    m.vae.calibrate(torch.stack([_img(i, 64) for i in range(3)]))
-    return m.eval()
+    return tiny_model_open_gates()
 
 
 # ------------------------------------------------------------------ flow noise

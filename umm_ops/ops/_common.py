@@ -124,6 +124,9 @@ def _first_tensor(args, kwargs):
     return None
 
 
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
 def autocast_policy(kind: str):
     """Decorator of a public op: its behaviour under ``torch.autocast``.
 
@@ -140,6 +143,8 @@ def autocast_policy(kind: str):
 
         @functools.wraps(fn)
         def op(*args, **kwargs):
+            if not _any_autocast():   # the common case: one C call (~0.3 us), no argument scan
+                return fn(*args, **kwargs)
             t = _first_tensor(args, kwargs)
             if t is None or not torch.is_autocast_enabled(t.device.type):
                 return fn(*args, **kwargs)

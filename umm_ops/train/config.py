@@ -155,11 +155,11 @@ class Config:
         for sec, obj in self.sections().items():
             if obj is None:
                 raise ConfigError(f"config: section [{sec}] is missing")
-            for f in dataclasses.fields(obj):
-                _check_type(sec, f.name, getattr(obj, f.name), f.type, type(obj))
-                allowed = _CHOICES.get((sec, f.name))
-                if allowed and getattr(obj, f.name) not in allowed:
-                    raise ConfigError(f"{sec}.{f.name} = {getattr(obj, f.name)!r} is not allowed; use one of "
+            for name, tp in _fields(obj).items():   # values assigned directly (not via set_value) checked too
+                _coerce(f"{sec}.{name}", getattr(obj, name), tp, "config")
+                allowed = _CHOICES.get((sec, name))
+                if allowed and getattr(obj, name) not in allowed:
+                    raise ConfigError(f"{sec}.{name} = {getattr(obj, name)!r} is not allowed; use one of "
                                       f"{list(allowed)}")
 
         def need(ok, key, value, what):
@@ -337,14 +337,6 @@ def _coerce(key: str, value, tp, where: str):
             return tuple(value)
         raise bad
     return value
-
-
-def _check_type(sec, name, value, tp, cls):
-    try:
-        tp = typing.get_type_hints(cls).get(name, tp)
-    except Exception:  # noqa: BLE001
-        pass
-    _coerce(f"{sec}.{name}", value, tp, "config")
 
 
 def parse_value(text: str):

@@ -56,14 +56,12 @@ class DataSource:
     (tokens); ``collate(list_of_docs) -> batch`` with ``batch.to(device)``, ``batch.num_tokens`` (and optionally
     ``batch.num_docs``);
     ``length(index) -> int`` (optional): the tokens of ``encode(dataset[index])`` without building it, so that a rank
-    plans the global batch without loading other ranks' samples; ``budget``: tokens per micro-batch (the engine
-    fills it from ``data.budget``); ``describe``: one line for the log."""
+    plans the global batch without loading other ranks' samples."""
 
     dataset: object
     encode: object
     collate: object
     length: object = None
-    describe: str = ""
 
 
 class Recipe:

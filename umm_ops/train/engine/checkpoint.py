@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ...utils import atomic_write, fsync_tree
+from ...utils import fsync_tree
 from .optim import canonical_name
 
 __all__ = ["RunLock", "RunFolderBusy", "Checkpointer", "CorruptCheckpoint", "complete_checkpoints",
@@ -378,6 +378,3 @@ def load_model_state(folder, model, ema: bool = False) -> None:
         dcp.load(state, checkpoint_id=str(folder / "dcp"))
     model.load_state_dict(state["model"])
 
-
-def write_json_atomic(path, obj) -> None:
-    atomic_write(path, json.dumps(obj, indent=1))

@@ -29,16 +29,6 @@ __all__ = ["ShardedLoader"]
 _STATE_VERSION = 1
 
 
-class _Need:
-    """A dataset view: index -> encoded document (runs in DataLoader workers)."""
-
-    def __init__(self, dataset, encode, pack_seed):
-        self.dataset, self.encode, self.pack_seed = dataset, encode, pack_seed
-
-    def __call__(self, i):
-        return self.encode(self.dataset[i], int(i), self.pack_seed)
-
-
 class ShardedLoader:
     def __init__(self, source, budget: int, micro_per_step: int = 1, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, num_workers: int = 0):
@@ -54,7 +44,6 @@ class ShardedLoader:
         self.seed, self.shuffle, self.num_workers = int(seed), bool(shuffle), int(num_workers)
         self._n = n
         self._epoch, self._pos = 0, 0
-        self._steps = 0
         self._order_cache: tuple = (None, None)
 
     # ------------------------------------------------------------------ the deterministic schedule
@@ -119,7 +108,6 @@ class ShardedLoader:
             docs.update(self._load(need))
         batches = [self.source.collate([docs[key] for key in g]) for g in mine]
         self._epoch, self._pos = after
-        self._steps += 1
         return batches
 
     def _load(self, keys: list) -> dict:

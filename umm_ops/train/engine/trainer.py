@@ -12,6 +12,7 @@ the world size.  Metrics are averaged over the step's micro-batches (counts summ
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import time
@@ -23,7 +24,7 @@ from ...utils import atomic_write, seed_of
 from ..config import Config
 from ..spec import StepContext, get_recipe
 from . import distributed
-from .checkpoint import Checkpointer, CorruptCheckpoint, RunFolderBusy, RunLock, complete_checkpoints
+from .checkpoint import Checkpointer, RunFolderBusy, RunLock, complete_checkpoints
 from .data import ShardedLoader
 from .metrics import Reporter, plot_losses, read_metrics
 from .optim import EMA, LRSchedule, build_optimizer
@@ -181,15 +182,12 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
     rep.open_log(rows)
     if is_main:
         atomic_write(out / "config.toml", cfg.to_toml())
-    n_params = sum(p.numel() for p in bare.parameters() if p.requires_grad)
-    if d.world_size > 1:   # FSDP2 shards: count the full sizes
-        n_params = sum(p.numel() if not hasattr(p, "full_tensor") else math.prod(p.shape)
-                       for p in bare.parameters() if p.requires_grad)
+    n_params = sum(p.numel() for p in bare.parameters() if p.requires_grad)   # global sizes, FSDP2 shards too
     rep.line(f"{cfg.recipe_name}: {cfg.model.preset} ({n_params / 1e6:.1f}M trainable parameters) on "
              f"{d.world_size} x {d.device.type}, {cfg.model.dtype}"
-             + (f" + bf16 mixed precision" if cfg.parallel.mixed_precision == "bf16" else "")
+             + (" + bf16 mixed precision" if cfg.parallel.mixed_precision == "bf16" else "")
              + f", parallel {mode}; {M} micro-batch(es) of {cfg.data.budget} tokens per step; "
-             + (recipe.describe(cfg) + "; " if recipe.describe(cfg) else "")
+             + "".join(f"{x}; " for x in [recipe.describe(cfg)] if x)
              + (f"resumed from {ckpt.name}" if ckpt is not None else "from scratch") + f"; out {out}")
 
     # ---------------------------------------------------------------- the loop
@@ -300,7 +298,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
         for ln in recipe.report(summary["eval"]):
             rep.line(ln)
     summary["wall_s"] = time.perf_counter() - t_start
-    atomic_write(out / "summary.json", __import__("json").dumps(summary, indent=1))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     if rows:
         k = max(1, min(10, len(rows) // 4))
         losses = ", ".join(f"{key} {summary[f'{key}_first{k}']:.3f} -> {summary[f'{key}_last{k}']:.3f}"

@@ -126,9 +126,7 @@ class SFTRecipe(Recipe):
 
     def build_data(self, cfg, model) -> DataSource:
         spec = model.pack_spec(budget=cfg.data.budget)
-        r = cfg.recipe
-        return DataSource(self._dataset(cfg), Encoder(spec), collate,
-                          describe=f"{r.image_size} px synthetic world, tasks {'/'.join(r.tasks)}")
+        return DataSource(self._dataset(cfg), Encoder(spec), collate)
 
     def describe(self, cfg) -> str:
         r = cfg.recipe

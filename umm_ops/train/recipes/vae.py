@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...utils import generator, seed_of
+from ...utils import generator
 from ..spec import DataSource, Recipe, StepOutput, register
 
 __all__ = ["VAERecipe", "VAERecipeConfig", "VAETrainer", "WorldImages"]
@@ -174,7 +174,7 @@ class VAERecipe(Recipe):
 
     def build_data(self, cfg, model) -> DataSource:
         ds = self._data(cfg)
-        return DataSource(ds, _encode, _collate, length=ds.length, describe=self.describe(cfg))
+        return DataSource(ds, _encode, _collate, length=ds.length)
 
     def describe(self, cfg) -> str:
         r = cfg.recipe
