@@ -98,3 +98,89 @@ def test_config_errors():
         Config.build("vae", overrides=["recipe.kl_weight=-1"])
     with pytest.raises(ConfigError, match="recipe.posterior = 'mean': use 'mode' or 'sample'"):
         Config.build("vae", overrides=["recipe.posterior=mean"])
+
+
+def test_color_weighted_loss_matches_an_independent_computation():
+    from umm_ops.model.config import preset
+
+    torch.manual_seed(0)
+    m = VAETrainer(preset("tiny").vae)
+    x = torch.full((2, 3, 32, 32), 0.1)       # grey background
+    x[0, :, 5:9, 6:12] = torch.tensor([0.7, -0.8, -0.7])[:, None, None]   # a red patch
+    x[1, :, 20:31, 0:3] = torch.tensor([-1.0, 0.6, 0.8])[:, None, None]   # a cyan patch at the border
+    x[1, :, 0:4, 0:4] = 0.9                                              # a light grey patch: no colour
+    out = m(x, None, kl_weight=0.0, color_weight=3.0)
+    err = (m.ae.decode(m.ae.encode(x).latent_dist.mean).sample.double() - x.double()).abs()
+    w = torch.ones(2, 32, 32, dtype=torch.float64)
+    for n in range(2):
+        for i in range(32):
+            for j in range(32):
+                near = x[n, :, max(0, i - 1):i + 2, max(0, j - 1):j + 2]
+                if bool(((near.amax(0) - near.amin(0)) > 0.3).any()):
+                    w[n, i, j] = 4.0
+    assert int((w == 4).sum()) == 6 * 8 + 13 * 4   # the patches grown by one pixel (clipped at the border)
+    want = (err * w[:, None]).sum() / (3 * w.sum())
+    torch.testing.assert_close(out["loss"].double(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out["l1"].double(), err.mean(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="recipe.color_weight"):
+        Config.build("vae", overrides=["recipe.color_weight=-1"])
+
+
+def _exported(tmp_path, trained=True):
+    """A tiny-preset autoencoder state as `umm export` writes it (random weights, calibrated statistics)."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from umm_ops.model.config import preset
+    from umm_ops.model.vae import CheersVAE
+
+    torch.manual_seed(1)
+    vae = CheersVAE(dataclasses.replace(preset("tiny").vae, weights=None))
+    if trained:
+        vae.calibrate(torch.rand(4, 3, 32, 32) * 2 - 1)
+    f = tmp_path / ("ae.safetensors" if trained else "uncalibrated.safetensors")
+    save_file({k: v.contiguous() for k, v in vae.frozen.state_dict().items()}, str(f))
+    return f, vae
+
+
+def test_cheers_vae_loads_weights_named_in_its_config(tmp_path):
+    import dataclasses
+
+    from umm_ops.model.config import preset
+    from umm_ops.model.vae import CheersVAE
+
+    f, src = _exported(tmp_path)
+    cfg = dataclasses.replace(preset("tiny").vae, weights=str(f))
+    torch.manual_seed(2)
+    vae = CheersVAE(cfg)
+    assert vae.pretrained
+    for k, v in src.frozen.state_dict().items():
+        assert torch.equal(vae.frozen.state_dict()[k], v), k
+    # the trainable decoder copy starts from the loaded decoder and statistics
+    assert torch.equal(vae.decoder_copy.decoder.conv_out.weight, src.frozen.decoder.conv_out.weight)
+    assert torch.equal(vae.decoder_copy.bn.running_var, src.frozen.bn.running_var)
+    assert vae.decoder_copy.decoder.conv_out.weight.requires_grad
+    assert not vae.frozen.decoder.conv_out.weight.requires_grad
+    # a config round trip keeps the name; a checkpoint's config then loads the same file
+    from umm_ops.model.config import CheersConfig
+
+    c = preset("tiny")
+    c.vae = cfg
+    assert CheersConfig.from_dict(c.to_dict()).vae.weights == str(f)
+
+
+def test_cheers_vae_weights_errors(tmp_path):
+    import dataclasses
+
+    from umm_ops.model.config import preset
+    from umm_ops.model.vae import CheersVAE
+
+    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped autoencoder"):
+        CheersVAE(dataclasses.replace(preset("tiny").vae, weights="no-such-vae"))
+    f, _ = _exported(tmp_path, trained=False)
+    with pytest.raises(ValueError, match="statistics are the defaults"):
+        CheersVAE(dataclasses.replace(preset("tiny").vae, weights=str(f)))
+    f, _ = _exported(tmp_path)
+    with pytest.raises(ValueError, match="not an autoencoder of this VAEConfig"):
+        CheersVAE(dataclasses.replace(preset("tiny").vae, weights=str(f), block_out_channels=(32, 32, 64, 32)))

@@ -43,8 +43,8 @@ def _sft_defaults():
 
 
 def default_world_kwargs() -> dict:
-    """The world the SFT recipe trains on by default (seed 0 = the default job seed, its max_objects)."""
-    return {"seed": 0, "max_objects": _sft_defaults().max_objects}
+    """The world the SFT recipe trains on by default (seed 0 = the default job seed, its world arguments)."""
+    return {"seed": 0, **_sft_defaults().world_kwargs()}
 
 
 def default_first() -> int:
@@ -167,7 +167,8 @@ def evaluate(model, tasks=DEFAULT_TASKS, n: int = 256, seed: int = 0, image_size
     out_dir = Path(out_dir) if out_dir is not None else None
     result = {"model": model_name or type(model).__name__, "seed": int(seed), "n": n, "first": first,
               "records": [first, first + n], "image_size": int(image_size), "steps": steps,
-              "world": {**wk, "size": int(image_size)}, "data": data, "tasks": {}}
+              "world": {**{k: list(v) if isinstance(v, tuple) else v for k, v in wk.items()},
+                        "size": int(image_size)}, "data": data, "tasks": {}}
     if data is not None:
         result.update(first=0, records=[0, len(ctx.data_records())], world=None)
     for name in names:

@@ -32,17 +32,22 @@ def _save_png(img, path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate_world(model, *, image_size: int, seed: int, max_objects: int, first: int, n_vqa: int = 32,
-                   n_images: int = 4, n_captions: int = 2, steps: int = 12, prompts=(), out_dir=None) -> dict:
+def evaluate_world(model, *, image_size: int, seed: int, first: int, max_objects: int | None = None,
+                   world: dict | None = None, n_vqa: int = 32, n_images: int = 4, n_captions: int = 2,
+                   steps: int = 12, prompts=(), out_dir=None) -> dict:
     """The SFT recipe's after-training evaluation, on the tasks of ``umm eval`` (:mod:`umm_ops.eval.tasks`):
-    vqa (n_vqa records), caption (n_captions), geneval and vae-recon (n_images) on the world of `seed` /
-    `max_objects` from record `first`; `seed` also seeds the evaluation's draws."""
+    vqa (n_vqa records), caption (n_captions), geneval and vae-recon (n_images) on the world of `seed` and
+    `world` (SyntheticWorld's other arguments; `max_objects` overrides its entry) from record `first`; `seed`
+    also seeds the evaluation's draws."""
     from ..data.synthetic import SyntheticWorld
     from .runner import save_grid
     from .tasks import EvalContext, get_task
 
     n = max(n_vqa, n_images, n_captions, 1)
-    world = SyntheticWorld(size=image_size, seed=seed, max_objects=max_objects, length=first + n)
+    wk = dict(world or {})
+    if max_objects is not None:
+        wk["max_objects"] = max_objects
+    world = SyntheticWorld(size=image_size, seed=seed, length=first + n, **wk)
     res: dict = {"held_out_records": [first, first + n]}
     edir = None
     if out_dir is not None:

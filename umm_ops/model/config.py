@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 __all__ = ["VAEConfig", "HeadConfig", "CheersConfig", "PRESETS", "preset"]
@@ -30,6 +31,9 @@ class VAEConfig:
     mid_block_add_attention: bool = True
     patch: int = 2                 # 2x2 latent packing -> 4 * latent_channels packed channels
     bn_eps: float = 1e-4           # Cheers' BatchNorm2d(affine=False, eps=1e-4), used with running stats only
+    weights: typing.Optional[str] = None   # trained autoencoder loaded at construction: the name of one shipped
+                                           # in umm_ops/model/weights/ (e.g. "tiny-world-vae") or a .safetensors
+                                           # path (see umm_ops.model.vae.resolve_vae_weights); None: random init
 
     @property
     def downsample(self) -> int:

@@ -15,6 +15,8 @@ Cheers' ``c (i pi) (j pj) -> (c pi pj) i j``; BatchNorm eps 1e-4, running statis
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,7 +25,9 @@ import umm_ops
 
 from .config import VAEConfig
 
-__all__ = ["CheersVAE", "DecoderCopy"]
+__all__ = ["CheersVAE", "DecoderCopy", "SHIPPED_WEIGHTS", "resolve_vae_weights"]
+
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"   # trained autoencoders that ship in the package
 
 
 def _autoencoder(cfg: VAEConfig):
@@ -55,6 +59,22 @@ class DecoderCopy(nn.Module):
         return self.decoder(z)
 
 
+def resolve_vae_weights(weights) -> Path:
+    """VAEConfig.weights -> the safetensors file: a name of SHIPPED_WEIGHTS (``"tiny-world-vae"``, with or without
+    ``.safetensors``) or a path."""
+    if not isinstance(weights, (str, os.PathLike)) or not os.fspath(weights):
+        raise TypeError(f"VAEConfig.weights must be a shipped weights name or a .safetensors path, got {weights!r}")
+    w = os.fspath(weights)
+    name = w if w.endswith(".safetensors") else w + ".safetensors"
+    if os.sep not in w and "/" not in w and (SHIPPED_WEIGHTS / name).is_file():
+        return SHIPPED_WEIGHTS / name
+    if Path(w).is_file():
+        return Path(w)
+    shipped = sorted(p.stem for p in SHIPPED_WEIGHTS.glob("*.safetensors"))
+    raise FileNotFoundError(f"VAEConfig.weights = {w!r}: neither a file nor a shipped autoencoder (shipped: "
+                            f"{shipped})")
+
+
 class CheersVAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -62,7 +82,32 @@ class CheersVAE(nn.Module):
         self.frozen = _autoencoder(cfg)
         self.frozen.requires_grad_(False)
         self.frozen.eval()
+        # trained weights (config.weights) bring their latent statistics; built on the meta device (hf loaders)
+        # there is nothing to copy into
+        self.pretrained = False
+        if cfg.weights is not None and not self.frozen.decoder.conv_out.weight.is_meta:
+            self.load_autoencoder(resolve_vae_weights(cfg.weights))
         self.decoder_copy = DecoderCopy(self.frozen, cfg)
+
+    def load_autoencoder(self, file) -> None:
+        """Load an AutoencoderKLFlux2 state (a ``umm export`` of a vae run: weights and calibrated BatchNorm
+        statistics) into ``frozen``; the decoder copy, if built, restarts from it."""
+        from safetensors.torch import load_file
+
+        state = load_file(os.fspath(file))
+        try:
+            self.frozen.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{os.fspath(file)}: not an autoencoder of this VAEConfig "
+                             f"({self.cfg.block_out_channels} channels, {self.cfg.latent_channels} latent "
+                             f"channels): {str(e)[:400]}") from None
+        bn = self.frozen.bn
+        if bool((bn.running_mean == 0).all()) and bool((bn.running_var == 1).all()):
+            raise ValueError(f"{os.fspath(file)}: its latent BatchNorm statistics are the defaults (0 / 1): "
+                             f"export it with `umm export` (which calibrates them)")
+        if hasattr(self, "decoder_copy"):
+            self.decoder_copy = DecoderCopy(self.frozen, self.cfg)
+        self.pretrained = True
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -29,7 +29,12 @@ class SFTRecipeConfig:
     image_size: int = 64              # side of the synthetic pictures (a multiple of 32, the pixels per LLM token)
     tasks: tuple = ("caption", "vqa", "generate")
     train_records: int = 50_000       # records 0 .. train_records-1 are trained on, later ones held out
-    max_objects: int = 3              # objects per scene
+    max_objects: int = 3              # objects per scene (1 .. max_objects)
+    # the world's vocabulary and backgrounds (SyntheticWorld's arguments of the same names; eval reads them back)
+    kinds: tuple = ("circle", "square", "triangle", "star", "ring", "cross", "diamond")
+    colors: tuple = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
+    two_tone: float = 0.4             # fraction of two-tone backgrounds
+    repeat: float = 0.35              # probability that an object repeats an earlier one's colour and shape
     cfg_dropout: typing.Optional[float] = None   # CFG prompt dropout probability (None: the model preset's)
     evaluate: bool = True             # run the held-out evaluation after training
     eval_vqa: int = 32                # held-out questions
@@ -51,6 +56,14 @@ class SFTRecipeConfig:
              "tasks", f"must be distinct names from {list(TASKS)}")
         need(self.train_records >= 1, "train_records", "must be >= 1")
         need(1 <= self.max_objects <= 8, "max_objects", "must be in [1, 8]")
+        from ...data.synthetic import COLORS, KINDS
+
+        need(len(self.kinds) >= 1 and set(self.kinds) <= set(KINDS) and len(set(self.kinds)) == len(self.kinds),
+             "kinds", f"must be distinct shapes from {list(KINDS)}")
+        need(len(self.colors) >= 4 and set(self.colors) <= set(COLORS) and len(set(self.colors)) == len(self.colors),
+             "colors", f"must be at least 4 distinct colours from {list(COLORS)} (VQA draws 3 wrong options)")
+        need(0.0 <= self.two_tone <= 1.0, "two_tone", "must be a probability in [0, 1]")
+        need(0.0 <= self.repeat <= 1.0, "repeat", "must be a probability in [0, 1]")
         need(self.cfg_dropout is None or 0.0 <= self.cfg_dropout <= 1.0, "cfg_dropout", "must be in [0, 1]")
         for k in ("eval_vqa", "eval_images", "eval_captions"):
             need(getattr(self, k) >= 0, k, "must be >= 0")
@@ -58,16 +71,21 @@ class SFTRecipeConfig:
         need(all(isinstance(p, str) and p for p in self.eval_prompts), "eval_prompts", "must be non-empty strings")
         return self
 
+    def world_kwargs(self) -> dict:
+        """SyntheticWorld's arguments (besides size, seed and length) of the world this recipe trains on."""
+        return {"max_objects": self.max_objects, "kinds": tuple(self.kinds), "colors": tuple(self.colors),
+                "two_tone": self.two_tone, "repeat": self.repeat}
+
 
 class SyntheticSFTDataset:
     """Map-style dataset of Samples over SyntheticWorld records ``first .. first + records - 1`` (see the module
     docstring); the same sample for the same index in any process."""
 
     def __init__(self, size: int, seed: int, records: int, tasks=("caption", "vqa", "generate"), max_objects: int = 3,
-                 first: int = 0):
+                 first: int = 0, **world):
         from ...data.synthetic import SyntheticWorld
 
-        self.world = SyntheticWorld(size=size, seed=seed, max_objects=max_objects, length=first + records)
+        self.world = SyntheticWorld(size=size, seed=seed, max_objects=max_objects, length=first + records, **world)
         self.tasks, self.records, self.first, self.seed = tuple(tasks), records, first, seed
 
     def __len__(self) -> int:
@@ -109,19 +127,21 @@ def collate(docs):
 class SFTRecipe(Recipe):
     name = "sft"
     config_class = SFTRecipeConfig
-    run_defining = ("image_size", "tasks", "train_records", "max_objects", "cfg_dropout")
+    run_defining = ("image_size", "tasks", "train_records", "max_objects", "kinds", "colors", "two_tone", "repeat",
+                    "cfg_dropout")
 
     def _dataset(self, cfg) -> SyntheticSFTDataset:
         r = cfg.recipe
-        return SyntheticSFTDataset(r.image_size, cfg.job.seed, r.train_records, r.tasks, r.max_objects)
+        return SyntheticSFTDataset(r.image_size, cfg.job.seed, r.train_records, r.tasks, **r.world_kwargs())
 
     def build_model(self, cfg):
         from ...model.cheers import CheersModel
 
         model = CheersModel(cfg.model.preset)
         model.config.image_size = cfg.recipe.image_size   # the checkpoint's default generation size
-        # a fresh VAE needs its latent statistics (a pretrained one brings them; a resumed run loads them)
-        model.vae.calibrate(self._dataset(cfg).images(min(64, cfg.recipe.train_records)))
+        if not model.vae.pretrained:
+            # a random VAE needs latent statistics (trained weights bring theirs; a resumed run loads them)
+            model.vae.calibrate(self._dataset(cfg).images(min(64, cfg.recipe.train_records)))
         return model
 
     def build_data(self, cfg, model) -> DataSource:
@@ -167,8 +187,8 @@ class SFTRecipe(Recipe):
         from ...eval.world import evaluate_world
 
         r = cfg.recipe
-        return evaluate_world(model, image_size=r.image_size, seed=cfg.job.seed, max_objects=r.max_objects,
-                              first=r.train_records, n_vqa=r.eval_vqa, n_images=r.eval_images,
+        return evaluate_world(model, image_size=r.image_size, seed=cfg.job.seed, first=r.train_records,
+                              world=r.world_kwargs(), n_vqa=r.eval_vqa, n_images=r.eval_images,
                               n_captions=r.eval_captions, steps=r.eval_steps, prompts=r.eval_prompts,
                               out_dir=out_dir)
 

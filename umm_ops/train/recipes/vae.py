@@ -41,11 +41,12 @@ class VAERecipeConfig:
     max_objects: int = 4
     segmentation: bool = True         # also reconstruct the colour-coded instance maps (SGT's targets)
     kl_weight: float = 1e-6
+    color_weight: float = 5.0         # extra L1 weight on pixels at and around coloured objects (see VAETrainer)
     posterior: str = "sample"         # "sample": decode mean + std * noise (a KL-VAE); "mode": decode the posterior
                                       # mean (a deterministic autoencoder, the KL a small regulariser)
     eval_images: int = 64             # held-out pictures per size scored after training
     evaluate: bool = True
-    init: typing.Optional[str] = None   # a safetensors file of autoencoder weights to start from
+    init: typing.Optional[str] = None   # autoencoder weights to start from: a .safetensors file or a shipped name
 
     def validate(self):
         from ..config import ConfigError
@@ -58,6 +59,8 @@ class VAERecipeConfig:
             raise ConfigError(f"recipe.max_objects = {self.max_objects!r}: must be in [1, 8]")
         if not self.kl_weight >= 0:
             raise ConfigError(f"recipe.kl_weight = {self.kl_weight!r}: must be >= 0")
+        if not self.color_weight >= 0:
+            raise ConfigError(f"recipe.color_weight = {self.color_weight!r}: must be >= 0")
         if self.posterior not in ("mode", "sample"):
             raise ConfigError(f"recipe.posterior = {self.posterior!r}: use 'mode' or 'sample'")
         if self.eval_images < 0:
@@ -141,21 +144,40 @@ class VAETrainer(nn.Module):
         self.ae = AutoencoderKLFlux2(**vae_config.diffusers_kwargs())
         self.ae.bn.requires_grad_(False)   # latent statistics: calibrated after training, not learned
 
-    def forward(self, pixels: torch.Tensor, noise: torch.Tensor | None, kl_weight: float) -> dict:
-        """noise None: decode the posterior mean."""
+    def forward(self, pixels: torch.Tensor, noise: torch.Tensor | None, kl_weight: float,
+                color_weight: float = 0.0) -> dict:
+        """noise None: decode the posterior mean.  Reconstruction loss: L1 weighted per pixel by
+        1 + color_weight * [a pixel within 1 px of one whose chroma (max - min channel, on [-1, 1]) exceeds
+        CHROMA_ON], normalised by the weights' mean; "l1" reports the plain L1."""
         post = self.ae.encode(pixels).latent_dist
         z = post.mean if noise is None else post.mean + post.std * noise.to(post.mean.dtype)
         recon = self.ae.decode(z).sample
-        l1 = (recon.float() - pixels.float()).abs().mean()
+        err = (recon.float() - pixels.float()).abs()
+        l1 = err.mean()
+        rec = l1
+        if color_weight > 0:
+            w = 1.0 + color_weight * color_mask(pixels)
+            rec = (err * w).sum() / (w.sum() * err.shape[1])
         kl = 0.5 * (post.mean.float() ** 2 + post.var.float() - 1.0 - post.logvar.float()).sum() / pixels.numel()
-        return {"loss": l1 + kl_weight * kl, "l1": l1.detach(), "kl": kl.detach(), "recon": recon}
+        return {"loss": rec + kl_weight * kl, "l1": l1.detach(), "kl": kl.detach(), "recon": recon}
+
+
+CHROMA_ON = 0.3   # the world's palette colours have chroma >= 1.1 on [-1, 1]; its backgrounds are greys (0)
+
+
+def color_mask(pixels: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) pixels on [-1, 1] -> (N, 1, H, W) float 0/1: coloured pixels and their 8 neighbours (both
+    sides of every object edge, where a blurry reconstruction bleeds colour)."""
+    chroma = pixels.float().amax(1, keepdim=True) - pixels.float().amin(1, keepdim=True)
+    return torch.nn.functional.max_pool2d((chroma > CHROMA_ON).float(), 3, stride=1, padding=1)
 
 
 @register
 class VAERecipe(Recipe):
     name = "vae"
     config_class = VAERecipeConfig
-    run_defining = ("sizes", "train_records", "max_objects", "segmentation", "kl_weight", "posterior", "init")
+    run_defining = ("sizes", "train_records", "max_objects", "segmentation", "kl_weight", "color_weight", "posterior",
+                    "init")
 
     def _data(self, cfg, first: int = 0, records: int | None = None) -> WorldImages:
         r = cfg.recipe
@@ -169,7 +191,9 @@ class VAERecipe(Recipe):
         if cfg.recipe.init:
             from safetensors.torch import load_file
 
-            model.ae.load_state_dict(load_file(cfg.recipe.init))
+            from ...model.vae import resolve_vae_weights
+
+            model.ae.load_state_dict(load_file(resolve_vae_weights(cfg.recipe.init)))
         return model
 
     def build_data(self, cfg, model) -> DataSource:
@@ -194,7 +218,7 @@ class VAERecipe(Recipe):
                 zs = [torch.randn(ctx.module.vae_config.latent_channels, size // 8, size // 8,
                                   generator=generator(ctx.seed, ctx.step, i, "vae-noise")) for i in batch.ids[size]]
                 noise = torch.stack(zs).to(pixels.device)
-            out = model(pixels, noise, r.kl_weight)
+            out = model(pixels, noise, r.kl_weight, r.color_weight)
             w = pixels.shape[0]
             loss = out["loss"] * w if loss is None else loss + out["loss"] * w
             l1s += float(out["l1"]) * w
