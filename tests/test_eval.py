@@ -328,7 +328,10 @@ def test_evaluate_world_keeps_its_keys(tmp_path):
     assert im["n"] == 2 and im["mean_score"] == im["correct"] == im["vae_reconstruction_mean_score"] == 1.0
     assert set(im["items"][0]) == {"prompt", "tag", "score", "correct", "vae_reconstruction_score", "png"}
     assert (tmp_path / "eval" / "grid.png").is_file() and (tmp_path / "eval" / "generated-1.png").is_file()
-    assert len(report_lines(ev)) == 4
+    assert set(im["per_tag"]) == {it["tag"] for it in im["items"]} and all(v == 1.0 for v in im["per_tag"].values())
+    lines = report_lines(ev)
+    assert lines[-1] == "eval captions: mean caption-check score 1.000 on 2 held-out pictures"
+    assert len(lines) == 5 + (len(im["per_tag"]) > 1)
 
 
 # ----------------------------------------------------------------------------------------------- a real (tiny) model

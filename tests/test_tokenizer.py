@@ -133,9 +133,9 @@ def test_load_tokenizer(partial_folder, tmp_path):
     assert isinstance(load_tokenizer("byte"), ByteTokenizer)
     with pytest.warns(UserWarning):
         assert isinstance(load_tokenizer(partial_folder), HFTokenizer)
-    with pytest.raises(ValueError, match="expected 'byte' or an existing folder.*'no/such/dir'"):
+    with pytest.raises(ValueError, match="expected 'byte', 'world' or an existing folder.*'no/such/dir'"):
         load_tokenizer("no/such/dir")
-    with pytest.raises(TypeError, match="expected 'byte' or a tokenizer folder path, got int"):
+    with pytest.raises(TypeError, match="expected 'byte', 'world' or a tokenizer folder path, got int"):
         load_tokenizer(3)
     with pytest.raises(ValueError, match="could not load a tokenizer from"):
         HFTokenizer(tmp_path)  # an empty folder
@@ -187,3 +187,49 @@ def test_hf_tokenizer_packs_and_round_trips(qwen_like_folder, seed):
     assert b.input_ids[start - 1].item() == tok.special("<|vision_start|>")
     assert (b.input_ids[start:start + n] == tok.special("<|image_pad|>")).all()
     assert b.input_ids[b.input_ids == tok.pad_id].numel() > 0  # alignment pads use the tokenizer's pad token
+
+
+# ----------------------------------------------------------------------------------------------- world tokenizer
+def test_world_tokenizer_shipped_is_what_the_command_builds(tmp_path):
+    """The shipped BPE is reproducible: rebuilding it gives the same tokenizer.json byte for byte."""
+    import json
+
+    from umm_ops.cli import main
+    from umm_ops.data.world_tokenizer import SHIPPED_TOKENIZER
+
+    assert main(["build-tokenizer", "--out", str(tmp_path / "tok")]) == 0
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == (SHIPPED_TOKENIZER / "tokenizer.json").read_bytes()
+    info = json.loads((SHIPPED_TOKENIZER / "build_info.json").read_text())
+    assert info["command"] == "umm build-tokenizer" and info["vocab_size"] == 512
+
+
+def test_world_tokenizer_words_round_trip_and_specials():
+    from umm_ops.data.synthetic import SyntheticWorld, format_question
+
+    tok = load_tokenizer("world")
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size == 512 and load_tokenizer("world") is tok
+    assert [tok.special(s) for s in SPECIAL_TOKENS] == list(range(7))
+    # held-out scenes (a seed the corpus did not use) at a size it did not use: about one token per word, each
+    # answer one token, lossless
+    w = SyntheticWorld(size=96, seed=7, max_objects=4, length=40)
+    chars = toks = 0
+    for i in range(40):
+        r = w[i]
+        for text in [r.caption, r.prompt["text"]] + [format_question(q) for q in r.vqa]:
+            ids = tok.encode(text)
+            assert tok.decode(ids) == text
+            chars, toks = chars + len(text), toks + len(ids)
+        for q in r.vqa:
+            assert len(tok.encode(q["answer_letter"])) == 1 and len(tok.encode(" " + q["answer"])) <= 2, q
+    assert chars / toks > 3.5, (chars, toks)
+    # any other text still encodes (bytes at worst) and specials inside text become their ids
+    s = "Zebra • ünïcode <|im_end|>\nx"
+    ids = tok.encode(s)
+    assert tok.decode(ids) == s and tok.eos_id in ids
+
+
+def test_tiny_preset_uses_the_world_tokenizer():
+    from umm_ops.model.config import preset
+
+    c = preset("tiny")
+    assert c.tokenizer == "world" and c.llm["vocab_size"] == load_tokenizer("world").vocab_size

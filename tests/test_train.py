@@ -408,3 +408,28 @@ def test_dataset_mix_is_deterministic():
     with pytest.raises(IndexError, match="out of range"):
         ds[60]
 
+
+def test_dataset_task_weights_and_world_keys():
+    from umm_ops.train.recipes.sft import SyntheticSFTDataset
+
+    ds = SyntheticSFTDataset(32, seed=3, records=20, tasks=("caption", "vqa"), task_weights=(1, 3),
+                             max_objects=2, kinds=("circle", "square"), colors=("red", "green", "blue", "yellow"),
+                             two_tone=0.0)
+    assert len(ds) == 80
+    assert [ds[i].meta["task"] for i in range(8)] == ["caption", "vqa", "vqa", "vqa"] * 2
+    # the repeats of a task on one record pick their questions independently (not the same one three times)
+    picks = {tuple(ds[4 * r + k].items[1].text for k in (1, 2, 3)) for r in range(20)}
+    assert any(len(set(p)) > 1 for p in picks)
+    objs = [o for r in range(20) for o in ds.world[r].scene["objects"]]
+    assert {o["kind"] for o in objs} <= {"circle", "square"} and {o["color"] for o in objs} <= {"red", "green",
+                                                                                                 "blue", "yellow"}
+    assert all(ds.world[r].scene["background"]["kind"] == "plain" for r in range(20))
+    with pytest.raises(ConfigError, match="recipe.task_weights = \\(1, 2\\): must be \\(\\) or one int >= 1 per task"):
+        Config.build("sft", overrides=["recipe.task_weights=1,2"])
+    with pytest.raises(ConfigError, match="recipe.task_weights"):
+        Config.build("sft", overrides=["recipe.task_weights=1,0,1"])
+    with pytest.raises(ConfigError, match="recipe.colors"):
+        Config.build("sft", overrides=["recipe.colors=red,green"])
+    cfg = Config.build("sft", overrides=["recipe.kinds=circle,square", "recipe.two_tone=0"])
+    assert cfg.recipe.world_kwargs()["kinds"] == ("circle", "square")
+

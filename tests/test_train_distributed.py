@@ -115,7 +115,10 @@ def test_sigkill_mid_step_then_resume_is_exact(runs, tmp_path):
     _run(out, 2, "parallel.mode=ddp", kill="1:3:step", expect_ok=False)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     res = _run(out, 2, "parallel.mode=ddp")
-    assert "resumed from checkpoint-2" in res.stdout and "took over the stale lock" in res.stdout, res.stdout
+    # rank 0 holds the run lock: it is left stale when torchrun's SIGTERM ends rank 0, but released when rank 0 first
+    # sees the dead peer as a gloo error and unwinds (which comes first depends on the machine's load); the takeover
+    # itself is tested in test_train.py
+    assert "resumed from checkpoint-2" in res.stdout, res.stdout
     a, b = _metrics(runs / "ddp"), _metrics(out)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]

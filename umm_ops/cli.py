@@ -242,6 +242,23 @@ def _eval(args) -> int:
     return 0
 
 
+def _build_tokenizer(args) -> int:
+    from .data.world_tokenizer import SHIPPED_TOKENIZER, WORLD_VOCAB_SIZE, build_world_tokenizer
+
+    out = args.out or SHIPPED_TOKENIZER
+    try:
+        cmd = "umm build-tokenizer" + (f" --out {args.out}" if args.out else "") + \
+            (f" --vocab-size {args.vocab_size}" if args.vocab_size else "") + \
+            (f" --records {args.records}" if args.records != 2000 else "")
+        info = build_world_tokenizer(out, args.vocab_size or WORLD_VOCAB_SIZE, args.records, command=cmd)
+    except ValueError as e:
+        print(f"build-tokenizer: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: {info['vocab_size']} tokens; the corpus ({info['corpus_texts']} texts, "
+          f"{info['corpus_chars']} characters) encodes to {info['corpus_tokens']} tokens")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="umm_ops", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -263,6 +280,13 @@ def main(argv=None) -> int:
     pv.add_argument("--size", type=int, default=256, help="tile size in pixels")
     pv.add_argument("--seed", type=int, default=0)
     pv.set_defaults(fn=_mmd_preview)
+
+    bt = sub.add_parser("build-tokenizer", help="train the synthetic world's BPE tokenizer (the tiny preset's)")
+    bt.add_argument("--out", default=None, help="output folder (default: the one shipped in the package, "
+                                                "umm_ops/assets/world-tokenizer)")
+    bt.add_argument("--vocab-size", type=int, default=None, help="default 512")
+    bt.add_argument("--records", type=int, default=2000, help="world scenes whose text is the corpus")
+    bt.set_defaults(fn=_build_tokenizer)
 
     from .train.cli import add_parsers
 

@@ -10,6 +10,7 @@ its own pad token, ``<|endoftext|>``, is used).
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
@@ -162,18 +163,29 @@ def _accepts_replace(tok) -> bool:
 
 
 def load_tokenizer(name_or_folder):
-    """``"byte"`` -> :class:`ByteTokenizer`; a folder -> :class:`HFTokenizer`."""
+    """``"byte"`` -> :class:`ByteTokenizer`; ``"world"`` -> the synthetic world's BPE that ships in the package
+    (:mod:`umm_ops.data.world_tokenizer`); a folder -> :class:`HFTokenizer`."""
     if isinstance(name_or_folder, (ByteTokenizer, HFTokenizer)):
         return name_or_folder
     if not isinstance(name_or_folder, (str, os.PathLike)):
-        raise TypeError(f"load_tokenizer: expected 'byte' or a tokenizer folder path, got "
+        raise TypeError(f"load_tokenizer: expected 'byte', 'world' or a tokenizer folder path, got "
                         f"{type(name_or_folder).__name__}")
     if os.fspath(name_or_folder) == "byte":
         return ByteTokenizer()
+    if os.fspath(name_or_folder) == "world":
+        from .world_tokenizer import SHIPPED_TOKENIZER
+
+        return _shipped_world_tokenizer(os.fspath(SHIPPED_TOKENIZER))
     if os.path.isdir(name_or_folder):
         return HFTokenizer(name_or_folder)
-    raise ValueError(f"load_tokenizer: expected 'byte' or an existing folder holding a Hugging Face tokenizer, got "
-                     f"{os.fspath(name_or_folder)!r} (no such folder)")
+    raise ValueError(f"load_tokenizer: expected 'byte', 'world' or an existing folder holding a Hugging Face "
+                     f"tokenizer, got {os.fspath(name_or_folder)!r} (no such folder)")
+
+
+@functools.lru_cache(maxsize=2)
+def _shipped_world_tokenizer(folder: str):
+    """One HFTokenizer per process for the shipped world tokenizer (read-only; loading it takes ~0.1 s)."""
+    return HFTokenizer(folder)
 
 
 def _content_text(content, where: str) -> str:

@@ -83,8 +83,12 @@ def evaluate_world(model, *, image_size: int, seed: int, first: int, max_objects
                 item["png"] = str(edir / f"generated-{k}.png")
             items.append(item)
         m = len(items)
+        tags: dict = {}
+        for i in items:
+            tags.setdefault(i["tag"], []).append(i["score"])
         res["images"] = {"n": m, "mean_score": sum(i["score"] for i in items) / m,
                          "correct": sum(i["correct"] for i in items) / m,
+                         "per_tag": {t: sum(v) / len(v) for t, v in sorted(tags.items())},
                          "vae_reconstruction_mean_score": sum(i["vae_reconstruction_score"] for i in items) / m,
                          "items": items}
         if edir is not None:   # rows: truth, VAE reconstruction, generated
@@ -119,4 +123,9 @@ def report_lines(ev: dict) -> list:
         lines.append(f"eval images: checker score {im['mean_score']:.3f}, all-correct {im['correct']:.3f} on "
                      f"{im['n']} held-out prompts (the VAE's reconstruction of the true pictures scores "
                      f"{im['vae_reconstruction_mean_score']:.3f}); {im.get('grid_png', '')}")
+        if len(im.get("per_tag", {})) > 1:
+            lines.append("eval images by prompt tag: " + ", ".join(f"{t} {v:.3f}" for t, v in im["per_tag"].items()))
+    if ev.get("captions"):
+        cs = [c["score"] for c in ev["captions"]]
+        lines.append(f"eval captions: mean caption-check score {sum(cs) / len(cs):.3f} on {len(cs)} held-out pictures")
     return lines

@@ -32,7 +32,7 @@ class VAEConfig:
     patch: int = 2                 # 2x2 latent packing -> 4 * latent_channels packed channels
     bn_eps: float = 1e-4           # Cheers' BatchNorm2d(affine=False, eps=1e-4), used with running stats only
     weights: typing.Optional[str] = None   # trained autoencoder loaded at construction: the name of one shipped
-                                           # in umm_ops/model/weights/ (e.g. "tiny-world-vae") or a .safetensors
+                                           # in umm_ops/assets/ (e.g. "tiny-world-vae") or a .safetensors
                                            # path (see umm_ops.model.vae.resolve_vae_weights); None: random init
 
     @property
@@ -82,7 +82,7 @@ class CheersConfig:
     sample_steps: int = 80
     cfg_scale: float = 9.5
     gen_mode: str = "full"         # "full" (Cheers: image tokens visible to later text) | "noise" (BAGEL)
-    tokenizer: str = "byte"        # "byte" or a local Hugging Face tokenizer folder
+    tokenizer: str = "byte"        # "byte", "world" (the synthetic world's shipped BPE) or a local HF tokenizer folder
 
     # ------------------------------------------------------------------ derived
     @property
@@ -154,7 +154,7 @@ class CheersConfig:
 def _tiny() -> CheersConfig:
     # ~15M parameters; 64-128 px images: VAE 8x down, packed 16 px per token = ViT patch 16, 32 px per LLM token.
     return CheersConfig(
-        llm=dict(vocab_size=263, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+        llm=dict(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
                  tie_word_embeddings=True, max_position_embeddings=4096),
         vit=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -162,6 +162,7 @@ def _tiny() -> CheersConfig:
         vae=VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
         head=HeadConfig(semantic_layers=2, detail_layers=2),
         image_size=128, sample_steps=20, cfg_scale=4.0,
+        tokenizer="world",   # the synthetic world's BPE (512 ids, ~1 token per word; umm_ops.data.world_tokenizer)
     ).validate()
 
 

@@ -27,7 +27,7 @@ from .config import VAEConfig
 
 __all__ = ["CheersVAE", "DecoderCopy", "SHIPPED_WEIGHTS", "resolve_vae_weights"]
 
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"   # trained autoencoders that ship in the package
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "assets"   # trained autoencoders shipped in the package
 
 
 def _autoencoder(cfg: VAEConfig):

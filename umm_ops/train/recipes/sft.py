@@ -2,11 +2,12 @@
 
     umm train --recipe sft --steps 150 --out runs/demo
 
-Data: a map-style dataset over SyntheticWorld records (index i -> record i // len(tasks), task tasks[i % len(tasks)];
-a task giving several samples per record (vqa: one per question) yields the one picked by seed_of(seed, record,
-"pick")).  Losses: the model's text cross-entropy and flow-matching MSE (``CheersModel.forward``), with the flow
-noise and the CFG prompt dropout drawn here per (step, sample) (:mod:`umm_ops.train.policy`) and the timesteps by
-the packer per (epoch, sample).  Evaluation after training: held-out records (index >= train_records),
+Data: a map-style dataset over SyntheticWorld records: each record gives one sample per slot, the slots being the
+tasks each repeated ``task_weights`` times (index i -> record i // len(slots), slot i % len(slots)); a task giving
+several samples per record (vqa: one per question) yields the one picked by seed_of(seed, record, "pick") for its
+first slot, seed_of(seed, record, "pick", k) for its k-th repeat.  Losses: the model's text cross-entropy and
+flow-matching MSE (``CheersModel.forward``), with the flow noise and the CFG prompt dropout drawn here per (step,
+sample) (:mod:`umm_ops.train.policy`) and the timesteps by the packer per (epoch, sample).  Evaluation after training: held-out records (index >= train_records),
 :func:`umm_ops.eval.world.evaluate_world`.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ TASKS = ("caption", "vqa", "generate", "segment", "degraded_vqa")
 class SFTRecipeConfig:
     image_size: int = 64              # side of the synthetic pictures (a multiple of 32, the pixels per LLM token)
     tasks: tuple = ("caption", "vqa", "generate")
+    task_weights: tuple = ()          # samples per record and task (ints >= 1, one per task); () = one each
     train_records: int = 50_000       # records 0 .. train_records-1 are trained on, later ones held out
     max_objects: int = 3              # objects per scene (1 .. max_objects)
     # the world's vocabulary and backgrounds (SyntheticWorld's arguments of the same names; eval reads them back)
@@ -54,6 +56,9 @@ class SFTRecipeConfig:
              "must be a multiple of 32 (pixels per LLM token), >= 32")
         need(len(self.tasks) >= 1 and set(self.tasks) <= set(TASKS) and len(set(self.tasks)) == len(self.tasks),
              "tasks", f"must be distinct names from {list(TASKS)}")
+        need(self.task_weights == () or (len(self.task_weights) == len(self.tasks) and all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.task_weights)), "task_weights",
+             f"must be () or one int >= 1 per task ({len(self.tasks)} tasks: {list(self.tasks)})")
         need(self.train_records >= 1, "train_records", "must be >= 1")
         need(1 <= self.max_objects <= 8, "max_objects", "must be in [1, 8]")
         from ...data.synthetic import COLORS, KINDS
@@ -82,23 +87,29 @@ class SyntheticSFTDataset:
     docstring); the same sample for the same index in any process."""
 
     def __init__(self, size: int, seed: int, records: int, tasks=("caption", "vqa", "generate"), max_objects: int = 3,
-                 first: int = 0, **world):
+                 first: int = 0, task_weights=(), **world):
         from ...data.synthetic import SyntheticWorld
 
         self.world = SyntheticWorld(size=size, seed=seed, max_objects=max_objects, length=first + records, **world)
         self.tasks, self.records, self.first, self.seed = tuple(tasks), records, first, seed
+        weights = tuple(task_weights) or (1,) * len(self.tasks)
+        if len(weights) != len(self.tasks):
+            raise ValueError(f"SyntheticSFTDataset: {len(weights)} task_weights for {len(self.tasks)} tasks")
+        self.slots = [(t, k) for t, w in zip(self.tasks, weights) for k in range(w)]   # (task, repeat)
 
     def __len__(self) -> int:
-        return self.records * len(self.tasks)
+        return self.records * len(self.slots)
 
     def __getitem__(self, i):
         from ...data.synthetic import to_samples
 
         if isinstance(i, bool) or not isinstance(i, int) or not (0 <= i < len(self)):
             raise IndexError(f"SyntheticSFTDataset: index {i!r} out of range [0, {len(self)})")
-        r = self.first + i // len(self.tasks)
-        samples = to_samples(self.world[r], (self.tasks[i % len(self.tasks)],))
-        return samples[seed_of(self.seed, r, "pick") % len(samples)]
+        r = self.first + i // len(self.slots)
+        task, k = self.slots[i % len(self.slots)]
+        samples = to_samples(self.world[r], (task,))
+        pick = seed_of(self.seed, r, "pick") if k == 0 else seed_of(self.seed, r, "pick", k)
+        return samples[pick % len(samples)]
 
     def images(self, n: int) -> torch.Tensor:
         """The first n records' pictures as (n, 3, H, W) in [-1, 1] (VAE calibration)."""
@@ -127,12 +138,13 @@ def collate(docs):
 class SFTRecipe(Recipe):
     name = "sft"
     config_class = SFTRecipeConfig
-    run_defining = ("image_size", "tasks", "train_records", "max_objects", "kinds", "colors", "two_tone", "repeat",
-                    "cfg_dropout")
+    run_defining = ("image_size", "tasks", "task_weights", "train_records", "max_objects", "kinds", "colors",
+                    "two_tone", "repeat", "cfg_dropout")
 
     def _dataset(self, cfg) -> SyntheticSFTDataset:
         r = cfg.recipe
-        return SyntheticSFTDataset(r.image_size, cfg.job.seed, r.train_records, r.tasks, **r.world_kwargs())
+        return SyntheticSFTDataset(r.image_size, cfg.job.seed, r.train_records, r.tasks,
+                                   task_weights=r.task_weights, **r.world_kwargs())
 
     def build_model(self, cfg):
         from ...model.cheers import CheersModel
