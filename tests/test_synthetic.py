@@ -297,7 +297,7 @@ def test_to_samples(seed):
     assert seg.items[1].text == syn.SEGMENT_PROMPT
     assert torch.equal(((seg.items[2].image + 1) * 127.5).round().to(torch.uint8), r.segmentation)
     cap = samples[tasks.index("caption")]
-    assert cap.items[-1].text == r.caption and cap.items[-1].loss and not cap.items[1].loss
+    assert cap.items[-1].text == r.caption + "<|im_end|>" and cap.items[-1].loss and not cap.items[1].loss
     with pytest.raises(ValueError, match="tasks must be"):
         syn.to_samples(r, tasks=("captions",))
     deg = syn.to_samples(r, tasks=("degraded_vqa",))

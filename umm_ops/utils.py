@@ -75,6 +75,7 @@ def atomic_write(path, data=None, *, write=None, suffix: str = "", fsync: bool =
         else:
             os.close(fd)
             write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())   # a writer may have replaced the file (safetensors writes 0600)
             if fsync:
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())

@@ -514,9 +514,12 @@ def scene_prompts(scene: dict) -> list:
 
 
 # ----------------------------------------------------------------------------------------------- to packed samples
+END = "<|im_end|>"   # ends every trained answer: the model learns to stop (generate_text stops at it)
+
+
 def to_samples(record: SceneRecord, tasks=("caption", "vqa", "generate", "segment"), multiple_choice: bool = True):
     """A record as umm_ops.data.packing Samples: caption (image -> caption), vqa (image + question -> answer, one
-    per item), generate (prompt -> image), segment (SGT: image + instruction -> colour-coded instance map), and,
+    per item; answers and captions end with END, the tokenizer's eos), generate (prompt -> image), segment (SGT: image + instruction -> colour-coded instance map), and,
     when asked for, degraded_vqa (CLEAR: the vqa samples on the record's degraded copy, type drawn per record)."""
     from .packing import ImageItem, Sample, TextItem
 
@@ -531,19 +534,19 @@ def to_samples(record: SceneRecord, tasks=("caption", "vqa", "generate", "segmen
     out = []
     if "caption" in tasks:
         out.append(Sample([ImageItem(img(record.image), "understand"), TextItem("Describe the image."),
-                           TextItem(record.caption, loss=True)], meta={**meta, "task": "caption"}))
+                           TextItem(record.caption + END, loss=True)], meta={**meta, "task": "caption"}))
     if "vqa" in tasks:
         for q in record.vqa:
             ans = q["answer_letter"] if multiple_choice else q["answer"]
             out.append(Sample([ImageItem(img(record.image), "understand"),
-                               TextItem(format_question(q, multiple_choice)), TextItem(ans, loss=True)],
+                               TextItem(format_question(q, multiple_choice)), TextItem(ans + END, loss=True)],
                               meta={**meta, "task": "vqa", "type": q["type"]}))
     if "degraded_vqa" in tasks:
         degraded, kind = record.degraded()
         for q in record.vqa:
             ans = q["answer_letter"] if multiple_choice else q["answer"]
             out.append(Sample([ImageItem(img(degraded), "understand"),
-                               TextItem(format_question(q, multiple_choice)), TextItem(ans, loss=True)],
+                               TextItem(format_question(q, multiple_choice)), TextItem(ans + END, loss=True)],
                               meta={**meta, "task": "degraded_vqa", "type": q["type"], "degradation": kind}))
     if "generate" in tasks:
         out.append(Sample([TextItem(record.prompt["text"]), ImageItem(img(record.image), "generate")],

@@ -159,7 +159,9 @@ def _tiny() -> CheersConfig:
                  tie_word_embeddings=True, max_position_embeddings=4096),
         vit=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                  patch_size=16, image_size=128, num_channels=3, layer_norm_eps=1e-6),
-        vae=VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
+        # trained on the synthetic world (umm train --recipe vae; the recipe, command and scores in the .json beside it)
+        vae=VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
+                      weights="tiny-world-vae"),
         head=HeadConfig(semantic_layers=2, detail_layers=2),
         image_size=128, sample_steps=20, cfg_scale=4.0,
         tokenizer="world",   # the synthetic world's BPE (512 ids, ~1 token per word; umm_ops.data.world_tokenizer)

@@ -4,8 +4,8 @@
     torchrun --nproc-per-node 2 -m umm_ops train --set parallel.mode=fsdp ...   # the same code on 2 ranks
     umm train --list-recipes          umm train --print-config [...]          umm export RUN --out DIR [--ema]
 
-Precedence: the dataclasses' defaults < --config FILE < shorthands < --set.  The shorthands' defaults are the
-dataclasses' (shown in --help), so nothing is repeated here.
+Precedence: the dataclasses' defaults < the recipe's engine_defaults() < --config FILE < shorthands < --set.  The
+shorthands' defaults are those (shown in --help), so nothing is repeated here.
 """
 from __future__ import annotations
 
@@ -89,13 +89,15 @@ def _recipe_from_argv(argv) -> str:
 
 
 def add_parsers(sub, argv) -> None:
-    from .config import Config
+    from .config import Config, set_value
     from .spec import get_recipe
 
     name = _recipe_from_argv([a for a in (argv or sys.argv[1:])])
     try:
         recipe = get_recipe(name)
         base = Config(recipe_name=name, recipe=recipe.config_class())
+        for key, v in recipe.engine_defaults().items():   # --help shows the defaults this recipe runs with
+            set_value(base, key, v, where=f"recipe {name}'s defaults")
     except ValueError:   # an unknown recipe: _train says so (after argparse accepted the engine's flags)
         recipe, base = None, Config(recipe_name=name, recipe=None)
     tr = sub.add_parser("train", help="train with a recipe on the engine (resumes from out/checkpoint-*)",

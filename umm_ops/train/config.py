@@ -121,7 +121,7 @@ class Config:
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, recipe: str = "sft", toml=None, overrides=(), values: dict | None = None) -> "Config":
-        """Defaults of every dataclass <- a TOML file <- `values` ({"section.key": value}, already typed) <-
+        """Defaults of every dataclass <- the recipe's engine_defaults() <- a TOML file <- `values` ({"section.key": value}, already typed) <-
         `overrides` ("section.key=value" strings).  A TOML file may name its recipe (top-level
         ``recipe_name = "sft"``, as :meth:`to_toml` writes), which must agree with `recipe`."""
         from .spec import get_recipe
@@ -134,6 +134,8 @@ class Config:
                 raise ConfigError(f"{toml}: the file is for recipe {named!r} but the run asks for recipe {recipe!r}")
         rec = get_recipe(recipe)
         cfg = cls(recipe_name=recipe, recipe=rec.config_class())
+        for key, v in rec.engine_defaults().items():
+            set_value(cfg, key, v, where=f"recipe {recipe}'s defaults")
         _apply_tree(cfg, data, where=str(toml) if toml is not None else "config")
         for key, v in (values or {}).items():
             set_value(cfg, key, v, where="command line")

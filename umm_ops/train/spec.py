@@ -106,6 +106,11 @@ class Recipe:
     def describe(self, cfg) -> str:
         return ""
 
+    def engine_defaults(self) -> dict:
+        """The recipe's own defaults for engine keys ({"job.steps": 1500, "optim.lr": 2e-3, ...}): applied over the
+        dataclass defaults, under a TOML file and the command line (its schedule when the user names none)."""
+        return {}
+
     def shorthands(self) -> dict:
         """Command-line flags of this recipe: {flag: (config key, help)} (e.g. {"--image-size": ("recipe.image_size",
         "...")}); the engine's own flags are in umm_ops.cli."""
