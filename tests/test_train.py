@@ -433,3 +433,22 @@ def test_dataset_task_weights_and_world_keys():
     cfg = Config.build("sft", overrides=["recipe.kinds=circle,square", "recipe.two_tone=0"])
     assert cfg.recipe.world_kwargs()["kinds"] == ("circle", "square")
 
+
+
+def test_recipe_engine_defaults_sit_under_files_and_flags(tmp_path, capsys):
+    """The sft recipe's base schedule (Recipe.engine_defaults) is the default; a TOML file, shorthands and --set
+    override it; --help shows it."""
+    from umm_ops.train.recipes.sft import SFTRecipe
+
+    d = SFTRecipe().engine_defaults()
+    cfg = Config.build("sft")
+    assert cfg.job.steps == d["job.steps"] and cfg.optim.lr == d["optim.lr"] != Config.build("vae").optim.lr
+    toml = tmp_path / "run.toml"
+    toml.write_text("[job]\nsteps = 7\n")
+    assert Config.build("sft", toml=str(toml)).job.steps == 7
+    assert Config.build("sft", overrides=["optim.lr=1e-4"]).optim.lr == 1e-4
+    from umm_ops.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert f"[job.steps, default {d['job.steps']}]" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
