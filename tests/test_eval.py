@@ -318,7 +318,7 @@ def test_evaluate_world_keeps_its_keys(tmp_path):
 
     w = _world()
     kw = default_world_kwargs()
-    ev = evaluate_world(Oracle(w), image_size=S, seed=kw["seed"], max_objects=kw["max_objects"], first=FIRST,
+    ev = evaluate_world(Oracle(w), image_size=S, seed=kw.pop("seed"), world=kw, first=FIRST,
                         n_vqa=4, n_images=2, n_captions=2, steps=2, out_dir=tmp_path)
     assert ev["held_out_records"] == [FIRST, FIRST + 4]
     assert ev["vqa"]["accuracy"] == 1.0 and ev["vqa"]["n"] == 4 and ev["vqa"]["chance"] == 0.25
@@ -343,7 +343,7 @@ def test_tiny_model_deterministic():
     a = evaluate(model, "vqa,vae-recon", n=4, seed=1, image_size=32)
     b = evaluate(model, "vqa,vae-recon", n=4, seed=1, image_size=32)
     assert json.dumps(a) == json.dumps(b)
-    assert a["tasks"]["vae-recon"]["score"] == 0.0        # an untrained VAE reconstructs nothing
+    assert a["tasks"]["vae-recon"]["score"] > 0.0   # the shipped VAE (a random one scores 0, even at 32 px)
     assert a["tasks"]["vqa"]["n"] == 4
 
 

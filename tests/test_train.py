@@ -428,6 +428,9 @@ def test_dataset_task_weights_and_world_keys():
         Config.build("sft", overrides=["recipe.task_weights=1,2"])
     with pytest.raises(ConfigError, match="recipe.task_weights"):
         Config.build("sft", overrides=["recipe.task_weights=1,0,1"])
+    # the default weights follow the tasks named (so --tasks alone never conflicts with them)
+    assert Config.build("sft").recipe.weights() == (2, 2, 1, 1)
+    assert Config.build("sft", overrides=["recipe.tasks=vqa,generate"]).recipe.weights() == (2, 1)
     with pytest.raises(ConfigError, match="recipe.colors"):
         Config.build("sft", overrides=["recipe.colors=red,green"])
     cfg = Config.build("sft", overrides=["recipe.kinds=circle,square", "recipe.two_tone=0"])

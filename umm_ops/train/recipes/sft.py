@@ -23,13 +23,14 @@ from ..spec import DataSource, Recipe, StepOutput, register
 __all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS", "bare_loop"]
 
 TASKS = ("caption", "vqa", "generate", "segment", "degraded_vqa")
+DEFAULT_WEIGHTS = {"caption": 2, "vqa": 2}   # samples per record of each task when task_weights = (); others 1
 
 
 @dataclass
 class SFTRecipeConfig:
     image_size: int = 64              # side of the synthetic pictures (a multiple of 32, the pixels per LLM token)
     tasks: tuple = ("caption", "vqa", "generate", "segment")
-    task_weights: tuple = (2, 2, 1, 1)   # samples per record and task (ints >= 1, one per task); () = one each
+    task_weights: tuple = ()          # samples per record and task (ints >= 1, one per task); () = DEFAULT_WEIGHTS
     train_records: int = 50_000       # records 0 .. train_records-1 are trained on, later ones held out
     max_objects: int = 2              # objects per scene (1 .. max_objects)
     # the world's vocabulary and backgrounds (SyntheticWorld's arguments of the same names; eval reads them back)
@@ -79,6 +80,10 @@ class SFTRecipeConfig:
         need(self.eval_steps >= 1, "eval_steps", "must be >= 1")
         need(all(isinstance(p, str) and p for p in self.eval_prompts), "eval_prompts", "must be non-empty strings")
         return self
+
+    def weights(self) -> tuple:
+        """Samples per record of each task: task_weights, or DEFAULT_WEIGHTS for the tasks named."""
+        return tuple(self.task_weights) or tuple(DEFAULT_WEIGHTS.get(t, 1) for t in self.tasks)
 
     def world_kwargs(self) -> dict:
         """SyntheticWorld's arguments (besides size, seed and length) of the world this recipe trains on."""
@@ -148,7 +153,7 @@ class SFTRecipe(Recipe):
     def _dataset(self, cfg) -> SyntheticSFTDataset:
         r = cfg.recipe
         return SyntheticSFTDataset(r.image_size, cfg.job.seed, r.train_records, r.tasks,
-                                   task_weights=r.task_weights, **r.world_kwargs())
+                                   task_weights=r.weights(), **r.world_kwargs())
 
     def build_model(self, cfg):
         from ...model.cheers import CheersModel
