@@ -191,8 +191,7 @@ def _eval(args) -> int:
             print(f"eval: {e}", file=sys.stderr)
             return 2
         model.eval()
-        bn = model.vae.frozen.bn
-        if bool((bn.running_mean == 0).all()) and bool((bn.running_var == 1).all()):
+        if not model.vae.calibrated:
             # a fresh VAE has no latent statistics: take them from training records, as the SFT recipe does
             from .data.synthetic import SyntheticWorld
 

@@ -17,10 +17,14 @@ import hashlib
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
-__all__ = ["seed_of", "generator", "atomic_write", "atomic_folder", "fsync_tree"]
+__all__ = ["ASSETS", "seed_of", "generator", "atomic_write", "atomic_folder", "fsync_tree"]
 
 _MASK63 = (1 << 63) - 1
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"   # shipped in the package: trained VAE, world tokenizer
 
 
 def seed_of(*parts) -> int:

@@ -519,7 +519,8 @@ END = "<|im_end|>"   # ends every trained answer: the model learns to stop (gene
 
 def to_samples(record: SceneRecord, tasks=("caption", "vqa", "generate", "segment"), multiple_choice: bool = True):
     """A record as umm_ops.data.packing Samples: caption (image -> caption), vqa (image + question -> answer, one
-    per item; answers and captions end with END, the tokenizer's eos), generate (prompt -> image), segment (SGT: image + instruction -> colour-coded instance map), and,
+    per item; answers and captions end with END, the tokenizer's eos), generate (prompt -> image), segment (SGT:
+    image + instruction -> colour-coded instance map), and,
     when asked for, degraded_vqa (CLEAR: the vqa samples on the record's degraded copy, type drawn per record)."""
     from .packing import ImageItem, Sample, TextItem
 

@@ -20,9 +20,11 @@ import json
 import os
 from pathlib import Path
 
+from ..utils import ASSETS
+
 __all__ = ["world_corpus", "build_world_tokenizer", "SHIPPED_TOKENIZER", "WORLD_VOCAB_SIZE"]
 
-SHIPPED_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "world-tokenizer"
+SHIPPED_TOKENIZER = ASSETS / "world-tokenizer"
 WORLD_VOCAB_SIZE = 512   # 7 specials + 256 bytes + 249 merges: every word of the world is one token with room to spare
 
 

@@ -32,22 +32,17 @@ def _save_png(img, path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate_world(model, *, image_size: int, seed: int, first: int, max_objects: int | None = None,
-                   world: dict | None = None, n_vqa: int = 32, n_images: int = 4, n_captions: int = 2,
-                   steps: int = 12, prompts=(), out_dir=None) -> dict:
+def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict | None = None, n_vqa: int = 32,
+                   n_images: int = 4, n_captions: int = 2, steps: int = 12, prompts=(), out_dir=None) -> dict:
     """The SFT recipe's after-training evaluation, on the tasks of ``umm eval`` (:mod:`umm_ops.eval.tasks`):
     vqa (n_vqa records), caption (n_captions), geneval and vae-recon (n_images) on the world of `seed` and
-    `world` (SyntheticWorld's other arguments; `max_objects` overrides its entry) from record `first`; `seed`
-    also seeds the evaluation's draws."""
+    `world` (SyntheticWorld's other arguments) from record `first`; `seed` also seeds the evaluation's draws."""
     from ..data.synthetic import SyntheticWorld
     from .runner import save_grid
     from .tasks import EvalContext, get_task
 
     n = max(n_vqa, n_images, n_captions, 1)
-    wk = dict(world or {})
-    if max_objects is not None:
-        wk["max_objects"] = max_objects
-    world = SyntheticWorld(size=image_size, seed=seed, length=first + n, **wk)
+    world = SyntheticWorld(size=image_size, seed=seed, length=first + n, **(world or {}))
     res: dict = {"held_out_records": [first, first + n]}
     edir = None
     if out_dir is not None:
@@ -124,8 +119,10 @@ def report_lines(ev: dict) -> list:
                      f"{im['n']} held-out prompts (the VAE's reconstruction of the true pictures scores "
                      f"{im['vae_reconstruction_mean_score']:.3f}); {im.get('grid_png', '')}")
         if len(im.get("per_tag", {})) > 1:
-            lines.append("eval images by prompt tag: " + ", ".join(f"{t} {v:.3f}" for t, v in im["per_tag"].items()))
+            lines.append("eval images by prompt tag: "
+                         + ", ".join(f"{t} {v:.3f}" for t, v in im["per_tag"].items()))
     if ev.get("captions"):
         cs = [c["score"] for c in ev["captions"]]
-        lines.append(f"eval captions: mean caption-check score {sum(cs) / len(cs):.3f} on {len(cs)} held-out pictures")
+        lines.append(f"eval captions: mean caption-check score {sum(cs) / len(cs):.3f} on {len(cs)} held-out "
+                     f"pictures")
     return lines

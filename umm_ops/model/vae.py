@@ -23,11 +23,12 @@ from torch import nn
 
 import umm_ops
 
+from ..utils import ASSETS
 from .config import VAEConfig
 
 __all__ = ["CheersVAE", "DecoderCopy", "SHIPPED_WEIGHTS", "resolve_vae_weights"]
 
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "assets"   # trained autoencoders shipped in the package
+SHIPPED_WEIGHTS = ASSETS   # trained autoencoders shipped in the package
 
 
 def _autoencoder(cfg: VAEConfig):
@@ -89,6 +90,12 @@ class CheersVAE(nn.Module):
             self.load_autoencoder(resolve_vae_weights(cfg.weights))
         self.decoder_copy = DecoderCopy(self.frozen, cfg)
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the latent BatchNorm statistics are set (trained weights or calibrate()), not the defaults 0 / 1."""
+        bn = self.frozen.bn
+        return not (bool((bn.running_mean == 0).all()) and bool((bn.running_var == 1).all()))
+
     def load_autoencoder(self, file) -> None:
         """Load an AutoencoderKLFlux2 state (a ``umm export`` of a vae run: weights and calibrated BatchNorm
         statistics) into ``frozen``; the decoder copy, if built, restarts from it."""
@@ -101,8 +108,7 @@ class CheersVAE(nn.Module):
             raise ValueError(f"{os.fspath(file)}: not an autoencoder of this VAEConfig "
                              f"({self.cfg.block_out_channels} channels, {self.cfg.latent_channels} latent "
                              f"channels): {str(e)[:400]}") from None
-        bn = self.frozen.bn
-        if bool((bn.running_mean == 0).all()) and bool((bn.running_var == 1).all()):
+        if not self.calibrated:
             raise ValueError(f"{os.fspath(file)}: its latent BatchNorm statistics are the defaults (0 / 1): "
                              f"export it with `umm export` (which calibrates them)")
         if hasattr(self, "decoder_copy"):

@@ -121,7 +121,8 @@ class Config:
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, recipe: str = "sft", toml=None, overrides=(), values: dict | None = None) -> "Config":
-        """Defaults of every dataclass <- the recipe's engine_defaults() <- a TOML file <- `values` ({"section.key": value}, already typed) <-
+        """Defaults of every dataclass <- the recipe's engine_defaults() <- a TOML file <- `values`
+        ({"section.key": value}, already typed) <-
         `overrides` ("section.key=value" strings).  A TOML file may name its recipe (top-level
         ``recipe_name = "sft"``, as :meth:`to_toml` writes), which must agree with `recipe`."""
         from .spec import get_recipe

@@ -7,7 +7,8 @@ tasks each repeated ``task_weights`` times (index i -> record i // len(slots), s
 several samples per record (vqa: one per question) yields the one picked by seed_of(seed, record, "pick") for its
 first slot, seed_of(seed, record, "pick", k) for its k-th repeat.  Losses: the model's text cross-entropy and
 flow-matching MSE (``CheersModel.forward``), with the flow noise and the CFG prompt dropout drawn here per (step,
-sample) (:mod:`umm_ops.train.policy`) and the timesteps by the packer per (epoch, sample).  Evaluation after training: held-out records (index >= train_records),
+sample) (:mod:`umm_ops.train.policy`) and the timesteps by the packer per (epoch, sample).  Evaluation after
+training: held-out records (index >= train_records),
 :func:`umm_ops.eval.world.evaluate_world`.
 """
 from __future__ import annotations
