@@ -341,6 +341,37 @@ def test_config_errors(tmp_path):
         train({"steps": 3})
 
 
+def test_lr_scales_groups_and_schedule():
+    """optim.lr_scales: a parameter trains at scale * the scheduled lr (first matching prefix), decay stays on
+    matrices only, a prefix matching nothing and a malformed item are errors."""
+    from umm_ops.train.engine.optim import LRSchedule, build_optimizer
+
+    model = torch.nn.ModuleDict({"vit": torch.nn.Linear(3, 4), "proj": torch.nn.Linear(4, 2),
+                                 "llm": torch.nn.Linear(2, 2)})
+    cfg = Config.build("sft", overrides=["optim.lr=0.01", "optim.lr_scales=vit.:0.1,proj.weight:0.5,proj.:0.25"])
+    assert cfg.optim.lr_scales == ("vit.:0.1", "proj.weight:0.5", "proj.:0.25")
+    opt = build_optimizer(model, cfg.optim)
+    LRSchedule(0.01, steps=10, warmup=0, decay="constant").apply(opt, 3)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    wd = cfg.optim.weight_decay
+    assert lr_of[id(model["vit"].weight)] == (pytest.approx(0.001), wd)
+    assert lr_of[id(model["vit"].bias)] == (pytest.approx(0.001), 0.0)
+    assert lr_of[id(model["proj"].weight)] == (pytest.approx(0.005), wd)
+    assert lr_of[id(model["proj"].bias)] == (pytest.approx(0.0025), 0.0)
+    assert lr_of[id(model["llm"].weight)] == (pytest.approx(0.01), wd)
+    # one step of AdamW moves a parameter by ~its group's lr (the first Adam step is lr * sign(grad))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sum(m(torch.ones(1, m.in_features)).sum() for m in model.values()).backward()
+    opt.step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    assert moved["vit.bias"] == pytest.approx(0.001, rel=1e-3) and moved["llm.bias"] == pytest.approx(0.01, rel=1e-3)
+    with pytest.raises(ValueError, match="match no trainable parameter"):
+        build_optimizer(model, Config.build("sft", overrides=["optim.lr_scales=vision.:0.1"]).optim)
+    for bad in ("vit.", "vit.:0", "vit.:fast", ":0.1"):
+        with pytest.raises(ConfigError, match="optim.lr_scales: each item must be 'name-prefix:scale'"):
+            Config.build("sft", overrides=[f"optim.lr_scales={bad}"])
+
+
 def test_config_toml_round_trip_and_precedence(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('recipe_name = "sft"\n[optim]\nlr = 3e-4\nbetas = [0.8, 0.9]\n[job]\nsteps = 7\n[recipe]\n'

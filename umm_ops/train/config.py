@@ -58,6 +58,8 @@ class OptimConfig:
     weight_decay: float = 0.01        # on matrices only (parameters with >= 2 dims)
     grad_clip: float = 1.0            # max global gradient norm (0: off)
     ema: float = 0.0                  # EMA decay of the weights (0: off; CLEAR uses 0.995)
+    lr_scales: tuple = ()             # "prefix:scale" items: a parameter whose name starts with prefix (first match)
+                                      # trains at scale * the scheduled lr, e.g. ("vit.:0.1", "und_projector.:0.1")
 
 
 @dataclass
@@ -186,6 +188,7 @@ class Config:
         need(math.isfinite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", o.grad_clip,
              "must be >= 0 (0 = no clipping)")
         need(0.0 <= o.ema < 1.0, "optim.ema", o.ema, "must be in [0, 1) (0 = no EMA)")
+        parse_lr_scales(o.lr_scales)
         need(s.warmup >= 0, "schedule.warmup", s.warmup, "must be >= 0")
         need(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
         need(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end)")
@@ -340,6 +343,22 @@ def _coerce(key: str, value, tp, where: str):
             return tuple(value)
         raise bad
     return value
+
+
+def parse_lr_scales(items) -> list:
+    """optim.lr_scales ("prefix:scale" strings) -> [(prefix, scale)], checked."""
+    out = []
+    for item in items:
+        prefix, sep, num = str(item).rpartition(":")
+        try:
+            scale = float(num) if sep and prefix else float("nan")
+        except ValueError:
+            scale = float("nan")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"optim.lr_scales: each item must be 'name-prefix:scale' with a finite scale > 0 "
+                              f"(e.g. 'vit.:0.1'), got {item!r}")
+        out.append((prefix, scale))
+    return out
 
 
 def parse_value(text: str):

@@ -34,13 +34,28 @@ def named_trainable(model) -> list:
 
 
 def build_optimizer(model, ocfg) -> torch.optim.Optimizer:
+    """AdamW with one parameter group per (lr scale, decay or not): ``optim.lr_scales`` ("prefix:scale", first
+    matching prefix of the canonical name wins) gives a group ``lr_scale``, which :meth:`LRSchedule.apply`
+    multiplies into the scheduled lr."""
+    from ..config import parse_lr_scales
+
     params = named_trainable(model)
     if not params:
         raise ValueError("build_optimizer: the model has no parameter that requires grad")
-    decay = [p for _, p in params if p.dim() >= 2]
-    no_decay = [p for _, p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps)
+    scales = parse_lr_scales(getattr(ocfg, "lr_scales", ()))
+    unused = [f"{p}:{s}" for p, s in scales if not any(n.startswith(p) for n, _ in params)]
+    if unused:
+        raise ValueError(f"build_optimizer: optim.lr_scales {unused} match no trainable parameter (names look like "
+                         f"{[n for n, _ in params[:3]]})")
+    groups: dict = {}
+    for n, p in params:
+        scale = next((s for pre, s in scales if n.startswith(pre)), 1.0)
+        decay = p.dim() >= 2
+        g = groups.setdefault((scale, decay), {"params": [], "weight_decay": ocfg.weight_decay if decay else 0.0,
+                                               "lr_scale": scale})
+        g["params"].append(p)
+    ordered = [groups[k] for k in sorted(groups, key=lambda k: (k[0] != 1.0, k[0], not k[1]))]
+    return torch.optim.AdamW(ordered, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps)
 
 
 class LRSchedule:
@@ -69,7 +84,7 @@ class LRSchedule:
     def apply(self, optimizer, step: int) -> float:
         lr = self.lr_at(step)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         self.step_count = step + 1
         return lr
 
