@@ -469,6 +469,51 @@ def test_dataset_task_weights_and_world_keys():
 
 
 
+def test_captions_first_curriculum():
+    """recipe.caption_first: epoch 0 of both loaders opens with that many caption samples (in the shuffled order),
+    then every other sample once; later epochs are plain permutations; a curriculum that is not a permutation is an
+    error."""
+    from umm_ops.data.loader import PackedLoader, epoch_order
+    from umm_ops.train.engine.data import ShardedLoader
+    from umm_ops.train.recipes.sft import SFTRecipe, SyntheticSFTDataset
+
+    ds = SyntheticSFTDataset(32, seed=3, records=20, tasks=("vqa", "caption"), task_weights=(2, 1), caption_first=8)
+    plain = epoch_order(None, len(ds), 5, 0, True)
+    o = epoch_order(ds, len(ds), 5, 0, True)
+    assert sorted(o) == list(range(len(ds))) and o != plain
+    assert [ds[i].meta["task"] for i in o[:8]] == ["caption"] * 8
+    assert o[:8] == [i for i in plain if i % 3 == 2][:8] and o[8:] == [i for i in plain if i not in set(o[:8])]
+    assert epoch_order(ds, len(ds), 5, 1, True) == epoch_order(None, len(ds), 5, 1, True)
+    ds.caption_first = 1000     # more than there are: every caption first, then the rest
+    o = epoch_order(ds, len(ds), 5, 0, True)
+    assert [ds[i].meta["task"] for i in o] == ["caption"] * 20 + ["vqa"] * 40
+    ds.caption_first = 0
+    assert epoch_order(ds, len(ds), 5, 0, True) == plain
+    # the engine's loader and the bare loop's loader follow the same order
+    import types
+
+    from umm_ops.data.packing import PackSpec
+    from umm_ops.data.tokenizer import load_tokenizer
+
+    cfg = Config.build("sft", overrides=["recipe.image_size=32", "recipe.train_records=20", "recipe.caption_first=8"])
+    ds = SFTRecipe()._dataset(cfg)
+    assert ds.caption_first == 8
+    want = epoch_order(ds, len(ds), 5, 0, True)
+    assert [ds[i].meta["task"] for i in want[:8]] == ["caption"] * 8
+    spec = PackSpec(tokenizer=load_tokenizer("world"), patch=32, budget=256)
+    assert ShardedLoader(types.SimpleNamespace(dataset=ds), 256, seed=5).order(0) == want
+    assert PackedLoader(ds, spec, seed=5).order(0) == want
+
+    class Bad:
+        def curriculum(self, order, epoch):
+            return order[:-1] + order[:1]
+
+    with pytest.raises(ValueError, match="Bad.curriculum must return a permutation of the 6 indices"):
+        epoch_order(Bad(), 6, 0, 0, True)
+    with pytest.raises(ConfigError, match="recipe.caption_first"):
+        Config.build("sft", overrides=["recipe.caption_first=-1"])
+
+
 def test_recipe_engine_defaults_sit_under_files_and_flags(tmp_path, capsys):
     """The sft recipe's base schedule (Recipe.engine_defaults) is the default; a TOML file, shorthands and --set
     override it; --help shows it."""

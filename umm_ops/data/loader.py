@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..utils import seed_of
 from .packing import GreedyPacker, PackSpec, collate_docs, encode_sample
 
-__all__ = ["PackedLoader"]
+__all__ = ["PackedLoader", "epoch_order"]
 
 _STATE_VERSION = 1
 
@@ -44,6 +44,26 @@ class _Encoded(Dataset):
 
     def __getitems__(self, indices):  # one worker round trip per chunk of samples
         return [self[i] for i in indices]
+
+
+def epoch_order(dataset, n: int, seed: int, epoch: int, shuffle: bool) -> list:
+    """The dataset indices of an epoch in packing order: a permutation seeded by (seed, epoch) (index order without
+    shuffle), then the dataset's own ``curriculum(order, epoch)`` when it has one (e.g. the SFT recipe's
+    captions-first start), which must return a permutation of the same indices.  Shared by PackedLoader and the
+    training engine's ShardedLoader, so both give the same stream."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed_of(seed, int(epoch), "order"))
+        order = torch.randperm(n, generator=g).tolist()
+    else:
+        order = list(range(n))
+    curriculum = getattr(dataset, "curriculum", None)
+    if callable(curriculum):
+        new = list(curriculum(order, int(epoch)))
+        if len(new) != n or set(new) != set(order):
+            raise ValueError(f"{type(dataset).__name__}.curriculum must return a permutation of the {n} indices it "
+                             f"was given, got {len(new)} indices ({len(set(new) - set(order))} not in the order)")
+        order = new
+    return order
 
 
 class PackedLoader:
@@ -99,10 +119,7 @@ class PackedLoader:
     # ------------------------------------------------------------------ the deterministic schedule
     def order(self, epoch: int) -> list:
         """The dataset indices of an epoch, in the order they are packed."""
-        if not self.shuffle:
-            return list(range(self._n))
-        g = torch.Generator().manual_seed(seed_of(self.seed, int(epoch), "order"))
-        return torch.randperm(self._n, generator=g).tolist()
+        return epoch_order(self.dataset, self._n, self.seed, epoch, self.shuffle)
 
     def pack_seed(self, epoch: int) -> int:
         """The ``seed`` given to the packer for an epoch (timesteps of generated images)."""

@@ -50,11 +50,9 @@ class ShardedLoader:
     def order(self, epoch: int) -> list:
         if self._order_cache[0] == epoch:
             return self._order_cache[1]
-        if self.shuffle:
-            g = torch.Generator().manual_seed(seed_of(self.seed, epoch, "order"))
-            o = torch.randperm(self._n, generator=g).tolist()
-        else:
-            o = list(range(self._n))
+        from ...data.loader import epoch_order
+
+        o = epoch_order(self.source.dataset, self._n, self.seed, epoch, self.shuffle)
         self._order_cache = (epoch, o)
         return o
 
