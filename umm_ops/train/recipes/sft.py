@@ -114,13 +114,15 @@ class SyntheticSFTDataset:
         self.caption_first = int(caption_first)
 
     def curriculum(self, order: list, epoch: int) -> list:
-        """The loaders' hook (umm_ops.data.loader.epoch_order): epoch 0 opens with the first ``caption_first``
-        caption samples of its shuffled order, then every other sample in that order; later epochs unchanged."""
+        """The loaders' hook (umm_ops.data.loader.epoch_order): epoch 0 opens with ``caption_first`` caption samples,
+        then every other sample in the shuffled order.  The opening captions are the *last* ones of that order, so
+        the mix that follows keeps its share of captions (taking the first ones would leave the next stretch of the
+        stream without any: the model then forgets them); later epochs are unchanged."""
         if epoch != 0 or self.caption_first == 0 or "caption" not in self.tasks:
             return order
         cap = {j for j, (t, _) in enumerate(self.slots) if t == "caption"}
         k = len(self.slots)
-        lead = [i for i in order if i % k in cap][:self.caption_first]
+        lead = [i for i in reversed(order) if i % k in cap][:self.caption_first][::-1]
         taken = set(lead)
         return lead + [i for i in order if i not in taken]
 
