@@ -19,7 +19,8 @@ from umm_ops.train.engine.checkpoint import CorruptCheckpoint, RunFolderBusy, Ru
 
 BASE = {"job.steps": 4, "job.device": "cpu", "job.progress": False, "recipe.image_size": 32, "data.budget": 384,
         "recipe.evaluate": False, "recipe.train_records": 500, "checkpoint.every": 2, "checkpoint.keep_last": 3,
-        "metrics.log_every": 100, "schedule.warmup": 2, "optim.lr": 2e-3}
+        "metrics.log_every": 100, "schedule.warmup": 2, "optim.lr": 2e-3,
+        "recipe.caption_first": 0}   # the engine's tests see the whole mix from step 0 (the curriculum: its own test)
 
 
 def _cfg(out, extra: dict | None = None, **kw) -> Config:
@@ -523,7 +524,9 @@ def test_recipe_engine_defaults_sit_under_files_and_flags(tmp_path, capsys):
 
     d = SFTRecipe().engine_defaults()
     cfg = Config.build("sft")
-    assert cfg.job.steps == d["job.steps"] and cfg.optim.lr == d["optim.lr"] != Config.build("vae").optim.lr
+    vae = Config.build("vae")
+    assert cfg.job.steps == d["job.steps"] != vae.job.steps and cfg.optim.lr == d["optim.lr"]
+    assert cfg.optim.lr_scales == d["optim.lr_scales"] != vae.optim.lr_scales
     toml = tmp_path / "run.toml"
     toml.write_text("[job]\nsteps = 7\n")
     assert Config.build("sft", toml=str(toml)).job.steps == 7

@@ -29,7 +29,8 @@ import torch
 WORKER = str(Path(__file__).parent / "helpers" / "train_worker.py")
 COMMON = ["job.steps=4", "job.device=cpu", "job.progress=false", "recipe.image_size=32", "data.budget=384",
           "data.global_tokens=768", "recipe.evaluate=false", "recipe.train_records=500", "checkpoint.every=1",
-          "checkpoint.keep_last=5", "metrics.log_every=100", "schedule.warmup=2", "optim.lr=2e-3"]
+          "checkpoint.keep_last=5", "metrics.log_every=100", "schedule.warmup=2", "optim.lr=2e-3",
+          "recipe.caption_first=0"]
 
 
 def _run(out, nproc: int, *extra, kill: str | None = None, expect_ok: bool = True) -> subprocess.CompletedProcess:
