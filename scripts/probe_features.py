@@ -7,7 +7,8 @@ problem (they carry it, the LLM does not use it).
 
 For single-object held-out scenes of the checkpoint's world, probes (multinomial logistic regression, full batch,
 L-BFGS, 75/25 split) are fitted on: the LLM inputs (projector output, all image tokens flattened), the ViT output,
-the pixels the ViT sees (the decoder copy's reconstruction), and the true pixels (average-pooled 8x8) as a ceiling.
+the pixels the ViT sees (the decoder copy's reconstruction), and the true pixels (average-pooled 8x8) as a ceiling;
+also the mean norm of the image tokens against that of the text token embeddings.
 """
 from __future__ import annotations
 
@@ -92,8 +93,12 @@ def main(argv=None) -> int:
             feats["vit_output"].append(vit.flatten(1).float())
             feats["vit_sees"].append(torch.nn.functional.avg_pool2d(seen.float(), 8).flatten(1))
     feats = {k: torch.cat(v) for k, v in feats.items()}
+    n_tok = model.vit_grid((size, size))[0] * model.vit_grid((size, size))[1] // model.config.compress ** 2
+    img_norm = float(feats["llm_inputs"].view(len(recs), n_tok, -1).norm(dim=-1).mean())
+    text_norm = float(model.llm.model.embed_tokens.weight.detach().norm(dim=-1).mean())
+    print(f"mean norm of an image token {img_norm:.1f} (of a text token embedding {text_norm:.2f})")
     feats["true_pixels"] = torch.nn.functional.avg_pool2d(pix, 8).flatten(1)
-    out = {"checkpoint": args.checkpoint or args.model, "n": len(recs), "size": size, "chance": {
+    out = {"checkpoint": args.checkpoint or args.model, "n": len(recs), "size": size, "image_token_norm": img_norm, "text_embedding_norm": text_norm, "chance": {
         "color": 1 / len(colors), "shape": 1 / len(kinds), "size": 1 / 3}, "probes": {}}
     for name, x in feats.items():
         out["probes"][name] = {"dim": x.shape[1],

@@ -12,12 +12,13 @@ CURR (steps of captions only before TASKS), VITSIZE (the ViT's native image_size
 2 cores.  Chance: colour 0.125, shape 0.25.
 """
 import os
+import sys
 import time
 
 import torch
 
 from umm_ops.model import CheersModel
-from umm_ops.data.synthetic import SyntheticWorld, to_samples, COLORS, KINDS
+from umm_ops.data.synthetic import SyntheticWorld, to_samples
 from umm_ops.data.packing import pack
 from umm_ops.train.engine.optim import build_optimizer, LRSchedule
 from umm_ops.train import Config
@@ -30,8 +31,6 @@ pc = preset("tiny")
 if os.environ.get("VITSIZE"): pc.vit["image_size"] = int(os.environ["VITSIZE"])
 m = CheersModel(pc); m.vae.decoder_copy.requires_grad_(False); m.train()
 tok = m.tokenizer
-col_ids = {tok.encode(" "+c)[0]: c for c in COLORS if len(tok.encode(" "+c))==1}
-kind_ids = {tok.encode(" "+k)[0]: k for k in KINDS if len(tok.encode(" "+k))==1}
 w = SyntheticWorld(size=SIZE, max_objects=MAXO, kinds=("circle","square","triangle","cross"), two_tone=0.0)
 cfg = Config.build("sft", overrides=[f"optim.lr={LR}"] + ([f"optim.lr_scales=vit.:{os.environ.get('VSV',VS)},und_projector.:{os.environ.get('VSP',VS)}"]))
 opt = build_optimizer(m, cfg.optim); sched = LRSchedule(LR, STEPS, 50)
@@ -47,21 +46,16 @@ def batches(start):
         if len(buf) >= 48:
             for b in pack(buf, spec, seed=i): yield b
             buf = []
-held = pack([s for i in range(50000, 50200) for s in to_samples(w[i], tasks=("caption",))], spec, seed=0)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from read_objects_check import held_out_captions, word_accuracy  # noqa: E402  (the same measure)
+
+held = held_out_captions(m, size=SIZE, max_objects=MAXO)
+
+
 def evaluate():
-    m.eval(); hit = {"col":[0,0], "kind":[0,0]}
-    with torch.no_grad():
-        for b in held:
-            out = m(b, return_outputs=True)
-            logits = m.llm.logits(out["hidden"])
-            lab = b.labels
-            for ids, key in ((col_ids,"col"),(kind_ids,"kind")):
-                mask = torch.zeros_like(lab, dtype=torch.bool)
-                for t in ids: mask |= lab == t
-                pos = mask.nonzero().flatten()
-                pred = logits[pos].argmax(-1)
-                hit[key][0] += int((pred == lab[pos]).sum()); hit[key][1] += len(pos)
-    m.train(); return {k: round(a/max(n,1),3) for k,(a,n) in hit.items()}
+    return word_accuracy(m, held)
+
+
 it = batches(0); t0=time.time()
 for step in range(STEPS):
     STEP[0] = step; b = next(it); sched.apply(opt, step); opt.zero_grad()

@@ -20,8 +20,6 @@ when asked (an order-keeping DataLoader per epoch over the indices this rank nee
 """
 from __future__ import annotations
 
-import torch
-
 from ...utils import seed_of
 
 __all__ = ["ShardedLoader"]
