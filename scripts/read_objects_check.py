@@ -16,9 +16,10 @@ from umm_ops.data.synthetic import COLORS, KINDS, SyntheticWorld, to_samples
 BASE_KINDS = ("circle", "square", "triangle", "cross")
 
 
-def held_out_captions(model, size: int = 64, max_objects: int = 1, n: int = 200, first: int = 50_000) -> list:
+def held_out_captions(model, size: int = 64, max_objects: int = 1, n: int = 200, first: int = 50_000,
+                      object_scale: float = 1.0) -> list:
     """Packed caption batches of `n` held-out records of the base world."""
-    w = SyntheticWorld(size=size, max_objects=max_objects, kinds=BASE_KINDS, two_tone=0.0)
+    w = SyntheticWorld(size=size, max_objects=max_objects, kinds=BASE_KINDS, two_tone=0.0, object_scale=object_scale)
     samples = [s for i in range(first, first + n) for s in to_samples(w[i], tasks=("caption",))]
     return pack(samples, model.pack_spec(budget=1024), seed=0)
 
@@ -47,8 +48,12 @@ def word_accuracy(model, held: list) -> dict:
 def main(argv) -> int:
     from umm_ops.train.export import load_checkpoint_model
 
+    from umm_ops.cli import _run_world
+
     model = load_checkpoint_model(argv[0])
-    held = held_out_captions(model, max_objects=int(argv[1]) if len(argv) > 1 else 1)
+    world = _run_world(argv[0])
+    held = held_out_captions(model, max_objects=int(argv[1]) if len(argv) > 1 else 1,
+                             object_scale=world[2].get("object_scale", 1.0) if world else 1.0)
     print(argv[0], word_accuracy(model, held))
     return 0
 

@@ -8,7 +8,7 @@ Used to find why the base run learned no object binding (docs/results/base/READM
 Environment: SIZE (64), STEPS (600), LR (2e-3, AdamW via the engine's build_optimizer / LRSchedule, 50 warmup
 steps, cosine), VS (lr scale of vit. and und_projector.; VSV / VSP set them apart), TASKS (caption; or caption,vqa),
 MAXO (objects per scene, 1), MC (1: multiple-choice VQA, 0: short answers), VQAP (fraction of VQA samples kept),
-CURR (steps of captions only before TASKS), VITSIZE (the ViT's native image_size).  Not a test: ~0.3 s per step on
+CURR (steps of captions only before TASKS), OSCALE (the world's object_scale), VITSIZE (the ViT's native image_size).  Not a test: ~0.3 s per step on
 2 cores.  Chance: colour 0.125, shape 0.25.
 """
 import os
@@ -25,13 +25,13 @@ from umm_ops.train import Config
 torch.manual_seed(0)
 SIZE=int(os.environ.get("SIZE",64)); STEPS=int(os.environ.get("STEPS",600)); LR=float(os.environ.get("LR",2e-3))
 VS=os.environ.get("VS","1"); TASKS=tuple(os.environ.get("TASKS","caption").split(","))
-MAXO=int(os.environ.get("MAXO",1))
+MAXO=int(os.environ.get("MAXO",1)); OSCALE=float(os.environ.get("OSCALE",1))
 from umm_ops.model.config import preset
 pc = preset("tiny")
 if os.environ.get("VITSIZE"): pc.vit["image_size"] = int(os.environ["VITSIZE"])
 m = CheersModel(pc); m.vae.decoder_copy.requires_grad_(False); m.train()
 tok = m.tokenizer
-w = SyntheticWorld(size=SIZE, max_objects=MAXO, kinds=("circle","square","triangle","cross"), two_tone=0.0)
+w = SyntheticWorld(size=SIZE, max_objects=MAXO, kinds=("circle","square","triangle","cross"), two_tone=0.0, object_scale=OSCALE)
 cfg = Config.build("sft", overrides=[f"optim.lr={LR}"] + ([f"optim.lr_scales=vit.:{os.environ.get('VSV',VS)},und_projector.:{os.environ.get('VSP',VS)}"]))
 opt = build_optimizer(m, cfg.optim); sched = LRSchedule(LR, STEPS, 50)
 spec = m.pack_spec(budget=1024)
@@ -49,7 +49,7 @@ def batches(start):
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from read_objects_check import held_out_captions, word_accuracy  # noqa: E402  (the same measure)
 
-held = held_out_captions(m, size=SIZE, max_objects=MAXO)
+held = held_out_captions(m, size=SIZE, max_objects=MAXO, object_scale=OSCALE)
 
 
 def evaluate():

@@ -376,7 +376,11 @@ def test_cli_eval_reads_the_run_config(tmp_path):
     cfg = {"job": {"seed": 7}, "recipe": {"train_records": 1234, "image_size": 96, "max_objects": 2,
                                           "tasks": ["vqa"]}, "recipe_name": "sft"}
     (ck / STATE_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, "config": cfg}))
-    assert _run_world(ck) == (1234, 96, {"max_objects": 2, "seed": 7})
+    # saved before the world had object_scale: it trained on the world's default (1.0), not today's recipe default
+    assert _run_world(ck) == (1234, 96, {"max_objects": 2, "object_scale": 1.0, "seed": 7})
+    cfg["recipe"]["object_scale"] = 1.5
+    (ck / STATE_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, "config": cfg}))
+    assert _run_world(ck)[2]["object_scale"] == 1.5
     (tmp_path / "pretrained").mkdir()
     (tmp_path / "pretrained" / "config.json").write_text("{}")
     assert _run_world(tmp_path / "pretrained") is None

@@ -57,6 +57,29 @@ def test_bad_arguments_are_named():
         SyntheticWorld(kinds=("hexagon",))
     with pytest.raises(TypeError, match="indices are ints"):
         SyntheticWorld()["3"]
+    for bad in (0.2, 3.0, "2", True, float("nan")):
+        with pytest.raises(ValueError, match="object_scale must be a number in \\[0.5, 2.5\\]"):
+            SyntheticWorld(object_scale=bad)
+
+
+def test_object_scale_scales_the_objects():
+    """object_scale multiplies every object's size (the same scenes otherwise: colours, kinds, counts); objects
+    still fit and never touch, and the pixel checker still reads every object of the true pictures."""
+    from umm_ops.eval.checker import check
+
+    base, big = SyntheticWorld(size=64, seed=3, max_objects=2), SyntheticWorld(size=64, seed=3, max_objects=2,
+                                                                               object_scale=2.0)
+    ratios = []
+    for i in range(40):
+        a, b = base.scene(i)["objects"], big.scene(i)["objects"]
+        assert [(o["kind"], o["color"]) for o in b][:1] == [(o["kind"], o["color"]) for o in a][:1]
+        for o in b:
+            assert 0 <= o["box"][0] and o["box"][2] < 64 and 0 <= o["box"][1] and o["box"][3] < 64
+        ratios += [(ob["box"][2] - ob["box"][0]) / (oa["box"][2] - oa["box"][0]) for oa, ob in zip(a, b)
+                   if oa["size"] == ob["size"]]
+        r = big[i]
+        assert check(r.prompt, r.image)["score"] == 1.0, i
+    assert 1.7 < sum(ratios) / len(ratios) < 2.3
 
 
 # ----------------------------------------------------------------------------------------------- rendering

@@ -166,6 +166,8 @@ def _run_world(path):
     recipe = cfg.get("recipe") or {}
     params = set(inspect.signature(SyntheticWorld).parameters) - {"size", "seed", "length"}
     world = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recipe.items() if k in params}
+    if world and "object_scale" not in world:
+        world["object_scale"] = 1.0   # a run saved before the argument existed trained on SyntheticWorld's default
     world["seed"] = int(cfg.get("job", {}).get("seed", 0))
     return recipe.get("train_records"), recipe.get("image_size"), world
 

@@ -257,10 +257,13 @@ class SyntheticWorld:
 
     size: image side in pixels (64-256 intended; 32-1024 accepted); max_objects: objects per scene (1..max; fewer
     when they do not fit); two_tone: fraction of two-tone backgrounds; repeat: probability that an object repeats
-    the colour and shape of an earlier one (material for counting); length: len(world)."""
+    the colour and shape of an earlier one (material for counting); object_scale: multiplies the objects' sizes
+    (SIZES: half-sides 0.09 / 0.125 / 0.165 of the picture; 0.5-2.5, bigger objects are easier to read at 64 px);
+    length: len(world)."""
 
     def __init__(self, size: int = 64, seed: int = 0, max_objects: int = 4, length: int = 100_000,
-                 kinds=KINDS, colors=tuple(COLORS), two_tone: float = 0.4, repeat: float = 0.35):
+                 kinds=KINDS, colors=tuple(COLORS), two_tone: float = 0.4, repeat: float = 0.35,
+                 object_scale: float = 1.0):
         if not isinstance(size, int) or not (32 <= size <= 1024):
             raise ValueError(f"SyntheticWorld: size must be an int in [32, 1024] (64-256 intended), got {size!r}")
         if not isinstance(max_objects, int) or not (1 <= max_objects <= 64):
@@ -274,7 +277,11 @@ class SyntheticWorld:
         for name, p in (("two_tone", two_tone), ("repeat", repeat)):
             if not (0.0 <= p <= 1.0):
                 raise ValueError(f"SyntheticWorld: {name} must be a probability in [0, 1], got {p!r}")
+        if isinstance(object_scale, bool) or not isinstance(object_scale, (int, float)) or not (
+                0.5 <= object_scale <= 2.5):
+            raise ValueError(f"SyntheticWorld: object_scale must be a number in [0.5, 2.5], got {object_scale!r}")
         self.size, self.seed, self.max_objects, self.length = size, int(seed), max_objects, length
+        self.object_scale = float(object_scale)
         self.kinds, self.colors = tuple(kinds), tuple(colors)
         self.two_tone, self.repeat = two_tone, repeat
 
@@ -322,7 +329,7 @@ class SyntheticWorld:
             for _attempt in range(60):
                 # integer corners (Pillow's inclusive pixel coordinates): the object then covers exactly the
                 # pixels of its shape's template rendered into its bbox
-                h = max(3, round(SIZES[size_name] * S))
+                h = max(3, round(SIZES[size_name] * self.object_scale * S))
                 cx, cy = rng.randint(h + 1, S - 2 - h), rng.randint(h + 1, S - 2 - h)
                 box = (cx - h, cy - h, cx + h, cy + h)
                 if all(box[0] > b[2] + gap or box[2] < b[0] - gap or box[1] > b[3] + gap or box[3] < b[1] - gap

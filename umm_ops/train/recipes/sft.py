@@ -39,10 +39,15 @@ class SFTRecipeConfig:
     colors: tuple = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
     two_tone: float = 0.0             # fraction of two-tone backgrounds (the VAE's world: 0.4)
     repeat: float = 0.35              # probability that an object repeats an earlier one's colour and shape
-    caption_first: int = 6000         # a curriculum: the first epoch opens with this many caption samples (the
+    object_scale: float = 1.8         # multiplies the objects' sizes (SyntheticWorld.object_scale; its default 1.0):
+                                      # at 64 px the base world's 13-23 px objects sit in one or two 16 px ViT
+                                      # patches and their shapes were never read; 21-39 px objects are (while two
+                                      # of them still fit in 30% of the scenes: docs/results/base, "Shapes")
+    caption_first: int = 12000        # a curriculum: the first epoch opens with this many caption samples (the
                                       # rest of the mix follows).  Trained on the full mix from the start, the LLM
                                       # reads the background but never the objects; after ~150 steps of captions it
-                                      # reads object colours, and goes on learning in the mix (docs/results/base)
+                                      # reads object colours, after ~300 their shapes, and goes on learning in the
+                                      # mix (docs/results/base)
     cfg_dropout: typing.Optional[float] = None   # CFG prompt dropout probability (None: the model preset's)
     train_decoder_copy: bool = False  # train the VAE decoder copy the understanding path runs (Cheers does, under a
                                       # pretrained ViT); with a ViT learned from scratch its early gradients are noise
@@ -80,6 +85,7 @@ class SFTRecipeConfig:
              "colors", f"must be at least 4 distinct colours from {list(COLORS)} (VQA draws 3 wrong options)")
         need(0.0 <= self.two_tone <= 1.0, "two_tone", "must be a probability in [0, 1]")
         need(0.0 <= self.repeat <= 1.0, "repeat", "must be a probability in [0, 1]")
+        need(0.5 <= self.object_scale <= 2.5, "object_scale", "must be in [0.5, 2.5]")
         need(self.cfg_dropout is None or 0.0 <= self.cfg_dropout <= 1.0, "cfg_dropout", "must be in [0, 1]")
         for k in ("eval_vqa", "eval_images", "eval_captions"):
             need(getattr(self, k) >= 0, k, "must be >= 0")
@@ -94,7 +100,7 @@ class SFTRecipeConfig:
     def world_kwargs(self) -> dict:
         """SyntheticWorld's arguments (besides size, seed and length) of the world this recipe trains on."""
         return {"max_objects": self.max_objects, "kinds": tuple(self.kinds), "colors": tuple(self.colors),
-                "two_tone": self.two_tone, "repeat": self.repeat}
+                "two_tone": self.two_tone, "repeat": self.repeat, "object_scale": self.object_scale}
 
 
 class SyntheticSFTDataset:
@@ -171,7 +177,7 @@ class SFTRecipe(Recipe):
     name = "sft"
     config_class = SFTRecipeConfig
     run_defining = ("image_size", "tasks", "task_weights", "train_records", "max_objects", "kinds", "colors",
-                    "two_tone", "repeat", "cfg_dropout", "train_decoder_copy", "caption_first")
+                    "two_tone", "repeat", "object_scale", "cfg_dropout", "train_decoder_copy", "caption_first")
 
     def _dataset(self, cfg) -> SyntheticSFTDataset:
         r = cfg.recipe
@@ -213,8 +219,9 @@ class SFTRecipe(Recipe):
         p = bare.config.cfg_dropout if r.cfg_dropout is None else r.cfg_dropout
         inputs = policy.training_inputs(bare, batch, seed_of(ctx.seed, ctx.step, "sft-step"), p)
         out = model(batch, **inputs)
+        read = int((batch.image_spans[:, 2] != policy.GENERATE).sum()) if len(batch.images) else 0
         return StepOutput(out["loss"], {"text_loss": out["text_loss"], "flow_loss": out["flow_loss"]},
-                          {"text_tokens": out["text_tokens"], "flow_images": out["flow_images"]})
+                          {"text_tokens": out["text_tokens"], "flow_images": out["flow_images"], "read_images": read})
 
     def fsdp_units(self, model):
         # the LLM's layers run on every packed micro-batch; the ViT, the VAE decoder copy and the flow head only when
