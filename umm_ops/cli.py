@@ -119,9 +119,14 @@ def _mmd_build(args) -> int:
 
     levels = tuple(x.strip() for x in args.levels.split(",") if x.strip())
     try:
-        rep = build(args.manifest, args.out, seed=args.seed, levels=levels, skip_bad=args.skip_bad)
+        rep = build(args.manifest, args.out, seed=args.seed, levels=levels, skip_bad=args.skip_bad,
+                    max_pixels=args.max_pixels)
     except (BadRecord, FileNotFoundError, ValueError) as e:
         print(f"mmd-bench build: {e}", file=sys.stderr)
+        done = getattr(e, "report", None)
+        if done is not None:
+            print(f"mmd-bench build: stopped; the {done.written} records finished before it are in the manifests "
+                  f"under {args.out} (--skip-bad skips and counts bad records instead)", file=sys.stderr)
         return 2
     print(f"wrote {rep.written} records x {len(levels)} levels to {args.out}; skipped {len(rep.skipped)}")
     for n, why in rep.skipped[:20]:
@@ -326,6 +331,8 @@ def _build_tokenizer(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .data.mmd_bench import MAX_PIXELS
+
     ap = argparse.ArgumentParser(prog="umm_ops", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("info", help="what was compiled and what can run here")
@@ -339,6 +346,8 @@ def main(argv=None) -> int:
     bd.add_argument("--seed", type=int, default=0)
     bd.add_argument("--levels", default="low,mid,high")
     bd.add_argument("--skip-bad", action="store_true", help="skip and count unusable records instead of stopping")
+    bd.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                    help=f"images declaring more pixels (width x height) are bad records (default {MAX_PIXELS:,})")
     bd.set_defaults(fn=_mmd_build)
     pv = mbs.add_parser("preview", help="PNG grid of every degradation type at every level")
     pv.add_argument("--out", default="mmd_bench_preview.png")
