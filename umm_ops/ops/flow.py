@@ -207,7 +207,7 @@ def time_shift(t, a: float):
     if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0):
         raise ValueError(f"time_shift: a must be a finite positive number, got {a!r}")
     if isinstance(t, torch.Tensor):
-        if value_checks_enabled() and t.numel() and bool(((t < 0) | (t > 1) | ~torch.isfinite(t)).any()):
+        if value_checks_enabled(t) and t.numel() and bool(((t < 0) | (t > 1) | ~torch.isfinite(t)).any()):
             raise ValueError("time_shift: t must lie in [0, 1] (t = 1 is clean)")
         return a * t / (1 + (a - 1) * t)
     t = float(t)
@@ -241,7 +241,7 @@ def _flatten(x: torch.Tensor, name: str):
 
 def _check_values(t, t_next, sigma, sde: bool):
     """Value checks of the per-sample scalars, read back in ONE device sync (they run on every call)."""
-    if not value_checks_enabled() or t.numel() == 0:
+    if not value_checks_enabled(t, t_next, sigma) or t.numel() == 0:
         return
     flags = [((tt < 0) | (tt > 1) | ~torch.isfinite(tt)).any() for tt in (t, t_next)]
     flags.append((t_next <= t).any() if sde else torch.zeros((), dtype=torch.bool, device=t.device))
