@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -150,12 +151,10 @@ def _check_device(who: str, device) -> str | None:
     return None
 
 
-def _check_out_file(who: str, flag: str, path) -> str | None:
+def _check_out_file(who: str, flag: str, path, example: str = "out.png") -> str | None:
     """None when `path` can be written as a file, else the message to print."""
-    import os
-
     if os.path.isdir(path):
-        return f"{who}: {flag} {path} is a folder; expected a file path (e.g. {os.path.join(path, 'out.png')})"
+        return f"{who}: {flag} {path} is a folder; expected a file path (e.g. {os.path.join(path, example)})"
     return None
 
 
@@ -251,6 +250,12 @@ def _eval(args) -> int:
     if (args.checkpoint is None) == (args.model is None):
         print("eval: give a run / checkpoint folder or --model PRESET (one of them)", file=sys.stderr)
         return 2
+    why = _check_device("eval", args.device) or (args.json and _check_out_file("eval", "--json", args.json, "eval.json"))
+    if not why and args.out and os.path.isfile(args.out):
+        why = f"eval: --out {args.out} is a file; expected a folder for eval.json, eval.md and the sample grids"
+    if why:
+        print(why, file=sys.stderr)
+        return 2
     first, size, world = None, None, {}
     if args.model is not None:
         from .eval.runner import default_first, default_world_kwargs
@@ -318,10 +323,13 @@ def _build_tokenizer(args) -> int:
 
     out = args.out or SHIPPED_TOKENIZER
     try:
+        if args.out is not None and os.path.isfile(args.out):
+            raise ValueError(f"--out {args.out} is a file; expected a folder for the tokenizer files")
         cmd = "umm build-tokenizer" + (f" --out {args.out}" if args.out else "") + \
             (f" --vocab-size {args.vocab_size}" if args.vocab_size else "") + \
             (f" --records {args.records}" if args.records != 2000 else "")
-        info = build_world_tokenizer(out, args.vocab_size or WORLD_VOCAB_SIZE, args.records, command=cmd)
+        vocab = WORLD_VOCAB_SIZE if args.vocab_size is None else args.vocab_size  # 0 is refused, not the default
+        info = build_world_tokenizer(out, vocab, args.records, command=cmd)
     except ValueError as e:
         print(f"build-tokenizer: {e}", file=sys.stderr)
         return 2

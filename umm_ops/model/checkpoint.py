@@ -72,7 +72,8 @@ def read_safetensors_folder(folder: str, device="cpu") -> dict:
     """All tensors of a folder holding model.safetensors or a sharded model.safetensors.index.json (safetensors
     only, never pickle; umm_ops.model.hf.load_safetensors)."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{os.fspath(folder)!r}: no such folder (expected safetensors weights)")
+        what = "is a file, not a folder" if os.path.exists(folder) else "no such folder"
+        raise FileNotFoundError(f"{os.fspath(folder)!r}: {what} (expected a folder of safetensors weights)")
     return load_safetensors(folder, device)
 
 
