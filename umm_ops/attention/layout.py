@@ -69,7 +69,7 @@ def _check_document(d: int, doc) -> None:
             raise ValueError(f"document {d} segment {s}: length must be > 0, got {length}")
         if mode not in MODES:
             raise ValueError(f"document {d} segment {s}: unknown mode {mode!r}, expected one of "
-                             f"'causal', 'full', 'noise'")
+                             f"'causal', 'full', 'noise' (got {mode!r})")
 
 
 class SpanLayout:

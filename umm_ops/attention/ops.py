@@ -147,6 +147,9 @@ def span_attention(q, k, v, layout: SpanLayout, softmax_scale: float | None = No
     if softmax_scale is None:
         scale = 1.0 / math.sqrt(D)
     else:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a finite number or None, got {softmax_scale!r} "
+                            f"({type(softmax_scale).__name__})")
         scale = float(softmax_scale)
         if not math.isfinite(scale):
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")

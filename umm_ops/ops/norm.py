@@ -226,7 +226,7 @@ def gated_detail_residual(low, high, gate_hidden, w_gate, b_gate=None, ln_weight
     C, Dg = low.shape[-1], gate_hidden.shape[-1]
     w = _param(w_gate, Dg, low, "w_gate", None)
     if w is None:
-        raise ValueError("w_gate is required")
+        raise ValueError(f"w_gate is required: a ({Dg},) or (1, {Dg}) tensor, got None")
     b = _param(b_gate, 1, low, "b_gate", 0.0)
     lw = _param(ln_weight, C, low, "ln_weight", 1.0)
     lb = _param(ln_bias, C, low, "ln_bias", 0.0)

@@ -269,7 +269,7 @@ def _grid(grid_hw, factor: int, what: str) -> tuple[int, int]:
     if H < 1 or W < 1:
         raise ValueError(f"grid_hw must be positive, got ({H}, {W})")
     if H % factor or W % factor:
-        raise ValueError(f"{what} grid (H, W) = ({H}, {W}) must be divisible by factor {factor}")
+        raise ValueError(f"{what} grid (H, W) must be divisible by factor {factor}, got ({H}, {W})")
     return H, W
 
 
