@@ -485,16 +485,17 @@ void bwd_impl(const SpanParams& p) {
   const float* LSE = p.lse;
   float* DELTA = p.delta;
 
-  // Delta[h, i] = sum_c dout[i, h, c] * out[i, h, c]
+  // Delta[h, i] = sum_c dout[i, h, c] * out[i, h, c], summed in double (O(Nq Hq Dh), next to nothing): dS =
+  // P (dP - Delta) subtracts two nearly equal terms, so Delta's rounding is seen at the scale of dP.
   at::parallel_for(0, Nq * Hq, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t i = r / Hq, h = r % Hq;
       const T* o = O + i * p.o_row_stride + h * Dh;
       const T* g = dO + i * p.o_row_stride + h * Dh;
-      float sum = 0.f;
+      double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < Dh; ++c) sum += ld(o, c) * ld(g, c);
-      DELTA[h * Nq + i] = sum;
+      for (int64_t c = 0; c < Dh; ++c) sum += double(ld(o, c)) * double(ld(g, c));
+      DELTA[h * Nq + i] = float(sum);
     }
   });
 
@@ -654,11 +655,16 @@ void bwd_impl(const SpanParams& p) {
     const int64_t hk = korder[t] % Hkv, nk = blk.k1 - blk.k0;
     const int64_t shift = span_query_shift(L.cu_q, L.cu_k, blk.doc);
     const int64_t pfirst = L.cu_q[blk.doc] + shift, doc_end = L.cu_k[blk.doc + 1];
-    buf.resize(kBKV * Dh * 2 + 2 * kBKV * kW);
+    buf.resize(kBKV * Dh * 4 + 2 * kBKV * kW);
     float* dk = buf.data();
     float* dv = dk + kBKV * Dh;
     float* s = dv + kBKV * Dh;
     float* dp = s + kBKV * kW;
+    // Two-level sums: each chunk of kW queries is summed into pk / pv, then added to dk / dv.  A key seen by
+    // thousands of queries would otherwise take one long sequential float sum (error growing with the count,
+    // where PyTorch's blocked sums grow far slower); this way it grows with count / kW + kW.
+    float* pk = dp + kBKV * kW;
+    float* pv = pk + kBKV * Dh;
     const float* kr = k_r.data() + (hk * Nk + blk.k0) * Dh;
     const float* vr = v_r.data() + (hk * Nk + blk.k0) * Dh;
     std::fill(dk, dk + nk * Dh, 0.f);
@@ -704,8 +710,15 @@ void bwd_impl(const SpanParams& p) {
             dpj[i] = vis ? ds : 0.f;  // dS
           }
         }
-        gemm_nn<kMRB>(dv, s, nk, nq, g_r.data() + (h * Nq + i0) * Dh, Dh, Dh);
-        gemm_nn<kMRB>(dk, dp, nk, nq, q_r.data() + (h * Nq + i0) * Dh, Dh, Dh);
+        std::fill(pv, pv + nk * Dh, 0.f);
+        std::fill(pk, pk + nk * Dh, 0.f);
+        gemm_nn<kMRB>(pv, s, nk, nq, g_r.data() + (h * Nq + i0) * Dh, Dh, Dh);
+        gemm_nn<kMRB>(pk, dp, nk, nq, q_r.data() + (h * Nq + i0) * Dh, Dh, Dh);
+#pragma omp simd
+        for (int64_t e = 0; e < nk * Dh; ++e) {
+          dv[e] += pv[e];
+          dk[e] += pk[e];
+        }
         if (slab) {  // dS^T tile -> slab[h - hk*G][j][pc - plo + i]
           float* dst = slab + (h - hk * G) * nk * ld + (pc - plo);
           for (int64_t j = 0; j < nk; ++j) std::copy(dp + j * kW, dp + j * kW + nq, dst + j * ld);
