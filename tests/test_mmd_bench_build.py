@@ -100,3 +100,66 @@ def test_cli_build(tmp_path):
     res = subprocess.run([sys.executable, "-m", "umm_ops", "mmd-bench", "build", "--manifest", str(man), "--out",
                           str(tmp_path / "o"), "--skip-bad"], capture_output=True, text=True, check=True)
     assert "wrote 2 records x 3 levels" in res.stdout and "skipped 1" in res.stdout
+
+
+def _huge_png(path, w=12000, h=12000):
+    """A tiny PNG whose header declares w x h pixels (its data is a few bytes: decoding it would fail, but a
+    reader that trusts the header would first allocate w * h * 3 bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_pixel_limit_refuses_huge_images_keeping_finished_records(tmp_path):
+    """Issue 20: a small file declaring 12000 x 12000 pixels is a bad record under the default limit (refused
+    from its header, before any decoding); without --skip-bad the build stops with a clear error and the
+    records finished before it stay in the manifests."""
+    from umm_ops.data.mmd_bench import MAX_PIXELS
+
+    _huge_png(tmp_path / "huge.png")
+    assert (tmp_path / "huge.png").stat().st_size < 1000 and 12000 * 12000 > MAX_PIXELS
+    man = _jsonl(tmp_path, n=2, extra_lines=[json.dumps({"image": "huge.png"}), json.dumps({"image": "img0.png"})])
+    with pytest.raises(BadRecord, match=r"line 3 .*declares 12000x12000 = 144,000,000 pixels, above the limit of "
+                                        r"64,000,000") as e:
+        build(str(man), str(tmp_path / "out"))
+    assert e.value.report.written == 2
+    for lv in LEVELS:  # the two finished records were not lost
+        assert len((tmp_path / "out" / lv / "manifest.jsonl").read_text().splitlines()) == 2
+    rep = build(str(man), str(tmp_path / "out2"), skip_bad=True)
+    assert rep.written == 3 and [n for n, _ in rep.skipped] == [2] and "12000x12000" in rep.skipped[0][1]
+    # the limit is a setting: 48 x 48 = 2304 pixels
+    rep = build(str(man), str(tmp_path / "out3"), skip_bad=True, max_pixels=2000)
+    assert rep.written == 0 and len(rep.skipped) == 4
+    assert build(str(man), str(tmp_path / "out4"), skip_bad=True, max_pixels=2304).written == 3
+    for bad in (0, -1, 2.5, "64"):
+        with pytest.raises(ValueError, match="max_pixels must be a positive integer"):
+            build(str(man), str(tmp_path / "out5"), max_pixels=bad)
+    # TSV records too
+    buf = io.BytesIO()
+    _huge_png(tmp_path / "h2.png", 9000, 9000)
+    tsv = tmp_path / "b.tsv"
+    tsv.write_text("index\timage\n0\t" + base64.b64encode((tmp_path / "h2.png").read_bytes()).decode() + "\n")
+    with pytest.raises(BadRecord, match="record 0 .*base64 image declares 9000x9000"):
+        build(str(tsv), str(tmp_path / "out6"))
+    del buf
+
+
+def test_cli_build_pixel_limit_and_folder_manifest(tmp_path):
+    _huge_png(tmp_path / "huge.png")
+    man = _jsonl(tmp_path, n=1, extra_lines=[json.dumps({"image": "huge.png"})])
+    cmd = [sys.executable, "-m", "umm_ops", "mmd-bench", "build", "--manifest", str(man), "--out", str(tmp_path / "o")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 2 and "above the limit of 64,000,000" in res.stderr and "Traceback" not in res.stderr
+    assert "the 1 records finished before it are in the manifests" in res.stderr
+    res = subprocess.run(cmd + ["--skip-bad"], capture_output=True, text=True, check=True)
+    assert "wrote 1 records x 3 levels" in res.stdout and "skipped 1" in res.stdout
+    res = subprocess.run(cmd + ["--max-pixels", "0"], capture_output=True, text=True)
+    assert res.returncode == 2 and "max_pixels must be a positive integer, got 0" in res.stderr
+    res = subprocess.run(cmd[:6] + [str(tmp_path), "--out", str(tmp_path / "o2")], capture_output=True, text=True)
+    assert res.returncode == 2 and "is a folder, not a file" in res.stderr

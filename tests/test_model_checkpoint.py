@@ -165,3 +165,18 @@ def test_load_parts_from_hf_and_diffusers_folders(model, tmp_path):
     for k, v in fresh.vae.decoder_copy.decoder.state_dict().items():
         assert torch.equal(v, fresh.vae.frozen.decoder.state_dict()[k]), k
     assert torch.equal(fresh.vae.decoder_copy.bn.running_var, model.vae.frozen.bn.running_var)
+
+
+def test_load_parts_vae_reads_only_safetensors(model, tmp_path):
+    """Issue 20: a diffusers folder with a pickle (.bin) VAE is refused by name before diffusers sees it; a .bin
+    beside the safetensors file is never read (garbage there changes nothing)."""
+    model.vae.frozen.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert any(p.suffix == ".bin" for p in (tmp_path / "bin").iterdir())
+    with pytest.raises(ValueError, match=r"no safetensors weights .*never loaded"):
+        ck.load_parts(CheersModel("tiny"), vae=tmp_path / "bin")
+    model.vae.frozen.save_pretrained(tmp_path / "both", safe_serialization=True)
+    (tmp_path / "both" / "diffusion_pytorch_model.bin").write_bytes(b"garbage, never unpickled")
+    fresh = ck.load_parts(CheersModel("tiny"), vae=tmp_path / "both")
+    assert torch.equal(fresh.vae.frozen.bn.running_var, model.vae.frozen.bn.running_var)
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        ck.load_parts(CheersModel("tiny"), vae=tmp_path / "both" / "config.json")

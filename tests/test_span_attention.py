@@ -16,6 +16,7 @@ from umm_ops import backend as B
 from umm_ops.reference.attention import span_attention_reference
 from conftest import device_backend_params
 from tolerance import assert_close_rule
+import nonfinite_cases as NF
 
 MODES = ("causal", "full", "noise")
 
@@ -322,3 +323,31 @@ def test_forced_backend_without_kernel_is_refused():
             with umm_ops.use_backend(name), pytest.raises(umm_ops.BackendUnavailableError,
                                                           match="span_attention_fwd"):
                 span_attention(q, k, v, lay)
+
+
+# ----------------------------------------------------------------------------------- non-finite inputs
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("case", range(len(NF.CASES)), ids=NF.IDS)
+def test_nonfinite_inputs_make_exactly_their_rows_nan(device, backend, case):
+    """A NaN / Inf in q, k or v makes NaN exactly the rows that see it (out and lse); the other rows match the
+    float64 reference, whatever tile they share with the poisoned key (docs/span-attention-contract.md)."""
+    lay, q, k, v, bad = NF.inputs(case)
+    lay_d = lay.to(device)
+    want, _ = span_attention_reference(q.double(), k.double(), v.double(), lay, NF.D ** -0.5)
+    with umm_ops.use_backend(backend):
+        out, lse = span_attention(q.to(device), k.to(device), v.to(device), lay_d, return_lse=True)
+    NF.check(out.cpu(), lse.cpu(), bad, want, f"{backend} {NF.IDS[case]}")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_nonfinite_row_never_gives_finite_gradients(device, backend):
+    """The backward of a NaN row: dq of that row and dk / dv of the keys it sees are NaN, not finite numbers."""
+    lay, q, k, v, bad = NF.inputs(0)  # NaN in q at row 40
+    i = int(bad.nonzero()[0])
+    ins = [t.to(device).requires_grad_(True) for t in (q, k, v)]
+    with umm_ops.use_backend(backend):
+        out = span_attention(*ins, lay.to(device))
+        out[i].sum().backward()
+    seen = NF.visible(lay)[i]
+    assert torch.isnan(ins[0].grad[i].cpu()).all(), backend
+    assert torch.isnan(ins[2].grad.cpu()[seen]).all(), backend

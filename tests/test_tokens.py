@@ -312,7 +312,7 @@ def test_tokens_bad_inputs():
     with pytest.raises(ValueError, match=r"weight must be \(f\*f\*C, C_in\) with C_in = 5"):
         umm_ops.expand_tokens(y, (4, 6), torch.randn(30, 5), None)
     rm, rv = _latent_stats(4, 2, "cpu")
-    with pytest.raises(ValueError, match=r"latent grid \(H, W\) = \(5, 4\) must be divisible by factor 2"):
+    with pytest.raises(ValueError, match=r"latent grid \(H, W\) must be divisible by factor 2, got \(5, 4\)"):
         umm_ops.pack_latents(torch.randn(1, 4, 5, 4), rm, rv)
     with pytest.raises(ValueError, match="4 dims"):
         umm_ops.pack_latents(torch.randn(4, 4, 4), rm, rv)

@@ -19,6 +19,7 @@ _tk_flow, tk_attn, tk = interpreted_modules(
 
 import umm_ops.reference.attention as ref  # noqa: E402
 from umm_ops import SpanLayout  # noqa: E402
+import nonfinite_cases as NF  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -102,3 +103,20 @@ def test_keys_without_viewers_get_zero_grads():
     r = ref.span_attention_bwd(do, q, k, v, out, lse, *args)
     for a, b in zip((dq, dk, dv), r):
         _close(a, b, torch.float32, "viewers")
+
+
+@pytest.mark.parametrize("case", range(len(NF.CASES)), ids=NF.IDS)
+def test_nonfinite_inputs_make_exactly_their_rows_nan(case):
+    """The contract's rule for NaN / Inf inputs (tests/nonfinite_cases.py): the rows that see the value are NaN,
+    out and lse; the others match the reference, including queries sharing a 16-key tile with the poisoned key.
+    The backward of a NaN row is NaN, never finite."""
+    lay, q, k, v, bad = NF.inputs(case)
+    args = _args(lay, NF.D ** -0.5)
+    out, lse = tk_attn.span_attention_fwd(q, k, v, *args)
+    want, _ = ref.span_attention_fwd(q.double(), k.double(), v.double(), *args)
+    NF.check(out, lse, bad, want, f"triton {NF.IDS[case]}")
+    do = torch.zeros_like(out)
+    i = int(bad.nonzero()[0])
+    do[i] = 1.0
+    dq, dk, dv = tk_attn.span_attention_bwd(do, q, k, v, out, lse, *args)
+    assert torch.isnan(dq[i]).all() and torch.isnan(dv[NF.visible(lay)[i]]).all()

@@ -91,8 +91,23 @@ def value_checks(enabled: bool):
         _value_checks.reset(token)
 
 
-def value_checks_enabled() -> bool:
+def _has_values(t) -> bool:
+    """False for tensors without data to read: meta tensors and fake tensors (torch.compile / opcheck tracing)."""
+    if not isinstance(t, torch.Tensor):
+        return True
+    if t.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return not isinstance(t, FakeTensor)
+
+
+def value_checks_enabled(*tensors) -> bool:
+    """Whether the public ops' value checks run now (and can read the values of `tensors`: never for meta or
+    fake tensors, whose values do not exist)."""
     if torch.compiler.is_compiling():  # value checks would graph-break (they read tensor values)
+        return False
+    if not all(_has_values(t) for t in tensors):
         return False
     v = _value_checks.get()
     if v is None:

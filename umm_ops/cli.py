@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -59,15 +60,21 @@ def _demo_image(size: int):
     return img.clamp(0, 255).to(torch.uint8)[None]
 
 
-def _load_image(path: str, size: int, who: str = "mmd-bench preview"):
+def _load_image(path: str, size: int):
+    """(1, 3, size, size) uint8; ValueError naming the file when it cannot be read."""
     import numpy as np
     import torch
     from PIL import Image
 
+    from .utils import not_a_file
+
+    why = not_a_file(path)
+    if why:
+        raise ValueError(f"cannot read image {path!r}: it {why}")
     try:
         im = Image.open(path).convert("RGB").resize((size, size))
     except (OSError, ValueError) as e:
-        raise SystemExit(f"{who}: cannot read image {path!r}: {e}")
+        raise ValueError(f"cannot read image {path!r}: {e}") from None
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None]
 
 
@@ -77,7 +84,18 @@ def _mmd_preview(args) -> int:
     from .data import DEGRADATIONS, LEVELS, degrade
     from .utils import atomic_write
 
-    img = _load_image(args.image, args.size) if args.image else _demo_image(args.size)
+    if args.size < 1:
+        print(f"mmd-bench preview: --size must be a positive number of pixels, got {args.size}", file=sys.stderr)
+        return 2
+    why = _check_out_file("mmd-bench preview", "--out", args.out)
+    if why:
+        print(why, file=sys.stderr)
+        return 2
+    try:
+        img = _load_image(args.image, args.size) if args.image else _demo_image(args.size)
+    except ValueError as e:
+        print(f"mmd-bench preview: {e}", file=sys.stderr)
+        return 2
     levels = [("clean", 0.0)] + sorted(LEVELS.items(), key=lambda kv: kv[1])
     kinds = sorted(DEGRADATIONS, key=lambda k: (DEGRADATIONS[k][0], k))
     S, pad, label_w = args.size, 4, 150
@@ -102,9 +120,14 @@ def _mmd_build(args) -> int:
 
     levels = tuple(x.strip() for x in args.levels.split(",") if x.strip())
     try:
-        rep = build(args.manifest, args.out, seed=args.seed, levels=levels, skip_bad=args.skip_bad)
+        rep = build(args.manifest, args.out, seed=args.seed, levels=levels, skip_bad=args.skip_bad,
+                    max_pixels=args.max_pixels)
     except (BadRecord, FileNotFoundError, ValueError) as e:
         print(f"mmd-bench build: {e}", file=sys.stderr)
+        done = getattr(e, "report", None)
+        if done is not None:
+            print(f"mmd-bench build: stopped; the {done.written} records finished before it are in the manifests "
+                  f"under {args.out} (--skip-bad skips and counts bad records instead)", file=sys.stderr)
         return 2
     print(f"wrote {rep.written} records x {len(levels)} levels to {args.out}; skipped {len(rep.skipped)}")
     for n, why in rep.skipped[:20]:
@@ -113,37 +136,85 @@ def _mmd_build(args) -> int:
     return 0
 
 
+def _check_device(who: str, device) -> str | None:
+    """None when `device` (a --device value, None = default) can run here, else the message to print."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"{who}: --device {device!r} is not a device name (expected cpu, cuda or cuda:N)"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"{who}: --device {device} was asked for, but this machine has no usable CUDA device (use --device cpu)"
+    return None
+
+
+def _check_out_file(who: str, flag: str, path, example: str = "out.png") -> str | None:
+    """None when `path` can be written as a file, else the message to print."""
+    if os.path.isdir(path):
+        return f"{who}: {flag} {path} is a folder; expected a file path (e.g. {os.path.join(path, example)})"
+    return None
+
+
 def _generate(args) -> int:
+    import math
+
     import torch
 
     from .eval.world import to_pil as _to_pil
     from .train.export import load_checkpoint_model
     from .utils import atomic_write
 
+    def refuse(msg: str) -> int:
+        print(f"generate: {msg}", file=sys.stderr)
+        return 2
+
+    # refusals that need no model first
+    if args.image and not args.text:
+        return refuse("--image is a picture to ask about and needs --text (image generation takes only --prompt)")
+    if args.cfg is not None and not math.isfinite(args.cfg):
+        return refuse(f"--cfg must be a finite number (1 = no guidance), got {args.cfg}")
+    if args.size is not None and args.size <= 0:
+        return refuse(f"--size must be a positive number of pixels, got {args.size}")
+    if args.steps is not None and args.steps < 1:
+        return refuse(f"--steps must be >= 1, got {args.steps}")
+    if args.max_new_tokens < 1:
+        return refuse(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        return refuse(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    why = _check_device("generate", args.device) or (None if args.text else _check_out_file("generate", "--out",
+                                                                                            args.out))
+    if why:
+        print(why, file=sys.stderr)
+        return 2
     try:
         model = load_checkpoint_model(args.checkpoint, device=args.device)
     except (FileNotFoundError, ValueError) as e:
-        print(f"generate: {e}", file=sys.stderr)
-        return 2
-    if args.text:
-        from .data.packing import ImageItem, Sample, TextItem
+        return refuse(str(e))
+    try:
+        if args.text:
+            from .data.packing import ImageItem, Sample, TextItem
 
-        prompt = args.prompt
-        if args.image:
-            pix = _load_image(args.image, args.size or model.config.image_size, "generate")
-            prompt = Sample([ImageItem(pix[0].float() / 127.5 - 1.0, "understand"), TextItem(args.prompt)])
-        text = model.generate_text([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   seed=args.seed)[0]
-        print(text)
-        return 0
-    size = args.size or model.config.image_size
-    p = model.config.pixels_per_token
-    if size % p:
-        print(f"generate: --size must be a multiple of {p} (pixels per LLM token), got {size}", file=sys.stderr)
-        return 2
-    with torch.no_grad():
-        img = model.generate_image([args.prompt], height=size, width=size, steps=args.steps, cfg_scale=args.cfg,
-                                   seed=args.seed)["images"][0]
+            prompt = args.prompt
+            if args.image:
+                size = args.size if args.size is not None else model.config.image_size
+                pix = _load_image(args.image, size)
+                prompt = Sample([ImageItem(pix[0].float() / 127.5 - 1.0, "understand"), TextItem(args.prompt)])
+            text = model.generate_text([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       seed=args.seed)[0]
+            print(text)
+            return 0
+        size = args.size if args.size is not None else model.config.image_size
+        p = model.config.pixels_per_token
+        if size % p:
+            return refuse(f"--size must be a multiple of {p} (pixels per LLM token), got {size}")
+        with torch.no_grad():
+            img = model.generate_image([args.prompt], height=size, width=size, steps=args.steps,
+                                       cfg_scale=args.cfg, seed=args.seed)["images"][0]
+    except (ValueError, FloatingPointError) as e:  # refused settings, a prompt too long, a NaN image: no file
+        return refuse(str(e))
     out = args.out
     atomic_write(out, write=_to_pil(img).save, suffix=".png")
     print(f"wrote {out} ({size}x{size}, {args.steps or model.config.sample_steps} steps): {args.prompt!r}")
@@ -180,6 +251,12 @@ def _eval(args) -> int:
 
     if (args.checkpoint is None) == (args.model is None):
         print("eval: give a run / checkpoint folder or --model PRESET (one of them)", file=sys.stderr)
+        return 2
+    why = _check_device("eval", args.device) or (args.json and _check_out_file("eval", "--json", args.json, "eval.json"))
+    if not why and args.out and os.path.isfile(args.out):
+        why = f"eval: --out {args.out} is a file; expected a folder for eval.json, eval.md and the sample grids"
+    if why:
+        print(why, file=sys.stderr)
         return 2
     first, size, world = None, None, {}
     if args.model is not None:
@@ -248,10 +325,13 @@ def _build_tokenizer(args) -> int:
 
     out = args.out or SHIPPED_TOKENIZER
     try:
+        if args.out is not None and os.path.isfile(args.out):
+            raise ValueError(f"--out {args.out} is a file; expected a folder for the tokenizer files")
         cmd = "umm build-tokenizer" + (f" --out {args.out}" if args.out else "") + \
             (f" --vocab-size {args.vocab_size}" if args.vocab_size else "") + \
             (f" --records {args.records}" if args.records != 2000 else "")
-        info = build_world_tokenizer(out, args.vocab_size or WORLD_VOCAB_SIZE, args.records, command=cmd)
+        vocab = WORLD_VOCAB_SIZE if args.vocab_size is None else args.vocab_size  # 0 is refused, not the default
+        info = build_world_tokenizer(out, vocab, args.records, command=cmd)
     except ValueError as e:
         print(f"build-tokenizer: {e}", file=sys.stderr)
         return 2
@@ -261,6 +341,8 @@ def _build_tokenizer(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .data.mmd_bench import MAX_PIXELS
+
     ap = argparse.ArgumentParser(prog="umm_ops", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("info", help="what was compiled and what can run here")
@@ -274,6 +356,8 @@ def main(argv=None) -> int:
     bd.add_argument("--seed", type=int, default=0)
     bd.add_argument("--levels", default="low,mid,high")
     bd.add_argument("--skip-bad", action="store_true", help="skip and count unusable records instead of stopping")
+    bd.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                    help=f"images declaring more pixels (width x height) are bad records (default {MAX_PIXELS:,})")
     bd.set_defaults(fn=_mmd_build)
     pv = mbs.add_parser("preview", help="PNG grid of every degradation type at every level")
     pv.add_argument("--out", default="mmd_bench_preview.png")

@@ -56,6 +56,14 @@ def _fsync_dir(path) -> None:
         os.close(fd)
 
 
+def not_a_file(path) -> str | None:
+    """None when `path` is an existing regular file, else why not, for an error message: "does not exist" or
+    "is a folder, not a file"."""
+    if os.path.isfile(path):
+        return None
+    return "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+
+
 def atomic_write(path, data=None, *, write=None, suffix: str = "", fsync: bool = True) -> str:
     """Write a file atomically: `data` (str or bytes), or ``write(tmp_path)`` for writers that take a path
     (``torch.save``, ``safetensors.save_file``, ``PIL.Image.save``, matplotlib's ``savefig``).
@@ -65,6 +73,8 @@ def atomic_write(path, data=None, *, write=None, suffix: str = "", fsync: bool =
     if (data is None) == (write is None):
         raise TypeError("atomic_write: give exactly one of data= or write=")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"atomic_write: {path!r} is a folder; expected a file path")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", suffix=suffix, dir=parent)

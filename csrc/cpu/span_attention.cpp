@@ -45,7 +45,10 @@ inline float vexp(float x) {
   int32_t xb;
   std::memcpy(&xb, &x, sizeof(float));
   constexpr int32_t kLo = int32_t(0xC2B00000u);  // bits of -88.0f; negative floats order like their bits
-  xb = ((xb < 0) & (xb > kLo)) ? kLo : xb;       // x < -88 (or a negative NaN) -> -88
+  // NaN in, NaN out (integer test: a float comparison would stop the vectorisation); the polynomial then runs
+  // on -88 so that no NaN reaches the float -> int conversion below.
+  const bool nan = (xb & 0x7fffffff) > 0x7f800000;
+  xb = (((xb < 0) & (xb > kLo)) | nan) ? kLo : xb;  // x < -88 -> -88
   float xc;
   std::memcpy(&xc, &xb, sizeof(float));
   const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest integer
@@ -63,7 +66,20 @@ inline float vexp(float x) {
   const int32_t bits = e2 << 23;
   float sc;
   std::memcpy(&sc, &bits, sizeof(float));
-  return y * sc;
+  float res = y * sc;
+  int32_t rb;
+  std::memcpy(&rb, &res, sizeof(float));
+  rb = nan ? int32_t(0x7fc00000) : rb;
+  std::memcpy(&res, &rb, sizeof(float));
+  return res;
+}
+
+// 0 for a row of finite values, NaN when one of them is NaN or +-Inf (x - x; not folded without -ffast-math).
+inline float nonfinite_sum(const float* x, int64_t n) {
+  float z = 0.f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t c = 0; c < n; ++c) z += x[c] - x[c];
+  return z;
 }
 
 // Register-blocked products: micro-tiles of kMR rows x kMC columns are accumulated in registers: two vectors
@@ -327,6 +343,27 @@ void fwd_impl(const SpanParams& p) {
   std::vector<float> v_all(Hkv * Nk * Dh);
   to_tiles(static_cast<const T*>(p.k), p.k_row_stride, Nk, Hkv, Dh, kt_all);
   to_rows(static_cast<const T*>(p.v), p.v_row_stride, Nk, Hkv, Dh, v_all.data());
+  // Non-finite inputs (contract: a NaN / Inf entering a row's computation makes the row NaN; keys the row
+  // cannot see never affect it).  Scores are checked where they are made; a value row of v with a NaN / Inf is
+  // zeroed here (so that P V never forms 0 * Inf for a key a row cannot see) and counted in vbad: a row that
+  // sees such a key is NaN.
+  std::vector<uint8_t> vbad_key(Hkv * Nk, 0);
+  at::parallel_for(0, Hkv * Nk, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t x = lo; x < hi; ++x) {
+      float* r = v_all.data() + x * Dh;
+      if (nonfinite_sum(r, Dh) != 0.f) {
+        std::fill(r, r + Dh, 0.f);
+        vbad_key[x] = 1;
+      }
+    }
+  });
+  std::vector<int32_t> vbad;  // [Hkv][Nk + 1] prefix counts of such keys; empty when there is none
+  if (std::find(vbad_key.begin(), vbad_key.end(), uint8_t(1)) != vbad_key.end()) {
+    vbad.assign(Hkv * (Nk + 1), 0);
+    for (int64_t hk = 0; hk < Hkv; ++hk)
+      for (int64_t t = 0; t < Nk; ++t)
+        vbad[hk * (Nk + 1) + t + 1] = vbad[hk * (Nk + 1) + t] + vbad_key[hk * Nk + t];
+  }
   const std::vector<QBlock> blocks = query_blocks(p, L);
   const std::vector<int64_t> order = order_by_cost(blocks, Hq);
   // Every query lies in a segment, hence in a block: out / lse are fully written.
@@ -337,12 +374,14 @@ void fwd_impl(const SpanParams& p) {
     const int64_t h = order[t] % Hq, hk = h / G;
     const int64_t nq = blk.q1 - blk.q0, shift = span_query_shift(L.cu_q, L.cu_k, blk.doc);
     const float* vr = v_all.data() + hk * Nk * Dh;
-    buf.resize(kBQ * Dh * 2 + kBQ * kW + 2 * kBQ);
+    buf.resize(kBQ * Dh * 2 + kBQ * kW + 3 * kBQ);
     float* q = buf.data();
     float* acc = q + kBQ * Dh;
     float* s = acc + kBQ * Dh;
     float* m = s + kBQ * kW;
     float* l = m + kBQ;
+    float* bad = l + kBQ;  // 1: the row met a non-finite score or value (its result is NaN)
+    const int32_t* vb = vbad.empty() ? nullptr : vbad.data() + hk * (Nk + 1);
     for (int64_t i = 0; i < nq; ++i) {
       const T* src = Q + (blk.q0 + i) * p.q_row_stride + h * Dh;
 #pragma omp simd
@@ -351,6 +390,7 @@ void fwd_impl(const SpanParams& p) {
     std::fill(acc, acc + nq * Dh, 0.f);
     std::fill(m, m + nq, kNegInf);
     std::fill(l, l + nq, 0.f);
+    std::fill(bad, bad + nq, 0.f);
     visible_intervals(L, blk.doc, blk.seg, blk.q1 - 1 + shift, iv);
     for (const Interval& I : iv) {
       for (int64_t kc = I.lo; kc < I.hi; kc += kW) {
@@ -368,12 +408,23 @@ void fwd_impl(const SpanParams& p) {
           const int64_t lim = diag ? std::clamp<int64_t>(blk.q0 + i + shift - kc + 1, 0, kb) : kb;
           for (int64_t j = lim; j < kb; ++j) si[j] = 0.f;
           if (lim == 0) continue;
-          float mx = m[i];
-#pragma omp simd reduction(max : mx)
+          if (bad[i] != 0.f || (vb && vb[kc + lim] != vb[kc])) {  // NaN row already, or sees a non-finite v
+            bad[i] = 1.f;
+            std::fill(si, si + lim, 0.f);
+            continue;
+          }
+          float mx = m[i], nf = 0.f;
+#pragma omp simd reduction(max : mx) reduction(+ : nf)
           for (int64_t j = 0; j < lim; ++j) {
             const float v = si[j] * sc;
             si[j] = v;
             mx = v > mx ? v : mx;
+            nf += v - v;  // NaN once a visible score is NaN or +-Inf
+          }
+          if (nf != 0.f) {
+            bad[i] = 1.f;
+            std::fill(si, si + lim, 0.f);
+            continue;
           }
           if (mx == kNegInf) {  // only -inf scores so far (cannot happen for finite inputs)
             std::fill(si, si + lim, 0.f);
@@ -402,7 +453,11 @@ void fwd_impl(const SpanParams& p) {
     for (int64_t i = 0; i < nq; ++i) {
       T* o = O + (blk.q0 + i) * p.o_row_stride + h * Dh;
       float* lse = p.lse + h * p.total_q + blk.q0 + i;
-      if (l[i] > 0.f) {
+      if (bad[i] != 0.f) {
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        for (int64_t c = 0; c < Dh; ++c) st(o, c, nan);
+        *lse = nan;
+      } else if (l[i] > 0.f) {
         const float inv = 1.f / l[i];
         const float* ai = acc + i * Dh;
 #pragma omp simd
@@ -430,16 +485,17 @@ void bwd_impl(const SpanParams& p) {
   const float* LSE = p.lse;
   float* DELTA = p.delta;
 
-  // Delta[h, i] = sum_c dout[i, h, c] * out[i, h, c]
+  // Delta[h, i] = sum_c dout[i, h, c] * out[i, h, c], summed in double (O(Nq Hq Dh), next to nothing): dS =
+  // P (dP - Delta) subtracts two nearly equal terms, so Delta's rounding is seen at the scale of dP.
   at::parallel_for(0, Nq * Hq, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t i = r / Hq, h = r % Hq;
       const T* o = O + i * p.o_row_stride + h * Dh;
       const T* g = dO + i * p.o_row_stride + h * Dh;
-      float sum = 0.f;
+      double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < Dh; ++c) sum += ld(o, c) * ld(g, c);
-      DELTA[h * Nq + i] = sum;
+      for (int64_t c = 0; c < Dh; ++c) sum += double(ld(o, c)) * double(ld(g, c));
+      DELTA[h * Nq + i] = float(sum);
     }
   });
 
@@ -599,11 +655,16 @@ void bwd_impl(const SpanParams& p) {
     const int64_t hk = korder[t] % Hkv, nk = blk.k1 - blk.k0;
     const int64_t shift = span_query_shift(L.cu_q, L.cu_k, blk.doc);
     const int64_t pfirst = L.cu_q[blk.doc] + shift, doc_end = L.cu_k[blk.doc + 1];
-    buf.resize(kBKV * Dh * 2 + 2 * kBKV * kW);
+    buf.resize(kBKV * Dh * 4 + 2 * kBKV * kW);
     float* dk = buf.data();
     float* dv = dk + kBKV * Dh;
     float* s = dv + kBKV * Dh;
     float* dp = s + kBKV * kW;
+    // Two-level sums: each chunk of kW queries is summed into pk / pv, then added to dk / dv.  A key seen by
+    // thousands of queries would otherwise take one long sequential float sum (error growing with the count,
+    // where PyTorch's blocked sums grow far slower); this way it grows with count / kW + kW.
+    float* pk = dp + kBKV * kW;
+    float* pv = pk + kBKV * Dh;
     const float* kr = k_r.data() + (hk * Nk + blk.k0) * Dh;
     const float* vr = v_r.data() + (hk * Nk + blk.k0) * Dh;
     std::fill(dk, dk + nk * Dh, 0.f);
@@ -649,8 +710,15 @@ void bwd_impl(const SpanParams& p) {
             dpj[i] = vis ? ds : 0.f;  // dS
           }
         }
-        gemm_nn<kMRB>(dv, s, nk, nq, g_r.data() + (h * Nq + i0) * Dh, Dh, Dh);
-        gemm_nn<kMRB>(dk, dp, nk, nq, q_r.data() + (h * Nq + i0) * Dh, Dh, Dh);
+        std::fill(pv, pv + nk * Dh, 0.f);
+        std::fill(pk, pk + nk * Dh, 0.f);
+        gemm_nn<kMRB>(pv, s, nk, nq, g_r.data() + (h * Nq + i0) * Dh, Dh, Dh);
+        gemm_nn<kMRB>(pk, dp, nk, nq, q_r.data() + (h * Nq + i0) * Dh, Dh, Dh);
+#pragma omp simd
+        for (int64_t e = 0; e < nk * Dh; ++e) {
+          dv[e] += pv[e];
+          dk[e] += pk[e];
+        }
         if (slab) {  // dS^T tile -> slab[h - hk*G][j][pc - plo + i]
           float* dst = slab + (h - hk * G) * nk * ld + (pc - plo);
           for (int64_t j = 0; j < nk; ++j) std::copy(dp + j * kW, dp + j * kW + nq, dst + j * ld);

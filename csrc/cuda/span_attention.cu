@@ -32,6 +32,10 @@
 // (scores * softmax_scale * log2(e), max taken after scaling, so any finite scale, even <= 0, is fine); P and dS
 // are rounded to the input dtype before their products (as FlashAttention does); lse is written in float32 in
 // natural log units.  A query with no visible key gets out = 0, lse = -inf and zero gradients (never NaN).
+// Non-finite inputs: a visible NaN / Inf score (NaN / Inf in q, or in k at a visible key) makes the row NaN (out
+// and lse), as the contract says.  NOT done here yet (TODO: needs a per-key scan of the V tile in shared memory):
+// v at a visible key holding a NaN / Inf reaches out through P V (non-finite, but lse stays finite), and one at
+// an invisible key of a PARTIAL tile can give NaN through 0 * Inf.  Written without a GPU: compiled, never run.
 //
 // NOTE: compiled only (no GPU in the session that wrote it); see SPAN_ATTENTION.md for what was checked.
 #include <cuda_runtime.h>
@@ -164,10 +168,12 @@ __global__ void __launch_bounds__(128) fwd_dq_kernel(const SpanParams p, int64_t
     }
   }
   float row_m[kRows], row_l[kRows];  // forward: running max (log2 units) and this thread's partial row sum
+  float row_bad[kRows];              // forward: 1 once this thread saw a non-finite visible score of the row
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     row_m[r] = -INFINITY;
     row_l[r] = 0.f;
+    row_bad[r] = 0.f;
   }
   const float scale_log2 = p.softmax_scale * kLog2e;
 
@@ -220,7 +226,12 @@ __global__ void __launch_bounds__(128) fwd_dq_kernel(const SpanParams p, int64_t
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r) {
           const bool ok = col_ok && (cls == kTileFull || allowed(row_a[r], row_hi[r], k, knoise));
-          s_rc(r, c) = ok ? s_rc(r, c) * scale_log2 : -INFINITY;
+          const float sv = s_rc(r, c) * scale_log2;
+          // non-finite inputs (contract): a NaN / Inf visible score makes the row NaN (epilogue); it takes no
+          // part in the softmax (fmaxf would drop a NaN and exp2 turn it into a weight)
+          const bool fin = isfinite(sv);
+          row_bad[r] = (ok && !fin) ? 1.f : row_bad[r];
+          s_rc(r, c) = (ok && fin) ? sv : -INFINITY;
         }
       }
       // Online softmax (rows are owned by quads).
@@ -290,9 +301,10 @@ __global__ void __launch_bounds__(128) fwd_dq_kernel(const SpanParams p, int64_t
   for (int r = 0; r < kRows; ++r) {
     if constexpr (!kIsDq) {
       const float l = quad_sum(row_l[r]);
+      const bool bad = quad_max(row_bad[r]) > 0.f;
       const bool ok = l > 0.f;
-      mul[r] = ok ? 1.f / l : 0.f;
-      const float lse = ok ? row_m[r] * kLn2 + logf(l) : -INFINITY;
+      mul[r] = bad ? NAN : (ok ? 1.f / l : 0.f);
+      const float lse = bad ? NAN : (ok ? row_m[r] * kLn2 + logf(l) : -INFINITY);
       const int m = get<0>(cS_rc(r, 0));
       if ((tid & 3) == 0 && m < rows_valid) p.lse[h * p.total_q + q0 + m] = lse;
     } else {

@@ -69,7 +69,7 @@ def _check_document(d: int, doc) -> None:
             raise ValueError(f"document {d} segment {s}: length must be > 0, got {length}")
         if mode not in MODES:
             raise ValueError(f"document {d} segment {s}: unknown mode {mode!r}, expected one of "
-                             f"'causal', 'full', 'noise'")
+                             f"'causal', 'full', 'noise' (got {mode!r})")
 
 
 class SpanLayout:
@@ -369,6 +369,12 @@ def span_mask(layout: SpanLayout) -> torch.Tensor:
     O(total_q * total_k) memory."""
     if not isinstance(layout, SpanLayout):
         raise TypeError(f"span_mask expects a SpanLayout, got {type(layout).__name__}")
+    from ..backend import _has_values
+
+    if all(_has_values(t) for t in layout.tensors()):
+        # a layout built with validate=False is checked here (the dense mask costs far more): an unknown mode or
+        # offsets that do not cover the keys would otherwise give a wrong mask without a word
+        _validate(layout.tensors(), layout.max_seqlen_q, layout.max_seqlen_k, layout._total_q, layout._total_k)
     doc_k, seg_k, start_k, mode_k, p = layout._token_tables()
     ki = torch.arange(layout.total_k, device=p.device)[None, :]
     pq = p[:, None]

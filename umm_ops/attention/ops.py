@@ -107,6 +107,11 @@ def span_attention(q, k, v, layout: SpanLayout, softmax_scale: float | None = No
         return_lse: also return the natural-log log-sum-exp (Hq, Lq_total), float32 (float64 for float64 inputs).
     Returns out (Lq_total, Hq, D) in the dtype of q, or (out, lse).  Differentiable in q, k and v (not through
     lse).  Dtypes: float32, bfloat16, float16 (float64 runs on the reference backend).
+
+    Non-finite inputs (every backend): a query row whose computation meets a NaN or +-Inf - in its own q, in k
+    or v at a key it can see, or a score that overflows - gets out = NaN (the whole row) and lse = NaN, never a
+    finite stand-in; keys a row cannot see never affect it.  Gradients are NaN wherever they depend on such a
+    row (and may be NaN for keys that share a kernel tile with a non-finite key).
     """
     check_tensor(q, "q", dtypes=ALL_DTYPES, dim=3)
     for t, name in ((k, "k"), (v, "v")):
@@ -142,6 +147,9 @@ def span_attention(q, k, v, layout: SpanLayout, softmax_scale: float | None = No
     if softmax_scale is None:
         scale = 1.0 / math.sqrt(D)
     else:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a finite number or None, got {softmax_scale!r} "
+                            f"({type(softmax_scale).__name__})")
         scale = float(softmax_scale)
         if not math.isfinite(scale):
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")

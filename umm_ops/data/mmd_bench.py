@@ -7,7 +7,12 @@ column holding base64-encoded image bytes; every other column kept).  Output, fo
 ``OUT/L/images/<n>.jpg`` and ``OUT/L/manifest.jsonl`` (the record's fields, ``image`` pointing at the degraded
 file relative to ``OUT/L``, ``source_image`` the original reference, ``degradation``, ``category``,
 ``intensity``, ``level``).  The type of record n is drawn from (seed, n) only, so a rebuild is identical and
-does not depend on the order of processing.  Manifests are written atomically (temporary file + rename).
+does not depend on the order of processing.  Manifests are written atomically (temporary file + rename), also
+when the build stops at a bad record: the records finished before it are kept.
+
+Images whose header declares more than ``max_pixels`` pixels (default ``MAX_PIXELS``, 64 MP: 192 MB decoded,
+several times that while degrading) are bad records: they are refused before decoding, so a small file that
+declares a huge picture cannot exhaust memory.
 """
 from __future__ import annotations
 
@@ -22,10 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..utils import atomic_write, generator
+from ..utils import atomic_write, generator, not_a_file
 from .degradations import DEGRADATIONS, LEVELS, degrade, sample_kind
 
-__all__ = ["BadRecord", "BuildReport", "read_manifest", "build"]
+__all__ = ["BadRecord", "BuildReport", "MAX_PIXELS", "read_manifest", "build"]
+
+MAX_PIXELS = 64_000_000  # default limit on an input image's decoded pixels (width x height)
 
 
 class BadRecord(ValueError):
@@ -39,12 +46,42 @@ class BuildReport:
     counts: dict = field(default_factory=dict)   # degradation type -> images
 
 
-def read_manifest(path: str):
-    """Yields (record number, record dict, loader) where loader() returns the PIL image."""
+def _open_rgb(src, where: str, what: str, max_pixels: int):
+    """A path or file object -> RGB PIL image, decoded only if its header declares at most max_pixels pixels."""
+    import warnings
+
     from PIL import Image
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"mmd-bench: manifest {path!r} does not exist")
+    try:
+        with warnings.catch_warnings():  # PIL's bomb warning (> 89 MP): the limit below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(src)
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise BadRecord(f"{where}: {what} declares {w}x{h} = {w * h:,} pixels, above the limit of "
+                                f"{max_pixels:,} decoded pixels (max_pixels / --max-pixels)")
+            return im.convert("RGB")
+    except BadRecord:
+        raise
+    except Image.DecompressionBombError as e:  # PIL refuses > 2 x its MAX_IMAGE_PIXELS whatever max_pixels says
+        raise BadRecord(f"{where}: {what} is too large to decode ({e})") from None
+    except Exception as e:  # PIL.UnidentifiedImageError, OSError (truncated), MemoryError, OSError (truncated), MemoryError
+        raise BadRecord(f"{where}: cannot decode {what} ({type(e).__name__}: {e})") from None
+
+
+def read_manifest(path: str, max_pixels: int = MAX_PIXELS):
+    """Yields (record number, record dict, loader) where loader() returns the PIL image (BadRecord for an image
+    that cannot be decoded or declares more than max_pixels pixels)."""
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
+        raise ValueError(f"mmd-bench: max_pixels must be a positive integer, got {max_pixels!r}")
+    why = not_a_file(path)
+    if why:
+        raise FileNotFoundError(f"mmd-bench: manifest {path!r} {why}")
+    return _records(path, max_pixels)  # checked above, now: a generator would check only when first iterated
+
+
+def _records(path: str, max_pixels: int):
     base = os.path.dirname(os.path.abspath(path))
     if path.endswith(".tsv"):
         csv.field_size_limit(sys.maxsize)
@@ -58,9 +95,10 @@ def read_manifest(path: str):
 
                 def load(b64=b64, n=n):
                     try:
-                        return Image.open(io.BytesIO(base64.b64decode(b64, validate=True))).convert("RGB")
-                    except Exception as e:  # binascii.Error, PIL.UnidentifiedImageError, ...
+                        data = base64.b64decode(b64, validate=True)
+                    except Exception as e:  # binascii.Error
                         raise BadRecord(f"record {n} of {path!r}: undecodable base64 image ({e})") from None
+                    return _open_rgb(io.BytesIO(data), f"record {n} of {path!r}", "base64 image", max_pixels)
 
                 row.setdefault("index", str(n))
                 yield n, row, load
@@ -81,54 +119,60 @@ def read_manifest(path: str):
             img_path = rec["image"] if os.path.isabs(rec["image"]) else os.path.join(base, rec["image"])
 
             def load(img_path=img_path, n=n):
-                if not os.path.isfile(img_path):
-                    raise BadRecord(f"line {n + 1} of {path!r}: image file {img_path!r} does not exist")
-                try:
-                    with Image.open(img_path) as im:
-                        return im.convert("RGB")
-                except Exception as e:
-                    raise BadRecord(f"line {n + 1} of {path!r}: cannot decode image {img_path!r} ({e})") from None
+                why = not_a_file(img_path)
+                if why:
+                    raise BadRecord(f"line {n + 1} of {path!r}: image file {img_path!r} {why}")
+                return _open_rgb(img_path, f"line {n + 1} of {path!r}", f"image {img_path!r}", max_pixels)
 
             yield n, rec, load
 
 
 def build(manifest: str, out_dir: str, seed: int = 0, levels=("low", "mid", "high"), skip_bad: bool = False,
-          quality: int = 95) -> BuildReport:
+          quality: int = 95, max_pixels: int = MAX_PIXELS) -> BuildReport:
     """Write the degraded benchmark (see the module docstring).  ``skip_bad`` counts and skips unusable records
-    instead of stopping at the first one.  Returns a BuildReport."""
+    instead of stopping at the first one (without it, BadRecord is raised after the manifests of the records
+    finished so far are written; its ``report`` attribute says how many).  Returns a BuildReport."""
     from PIL import Image
 
     for lv in levels:
         if lv not in LEVELS:
             raise ValueError(f"unknown level {lv!r}: expected some of {sorted(LEVELS)}")
+    manifests = read_manifest(manifest, max_pixels)
     report = BuildReport()
     records = {lv: [] for lv in levels}
     for lv in levels:
         os.makedirs(os.path.join(out_dir, lv, "images"), exist_ok=True)
-    for n, rec, load in read_manifest(manifest):
-        try:
-            if isinstance(load, BadRecord):
-                raise load
-            img = load()
-        except BadRecord as e:
-            if not skip_bad:
-                raise
-            report.skipped.append((n, str(e)))
-            continue
-        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
-        kind = sample_kind(generator(int(seed), n, "mmd-bench-kind"))
-        report.counts[kind] = report.counts.get(kind, 0) + 1
+    try:
+        for n, rec, load in manifests:
+            try:
+                if isinstance(load, BadRecord):
+                    raise load
+                img = load()
+            except BadRecord as e:
+                if not skip_bad:
+                    e.report = report
+                    raise
+                report.skipped.append((n, str(e)))
+                continue
+            x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
+            del img
+            kind = sample_kind(generator(int(seed), n, "mmd-bench-kind"))
+            lines = []
+            for lv in levels:
+                y = degrade(x, kind, LEVELS[lv], seed=seed, index=[n])
+                rel = os.path.join("images", f"{n}.jpg")
+                Image.fromarray(y[0].permute(1, 2, 0).contiguous().numpy()).save(
+                    os.path.join(out_dir, lv, rel), format="JPEG", quality=quality)
+                out = dict(rec)
+                out.update(image=rel, source_image=rec.get("image", f"tsv:{n}"), degradation=kind,
+                           category=DEGRADATIONS[kind][0], intensity=LEVELS[lv], level=lv)
+                lines.append(json.dumps(out, ensure_ascii=False))
+            for lv, line in zip(levels, lines):  # a record counts once all its levels are written
+                records[lv].append(line)
+            report.counts[kind] = report.counts.get(kind, 0) + 1
+            report.written += 1
+    finally:  # the finished records are kept whatever stopped the build
         for lv in levels:
-            y = degrade(x, kind, LEVELS[lv], seed=seed, index=[n])
-            rel = os.path.join("images", f"{n}.jpg")
-            Image.fromarray(y[0].permute(1, 2, 0).contiguous().numpy()).save(
-                os.path.join(out_dir, lv, rel), format="JPEG", quality=quality)
-            out = dict(rec)
-            out.update(image=rel, source_image=rec.get("image", f"tsv:{n}"), degradation=kind,
-                       category=DEGRADATIONS[kind][0], intensity=LEVELS[lv], level=lv)
-            records[lv].append(json.dumps(out, ensure_ascii=False))
-        report.written += 1
-    for lv in levels:
-        text = "".join(line + "\n" for line in records[lv])
-        atomic_write(os.path.join(out_dir, lv, "manifest.jsonl"), text.encode("utf-8"))  # UTF-8 whatever the locale
+            text = "".join(line + "\n" for line in records[lv])
+            atomic_write(os.path.join(out_dir, lv, "manifest.jsonl"), text.encode("utf-8"))  # UTF-8 always
     return report

@@ -27,6 +27,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from ..utils import not_a_file
 from .mmd_bench import BadRecord
 
 __all__ = ["BadRecord", "LlavaReader", "CaptionReader", "WebDatasetReader", "CocoReader", "decode_image",
@@ -39,8 +40,8 @@ def decode_image(src, where: str) -> torch.Tensor:
     """A file path or encoded bytes -> uint8 (3, H, W) RGB tensor; BadRecord naming `where` if it cannot be."""
     from PIL import Image
 
-    if isinstance(src, str) and not os.path.isfile(src):
-        raise BadRecord(f"{where}: image file {src!r} does not exist")
+    if isinstance(src, str) and not_a_file(src):
+        raise BadRecord(f"{where}: image file {src!r} {not_a_file(src)}")
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
             arr = np.asarray(im.convert("RGB"))  # convert() decodes fully: truncated files fail here
@@ -77,8 +78,9 @@ def _require_file(path: str, what: str) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{what}: expected a file path, got {type(path).__name__}")
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: {path!r} does not exist")
+    why = not_a_file(path)
+    if why:
+        raise FileNotFoundError(f"{what}: {path!r} {why}")
     return path
 
 

@@ -179,7 +179,8 @@ def load_tokenizer(name_or_folder):
     if os.path.isdir(name_or_folder):
         return HFTokenizer(name_or_folder)
     raise ValueError(f"load_tokenizer: expected 'byte', 'world' or an existing folder holding a Hugging Face "
-                     f"tokenizer, got {os.fspath(name_or_folder)!r} (no such folder)")
+                     f"tokenizer, got {os.fspath(name_or_folder)!r} "
+                     f"({'a file, not a folder' if os.path.exists(name_or_folder) else 'no such folder'})")
 
 
 @functools.lru_cache(maxsize=2)

@@ -72,7 +72,8 @@ def read_safetensors_folder(folder: str, device="cpu") -> dict:
     """All tensors of a folder holding model.safetensors or a sharded model.safetensors.index.json (safetensors
     only, never pickle; umm_ops.model.hf.load_safetensors)."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{os.fspath(folder)!r}: no such folder (expected safetensors weights)")
+        what = "is a file, not a folder" if os.path.exists(folder) else "no such folder"
+        raise FileNotFoundError(f"{os.fspath(folder)!r}: {what} (expected a folder of safetensors weights)")
     return load_safetensors(folder, device)
 
 
@@ -155,7 +156,16 @@ def load_parts(model, llm=None, vit=None, vae=None):
     if vae is not None:
         from diffusers import AutoencoderKLFlux2
 
-        part = AutoencoderKLFlux2.from_pretrained(os.fspath(vae), local_files_only=True)
+        folder = os.fspath(vae)
+        if not os.path.isdir(folder):
+            what = "is a file, not a folder" if os.path.exists(folder) else "no such folder"
+            raise FileNotFoundError(f"VAE {folder!r}: {what} (expected a diffusers AutoencoderKLFlux2 folder)")
+        names = sorted(os.listdir(folder))
+        if not any(n.endswith(".safetensors") for n in names):
+            raise ValueError(f"VAE {folder!r}: no safetensors weights (the folder holds {names[:8]}): only "
+                             f"safetensors are read, pickle checkpoints (.bin / .pt) are never loaded")
+        # use_safetensors=True: diffusers reads the safetensors file and never falls back to a pickle
+        part = AutoencoderKLFlux2.from_pretrained(folder, local_files_only=True, use_safetensors=True)
         _copy_part(model.vae.frozen, part.state_dict(), f"VAE {vae}")
         dc = model.vae.decoder_copy
         dc.decoder.load_state_dict(model.vae.frozen.decoder.state_dict())

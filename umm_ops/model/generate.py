@@ -12,6 +12,8 @@ on ``time_shift(linspace(0, 1, steps + 1), a)``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 import umm_ops
@@ -78,6 +80,7 @@ def generate_text(model, prompts, max_new_tokens: int = 64, temperature: float =
     dev, tok = model.device, model.tokenizer
     spec = model.pack_spec()
     docs = [encode_sample(_as_sample(p, "generate_text"), spec, i) for i, p in enumerate(prompts)]
+    _check_positions(model, docs, max_new_tokens, "generate_text")
     embeds = torch.cat([_embed_doc(model, d, dev) for d in docs])
     cache = model.llm.new_cache()
     layout = cache.layout_for([d.segments for d in docs], device=dev)
@@ -128,11 +131,26 @@ def _velocity(model, cache, x, t, hw, grid, gen_mode, n_docs):
 
 
 @torch.no_grad()
+def _check_positions(model, docs, extra: int, who: str) -> None:
+    """Refuse prompts that would run past the LLM's position limit (RoPE beyond max_position_embeddings: an
+    untrained, silently degraded regime)."""
+    limit = model.llm.config.max_position_embeddings
+    for i, d in enumerate(docs):
+        if d.length + extra > limit:
+            more = f" + {extra} new tokens" if extra else " (the image's tokens included)"
+            raise ValueError(f"{who}: prompt {i} is {d.length} tokens{more}, beyond the model's position limit of "
+                             f"{limit} (max_position_embeddings); shorten the prompt")
+
+
 def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed, mode, sigma, return_trajectory):
     cfg = model.config
     steps = cfg.sample_steps if steps is None else int(steps)
     cfg_scale = cfg.cfg_scale if cfg_scale is None else float(cfg_scale)
     a = cfg.time_shift if time_shift is None else float(time_shift)
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number (1 = no guidance), got {cfg_scale}")
+    if not (math.isfinite(a) and a > 0):
+        raise ValueError(f"time_shift must be a finite number > 0, got {a}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if mode not in ("ode", "sde"):
@@ -153,6 +171,7 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
     docs = [encode_sample(Sample(list(s.items) + [ImageItem(placeholder, "generate")]), spec, i)
             for i, s in enumerate(samples)]
     N = len(docs)
+    _check_positions(model, docs, 0, "generate_image")
     use_cfg = cfg_scale != 1.0
     # prefix = everything before the generated image's span (its <|vision_start|> included)
     prefix_ids, prefix_segs, prefix_embeds = [], [], []
@@ -197,6 +216,11 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
         traj.append(x)
     images = model.vae.decode(x.to(model.dtype), hw).float()
     model.train(was_training)
+    if not torch.isfinite(images).all():
+        bad = [i for i in range(N) if not torch.isfinite(images[i]).all()]
+        raise FloatingPointError(f"generate_image: the generated image(s) {bad} hold NaN / Inf values (the model's "
+                                 f"output or the sampler diverged; steps={steps}, cfg_scale={cfg_scale}); "
+                                 f"no image is returned")
     out = dict(images=images, latents=x, timesteps=torch.tensor(ts))
     if return_trajectory or mode == "sde":
         out["trajectory"] = torch.stack(traj, 1)              # (N, steps + 1, n_vit, C)

@@ -1,6 +1,8 @@
 """Shared plumbing of the public ops: input checks with clear errors, op definition helpers."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -24,6 +26,15 @@ def check_tensor(t, name: str, *, dtypes=ALL_DTYPES, min_dim: int = 0, dim: int 
     if t.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(t.shape)}")
     return t
+
+
+def check_eps(eps, name: str = "eps") -> float:
+    """A finite float >= 0 (an int or float, not a bool, str or None)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name} must be a finite number >= 0, got {eps!r} ({type(eps).__name__})")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
+    return float(eps)
 
 
 def check_like(t, ref: torch.Tensor, name: str, ref_name: str, *, shape: bool = True) -> torch.Tensor:

@@ -207,9 +207,11 @@ def time_shift(t, a: float):
     if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0):
         raise ValueError(f"time_shift: a must be a finite positive number, got {a!r}")
     if isinstance(t, torch.Tensor):
-        if value_checks_enabled() and t.numel() and bool(((t < 0) | (t > 1) | ~torch.isfinite(t)).any()):
-            raise ValueError("time_shift: t must lie in [0, 1] (t = 1 is clean)")
+        if value_checks_enabled(t) and t.numel() and bool(((t < 0) | (t > 1) | ~torch.isfinite(t)).any()):
+            raise ValueError(f"time_shift: t must lie in [0, 1] (t = 1 is clean), got {t.tolist()}")
         return a * t / (1 + (a - 1) * t)
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError(f"time_shift: t must be a number or a tensor, got {t!r} ({type(t).__name__})")
     t = float(t)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"time_shift: t must lie in [0, 1] (t = 1 is clean), got {t}")
@@ -241,7 +243,7 @@ def _flatten(x: torch.Tensor, name: str):
 
 def _check_values(t, t_next, sigma, sde: bool):
     """Value checks of the per-sample scalars, read back in ONE device sync (they run on every call)."""
-    if not value_checks_enabled() or t.numel() == 0:
+    if not value_checks_enabled(t, t_next, sigma) or t.numel() == 0:
         return
     flags = [((tt < 0) | (tt > 1) | ~torch.isfinite(tt)).any() for tt in (t, t_next)]
     flags.append((t_next <= t).any() if sde else torch.zeros((), dtype=torch.bool, device=t.device))
@@ -260,7 +262,7 @@ def _check_values(t, t_next, sigma, sde: bool):
 
 def _resolve_sigma(sigma, t, t_next, B, x):
     if sigma is None:
-        raise ValueError("this op needs sigma: a float, a (B,) tensor or a SigmaSchedule")
+        raise ValueError("this op needs sigma: a float, a (B,) tensor or a SigmaSchedule, got None")
     if isinstance(sigma, SigmaSchedule):
         s = sigma(t, t_next)
     else:
@@ -296,7 +298,7 @@ def flow_step(x, v, t, t_next, noise=None, sigma=None, return_logprob: bool = Fa
         s_ = _resolve_sigma(sigma, t_, tn_, B, x)
     else:
         if sigma is not None:
-            raise ValueError("sigma was given without noise: pass noise=torch.randn_like(x) for an SDE step, "
+            raise ValueError("an SDE step (sigma given) needs noise, got noise=None: pass noise=torch.randn_like(x), "
                              "or drop sigma for the Euler step")
         if return_logprob:
             raise ValueError("return_logprob needs an SDE step (noise and sigma): an Euler step is deterministic")

@@ -20,6 +20,7 @@ from ._common import (autocast_policy,
     ALL_DTYPES,
     backward_op,
     backward_scope,
+    check_eps,
     check_like,
     check_tensor,
     dispatch,
@@ -225,12 +226,11 @@ def gated_detail_residual(low, high, gate_hidden, w_gate, b_gate=None, ln_weight
     C, Dg = low.shape[-1], gate_hidden.shape[-1]
     w = _param(w_gate, Dg, low, "w_gate", None)
     if w is None:
-        raise ValueError("w_gate is required")
+        raise ValueError(f"w_gate is required: a ({Dg},) or (1, {Dg}) tensor, got None")
     b = _param(b_gate, 1, low, "b_gate", 0.0)
     lw = _param(ln_weight, C, low, "ln_weight", 1.0)
     lb = _param(ln_bias, C, low, "ln_bias", 0.0)
-    if not (eps >= 0):
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    eps = check_eps(eps)
     out, _, _, _ = dispatch(_gdr_op, _gdr_eager, _gdr_impl, low, low.reshape(-1, C).contiguous(),
                             high.reshape(-1, C).contiguous(), gate_hidden.reshape(-1, Dg).contiguous(), w, b, lw, lb,
                             float(eps))
@@ -259,8 +259,7 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, norm: str = "rms", weight
     check_tensor(x, "x", dtypes=ALL_DTYPES, min_dim=2)
     if norm not in ("rms", "layer"):
         raise ValueError(f"norm must be 'rms' or 'layer', got {norm!r}")
-    if not (eps >= 0):
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    eps = check_eps(eps)
     B, C = x.shape[0], x.shape[-1]
     sh = _modulation(shift, B, C, x, "shift")
     sc = _modulation(scale, B, C, x, "scale")

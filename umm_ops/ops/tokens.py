@@ -21,13 +21,18 @@ the reference backend.  Running statistics of pack / unpack are buffers: they ge
 """
 from __future__ import annotations
 
+import operator
+
 import torch
+
+from ..backend import value_checks_enabled
 
 from ..reference.tokens import ACTIVATIONS
 from ._common import (autocast_policy, 
     ALL_DTYPES,
     backward_op,
     backward_scope,
+    check_eps,
     check_like,
     check_tensor,
     dispatch,
@@ -256,13 +261,15 @@ def _factor(factor) -> int:
 def _grid(grid_hw, factor: int, what: str) -> tuple[int, int]:
     try:
         H, W = grid_hw
-        H, W = int(H), int(W)
+        if isinstance(H, bool) or isinstance(W, bool):
+            raise TypeError
+        H, W = operator.index(H), operator.index(W)  # ints (and integer scalars); 4.9 or "4" are refused
     except (TypeError, ValueError):
         raise ValueError(f"grid_hw must be a pair of ints (H, W), got {grid_hw!r}") from None
     if H < 1 or W < 1:
         raise ValueError(f"grid_hw must be positive, got ({H}, {W})")
     if H % factor or W % factor:
-        raise ValueError(f"{what} grid (H, W) = ({H}, {W}) must be divisible by factor {factor}")
+        raise ValueError(f"{what} grid (H, W) must be divisible by factor {factor}, got ({H}, {W})")
     return H, W
 
 
@@ -295,8 +302,7 @@ def compress_tokens(x, grid_hw, ln_weight, ln_bias, weight, bias, factor=2, acti
         raise ValueError(f"x has {T} tokens per image but grid_hw = ({H}, {W}) needs H*W = {H * W}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if not (eps >= 0):
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    eps = check_eps(eps)
     lw = _vec(ln_weight, C, x, "ln_weight", "x")
     lb = _vec(ln_bias, C, x, "ln_bias", "x")
     check_like(weight, x, "weight", "x", shape=False)
@@ -346,6 +352,16 @@ def _stats(s, n: int, ref: torch.Tensor, name: str) -> torch.Tensor:
     return s.detach().reshape(n).to(_sd(ref)).contiguous()
 
 
+def _check_var(running_var: torch.Tensor, eps: float) -> None:
+    """running_var + eps must be > 0 (else the normalisation divides by zero or takes the root of a negative)."""
+    if value_checks_enabled(running_var) and running_var.numel():
+        bad = ~(running_var + eps > 0)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"running_var + eps must be > 0 (a variance), got running_var[{i}] = "
+                             f"{running_var[i].item()} with eps = {eps}")
+
+
 @autocast_policy("promote")
 def pack_latents(z, running_mean, running_var, factor=2, eps=1e-4):
     """(B, C, H, W) latents -> normalised packed tokens (B, (H/f)*(W/f), C*f*f).
@@ -358,11 +374,11 @@ def pack_latents(z, running_mean, running_var, factor=2, eps=1e-4):
     f = _factor(factor)
     B, C, H, W = z.shape
     _grid((H, W), f, "the latent")
-    if not (eps >= 0):
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    eps = check_eps(eps)
     n = C * f * f
-    args = (z.contiguous(), _stats(running_mean, n, z, "running_mean"), _stats(running_var, n, z, "running_var"),
-            f, float(eps))
+    var = _stats(running_var, n, z, "running_var")
+    _check_var(var, eps)
+    args = (z.contiguous(), _stats(running_mean, n, z, "running_mean"), var, f, eps)
     return dispatch(_pk_op, _pk_eager, _pk_impl, z, *args)
 
 
@@ -376,9 +392,9 @@ def unpack_latents(tokens, grid_hw, running_mean, running_var, factor=2, eps=1e-
     if tokens.shape[1] != L or tokens.shape[2] % (f * f):
         raise ValueError(f"tokens must be (B, (H/f)*(W/f), C*f*f) with (H/f)*(W/f) = {L} and f*f = {f * f} dividing "
                          f"the channels, got shape {tuple(tokens.shape)}")
-    if not (eps >= 0):
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    eps = check_eps(eps)
     n = tokens.shape[2]
-    args = (tokens.contiguous(), _stats(running_mean, n, tokens, "running_mean"),
-            _stats(running_var, n, tokens, "running_var"), H, W, f, float(eps))
+    var = _stats(running_var, n, tokens, "running_var")
+    _check_var(var, eps)
+    args = (tokens.contiguous(), _stats(running_mean, n, tokens, "running_mean"), var, H, W, f, eps)
     return dispatch(_up_op, _up_eager, _up_impl, tokens, *args)

@@ -9,7 +9,12 @@
 
 A query with no allowed key (impossible under the semantics, guarded anyway) gets out = 0, lse = -inf and zero
 gradients: the masked scores are replaced by a finite value BEFORE the softmax and the probabilities of empty
-rows are zeroed with ``where`` (so neither the forward nor the backward ever sees NaN).
+rows are zeroed with ``where`` (so neither the forward nor the backward makes a NaN of its own).
+
+Non-finite inputs (the rule every backend follows, docs/span-attention-contract.md): a query row whose visible
+scores include a NaN / +-Inf (a NaN / Inf in its q, or in k at a key it sees, or a float overflow) or that sees
+a key whose v holds a NaN / Inf gets out = NaN (the whole row) and lse = NaN; values at keys a row cannot see
+never affect it.  Gradients are never finite where they depend on such a row.
 """
 from __future__ import annotations
 
@@ -35,12 +40,46 @@ def span_attention_reference(q, k, v, layout: SpanLayout, softmax_scale: float |
     kk = k.repeat_interleave(g, dim=1) if g > 1 else k
     vv = v.repeat_interleave(g, dim=1) if g > 1 else v
     s = torch.einsum("qhd,khd->hqk", q, kk) * scale           # (Hq, Lq, Lk)
-    s = torch.where(mask, s, torch.finfo(s.dtype).min)        # finite: no NaN from all-masked rows
+    # Non-finite inputs: a row is NaN when one of its visible scores is NaN / +-Inf or one of its visible keys
+    # has a NaN / Inf in v; what a row cannot see never reaches it (no 0 * Inf through the dense P V).
+    s_fin = torch.isfinite(s)
+    v_fin = torch.isfinite(vv)
+    v_badkey = (~v_fin.all(-1)).to(s.dtype)                   # (Lk, Hq)
+    bad = ((~s_fin) & mask).any(-1) | (torch.einsum("qk,kh->hq", mask.to(s.dtype), v_badkey) > 0)  # (Hq, Lq)
+    s = torch.where(mask & s_fin, s, torch.finfo(s.dtype).min)  # finite: no NaN from all-masked rows
+    vv = torch.where(v_fin, vv, 0.0)
     row_ok = mask.any(-1)                                     # (Lq,)
     p = torch.where(mask & row_ok[:, None], torch.softmax(s, dim=-1), 0.0)
     out = torch.einsum("hqk,khd->qhd", p, vv)
     lse = torch.where(row_ok, torch.logsumexp(s, dim=-1), float("-inf"))
+    out = out * torch.where(bad, float("nan"), 1.0).to(out.dtype).transpose(0, 1)[..., None]
+    lse = torch.where(bad, float("nan"), lse)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        # the sanitised scores would give a NaN row finite gradients (e.g. dq = 0 for a NaN q): put NaN back into
+        # the gradients of its q row and of the k / v of the keys it sees
+        bad_f = bad.to(s.dtype)
+        kv_bad = (torch.einsum("qk,hq->kh", mask.to(s.dtype), bad_f) > 0).view(k.shape[0], Hkv, g).any(-1)
+        out = _NanGrads.apply(out, q, k, v, bad.transpose(0, 1), kv_bad)
     return out, lse
+
+
+class _NanGrads(torch.autograd.Function):
+    """Identity on out; its backward adds NaN to the gradients of the flagged q rows (Lq, Hq) and k / v keys
+    (Lk, Hkv), zero elsewhere."""
+
+    @staticmethod
+    def forward(ctx, out, q, k, v, q_bad, kv_bad):
+        ctx.save_for_backward(q_bad, kv_bad)
+        ctx.meta = (q.shape, k.shape)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        q_bad, kv_bad = ctx.saved_tensors
+        (q_shape, k_shape), nan = ctx.meta, float("nan")
+        gq = torch.where(q_bad[..., None], nan, 0.0).to(g.dtype).expand(q_shape)
+        gkv = torch.where(kv_bad[..., None], nan, 0.0).to(g.dtype).expand(k_shape)
+        return g, gq, gkv, gkv, None, None
 
 
 def _fresh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

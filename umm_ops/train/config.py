@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..utils import not_a_file
+
 __all__ = ["Config", "JobConfig", "ModelConfig", "DataConfig", "OptimConfig", "ScheduleConfig", "ParallelConfig",
            "CheckpointConfig", "MetricsConfig", "ConfigError", "set_value", "to_dict", "from_dict", "parse_value"]
 
@@ -256,8 +258,9 @@ def load_toml(path) -> dict:
     except ImportError:   # Python 3.10
         import tomli as tomllib   # type: ignore[no-redef]
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config {p}: no such file")
+    why = not_a_file(p)
+    if why:
+        raise ConfigError(f"--config {p}: the file {why}")
     try:
         with open(p, "rb") as f:
             data = tomllib.load(f)

@@ -14,8 +14,9 @@ def resolve_checkpoint(path) -> Path:
     from .engine.checkpoint import STATE_FILE, latest_checkpoint
 
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such folder (expected a run folder, a checkpoint-<step> folder or a "
+    if not p.is_dir():
+        what = "is a file, not a folder" if p.exists() else "no such folder"
+        raise FileNotFoundError(f"{p}: {what} (expected a run folder, a checkpoint-<step> folder or a "
                                 f"save_pretrained folder)")
     if (p / STATE_FILE).is_file():
         return p

@@ -32,6 +32,10 @@ Design (FlashAttention-2 style, varlen, packed documents)
     - dq kernel: grid (query block, query head), the same key walk as the forward: dq += dS k.
 * A query with no allowed key (impossible for a valid layout) gets out 0, lse -inf and zero gradients; the
   running max is made finite before every exp, so no NaN appears.
+* Non-finite inputs (the contract's rule): the forward flags a row that meets a NaN / Inf score or a visible key
+  whose v holds a NaN / Inf, computes the rest with those values replaced, and writes the flagged row as NaN
+  (out and lse).  The backward then propagates NaN from lse; it does not sanitise k / v, so a non-finite key may
+  also leave NaN in the gradients of rows sharing its tile.
 * Dots: under the interpreter (bf16 tl.dot is wrong there) and for float32 inputs, operands are float32 and
   the products use input_precision="ieee" (no TF32).  On a GPU with 16-bit inputs the products run in the
   input dtype with float32 accumulation (P and dS rounded to the input dtype, as FlashAttention does).
@@ -172,6 +176,7 @@ def _fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int32)  # 1: the row met a non-finite score or v (its result is NaN)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for kb in range(k_lo, k_hi, BLOCK_N):
         k1 = tl.minimum(kb + BLOCK_N, k_hi)
@@ -186,19 +191,30 @@ def _fwd_kernel(
             allowed = row_ok[:, None] & col_ok[None, :]
             if not full:
                 allowed = allowed & _key_mask(qp, qseg, qstart, qmode, offs_n, col_ok, tok_seg, tok_mode)
-            s = tl.where(allowed, s, float("-inf"))
+            # Non-finite inputs (contract): a visible NaN / Inf score, or a visible key whose v holds one, makes
+            # the row NaN; such values are replaced (score -inf, v 0) so that nothing else, in particular no
+            # row that cannot see the key (0 * Inf in P V), is touched by them.
+            s_fin = (s == s) & (tl.abs(s) != float("inf"))
+            v = tl.load(V + kv_off, mask=kv_m, other=0.0)
+            v_fin = (v == v) & (tl.abs(v.to(tl.float32)) != float("inf"))
+            v_badkey = tl.max(tl.where(v_fin, 0, 1), axis=1)  # (BLOCK_N,)
+            hit = (allowed & (~s_fin | (v_badkey[None, :] != 0))).to(tl.int32)
+            bad = tl.maximum(bad, tl.max(hit, axis=1))
+            v = tl.where(v_fin, v, 0.0)
+            s = tl.where(allowed & s_fin, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(V + kv_off, mask=kv_m, other=0.0)
             acc = acc * alpha[:, None] + _dot(p, v, F32)
             m_i = m_new
 
     ok = l_i > 0.0
     out = tl.where(ok[:, None], acc / tl.where(ok, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(ok, m_i + tl.log(tl.where(ok, l_i, 1.0)), float("-inf"))
+    out = tl.where(bad[:, None] != 0, float("nan"), out)
+    lse = tl.where(bad != 0, float("nan"), lse)
     tl.store(O + offs_m.to(tl.int64)[:, None] * (HQ * HEAD_D) + h * HEAD_D + offs_d[None, :],
              _cast_out(out, O), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + h.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)

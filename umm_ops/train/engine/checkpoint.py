@@ -174,6 +174,58 @@ def _manifest(folder: Path, hashed: bool) -> dict:
     return out
 
 
+def describe_load_error(folder: Path, e: BaseException) -> str:
+    """Why reading `folder`'s dcp/ state failed, for a log line or an error: the exception without torch's advice
+    to retry with ``weights_only=False`` (never the right move for a damaged or foreign file: it runs whatever
+    the pickle says), and the file at fault - the dcp/ file whose hash differs from the manifest when hashes were
+    recorded, else the dcp/ files that could be."""
+    failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))[0]
+    msg = str(e)
+    if "weights_only" in msg:  # torch.load's weights-only unpickler refused the bytes
+        detail = msg.rsplit("WeightsUnpickler error:", 1)[-1].strip() if "WeightsUnpickler error:" in msg else ""
+        detail = detail.splitlines()[0] if detail else ""
+        msg = "the pickled data is not a checkpoint's" + (f" ({detail})" if detail else "") + \
+            "; it is never loaded with weights_only=False"
+    files = {}
+    with contextlib.suppress(Exception):
+        files = {rel: dg for rel, (_, dg) in read_trainer_state(folder)["files"].items() if rel.startswith("dcp/")}
+    bad = [rel for rel, dg in files.items() if dg is not None and _file_hash(folder / rel) != dg]
+    if bad:
+        where = f"{', '.join(bad)} does not match its hash (damaged)"
+    else:
+        names = sorted(files) or sorted(str(p.relative_to(folder)) for p in (folder / "dcp").glob("*"))
+        where = f"one of {', '.join(names)} is damaged (no hashes recorded to tell which; checkpoint.verify=hash)"
+    return f"{type(e).__name__}: {msg[:600]} - {where}"
+
+
+def _load_errors():
+    """What a failed dcp.load raises: any Exception, and DCP's CheckpointException (a BaseException)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def _safe_planner():
+    """DCP's default load planner unpickles the non-tensor entries of a checkpoint (the optimizer's param groups,
+    steps stored as objects) with torch.load(weights_only=False): a damaged or crafted file would run whatever it
+    says.  This one reads them with weights_only=True (plain containers, numbers, strings, tensors)."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes, with its own helper
+                from torch.distributed.checkpoint import default_planner
+
+                default_planner.set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafeLoadPlanner()
+
+
 # ----------------------------------------------------------------------------------------------- state dicts
 @contextlib.contextmanager
 def _quiet():
@@ -322,10 +374,10 @@ class Checkpointer:
                 try:
                     state = _dcp_state(model, optimizer, ema)
                     with _quiet():
-                        dcp.load(state, checkpoint_id=str(folder / "dcp"))
+                        dcp.load(state, checkpoint_id=str(folder / "dcp"), planner=_safe_planner())
                     _set_dcp_state(model, optimizer, ema, state)
-                except Exception as e:  # noqa: BLE001 - any failure to read makes this checkpoint unusable
-                    err = f"{folder}: loading failed: {type(e).__name__}: {e}"
+                except _load_errors() as e:  # any failure to read makes this checkpoint unusable
+                    err = f"{folder}: loading failed: {describe_load_error(folder, e)}"
                 errs = [e for e in d.all_gather_object(err) if e]
                 err = errs[0] if errs else None
             if err is not None:
@@ -366,15 +418,19 @@ def load_model_state(folder, model, ema: bool = False) -> None:
         state = {"ema": {n: torch.empty_like(p, dtype=torch.float32) for n, p in names.items()}}
         try:
             with _quiet():
-                dcp.load(state, checkpoint_id=str(folder / "dcp"))
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"{folder}: no EMA weights in this checkpoint (train with optim.ema > 0): {e}") from None
+                dcp.load(state, checkpoint_id=str(folder / "dcp"), planner=_safe_planner())
+        except _load_errors() as e:
+            raise ValueError(f"{folder}: no EMA weights in this checkpoint (train with optim.ema > 0), or it is "
+                             f"unreadable: {describe_load_error(folder, e)}") from None
         with torch.no_grad():
             for n, p in names.items():
                 p.copy_(state["ema"][n])
         return
     state = {"model": model.state_dict()}
-    with _quiet():
-        dcp.load(state, checkpoint_id=str(folder / "dcp"))
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(folder / "dcp"), planner=_safe_planner())
+    except _load_errors() as e:
+        raise ValueError(f"{folder}: cannot read the model weights: {describe_load_error(folder, e)}") from None
     model.load_state_dict(state["model"])
 
