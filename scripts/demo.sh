@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh) and runs the main job on its small built-in default:
-#   1. `umm train --steps 300`: the tiny Cheers-style model on the synthetic world (a short base schedule, ~140 s),
+#   1. `umm train --steps 600`: the tiny Cheers-style model on the synthetic world (a short base schedule, ~5 min),
 #      then evaluated on held-out scenes -> runs/demo/ (checkpoints, metrics.jsonl, loss_curve.png,
 #      eval/grid.png, summary.json); running the demo again resumes from the last checkpoint;
 #   2. the kernel benchmarks in quick mode (every op against eager PyTorch, torch.compile and the attention peers),
@@ -11,5 +11,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-umm train --out runs/demo --steps 300 "$@"
+umm train --out runs/demo --steps 600 "$@"
 python bench/run.py --quick
