@@ -126,6 +126,11 @@ class Oracle:
             if s.meta["task"] == "caption":
                 out.append(rec.caption if self.mode == "right" else "I see nothing.")
                 continue
+            if s.meta["task"] == "vqa-short":
+                q = next(q for q in rec.vqa if format_question(q, False) == text)
+                out.append({"right": q["answer"].upper() + ".", "wrong": q["answer"] + " " + q["answer"],
+                            "random": self.rng.choice(q["options"])}[self.mode])
+                continue
             q = next(q for q in rec.vqa if format_question(q) == text)   # the harness asks a real question
             a = q["answer_letter"]
             out.append({"right": a, "wrong": "ABCD"[("ABCD".index(a) + 1) % 4],
@@ -159,6 +164,25 @@ def _eval(model, tasks, n=8, seed=0, **kw):
 def test_score_answer():
     assert score_answer("B", "B") == score_answer(" B.\n", "B") == score_answer("B)", "B") == 1.0
     assert score_answer("A", "B") == score_answer("", "B") == score_answer("B C", "B") == score_answer("b", "B") == 0.0
+
+
+def test_short_vqa_right_wrong_and_chance():
+    from umm_ops.eval.tasks.vqa import score_short_answer
+
+    assert score_short_answer(" Red.\n", "red") == score_short_answer("left  of", "left of") == 1.0
+    assert score_short_answer("red circle", "red") == score_short_answer("", "red") == 0.0
+    w = _world(200)
+    right = _eval(Oracle(w, "right"), "vqa-short", n=40)["tasks"]["vqa-short"]
+    assert right["score"] == 1.0 and right["n"] == 40 and set(right["per_type"]) <= {"color", "shape", "count",
+                                                                                   "position"}
+    assert _eval(Oracle(w, "wrong"), "vqa-short", n=40)["tasks"]["vqa-short"]["score"] == 0.0
+    # guessing one of the 4 options: about 1 in 4; the commonest-answer-per-type baseline is reported
+    rnd = [_eval(Oracle(w, "random", seed=s), "vqa-short", n=100)["tasks"]["vqa-short"] for s in range(10)]
+    assert abs(sum(r["score"] for r in rnd) / 10 - 0.25) < 0.04
+    assert 0 < rnd[0]["majority_answer"] <= 1
+    # the same questions as vqa (one per record, the same pick)
+    a = _eval(Oracle(w, "right"), "vqa,vqa-short", n=6)["tasks"]
+    assert [it["question"] for it in a["vqa"]["items"]] == [it["question"] for it in a["vqa-short"]["items"]]
 
 
 def test_vqa_right_wrong_and_chance():
@@ -282,7 +306,7 @@ def test_all_tasks_json_shape_grids_and_determinism(tmp_path):
     b = _eval(Oracle(w, "right"), list(TASKS), n=6, seed=3, out_dir=tmp_path / "a")
     assert json.dumps(a) == json.dumps(b)
     assert json.loads((tmp_path / "a" / "eval.json").read_text()) == a
-    assert list(a["tasks"]) == ["vqa", "caption", "geneval", "segment", "vae-recon", "mmd-bench"]
+    assert list(a["tasks"]) == ["vqa", "vqa-short", "caption", "geneval", "segment", "vae-recon", "mmd-bench"]
     assert a["records"] == [FIRST, FIRST + 6] and a["seed"] == 3 and a["image_size"] == S
     for name, r in a["tasks"].items():
         assert r["score"] == 1.0 and r["n"] == 6 and len(r["ci95"]) == 2 and "per_type" in r, name

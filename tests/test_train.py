@@ -495,8 +495,17 @@ def test_dataset_task_weights_and_world_keys():
     with pytest.raises(ConfigError, match="recipe.task_weights"):
         Config.build("sft", overrides=["recipe.task_weights=1,0,1"])
     # the default weights follow the tasks named (so --tasks alone never conflicts with them)
-    assert Config.build("sft").recipe.weights() == (2, 2, 1, 1)
-    assert Config.build("sft", overrides=["recipe.tasks=vqa,generate"]).recipe.weights() == (2, 1)
+    assert Config.build("sft").recipe.tasks == ("caption", "vqa", "vqa_short", "generate", "segment")
+    assert Config.build("sft").recipe.weights() == (2, 1, 1, 1, 1)
+    assert Config.build("sft", overrides=["recipe.tasks=vqa,generate"]).recipe.weights() == (1, 1)
+    # vqa_short: the record's questions answered with the word, vqa: with the option letter
+    ds = SyntheticSFTDataset(32, seed=3, records=4, tasks=("vqa", "vqa_short"), max_objects=2)
+    for r in range(4):
+        mc, short = ds[2 * r], ds[2 * r + 1]
+        assert "\nA. " in mc.items[1].text and mc.items[2].text[0] in "ABCD"
+        assert "single word or phrase" in short.items[1].text and "\nA. " not in short.items[1].text
+        q = next(q for q in ds.world[r].vqa if short.items[1].text.startswith(q["question"]))
+        assert short.items[2].text.startswith(q["answer"]) and short.meta["task"] == "vqa"
     with pytest.raises(ConfigError, match="recipe.colors"):
         Config.build("sft", overrides=["recipe.colors=red,green"])
     cfg = Config.build("sft", overrides=["recipe.kinds=circle,square", "recipe.two_tone=0"])

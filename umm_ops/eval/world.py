@@ -33,10 +33,12 @@ def _save_png(img, path: Path) -> None:
 
 @torch.no_grad()
 def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict | None = None, n_vqa: int = 32,
-                   n_images: int = 4, n_captions: int = 2, steps: int = 12, prompts=(), out_dir=None) -> dict:
+                   n_images: int = 4, n_captions: int = 2, steps: int = 12, prompts=(), out_dir=None,
+                   short_vqa: bool = False) -> dict:
     """The SFT recipe's after-training evaluation, on the tasks of ``umm eval`` (:mod:`umm_ops.eval.tasks`):
     vqa (n_vqa records), caption (n_captions), geneval and vae-recon (n_images) on the world of `seed` and
-    `world` (SyntheticWorld's other arguments) from record `first`; `seed` also seeds the evaluation's draws."""
+    `world` (SyntheticWorld's other arguments) from record `first`; `seed` also seeds the evaluation's draws.
+    short_vqa: also ask the same questions without options (vqa-short, n_vqa records)."""
     from ..data.synthetic import SyntheticWorld
     from .runner import save_grid
     from .tasks import EvalContext, get_task
@@ -62,6 +64,16 @@ def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict
                       "majority_letter": out.extra["majority_letter"],
                       "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())},
                       "examples": [{"answer": it["answer"], "predicted": it["predicted"]} for it in items[:8]]}
+    if n_vqa and short_vqa:
+        out = run("vqa-short", n_vqa)
+        items = out.items
+        per_type = {}
+        for it in items:
+            per_type.setdefault(it["type"], []).append(it["score"])
+        res["vqa_short"] = {"n": len(items), "accuracy": sum(it["score"] for it in items) / len(items),
+                            "majority_answer": out.extra["majority_answer"],
+                            "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())},
+                            "examples": [{"answer": it["answer"], "predicted": it["predicted"]} for it in items[:8]]}
     if n_captions:
         out = run("caption", n_captions)
         res["captions"] = [{"truth": it["truth"], "generated": it["generated"], "score": it["score"]}
@@ -111,6 +123,11 @@ def report_lines(ev: dict) -> list:
         v = ev["vqa"]
         lines.append(f"eval vqa: {v['accuracy']:.3f} exact-match on {v['n']} held-out questions (chance "
                      f"{v['chance']}, always-the-commonest-letter {v['majority_letter']:.3f})")
+    if "vqa_short" in ev:
+        v = ev["vqa_short"]
+        lines.append(f"eval vqa-short: {v['accuracy']:.3f} exact-match of the answer word on {v['n']} held-out "
+                     f"questions (always-the-commonest-answer-of-its-type {v['majority_answer']:.3f}); per type "
+                     + ", ".join(f"{t} {a:.2f}" for t, a in v["per_type"].items()))
     for c in ev.get("captions", []):
         lines.append(f"eval caption (score {c['score']:.2f}): {c['generated']!r}\n        truth: {c['truth']!r}")
     if "images" in ev:

@@ -17,7 +17,8 @@ from collections import Counter
 
 from . import EvalContext, Task, TaskOutput, pixels, register
 
-__all__ = ["VQATask", "score_answer", "pick_question", "ask", "questions", "read_multiple_choice"]
+__all__ = ["VQATask", "ShortVQATask", "score_answer", "score_short_answer", "pick_question", "ask", "questions",
+           "read_multiple_choice"]
 
 
 def score_answer(predicted: str, letter: str) -> float:
@@ -26,6 +27,16 @@ def score_answer(predicted: str, letter: str) -> float:
     if p[-1:] in (".", ")"):
         p = p[:-1].strip()
     return 1.0 if p == letter else 0.0
+
+
+def _normalise(text: str) -> str:
+    t = " ".join(text.strip().lower().split())
+    return t[:-1].strip() if t[-1:] == "." else t
+
+
+def score_short_answer(predicted: str, answer: str) -> float:
+    """1.0 if `predicted` is the answer (case, surrounding / repeated whitespace and one trailing '.' ignored)."""
+    return 1.0 if _normalise(predicted) == _normalise(answer) else 0.0
 
 
 def pick_question(ctx: EvalContext, rec) -> dict:
@@ -86,16 +97,20 @@ def questions(ctx: EvalContext) -> list:
     return [(r.index, r.image, pick_question(ctx, r)) for r in ctx.records()]
 
 
-def ask(model, ctx: EvalContext, images, questions, indices, task: str) -> list:
-    """Greedy answers of `model` to multiple-choice `questions` about `images` (uint8 (3, H, W)), batched."""
+def ask(model, ctx: EvalContext, images, questions, indices, task: str, multiple_choice: bool = True) -> list:
+    """Greedy answers of `model` to `questions` about `images` (uint8 (3, H, W)), batched: multiple choice (as many
+    new tokens as the answer letter takes) or short answer (the answer's tokens and one more, so that an answer
+    running on is seen and scored wrong)."""
     from ...data.packing import ImageItem, Sample, TextItem
     from ...data.synthetic import format_question
 
-    samples = [Sample([ImageItem(pixels(im), "understand"), TextItem(format_question(q))],
+    samples = [Sample([ImageItem(pixels(im), "understand"), TextItem(format_question(q, multiple_choice))],
                       meta={"task": task, "index": i})
                for im, q, i in zip(images, questions, indices)]
     tok = getattr(model, "tokenizer", None)
-    n_new = max(len(tok.encode(q["answer_letter"])) for q in questions) if tok is not None else 2
+    key = "answer_letter" if multiple_choice else "answer"
+    n_new = max(len(tok.encode(q[key])) for q in questions) if tok is not None else 2
+    n_new += 0 if multiple_choice else 1
     preds: list = []
     for _, batch in ctx.batches(samples):
         preds += model.generate_text(batch, max_new_tokens=n_new, temperature=0.0)
@@ -130,3 +145,31 @@ class VQATask(Task):
                                                            f"{it['type']}", "images": [im]}
                                                  for it, (_, im, _) in zip(items[:k], qa[:k])]}
         return TaskOutput(items, letter_summary(items), grid)
+
+
+@register
+class ShortVQATask(Task):
+    """Short-answer VQA on held-out scenes: the same question per record as ``vqa``, asked without options ("Answer
+    the question using a single word or phrase."), scored by exact match of the answer word (case and one trailing
+    '.' ignored).  No fixed chance: the result reports the always-the-commonest-answer-of-its-type baseline."""
+    name = "vqa-short"
+    ci = "wilson"
+    breakdowns = ("type",)
+    needs = "short-answer VQA in its training mix (SFT task vqa_short)"
+
+    def run(self, model, ctx: EvalContext) -> TaskOutput:
+        qa = [(r.index, r.image, pick_question(ctx, r)) for r in ctx.records()]
+        preds = ask(model, ctx, [im for _, im, _ in qa], [q for _, _, q in qa], [i for i, _, _ in qa], self.name,
+                    multiple_choice=False)
+        items = [{"index": i, "type": q["type"], "score": score_short_answer(p, q["answer"]),
+                  "answer": q["answer"], "predicted": p, "question": q["question"]}
+                 for (i, _, q), p in zip(qa, preds)]
+        by_type: dict = {}
+        for it in items:
+            by_type.setdefault(it["type"], []).append(it["answer"])
+        extra = {"majority_answer": round(sum(max(Counter(v).values()) for v in by_type.values()) / len(items), 6)
+                 if items else None}
+        k = ctx.grid_items
+        grid = {"rows": ["picture"], "columns": [{"label": f"{it['predicted'].strip()[:8]}/{it['answer']}",
+                                                  "images": [im]} for it, (_, im, _) in zip(items[:k], qa[:k])]}
+        return TaskOutput(items, extra, grid)

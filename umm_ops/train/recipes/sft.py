@@ -23,14 +23,15 @@ from ..spec import DataSource, Recipe, StepOutput, register
 
 __all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS", "bare_loop"]
 
-TASKS = ("caption", "vqa", "generate", "segment", "degraded_vqa")
-DEFAULT_WEIGHTS = {"caption": 2, "vqa": 2}   # samples per record of each task when task_weights = (); others 1
+TASKS = ("caption", "vqa", "vqa_short", "generate", "segment", "degraded_vqa")   # vqa_short: the same questions
+# answered with the word (short-answer VQA), vqa: multiple choice answered with the option letter
+DEFAULT_WEIGHTS = {"caption": 2}   # samples per record of each task when task_weights = (); others 1
 
 
 @dataclass
 class SFTRecipeConfig:
     image_size: int = 64              # side of the synthetic pictures (a multiple of 32, the pixels per LLM token)
-    tasks: tuple = ("caption", "vqa", "generate", "segment")
+    tasks: tuple = ("caption", "vqa", "vqa_short", "generate", "segment")
     task_weights: tuple = ()          # samples per record and task (ints >= 1, one per task); () = DEFAULT_WEIGHTS
     train_records: int = 50_000       # records 0 .. train_records-1 are trained on, later ones held out
     max_objects: int = 2              # objects per scene (1 .. max_objects)
@@ -142,7 +143,10 @@ class SyntheticSFTDataset:
             raise IndexError(f"SyntheticSFTDataset: index {i!r} out of range [0, {len(self)})")
         r = self.first + i // len(self.slots)
         task, k = self.slots[i % len(self.slots)]
-        samples = to_samples(self.world[r], (task,))
+        if task == "vqa_short":
+            samples = to_samples(self.world[r], ("vqa",), multiple_choice=False)
+        else:
+            samples = to_samples(self.world[r], (task,))
         pick = seed_of(self.seed, r, "pick") if k == 0 else seed_of(self.seed, r, "pick", k)
         return samples[pick % len(samples)]
 
@@ -251,6 +255,7 @@ class SFTRecipe(Recipe):
         return evaluate_world(model, image_size=r.image_size, seed=cfg.job.seed, first=r.train_records,
                               world=r.world_kwargs(), n_vqa=r.eval_vqa, n_images=r.eval_images,
                               n_captions=r.eval_captions, steps=r.eval_steps, prompts=r.eval_prompts,
+                              short_vqa="vqa_short" in r.tasks,
                               out_dir=out_dir)
 
     def report(self, results: dict) -> list:
