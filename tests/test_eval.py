@@ -355,6 +355,12 @@ def test_evaluate_world_keeps_its_keys(tmp_path):
     assert set(im["per_tag"]) == {it["tag"] for it in im["items"]} and all(v == 1.0 for v in im["per_tag"].values())
     lines = report_lines(ev)
     assert lines[-1] == "eval captions: mean caption-check score 1.000 on 2 held-out pictures"
+    assert "vqa_short" not in ev
+    ev = evaluate_world(Oracle(w), image_size=S, seed=0, world=kw, first=FIRST, n_vqa=4, n_images=0,
+                        n_captions=0, short_vqa=True)
+    assert ev["vqa_short"]["accuracy"] == 1.0 and ev["vqa_short"]["n"] == 4 and ev["vqa"]["accuracy"] == 1.0
+    assert set(ev["vqa_short"]) == {"n", "accuracy", "majority_answer", "per_type", "examples"}
+    assert any(line.startswith("eval vqa-short: 1.000 exact-match") for line in report_lines(ev))
     assert len(lines) == 5 + (len(im["per_tag"]) > 1)
 
 

@@ -54,26 +54,20 @@ def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict
     def run(task, k):
         return get_task(task).run(model, EvalContext(world, first, k, seed, image_size, steps))
 
+    def vqa_summary(out, **extra):
+        items, per_type = out.items, {}
+        for it in items:
+            per_type.setdefault(it["type"], []).append(it["score"])
+        return {"n": len(items), "accuracy": sum(it["score"] for it in items) / len(items), **extra,
+                "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())},
+                "examples": [{"answer": it["answer"], "predicted": it["predicted"]} for it in items[:8]]}
+
     if n_vqa:
         out = run("vqa", n_vqa)
-        items = out.items
-        per_type: dict = {}
-        for it in items:
-            per_type.setdefault(it["type"], []).append(it["score"])
-        res["vqa"] = {"n": len(items), "accuracy": sum(it["score"] for it in items) / len(items), "chance": 0.25,
-                      "majority_letter": out.extra["majority_letter"],
-                      "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())},
-                      "examples": [{"answer": it["answer"], "predicted": it["predicted"]} for it in items[:8]]}
+        res["vqa"] = vqa_summary(out, chance=0.25, majority_letter=out.extra["majority_letter"])
     if n_vqa and short_vqa:
         out = run("vqa-short", n_vqa)
-        items = out.items
-        per_type = {}
-        for it in items:
-            per_type.setdefault(it["type"], []).append(it["score"])
-        res["vqa_short"] = {"n": len(items), "accuracy": sum(it["score"] for it in items) / len(items),
-                            "majority_answer": out.extra["majority_answer"],
-                            "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())},
-                            "examples": [{"answer": it["answer"], "predicted": it["predicted"]} for it in items[:8]]}
+        res["vqa_short"] = vqa_summary(out, majority_answer=out.extra["majority_answer"])
     if n_captions:
         out = run("caption", n_captions)
         res["captions"] = [{"truth": it["truth"], "generated": it["generated"], "score": it["score"]}
