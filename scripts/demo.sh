@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh) and runs the main job on its small built-in default:
-#   1. `umm train --steps 600`: the tiny Cheers-style model on the synthetic world (a short base schedule, ~5 min),
+#   1. `umm train --steps 600`: the tiny Cheers-style model on the synthetic world (a short base schedule, ~5 min of training),
 #      then evaluated on held-out scenes -> runs/demo/ (checkpoints, metrics.jsonl, loss_curve.png,
 #      eval/grid.png, summary.json); running the demo again resumes from the last checkpoint;
 #   2. the kernel benchmarks in quick mode (every op against eager PyTorch, torch.compile and the attention peers),

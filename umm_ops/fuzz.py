@@ -123,17 +123,22 @@ def _spoil(value, rng: random.Random):
     return how, make()
 
 
-def run_case(seed: int) -> dict:
-    """Build and run case `seed` (deterministic); never raises."""
-    import torch
-
+def _case(seed: int):
+    """Case `seed` (deterministic): (op name, op, its keyword arguments with one spoiled, that argument, how)."""
     rng = random.Random(seed)
     calls = _valid_calls()
     name = sorted(calls)[rng.randrange(len(calls))]
     fn, kwargs = calls[name]
     arg = sorted(kwargs)[rng.randrange(len(kwargs))]
     how, bad = _spoil(kwargs[arg], rng)
-    kwargs = dict(kwargs, **{arg: bad})
+    return name, fn, dict(kwargs, **{arg: bad}), arg, how
+
+
+def run_case(seed: int) -> dict:
+    """Build and run case `seed` (deterministic); never raises."""
+    import torch
+
+    name, fn, kwargs, arg, how = _case(seed)
     rec = dict(seed=seed, op=name, arg=arg, how=how)
     try:
         out = fn(**kwargs)
@@ -223,14 +228,7 @@ def fuzz(n: int, seed: int = 0, workers: int = 1, timeout: float = 60.0, backend
 
 def describe(seed: int) -> dict:
     """The op, argument and spoiling of case `seed`, without running it."""
-    rng = random.Random(seed)
-    import torch  # noqa: F401
-
-    calls = _valid_calls()
-    name = sorted(calls)[rng.randrange(len(calls))]
-    _, kwargs = calls[name]
-    arg = sorted(kwargs)[rng.randrange(len(kwargs))]
-    how, _ = _spoil(kwargs[arg], rng)
+    name, _, _, arg, how = _case(seed)
     return dict(op=name, arg=arg, how=how)
 
 
