@@ -275,6 +275,8 @@ def test_generate_image_is_seeded_and_reproducible(model):
     c = model.generate_image(["a red box", "blue"], seed=6, **kw)
     assert a["images"].shape == (2, 3, 64, 32) and a["images"].abs().max() <= 1
     assert torch.equal(a["latents"], b["latents"]) and not torch.equal(a["latents"], c["latents"])
+    # sampling builds no autograd graph (even with grad enabled and trainable parameters)
+    assert torch.is_grad_enabled() and not (a["images"].requires_grad or a["latents"].requires_grad)
     sde = model.generate_image(["a red box"], seed=5, mode="sde", sigma=0.3, **kw)
     assert sde["trajectory"].shape == (1, 3, 8, 128) and sde["logprobs"].shape == (1, 2)
     assert torch.isfinite(sde["logprobs"]).all()

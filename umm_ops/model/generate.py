@@ -130,7 +130,6 @@ def _velocity(model, cache, x, t, hw, grid, gen_mode, n_docs):
     return model.head(h.view(n_docs, n, -1), t, high, grid).float()
 
 
-@torch.no_grad()
 def _check_positions(model, docs, extra: int, who: str) -> None:
     """Refuse prompts that would run past the LLM's position limit (RoPE beyond max_position_embeddings: an
     untrained, silently degraded regime)."""
@@ -142,6 +141,7 @@ def _check_positions(model, docs, extra: int, who: str) -> None:
                              f"{limit} (max_position_embeddings); shorten the prompt")
 
 
+@torch.no_grad()
 def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed, mode, sigma, return_trajectory):
     cfg = model.config
     steps = cfg.sample_steps if steps is None else int(steps)
