@@ -1,5 +1,5 @@
 """A training process for the multi-process tests: `torchrun ... train_worker.py KEY=VALUE ...` runs the SFT recipe
-on the engine with those config overrides.  Fault injection (environment):
+(or the recipe named by UMM_TEST_RECIPE) on the engine with those config overrides.  Fault injection (environment):
   UMM_TEST_KILL="RANK:STEP:step"        SIGKILL rank RANK inside optimizer step STEP (after its forward)
   UMM_TEST_KILL="RANK:STEP:checkpoint"  SIGKILL rank RANK after it wrote its shard of checkpoint-STEP, before the
                                         checkpoint is committed
@@ -46,4 +46,4 @@ def _arm(spec: str) -> None:
 if __name__ == "__main__":
     if os.environ.get("UMM_TEST_KILL"):
         _arm(os.environ["UMM_TEST_KILL"])
-    train(Config.build("sft", overrides=sys.argv[1:]))
+    train(Config.build(os.environ.get("UMM_TEST_RECIPE", "sft"), overrides=sys.argv[1:]))

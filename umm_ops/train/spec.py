@@ -106,6 +106,12 @@ class Recipe:
     def describe(self, cfg) -> str:
         return ""
 
+    def updates_per_batch(self, cfg) -> int:
+        """Optimizer steps per batch of data (RL: PPO epochs per rollout).  With E > 1 the engine fetches the next
+        step's micro-batches every E steps and hands the same ones to the steps in between; the recipe must make
+        checkpoints fall on multiples of E (its rollouts are not saved)."""
+        return 1
+
     def engine_defaults(self) -> dict:
         """The recipe's own defaults for engine keys ({"job.steps": 1500, "optim.lr": 2e-3, ...}): applied over the
         dataclass defaults, under a TOML file and the command line (its schedule when the user names none)."""

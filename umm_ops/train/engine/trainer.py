@@ -202,12 +202,17 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
     local = M // d.world_size
-    tokens_run, last_saved = 0, ckpt
+    E = int(recipe.updates_per_batch(cfg))
+    if E < 1 or start % E:
+        raise ValueError(f"{cfg.recipe_name}: {E} update(s) per batch; cannot resume at step {start}, which is not "
+                         f"a multiple of it (the batch of that step is gone)")
+    tokens_run, last_saved, micro = 0, ckpt, None
     t_train = time.perf_counter()
     try:
         for step in range(start, cfg.job.steps):
             t0 = time.perf_counter()
-            micro = loader.next_step()
+            if micro is None or step % E == 0:
+                micro = loader.next_step()
             t_data = time.perf_counter() - t0
             lr = sched.apply(opt, step)
             opt.zero_grad(set_to_none=False)
