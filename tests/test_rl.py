@@ -295,3 +295,45 @@ def test_image_rollout_replays_and_recomputes(model):
     assert not torch.equal(w.x_next[0, 0], w.x_next[1, 0])      # the SDE noise still differs
     lp1, _ = rl.image_logprobs(model, r)
     torch.testing.assert_close(lp1.detach(), r.logprobs, rtol=1e-4, atol=1e-4)
+
+
+def test_interleaved_rollout_replays_feeds_images_back_and_recomputes(model):
+    from umm_ops.data.packing import ImageItem
+
+    plan = [rl.Seg("text", max_new_tokens=5),
+            rl.Seg("image", steps=4, cfg_scale=2.0, schedule=rl.SDESchedule("window", start=1, width=2)),
+            rl.Seg("text", max_new_tokens=3),
+            # a conditional segment: only for trajectories whose first text has an even number of tokens
+            rl.Seg("image", steps=3, schedule=rl.SDESchedule("random"),
+                   when=lambda tr: len(tr.segments[0]["ids"]) % 2 == 0)]
+    kw = dict(seed=4, step=1, keys=["q0", "q1"])
+    a = rl.rollout_interleaved(model, ["describe a red circle", "draw two squares"], 2, plan, **kw)
+    b = rl.rollout_interleaved(model, ["describe a red circle", "draw two squares"], 2, plan, **kw)
+    assert len(a) == 4
+    for x, y in zip(a, b):
+        assert [s.get("ids") for s in x.segments] == [s.get("ids") for s in y.segments]
+        for s, t in zip(x.segments, y.segments):
+            if s["kind"] == "image":
+                assert torch.equal(s["image"], t["image"])
+    for tr in a:
+        kinds = [s["kind"] for s in tr.segments]
+        assert kinds[:3] == ["text", "image", "text"]
+        assert (len(kinds) == 4) == (len(tr.segments[0]["ids"]) % 2 == 0)
+        # the image enters the next segment's context as an image to understand
+        items = tr.segments[2]["context"].items
+        imgs = [it for it in items if isinstance(it, ImageItem)]
+        assert len(imgs) == 1 and imgs[0].role == "understand" and torch.equal(imgs[0].image, tr.segments[1]["image"])
+    lp = rl.interleaved_logprobs(model, a, reference=model)
+    m = lp["text_mask"]
+    assert int(m.sum()) == sum(len(s["ids"]) for tr in a for s in tr.segments if s["kind"] == "text")
+    torch.testing.assert_close(lp["text_logp"].detach()[m], lp["text_old"][m], rtol=1e-4, atol=1e-4)
+    im = lp["image_mask"]
+    assert int(im.sum()) == sum(2 if s["index"] == 1 else 1 for tr in a for s in tr.segments if s["kind"] == "image")
+    torch.testing.assert_close(lp["image_logp"].detach()[im], lp["image_old"][im], rtol=1e-4, atol=1e-4)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    loss, st = rl.interleaved_pg_loss(lp, adv, image_weight=0.5, text_kl_beta=0.04, image_kl_beta=0.01)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    assert st["text_ratio_mean"] == pytest.approx(1.0, abs=1e-3) and "image_pg_loss" in st
+    model.zero_grad(set_to_none=True)

@@ -237,6 +237,12 @@ def _run_world(path):
     recipe = cfg.get("recipe") or {}
     params = set(inspect.signature(SyntheticWorld).parameters) - {"size", "seed", "length"}
     world = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recipe.items() if k in params}
+    if cfg.get("recipe_name") == "flow-grpo":
+        # RL runs draw their prompts from the world of the run they started from (recipe.init)
+        from .train.config import Config
+        from .train.spec import get_recipe
+
+        world = get_recipe("flow-grpo").world_kwargs(Config.from_dict(cfg, where=str(path)))
     if world and "object_scale" not in world:
         world["object_scale"] = 1.0   # a run saved before the argument existed trained on SyntheticWorld's default
     world["seed"] = int(cfg.get("job", {}).get("seed", 0))

@@ -7,16 +7,19 @@
     logp, kl = rl.image_logprobs(model, ro, reference=ref)
     loss, stats = rl.flow_pg_loss(logp, ro.logprobs, adv, kl=kl, kl_beta=0.01)
 
-Losses (:mod:`.losses`), rollouts and log-prob recomputation (:mod:`.rollout`), rewards (:mod:`.rewards`); the
+Losses (:mod:`.losses`), rollouts and log-prob recomputation (:mod:`.rollout`), interleaved text / image
+trajectories (:mod:`.interleaved`), rewards (:mod:`.rewards`); the
 recipe ``flow-grpo`` (:mod:`umm_ops.train.recipes.flow_grpo`) runs them on the training engine.
 """
+from .interleaved import Seg, Trajectory, interleaved_logprobs, interleaved_pg_loss, rollout_interleaved
 from .losses import NORMS, flow_pg_loss, group_advantages, kl_k3, ppo_clip_objective, token_pg_loss
 from .rewards import (AnswerReward, DecisionReward, FormatReward, MeanColorReward, PixelCheckReward, WeightedReward,
                       extract_answer, score)
 from .rollout import (ImageRollout, SDESchedule, TextRollout, image_logprobs, rollout_images, rollout_text,
-                      token_logprobs, trajectory_seed)
+                      sample_images, token_logprobs, trajectory_seed)
 
 __all__ = ["group_advantages", "kl_k3", "ppo_clip_objective", "token_pg_loss", "flow_pg_loss", "NORMS",
            "SDESchedule", "TextRollout", "ImageRollout", "rollout_text", "rollout_images", "token_logprobs",
-           "image_logprobs", "trajectory_seed", "PixelCheckReward", "AnswerReward", "FormatReward", "DecisionReward",
+           "image_logprobs", "trajectory_seed", "sample_images", "Seg", "Trajectory", "rollout_interleaved",
+           "interleaved_logprobs", "interleaved_pg_loss", "PixelCheckReward", "AnswerReward", "FormatReward", "DecisionReward",
            "MeanColorReward", "WeightedReward", "score", "extract_answer"]

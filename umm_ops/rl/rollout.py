@@ -19,8 +19,8 @@ import umm_ops
 
 from ..utils import generator, seed_of
 
-__all__ = ["SDESchedule", "TextRollout", "ImageRollout", "rollout_text", "rollout_images", "token_logprobs",
-           "image_logprobs", "trajectory_seed"]
+__all__ = ["SDESchedule", "TextRollout", "ImageRollout", "rollout_text", "rollout_images", "sample_images",
+           "token_logprobs", "image_logprobs", "trajectory_seed"]
 
 
 def trajectory_seed(seed: int, step: int, key, sample: int) -> int:
@@ -239,31 +239,43 @@ def rollout_images(model, prompts, group_size: int, *, seed: int = 0, step: int 
     """Draw ``group_size`` images per prompt with the SDE sampler (CFG as configured), recording the steps the
     schedule makes stochastic.  sigma: a float (constant, CLEAR 0.3) or ``umm_ops.SigmaSchedule(a)``
     (Flow-GRPO's a sqrt((1 - t) / t)).  same_init_noise: every sample of a group starts from the same noise (R3)."""
-    from ..model.generate import generate_image
-
     keys = _check_group(prompts, keys, group_size)
-    schedule = (schedule or SDESchedule()).validate(steps)
     G = group_size
     P = [p for p in prompts for _ in range(G)]
     K = [k for k in keys for _ in range(G)]
     seeds = [trajectory_seed(seed, step, k, j) for k in keys for j in range(G)]
+    init_keys = [("rollout-init", str(k)) for k in K] if same_init_noise else None
+    m = [dict(x) for x in meta for _ in range(G)] if meta is not None else []
+    return sample_images(model, P, seeds, step=step, seed=seed, steps=steps, cfg_scale=cfg_scale,
+                         time_shift=time_shift, sigma=sigma, schedule=schedule, height=height, width=width,
+                         init_keys=init_keys, keys=K, group_size=G, meta=m)
+
+
+def sample_images(model, prompts, seeds, *, step: int = 0, seed: int = 0, steps: int = 10, cfg_scale=None,
+                  time_shift=None, sigma=0.7, schedule: SDESchedule | None = None, height=None, width=None,
+                  init_keys=None, keys=None, group_size: int = 1, meta=None) -> ImageRollout:
+    """One SDE image per prompt, each from its own seed (``seeds``), recording the steps ``schedule`` makes
+    stochastic; ``init_keys``: per prompt, a key of its initial noise (equal keys, equal noise)."""
+    from ..model.generate import generate_image
+
+    schedule = (schedule or SDESchedule()).validate(steps)
     sde = [schedule.steps_for(steps, step, s) for s in seeds]
     cfg = model.config
     H, W = int(height or cfg.image_size), int(width or cfg.image_size)
     init = None
-    if same_init_noise:
+    if init_keys is not None:
         n, C = model.latent_shape((H, W))
-        init = torch.stack([torch.randn(n, C, generator=generator(seed, step, "rollout-init", str(k)))
-                            for k in keys for _ in range(G)])
+        init = torch.stack([torch.randn(n, C, generator=generator(seed, step, *k)) for k in init_keys])
     scale = cfg.cfg_scale if cfg_scale is None else float(cfg_scale)
-    out = generate_image(model, P, height=H, width=W, steps=steps, cfg_scale=scale, time_shift=time_shift,
-                         seed=seeds, mode="sde", sigma=sigma, sde_steps=sde, init_noise=init)
+    out = generate_image(model, list(prompts), height=H, width=W, steps=steps, cfg_scale=scale,
+                         time_shift=time_shift, seed=list(seeds), mode="sde", sigma=sigma, sde_steps=sde,
+                         init_noise=init)
     traj, ts, lps = out["trajectory"], out["timesteps"].float(), out["logprobs"]
     idx = torch.tensor(sde, dtype=torch.int64)                                   # (B, S)
-    ar = torch.arange(len(P))[:, None]
-    m = [dict(x) for x in meta for _ in range(G)] if meta is not None else []
-    return ImageRollout(P, K, G, out["images"], out["latents"], traj[ar, idx], traj[ar, idx + 1], ts[idx],
-                        ts[idx + 1], lps[ar, idx.to(lps.device)], idx, sigma, scale, H, W, seeds, m)
+    ar = torch.arange(len(prompts))[:, None]
+    return ImageRollout(list(prompts), list(keys if keys is not None else range(len(prompts))), group_size,
+                        out["images"], out["latents"], traj[ar, idx], traj[ar, idx + 1], ts[idx], ts[idx + 1],
+                        lps[ar, idx.to(lps.device)], idx, sigma, scale, H, W, list(seeds), list(meta or []))
 
 
 def image_logprobs(model, ro: ImageRollout, reference=None):

@@ -19,6 +19,7 @@ step ``data.global_tokens / data.budget`` micro-batches of them.
 from __future__ import annotations
 
 import copy
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,8 @@ class FlowGRPOConfig:
     group_size: int = 8               # images per prompt (G)
     prompts_per_micro: int = 2        # prompts per micro-batch
     sample_steps: int = 10            # sampler steps of a rollout
-    cfg_scale: float = 1.0            # CFG during rollout (and in the recomputed velocity)
+    cfg_scale: typing.Optional[float] = None   # CFG during rollout and in the recomputed velocity (None: the
+                                               # model's, as the evaluation samples; 1 = off, half the cost)
     sigma: float = 0.7                # noise level: Flow-GRPO's a of sigma_t = a sqrt((1 - t) / t), or the constant
     sigma_kind: str = "flow-grpo"     # "flow-grpo" (the schedule above) or "constant" (CLEAR: 0.3)
     schedule: str = "all"             # stochastic steps: all | window | cycle | random (umm_ops.rl.SDESchedule)
@@ -92,7 +94,7 @@ class FlowGRPOConfig:
         need(self.group_size >= 2, "group_size", "must be >= 2 (advantages are relative to the group)")
         need(self.prompts_per_micro >= 1, "prompts_per_micro", "must be >= 1")
         need(self.sample_steps >= 2, "sample_steps", "must be >= 2 (the last step is deterministic)")
-        need(self.cfg_scale >= 1.0, "cfg_scale", "must be >= 1 (1 = no guidance)")
+        need(self.cfg_scale is None or self.cfg_scale >= 1.0, "cfg_scale", "must be None or >= 1 (1 = no guidance)")
         need(self.sigma > 0, "sigma", "must be > 0")
         need(self.sigma_kind in ("flow-grpo", "constant"), "sigma_kind", "must be 'flow-grpo' or 'constant'")
         need(self.reward in ("checker", "checker-strict", "redness"), "reward",
