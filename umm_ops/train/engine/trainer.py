@@ -261,7 +261,8 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
                 extra = " | ".join(f"{k} {means[k]:.4f}" for k in keys if k != "loss")
                 rep.line(f"step {step + 1:>5}/{cfg.job.steps} | loss {means['loss']:.4f}"
                          + (f" | {extra}" if extra else "") + f" | lr {lr:.2e} | gnorm {gnorm:.2f}"
-                         + (f" | {tps:,.0f} tok/s" if tps > 0 else f" | {sum(r['step_s'] for r in recent) / len(recent):.1f} s/step"))
+                         + (f" | {tps:,.0f} tok/s" if tps > 0 else
+                            f" | {sum(r['step_s'] for r in recent) / len(recent):.1f} s/step"))
             if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or step + 1 == cfg.job.steps:
                 state = {"config": cfg.to_dict(), "loader": loader.state_dict(), "schedule": sched.state_dict(),
                          "train": {"tokens_this_run": tokens_run, "epoch": loader.epoch}}
