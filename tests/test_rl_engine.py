@@ -2,9 +2,10 @@
 fast (seeded, margins measured over seeds), PPO epochs reuse a rollout and resume exactly, and 2 gloo ranks
 sharding the prompt groups give the same run as one process.
 
-Margins.  flow-grpo, mean redness (32 px, G=4, 2 prompts, 4 sampler steps, lr 1e-3, 12 steps): the mean reward of
-the last 3 steps minus that of the first 3 was +0.115 / +0.102 / +0.097 for seeds 0 / 1 / 2 (step-to-step
-noise of a step's mean ~0.03): the test asks for > 0.05.  Text ("start the answer with A", after 30 steps of
+Margins.  flow-grpo, mean redness (32 px, G=4, 2 prompts, 4 sampler steps, no CFG, lr 1e-3, 12 steps): the mean
+reward of the last 3 steps minus that of the first 3 was +0.115 / +0.102 / +0.097 for seeds 0 / 1 / 2, against
+-0.023 / +0.025 / -0.016 with lr 1e-12 (no learning: the sampling noise of those means): the test asks for > 0.05.
+(With CFG 4 the same 12 steps did not learn: docs/results/flow-grpo.)  Text ("start the answer with A", after 30 steps of
 SFT on uniformly random letters A-D, G=8, 2 prompts, lr 1e-3): the first step's reward (P(A)) was 0.44 / 0.12 /
 0.31 / 0.12 and the mean of the last 3 of 8 steps 1.0 / 0.96 / 0.98 / 0.88 for seeds 0-3: the test asks for a
 first step below 0.6 and a last-3 mean of at least 0.8."""
@@ -25,7 +26,7 @@ from umm_ops.train import Config, train
 
 COMMON = ["job.progress=false", "recipe.image_size=32", "recipe.group_size=4", "recipe.sample_steps=4",
           "recipe.evaluate=false", "metrics.log_every=100", "metrics.plot=false", "recipe.train_records=200",
-          "metrics.tensorboard=false"]
+          "recipe.cfg_scale=1.0", "metrics.tensorboard=false"]
 
 
 def _metrics(out) -> list:
