@@ -182,6 +182,8 @@ def _generate(args) -> int:
         return refuse(f"--steps must be >= 1, got {args.steps}")
     if args.max_new_tokens < 1:
         return refuse(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.refine < 0 or (args.refine and args.text):
+        return refuse(f"--refine must be >= 1 rounds of image refinement (not with --text), got {args.refine}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         return refuse(f"--temperature must be a finite number >= 0, got {args.temperature}")
     why = _check_device("generate", args.device) or (None if args.text else _check_out_file("generate", "--out",
@@ -210,9 +212,28 @@ def _generate(args) -> int:
         p = model.config.pixels_per_token
         if size % p:
             return refuse(f"--size must be a multiple of {p} (pixels per LLM token), got {size}")
-        with torch.no_grad():
-            img = model.generate_image([args.prompt], height=size, width=size, steps=args.steps,
-                                       cfg_scale=args.cfg, seed=args.seed)["images"][0]
+        if args.refine:
+            from pathlib import Path
+
+            from .model.refine import generate_refined
+
+            res = generate_refined(model, [args.prompt], max_rounds=args.refine, steps=args.steps,
+                                   cfg_scale=args.cfg, seed=args.seed, temperature=args.temperature,
+                                   think_tokens=args.max_new_tokens, reflect_tokens=args.max_new_tokens,
+                                   height=size, width=size)[0]
+            stem = Path(args.out)
+            for rd in res["rounds"]:
+                path = stem.with_name(f"{stem.stem}-round{rd['round']}{stem.suffix or '.png'}")
+                atomic_write(path, write=_to_pil(rd["image"]).save, suffix=".png")
+                what = rd["text"] if rd["round"] == 1 else f"instruction: {rd['instruction']!r}"
+                print(f"round {rd['round']}: {what!r:.200} -> {path}")
+            print("the model said no further edit is needed" if res["stopped"] else
+                  f"stopped after --refine {args.refine} rounds")
+            img = res["image"]
+        else:
+            with torch.no_grad():
+                img = model.generate_image([args.prompt], height=size, width=size, steps=args.steps,
+                                           cfg_scale=args.cfg, seed=args.seed)["images"][0]
     except (ValueError, FloatingPointError) as e:  # refused settings, a prompt too long, a NaN image: no file
         return refuse(str(e))
     out = args.out
@@ -395,6 +416,9 @@ def main(argv=None) -> int:
     ge.add_argument("--max-new-tokens", type=int, default=64)
     ge.add_argument("--temperature", type=float, default=0.0)
     ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--refine", type=int, default=0, metavar="N",
+                    help="R3's loop: up to N rounds of plan / draw, then reflect / edit until the model says no "
+                         "further edit is needed (each round's image is also written as OUT-round<k>.png)")
     ge.add_argument("--device", default=None)
     ge.set_defaults(fn=_generate)
     ev = sub.add_parser("eval", help="held-out evaluation with 95%% confidence intervals (markdown table, JSON)")

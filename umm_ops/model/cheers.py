@@ -287,6 +287,11 @@ class CheersModel(nn.Module):
 
         return edit_image(self, images, instructions, **kw)
 
+    def generate_refined(self, prompts, **kw):
+        from .refine import generate_refined
+
+        return generate_refined(self, prompts, **kw)
+
     # ------------------------------------------------------------------ checkpoints (see checkpoint.py)
     def save_pretrained(self, folder, **kw):
         return _save_pretrained(self, folder, **kw)

@@ -1,0 +1,92 @@
+"""R3's inference loop (umm_ops.model.refine): stopping rule, round bookkeeping, reflection parsing and per-prompt
+seeding, with the model's text replaced by scripted answers (the images are the tiny model's own)."""
+import pytest
+import torch
+
+from umm_ops.model import refine
+from umm_ops.model.refine import generate_refined, instruction_of, is_stop
+
+
+def test_instruction_parsing():
+    assert instruction_of("<think> it is blue </think> make the circle red") == "make the circle red"
+    assert instruction_of("make it red") == "make it red"
+    assert is_stop("<think> looks right </think> No further edit needed.")
+    assert not is_stop("<think> no further edit needed? no </think> add a square")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from umm_ops.model.cheers import CheersModel
+
+    torch.manual_seed(0)
+    m = CheersModel("tiny")
+    m.config.image_size = 32
+    return m.eval()
+
+
+def _scripted(monkeypatch, script):
+    """decode -> for each prompt, the scripted text of its (prompt, round): the round is counted per prompt."""
+    from umm_ops.model import generate as gen
+
+    calls = {}
+
+    def fake_decode(model, prompts, **kw):
+        out = []
+        for p in prompts:
+            items = p.items if hasattr(p, "items") else None
+            text = p if isinstance(p, str) else next(i.text for i in items if hasattr(i, "text"))
+            key = next(k for k in script if k in text)
+            calls[key] = calls.get(key, 0) + 1
+            out.append({"ids": [1], "text": script[key][calls[key] - 1], "logprobs": torch.zeros(1),
+                        "finish_reason": "eos"})
+        return out
+
+    monkeypatch.setattr(gen, "decode", fake_decode)
+    return calls
+
+
+def test_loop_stops_by_itself_and_keeps_every_round(model, monkeypatch):
+    script = {"red circle": ["<think> one red circle </think>", "<think> ok </think> no further edit needed"],
+              "blue square": ["<think> a square </think>", "make it bluer", "<think> x </think> move it left",
+                              "unused"]}
+    _scripted(monkeypatch, script)
+    res = generate_refined(model, ["a red circle", "a blue square"], max_rounds=3, steps=2, seed=3)
+    a, b = res
+    assert [r["round"] for r in a["rounds"]] == [1, 2] and a["stopped"]
+    assert torch.equal(a["rounds"][1]["image"], a["rounds"][0]["image"]) and torch.equal(a["image"],
+                                                                                        a["rounds"][0]["image"])
+    assert a["rounds"][1]["instruction"] == "no further edit needed"
+    assert [r["round"] for r in b["rounds"]] == [1, 2, 3] and not b["stopped"]
+    assert [r["instruction"] for r in b["rounds"]] == [None, "make it bluer", "move it left"]
+    assert not torch.equal(b["rounds"][1]["image"], b["rounds"][0]["image"])    # an edit makes a new image
+    assert torch.equal(b["image"], b["rounds"][2]["image"])
+    # a prompt's rounds do not depend on the other prompts
+    _scripted(monkeypatch, script)
+    alone = generate_refined(model, ["a blue square"], max_rounds=3, steps=2, seed=3)[0]
+    for x, y in zip(alone["rounds"], b["rounds"]):
+        torch.testing.assert_close(x["image"], y["image"], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_arguments(model):
+    with pytest.raises(ValueError, match="max_rounds"):
+        generate_refined(model, ["a red circle"], max_rounds=0)
+    with pytest.raises(ValueError, match="prompts"):
+        generate_refined(model, [""])
+    assert refine.STOP_PHRASE in refine.REFLECT_PROMPT
+
+
+def test_refine_from_the_cli(tmp_path, capsys):
+    from umm_ops.cli import main
+    from umm_ops.model.cheers import CheersModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny"
+    CheersModel("tiny").save_pretrained(folder)
+    png = tmp_path / "r.png"
+    assert main(["generate", str(folder), "--prompt", "a red circle", "--steps", "2", "--size", "32",
+                 "--refine", "2", "--max-new-tokens", "4", "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert png.is_file() and (tmp_path / "r-round1.png").is_file() and "round 1:" in out
+    # an untrained model does not say the stop phrase: round 2 is an edit, written too
+    assert (tmp_path / "r-round2.png").is_file() and "stopped after --refine 2 rounds" in out
+    assert main(["generate", str(folder), "--prompt", "x", "--text", "--refine", "2"]) == 2
