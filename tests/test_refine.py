@@ -90,3 +90,42 @@ def test_refine_from_the_cli(tmp_path, capsys):
     # an untrained model does not say the stop phrase: round 2 is an edit, written too
     assert (tmp_path / "r-round2.png").is_file() and "stopped after --refine 2 rounds" in out
     assert main(["generate", str(folder), "--prompt", "x", "--text", "--refine", "2"]) == 2
+
+
+def test_edit_pairs_miss_the_prompt_by_the_edit_the_instruction_names():
+    import random
+
+    from umm_ops.data.refine_data import edit_pair, r3_samples
+    from umm_ops.data.synthetic import SyntheticWorld, render
+    from umm_ops.eval.checker import check
+
+    w = SyntheticWorld(size=64, seed=1, max_objects=2, object_scale=1.8, kinds=("circle", "square", "triangle",
+                                                                                "cross"))
+    seen = set()
+    for i in range(40):
+        rec = w[i]
+        assert check(rec.prompt, rec.image, value_range=(0, 255))["correct"]
+        scene, ins, what = edit_pair(rec, random.Random(i), w.kinds, w.colors)
+        seen.add(what)
+        bad, _ = render(scene)
+        assert not check(rec.prompt, bad, value_range=(0, 255))["correct"], (i, ins)
+        before, after = rec.scene["objects"], scene["objects"]
+        if what == "remove":
+            assert len(after) == len(before) - 1 and ins.startswith("add ")
+        else:
+            (k,) = [k for k, (a, b) in enumerate(zip(before, after)) if a != b]
+            o, e = before[k], after[k]
+            if what == "recolor":
+                assert ins == f"change the {e['color']} {o['kind']} to {o['color']}" and e["kind"] == o["kind"]
+            else:
+                assert ins == f"turn the {o['color']} {e['kind']} into a {o['kind']}" and e["color"] == o["color"]
+    assert seen == {"recolor", "reshape", "remove"}
+    s = r3_samples(w[0], kinds=w.kinds, colors=w.colors)
+    tasks = [x.meta["task"] for x in s]
+    assert tasks[:3] == ["plan", "reflect", "edit"]
+    plan, refl, edit = s[:3]
+    assert [type(it).__name__ for it in plan.items] == ["TextItem", "TextItem", "ImageItem"]
+    assert plan.items[1].loss and plan.items[2].role == "generate"
+    assert refl.items[0].role == "understand" and refl.items[2].loss and refl.items[2].text.endswith("<|im_end|>")
+    assert edit.items[0].role == "understand" and edit.items[2].role == "generate"
+    assert torch.equal(edit.items[2].image, w[0].image.float() / 127.5 - 1)

@@ -23,13 +23,18 @@ from ..spec import DataSource, Recipe, StepOutput, register
 
 __all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS", "bare_loop"]
 
-TASKS = ("caption", "vqa", "vqa_short", "generate", "segment", "degraded_vqa")   # vqa_short: the same questions
-# answered with the word (short-answer VQA), vqa: multiple choice answered with the option letter
+TASKS = ("caption", "vqa", "vqa_short", "generate", "segment", "degraded_vqa", "r3_plan", "r3_reflect", "r3_edit")
+# vqa_short: the same questions answered with the word (short-answer VQA), vqa: multiple choice answered with the
+# option letter; r3_*: R3's plan -> draw, reflect -> instruction, and edit samples (umm_ops.data.refine_data)
 DEFAULT_WEIGHTS = {"caption": 2}   # samples per record of each task when task_weights = (); others 1
 
 
 @dataclass
 class SFTRecipeConfig:
+    init: str = ""                    # a run folder / checkpoint / save_pretrained folder whose weights this run starts
+                                      # from ("" = the preset's fresh model): e.g. R3's format SFT on the base run.
+                                      # Not run-defining: a resumed run loads its own checkpoint (the folder must
+                                      # still exist to build the model)
     image_size: int = 64              # side of the synthetic pictures (a multiple of 32, the pixels per LLM token)
     tasks: tuple = ("caption", "vqa", "vqa_short", "generate", "segment")
     task_weights: tuple = ()          # samples per record and task (ints >= 1, one per task); () = DEFAULT_WEIGHTS
@@ -145,6 +150,10 @@ class SyntheticSFTDataset:
         task, k = self.slots[i % len(self.slots)]
         if task == "vqa_short":
             samples = to_samples(self.world[r], ("vqa",), multiple_choice=False)
+        elif task.startswith("r3_"):
+            from ...data.refine_data import r3_samples
+
+            samples = r3_samples(self.world[r], (task[3:],), kinds=self.world.kinds, colors=self.world.colors)
         else:
             samples = to_samples(self.world[r], (task,))
         pick = seed_of(self.seed, r, "pick") if k == 0 else seed_of(self.seed, r, "pick", k)
@@ -191,11 +200,19 @@ class SFTRecipe(Recipe):
     def build_model(self, cfg):
         from ...model.cheers import CheersModel
 
-        model = CheersModel(cfg.model.preset)
+        if cfg.recipe.init:
+            from ..export import load_checkpoint_model
+
+            src = load_checkpoint_model(cfg.recipe.init)
+            model = CheersModel(src.config, tokenizer=src.tokenizer)
+            model.load_state_dict(src.state_dict())
+            model.train()
+        else:
+            model = CheersModel(cfg.model.preset)
         model.config.image_size = cfg.recipe.image_size   # the checkpoint's default generation size
         if not cfg.recipe.train_decoder_copy:
             model.vae.decoder_copy.requires_grad_(False)
-        if not model.vae.pretrained:
+        if not model.vae.pretrained and not cfg.recipe.init:
             # a random VAE needs latent statistics (trained weights bring theirs; a resumed run loads them)
             model.vae.calibrate(self._dataset(cfg).images(min(64, cfg.recipe.train_records)))
         return model
