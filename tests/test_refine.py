@@ -129,3 +129,22 @@ def test_edit_pairs_miss_the_prompt_by_the_edit_the_instruction_names():
     assert refl.items[0].role == "understand" and refl.items[2].loss and refl.items[2].text.endswith("<|im_end|>")
     assert edit.items[0].role == "understand" and edit.items[2].role == "generate"
     assert torch.equal(edit.items[2].image, w[0].image.float() / 127.5 - 1)
+
+
+def test_sft_from_init_weights_on_the_r3_tasks(tmp_path):
+    from umm_ops.model.cheers import CheersModel
+    from umm_ops.train import Config, train
+    from umm_ops.train.recipes.sft import SFTRecipe
+
+    torch.manual_seed(1)
+    src = CheersModel("tiny")
+    src.save_pretrained(tmp_path / "base")
+    over = [f"recipe.init={tmp_path / 'base'}", "recipe.image_size=32", "recipe.tasks=r3_plan,r3_reflect,r3_edit",
+            "recipe.evaluate=false", "recipe.caption_first=0", "job.steps=2", "job.progress=false",
+            f"job.out={tmp_path / 'run'}", "checkpoint.every=0", "metrics.plot=false", "data.budget=1024"]
+    cfg = Config.build("sft", overrides=over)
+    built = SFTRecipe().build_model(cfg)
+    for (n, a), b in zip(src.state_dict().items(), built.state_dict().values()):
+        assert torch.equal(a, b), n
+    s = train(cfg)
+    assert s["steps"] == 2 and s["loss_last1"] > 0
