@@ -148,3 +148,13 @@ def test_sft_from_init_weights_on_the_r3_tasks(tmp_path):
         assert torch.equal(a, b), n
     s = train(cfg)
     assert s["steps"] == 2 and s["loss_last1"] > 0
+
+
+def test_refine_eval_task(model):
+    from umm_ops.eval.runner import evaluate
+
+    res = evaluate(model, "refine", n=3, image_size=32, steps=2, refine_rounds=2, first=100,
+                   world_kwargs={"max_objects": 1})
+    t = res["tasks"]["refine"]
+    assert t["n"] == 3 and set(t["metrics"]) == {"round1", "stopped", "worse", "better"}
+    assert len(t["score_after_round"]) == 2 and all(0 <= s <= 1 for s in t["score_after_round"])

@@ -5,7 +5,7 @@
   train                      train with a recipe on the engine (default sft: the demo job), resumable, torchrun-ready
   export                     a run's consolidated save_pretrained folder
   generate                   an image (PNG) or text from a trained checkpoint
-  eval                       held-out evaluation (vqa, caption, geneval, segment, vae-recon, mmd-bench) with 95% CIs
+  eval                       held-out evaluation (vqa, caption, geneval, refine, segment, vae-recon, mmd-bench) with 95% CIs
 Benchmarks: bench/run.py in the repository."""
 from __future__ import annotations
 
@@ -333,7 +333,8 @@ def _eval(args) -> int:
     try:
         res = evaluate(model, args.tasks, n=args.n, seed=args.seed, image_size=args.image_size or size,
                        out_dir=args.out, world_kwargs=world, first=first, steps=args.steps,
-                       batch_size=args.batch_size, model_name=name, data=args.data, progress=progress)
+                       batch_size=args.batch_size, model_name=name, data=args.data, progress=progress,
+                       refine_rounds=args.rounds)
     except (FileNotFoundError, ValueError) as e:
         print(f"eval: {e}", file=sys.stderr)
         return 2
@@ -426,7 +427,7 @@ def main(argv=None) -> int:
                     help="a run folder (its newest checkpoint), a checkpoint-<step> folder or a save_pretrained folder")
     ev.add_argument("--model", default=None, help="evaluate an untrained preset instead (tiny, small, ...)")
     ev.add_argument("--tasks", default="vqa,caption,geneval,segment,vae-recon,mmd-bench",
-                    help="comma-separated: vqa, caption, geneval, segment, vae-recon, mmd-bench")
+                    help="comma-separated: vqa, caption, geneval, refine, segment, vae-recon, mmd-bench")
     ev.add_argument("--n", type=int, default=256, help="held-out records per task")
     ev.add_argument("--seed", type=int, default=0, help="evaluation seed (question picks, sampler noise, bootstrap)")
     ev.add_argument("--json", default=None, help="write the result as JSON here")
@@ -437,6 +438,7 @@ def main(argv=None) -> int:
                                                  "for vqa / mmd-bench instead of the synthetic world")
     ev.add_argument("--image-size", type=int, default=None, help="default: the run's image size")
     ev.add_argument("--steps", type=int, default=None, help="sampler steps of generated images (default: the model's)")
+    ev.add_argument("--rounds", type=int, default=3, help="rounds of R3's loop (task refine)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--brief", action="store_true", help="print only the summary table")
     ev.add_argument("--device", default=None)

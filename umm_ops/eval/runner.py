@@ -132,7 +132,7 @@ def save_grid(grid: dict, path, tile: int | None = None, labels: bool = True) ->
 def evaluate(model, tasks=DEFAULT_TASKS, n: int = 256, seed: int = 0, image_size: int | None = None, out_dir=None,
              world_kwargs: dict | None = None, *, first: int | None = None, steps: int | None = None,
              batch_size: int = 16, grid_items: int = 8, model_name: str | None = None, data: str | None = None,
-             progress=None) -> dict:
+             progress=None, refine_rounds: int = 3) -> dict:
     """Evaluate `model` on `tasks` (names or "a,b") over held-out records ``first .. first + n - 1``.
 
     world_kwargs: SyntheticWorld arguments of the world the model was trained on (default
@@ -163,7 +163,10 @@ def evaluate(model, tasks=DEFAULT_TASKS, n: int = 256, seed: int = 0, image_size
     if image_size is None:
         image_size = size or getattr(getattr(model, "config", None), "image_size", None) or 64
     world = SyntheticWorld(size=int(image_size), length=first + n, **wk)
-    ctx = EvalContext(world, first, n, int(seed), int(image_size), steps, batch_size, grid_items, data)
+    if isinstance(refine_rounds, bool) or not isinstance(refine_rounds, int) or refine_rounds < 1:
+        raise ValueError(f"evaluate: refine_rounds must be an int >= 1, got {refine_rounds!r}")
+    ctx = EvalContext(world, first, n, int(seed), int(image_size), steps, batch_size, grid_items, data,
+                      refine_rounds)
     out_dir = Path(out_dir) if out_dir is not None else None
     result = {"model": model_name or type(model).__name__, "seed": int(seed), "n": n, "first": first,
               "records": [first, first + n], "image_size": int(image_size), "steps": steps,

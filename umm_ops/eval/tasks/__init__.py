@@ -56,6 +56,7 @@ class EvalContext:
     batch_size: int = 16          # prompts per model call (fixed: generated images depend on their batch's seed)
     grid_items: int = 8           # items shown in a task's sample grid
     data: str | None = None       # a user's multiple-choice file (vqa, mmd-bench) instead of the world
+    refine_rounds: int = 3        # rounds of R3's loop (task refine)
 
     def __post_init__(self):
         self._records: dict = {}
@@ -114,4 +115,4 @@ def model_device_dtype(model):
 
 
 # the registry's order is the order of `umm eval`'s table
-from . import vqa, caption, geneval, segment, vae_recon, mmd_bench  # noqa: E402,F401,I001  (they register)
+from . import vqa, caption, geneval, refine, segment, vae_recon, mmd_bench  # noqa: E402,F401,I001  (they register)
