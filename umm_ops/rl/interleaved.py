@@ -6,7 +6,7 @@ A *plan* is a list of :class:`Seg` (kind "text" or "image", the sampling setting
 the model asked for it).  Each segment runs batched over the trajectories it applies to:
 
 * a text segment continues the trajectory's context with the KV-cache decoder (``decode``) and records the sampled
-  ids and their log-probs;
+  ids and their log-probs (the text it adds to the context is all it sampled, a stop string included);
 * an image segment draws an image conditioned on the context with the SDE sampler (``sample_images``), records its
   stochastic steps, and appends the image to the context as an image to understand: it enters the next segment's
   context exactly as the model reads any image (VAE encode -> decoder copy -> ViT -> projector).
@@ -50,6 +50,10 @@ class Seg:
     height: int | None = None
     width: int | None = None
     when: object = None
+    context: object = None
+
+    # context: ``context(trajectory) -> Sample`` conditions this segment on something else than the running
+    # context (R3's edit: [the image to edit, the instruction]); its output still joins the running context
 
     def __post_init__(self):
         if self.kind not in ("text", "image"):
@@ -75,8 +79,8 @@ class Trajectory:
         items = list(_as_sample(self.prompt, "rollout_interleaved").items)
         for s in self.segments:
             if s["kind"] == "text":
-                if s["text"]:
-                    items.append(TextItem(s["text"]))
+                if s["context_text"]:
+                    items.append(TextItem(s["context_text"]))
             else:
                 items.append(ImageItem(s["image"], "understand"))
         return Sample(items)
@@ -104,13 +108,17 @@ def rollout_interleaved(model, prompts, group_size: int, plan, *, seed: int = 0,
         todo = [i for i, t in enumerate(trajs) if seg.when is None or seg.when(trajs[i])]
         if not todo:
             continue
-        ctx = [trajs[i].context() for i in todo]
+        ctx = [trajs[i].context() if seg.context is None else seg.context(trajs[i]) for i in todo]
         seeds = [seed_of(base[i], "segment", si) for i in todo]
         if seg.kind == "text":
             res = decode(model, ctx, max_new_tokens=seg.max_new_tokens, temperature=seg.temperature,
                          top_k=seg.top_k, top_p=seg.top_p, stop=list(seg.stop), seed=seeds)
+            eos = model.tokenizer.eos_id
             for i, c, r in zip(todo, ctx, res):
+                # what the model wrote joins the context as sampled (a stop string included, the eos not)
+                full = model.tokenizer.decode([t for t in r["ids"] if t != eos])
                 trajs[i].segments.append({"kind": "text", "index": si, "context": c, "ids": r["ids"],
+                                          "context_text": full,
                                           "text": r["text"], "logprobs": r["logprobs"],
                                           "finish_reason": r["finish_reason"], "temperature": seg.temperature})
         else:
