@@ -51,6 +51,9 @@ class Seg:
     width: int | None = None
     when: object = None
     context: object = None
+    shared_noise: bool = False
+
+    # shared_noise (image): the samples of a group start from the same initial noise (R3)
 
     # context: ``context(trajectory) -> Sample`` conditions this segment on something else than the running
     # context (R3's edit: [the image to edit, the instruction]); its output still joins the running context
@@ -122,8 +125,10 @@ def rollout_interleaved(model, prompts, group_size: int, plan, *, seed: int = 0,
                                           "text": r["text"], "logprobs": r["logprobs"],
                                           "finish_reason": r["finish_reason"], "temperature": seg.temperature})
         else:
+            init = [("interleaved-init", str(trajs[i].key), si) for i in todo] if seg.shared_noise else None
             ro = sample_images(model, ctx, seeds, step=step, seed=seed, steps=seg.steps, cfg_scale=seg.cfg_scale,
-                               sigma=seg.sigma, schedule=seg.schedule, height=seg.height, width=seg.width)
+                               sigma=seg.sigma, schedule=seg.schedule, height=seg.height, width=seg.width,
+                               init_keys=init)
             for j, (i, c) in enumerate(zip(todo, ctx)):
                 trajs[i].segments.append({"kind": "image", "index": si, "context": c, "image": ro.images[j],
                                           "x": ro.x[j], "x_next": ro.x_next[j], "t": ro.t[j],

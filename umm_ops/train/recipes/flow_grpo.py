@@ -27,7 +27,17 @@ import torch
 
 from ..spec import DataSource, Recipe, StepOutput, register
 
-__all__ = ["FlowGRPORecipe", "FlowGRPOConfig", "PolicyModel"]
+__all__ = ["FlowGRPORecipe", "FlowGRPOConfig", "policy_model"]
+
+_POLICY = None
+
+
+def policy_model():
+    """The PolicyModel class (built on first use: the model module imports heavy dependencies)."""
+    global _POLICY
+    if _POLICY is None:
+        _POLICY = _policy_class()
+    return _POLICY
 
 
 def _policy_class():
@@ -45,9 +55,6 @@ def _policy_class():
             return super().forward(*args, **kw)
 
     return PolicyModel
-
-
-PolicyModel = None   # set on first use (the model module imports heavy dependencies)
 
 
 @dataclass
@@ -217,9 +224,7 @@ class FlowGRPORecipe(Recipe):
         return SyntheticWorld(size=cfg.recipe.image_size, seed=cfg.job.seed, length=length, **self.world_kwargs(cfg))
 
     def build_model(self, cfg):
-        global PolicyModel
-        if PolicyModel is None:
-            PolicyModel = _policy_class()
+        PolicyModel = policy_model()
         r = cfg.recipe
         if r.init:
             from ..export import load_checkpoint_model
