@@ -363,7 +363,7 @@ def test_config_errors(tmp_path):
         Config.build("sft", overrides=["optim.lr"])
     with pytest.raises(ConfigError, match="optim.lr = nan is not allowed"):
         Config.build("sft", overrides=["optim.lr=nan"])
-    with pytest.raises(ValueError, match="unknown recipe 'dance'; recipes: \\['sft'"):
+    with pytest.raises(ValueError, match="unknown recipe 'dance'; recipes: \\[.*'sft'"):
         Config.build("dance")
     bad = tmp_path / "bad.toml"
     bad.write_text("[optimizer]\nlr = 1\n")
