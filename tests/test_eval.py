@@ -144,6 +144,24 @@ class Oracle:
         return {"images": torch.rand(len(prompts), 3, height, width, generator=torch.Generator().manual_seed(seed))
                 * 2 - 1}
 
+    def generate_refined(self, prompts, max_rounds=3, height=64, width=64, seed=0, **kw):
+        """R3's loop: "right" draws the true picture and stops; otherwise noise, edited for every round."""
+        recs = {self.world[i].prompt["text"]: self.world[i] for i in range(FIRST, FIRST + 64)}
+        out = []
+        for k, p in enumerate(prompts):
+            if self.mode == "right":
+                img = recs[p].image.float() / 127.5 - 1
+                rounds = [{"round": 1, "text": "<think> plan </think>", "instruction": None, "image": img},
+                          {"round": 2, "text": "no further edit needed", "instruction": "no further edit needed",
+                           "image": img}][:max_rounds]
+                out.append({"prompt": p, "rounds": rounds, "stopped": max_rounds > 1, "image": img})
+                continue
+            g = torch.Generator().manual_seed(seed + k)
+            rounds = [{"round": r + 1, "text": "x", "instruction": None if r == 0 else "x",
+                       "image": torch.rand(3, height, width, generator=g) * 2 - 1} for r in range(max_rounds)]
+            out.append({"prompt": p, "rounds": rounds, "stopped": False, "image": rounds[-1]["image"]})
+        return out
+
     def edit_image(self, images, instructions, height, width, steps=None, seed=0, **kw):
         if not self.by_pixels:
             for i in range(FIRST, len(self.world)):
@@ -306,7 +324,8 @@ def test_all_tasks_json_shape_grids_and_determinism(tmp_path):
     b = _eval(Oracle(w, "right"), list(TASKS), n=6, seed=3, out_dir=tmp_path / "a")
     assert json.dumps(a) == json.dumps(b)
     assert json.loads((tmp_path / "a" / "eval.json").read_text()) == a
-    assert list(a["tasks"]) == ["vqa", "vqa-short", "caption", "geneval", "segment", "vae-recon", "mmd-bench"]
+    assert list(a["tasks"]) == ["vqa", "vqa-short", "caption", "geneval", "segment", "vae-recon", "mmd-bench",
+                              "refine"]
     assert a["records"] == [FIRST, FIRST + 6] and a["seed"] == 3 and a["image_size"] == S
     for name, r in a["tasks"].items():
         assert r["score"] == 1.0 and r["n"] == 6 and len(r["ci95"]) == 2 and "per_type" in r, name

@@ -25,14 +25,12 @@ class RefineTask(Task):
     needs = "R3's format (SFT tasks r3_plan, r3_reflect, r3_edit) or the r3 recipe"
 
     def run(self, model, ctx: EvalContext) -> TaskOutput:
-        from ...model.refine import generate_refined
-
         recs = ctx.records()
         S, R = ctx.image_size, ctx.refine_rounds
         res = []
         for _, batch in ctx.batches(recs):
-            res += generate_refined(model, [r.prompt["text"] for r in batch], max_rounds=R, steps=ctx.steps,
-                                    seed=ctx.seed_for(self.name), height=S, width=S)
+            res += model.generate_refined([r.prompt["text"] for r in batch], max_rounds=R, steps=ctx.steps,
+                                          seed=ctx.seed_for(self.name), height=S, width=S)
         items, per_round = [], [[] for _ in range(R)]
         for r, out in zip(recs, res):
             scores = [score_image(r.prompt, rd["image"])["score"] for rd in out["rounds"]]
