@@ -1,7 +1,7 @@
 """R3's inference loop (reason, reflect, refine; papers.md section 4): generate -> understand -> regenerate.
 
-Round 1 plans and draws: the model continues the prompt with its reasoning (R3: ``<think> plan </think>``) and the
-image is generated conditioned on [prompt, reasoning].  Every later round shows the model its own image with R3's
+Round 1 plans and draws: the model continues the prompt with its reasoning (R3: ``<think> plan </think>``, stopped at
+``</think>``) and the image is generated conditioned on [prompt, reasoning].  Every later round shows the model its own image with R3's
 reflection prompt; the model thinks and writes one editing instruction, and the image is edited with it (the
 ``edit_image`` path: [image to understand, instruction] -> new image).  The loop stops for a prompt when the model
 answers that no edit is needed (``STOP_PHRASE``) or after ``max_rounds`` rounds.
@@ -70,7 +70,10 @@ def generate_refined(model, prompts, max_rounds: int = 4, think_tokens: int = 64
 
     # round 1: reason, then draw conditioned on [prompt, reasoning]
     plans = decode(model, prompts, max_new_tokens=think_tokens, temperature=temperature, top_k=top_k,
-                   seed=[sd(i, 1, "text") for i in range(n)])
+                   stop=["</think>"], seed=[sd(i, 1, "text") for i in range(n)])
+    eos = model.tokenizer.eos_id
+    for r in plans:       # the plan as written, its closing </think> included: the image follows it (R3's format)
+        r["text"] = model.tokenizer.decode([t for t in r["ids"] if t != eos])
     samples = [Sample([TextItem(p)] + ([TextItem(r["text"])] if r["text"] else [])) for p, r in zip(prompts, plans)]
     imgs = generate_image(model, samples, height=H, width=W, steps=steps, cfg_scale=cfg_scale,
                           seed=[sd(i, 1, "image") for i in range(n)])["images"]
