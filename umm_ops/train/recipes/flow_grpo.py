@@ -77,7 +77,9 @@ class FlowGRPOConfig:
     recordable: int = 0
     same_init_noise: bool = False     # every sample of a group starts from the same noise (R3)
     reward: str = "checker"           # "checker" (score of the prompt's constraints), "checker-strict" (1 when all
-                                      # met), "redness" (mean red minus the other channels: a sanity reward)
+                                      # met), "redness" (mean red minus the other channels: a sanity reward),
+                                      # "random" (uniform, independent of the image: the null control that shows
+                                      # what the updates do without any signal)
     adv_scale: str = "std"            # "std" (GRPO) or "none" (Dr.GRPO)
     adv_clip: float = 5.0             # |advantage| clamp (Flow-GRPO); 0 = off
     clip: float = 1e-4                # PPO clip range on the per-step ratio (Flow-GRPO: 1e-4)
@@ -106,8 +108,8 @@ class FlowGRPOConfig:
         need(self.cfg_scale is None or self.cfg_scale >= 1.0, "cfg_scale", "must be None or >= 1 (1 = no guidance)")
         need(self.sigma > 0, "sigma", "must be > 0")
         need(self.sigma_kind in ("flow-grpo", "constant"), "sigma_kind", "must be 'flow-grpo' or 'constant'")
-        need(self.reward in ("checker", "checker-strict", "redness"), "reward",
-             "must be 'checker', 'checker-strict' or 'redness'")
+        need(self.reward in ("checker", "checker-strict", "redness", "random"), "reward",
+             "must be 'checker', 'checker-strict', 'redness' or 'random'")
         need(self.adv_scale in ("std", "none"), "adv_scale", "must be 'std' or 'none'")
         need(self.adv_clip >= 0, "adv_clip", "must be >= 0 (0: off)")
         need(self.clip >= 0, "clip", "must be >= 0")
@@ -143,6 +145,15 @@ def _init_config(init: str):
     if (p / "config.json").is_file():
         return None
     return read_trainer_state(resolve_checkpoint(p))["config"]
+
+
+class _NullReward:
+    """Uniform in [0, 1] from the trajectory's seed, independent of the image."""
+
+    def __call__(self, tr):
+        from ...utils import generator
+
+        return float(torch.rand((), generator=generator(tr["seed"], "null-reward")))
 
 
 class PromptDoc:
@@ -275,6 +286,8 @@ class FlowGRPORecipe(Recipe):
     def _reward(self, r):
         from ... import rl
 
+        if r.reward == "random":
+            return _NullReward()
         return {"checker": rl.PixelCheckReward(), "checker-strict": rl.PixelCheckReward(strict=True),
                 "redness": rl.MeanColorReward(0)}[r.reward]
 
@@ -290,7 +303,8 @@ class FlowGRPORecipe(Recipe):
                        keys=[d.index for d in docs], steps=r.sample_steps, cfg_scale=r.cfg_scale,
                        sigma=r.sigma_value(), schedule=r.sde_schedule(), same_init_noise=r.same_init_noise,
                        meta=[{"spec": d.spec} for d in docs])
-            trajs = [{"prompt": p, "meta": m, "image": img} for p, m, img in zip(ro.prompts, ro.meta, ro.images)]
+            trajs = [{"prompt": p, "meta": m, "image": img, "seed": sd}
+                     for p, m, img, sd in zip(ro.prompts, ro.meta, ro.images, ro.seeds)]
             rewards, parts = rl.score(self._reward(r), trajs)
             adv = rl.group_advantages(rewards, r.group_size, scale=r.adv_scale)
             old = ro.logprobs
