@@ -14,9 +14,10 @@ Implementations: eager (the plain path), compile (torch.compile of the plain pat
 ~10-30 s per size on a small CPU), umm (the op, automatic backend: the C++ CPU kernel here).
 
 Timing: one process per size, the implementations interleaved round by round (the same load on a shared machine);
-the median of the rounds is reported, every raw time is kept.  Peak memory: each (implementation, case, size) in its
-own process, the growth of the peak resident set (ru_maxrss) over one call from just after the inputs were built
-(inputs, and for fwd+bwd their gradients, included for every implementation alike); on CUDA
+the median of the rounds is reported (at least 25 rounds for the cases whose eager call takes < 0.5 s), every raw time is kept.  Peak memory: each (implementation, case, size) in its
+own process, the growth of the peak resident set over one call from just after the inputs were built (Linux VmHWM,
+reset before the call, so that torch.compile's warm-up call does not count; the gradients' buffers are allocated
+before, alike for every implementation); on CUDA
 torch.cuda.max_memory_allocated minus what was allocated before.  CPU runs keep freed memory in the process as
 bench/run.py does (MALLOC_ENV), so that first-touch page faults do not decide the timing.
 Writes bench/results/<device>-lm-head.json (device named as bench/run.py names it) and prints a table.
@@ -27,7 +28,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -112,7 +112,8 @@ def worker_memory(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    else:
+        rss0 = _reset_peak_rss()
     if grad:
         loss = fn(h, w, t)
         loss.backward()   # accumulates into the preallocated .grad
@@ -122,8 +123,24 @@ def worker_memory(args) -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize()
         return dict(peak_mem_bytes=torch.cuda.max_memory_allocated() - base, peak_mem_kind="cuda max allocated - before")
-    return dict(peak_mem_bytes=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024,
-                peak_mem_kind="growth of the process peak RSS over one call (CPU)")
+    return dict(peak_mem_bytes=_status_kb("VmHWM") * 1024 - rss0,
+                peak_mem_kind="growth of the process peak RSS (VmHWM, reset before the call) over one call (CPU)")
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the peak RSS (Linux: 5 > /proc/self/clear_refs) and return the current RSS in bytes: the peak of the
+    next call is measured from here, whatever ran before (torch.compile's warm-up call raised it)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS") * 1024
 
 
 def worker_timing(args) -> dict:
@@ -142,8 +159,13 @@ def worker_timing(args) -> dict:
         values = {}
         for i in impls:  # warm-up (compiles)
             values[i] = _call(fns[i], case, h, w, t)
+        t0 = time.perf_counter()
+        _call(fns[impls[0]], case, h, w, t)
+        rounds = args.rounds
+        if time.perf_counter() - t0 < 0.5:
+            rounds = max(rounds, 25)   # small sizes: more rounds against the noise of a shared machine
         times = {i: [] for i in impls}
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for i in impls:
                 sync()
                 t0 = time.perf_counter()

@@ -421,3 +421,17 @@ def test_meta_tensors():
     assert umm_ops.linear_cross_entropy(h, w, t, reduction="none").shape == (5,)
     lp, ent = umm_ops.linear_logprob(h, w, t, return_entropy=True)
     assert lp.shape == (5,) and ent.shape == (5,)
+
+
+def test_second_backward_is_refused_clearly(seed):
+    """reduction "sum" / "mean" hand out the forward's gradients once (scaled in place: no second weight-sized
+    tensor); a retain_graph re-run is refused with a message saying what to do, "none" supports it."""
+    h, w, _, t = _inputs(6, 5, 11, torch.float32, "cpu")
+    hh = h.clone().requires_grad_(True)
+    loss = umm_ops.linear_cross_entropy(hh, w, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="a second backward through it .* use reduction='none'"):
+        loss.backward()
+    rows = umm_ops.linear_cross_entropy(hh, w, t, reduction="none")
+    rows.sum().backward(retain_graph=True)
+    rows.sum().backward()

@@ -219,6 +219,27 @@ def _loss_and_grads(model, batch):
     return out, grads
 
 
+def test_fused_text_loss_switch(model):
+    """config.fused_text_loss (default True): the text loss through umm_ops.linear_cross_entropy, no logits; False:
+    the plain lm_head + F.cross_entropy path.  Same losses and gradients to float32 rounding."""
+    assert model.config.fused_text_loss
+    batch = pack(_samples(), model.pack_spec(), seed=3)[0]
+    model.train()
+    try:
+        out_f, g_f = _loss_and_grads(model, batch)
+        model.config.fused_text_loss = False
+        out_p, g_p = _loss_and_grads(model, batch)
+    finally:
+        model.config.fused_text_loss = True
+        model.eval()
+        model.zero_grad(set_to_none=True)
+    assert out_f["text_tokens"] == out_p["text_tokens"] > 0
+    torch.testing.assert_close(out_f["text_loss"], out_p["text_loss"], rtol=1e-5, atol=1e-6)
+    assert set(g_f) == set(g_p)
+    for n in g_f:
+        torch.testing.assert_close(g_f[n], g_p[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_fused_vs_reference_ops_same_loss_and_grads(model):
     """Whole model, default (fused) backend vs umm_ops.use_backend("reference"), both float32, judged against a
     float64 run with the tolerance rule on the loss and on the gradient of every trainable part."""

@@ -181,7 +181,19 @@ def _lce_backward(ctx, grad, *_rest):
             raise RuntimeError("linear_cross_entropy: a gradient was asked for an input that did not require grad "
                                "when the forward ran (the forward of reduction 'sum' / 'mean' computes them)")
         g = grad.reshape(())
-        out = tuple(t * g.to(t.dtype) if m else None for t, m in zip(ctx.saved_tensors, mask))
+        if getattr(ctx, "umm_eager", False):
+            # eager: scale the forward's gradients in place (no second weight-sized tensor; once the node releases
+            # them, AccumulateGrad takes the tensor as it is); a second backward through this node would find them
+            # scaled, so it is refused
+            if getattr(ctx, "grads_taken", False):
+                raise RuntimeError("linear_cross_entropy with reduction 'sum' / 'mean' computes its gradients in the "
+                                   "forward and hands them out once: a second backward through it (retain_graph="
+                                   "True) is not supported; use reduction='none' and sum / average the result")
+            ctx.grads_taken = True
+            one = g.device.type == "cpu" and bool(g == 1)
+            out = tuple((t if one else t.mul_(g.to(t.dtype))) if m else None for t, m in zip(ctx.saved_tensors, mask))
+        else:
+            out = tuple(t * g.to(t.dtype) if m else None for t, m in zip(ctx.saved_tensors, mask))
         return out + (None,) * 8
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     ignore_index, label_smoothing, z_loss, softcap, chunk = ctx.params
