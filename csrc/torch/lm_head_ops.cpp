@@ -11,12 +11,14 @@
 //   reduction "none" and linear_logprob: the backward runs the same loop with the saved lse (4 GEMMs in all).
 // Deterministic: the block size depends on the shapes only, rows are independent, the column sums and the
 // block-by-block accumulations run in a fixed order.
+#include <ATen/DeviceAccelerator.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -30,6 +32,9 @@
 #include "cpu/kernels.h"
 #include "torch/checks.h"
 #include "umm/lm_head.h"
+#ifdef UMM_WITH_CUDA
+#include "umm/cuda_api.h"
+#endif
 
 namespace umm::torch_ops {
 namespace {
@@ -38,6 +43,27 @@ using at::Tensor;
 using OptT = std::optional<Tensor>;
 constexpr const char* kWho = "umm_ops.lm_head";
 constexpr int64_t kChunkElems = int64_t(1) << 24;  // logits per automatic block (64 MB of float32)
+
+#ifdef UMM_WITH_CUDA
+void* stream_of(const Tensor& t) { return at::accelerator::getCurrentStream(t.device().index()).native_handle(); }
+void cuda_check(int err, const char* what) {
+  TORCH_CHECK(err == 0, kWho, ": CUDA kernel ", what, " failed: ", umm_cuda_error_string(err));
+}
+#define UMM_LM_CALL(DEVT, NAME, P, DT)                                   \
+  do {                                                                   \
+    if ((DEVT).is_cuda()) {                                              \
+      cuda_check(umm_cuda_##NAME(&(P), int(DT), stream_of(DEVT)), #NAME); \
+    } else {                                                             \
+      ::umm::cpu::NAME((P), (DT));                                       \
+    }                                                                    \
+  } while (0)
+#else
+#define UMM_LM_CALL(DEVT, NAME, P, DT)                                                          \
+  do {                                                                                         \
+    TORCH_CHECK(!(DEVT).is_cuda(), kWho, ": this build has no CUDA kernels (rebuild with nvcc)"); \
+    ::umm::cpu::NAME((P), (DT));                                                               \
+  } while (0)
+#endif
 
 void check_same(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), kWho, ": ", name, " must have the dtype of ", ref_name, " (",
@@ -84,11 +110,13 @@ Head check_head(const Tensor& hidden, const Tensor& weight, const OptT& bias, co
               targets.device());
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == h.N && targets.is_contiguous(), kWho,
               ": targets must be a contiguous (N,) = (", h.N, ",) tensor, got shape ", targets.sizes());
-  const int64_t* tp = targets.data_ptr<int64_t>();
-  for (int64_t i = 0; i < h.N; ++i) {
-    const int64_t t = tp[i];
-    TORCH_CHECK((t >= 0 && t < h.V) || (has_ignore && t == ignore_index), kWho, ": targets[", i, "] = ", t,
-                " is outside [0, ", h.V, ")", has_ignore ? " and is not ignore_index" : "");
+  if (!targets.is_cuda()) {  // CUDA: no host read (the kernel gives an out-of-range target no target term)
+    const int64_t* tp = targets.data_ptr<int64_t>();
+    for (int64_t i = 0; i < h.N; ++i) {
+      const int64_t t = tp[i];
+      TORCH_CHECK((t >= 0 && t < h.V) || (has_ignore && t == ignore_index), kWho, ": targets[", i, "] = ", t,
+                  " is outside [0, ", h.V, ")", has_ignore ? " and is not ignore_index" : "");
+    }
   }
   return h;
 }
@@ -139,7 +167,7 @@ Grads run_blocks(const Tensor& hidden, const Tensor& weight, const OptT& bias, c
       if (p.entropy) p.entropy += r0;
       if (p.grad) p.grad += r0;
       if (p.grad_entropy) p.grad_entropy += r0;
-      ::umm::cpu::lm_head_rows(p, h.dt);
+      UMM_LM_CALL(hidden, lm_head_rows, p, h.dt);
       if (!grads) continue;
       if (want[0]) {
         Tensor dhb = g.dh.narrow(0, r0, r);
@@ -154,7 +182,7 @@ Grads run_blocks(const Tensor& hidden, const Tensor& weight, const OptT& bias, c
       }
       if (want[2]) {
         LmHeadColsumParams cp{zb.data_ptr(), r, h.V, db32.data_ptr<float>()};
-        ::umm::cpu::lm_head_colsum(cp, h.dt);
+        UMM_LM_CALL(hidden, lm_head_colsum, cp, h.dt);
       }
     }
   }
@@ -200,16 +228,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy(
   Tensor rows = at::empty({h.N}, f32), lse = at::empty({h.N}, f32);
   LmHeadRowsParams p = ce_params(lse, label_smoothing, z_loss, softcap, ignore_index);
   p.out = rows.data_ptr<float>();
+  c10::DeviceGuard guard(hidden.device());
   int64_t n_valid = 0;
-  const int64_t* tp = targets.data_ptr<int64_t>();
-  for (int64_t i = 0; i < h.N; ++i) n_valid += tp[i] != ignore_index;
+  if (targets.is_cuda()) {
+    n_valid = targets.ne(ignore_index).sum().item<int64_t>();  // one sync (the mean's scale of the fused gradient)
+  } else {
+    const int64_t* tp = targets.data_ptr<int64_t>();
+    for (int64_t i = 0; i < h.N; ++i) n_valid += tp[i] != ignore_index;
+  }
   const std::array<bool, 3> want{red != 0 && grad_mask[0], red != 0 && grad_mask[1],
                                  red != 0 && grad_mask[2] && bias.has_value()};
   p.fused_grad = want[0] || want[1] || want[2];
   if (p.fused_grad) p.grad_scale = red == 1 ? 1.f : (n_valid > 0 ? 1.f / float(n_valid) : 0.f);
   Grads g = run_blocks(hidden, weight, bias, targets, h, p, want, chunk_rows);
   Tensor loss = rows;
-  if (red != 0) {
+  if (red != 0 && hidden.is_cuda()) {
+    loss = rows.sum(at::kDouble);  // 0 / 0 = nan without a labelled row, as F.cross_entropy
+    loss = (red == 1 ? loss : loss.div(double(n_valid))).to(at::kFloat);
+  } else if (red != 0) {
     double s = 0.0;  // in row order, in double: no dependence on the thread count
     const float* rp = rows.data_ptr<float>();
     for (int64_t i = 0; i < h.N; ++i) s += rp[i];
@@ -227,6 +263,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward(
   const Head h = check_head(hidden, weight, bias, targets, true, ignore_index);
   check_stat(grad, h.N, hidden, "grad");
   check_stat(lse, h.N, hidden, "lse");
+  c10::DeviceGuard guard(hidden.device());
   Tensor lse_c = lse;  // read only
   LmHeadRowsParams p = ce_params(lse_c, label_smoothing, z_loss, softcap, ignore_index);
   p.backward = true;
@@ -252,6 +289,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprob(const Tensor& hidden, const Te
                                                   double temperature, bool want_entropy, int64_t chunk_rows) {
   UMM_NO_AUTOCAST;
   const Head h = check_head(hidden, weight, std::nullopt, targets, false, 0);
+  c10::DeviceGuard guard(hidden.device());
   const auto f32 = hidden.options().dtype(at::kFloat);
   Tensor lp = at::empty({h.N}, f32), lse = at::empty({h.N}, f32);
   Tensor ent = at::empty({want_entropy ? h.N : 0}, f32);
@@ -275,6 +313,7 @@ std::tuple<Tensor, Tensor> linear_logprob_backward(const Tensor& grad_logprob, c
     check_stat(grad_entropy, h.N, hidden, "grad_entropy");
     check_stat(entropy, h.N, hidden, "entropy");
   }
+  c10::DeviceGuard guard(hidden.device());
   Tensor lse_c = lse;
   LmHeadRowsParams p = lp_params(lse_c, temperature);
   p.backward = true;
@@ -303,12 +342,16 @@ TORCH_LIBRARY_FRAGMENT(umm_ops, m) {
         "-> (Tensor, Tensor)");
 }
 
-// CPU only: CUDA tensors run the Triton kernels (umm_ops/triton/lm_head.py) until a CUDA kernel lands.
-TORCH_LIBRARY_IMPL(umm_ops, CPU, m) {
-  m.impl("kernel_linear_cross_entropy", &linear_cross_entropy);
-  m.impl("kernel_linear_cross_entropy_backward", &linear_cross_entropy_backward);
-  m.impl("kernel_linear_logprob", &linear_logprob);
+#define UMM_LM_HEAD_IMPLS(m)                                                     \
+  m.impl("kernel_linear_cross_entropy", &linear_cross_entropy);                  \
+  m.impl("kernel_linear_cross_entropy_backward", &linear_cross_entropy_backward); \
+  m.impl("kernel_linear_logprob", &linear_logprob);                              \
   m.impl("kernel_linear_logprob_backward", &linear_logprob_backward);
-}
+
+TORCH_LIBRARY_IMPL(umm_ops, CPU, m) { UMM_LM_HEAD_IMPLS(m) }
+#ifdef UMM_WITH_CUDA
+// compiled, never run (no GPU where it was written): tests/test_lm_head.py checks it when a GPU is present
+TORCH_LIBRARY_IMPL(umm_ops, CUDA, m) { UMM_LM_HEAD_IMPLS(m) }
+#endif
 
 }  // namespace umm::torch_ops
