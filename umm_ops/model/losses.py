@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["text_loss", "flow_loss", "flow_target", "add_noise", "IGNORE_INDEX"]
+__all__ = ["text_loss", "token_logprobs", "flow_loss", "flow_target", "add_noise", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -40,6 +40,26 @@ def text_loss(hidden: torch.Tensor, labels: torch.Tensor, logits_fn, weight: tor
         return linear_cross_entropy(hidden[mask], weight, labels[mask], bias, reduction="sum") / n, n
     logits = logits_fn(hidden[mask]).float()
     return F.cross_entropy(logits, labels[mask], reduction="sum") / n, n
+
+
+def token_logprobs(hidden: torch.Tensor, labels: torch.Tensor, logits_fn, weight: torch.Tensor | None = None,
+                   temperature: float = 1.0, return_entropy: bool = False):
+    """Log-probs (and entropies) of the labelled tokens under the LM head, for RL (GRPO's ratio and KL, the entropy
+    bonus): hidden (L, D), labels (L,) next-token aligned with IGNORE_INDEX elsewhere -> float32 (n,) over the n
+    labelled rows in order (and (n,) entropies).  weight (V, D): the head's weight, then computed by
+    ``umm_ops.linear_logprob`` without the (n, V) logits; None: the plain path through logits_fn (the switch of
+    ``CheersConfig.fused_text_loss``).  Differentiable in hidden (and the head)."""
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels must be (L,) = ({hidden.shape[0]},), got {tuple(labels.shape)}")
+    mask = labels != IGNORE_INDEX
+    h, t = hidden[mask], labels[mask]
+    if weight is not None:
+        from ..ops.lm_head import linear_logprob
+
+        return linear_logprob(h, weight, t, temperature=temperature, return_entropy=return_entropy)
+    logp = torch.log_softmax(logits_fn(h).float() / temperature, -1)
+    lp = logp.gather(1, t[:, None])[:, 0]
+    return (lp, -(logp.exp() * logp).sum(-1)) if return_entropy else lp
 
 
 def add_noise(x_data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

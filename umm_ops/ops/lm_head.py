@@ -6,16 +6,22 @@ policy and the reference).  These ops compute the loss (or the token log-probs a
 Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy do, so that the full logits never exist:
 
 * CPU (C++, csrc/torch/lm_head_ops.cpp + csrc/cpu/lm_head.cpp): blocks of rows; per block one GEMM (at::mm:
-  MKL / oneDNN) writes the block's logits (rows x V) into a workspace, one fused pass per row computes the soft cap,
-  the log-sum-exp, the target logit and the row sums and, when gradients are wanted, overwrites the logits with
-  their gradient; two more GEMMs give the block's hidden gradient and add its weight gradient.  With reduction
+  MKL / oneDNN) writes the block's logits (rows x V, ~16M logits but at least 512 rows) into a workspace, one
+  fused pass per row computes the soft cap, the log-sum-exp, the target logit and the row sums and, when
+  gradients are wanted, overwrites the logits with their gradient; two more GEMMs give the block's hidden gradient and add its weight gradient.  With reduction
   "sum" / "mean" the gradients come out of the forward (3 GEMMs in all, as eager, instead of 4: the backward only
   scales them by the upstream scalar); with "none" and for linear_logprob the backward recomputes the logits.
   Deterministic: fixed block sizes, sums in a fixed order.
 * Triton (umm_ops/triton/lm_head.py): a statistics kernel (online log-sum-exp over vocabulary tiles), a hidden-
   gradient kernel over row tiles and a weight-gradient kernel over vocabulary tiles, each recomputing its logit
   tiles (no atomics, no logits in memory).
+* CUDA (csrc/cuda/lm_head.cu): the CPU design with the row pass as a CUDA kernel (one block per row) and the GEMMs
+  through cuBLAS (at::mm).  Compiled, never run: no GPU was available where it was written.
 * Reference (umm_ops/reference/lm_head.py): the literal computation with the full logits; float64.
+
+With reduction "sum" / "mean" the forward hands its gradients to the backward, which scales them by the upstream
+scalar (in place in eager mode): a second backward through the same loss (retain_graph=True) is refused; use
+reduction "none" for that.
 
 Conventions: hidden (N, D), weight (V, D) (nn.Linear / embedding layout: tied embeddings pass the embedding
 matrix), targets (N,) integer.  Losses, log-probs and entropies are float32 (float64 for float64 inputs) whatever
@@ -69,7 +75,8 @@ _CHUNK_ROWS = 0
 
 @contextlib.contextmanager
 def chunk_rows(n: int):
-    """Rows of logits per chunk inside the block (0 = automatic: ~16M logits per chunk), process-wide."""
+    """Rows of logits per chunk inside the block (0 = automatic: the CPU kernel takes ~16M logits per chunk but at
+    least 512 rows), process-wide."""
     global _CHUNK_ROWS
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"chunk_rows must be an int >= 0, got {n!r}")
