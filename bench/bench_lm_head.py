@@ -4,7 +4,7 @@ torch.compile of the same.
 
     python bench/bench_lm_head.py --quick       # the tiny preset's head and N=2048, D=512, V=32768 (CPU: ~5 min)
     python bench/bench_lm_head.py               # + Cheers' head at its full vocabulary (D=1536, V=151,936)
-    python bench/bench_lm_head.py --sizes 8192x1536x151936 --impls eager,umm   # the issue's target size
+    python bench/bench_lm_head.py --sizes 8192x1536x151936 --impls eager,umm --cases ce-fwd+bwd   # issue's target
 
 Cases per size (N tokens, hidden D, vocabulary V, float32 unless --dtype):
   ce-fwd+bwd   loss = cross-entropy (mean), then loss.backward() into hidden and weight (a training step's head)
@@ -151,7 +151,7 @@ def worker_timing(args) -> dict:
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     out = {}
-    for case in CASES:
+    for case in args.cases.split(","):
         grad = case == "ce-fwd+bwd"
         h, w, t = _inputs(N, D, V, dtype, dev, grad)
         impls = [i for i in args.impls.split(",") if not (i == "compile" and not grad)]
@@ -184,6 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default=None)
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {CASES}")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", default=None, help=argparse.SUPPRESS)
@@ -209,8 +210,11 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     if args.device == "cpu":
         env.update(MALLOC_ENV)
+    bad = [c for c in args.cases.split(",") if c not in CASES]
+    if bad:
+        raise SystemExit(f"--cases: unknown {bad}, expected some of {CASES}")
     base = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--dtype", args.dtype, "--rounds",
-            str(args.rounds), "--impls", args.impls]
+            str(args.rounds), "--impls", args.impls, "--cases", args.cases]
 
     def run(extra):
         p = subprocess.run(base + extra, capture_output=True, text=True, env=env)
@@ -224,7 +228,7 @@ def main(argv=None) -> int:
     for size in sizes:
         print(f"[bench_lm_head] {size}: timing ({args.impls}, {args.rounds} rounds, interleaved) ...", flush=True)
         timing = run(["--worker", "timing", "--size", size])
-        for case in CASES:
+        for case in args.cases.split(","):
             for impl, r in timing[case].items():
                 print(f"[bench_lm_head] {size} {case} {impl}: peak memory ...", flush=True)
                 mem = run(["--worker", "memory", "--size", size, "--case", case, "--impl", impl])
@@ -233,7 +237,7 @@ def main(argv=None) -> int:
     dev_name = device_name(args.device)
     summary = []
     for size in sizes:
-        for case in CASES:
+        for case in args.cases.split(","):
             by = {r["impl"]: r for r in rows if r["size"] == size and r["case"] == case}
             if "eager" in by and "umm" in by:
                 e, u = by["eager"], by["umm"]
