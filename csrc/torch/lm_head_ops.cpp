@@ -1,7 +1,7 @@
 // Torch-facing side of the LM-head ops (umm/lm_head.h): kernel op schemas, input checks, the chunk loop and its
 // GEMMs (at::mm: MKL / oneDNN), the calls of the fused row pass (csrc/cpu/lm_head.cpp).
 //
-// Per block of R rows (R = chunk_rows, or ~16M logits' worth of rows, at least 512): z = h_blk W^T (+ b) into one
+// Per block of R rows (R = chunk_rows, or ~64 MB of logits' worth of rows, at least 512): z = h_blk W^T (+ b) into one
 // reused (R, V) workspace in the activation dtype (the GEMM's output dtype, as eager's logits); the row pass; then,
 // when gradients are wanted, dh_blk = dz W straight into dh, dW += dz^T h_blk (float32 accumulation across
 // blocks: in place for float32, a block product added into a float32 buffer for 16-bit weights), db += the
@@ -42,10 +42,12 @@ namespace {
 using at::Tensor;
 using OptT = std::optional<Tensor>;
 constexpr const char* kWho = "umm_ops.lm_head";
-// Automatic block: ~16M logits (64 MB of float32), but never fewer than 512 rows: MKL / oneDNN re-pack the whole
-// weight for every GEMM call, which cost +37% at 110 rows per call (D = 1536, V = 151,936: the 16M rule alone),
-// +8% at 256 and nothing measurable at 512 (bench/NOTES.md, LM head).
-constexpr int64_t kChunkElems = int64_t(1) << 24;
+// Automatic block: ~64 MB of logits in the activation dtype (16M float32 / 32M bf16 logits: 16-bit blocks hold twice
+// the rows, since each block costs a fixed ~50 ms of row pass and weight-gradient accumulation that the fast bf16
+// GEMMs do not hide: 0.96 vs 1.09 s at 2048 x 512 x 32768), but never fewer than 512 rows: MKL / oneDNN re-pack the
+// whole weight for every GEMM call, which cost +37% at 110 rows per call (D = 1536, V = 151,936: the 16M rule
+// alone), +8% at 256 and nothing measurable at 512 (bench/NOTES.md, LM head).
+constexpr int64_t kChunkBytes = int64_t(1) << 26;
 constexpr int64_t kMinChunkRows = 512;
 
 #ifdef UMM_WITH_CUDA
@@ -127,7 +129,8 @@ Head check_head(const Tensor& hidden, const Tensor& weight, const OptT& bias, co
 
 int64_t block_rows(const Head& h, int64_t chunk_rows) {
   TORCH_CHECK(chunk_rows >= 0, kWho, ": chunk_rows must be >= 0 (0: automatic), got ", chunk_rows);
-  const int64_t r = chunk_rows > 0 ? chunk_rows : std::max<int64_t>(kMinChunkRows, kChunkElems / h.V);
+  const int64_t elem = h.dt == DType::kFloat32 ? 4 : 2;
+  const int64_t r = chunk_rows > 0 ? chunk_rows : std::max<int64_t>(kMinChunkRows, kChunkBytes / (h.V * elem));
   return std::max<int64_t>(1, std::min(r, h.N));
 }
 

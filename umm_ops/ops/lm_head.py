@@ -6,7 +6,7 @@ policy and the reference).  These ops compute the loss (or the token log-probs a
 Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy do, so that the full logits never exist:
 
 * CPU (C++, csrc/torch/lm_head_ops.cpp + csrc/cpu/lm_head.cpp): blocks of rows; per block one GEMM (at::mm:
-  MKL / oneDNN) writes the block's logits (rows x V, ~16M logits but at least 512 rows) into a workspace, one
+  MKL / oneDNN) writes the block's logits (rows x V, ~64 MB of logits but at least 512 rows) into a workspace, one
   fused pass per row computes the soft cap, the log-sum-exp, the target logit and the row sums and, when
   gradients are wanted, overwrites the logits with their gradient; two more GEMMs give the block's hidden gradient and add its weight gradient.  With reduction
   "sum" / "mean" the gradients come out of the forward (3 GEMMs in all, as eager, instead of 4: the backward only
@@ -75,8 +75,8 @@ _CHUNK_ROWS = 0
 
 @contextlib.contextmanager
 def chunk_rows(n: int):
-    """Rows of logits per chunk inside the block (0 = automatic: the CPU kernel takes ~16M logits per chunk but at
-    least 512 rows), process-wide."""
+    """Rows of logits per chunk inside the block (0 = automatic: the CPU kernel takes ~64 MB of logits per chunk
+    but at least 512 rows), process-wide."""
     global _CHUNK_ROWS
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"chunk_rows must be an int >= 0, got {n!r}")
