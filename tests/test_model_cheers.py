@@ -219,6 +219,47 @@ def _loss_and_grads(model, batch):
     return out, grads
 
 
+def test_fused_text_loss_switch(model):
+    """config.fused_text_loss (default True): the text loss through umm_ops.linear_cross_entropy, no logits; False:
+    the plain lm_head + F.cross_entropy path.  Same losses and gradients to float32 rounding."""
+    assert model.config.fused_text_loss
+    batch = pack(_samples(), model.pack_spec(), seed=3)[0]
+    model.train()
+    try:
+        out_f, g_f = _loss_and_grads(model, batch)
+        model.config.fused_text_loss = False
+        out_p, g_p = _loss_and_grads(model, batch)
+    finally:
+        model.config.fused_text_loss = True
+        model.eval()
+        model.zero_grad(set_to_none=True)
+    assert out_f["text_tokens"] == out_p["text_tokens"] > 0
+    torch.testing.assert_close(out_f["text_loss"], out_p["text_loss"], rtol=1e-5, atol=1e-6)
+    assert set(g_f) == set(g_p)
+    for n in g_f:
+        torch.testing.assert_close(g_f[n], g_p[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_token_logprobs_fused_and_plain(model):
+    """losses.token_logprobs (RL's per-token log-probs / entropies of the labelled tokens): the fused path
+    (linear_logprob on the head's weight) equals the plain log_softmax path, values and gradients."""
+    from umm_ops.model.losses import token_logprobs
+
+    batch = pack(_samples(), model.pack_spec(), seed=3)[0]
+    with torch.no_grad():
+        hidden = model(batch, noise=_noise(model, batch, 7), return_outputs=True)["hidden"]
+    res = []
+    for fused in (True, False):
+        h = hidden.detach().clone().requires_grad_(True)
+        w = model.llm.lm_head.weight if fused else None
+        lp, ent = token_logprobs(h, batch.labels, model.llm.logits, w, temperature=0.9, return_entropy=True)
+        (g,) = torch.autograd.grad(lp.sum() + 0.1 * ent.sum(), [h])
+        res.append((lp, ent, g))
+    assert res[0][0].shape == (int((batch.labels != -100).sum()),)
+    for a, b in zip(res[0], res[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_fused_vs_reference_ops_same_loss_and_grads(model):
     """Whole model, default (fused) backend vs umm_ops.use_backend("reference"), both float32, judged against a
     float64 run with the tolerance rule on the loss and on the gradient of every trainable part."""

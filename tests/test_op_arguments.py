@@ -89,6 +89,9 @@ def test_meta_tensors_skip_the_value_checks():
     assert pack_latents(torch.randn(1, 2, 4, 4, **m), torch.zeros(8, **m), torch.ones(8, **m)).shape == (1, 4, 8)
     assert unpack_latents(torch.randn(1, 4, 8, **m), (4, 4), torch.zeros(8, **m),
                           torch.ones(8, **m)).shape == (1, 2, 4, 4)
+    ids = torch.zeros(2, dtype=torch.int64, **m)   # the target-range check reads no values
+    assert umm_ops.linear_cross_entropy(x, torch.randn(5, 8, **m), ids).shape == ()
+    assert umm_ops.linear_logprob(x, torch.randn(5, 8, **m), ids).shape == (2,)
 
 
 def _unchecked(docs, edit):

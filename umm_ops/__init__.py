@@ -6,6 +6,7 @@ umm_ops.backend):
     gated_detail_residual, adaln_modulate, gated_residual           - Cheers head fusions
     span_attention, SpanLayout, span_mask                           - packed causal/full/noise span attention
     compress_tokens, expand_tokens, pack_latents, unpack_latents    - fused tokenizer compression / latent packing
+    linear_cross_entropy, linear_logprob                            - LM head + loss / token log-probs, no logits
 """
 from . import _lib  # noqa: F401  (loads the compiled kernels if present)
 from .attention import SpanLayout, span_attention, span_mask
@@ -20,6 +21,8 @@ from .ops import (
     compress_tokens,
     expand_tokens,
     gated_residual,
+    linear_cross_entropy,
+    linear_logprob,
     pack_latents,
     time_shift,
     unpack_latents,
@@ -32,4 +35,5 @@ __all__ = [
     "gated_detail_residual", "adaln_modulate", "gated_residual",
     "span_attention", "SpanLayout", "span_mask",
     "compress_tokens", "expand_tokens", "pack_latents", "unpack_latents",
+    "linear_cross_entropy", "linear_logprob",
 ]

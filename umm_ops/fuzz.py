@@ -66,6 +66,12 @@ def _valid_calls():
                                                          running_var=r(8).abs(), factor=2, eps=1e-4)),
         "SpanLayout.from_segments": (SpanLayout.from_segments, dict(docs=[[(3, "causal"), (4, "full")]],
                                                                     q_lens=None)),
+        "linear_cross_entropy": (umm_ops.linear_cross_entropy,
+                                 dict(hidden=r(4, 6), weight=r(9, 6), targets=torch.tensor([1, 8, -100, 0]), bias=r(9),
+                                      ignore_index=-100, reduction="mean", label_smoothing=0.1, z_loss=1e-3,
+                                      softcap=5.0)),
+        "linear_logprob": (umm_ops.linear_logprob, dict(hidden=r(4, 6), weight=r(9, 6), targets=torch.tensor([1, 8, 3, 0]),
+                                                         temperature=0.8, return_entropy=True)),
     }
 
 
@@ -95,6 +101,10 @@ def _spoil(value, rng: random.Random):
             ("a str", lambda: "tensor"),
             ("requires grad", lambda: value.detach().clone().requires_grad_(True)),
         ]
+        if not value.is_floating_point():  # integer tensors (token ids): no NaN / Inf / gradient; out-of-range ids
+            options = [o for o in options if o[0] not in ("NaN", "Inf", "requires grad")] + [
+                ("out of range", lambda: value + 1000), ("negative", lambda: -value.abs() - 2),
+                ("dtype int32", lambda: value.int()), ("dtype float32", lambda: value.float())]
     elif isinstance(value, bool):
         options = [("None", lambda: None), ("a str", lambda: "yes"), ("an int 2", lambda: 2)]
     elif isinstance(value, (int, float)):
@@ -143,9 +153,12 @@ def run_case(seed: int) -> dict:
     try:
         out = fn(**kwargs)
         outs = out if isinstance(out, tuple) else (out,)
-        for o in outs:
-            if isinstance(o, torch.Tensor) and o.requires_grad and o.device.type != "meta" and o.numel():
-                o.float().sum().backward()
+        # one backward through all outputs (outputs of one op share its graph: a second backward would find the
+        # saved tensors freed)
+        diff = [o.float().sum() for o in outs
+                if isinstance(o, torch.Tensor) and o.requires_grad and o.device.type != "meta" and o.numel()]
+        if diff:
+            sum(diff).backward()
         rec.update(outcome="returned")
     except Exception as e:  # noqa: BLE001 - classified below
         msg = str(e)

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "umm/lm_head.h"
 #include "umm/params.h"
 #include "umm/span.h"
 #include "umm/tokens.h"
@@ -36,6 +37,8 @@
   X(tokens_depth_scatter, TokensDepthScatterParams) \
   X(tokens_space_gather, TokensSpaceGatherParams)  \
   X(latent_pack, LatentPackParams)                 \
+  X(lm_head_rows, LmHeadRowsParams)                \
+  X(lm_head_colsum, LmHeadColsumParams)            \
   /* span attention: forward writes out and lse; backward reads out, lse, dout and writes dq, dk, dv (p.delta \
      is workspace).  The layout is trusted: the torch wrapper validates it. */ \
   X(span_attention_fwd, SpanParams)                \

@@ -253,7 +253,9 @@ class CheersModel(nn.Module):
             embeds = embeds.index_put((torch.cat(rows),), torch.cat(img_embeds).to(embeds.dtype))
         hidden = self.llm.forward_packed(embeds, batch.position_ids, batch.layout)
 
-        l_text, n_text = text_loss(hidden, batch.labels, self.llm.logits)
+        head = self.llm.lm_head
+        l_text, n_text = text_loss(hidden, batch.labels, self.llm.logits,
+                                   *((head.weight, head.bias) if cfg.fused_text_loss else ()))
         v_preds, targets = [], []
         for grid, starts, t, high, target in gen:
             n = grid[0] * grid[1]

@@ -78,6 +78,8 @@ class CheersConfig:
     flow_loss_weight: float = 1.0
     cfg_dropout: float = 0.2       # probability of replacing a generation prompt by the null prompt
     und_flow_loss: bool = False    # released Cheers: understanding images also pass the head (t = 1, target 0)
+    fused_text_loss: bool = True   # text loss through umm_ops.linear_cross_entropy (no (n, V) logits); False: the
+                                   # plain lm_head + F.cross_entropy path (same loss to float rounding)
     time_shift: float = 0.5        # sampling t' = a t / (1 + (a - 1) t)
     sample_steps: int = 80
     cfg_scale: float = 9.5

@@ -22,6 +22,8 @@ from . import (
     gated_residual as _gated_residual,
     tokens as _tok,
 )
+from .lm_head import REDUCTIONS as _REDUCTIONS
+from ..backend import _has_values
 from ._common import _acc, _autograd_on
 from .attention import span_attention_bwd, span_attention_fwd  # noqa: F401  (the contract's span-attention pair)
 
@@ -278,6 +280,112 @@ def unpack_latents_backward(grad, running_var, factor, eps):
     return _own((g * torch.sqrt(running_var.to(g.dtype) + eps)).to(grad.dtype))
 
 
+# ------------------------------------------------------------------------------------------ LM head
+# The LM head with its loss (issue 19; formulas: umm/lm_head.h, conventions: umm_ops/reference/lm_head.py).
+# hidden (N, D), weight (V, D), bias (V,) or None, targets (N,) int64, all contiguous; softcap 0.0 = none;
+# chunk_rows: rows of logits per chunk for the kernels that chunk (0 = their own choice; ignored here).
+# Losses, log-probs, entropies and lse are float32 (float64 for float64 inputs); gradients have hidden's dtype.
+#   linear_cross_entropy(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap, reduction,
+#                        grad_mask[3], chunk_rows) -> (loss, lse (N,), dhidden, dweight, dbias)
+#     loss: (N,) for reduction "none", a 0-dim tensor for "sum" / "mean".  With reduction "sum" / "mean" the
+#     gradients of that loss w.r.t. the inputs whose grad_mask bit is set come out of the same pass (the backward
+#     scales them by the upstream scalar); every other gradient is an empty (0,) tensor.
+#   linear_cross_entropy_backward(grad (N,) float32, hidden, weight, bias, targets, lse, ignore_index,
+#                                 label_smoothing, z_loss, softcap, mask[3], chunk_rows) -> (dhidden, dweight, dbias)
+#     (reduction "none": the per-row gradient is arbitrary, the logits are recomputed chunk by chunk)
+#   linear_logprob(hidden, weight, targets, temperature, want_entropy, chunk_rows)
+#       -> (logprob (N,), entropy (N,) or (0,), lse (N,))
+#   linear_logprob_backward(grad_logprob (N,), grad_entropy (N,) or (0,), hidden, weight, targets, lse, entropy,
+#                           temperature, mask[2], chunk_rows) -> (dhidden, dweight)
+
+
+def _lce_rows(h, w, b, targets, ignore_index, label_smoothing, z_loss, softcap):
+    """Per-row losses and lse from upcast tensors (differentiable)."""
+    z = h @ w.t()
+    if b is not None:
+        z = z + b
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, -1)
+    valid = targets != ignore_index
+    zt = z.gather(1, torch.where(valid, targets, torch.zeros_like(targets))[:, None])[:, 0]
+    loss = lse - (1 - label_smoothing) * zt - label_smoothing * z.mean(-1) + z_loss * lse * lse
+    return torch.where(valid, loss, torch.zeros_like(loss)), lse, valid
+
+
+def _reduce(loss, valid, reduction):
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / valid.sum()
+    raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _check_targets(targets, V, ignore_index=None):
+    ok = (targets >= 0) & (targets < V)
+    if ignore_index is not None:
+        ok |= targets == ignore_index
+    if targets.numel() and _has_values(targets) and not bool(ok.all()):
+        i = int((~ok).nonzero()[0, 0])
+        raise ValueError(f"targets must lie in [0, {V})" + ("" if ignore_index is None else
+                         f" or equal ignore_index {ignore_index}") + f", got targets[{i}] = {int(targets[i])}")
+
+
+def linear_cross_entropy(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap, reduction,
+                         grad_mask, chunk_rows):
+    _check_targets(targets, weight.shape[0], ignore_index)
+    sd = _stat_dtype(hidden)
+    want = [bool(grad_mask[0]), bool(grad_mask[1]), bool(grad_mask[2]) and bias is not None]
+    fused = reduction != "none" and any(want)
+    with _autograd_on() if fused else torch.no_grad():
+        ins = [None if a is None else _acc(a).detach().requires_grad_(fused) for a in (hidden, weight, bias)]
+        rows, lse, valid = _lce_rows(*ins, targets, ignore_index, label_smoothing, z_loss, softcap)
+        loss = _reduce(rows, valid, reduction)
+        gs = [None] * 3
+        if fused:
+            gs = _grads(loss, [i if i is not None else ins[0] for i in ins], None, want)
+    grads = tuple(_empty(hidden) if g is None else _own(g.to(hidden.dtype)) for g in gs)
+    return (loss.detach().to(sd), lse.detach().to(sd)) + grads
+
+
+def linear_cross_entropy_backward(grad, hidden, weight, bias, targets, lse, ignore_index, label_smoothing, z_loss,
+                                  softcap, mask, chunk_rows):
+    with _autograd_on():
+        ins = [None if a is None else _acc(a).detach().requires_grad_(True) for a in (hidden, weight, bias)]
+        rows, _, _ = _lce_rows(*ins, targets, ignore_index, label_smoothing, z_loss, softcap)
+        m = [bool(mask[0]), bool(mask[1]), bool(mask[2]) and bias is not None]
+        gs = _grads(rows, [i if i is not None else ins[0] for i in ins], grad.to(rows.dtype), m)
+    return tuple(_empty(hidden) if g is None else _own(g.to(hidden.dtype)) for g in gs)
+
+
+def _logprob_rows(h, w, targets, temperature, want_entropy):
+    z = (h @ w.t()) / temperature
+    lse = torch.logsumexp(z, -1)
+    lp = z.gather(1, targets[:, None])[:, 0] - lse
+    ent = lse - (torch.softmax(z, -1) * z).sum(-1) if want_entropy else None
+    return lp, ent, lse
+
+
+def linear_logprob(hidden, weight, targets, temperature, want_entropy, chunk_rows):
+    _check_targets(targets, weight.shape[0])
+    sd = _stat_dtype(hidden)
+    lp, ent, lse = _logprob_rows(_acc(hidden), _acc(weight), targets, temperature, want_entropy)
+    return lp.to(sd), (ent.to(sd) if want_entropy else hidden.new_empty(0, dtype=sd)), lse.to(sd)
+
+
+def linear_logprob_backward(grad_logprob, grad_entropy, hidden, weight, targets, lse, entropy, temperature, mask,
+                            chunk_rows):
+    want_ent = grad_entropy.numel() > 0
+    with _autograd_on():
+        ins = [_acc(a).detach().requires_grad_(True) for a in (hidden, weight)]
+        lp, ent, _ = _logprob_rows(*ins, targets, temperature, want_ent)
+        total = (lp * grad_logprob.to(lp.dtype)).sum()
+        if want_ent:
+            total = total + (ent * grad_entropy.to(ent.dtype)).sum()
+        gs = _grads(total, ins, None, [bool(m) for m in mask])
+    return tuple(_empty(hidden) if g is None else _own(g.to(hidden.dtype)) for g in gs)
 
 
 # The kernel contract: every backend implements (a subset of) exactly these names.
@@ -287,4 +395,5 @@ KERNELS = (
     "gated_residual", "gated_residual_backward", "span_attention_fwd", "span_attention_bwd",
     "compress_tokens", "compress_tokens_backward", "expand_tokens", "expand_tokens_backward",
     "pack_latents", "pack_latents_backward", "unpack_latents", "unpack_latents_backward",
+    "linear_cross_entropy", "linear_cross_entropy_backward", "linear_logprob", "linear_logprob_backward",
 )

@@ -38,6 +38,10 @@ __all__ = [
     "pack_latents_backward",
     "unpack_latents",
     "unpack_latents_backward",
+    "linear_cross_entropy",
+    "linear_cross_entropy_backward",
+    "linear_logprob",
+    "linear_logprob_backward",
 ]
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -93,4 +97,10 @@ from .tokens import (  # noqa: E402
     pack_latents_backward,
     unpack_latents,
     unpack_latents_backward,
+)
+from .lm_head import (  # noqa: E402
+    linear_cross_entropy,
+    linear_cross_entropy_backward,
+    linear_logprob,
+    linear_logprob_backward,
 )

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 
+#include "umm/lm_head.h"
 #include "umm/params.h"
 #include "umm/span.h"
 #include "umm/tokens.h"
@@ -58,6 +59,12 @@ int umm_cuda_error_not_supported();
 // The layout tensors are device pointers and are trusted (no host copy, no sync): max_seqlen_q / max_seqlen_k
 // must be at least the longest document's query / key length.
 // Empty problems launch nothing (the backward still writes dk = dv = 0 for keys no query sees).
+// LM head (umm/lm_head.h, csrc/cuda/lm_head.cu): the row pass between the glue's cuBLAS GEMMs, one block per row
+// of the (rows, V) logits block (in place), and the bias-gradient column sums (acc += column sums of the block).
+// targets are device pointers; a target outside [0, V) has no target term (the public op checks them).
+int umm_cuda_lm_head_rows(const umm::LmHeadRowsParams* p, int dtype, void* stream);
+int umm_cuda_lm_head_colsum(const umm::LmHeadColsumParams* p, int dtype, void* stream);
+
 int umm_cuda_span_attention_fwd(const umm::SpanParams* p, int dtype, void* stream);
 int umm_cuda_span_attention_bwd(const umm::SpanParams* p, int dtype, void* stream);
 
