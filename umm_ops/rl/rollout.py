@@ -160,10 +160,12 @@ def token_logprobs(model, prompts, ids, temperature: float = 1.0, reference=None
     """Log-probs of given continuations under ``model`` (differentiable) - (B, T) float32 and the (B, T) mask.
 
     prompts: one per continuation (a str or a Sample); ids: the continuations' token lists (as sampled: never
-    re-tokenised text).  Each [prompt, continuation] is one packed document, the whole batch one forward.
+    re-tokenised text).  Each [prompt, continuation] is one packed document, the whole batch one forward; the head
+    runs through ``umm_ops.linear_logprob`` (no (n, V) logits) unless ``model.config.fused_text_loss`` is off.
     temperature: the sampling temperature (log-probs of softmax(logits / temperature), as recorded at rollout)."""
     from ..data.packing import collate_docs, encode_sample
     from ..model.generate import _as_sample
+    from ..model.losses import token_logprobs as text_logprobs
 
     if len(prompts) != len(ids):
         raise ValueError(f"token_logprobs: {len(prompts)} prompts for {len(ids)} continuations")
@@ -191,11 +193,13 @@ def token_logprobs(model, prompts, ids, temperature: float = 1.0, reference=None
     batch.labels = torch.full_like(batch.labels, -100)      # no text loss: the log-probs are computed here
     out = model(batch, return_outputs=True, noise=None)
     hidden = out["hidden"]
-    pos = torch.cat([torch.arange(s, s + n) for s, n in rows]).to(hidden.device)
-    tgt = torch.cat([torch.as_tensor(c, dtype=torch.int64) for c in ids if c]).to(hidden.device) \
-        if pos.numel() else torch.zeros(0, dtype=torch.int64, device=hidden.device)
-    logits = model.llm.logits(hidden[pos]).float() / temperature
-    lp_flat = torch.log_softmax(logits, -1).gather(1, tgt[:, None])[:, 0]
+    labels = torch.full((hidden.shape[0],), -100, dtype=torch.int64)
+    for (s0, n), c in zip(rows, ids):
+        if n:
+            labels[s0:s0 + n] = torch.as_tensor(c, dtype=torch.int64)
+    head = model.llm.lm_head
+    lp_flat = text_logprobs(hidden, labels.to(hidden.device), model.llm.logits,
+                            head.weight if model.config.fused_text_loss else None, temperature=temperature)
     B = len(ids)
     mask = torch.zeros(B, T, dtype=torch.bool, device=hidden.device)
     for i, c in enumerate(ids):
