@@ -48,3 +48,14 @@ def test_fuzz_detects_crashes_hangs_and_unclear_errors(monkeypatch):
     kinds = {p["seed"]: p["outcome"] for p in problems}
     assert kinds == {5: "crash", 7: "unclear", 9: "hang"}, problems
     assert sorted(r["seed"] for r in results) == [s for s in range(12) if s not in (5, 9)]
+
+
+def test_a_case_the_harness_cannot_build_is_reported_not_raised(monkeypatch):
+    import umm_ops.fuzz as fz
+
+    def broken(value, rng):
+        raise TypeError("no spoiling for this value")
+
+    monkeypatch.setattr(fz, "_spoil", broken)
+    rec = fz.run_case(3)
+    assert rec["outcome"] == "unbuildable" and "no spoiling" in rec["error"] and rec["seed"] == 3

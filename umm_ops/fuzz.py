@@ -148,7 +148,11 @@ def run_case(seed: int) -> dict:
     """Build and run case `seed` (deterministic); never raises."""
     import torch
 
-    name, fn, kwargs, arg, how = _case(seed)
+    try:
+        name, fn, kwargs, arg, how = _case(seed)
+    except Exception as e:  # noqa: BLE001 - a bug of this harness, not of an op: reported as such
+        return dict(seed=seed, op=None, arg=None, how=None, outcome="unbuildable",
+                    error=f"{type(e).__name__}: {str(e)[:300]}")
     rec = dict(seed=seed, op=name, arg=arg, how=how)
     try:
         out = fn(**kwargs)
@@ -221,7 +225,7 @@ def fuzz(n: int, seed: int = 0, workers: int = 1, timeout: float = 60.0, backend
             else:
                 done.add(rec["seed"])
                 results.append(rec)
-                if rec["outcome"] == "unclear":
+                if rec["outcome"] in ("unclear", "unbuildable"):
                     problems.append(rec)
         bad_exit = hung or proc.returncode != 0
         if bad_exit:
