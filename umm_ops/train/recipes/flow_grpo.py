@@ -94,7 +94,6 @@ class FlowGRPOConfig:
 
     def validate(self):
         from ..config import ConfigError
-        from ...rl.rollout import SDESchedule
 
         def need(ok, key, what):
             if not ok:

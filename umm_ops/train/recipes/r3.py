@@ -32,7 +32,7 @@ import torch
 
 from ...utils import seed_of
 from ..spec import DataSource, Recipe, StepOutput, register
-from .flow_grpo import PromptDataset, _collate, _Encode, policy_model
+from .flow_grpo import PromptDataset, _collate, _Encode
 
 __all__ = ["R3Recipe", "R3Config", "stage_a_reward", "stage_b_reward"]
 
