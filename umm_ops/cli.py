@@ -5,7 +5,7 @@
   train                      train with a recipe on the engine (default sft: the demo job), resumable, torchrun-ready
   export                     a run's consolidated save_pretrained folder
   generate                   an image (PNG) or text from a trained checkpoint
-  eval                       held-out evaluation (vqa, caption, geneval, refine, segment, vae-recon, mmd-bench) with 95% CIs
+  eval                       held-out evaluation (vqa, caption, geneval, refine, segment, vae-recon, mmd-bench, clear) with 95% CIs
 Benchmarks: bench/run.py in the repository."""
 from __future__ import annotations
 
@@ -182,12 +182,15 @@ def _generate(args) -> int:
         return refuse(f"--steps must be >= 1, got {args.steps}")
     if args.max_new_tokens < 1:
         return refuse(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.restore and not (args.text and args.image):
+        return refuse("--restore answers a question about an image (CLEAR's generate-then-answer): it needs --text "
+                      "and --image")
     if args.refine < 0 or (args.refine and args.text):
         return refuse(f"--refine must be >= 1 rounds of image refinement (not with --text), got {args.refine}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         return refuse(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    why = _check_device("generate", args.device) or (None if args.text else _check_out_file("generate", "--out",
-                                                                                            args.out))
+    why = _check_device("generate", args.device) or (None if args.text and not args.restore else
+                                                      _check_out_file("generate", "--out", args.out))
     if why:
         print(why, file=sys.stderr)
         return 2
@@ -204,6 +207,20 @@ def _generate(args) -> int:
                 size = args.size if args.size is not None else model.config.image_size
                 pix = _load_image(args.image, size)
                 prompt = Sample([ImageItem(pix[0].float() / 127.5 - 1.0, "understand"), TextItem(args.prompt)])
+            if args.restore:
+                from .model.clear import generate_then_answer
+
+                r = generate_then_answer(model, [prompt.items[0].image], [args.prompt], steps=args.steps,
+                                         cfg_scale=args.cfg, seed=args.seed, temperature=args.temperature,
+                                         think_tokens=args.max_new_tokens, answer_tokens=args.max_new_tokens)[0]
+                print(r["text"])
+                if r["image"] is not None:
+                    atomic_write(args.out, write=_to_pil(r["image"]).save, suffix=".png")
+                    print(f"restored image -> {args.out}")
+                else:
+                    print("the model answered without restoring the image")
+                print(f"answer: {r['answer']!r}")
+                return 0
             text = model.generate_text([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                        seed=args.seed)[0]
             print(text)
@@ -417,6 +434,9 @@ def main(argv=None) -> int:
     ge.add_argument("--max-new-tokens", type=int, default=64)
     ge.add_argument("--temperature", type=float, default=0.0)
     ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--restore", action="store_true",
+                    help="with --text and --image: CLEAR's generate-then-answer (the model may restore the image "
+                         "first; the restoration is written to --out)")
     ge.add_argument("--refine", type=int, default=0, metavar="N",
                     help="R3's loop: up to N rounds of plan / draw, then reflect / edit until the model says no "
                          "further edit is needed (each round's image is also written as OUT-round<k>.png)")
@@ -427,7 +447,7 @@ def main(argv=None) -> int:
                     help="a run folder (its newest checkpoint), a checkpoint-<step> folder or a save_pretrained folder")
     ev.add_argument("--model", default=None, help="evaluate an untrained preset instead (tiny, small, ...)")
     ev.add_argument("--tasks", default="vqa,caption,geneval,segment,vae-recon,mmd-bench",
-                    help="comma-separated: vqa, caption, geneval, refine, segment, vae-recon, mmd-bench")
+                    help="comma-separated: vqa, caption, geneval, refine, segment, vae-recon, mmd-bench, clear")
     ev.add_argument("--n", type=int, default=256, help="held-out records per task")
     ev.add_argument("--seed", type=int, default=0, help="evaluation seed (question picks, sampler noise, bootstrap)")
     ev.add_argument("--json", default=None, help="write the result as JSON here")

@@ -34,16 +34,17 @@ def _save_png(img, path: Path) -> None:
 @torch.no_grad()
 def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict | None = None, n_vqa: int = 32,
                    n_images: int = 4, n_captions: int = 2, steps: int = 12, prompts=(), out_dir=None,
-                   short_vqa: bool = False) -> dict:
+                   short_vqa: bool = False, n_clear: int = 0) -> dict:
     """The SFT recipe's after-training evaluation, on the tasks of ``umm eval`` (:mod:`umm_ops.eval.tasks`):
     vqa (n_vqa records), caption (n_captions), geneval and vae-recon (n_images) on the world of `seed` and
     `world` (SyntheticWorld's other arguments) from record `first`; `seed` also seeds the evaluation's draws.
-    short_vqa: also ask the same questions without options (vqa-short, n_vqa records)."""
+    short_vqa: also ask the same questions without options (vqa-short, n_vqa records).  n_clear: that many
+    MMD-Bench items answered in CLEAR's generate-then-answer format (task clear) and directly (task mmd-bench)."""
     from ..data.synthetic import SyntheticWorld
     from .runner import save_grid
     from .tasks import EvalContext, get_task
 
-    n = max(n_vqa, n_images, n_captions, 1)
+    n = max(n_vqa, n_images, n_captions, n_clear, 1)
     world = SyntheticWorld(size=image_size, seed=seed, length=first + n, **(world or {}))
     res: dict = {"held_out_records": [first, first + n]}
     edir = None
@@ -97,6 +98,24 @@ def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict
             grid = {"rows": ["truth", "VAE recon", "generated"],
                     "columns": [{"label": "", "images": [recs[k].image, recon[k], gen[k]]} for k in range(m)]}
             res["images"]["grid_png"] = save_grid(grid, edir / "grid.png", tile=image_size, labels=False)
+    if n_clear:
+        out = run("clear", n_clear)
+        items = out.items
+        mm = run("mmd-bench", n_clear)
+
+        def mean(key, its=items):
+            return sum(it[key] for it in its) / len(its)
+
+        res["clear"] = {"n": len(items), "accuracy": mean("score"), "restored": mean("restored"),
+                        "clean_accuracy": mean("clean"), "restored_clean": mean("restored_clean"),
+                        "format": mean("format"), "direct_accuracy": mean("score", mm.items),
+                        "direct_clean_accuracy": mean("clean", mm.items),
+                        **{k: v for k, v in out.extra.items() if k.startswith("psnr")},
+                        "per_level": {lv: {"accuracy": mean("score", g), "restored": mean("restored", g)}
+                                      for lv in ("low", "mid", "high")
+                                      if (g := [it for it in items if it["level"] == lv])}}
+        if edir is not None and out.grid:
+            res["clear"]["grid_png"] = save_grid(out.grid, edir / "clear.png")
     if prompts:
         S = image_size
         gen = model.generate_image(list(prompts), height=S, width=S, steps=steps, seed=seed)["images"]
@@ -132,6 +151,14 @@ def report_lines(ev: dict) -> list:
         if len(im.get("per_tag", {})) > 1:
             lines.append("eval images by prompt tag: "
                          + ", ".join(f"{t} {v:.3f}" for t, v in im["per_tag"].items()))
+    if "clear" in ev:
+        c = ev["clear"]
+        lines.append(f"eval clear (generate-then-answer on {c['n']} degraded held-out pictures): accuracy "
+                     f"{c['accuracy']:.3f} (answered directly, mmd-bench: {c['direct_accuracy']:.3f}), restored "
+                     f"{c['restored']:.2f} of them; clean pictures: accuracy {c['clean_accuracy']:.3f}, restored "
+                     f"{c['restored_clean']:.2f}; format {c['format']:.2f}"
+                     + (f"; restorations' PSNR {c['psnr_restored']:.1f} dB (the degraded pictures' "
+                        f"{c['psnr_degraded_of_restored']:.1f})" if "psnr_restored" in c else ""))
     if ev.get("captions"):
         cs = [c["score"] for c in ev["captions"]]
         lines.append(f"eval captions: mean caption-check score {sum(cs) / len(cs):.3f} on {len(cs)} held-out "

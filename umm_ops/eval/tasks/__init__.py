@@ -115,4 +115,4 @@ def model_device_dtype(model):
 
 
 # the registry's order is the order of `umm eval`'s table
-from . import vqa, caption, geneval, segment, vae_recon, mmd_bench, refine  # noqa: E402,F401,I001  (they register)
+from . import vqa, caption, geneval, segment, vae_recon, mmd_bench, clear, refine  # noqa: E402,F401,I001  (they register)

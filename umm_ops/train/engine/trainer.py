@@ -188,7 +188,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
              + (" + bf16 mixed precision" if cfg.parallel.mixed_precision == "bf16" else "")
              + f", parallel {mode}; {M} micro-batch(es) of {cfg.data.budget} tokens per step; "
              + "".join(f"{x}; " for x in [recipe.describe(cfg)] if x)
-             + (f"resumed from {ckpt.name}" if ckpt is not None else "from scratch") + f"; out {out}")
+             + (f"resumed from {ckpt.name}" if ckpt is not None else "new run") + f"; out {out}")
 
     # ---------------------------------------------------------------- the loop
     params = [p for p in model.parameters() if p.requires_grad]

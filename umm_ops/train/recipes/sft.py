@@ -23,9 +23,12 @@ from ..spec import DataSource, Recipe, StepOutput, register
 
 __all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS", "bare_loop"]
 
-TASKS = ("caption", "vqa", "vqa_short", "generate", "segment", "degraded_vqa", "r3_plan", "r3_reflect", "r3_edit")
+TASKS = ("caption", "vqa", "vqa_short", "generate", "segment", "degraded_vqa", "r3_plan", "r3_reflect", "r3_edit",
+         "clear", "clear_short")
 # vqa_short: the same questions answered with the word (short-answer VQA), vqa: multiple choice answered with the
-# option letter; r3_*: R3's plan -> draw, reflect -> instruction, and edit samples (umm_ops.data.refine_data)
+# option letter; r3_*: R3's plan -> draw, reflect -> instruction, and edit samples (umm_ops.data.refine_data);
+# clear / clear_short: CLEAR's generate-then-answer samples on degraded pictures, multiple choice / short answer
+# (umm_ops.data.clear_data)
 DEFAULT_WEIGHTS = {"caption": 2}   # samples per record of each task when task_weights = (); others 1
 
 
@@ -54,6 +57,7 @@ class SFTRecipeConfig:
                                       # reads the background but never the objects; after ~150 steps of captions it
                                       # reads object colours, after ~300 their shapes, and goes on learning in the
                                       # mix (docs/results/base)
+    clear_direct: float = 0.3         # clear tasks: share of questions answered directly (clean or low-level pictures)
     cfg_dropout: typing.Optional[float] = None   # CFG prompt dropout probability (None: the model preset's)
     train_decoder_copy: bool = False  # train the VAE decoder copy the understanding path runs (Cheers does, under a
                                       # pretrained ViT); with a ViT learned from scratch its early gradients are noise
@@ -65,6 +69,8 @@ class SFTRecipeConfig:
     eval_captions: int = 32           # held-out pictures captioned
     eval_steps: int = 12              # sampler steps of the evaluation images
     eval_prompts: tuple = ()          # extra free-text image prompts (generated and saved, not scored)
+    eval_clear: int = -1              # MMD-Bench items answered generate-then-answer (task clear) and directly
+                                      # (-1: 64 when a clear task is trained, else 0)
 
     def validate(self):
         from ..config import ConfigError
@@ -82,6 +88,8 @@ class SFTRecipeConfig:
              f"must be () or one int >= 1 per task ({len(self.tasks)} tasks: {list(self.tasks)})")
         need(self.train_records >= 1, "train_records", "must be >= 1")
         need(self.caption_first >= 0, "caption_first", "must be >= 0 (0: no captions-first start)")
+        need(isinstance(self.clear_direct, (int, float)) and 0.0 <= self.clear_direct <= 1.0, "clear_direct",
+             "must be a probability in [0, 1]")
         need(1 <= self.max_objects <= 8, "max_objects", "must be in [1, 8]")
         from ...data.synthetic import COLORS, KINDS
 
@@ -95,6 +103,7 @@ class SFTRecipeConfig:
         need(self.cfg_dropout is None or 0.0 <= self.cfg_dropout <= 1.0, "cfg_dropout", "must be in [0, 1]")
         for k in ("eval_vqa", "eval_images", "eval_captions"):
             need(getattr(self, k) >= 0, k, "must be >= 0")
+        need(self.eval_clear >= -1, "eval_clear", "must be >= 0 (or -1: automatic)")
         need(self.eval_steps >= 1, "eval_steps", "must be >= 1")
         need(all(isinstance(p, str) and p for p in self.eval_prompts), "eval_prompts", "must be non-empty strings")
         return self
@@ -114,7 +123,7 @@ class SyntheticSFTDataset:
     docstring); the same sample for the same index in any process."""
 
     def __init__(self, size: int, seed: int, records: int, tasks=("caption", "vqa", "generate"), max_objects: int = 3,
-                 first: int = 0, task_weights=(), caption_first: int = 0, **world):
+                 first: int = 0, task_weights=(), caption_first: int = 0, clear_direct: float = 0.3, **world):
         from ...data.synthetic import SyntheticWorld
 
         self.world = SyntheticWorld(size=size, seed=seed, max_objects=max_objects, length=first + records, **world)
@@ -124,6 +133,7 @@ class SyntheticSFTDataset:
             raise ValueError(f"SyntheticSFTDataset: {len(weights)} task_weights for {len(self.tasks)} tasks")
         self.slots = [(t, k) for t, w in zip(self.tasks, weights) for k in range(w)]   # (task, repeat)
         self.caption_first = int(caption_first)
+        self.clear_direct = float(clear_direct)
 
     def curriculum(self, order: list, epoch: int) -> list:
         """The loaders' hook (umm_ops.data.loader.epoch_order): epoch 0 opens with ``caption_first`` caption samples,
@@ -154,6 +164,10 @@ class SyntheticSFTDataset:
             from ...data.refine_data import r3_samples
 
             samples = r3_samples(self.world[r], (task[3:],), kinds=self.world.kinds, colors=self.world.colors)
+        elif task in ("clear", "clear_short"):
+            from ...data.clear_data import clear_samples
+
+            samples = clear_samples(self.world[r], multiple_choice=task == "clear", p_direct=self.clear_direct)
         else:
             samples = to_samples(self.world[r], (task,))
         pick = seed_of(self.seed, r, "pick") if k == 0 else seed_of(self.seed, r, "pick", k)
@@ -190,12 +204,14 @@ class SFTRecipe(Recipe):
     name = "sft"
     config_class = SFTRecipeConfig
     run_defining = ("image_size", "tasks", "task_weights", "train_records", "max_objects", "kinds", "colors",
-                    "two_tone", "repeat", "object_scale", "cfg_dropout", "train_decoder_copy", "caption_first")
+                    "two_tone", "repeat", "object_scale", "cfg_dropout", "train_decoder_copy", "caption_first",
+                    "clear_direct")
 
     def _dataset(self, cfg) -> SyntheticSFTDataset:
         r = cfg.recipe
         return SyntheticSFTDataset(r.image_size, cfg.job.seed, r.train_records, r.tasks,
-                                   task_weights=r.weights(), caption_first=r.caption_first, **r.world_kwargs())
+                                   task_weights=r.weights(), caption_first=r.caption_first,
+                                   clear_direct=r.clear_direct, **r.world_kwargs())
 
     def build_model(self, cfg):
         from ...model.cheers import CheersModel
@@ -231,7 +247,8 @@ class SFTRecipe(Recipe):
 
     def describe(self, cfg) -> str:
         r = cfg.recipe
-        return f"{r.image_size} px synthetic world, tasks {'/'.join(r.tasks)}"
+        return (f"{r.image_size} px synthetic world, tasks {'/'.join(r.tasks)}"
+                + (f"; weights from {r.init}" if r.init else "; weights from the preset's initialisation"))
 
     def step(self, model, batch, ctx) -> StepOutput:
         from .. import policy
@@ -273,6 +290,8 @@ class SFTRecipe(Recipe):
                               world=r.world_kwargs(), n_vqa=r.eval_vqa, n_images=r.eval_images,
                               n_captions=r.eval_captions, steps=r.eval_steps, prompts=r.eval_prompts,
                               short_vqa="vqa_short" in r.tasks,
+                              n_clear=(64 if {"clear", "clear_short"} & set(r.tasks) else 0)
+                              if r.eval_clear < 0 else r.eval_clear,
                               out_dir=out_dir)
 
     def report(self, results: dict) -> list:
@@ -316,3 +335,46 @@ def bare_loop(cfg, on_step=None) -> list:
         if on_step is not None:
             on_step(step + 1, losses[-1])
     return losses
+
+
+# ------------------------------------------------------------------------------------------ CLEAR stage 1
+@dataclass
+class ClearSFTRecipeConfig(SFTRecipeConfig):
+    """CLEAR's generate-then-answer SFT (issue 16, stage 1) on the synthetic world: the SFT recipe with CLEAR's data
+    and settings as defaults.  Starts from a base run (``init``); mixes the generate-then-answer samples (multiple
+    choice and short answer) with plain VQA and captions so the plain formats are kept; ViT (and the VAE, always)
+    frozen as CLEAR freezes them."""
+    tasks: tuple = ("clear", "clear_short", "vqa", "vqa_short", "caption")
+    task_weights: tuple = (2, 2, 1, 1, 1)
+    caption_first: int = 0
+    freeze_vit: bool = True           # CLEAR: ViT and VAE frozen (the understanding projector still trains)
+
+    def validate(self):
+        super().validate()
+        from ..config import ConfigError
+
+        if not ({"clear", "clear_short"} & set(self.tasks)):
+            raise ConfigError(f"recipe.tasks = {self.tasks!r}: clear-sft needs clear and / or clear_short")
+        return self
+
+
+@register
+class ClearSFTRecipe(SFTRecipe):
+    name = "clear-sft"
+    config_class = ClearSFTRecipeConfig
+    run_defining = SFTRecipe.run_defining + ("freeze_vit",)
+
+    def build_model(self, cfg):
+        model = super().build_model(cfg)
+        if cfg.recipe.freeze_vit:
+            model.vit.requires_grad_(False)
+        return model
+
+    def engine_defaults(self) -> dict:
+        # CLEAR: EMA 0.995; a tenth of the base schedule's lr (continuing a trained model); ~5 minutes on 2 cores
+        return {"job.steps": 600, "optim.lr": 1e-4, "optim.ema": 0.995, "schedule.warmup": 20,
+                "checkpoint.every": 150}
+
+    def describe(self, cfg) -> str:
+        return "CLEAR generate-then-answer SFT: " + super().describe(cfg) + \
+            ("; ViT frozen" if cfg.recipe.freeze_vit else "")

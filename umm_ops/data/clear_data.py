@@ -1,0 +1,123 @@
+"""CLEAR's generate-then-answer data on the synthetic world (papers.md section 2; issue 16, stage 1).
+
+A record's question about a *degraded* copy of its picture becomes one supervised sample in CLEAR's output format:
+
+* restore (the picture is degraded at level mid or high):
+  [degraded picture (understood)] [question] -> "<think> RESTORE_THOUGHT </think> <image_restore>" (loss)
+  -> [the clean picture] (generated: flow loss, conditioned on the degraded picture, the question and the thought;
+  the editing path) -> [the clean picture again, understood] -> "<think> what the clean picture shows
+  </think><answer>X</answer>" (loss): at inference the restored picture joins the context as a picture to
+  understand (``generate_then_answer``), so the answer is trained reading the clean picture that way (BAGEL, on
+  which CLEAR is built, also follows a generated image with its clean understanding copy).  With the tiny preset's
+  gen_mode "full" the answer also sees the noisy generated tokens in training, which inference does not have;
+* direct (a clean picture, or one degraded at level low; probability ``p_direct``):
+  [picture] [question] -> "<think> what the picture shows </think><answer>X</answer>" (loss),
+
+so the model learns when to restore (CLEAR: clean or mildly degraded images are answered directly).  The
+degradation type is drawn with CLEAR's weights (``degradations.sample_kind``), the level uniformly among those of the
+branch; everything is deterministic per (world seed, record index, question).  A degradation that leaves the
+picture unchanged (~1% at mid / high: block_exchange or mean_shift on flat regions) makes the sample a direct one.
+
+The world tokenizer's 512 ids are all in use, so the format's markers (``<think>``, ``<image_restore>``,
+``<answer>``) are spelled in its byte-level pieces (about 12 tokens each) instead of being added as special tokens;
+on a Qwen-vocabulary model they would be added tokens (not built: the synthetic world's models use the world
+tokenizer).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..utils import seed_of
+
+__all__ = ["RESTORE_TAG", "RESTORE_THOUGHT", "clear_samples", "clear_question", "answer_text", "parse_clear",
+           "DIRECT_LEVELS", "RESTORE_LEVELS", "CLEAR_SUFFIX_MC", "CLEAR_SUFFIX_SA"]
+
+RESTORE_TAG = "<image_restore>"
+RESTORE_THOUGHT = "The image is degraded. Restore it first."
+DIRECT_LEVELS = ("clean", "low")          # answered directly
+RESTORE_LEVELS = ("mid", "high")          # restored first
+# the instruction that asks for the format (it replaces the plain VQA suffix, so a model trained on both formats
+# knows which one a question wants)
+CLEAR_SUFFIX_MC = ("Think first, restore the image if it is degraded, then give the option's letter in "
+                   "<answer></answer>.")
+CLEAR_SUFFIX_SA = "Think first, restore the image if it is degraded, then give a single word or phrase in <answer></answer>."
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
+
+
+def answer_text(seen: str, answer: str) -> str:
+    """The answering part of the format: ``<think> seen </think><answer>answer</answer>``."""
+    return f"<think> {seen} </think><answer>{answer}</answer>"
+
+
+def clear_question(item: dict, multiple_choice: bool = True) -> str:
+    """The prompt of a VQA item in the generate-then-answer format: the question (and options), then the format's
+    instruction instead of the plain VQA suffix."""
+    if multiple_choice:
+        opts = "\n".join(f"{L}. {o}" for L, o in zip("ABCD", item["options"]))
+        return f"{item['question']}\n{opts}\n{CLEAR_SUFFIX_MC}"
+    return f"{item['question']}\n{CLEAR_SUFFIX_SA}"
+
+
+def parse_clear(text: str) -> dict:
+    """A generated generate-then-answer text -> {"restore": the model asked for a restoration (RESTORE_TAG present),
+    "answer": the text inside the first <answer>...</answer> (an unclosed <answer> keeps what follows it), stripped;
+    "" when there is none, "format": think / answer / order checks as CLEAR's format reward reads them}."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_clear: expected the generated text (str), got {type(text).__name__}")
+    m = _ANSWER.search(text)
+    think = "<think>" in text and "</think>" in text
+    answer = m is not None and "</answer>" in text
+    order = think and answer and text.index("</think>") < text.index("<answer>")
+    return {"restore": RESTORE_TAG in text, "answer": m.group(1).strip() if m else "",
+            "format": {"think": think, "answer": answer, "order": order}}
+
+
+def clear_samples(record, multiple_choice: bool = True, p_direct: float = 0.3, restore_levels=RESTORE_LEVELS,
+                  direct_levels=DIRECT_LEVELS) -> list:
+    """One generate-then-answer sample per VQA question of the record (module docstring)."""
+    import random
+
+    from .degradations import degrade, sample_kind
+    from .packing import ImageItem, Sample, TextItem
+    from .synthetic import END, caption
+
+    if not 0.0 <= float(p_direct) <= 1.0:
+        raise ValueError(f"clear_samples: p_direct must be in [0, 1], got {p_direct!r}")
+    for name, lv in (("restore_levels", restore_levels), ("direct_levels", direct_levels)):
+        bad = [x for x in lv if x not in ("clean", "low", "mid", "high")]
+        if not lv or bad:
+            raise ValueError(f"clear_samples: {name} must be a non-empty subset of clean / low / mid / high, got "
+                             f"{tuple(lv)!r}")
+
+    def img(t):
+        return t.float() / 127.5 - 1.0
+
+    meta = {"source": "synthetic", "index": record.index, "seed": record.seed}
+    out = []
+    for j, q in enumerate(record.vqa):
+        rng = random.Random(seed_of(record.seed, record.index, "clear", j))
+        direct = rng.random() < p_direct
+        level = rng.choice(list(direct_levels if direct else restore_levels))
+        kind = None
+        picture = record.image
+        if level != "clean":
+            g = torch.Generator().manual_seed(seed_of(record.seed, record.index, "clear-kind", j))
+            kind = sample_kind(g)
+            picture = degrade(record.image[None], kind, level, seed=record.seed, index=[record.index])[0]
+            if torch.equal(picture, record.image):
+                direct = True     # the degradation left no trace (block_exchange / mean_shift on a flat scene)
+        ans = q["answer_letter"] if multiple_choice else q["answer"]
+        seen = caption(record.scene, rng)
+        items = [ImageItem(img(picture), "understand"), TextItem(clear_question(q, multiple_choice))]
+        if direct:
+            items.append(TextItem(answer_text(seen, ans) + END, loss=True))
+        else:
+            items += [TextItem(f"<think> {RESTORE_THOUGHT} </think> {RESTORE_TAG}", loss=True),
+                      ImageItem(img(record.image), "generate"),
+                      ImageItem(img(record.image), "understand"),
+                      TextItem(answer_text(seen, ans) + END, loss=True)]
+        out.append(Sample(items, meta={**meta, "task": "clear", "type": q["type"], "degradation": kind,
+                                       "level": level, "restore": not direct}))
+    return out

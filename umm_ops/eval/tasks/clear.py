@@ -1,0 +1,94 @@
+"""clear: MMD-Bench questions answered in CLEAR's generate-then-answer format (issue 16).
+
+The items are mmd-bench's (each held-out record's evaluation question about its picture degraded with one
+(type, level) pair, the pairs in turn), asked with :func:`umm_ops.model.clear.generate_then_answer` (greedy text,
+the restoration with the model's sampler; seeded).  Per item: ``score`` = the letter inside ``<answer>...</answer>``
+is right (a missing answer is wrong), ``restored`` = the model restored before answering, ``clean`` /
+``restored_clean`` = the same for the clean picture, ``format`` = CLEAR's format reward (0.35 think + 0.35 answer
++ 0.3 order).  Task-level: the restorations' PSNR to the clean picture (mean over restored items, and per level).
+Breakdowns per type/level, degradation, level, question type.  Synthetic world only (a user's file has no clean
+picture for the PSNR; mmd-bench reads those).
+"""
+from __future__ import annotations
+
+import math
+
+from . import EvalContext, Task, TaskOutput, pixels, register
+from .vqa import letter_summary, questions, score_answer
+
+__all__ = ["ClearTask", "psnr", "format_reward"]
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB of two uint8-range images (any shape, values 0..255); inf when they are equal."""
+    mse = float(((a.double() - b.double()) ** 2).mean())
+    return math.inf if mse == 0.0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def format_reward(fmt: dict) -> float:
+    """CLEAR's format reward: 0.35 (think) + 0.35 (answer) + 0.3 (order)."""
+    return 0.35 * fmt["think"] + 0.35 * fmt["answer"] + 0.3 * fmt["order"]
+
+
+@register
+class ClearTask(Task):
+    name = "clear"
+    ci = "wilson"
+    breakdowns = ("type", "degradation", "level", "question_type")
+    metrics = {"restored": ("restored", "wilson"), "clean": ("clean", "wilson"),
+               "restored_clean": ("restored_clean", "wilson"), "format": ("format", "bootstrap")}
+    needs = "CLEAR's generate-then-answer SFT (SFT tasks clear / clear_short)"
+
+    def run(self, model, ctx: EvalContext) -> TaskOutput:
+        from ...data.degradations import degrade
+        from ...data.clear_data import clear_question
+        from ...model.clear import generate_then_answer
+        from .geneval import to_uint8
+        from .mmd_bench import pairs
+
+        if ctx.data is not None:
+            raise ValueError("clear reads the synthetic world only (it needs the clean picture); use mmd-bench for "
+                             "a data file")
+        qa = questions(ctx)
+        idx, images, qs = [i for i, _, _ in qa], [im for _, im, _ in qa], [q for _, _, q in qa]
+        ps = pairs()
+        offset = ctx.seed_for("mmd-bench", "offset") % len(ps)      # the same items as mmd-bench
+        chosen = [ps[(k + offset) % len(ps)] for k in range(len(qa))]
+        degraded = [degrade(im[None], kind, lv, seed=ctx.seed, index=[i])[0]
+                    for i, im, (kind, lv) in zip(idx, images, chosen)]
+        texts = [clear_question(q, True) for q in qs]
+        res, res_clean = [], []
+        for s, b in ctx.batches(list(range(len(qa)))):
+            seed = ctx.seed_for(self.name, idx[b[0]])
+            res += generate_then_answer(model, [pixels(degraded[k]) for k in b], [texts[k] for k in b],
+                                        steps=ctx.steps, seed=seed)
+            res_clean += generate_then_answer(model, [pixels(images[k]) for k in b], [texts[k] for k in b],
+                                              steps=ctx.steps, seed=seed)
+        items, by_level = [], {}
+        restorations = []
+        for k, (i, q, (kind, lv), r, c) in enumerate(zip(idx, qs, chosen, res, res_clean)):
+            it = {"index": i, "type": f"{kind}/{lv}", "degradation": kind, "level": lv, "question_type": q["type"],
+                  "score": score_answer(r["answer"], q["answer_letter"]), "restored": float(r["restored"]),
+                  "clean": score_answer(c["answer"], q["answer_letter"]), "restored_clean": float(c["restored"]),
+                  "format": format_reward(r["format"]), "answer": q["answer_letter"], "predicted": r["answer"],
+                  "text": r["text"]}
+            if r["image"] is not None:
+                rest = to_uint8(r["image"])
+                it["psnr"] = psnr(rest, images[k])
+                it["psnr_degraded"] = psnr(degraded[k], images[k])
+                by_level.setdefault(lv, []).append(it["psnr"])
+                restorations.append((k, rest))
+            items.append(it)
+        extra = letter_summary(items)
+        got = [it["psnr"] for it in items if "psnr" in it]
+        if got:
+            extra["psnr_restored"] = round(sum(got) / len(got), 4)
+            extra["psnr_degraded_of_restored"] = round(sum(it["psnr_degraded"] for it in items if "psnr" in it)
+                                                       / len(got), 4)
+            extra["psnr_restored_per_level"] = {lv: round(sum(v) / len(v), 4) for lv, v in sorted(by_level.items())}
+        kept = ctx.grid_items
+        grid = {"rows": ["clean", "degraded", "restored"],
+                "columns": [{"label": f"{items[k]['predicted'][:3]}/{items[k]['answer']} {items[k]['level']}\n"
+                                      f"{items[k]['degradation']}", "images": [images[k], degraded[k], rest]}
+                            for k, rest in restorations[:kept]]} if restorations else None
+        return TaskOutput(items, extra, grid, {"restored": [r for _, r in restorations]})
