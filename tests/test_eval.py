@@ -162,6 +162,23 @@ class Oracle:
             out.append({"prompt": p, "rounds": rounds, "stopped": False, "image": rounds[-1]["image"]})
         return out
 
+    def generate_then_answer(self, images, questions, seed=0, **kw):
+        """CLEAR's format: "right" restores to the true picture and answers the true letter, "wrong" answers
+        directly with another letter, "random" a random letter (the record is found by its question's text)."""
+        from umm_ops.data.clear_data import clear_question
+
+        out = []
+        for im, text in zip(images, questions):
+            rec, q = next((r, q) for i in range(FIRST, FIRST + 64) for r in [self.world[i]] for q in r.vqa
+                          if clear_question(q) == text)
+            a = q["answer_letter"]
+            letter = {"right": a, "wrong": "ABCD"[("ABCD".index(a) + 1) % 4], "random": self.rng.choice("ABCD")}
+            restore = self.mode == "right"
+            out.append({"text": "", "restored": restore,
+                        "image": rec.image.float() / 127.5 - 1 if restore else None, "answer": letter[self.mode],
+                        "format": {"think": restore, "answer": restore, "order": restore}})
+        return out
+
     def edit_image(self, images, instructions, height, width, steps=None, seed=0, **kw):
         if not self.by_pixels:
             for i in range(FIRST, len(self.world)):
@@ -325,7 +342,7 @@ def test_all_tasks_json_shape_grids_and_determinism(tmp_path):
     assert json.dumps(a) == json.dumps(b)
     assert json.loads((tmp_path / "a" / "eval.json").read_text()) == a
     assert list(a["tasks"]) == ["vqa", "vqa-short", "caption", "geneval", "segment", "vae-recon", "mmd-bench",
-                              "refine"]
+                              "clear", "refine"]
     assert a["records"] == [FIRST, FIRST + 6] and a["seed"] == 3 and a["image_size"] == S
     for name, r in a["tasks"].items():
         assert r["score"] == 1.0 and r["n"] == 6 and len(r["ci95"]) == 2 and "per_type" in r, name

@@ -294,6 +294,11 @@ class CheersModel(nn.Module):
 
         return generate_refined(self, prompts, **kw)
 
+    def generate_then_answer(self, images, questions, **kw):
+        from .clear import generate_then_answer
+
+        return generate_then_answer(self, images, questions, **kw)
+
     # ------------------------------------------------------------------ checkpoints (see checkpoint.py)
     def save_pretrained(self, folder, **kw):
         return _save_pretrained(self, folder, **kw)

@@ -5,7 +5,7 @@ The items are mmd-bench's (each held-out record's evaluation question about its 
 the restoration with the model's sampler; seeded).  Per item: ``score`` = the letter inside ``<answer>...</answer>``
 is right (a missing answer is wrong), ``restored`` = the model restored before answering, ``clean`` /
 ``restored_clean`` = the same for the clean picture, ``format`` = CLEAR's format reward (0.35 think + 0.35 answer
-+ 0.3 order).  Task-level: the restorations' PSNR to the clean picture (mean over restored items, and per level).
++ 0.3 order).  Task-level: the restorations' PSNR (capped at PSNR_CAP) to the clean picture (mean over restored items, and per level).
 Breakdowns per type/level, degradation, level, question type.  Synthetic world only (a user's file has no clean
 picture for the PSNR; mmd-bench reads those).
 """
@@ -16,13 +16,16 @@ import math
 from . import EvalContext, Task, TaskOutput, pixels, register
 from .vqa import letter_summary, questions, score_answer
 
-__all__ = ["ClearTask", "psnr", "format_reward"]
+__all__ = ["ClearTask", "psnr", "format_reward", "PSNR_CAP"]
+
+
+PSNR_CAP = 100.0   # dB: equal images (inf) are counted as this in the means
 
 
 def psnr(a, b) -> float:
-    """PSNR in dB of two uint8-range images (any shape, values 0..255); inf when they are equal."""
+    """PSNR in dB of two uint8-range images (any shape, values 0..255), at most PSNR_CAP (equal images)."""
     mse = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if mse == 0.0 else 10.0 * math.log10(255.0 ** 2 / mse)
+    return PSNR_CAP if mse == 0.0 else min(PSNR_CAP, 10.0 * math.log10(255.0 ** 2 / mse))
 
 
 def format_reward(fmt: dict) -> float:
@@ -42,7 +45,6 @@ class ClearTask(Task):
     def run(self, model, ctx: EvalContext) -> TaskOutput:
         from ...data.degradations import degrade
         from ...data.clear_data import clear_question
-        from ...model.clear import generate_then_answer
         from .geneval import to_uint8
         from .mmd_bench import pairs
 
@@ -60,9 +62,9 @@ class ClearTask(Task):
         res, res_clean = [], []
         for s, b in ctx.batches(list(range(len(qa)))):
             seed = ctx.seed_for(self.name, idx[b[0]])
-            res += generate_then_answer(model, [pixels(degraded[k]) for k in b], [texts[k] for k in b],
+            res += model.generate_then_answer([pixels(degraded[k]) for k in b], [texts[k] for k in b],
                                         steps=ctx.steps, seed=seed)
-            res_clean += generate_then_answer(model, [pixels(images[k]) for k in b], [texts[k] for k in b],
+            res_clean += model.generate_then_answer([pixels(images[k]) for k in b], [texts[k] for k in b],
                                               steps=ctx.steps, seed=seed)
         items, by_level = [], {}
         restorations = []
