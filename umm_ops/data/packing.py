@@ -169,6 +169,9 @@ class PackSpec:
         its document's first token (an attention tile size: 64, 128).
     timestep_sampler: ``sampler(n, generator) -> (n,) float tensor in [0, 1]`` for generated images (default
         ``UniformTimesteps()``); a class instance rather than a lambda keeps it picklable for loader workers.
+    image_token_names: the (start, end, placeholder) tokens around / at an image's span: this project's
+        ``<|vision_start|>``, ``<|vision_end|>``, ``<|image_pad|>`` by default; the released Cheers' ``<im_start>``,
+        ``<im_end>``, ``<image>`` under its conventions profile (``CheersModel.pack_spec`` passes the model's).
     """
 
     tokenizer: object = "byte"
@@ -177,6 +180,7 @@ class PackSpec:
     budget: int = 8192
     align: int | None = None
     timestep_sampler: object = None
+    image_token_names: tuple = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
     def __post_init__(self):
         tok = self.tokenizer
@@ -201,9 +205,12 @@ class PackSpec:
         elif not callable(self.timestep_sampler):
             raise TypeError(f"PackSpec: timestep_sampler must be callable (n, generator) -> tensor, got "
                             f"{type(self.timestep_sampler).__name__}")
-        ids = {n: tok.special(n) for n in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")}
-        object.__setattr__(self, "_ids", (ids["<|vision_start|>"], ids["<|vision_end|>"], ids["<|image_pad|>"],
-                                          tok.pad_id))
+        names = tuple(self.image_token_names)
+        if len(names) != 3 or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"PackSpec: image_token_names must be (start, end, placeholder) token names, got "
+                             f"{self.image_token_names!r}")
+        object.__setattr__(self, "image_token_names", names)
+        object.__setattr__(self, "_ids", tuple(tok.special(n) for n in names) + (tok.pad_id,))
 
     def image_tokens(self, height: int, width: int) -> int:
         """LLM tokens of an image of height x width pixels (the span, without the two wrapper tokens)."""
