@@ -296,7 +296,24 @@ def test_released_config_reads_the_vae_geometry(rec):
         cheers_config_from_released(bad)
 
 
-def test_single_file_folder_and_saved_model(cheers, rec, tokdir, tmp_path):
+@pytest.fixture(scope="module")
+def released_folder(rec, tokdir, tmp_path_factory):
+    """A folder laid out as the released checkpoint: config.json (model_type "umm"), model.safetensors in the
+    released names, the tokenizer files (without the five Cheers tokens: they are added on load)."""
+    from safetensors.torch import save_file
+
+    meta, _ = rec
+    folder = tmp_path_factory.mktemp("released")
+    save_file(tiny_released_state(meta["names"], meta["seed"]), str(folder / "model.safetensors"))
+    with open(folder / "config.json", "w") as f:
+        json.dump(dict(meta["config"], model_type="umm", architectures=["Cheers"]), f)
+    for n in ("tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(tokdir, n)) as src, open(folder / n, "w") as dst:
+            dst.write(src.read())
+    return folder
+
+
+def test_single_file_folder_and_saved_model(cheers, rec, tokdir, released_folder, tmp_path):
     from safetensors.torch import save_file
 
     from umm_ops.model.cheers import CheersModel
@@ -307,15 +324,7 @@ def test_single_file_folder_and_saved_model(cheers, rec, tokdir, tmp_path):
     # one safetensors file (config given) and a released-style folder (config.json + weights + tokenizer)
     save_file(state, str(tmp_path / "cheers.safetensors"))
     one = from_cheers_checkpoint(tmp_path / "cheers.safetensors", config=meta["config"], tokenizer=tokdir)
-    folder = tmp_path / "released"
-    os.makedirs(folder)
-    save_file(state, str(folder / "model.safetensors"))
-    with open(folder / "config.json", "w") as f:
-        json.dump(meta["config"], f)
-    for n in ("tokenizer.json", "tokenizer_config.json"):
-        with open(os.path.join(tokdir, n)) as src, open(folder / n, "w") as dst:
-            dst.write(src.read())
-    fold = from_cheers_checkpoint(folder)
+    fold = from_cheers_checkpoint(released_folder)
     for m in (one, fold):
         assert m.profile.name == "cheers"
         assert all(torch.equal(ref[k], v) for k, v in m.state_dict().items())
@@ -356,3 +365,28 @@ def test_project_profile_stays_the_default():
     assert m.config.profile == "umm" and m.profile.name == "umm"
     assert m.pack_spec().image_token_names == ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
     assert m.profile.sampler == "euler" and m.profile.pixel_range == (-1.0, 1.0) and not m.profile.dummy_image
+
+
+def test_cli_on_the_released_folder(cheers, rec, released_folder, tmp_path, capsys):
+    """`umm generate` on a released folder: loaded with the "cheers" profile; --text --image letterboxes the picture
+    into [0, 1]; the written PNG is the API's image ([0, 1] -> 8 bits)."""
+    import numpy as np
+    from PIL import Image
+
+    from umm_ops.cli import main
+    from umm_ops.data.packing import ImageItem, Sample, TextItem
+
+    meta, fx = rec
+    pic = tmp_path / "pic.png"
+    Image.fromarray(fx["i2t.image"].numpy()).save(pic)
+    args = ["generate", str(released_folder), "--max-new-tokens", "3", "--seed", "5"]
+    assert main(args + ["--text", "--prompt", "What is it?", "--image", str(pic)]) == 0
+    img = letterbox(fx["i2t.image"].numpy(), meta["resolution"])
+    want = cheers.generate_text(Sample([ImageItem(img), TextItem("What is it?")]), max_new_tokens=3, seed=5)[0]
+    assert capsys.readouterr().out == want + "\n"
+    png = tmp_path / "out.png"
+    assert main(["generate", str(released_folder), "--prompt", "a cube", "--steps", "2", "--cfg", "2",
+                 "--seed", "3", "--out", str(png)]) == 0
+    x = cheers.generate_image("a cube", steps=2, cfg_scale=2.0, seed=3)["images"][0]
+    got = torch.from_numpy(np.asarray(Image.open(png)).copy()).permute(2, 0, 1)
+    assert torch.equal(got, (x * 255).round().to(torch.uint8))
