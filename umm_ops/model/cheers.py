@@ -1,12 +1,13 @@
 """The Cheers-style unified multimodal model (papers.md section 1), on the fused ops.
 
-    image (3, H, W) in [-1, 1]
+    image (3, H, W) in [-1, 1] (the profile's pixel range: [0, 1] under the released Cheers conventions)
       -> frozen VAE encoder -> normalised packed latent x1 (n_vit, 128)          [CheersVAE.encode, no grad]
       -> x_t = t x1 + (1 - t) noise   (t = 1 for images to understand, t ~ sampler for images to generate;
                                        the noise is an input of forward: umm_ops.train.policy draws it)
       -> trainable VAE decoder copy -> pixels -> SigLIP ViT -> (n_vit, C)       [CheersVAE.decode_trainable, vit]
       -> und_projector: LayerNorm + 2x2 space-to-depth + Linear + GELU (compress_tokens) + Linear -> (n_vit/4, D)
-      -> placed at the image's <|image_pad|> span of the packed sequence
+      -> placed at the image's placeholder span of the packed sequence (<|image_pad|>; <image> under the released
+         Cheers conventions, model.profile)
       -> Qwen2 LLM over the packed batch (span_attention: text causal, images full / noise)
       -> text: cross-entropy on the labelled tokens
       -> generated images: cascaded flow head on the LLM hidden states at the image's own tokens, with the ViT

@@ -8,7 +8,12 @@ Images: the prompt (and any image to edit) is prefilled once; every sampling ste
 projector -> LLM over the image tokens only (``update_cache=False``: the prompt stays cached, the image part is
 recomputed, as Cheers does) -> both head stages.  Classifier-free guidance runs the conditional and the null-prompt
 documents in the same packed batch: v = v_uncond + s (v_cond - v_uncond).  Time runs from 0 (noise) to 1 (clean)
-on ``time_shift(linspace(0, 1, steps + 1), a)``.
+on ``time_shift(linspace(0, 1, steps + 1), a)`` ("euler"), or on the released grid ("cheers": see
+umm_ops.model.profile).
+
+Conventions (prompt template, image tokens, null prompt, dummy image, sampler grid, pixel range) follow
+``model.profile`` (umm_ops.model.profile): the project's own ("umm") or the released Cheers' ("cheers").
+Prompts are str, Sample or token ids (:class:`PromptIds`: used as given).
 """
 from __future__ import annotations
 
