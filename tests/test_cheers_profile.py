@@ -390,3 +390,22 @@ def test_cli_on_the_released_folder(cheers, rec, released_folder, tmp_path, caps
     x = cheers.generate_image("a cube", steps=2, cfg_scale=2.0, seed=3)["images"][0]
     got = torch.from_numpy(np.asarray(Image.open(png)).copy()).permute(2, 0, 1)
     assert torch.equal(got, (x * 255).round().to(torch.uint8))
+
+
+def test_packer_labels_under_each_profile(cheers):
+    """Training layout: under "cheers" an image is <im_start> <image>*n <im_end> and the <im_start> of a generated
+    image is the target after the prompt (released labels); <im_end> never is.  Under "umm" no wrapper is."""
+    from umm_ops.data.packing import ImageItem, Sample, TextItem, encode_sample
+    from umm_ops.model.cheers import CheersModel
+
+    sample = Sample([TextItem("draw"), ImageItem(torch.zeros(3, 64, 64), "generate"), TextItem("done", loss=True)])
+    d = encode_sample(sample, cheers.pack_spec(), 0)
+    ids, labels = d.input_ids.tolist(), d.labels.tolist()
+    start, end = ids.index(151667), ids.index(151668)
+    assert ids[start + 1:end] == [151665] * 4 and labels[start - 1] == 151667 and 151668 not in labels
+    tiny = CheersModel("tiny")
+    d = encode_sample(sample, tiny.pack_spec(), 0)
+    vs = tiny.tokenizer.special("<|vision_start|>")
+    assert vs in d.input_ids.tolist() and vs not in d.labels.tolist()
+    switched = encode_sample(sample, cheers.pack_spec(label_image_start=False), 0)
+    assert 151667 not in switched.labels.tolist()

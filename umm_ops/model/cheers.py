@@ -106,6 +106,7 @@ class CheersModel(nn.Module):
 
         p = self.profile
         kw.setdefault("image_token_names", (p.image_start, p.image_end, p.image_pad))
+        kw.setdefault("label_image_start", p.label_image_start)
         return PackSpec(tokenizer=self.tokenizer, patch=self.config.pixels_per_token, gen_mode=self.config.gen_mode,
                         budget=budget, **kw)
 

@@ -27,7 +27,10 @@ Two profiles, chosen by ``CheersConfig.profile`` (saved in ``config.json``; ``mo
     * pixels in [0, 1] (image_processing_umm.py: ``rescale(1 / 255)``, no normalisation), decoded images clamped to
       [0, 1] (Inference/T2I.py);
     * images to understand: the long side resized to the model's size (bicubic), centred on a black square
-      (image_processing_umm.py ``_preprocess_und``).
+      (image_processing_umm.py ``_preprocess_und``);
+    * training labels: ``<im_start>`` after a prompt is a target, ``<im_end>`` after an image never is
+      (modeling_umm.py ``Cheers.forward``: IM_START_ID kept in the labels, IM_END_ID dropped); the packer's
+      ``label_image_start``.
 
 A profile is a frozen dataclass: ``dataclasses.replace(model.profile, dummy_image=False)`` switches one convention.
 """
@@ -63,6 +66,7 @@ class Profile:
     sampler: str                   # "euler" (N Euler steps) or "cheers" (N points, N-1 Euler steps + x + v(1)/N)
     pixel_range: tuple             # (lo, hi) of pixels in and out
     preprocess: str                # images to understand from files: "square" resize or "letterbox"
+    label_image_start: bool        # training labels: the start token of a generated image is a target
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -94,11 +98,12 @@ PROFILES = {
     "umm": Profile(name="umm", image_start="<|vision_start|>", image_end="<|vision_end|>", image_pad="<|image_pad|>",
                    null_token=None, system_prompt=None, chat=False, added_tokens=(), added_token_ids=None,
                    dummy_image=False, dummy_source_size=256, sampler="euler", pixel_range=(-1.0, 1.0),
-                   preprocess="square"),
+                   preprocess="square", label_image_start=False),
     "cheers": Profile(name="cheers", image_start="<im_start>", image_end="<im_end>", image_pad="<image>",
                       null_token="<no_mean>", system_prompt="You are a helpful assistant.", chat=True,
                       added_tokens=CHEERS_TOKENS, added_token_ids=CHEERS_TOKEN_IDS, dummy_image=True,
-                      dummy_source_size=256, sampler="cheers", pixel_range=(0.0, 1.0), preprocess="letterbox"),
+                      dummy_source_size=256, sampler="cheers", pixel_range=(0.0, 1.0), preprocess="letterbox",
+                      label_image_start=True),
 }
 
 
