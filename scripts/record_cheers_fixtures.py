@@ -25,7 +25,8 @@ fixture stores only names, shapes and outputs.  The tokenizer: tests/helpers/che
 
 Recorded (float32): text-to-image with CFG (the processor's ids, both branches' ids as _build_uncond_full_ids builds
 them, the dummy image, per-step t / x_t / conditional and unconditional velocities from _drift_fn, the final latent
-and the decoded pixels clamped to [0, 1] as Inference/T2I.py does), image understanding (ids, pixels, first-token
+and the decoded pixels clamped to [0, 1] as Inference/T2I.py does), editing (generate(edit_image=True): the initial
+noise, per-step t and x_t, final latent and pixels), image understanding (ids, pixels, first-token
 logits, greedy continuation) and text-only chat (same).
 """
 import importlib
@@ -174,8 +175,46 @@ def main():
     for c, u in zip(cond, unc):
         assert torch.equal(c["x_t"], u["x_t"])
 
-    # ---------------------------------------------------------------- image understanding (Inference/I2T.py)
+    # ---------------------------------------------------------------- editing (generate(edit_image=True))
     from PIL import Image
+
+    rng = np.random.RandomState(SEED + 3)
+    img = Image.fromarray(rng.randint(0, 256, (80, 80, 3), dtype=np.uint8))
+    content = "<im_start><image><im_end>\n Make it red."
+    text = proc.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                    add_generation_prompt=True)
+    inputs = proc(text=[text], images=[img], return_tensors="pt", add_im_start_id=True)
+    calls, uncond, noises = [], [], []
+    real_randn = torch.randn
+
+    def rec_randn(*a, **k):       # the initial noise of the edit path: torch.randn((B, 128, h, w), ...)
+        z = real_randn(*a, **k)
+        noises.append(z.clone())
+        return z
+
+    model._drift_fn, model._build_uncond_full_ids = rec_drift, rec_uncond
+    torch.manual_seed(SEED + 3)
+    torch.randn = rec_randn
+    try:
+        with torch.no_grad():
+            g = model.generate(**dict(inputs), max_length=0, cfg_scale=2.0, temperature=0.0, num_inference_steps=5,
+                               alpha=0.5, edit_image=True)
+    finally:
+        torch.randn = real_randn
+        model._drift_fn, model._build_uncond_full_ids = drift_fn, build_uncond
+    assert len(noises) == 1 and len(calls) == 2 * 4, (len(noises), len(calls))
+    cond, unc = calls[0::2], calls[1::2]
+    x_last = cond[-1]["x_t"] + (unc[-1]["v"] + 2.0 * (cond[-1]["v"] - unc[-1]["v"])) / 4
+    with torch.no_grad():
+        assert torch.equal(model.model.vae_model.decode(x_last), g["images"][0])
+    rec["edit"] = dict(content=content, text=text, steps=5, cfg_scale=2.0, alpha=0.5, start_t=0.1,
+                       image=torch.from_numpy(np.asarray(img).copy()), input_ids=inputs["input_ids"][0].clone(),
+                       uncond_ids=uncond[0][0].clone(), pixels_in=inputs["pixel_values"][0].clone(),
+                       noise=noises[0][0].clone(), t=torch.tensor([c["t"] for c in cond], dtype=torch.float64),
+                       x_t=torch.stack([c["x_t"][0] for c in cond]), latent=x_last[0].clone(),
+                       pixels=g["images"][0][0].clamp(0.0, 1.0).clone())
+
+    # ---------------------------------------------------------------- image understanding (Inference/I2T.py)
 
     rng = np.random.RandomState(SEED + 1)
     img = Image.fromarray(rng.randint(0, 256, (40, 96, 3), dtype=np.uint8))   # 96 x 40 (w x h): letterboxed
@@ -213,9 +252,9 @@ def main():
         rec[k]["logit_ids"] = torch.tensor(ids, dtype=torch.int64)
         rec[k]["logits"] = lg[ids].clone()
         rec[k]["logsumexp"] = torch.logsumexp(lg.double(), 0).reshape(1)
-    tensors = {f"{k}.{n}": v.contiguous() for k in ("t2i", "i2t", "t2t") for n, v in rec[k].items()
+    tensors = {f"{k}.{n}": v.contiguous() for k in ("t2i", "edit", "i2t", "t2t") for n, v in rec[k].items()
                if isinstance(v, torch.Tensor)}
-    meta = {k: ({n: v for n, v in rec[k].items() if not isinstance(v, torch.Tensor)} if k in ("t2i", "i2t", "t2t")
+    meta = {k: ({n: v for n, v in rec[k].items() if not isinstance(v, torch.Tensor)} if k in ("t2i", "edit", "i2t", "t2t")
                 else rec[k]) for k in rec}
     save_file(tensors, out_path + ".safetensors")
     with open(out_path + ".json", "w") as f:
@@ -224,7 +263,7 @@ def main():
     shutil.rmtree(tokdir, ignore_errors=True)
     for ext in (".safetensors", ".json"):
         print(f"wrote {out_path + ext} ({os.path.getsize(out_path + ext)} bytes)")
-    for k in ("t2i", "i2t", "t2t"):
+    for k in ("t2i", "edit", "i2t", "t2t"):
         print(k, {n: (tuple(v.shape) if isinstance(v, torch.Tensor) else v) for n, v in rec[k].items()
                   if n not in ("text",)})
 

@@ -174,6 +174,34 @@ def test_t2i_grid_final_latent_and_pixels(model, rec):
     _close(out["images"][0], fx["t2i.pixels"], "decoded pixels (clamped to [0, 1])")
 
 
+def test_edit_from_the_image_ids_grid_latent_pixels(model, rec):
+    """generate(edit_image=True) of the released code: the prompt [<im_start><image><im_end> instruction] in the
+    template, the null prompt keeping the image, x = 0.1 z_image + 0.9 noise, int(0.9 steps) points from 0.1."""
+    meta, fx = rec
+    e = meta["edit"]
+    img = letterbox(fx["edit.image"].numpy(), meta["resolution"])
+    assert torch.equal(img, fx["edit.pixels_in"])
+    instruction = e["content"].split("<im_end>", 1)[1]
+    from umm_ops.data.packing import ImageItem, Sample, TextItem
+
+    ids = G.prompt_ids(model, Sample([ImageItem(img), TextItem(instruction)]), image=True)
+    assert _collapse_image(ids, model).tolist() == fx["edit.input_ids"].tolist()
+    assert _collapse_image(model.null_prompt_ids(ids), model).tolist() == fx["edit.uncond_ids"].tolist()
+    out = model.edit_image(img, instruction, steps=e["steps"], cfg_scale=e["cfg_scale"], time_shift=e["alpha"],
+                           start_t=e["start_t"], init_noise=_latent(fx["edit.noise"])[None], return_trajectory=True)
+    assert torch.equal(out["timesteps"].double(), fx["edit.t"])
+    for n in range(fx["edit.t"].numel()):
+        _close(out["trajectory"][0, n], _latent(fx["edit.x_t"][n]), f"edit: x at point {n}")
+    _close(out["latents"][0], _latent(fx["edit.latent"]), "edit: final latent")
+    _close(out["images"][0], fx["edit.pixels"], "edit: decoded pixels")
+    # from noise instead (start_t off): far from the released edit
+    _far(model.edit_image(img, instruction, steps=e["steps"], cfg_scale=e["cfg_scale"], time_shift=e["alpha"],
+                          init_noise=_latent(fx["edit.noise"])[None])["latents"][0], _latent(fx["edit.latent"]),
+         "edit start")
+    with pytest.raises(ValueError, match="needs sampler='cheers' and 0 < start_t < 1"):
+        model.edit_image(img, instruction, steps=2, start_t=1.5)
+
+
 # ------------------------------------------------------------------------------------------------ understanding
 def _i2t_prompt(meta, fx, profile_pre=letterbox):
     from umm_ops.data.packing import ImageItem, Sample, TextItem

@@ -492,9 +492,15 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
 
 @torch.no_grad()
 def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed, mode, sigma, return_trajectory,
-              sde_steps=None, init_noise=None, sampler=None, dummy_image=None):
+              sde_steps=None, init_noise=None, sampler=None, dummy_image=None, start_t=None, start_images=None):
     cfg = model.config
     sampler = model.profile.sampler if sampler is None else sampler
+    if start_t is not None:
+        start_t = float(start_t)
+        if sampler != "cheers" or not 0.0 < start_t < 1.0:
+            raise ValueError(f"start_t (start from the image to edit at t = start_t, the released edit_image=True) "
+                             f"needs sampler='cheers' and 0 < start_t < 1, got sampler={sampler!r}, "
+                             f"start_t={start_t}")
     if sampler not in ("euler", "cheers"):
         raise ValueError(f"sampler must be 'euler' (steps Euler steps on time_shift(linspace(0, 1, steps + 1))) or "
                          f"'cheers' (the released grid: v at time_shift(linspace(0, 1, steps)), steps - 1 Euler "
@@ -503,6 +509,9 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
         raise ValueError(f"mode={mode!r} needs sampler='euler' (its transitions are defined on the Euler grid); the "
                          f"'cheers' grid is deterministic (mode='ode')")
     steps = cfg.sample_steps if steps is None else int(steps)
+    if start_t is not None and int(steps * (1 - start_t)) < 1:
+        raise ValueError(f"start_t={start_t} leaves int(steps * (1 - start_t)) = {int(steps * (1 - start_t))} "
+                         f"sampling points; raise steps")
     cfg_scale = cfg.cfg_scale if cfg_scale is None else float(cfg_scale)
     a = cfg.time_shift if time_shift is None else float(time_shift)
     if not math.isfinite(cfg_scale):
@@ -569,8 +578,11 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
                              f"{tuple(init_noise.shape) if isinstance(init_noise, torch.Tensor) else init_noise!r}")
         x = init_noise.to(dev, torch.float32)
     if sampler == "cheers":
+        if start_t is not None:     # the released edit_image=True: x = s z_image + (1 - s) noise
+            z_img = model.vae.encode(torch.stack([im.to(dev) for im in start_images])).float()
+            x = start_t * z_img + (1 - start_t) * x
         return _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, use_cfg,
-                                     return_trajectory, was_training)
+                                     return_trajectory, was_training, start_t)
     ts = umm_ops.time_shift(torch.linspace(0, 1, steps + 1, dtype=torch.float64), a).tolist()
     traj, logps = [x], []
     for i in range(steps):
@@ -601,12 +613,16 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
 
 
 def _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, use_cfg, return_trajectory,
-                          was_training):
+                          was_training, start_t=None):
     """The released sampler (modeling_umm.py Cheers.generate): v at the `steps` points t_n of
     time_shift(linspace(0, 1, steps), a) in float32; x += v(t_n) (t_{n+1} - t_n) for n < steps - 1, then the last
-    point (t = 1) gives x + v(1) / steps."""
+    point (t = 1) gives x + v(1) / steps.  start_t (edit_image=True there): int(steps (1 - start_t)) points from
+    start_t instead of 0."""
     dev = model.device
-    ts = torch.linspace(0, 1, steps, dtype=torch.float32)
+    t0 = 0.0
+    if start_t is not None:
+        steps, t0 = int(steps * (1 - start_t)), start_t
+    ts = torch.linspace(t0, 1, steps, dtype=torch.float32)
     ts = (a * ts) / (1.0 + (a - 1.0) * ts)             # Cheers.time_shift, in float32 as released
     traj = [x]
     for n in range(steps):
@@ -674,10 +690,13 @@ def generate_image(model, prompts, height: int | None = None, width: int | None 
                      return_trajectory, sde_steps, init_noise, sampler, dummy_image)
 
 
-def edit_image(model, images, instructions, height: int | None = None, width: int | None = None, **kw) -> dict:
+def edit_image(model, images, instructions, height: int | None = None, width: int | None = None,
+               start_t: float | None = None, **kw) -> dict:
     """Image-conditioned generation: the prompt is [image to understand, instruction text] (one per pair; images
-    in the profile's pixel range).  Output size defaults to the input image's size.  Other arguments as
-    generate_image."""
+    in the profile's pixel range).  Output size defaults to the input image's size.  start_t (sampler "cheers"):
+    start from the image itself, x = start_t z_image + (1 - start_t) noise, on int(steps (1 - start_t)) points from
+    start_t (the released ``generate(edit_image=True)``, start_t = 0.1 there); the output then has the image's size.
+    Other arguments as generate_image."""
     if isinstance(images, torch.Tensor) and images.dim() == 3:
         images = [images]
     if isinstance(instructions, str):
@@ -688,4 +707,17 @@ def edit_image(model, images, instructions, height: int | None = None, width: in
         model.profile.check_pixels(img, f"edit_image: image {i}")
     samples = [Sample([ImageItem(img, "understand"), TextItem(txt)]) for img, txt in zip(images, instructions)]
     h, w = images[0].shape[-2:]
-    return generate_image(model, samples, height=height or h, width=width or w, **kw)
+    if start_t is None:
+        return generate_image(model, samples, height=height or h, width=width or w, **kw)
+    if (height or h, width or w) != (h, w) or any(tuple(im.shape[-2:]) != (h, w) for im in images):
+        raise ValueError(f"edit_image: start_t starts from the images themselves: they must all be {h}x{w} and so "
+                         f"is the output, got sizes {[tuple(im.shape[-2:]) for im in images]} and "
+                         f"height={height}, width={width}")
+    bad = set(kw) - {"steps", "cfg_scale", "time_shift", "seed", "init_noise", "return_trajectory", "chat"}
+    if bad:
+        raise ValueError(f"edit_image: with start_t, arguments {sorted(bad)} do not apply (the 'cheers' grid)")
+    chat = kw.pop("chat", None)
+    samples = [_chat_wrap(model, s, chat) for s in samples]
+    return _generate(model, samples, h, w, kw.get("steps"), kw.get("cfg_scale"), kw.get("time_shift"),
+                     kw.get("seed", 0), "ode", None, kw.get("return_trajectory", False), None, kw.get("init_noise"),
+                     "cheers", None, start_t, list(images))
