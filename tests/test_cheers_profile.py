@@ -437,3 +437,27 @@ def test_packer_labels_under_each_profile(cheers):
     assert vs in d.input_ids.tolist() and vs not in d.labels.tolist()
     switched = encode_sample(sample, cheers.pack_spec(label_image_start=False), 0)
     assert 151667 not in switched.labels.tolist()
+
+
+def test_lower_level_entry_points(model, rec):
+    """Token-id prompts (the released processor's ids) give the released latent too; a caller's torch.Generator
+    draws the initial noise (the same as init_noise drawn from it) and the text sampling."""
+    meta, fx = rec
+    t = meta["t2i"]
+    kw = dict(steps=t["steps"], cfg_scale=t["cfg_scale"], time_shift=t["alpha"])
+    out = model.generate_image(fx["t2i.input_ids"], seed=meta["seed"], init_noise=_latent(fx["t2i.x_t"][0])[None],
+                               **kw)
+    _close(out["latents"][0], _latent(fx["t2i.latent"]), "final latent from token ids")
+    n, C = model.latent_shape((64, 64))
+    a = model.generate_image("a cube", seed=torch.Generator().manual_seed(7), dummy_image=fx["t2i.dummy"] / 255,
+                             **kw)
+    b = model.generate_image("a cube", init_noise=torch.randn(1, n, C, generator=torch.Generator().manual_seed(7)),
+                             dummy_image=fx["t2i.dummy"] / 255, **kw)
+    assert torch.equal(a["latents"], b["latents"])
+    x = model.generate_text("hi", max_new_tokens=3, temperature=1.0, seed=torch.Generator().manual_seed(3),
+                            return_ids=True)[1]
+    y = model.generate_text("hi", max_new_tokens=3, temperature=1.0, seed=torch.Generator().manual_seed(3),
+                            return_ids=True)[1]
+    assert x == y
+    with pytest.raises(ValueError, match="token ids must be a 1-D integer tensor"):
+        model.generate_image(G.PromptIds(torch.zeros(3)), steps=1)

@@ -172,7 +172,7 @@ def _dummies(model, samples, hw, seed, dummy_image=None) -> list:
     if isinstance(seed, (list, tuple)):
         return [draw(int(sd), hw, p) if n else None for n, sd in zip(need, seed)]
     if isinstance(seed, torch.Generator):
-        seed = 0
+        seed = 0            # a caller's torch generator draws the noise; the dummy (numpy, as released) uses seed 0
     rs = np.random.RandomState(int(seed) % (2 ** 32))
     out = []
     for n in need:
@@ -218,7 +218,10 @@ def _embed_doc(model, doc, dev):
 
 def _generators(seed, n: int, dev, who: str) -> list:
     """One generator per document: an int seeds one generator shared by the batch (drawn in batch order); a list of
-    n ints seeds one per document (its draws then do not depend on the batch it is in: RL rollouts)."""
+    n ints seeds one per document (its draws then do not depend on the batch it is in: RL rollouts); a
+    torch.Generator is used as given, shared by the batch."""
+    if isinstance(seed, torch.Generator):
+        return [seed] * n
     if isinstance(seed, (list, tuple)):
         if len(seed) != n:
             raise ValueError(f"{who}: seed must be an int or one int per prompt ({n}), got a list of {len(seed)}")
@@ -556,10 +559,7 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
     layout = cache.layout_for(prefix_segs, device=dev)
     model.llm.forward_packed(torch.cat(prefix_embeds), cache.positions_for(layout), layout, cache)
 
-    if isinstance(seed, torch.Generator):
-        gens = [seed] * N                          # the caller's generator draws every image's noise, in order
-    else:
-        gens = _generators(seed, N, "cpu", "generate_image")
+    gens = _generators(seed, N, "cpu", "generate_image")   # a caller's torch.Generator draws every image's noise
     shared = len(set(map(id, gens))) == 1
     n_vit = 4 * grid[0] * grid[1]
     C = cfg.vae.packed_channels
