@@ -95,7 +95,9 @@ class HFTokenizer:
     """A Hugging Face tokenizer from a local folder (``AutoTokenizer.from_pretrained(folder, local_files_only=True)``)
     behind the same interface.  Special tokens missing from it are added (with a warning naming them); ``<|pad|>``
     maps to the tokenizer's own pad token when it has one.  ``vocab_size`` is ``len(tokenizer)`` (added tokens
-    included; a model's embedding table may be larger)."""
+    included; a model's embedding table may be larger).  ``added_tokens`` / ``added_token_ids``: a conventions
+    profile's own tokens (the released Cheers' five), added in order when the folder has none of them, their ids
+    checked (see ``_add_profile_tokens``); ``special(name)`` then knows them too."""
 
     def __init__(self, folder, added_tokens=(), added_token_ids=None):
         folder = os.fspath(folder)
