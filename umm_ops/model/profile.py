@@ -33,6 +33,10 @@ Two profiles, chosen by ``CheersConfig.profile`` (saved in ``config.json``; ``mo
       ``label_image_start``.
 
 A profile is a frozen dataclass: ``dataclasses.replace(model.profile, dummy_image=False)`` switches one convention.
+
+Batches: the released code right-pads a batch of prompts and its image tokens then also see the padding of the
+shorter prompts; here prompts are packed without padding, so a batch equals the released outputs prompt by prompt
+(what the released code gives at batch size 1 or for prompts of one length).
 """
 from __future__ import annotations
 
