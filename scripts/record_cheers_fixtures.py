@@ -254,8 +254,9 @@ def main():
         rec[k]["logsumexp"] = torch.logsumexp(lg.double(), 0).reshape(1)
     tensors = {f"{k}.{n}": v.contiguous() for k in ("t2i", "edit", "i2t", "t2t") for n, v in rec[k].items()
                if isinstance(v, torch.Tensor)}
-    meta = {k: ({n: v for n, v in rec[k].items() if not isinstance(v, torch.Tensor)} if k in ("t2i", "edit", "i2t", "t2t")
-                else rec[k]) for k in rec}
+    cases = ("t2i", "edit", "i2t", "t2t")
+    meta = {k: ({n: v for n, v in rec[k].items() if not isinstance(v, torch.Tensor)} if k in cases else rec[k])
+            for k in rec}
     save_file(tensors, out_path + ".safetensors")
     with open(out_path + ".json", "w") as f:
         json.dump(meta, f, indent=1)
