@@ -123,8 +123,12 @@ def test_released_cheers_names_round_trip(model, tmp_path):
     folder.mkdir()
     save_file({k: v.contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"model_type": "umm", "text_config": {}}))
-    loaded = ck.from_cheers_checkpoint(folder, config=preset("tiny"))
+    # the names only: the tiny preset's world tokenizer has no Cheers tokens, so the project's conventions profile
+    # (the released one, from_cheers_checkpoint's default, is tested in tests/test_cheers_profile.py)
+    loaded = ck.from_cheers_checkpoint(folder, config=preset("tiny"), profile="umm")
     _states_equal(model, loaded)
+    with pytest.raises(ValueError, match="profile 'cheers' needs a Hugging Face tokenizer folder"):
+        ck.from_cheers_checkpoint(folder, config=preset("tiny"))
     with pytest.raises(ValueError, match="not in the released Cheers layout"):
         ck.convert_cheers_state_dict({"model.mystery.weight": torch.zeros(1)})
 

@@ -60,10 +60,8 @@ def _demo_image(size: int):
     return img.clamp(0, 255).to(torch.uint8)[None]
 
 
-def _load_image(path: str, size: int):
-    """(1, 3, size, size) uint8; ValueError naming the file when it cannot be read."""
-    import numpy as np
-    import torch
+def _open_image(path: str):
+    """The RGB PIL image of a file; ValueError naming the file when it cannot be read."""
     from PIL import Image
 
     from .utils import not_a_file
@@ -72,10 +70,33 @@ def _load_image(path: str, size: int):
     if why:
         raise ValueError(f"cannot read image {path!r}: it {why}")
     try:
-        im = Image.open(path).convert("RGB").resize((size, size))
+        return Image.open(path).convert("RGB")
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path!r}: {e}") from None
+
+
+def _load_image(path: str, size: int):
+    """(1, 3, size, size) uint8 (square resize); ValueError naming the file when it cannot be read."""
+    import numpy as np
+    import torch
+
+    im = _open_image(path).resize((size, size))
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None]
+
+
+def _is_released_cheers(path) -> bool:
+    """A folder of the released Cheers checkpoint (its config.json: model_type "umm" with the UMM sub-configs)."""
+    import json
+
+    cfg = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    try:
+        with open(cfg) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("model_type") == "umm" and "text_config" in d
 
 
 def _mmd_preview(args) -> int:
@@ -195,9 +216,18 @@ def _generate(args) -> int:
         print(why, file=sys.stderr)
         return 2
     try:
-        model = load_checkpoint_model(args.checkpoint, device=args.device)
+        if _is_released_cheers(args.checkpoint):    # the released Cheers folder: its own conventions ("cheers")
+            from .model.checkpoint import from_cheers_checkpoint
+
+            model = from_cheers_checkpoint(args.checkpoint, device=args.device)
+        else:
+            model = load_checkpoint_model(args.checkpoint, device=args.device)
     except (FileNotFoundError, ValueError) as e:
         return refuse(str(e))
+
+    def to_png(img):   # the model's pixel range (profile) -> PIL
+        lo, hi = model.profile.pixel_range
+        return _to_pil(img if (lo, hi) == (-1.0, 1.0) else img * 2 - 1)
     try:
         if args.text:
             from .data.packing import ImageItem, Sample, TextItem
@@ -205,8 +235,13 @@ def _generate(args) -> int:
             prompt = args.prompt
             if args.image:
                 size = args.size if args.size is not None else model.config.image_size
-                pix = _load_image(args.image, size)
-                prompt = Sample([ImageItem(pix[0].float() / 127.5 - 1.0, "understand"), TextItem(args.prompt)])
+                if model.profile.preprocess == "letterbox":   # the released preprocessing, in its pixel range
+                    from .model.profile import preprocess
+
+                    pix = preprocess(_open_image(args.image), size, model.profile)
+                else:
+                    pix = _load_image(args.image, size)[0].float() / 127.5 - 1.0
+                prompt = Sample([ImageItem(pix, "understand"), TextItem(args.prompt)])
             if args.restore:
                 from .model.clear import generate_then_answer
 
@@ -215,7 +250,7 @@ def _generate(args) -> int:
                                          think_tokens=args.max_new_tokens, answer_tokens=args.max_new_tokens)[0]
                 print(r["text"])
                 if r["image"] is not None:
-                    atomic_write(args.out, write=_to_pil(r["image"]).save, suffix=".png")
+                    atomic_write(args.out, write=to_png(r["image"]).save, suffix=".png")
                     print(f"restored image -> {args.out}")
                 else:
                     print("the model answered without restoring the image")
@@ -241,7 +276,7 @@ def _generate(args) -> int:
             stem = Path(args.out)
             for rd in res["rounds"]:
                 path = stem.with_name(f"{stem.stem}-round{rd['round']}{stem.suffix or '.png'}")
-                atomic_write(path, write=_to_pil(rd["image"]).save, suffix=".png")
+                atomic_write(path, write=to_png(rd["image"]).save, suffix=".png")
                 what = rd["text"] if rd["round"] == 1 else f"instruction: {rd['instruction']!r}"
                 print(f"round {rd['round']}: {what!r:.200} -> {path}")
             print("the model said no further edit is needed" if res["stopped"] else
@@ -254,7 +289,7 @@ def _generate(args) -> int:
     except (ValueError, FloatingPointError) as e:  # refused settings, a prompt too long, a NaN image: no file
         return refuse(str(e))
     out = args.out
-    atomic_write(out, write=_to_pil(img).save, suffix=".png")
+    atomic_write(out, write=to_png(img).save, suffix=".png")
     print(f"wrote {out} ({size}x{size}, {args.steps or model.config.sample_steps} steps): {args.prompt!r}")
     return 0
 

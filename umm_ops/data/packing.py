@@ -15,7 +15,7 @@ Token layout of one document, item by item::
 ``k`` pads appear only with ``spec.align``: they put the image span's first token at a multiple of ``align``
 counted from the document's first token (attention kernels tile each document from its first token, so the image
 block then covers whole key/query tiles).  Pads, ``<|vision_start|>`` and ``<|vision_end|>`` belong to no item:
-they are never label targets.  Each TextItem is tokenized on its own (a BPE tokenizer may split differently at item
+they are never label targets (except, with ``spec.label_image_start``, the start token of a generated image).  Each TextItem is tokenized on its own (a BPE tokenizer may split differently at item
 boundaries than over the joined text).
 
 Timesteps: 1.0 (clean) for understanding images; for generated images ``spec.timestep_sampler(n, generator)``
@@ -169,6 +169,12 @@ class PackSpec:
         its document's first token (an attention tile size: 64, 128).
     timestep_sampler: ``sampler(n, generator) -> (n,) float tensor in [0, 1]`` for generated images (default
         ``UniformTimesteps()``); a class instance rather than a lambda keeps it picklable for loader workers.
+    image_token_names: the (start, end, placeholder) tokens around / at an image's span: this project's
+        ``<|vision_start|>``, ``<|vision_end|>``, ``<|image_pad|>`` by default; the released Cheers' ``<im_start>``,
+        ``<im_end>``, ``<image>`` under its conventions profile (``CheersModel.pack_spec`` passes the model's).
+    label_image_start: the start token of a generated image is a label target (the token before it is trained to
+        predict it: the released Cheers trains ``<im_start>`` after a prompt, and never the ``<im_end>``); False
+        (this project's default): no wrapper token is ever a target.
     """
 
     tokenizer: object = "byte"
@@ -177,6 +183,8 @@ class PackSpec:
     budget: int = 8192
     align: int | None = None
     timestep_sampler: object = None
+    image_token_names: tuple = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+    label_image_start: bool = False
 
     def __post_init__(self):
         tok = self.tokenizer
@@ -201,9 +209,12 @@ class PackSpec:
         elif not callable(self.timestep_sampler):
             raise TypeError(f"PackSpec: timestep_sampler must be callable (n, generator) -> tensor, got "
                             f"{type(self.timestep_sampler).__name__}")
-        ids = {n: tok.special(n) for n in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")}
-        object.__setattr__(self, "_ids", (ids["<|vision_start|>"], ids["<|vision_end|>"], ids["<|image_pad|>"],
-                                          tok.pad_id))
+        names = tuple(self.image_token_names)
+        if len(names) != 3 or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"PackSpec: image_token_names must be (start, end, placeholder) token names, got "
+                             f"{self.image_token_names!r}")
+        object.__setattr__(self, "image_token_names", names)
+        object.__setattr__(self, "_ids", tuple(tok.special(n) for n in names) + (tok.pad_id,))
 
     def image_tokens(self, height: int, width: int) -> int:
         """LLM tokens of an image of height x width pixels (the span, without the two wrapper tokens)."""
@@ -327,7 +338,8 @@ def encode_sample(sample: Sample, spec: PackSpec, sample_id: int = 0, seed: int 
         gh, gw = H // spec.patch, W // spec.patch
         n = gh * gw
         k = (-(len(ids) + 1)) % spec.align if spec.align else 0
-        add_causal([pad_id] * k + [vs_id], False)
+        add_causal([pad_id] * k, False)
+        add_causal([vs_id], spec.label_image_start and it.role == "generate")
         image_rows.append((len(ids), n, ROLES[it.role], gh, gw))
         images.append(it.image)
         ids.extend(array.array("q", [img_id]) * n)

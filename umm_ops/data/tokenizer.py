@@ -95,9 +95,11 @@ class HFTokenizer:
     """A Hugging Face tokenizer from a local folder (``AutoTokenizer.from_pretrained(folder, local_files_only=True)``)
     behind the same interface.  Special tokens missing from it are added (with a warning naming them); ``<|pad|>``
     maps to the tokenizer's own pad token when it has one.  ``vocab_size`` is ``len(tokenizer)`` (added tokens
-    included; a model's embedding table may be larger)."""
+    included; a model's embedding table may be larger).  ``added_tokens`` / ``added_token_ids``: a conventions
+    profile's own tokens (the released Cheers' five), added in order when the folder has none of them, their ids
+    checked (see ``_add_profile_tokens``); ``special(name)`` then knows them too."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, added_tokens=(), added_token_ids=None):
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"HFTokenizer: expected a folder holding a Hugging Face tokenizer "
@@ -123,6 +125,10 @@ class HFTokenizer:
                           stacklevel=2)
         self._special_ids = {s: tok.convert_tokens_to_ids(pad_alias if (s == "<|pad|>" and pad_alias) else s)
                              for s in SPECIAL_TOKENS}
+        added_tokens = tuple(added_tokens)
+        if added_tokens:
+            self._add_profile_tokens(tok, folder, added_tokens, added_token_ids)
+        self.special_tokens = SPECIAL_TOKENS + tuple(t for t in added_tokens if t not in SPECIAL_TOKENS)
         # every special must also be split out of plain text by encode(): check once here, not per call
         for s, i in self._special_ids.items():
             got = tok.encode(pad_alias if (s == "<|pad|>" and pad_alias) else s, add_special_tokens=False)
@@ -130,12 +136,33 @@ class HFTokenizer:
                 raise ValueError(f"HFTokenizer: the tokenizer in {folder!r} does not encode the special token {s!r} "
                                  f"as its single id {i} (got {got}); it must be a special (added) token")
         self.vocab_size = len(tok)
+        self.added_tokens = added_tokens
         self.eos_id = self._special_ids["<|im_end|>"]
         self.pad_id = self._special_ids["<|pad|>"]
 
+    def _add_profile_tokens(self, tok, folder, names, want_ids) -> None:
+        """A conventions profile's tokens (the released Cheers: <image> <image_gen> <im_start> <im_end> <no_mean>):
+        added one by one in this order, as special tokens, when the tokenizer has none of them (what the released
+        processor does to a Qwen2.5 tokenizer); with all present, kept.  Their ids must then be `want_ids`."""
+        vocab = tok.get_vocab()
+        present = [t for t in names if t in vocab]
+        if not present:
+            for t in names:
+                tok.add_tokens([t], special_tokens=True)
+        elif len(present) != len(names):
+            raise ValueError(f"HFTokenizer: the tokenizer in {folder!r} has {present} but not "
+                             f"{[t for t in names if t not in vocab]}: expected all of {list(names)} or none (then "
+                             f"they are added in that order)")
+        ids = [tok.convert_tokens_to_ids(t) for t in names]
+        if want_ids is not None and ids != list(want_ids):
+            raise ValueError(f"HFTokenizer: the tokens {list(names)} of the tokenizer in {folder!r} have ids {ids}, "
+                             f"expected {list(want_ids)} (the released model's; a Qwen2.5 tokenizer of "
+                             f"{want_ids[0]} ids gets exactly these when they are added)")
+        self._special_ids.update(zip(names, ids))
+
     def special(self, name: str) -> int:
         if name not in self._special_ids:
-            raise KeyError(f"HFTokenizer: unknown special token {name!r}, expected one of {list(SPECIAL_TOKENS)}")
+            raise KeyError(f"HFTokenizer: unknown special token {name!r}, expected one of {list(self._special_ids)}")
         return self._special_ids[name]
 
     def encode(self, text: str) -> list:
@@ -162,11 +189,31 @@ def _accepts_replace(tok) -> bool:
         return False
 
 
-def load_tokenizer(name_or_folder):
+def load_tokenizer(name_or_folder, profile=None):
     """``"byte"`` -> :class:`ByteTokenizer`; ``"world"`` -> the synthetic world's BPE that ships in the package
-    (:mod:`umm_ops.data.world_tokenizer`); a folder -> :class:`HFTokenizer`."""
+    (:mod:`umm_ops.data.world_tokenizer`); a folder -> :class:`HFTokenizer`.  ``profile`` (a conventions profile or
+    its name, umm_ops.model.profile): its tokens are added / checked (the "cheers" profile needs a Hugging Face
+    tokenizer folder: Qwen2.5's)."""
+    if profile is not None:
+        from ..model.profile import get_profile
+
+        profile = get_profile(profile)
+    need = tuple(profile.added_tokens) if profile is not None else ()
     if isinstance(name_or_folder, (ByteTokenizer, HFTokenizer)):
+        have = getattr(name_or_folder, "added_tokens", ())
+        if need and tuple(have) != need:
+            raise ValueError(f"load_tokenizer: profile {profile.name!r} needs a tokenizer holding {list(need)} "
+                             f"(load it with load_tokenizer(folder, profile={profile.name!r})), got "
+                             f"{name_or_folder!r} with {list(have)}")
         return name_or_folder
+    if need and os.fspath(name_or_folder) in ("byte", "world"):
+        raise ValueError(f"load_tokenizer: profile {profile.name!r} needs a Hugging Face tokenizer folder (Qwen2.5, "
+                         f"to which {list(need)} are added), got {os.fspath(name_or_folder)!r}")
+    if need:
+        if not os.path.isdir(name_or_folder):
+            raise ValueError(f"load_tokenizer: expected an existing Hugging Face tokenizer folder for profile "
+                             f"{profile.name!r}, got {os.fspath(name_or_folder)!r}")
+        return HFTokenizer(name_or_folder, need, profile.added_token_ids)
     if not isinstance(name_or_folder, (str, os.PathLike)):
         raise TypeError(f"load_tokenizer: expected 'byte', 'world' or a tokenizer folder path, got "
                         f"{type(name_or_folder).__name__}")
@@ -219,14 +266,20 @@ def _is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
-def chat_template(messages, add_generation_prompt: bool = False) -> str:
+def chat_template(messages, add_generation_prompt: bool = False, system: str | None = None) -> str:
     """Qwen-style chat text: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message, then
     ``<|im_start|>assistant\\n`` when ``add_generation_prompt``.  Messages are dicts with ``role`` and ``content``
-    (a str or a list of parts; an image part is written as the marker ``<image>``)."""
+    (a str or a list of parts; an image part is written as the marker ``<image>``).  ``system``: a default system
+    turn written first when the first message is not a system message (Qwen2.5's template, and the released
+    Cheers': "You are a helpful assistant."; a conventions profile's ``system_prompt``)."""
     if not isinstance(messages, (list, tuple)):
         raise TypeError(f"chat_template: messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
                         f"{type(messages).__name__}")
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"chat_template: system must be None or a str, got {type(system).__name__}")
     out = []
+    if system is not None and not (messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+        out.append(f"<|im_start|>system\n{system}<|im_end|>\n")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"chat_template: message {i} must be a dict with 'role' and 'content', got {m!r:.80}")

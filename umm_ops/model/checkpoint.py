@@ -321,9 +321,19 @@ def _attn_conv(name, v):
     return v
 
 
-def cheers_config_from_released(d: dict) -> CheersConfig:
-    """A CheersConfig from the released Cheers config.json (text_config / vision_representation_config); the rest
-    (VAE, head depth, sampler) is the cheers-1.5b preset."""
+_RELEASED_VAE_DEFAULTS = dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=32)
+# configuration_umm.py VAEEncoderConfig / VAEDecoderConfig defaults (the released config.json sets only resolution)
+
+
+def cheers_config_from_released(d: dict, image_size: int | None = None) -> CheersConfig:
+    """A CheersConfig from the released Cheers config.json: the LLM (text_config), the ViT
+    (vision_representation_config) and the VAE geometry (vae_encoder_config / vae_decoder_config: ch, ch_mult,
+    num_res_blocks, z_channels, with configuration_umm.py's defaults); the released conventions profile "cheers";
+    image_size (the default generation size = the released processor's dummy-image resolution): `image_size`, else
+    the ViT's.  The head depth (7 + 3 blocks) is the released code's, fixed there."""
+    if not isinstance(d, dict):
+        raise TypeError(f"cheers_config_from_released: expected the released config.json as a dict, got "
+                        f"{type(d).__name__}")
     cfg = preset("cheers-1.5b")
     text = d.get("text_config", {})
     llm = dict(cfg.llm)
@@ -334,27 +344,114 @@ def cheers_config_from_released(d: dict) -> CheersConfig:
     vit = dict(cfg.vit)
     vit.update({k: vis[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                     "patch_size", "image_size", "num_channels", "layer_norm_eps") if k in vis})
+    geo = {}
+    for part in ("vae_encoder_config", "vae_decoder_config"):
+        sub = d.get(part, {}) or {}
+        geo[part] = {k: (list(sub[k]) if k == "ch_mult" else sub[k]) if k in sub else v
+                     for k, v in _RELEASED_VAE_DEFAULTS.items()}
+    enc, dec = geo["vae_encoder_config"], geo["vae_decoder_config"]
+    if enc != dec:
+        raise ValueError(f"cheers_config_from_released: vae_encoder_config {enc} and vae_decoder_config {dec} "
+                         f"differ; this model has one autoencoder geometry (diffusers AutoencoderKLFlux2)")
+    if dec["ch"] != 4 * dec["z_channels"]:
+        raise ValueError(f"cheers_config_from_released: the released head outputs vae_decoder_config.ch = "
+                         f"{dec['ch']} channels per token but the 2x2-packed latent has 4 * z_channels = "
+                         f"{4 * dec['z_channels']}; the released model needs ch == 4 * z_channels")
     cfg.llm, cfg.vit = llm, vit
+    cfg.vae = type(cfg.vae)(latent_channels=int(enc["z_channels"]),
+                            block_out_channels=tuple(int(enc["ch"]) * int(m) for m in enc["ch_mult"]),
+                            layers_per_block=int(enc["num_res_blocks"]), norm_num_groups=32)
+    cfg.profile = "cheers"
+    cfg.image_size = int(image_size if image_size is not None else vit["image_size"])
     return cfg.validate()
 
 
-def from_cheers_checkpoint(folder, config: CheersConfig | None = None, tokenizer=None, device=None,
-                           model_class=None):
-    """A CheersModel (or `model_class`) from a released Cheers folder (config.json + model*.safetensors); the
-    tokenizer defaults to the folder's own (Hugging Face) tokenizer."""
-    folder = os.fspath(folder)
+def _released_image_size(folder):
+    """The released processor's resolution (preprocessor_config.json scale_resolution), if the folder has one."""
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        v = json.load(f).get("scale_resolution")
+    return int(v) if v is not None else None
+
+
+def from_cheers_checkpoint(source=None, config=None, tokenizer=None, device=None, model_class=None,
+                           state_dict: dict | None = None, profile: str = "cheers", dtype=None):
+    """A CheersModel (or `model_class`) from the released Cheers weights, with the released conventions (profile
+    "cheers": chat template, tokens, null prompt, dummy image, sampler grid, pixel range; ``profile="umm"`` for
+    this project's).  The weights, in the released names, come from one of:
+
+    * ``source`` a folder: config.json + model.safetensors or shards with model.safetensors.index.json; the
+      tokenizer defaults to the folder's own (Qwen2.5 + the five Cheers tokens, added if absent and their ids
+      checked) and the generation size to its preprocessor_config.json's scale_resolution;
+    * ``source`` a single .safetensors file: config.json beside it, or ``config``;
+    * ``state_dict``: an in-memory dict (``config`` and ``tokenizer`` needed).
+
+    config: a CheersConfig, or the released config.json as a dict / a path to it (default: the folder's).
+    tokenizer: a Hugging Face tokenizer folder (or HFTokenizer)."""
+    if (source is None) == (state_dict is None):
+        raise ValueError("from_cheers_checkpoint: pass exactly one of source (a folder or a .safetensors file) and "
+                         f"state_dict, got source={source!r} and {'a' if state_dict is not None else 'no'} "
+                         f"state_dict")
+    folder = None
+    if source is not None:
+        source = os.fspath(source)
+        if os.path.isdir(source):
+            folder = source
+        elif os.path.isfile(source):
+            if not source.endswith(".safetensors"):
+                raise ValueError(f"from_cheers_checkpoint: {source!r} is a file but not a .safetensors file (only "
+                                 f"safetensors are read, never pickle)")
+            if config is None and os.path.isfile(os.path.join(os.path.dirname(source) or ".", "config.json")):
+                config = os.path.join(os.path.dirname(source) or ".", "config.json")
+        else:
+            raise FileNotFoundError(f"from_cheers_checkpoint: {source!r}: no such file or folder (expected a released "
+                                    f"Cheers folder or a .safetensors file)")
     if config is None:
-        with open(os.path.join(folder, "config.json")) as f:
-            config = cheers_config_from_released(json.load(f))
-    if tokenizer is None and config.tokenizer == "byte" and os.path.isfile(os.path.join(folder,
-                                                                                         "tokenizer_config.json")):
-        config.tokenizer = folder
+        if folder is None:
+            raise ValueError("from_cheers_checkpoint: no config: pass config (a CheersConfig, the released "
+                             "config.json dict or its path) with a single file or a state_dict")
+        config = os.path.join(folder, "config.json")
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"from_cheers_checkpoint: no released config.json at {path!r}")
+        with open(path) as f:
+            config = json.load(f)
+    if isinstance(config, dict):
+        config = cheers_config_from_released(config, _released_image_size(folder) if folder else None)
+    elif isinstance(config, CheersConfig):
+        config = CheersConfig.from_dict(config.to_dict())       # a copy: the caller's is not changed
+    else:
+        raise TypeError(f"from_cheers_checkpoint: config must be a CheersConfig, the released config.json dict or "
+                        f"its path, got {type(config).__name__}")
+    config.profile = profile
+    if tokenizer is None and folder is not None and os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        tokenizer = folder
+    if isinstance(tokenizer, (str, os.PathLike)):
+        config.tokenizer = os.path.abspath(os.fspath(tokenizer))
+        tokenizer = None
+    elif tokenizer is not None and hasattr(tokenizer, "folder"):
+        config.tokenizer = os.path.abspath(tokenizer.folder)
+    config.validate()
     model = _model_class(model_class)(config, tokenizer=tokenizer)
-    state = convert_cheers_state_dict(read_safetensors_folder(folder), len(config.vae.block_out_channels),
+    if state_dict is None:
+        if folder is not None:
+            state_dict = read_safetensors_folder(folder)
+        else:
+            from safetensors.torch import load_file
+
+            state_dict = load_file(source)
+    elif not isinstance(state_dict, dict):
+        raise TypeError(f"from_cheers_checkpoint: state_dict must be a dict of tensors in the released names, got "
+                        f"{type(state_dict).__name__}")
+    state = convert_cheers_state_dict(state_dict, len(config.vae.block_out_channels),
                                       config.llm.get("tie_word_embeddings", True))
-    load_state(model, state, who=folder)
+    load_state(model, state, who=os.fspath(source) if source is not None else "state_dict")
     model.eval()
+    if dtype is not None:
+        model.to(dtype)
     if device is not None:
         model.to(device)
     return model
-

@@ -1,12 +1,13 @@
 """The Cheers-style unified multimodal model (papers.md section 1), on the fused ops.
 
-    image (3, H, W) in [-1, 1]
+    image (3, H, W) in [-1, 1] (the profile's pixel range: [0, 1] under the released Cheers conventions)
       -> frozen VAE encoder -> normalised packed latent x1 (n_vit, 128)          [CheersVAE.encode, no grad]
       -> x_t = t x1 + (1 - t) noise   (t = 1 for images to understand, t ~ sampler for images to generate;
                                        the noise is an input of forward: umm_ops.train.policy draws it)
       -> trainable VAE decoder copy -> pixels -> SigLIP ViT -> (n_vit, C)       [CheersVAE.decode_trainable, vit]
       -> und_projector: LayerNorm + 2x2 space-to-depth + Linear + GELU (compress_tokens) + Linear -> (n_vit/4, D)
-      -> placed at the image's <|image_pad|> span of the packed sequence
+      -> placed at the image's placeholder span of the packed sequence (<|image_pad|>; <image> under the released
+         Cheers conventions, model.profile)
       -> Qwen2 LLM over the packed batch (span_attention: text causal, images full / noise)
       -> text: cross-entropy on the labelled tokens
       -> generated images: cascaded flow head on the LLM hidden states at the image's own tokens, with the ViT
@@ -34,6 +35,7 @@ from .checkpoint import from_pretrained as _from_pretrained, save_pretrained as 
 from .config import CheersConfig, preset
 from .head import FlowHead
 from .losses import add_noise, flow_loss, flow_target, text_loss
+from .profile import get_profile
 from .vae import CheersVAE
 
 __all__ = ["CheersModel", "UnderstandingProjector"]
@@ -70,7 +72,13 @@ class CheersModel(nn.Module):
         from .vit import SiglipViT
 
         self.config = config.validate()
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
+        self.profile = get_profile(config.profile)
+        need = self.profile if self.profile.added_tokens else None   # its tokens added / checked
+        if tokenizer is None:
+            tokenizer = load_tokenizer(config.tokenizer, profile=need)
+        elif need is not None:
+            tokenizer = load_tokenizer(tokenizer, profile=need)
+        self.tokenizer = tokenizer
         if self.tokenizer.vocab_size > config.llm["vocab_size"]:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the LLM vocabulary only "
                              f"{config.llm['vocab_size']}")
@@ -96,6 +104,9 @@ class CheersModel(nn.Module):
         """The PackSpec that matches this model (tokenizer, pixels per token, gen_mode)."""
         from ..data.packing import PackSpec
 
+        p = self.profile
+        kw.setdefault("image_token_names", (p.image_start, p.image_end, p.image_pad))
+        kw.setdefault("label_image_start", p.label_image_start)
         return PackSpec(tokenizer=self.tokenizer, patch=self.config.pixels_per_token, gen_mode=self.config.gen_mode,
                         budget=budget, **kw)
 
@@ -126,13 +137,15 @@ class CheersModel(nn.Module):
         return (emb, self.detail_embeddings(pix)) if want_high else (emb, None)
 
     def null_prompt_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Cheers' unconditional prompt: every token except the vision markers and image placeholders -> <|pad|>
-        (same length, so image positions and layouts are unchanged)."""
-        tok = self.tokenizer
+        """Cheers' unconditional prompt: every token except the image start / end markers and image placeholders ->
+        the profile's null token (same length, so image positions and layouts are unchanged): ``<|pad|>`` under
+        the "umm" profile, ``<no_mean>`` under "cheers" (modeling_umm.py ``_build_uncond_full_ids``)."""
+        tok, p = self.tokenizer, self.profile
         keep = torch.zeros_like(input_ids, dtype=torch.bool)
-        for name in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>"):
+        for name in p.keep_in_null_prompt:
             keep |= input_ids == tok.special(name)
-        return torch.where(keep, input_ids, torch.full_like(input_ids, tok.pad_id))
+        null = tok.pad_id if p.null_token is None else tok.special(p.null_token)
+        return torch.where(keep, input_ids, torch.full_like(input_ids, null))
 
     # ------------------------------------------------------------------ training forward
     def _check_input_ids(self, batch, input_ids) -> torch.Tensor:

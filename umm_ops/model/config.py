@@ -85,6 +85,9 @@ class CheersConfig:
     cfg_scale: float = 9.5
     gen_mode: str = "full"         # "full" (Cheers: image tokens visible to later text) | "noise" (BAGEL)
     tokenizer: str = "byte"        # "byte", "world" (the synthetic world's shipped BPE) or a local HF tokenizer folder
+    profile: str = "umm"           # conventions profile (umm_ops.model.profile): "umm" (this project's, for models
+                                   # trained here) or "cheers" (the released checkpoint's: template, tokens, null
+                                   # prompt, dummy image, sampler grid, pixel range, preprocessing)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -106,6 +109,10 @@ class CheersConfig:
         return SiglipVisionConfig(**{k: v for k, v in self.vit.items() if k in names})
 
     def validate(self) -> "CheersConfig":
+        from .profile import PROFILES
+
+        if self.profile not in PROFILES:
+            raise ValueError(f"CheersConfig.profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
         if self.gen_mode not in ("full", "noise"):
             raise ValueError(f"gen_mode must be 'full' or 'noise', got {self.gen_mode!r}")
         for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):

@@ -8,7 +8,12 @@ Images: the prompt (and any image to edit) is prefilled once; every sampling ste
 projector -> LLM over the image tokens only (``update_cache=False``: the prompt stays cached, the image part is
 recomputed, as Cheers does) -> both head stages.  Classifier-free guidance runs the conditional and the null-prompt
 documents in the same packed batch: v = v_uncond + s (v_cond - v_uncond).  Time runs from 0 (noise) to 1 (clean)
-on ``time_shift(linspace(0, 1, steps + 1), a)``.
+on ``time_shift(linspace(0, 1, steps + 1), a)`` ("euler"), or on the released grid ("cheers": see
+umm_ops.model.profile).
+
+Conventions (prompt template, image tokens, null prompt, dummy image, sampler grid, pixel range) follow
+``model.profile`` (umm_ops.model.profile): the project's own ("umm") or the released Cheers' ("cheers").
+Prompts are str, Sample or token ids (:class:`PromptIds`: used as given).
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ import umm_ops
 
 from ..data.packing import ROLES, ImageItem, Sample, TextItem, encode_sample
 
-__all__ = ["generate_text", "generate_image", "edit_image", "sample_tokens", "decode", "velocity"]
+__all__ = ["generate_text", "generate_image", "edit_image", "sample_tokens", "decode", "velocity", "PromptIds",
+           "next_token_logits", "prompt_ids"]
 
 
 def _generator(seed, device="cpu"):
@@ -38,12 +44,162 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k, top_p, genera
     return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
 
-def _as_sample(p, who: str) -> Sample:
+class PromptIds:
+    """A prompt given as token ids (1-D int tensor or list of ints), used exactly as given: no chat template, no
+    image wrappers added (a dummy image is still put in front under a profile that has one).  For
+    generate_image it is everything before the image, so it ends with the profile's image start token (the
+    released Cheers processor's ``add_im_start_id=True`` ids)."""
+
+    def __init__(self, ids, who: str = "prompt"):
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise ValueError(f"{who}: token ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} "
+                                 f"dtype {ids.dtype}")
+            ids = ids.tolist()
+        ids = list(ids)
+        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"{who}: token ids must be a non-empty list of ints, got {ids!r:.80}")
+        self.ids = torch.tensor(ids, dtype=torch.long)
+
+
+def _is_ids(p) -> bool:
+    return isinstance(p, PromptIds) or (isinstance(p, torch.Tensor) and p.dim() == 1) or \
+        (isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(t, int) and not isinstance(t, bool)
+                                                              for t in p))
+
+
+def _prompt_list(prompts, who: str) -> list:
+    """One prompt (str, Sample, token ids) or a list of them -> a list."""
+    if isinstance(prompts, (str, Sample, PromptIds)) or (isinstance(prompts, torch.Tensor) and prompts.dim() == 1) \
+            or (isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                       for t in prompts)):
+        return [prompts]
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        return list(prompts)
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"{who}: expected at least one prompt (a str, a Sample, token ids or a list of them), got "
+                         f"{prompts!r:.80}")
+    return list(prompts)
+
+
+def _as_sample(p, who: str):
     if isinstance(p, Sample):
         return p
     if isinstance(p, str):
         return Sample([TextItem(p)])
-    raise TypeError(f"{who}: each prompt must be a str or a umm_ops.data.packing.Sample, got {type(p).__name__}")
+    if _is_ids(p):
+        return p if isinstance(p, PromptIds) else PromptIds(p, who)
+    raise TypeError(f"{who}: each prompt must be a str, a umm_ops.data.packing.Sample or token ids (a 1-D int "
+                    f"tensor / list of ints), got {type(p).__name__}")
+
+
+def _chat_wrap(model, sample, chat):
+    """The profile's chat template around a Sample's items (adjacent texts merged, so the whole turn text is
+    tokenized at once as the released processor does); token-id prompts are used as given."""
+    if isinstance(sample, PromptIds):
+        return sample
+    p = model.profile
+    if not (p.chat if chat is None else bool(chat)):
+        return sample
+    from ..data.tokenizer import chat_template
+
+    head, tail = chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=True,
+                               system=p.system_prompt).split("\x00")
+    items = []
+    for it in [TextItem(head)] + list(sample.items) + [TextItem(tail)]:
+        if isinstance(it, TextItem) and items and isinstance(items[-1], TextItem):
+            items[-1] = TextItem(items[-1].text + it.text, items[-1].loss)
+        else:
+            items.append(it)
+    return Sample(items, dict(sample.meta))
+
+
+def _check_images(model, samples, who: str) -> None:
+    for i, s in enumerate(samples):
+        if isinstance(s, Sample):
+            for it in s.items:
+                if isinstance(it, ImageItem):
+                    model.profile.check_pixels(it.image, f"{who}: prompt {i}")
+
+
+class _Doc:
+    """A prompt's tokens for generation: ids, attention segments, its images to understand and their rows."""
+
+    def __init__(self, input_ids, segments, images, image_rows):
+        self.input_ids, self.segments, self.images, self.image_rows = input_ids, list(segments), list(images), \
+            list(image_rows)
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def _with_dummy(model, doc: _Doc, image: torch.Tensor) -> _Doc:
+    """The released Cheers' dummy image in front of a prompt without one: understanding path (t = 1), causal, no
+    wrapper tokens (its positions hold the image placeholder id, which the null prompt keeps)."""
+    gh, gw = (image.shape[-2] // model.config.pixels_per_token, image.shape[-1] // model.config.pixels_per_token)
+    n = gh * gw
+    pad = model.tokenizer.special(model.profile.image_pad)
+    ids = torch.cat([torch.full((n,), pad, dtype=torch.long), doc.input_ids])
+    segs = [(n, "causal")] + doc.segments
+    if len(segs) > 1 and segs[1][1] == "causal":
+        segs = [(n + segs[1][0], "causal")] + segs[2:]
+    rows = [(0, n, ROLES["understand"], gh, gw)] + [(r[0] + n,) + tuple(r[1:]) for r in doc.image_rows]
+    return _Doc(ids, segs, [image] + doc.images, rows)
+
+
+def _dummies(model, samples, hw, seed, dummy_image=None) -> list:
+    """One dummy image (or None) per prompt: for prompts without an image under a profile with dummy images.  The
+    released processor draws them in turn from numpy's global generator: here from RandomState(seed) (an int seed:
+    one stream for the batch, in prompt order; a list: one stream per prompt).  dummy_image: a (3, H, W) tensor in
+    the profile's pixel range used for every such prompt instead."""
+    from .profile import dummy_image as draw
+
+    p = model.profile
+    need = [p.dummy_image and not (isinstance(s, Sample) and any(isinstance(it, ImageItem) for it in s.items))
+            for s in samples]
+    if dummy_image is not None:
+        if not isinstance(dummy_image, torch.Tensor) or tuple(dummy_image.shape) != (3, int(hw[0]), int(hw[1])):
+            raise ValueError(f"dummy_image must be a (3, {hw[0]}, {hw[1]}) tensor (the size of the generated image / "
+                             f"the model's image size), got "
+                             f"{tuple(dummy_image.shape) if isinstance(dummy_image, torch.Tensor) else dummy_image!r}")
+        p.check_pixels(dummy_image, "dummy_image")
+        return [dummy_image if n else None for n in need]
+    if not any(need):
+        return [None] * len(samples)
+    import numpy as np
+
+    if isinstance(seed, (list, tuple)):
+        return [draw(int(sd), hw, p) if n else None for n, sd in zip(need, seed)]
+    if isinstance(seed, torch.Generator):
+        seed = 0            # a caller's torch generator draws the noise; the dummy (numpy, as released) uses seed 0
+    rs = np.random.RandomState(int(seed) % (2 ** 32))
+    out = []
+    for n in need:
+        out.append(draw(rs, hw, p) if n else None)
+    return out
+
+
+def _prompt_doc(model, s, i: int, spec, generate_hw=None, dummy=None) -> _Doc:
+    """The tokens of prompt `s` (a Sample, chat-wrapped already, or PromptIds) for text generation, or with
+    `generate_hw` everything before the generated image's span (its start token included)."""
+    if isinstance(s, PromptIds):
+        ids = s.ids
+        if generate_hw is not None:
+            start = model.tokenizer.special(model.profile.image_start)
+            if int(ids[-1]) != start:
+                raise ValueError(f"prompt {i}: token ids for image generation must end with the image start token "
+                                 f"{model.profile.image_start!r} (id {start}), got last id {int(ids[-1])}")
+        d = _Doc(ids, [(ids.shape[0], "causal")], [], [])
+    elif generate_hw is None:
+        e = encode_sample(s, spec, i)
+        d = _Doc(e.input_ids, e.segments, e.images, e.image_rows)
+    else:
+        e = encode_sample(Sample(list(s.items) + [ImageItem(torch.zeros(3, *generate_hw), "generate")]), spec, i)
+        start = e.image_rows[-1][0]
+        # drop the generated span and the trailing end token
+        d = _Doc(e.input_ids[:start], e.segments[:-2], e.images[:-1], e.image_rows[:-1])
+    return _with_dummy(model, d, dummy) if dummy is not None else d
 
 
 def _embed_doc(model, doc, dev):
@@ -62,7 +218,10 @@ def _embed_doc(model, doc, dev):
 
 def _generators(seed, n: int, dev, who: str) -> list:
     """One generator per document: an int seeds one generator shared by the batch (drawn in batch order); a list of
-    n ints seeds one per document (its draws then do not depend on the batch it is in: RL rollouts)."""
+    n ints seeds one per document (its draws then do not depend on the batch it is in: RL rollouts); a
+    torch.Generator is used as given, shared by the batch."""
+    if isinstance(seed, torch.Generator):
+        return [seed] * n
     if isinstance(seed, (list, tuple)):
         if len(seed) != n:
             raise ValueError(f"{who}: seed must be an int or one int per prompt ({n}), got a list of {len(seed)}")
@@ -72,7 +231,7 @@ def _generators(seed, n: int, dev, who: str) -> list:
 
 
 def decode(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-           top_p: float | None = None, stop=None, seed=0) -> list:
+           top_p: float | None = None, stop=None, seed=0, chat: bool | None = None, dummy_image=None) -> list:
     """The KV-cache decoder under :func:`generate_text`, with what RL needs recorded.
 
     Returns one dict per prompt: ``ids`` (every sampled token, the closing eos included when the document ended on
@@ -80,11 +239,13 @@ def decode(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0, t
     ``logprobs`` (float32 (len(ids),): log-prob of each sampled token under softmax(logits / temperature), the
     sampling policy without top-k / top-p truncation, as TRL and verl record it; temperature 0: softmax(logits)),
     ``finish_reason`` ("eos", "stop" or "length").  seed: an int (one generator for the batch) or one int per
-    prompt (per-document generators: a document's tokens do not depend on the other prompts)."""
-    if isinstance(prompts, (str, Sample)):
-        prompts = [prompts]
-    if not prompts:
-        raise ValueError("generate_text: expected at least one prompt")
+    prompt (per-document generators: a document's tokens do not depend on the other prompts).
+
+    Prompts: str, Sample (text and images to understand, in the profile's pixel range) or token ids (used as given).
+    chat: wrap str / Sample prompts in the chat template (default: the profile's; "cheers": yes, with its system
+    turn).  Under a profile with dummy images a prompt without an image gets one (seeded from `seed`, or
+    `dummy_image`)."""
+    prompts = _prompt_list(prompts, "generate_text")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate_text: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -96,26 +257,66 @@ def decode(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0, t
     model.eval()
     try:
         with torch.no_grad():
-            return _decode(model, prompts, max_new_tokens, temp, top_k, top_p, stops, seed)
+            return _decode(model, prompts, max_new_tokens, temp, top_k, top_p, stops, seed, chat, dummy_image)
     finally:
         model.train(was_training)
 
 
-def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stops, seed):
-    dev, tok = model.device, model.tokenizer
+def _text_docs(model, prompts, seed, chat, dummy_image, who):
+    """The documents of text-generation prompts (chat template, dummy images per the profile)."""
     spec = model.pack_spec()
-    docs = [encode_sample(_as_sample(p, "generate_text"), spec, i) for i, p in enumerate(prompts)]
-    _check_positions(model, docs, max_new_tokens, "generate_text")
-    B = len(docs)
-    gens = _generators(seed, B, dev, "generate_text")
-    shared = len(set(map(id, gens))) == 1
+    samples = [_chat_wrap(model, _as_sample(p, who), chat) for p in prompts]
+    _check_images(model, samples, who)
+    size = model.config.image_size
+    dummies = _dummies(model, samples, (size, size), seed, dummy_image)
+    return [_prompt_doc(model, s, i, spec, dummy=dm) for i, (s, dm) in enumerate(zip(samples, dummies))]
+
+
+def _prefill(model, docs):
+    """Prefill the documents into a new KV cache; returns the cache and the next-token logits (B, V)."""
+    dev = model.device
     embeds = torch.cat([_embed_doc(model, d, dev) for d in docs])
     cache = model.llm.new_cache()
     layout = cache.layout_for([d.segments for d in docs], device=dev)
     pos = cache.positions_for(layout)
     hidden = model.llm.forward_packed(embeds, pos, layout, cache)
     ends = torch.tensor([d.length for d in docs], device=dev).cumsum(0) - 1
-    logits = model.llm.logits(hidden[ends])
+    return cache, model.llm.logits(hidden[ends])
+
+
+@torch.no_grad()
+def next_token_logits(model, prompts, seed=0, chat: bool | None = None, dummy_image=None) -> torch.Tensor:
+    """The logits (B, V) float32 of the first token :func:`generate_text` would sample for each prompt (str, Sample
+    or token ids; chat / dummy image as there, the dummy seeded from `seed`)."""
+    prompts = _prompt_list(prompts, "next_token_logits")
+    was_training = model.training
+    model.eval()
+    try:
+        docs = _text_docs(model, prompts, seed, chat, dummy_image, "next_token_logits")
+        _check_positions(model, docs, 0, "next_token_logits")
+        return _prefill(model, docs)[1].float()
+    finally:
+        model.train(was_training)
+
+
+def prompt_ids(model, prompt, image: bool = False, chat: bool | None = None) -> torch.Tensor:
+    """The token ids the model is fed for one prompt (str, Sample or token ids), chat template and image wrappers
+    applied, without the dummy image (which enters as features in front): for text generation, or with
+    ``image=True`` everything before the generated image (ending with the profile's image start token).  An image to
+    understand is its start token, one placeholder id per LLM token, its end token."""
+    s = _chat_wrap(model, _as_sample(prompt, "prompt_ids"), chat)
+    size = model.config.image_size
+    return _prompt_doc(model, s, 0, model.pack_spec(), generate_hw=(size, size) if image else None).input_ids
+
+
+def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stops, seed, chat=None, dummy_image=None):
+    dev, tok = model.device, model.tokenizer
+    docs = _text_docs(model, prompts, seed, chat, dummy_image, "generate_text")
+    _check_positions(model, docs, max_new_tokens, "generate_text")
+    B = len(docs)
+    gens = _generators(seed, B, dev, "generate_text")
+    shared = len(set(map(id, gens))) == 1
+    cache, logits = _prefill(model, docs)
     res = [dict(ids=[], text="", logprobs=[], finish_reason="length") for _ in range(B)]
     active = list(range(B))
     for step in range(max_new_tokens):
@@ -134,7 +335,8 @@ def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stops, se
             if t == tok.eos_id:
                 r["finish_reason"] = "eos"
                 continue
-            text = tok.decode([i for i in r["ids"]])
+            # ids beyond the tokenizer (a model's embedding table may be larger, Qwen2.5's is) decode to nothing
+            text = tok.decode([i for i in r["ids"] if i < tok.vocab_size])
             hit = [text.index(s) for s in stops if s in text]
             r["text"] = text[:min(hit)] if hit else text
             if hit:
@@ -158,14 +360,16 @@ def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stops, se
 
 @torch.no_grad()
 def generate_text(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-                  top_p: float | None = None, stop=None, seed=0, return_ids: bool = False):
+                  top_p: float | None = None, stop=None, seed=0, return_ids: bool = False, chat: bool | None = None,
+                  dummy_image=None):
     """Continue each prompt (a str, or a Sample with text and images to understand) with up to `max_new_tokens`.
 
     Stops a document at the tokenizer's eos (<|im_end|>) or when its new text contains one of `stop` (a str or a
-    list of str; the text is cut before it).  seed: an int, or one int per prompt (see :func:`decode`).  Returns
-    the list of generated strings (and the token lists, without the eos).
+    list of str; the text is cut before it).  seed: an int, or one int per prompt (see :func:`decode`).  Prompts
+    may also be token ids; chat / dummy_image: see :func:`decode`.  Returns the list of generated strings (and the
+    token lists, without the eos).
     """
-    res = decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stop, seed)
+    res = decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stop, seed, chat, dummy_image)
     texts = [r["text"] for r in res]
     if not return_ids:
         return texts
@@ -182,29 +386,37 @@ def _velocity(model, cache, x, t, hw, grid, gen_mode, n_docs):
     return model.head(h.view(n_docs, n, -1), t, high, grid).float()
 
 
-def _check_positions(model, docs, extra: int, who: str) -> None:
+def _check_positions(model, docs, extra: int, who: str, image: bool = False) -> None:
     """Refuse prompts that would run past the LLM's position limit (RoPE beyond max_position_embeddings: an
-    untrained, silently degraded regime)."""
+    untrained, silently degraded regime).  image: `extra` is the generated image's span and end token."""
     limit = model.llm.config.max_position_embeddings
     for i, d in enumerate(docs):
         if d.length + extra > limit:
+            if image:
+                d_len, more = d.length + extra, " (the image's tokens included)"
+                raise ValueError(f"{who}: prompt {i} is {d_len} tokens{more}, beyond the model's position limit of "
+                                 f"{limit} (max_position_embeddings); shorten the prompt")
             more = f" + {extra} new tokens" if extra else " (the image's tokens included)"
             raise ValueError(f"{who}: prompt {i} is {d.length} tokens{more}, beyond the model's position limit of "
                              f"{limit} (max_position_embeddings); shorten the prompt")
 
 
-def _prefixes(model, samples, hw, use_cfg: bool, who: str, keys=None):
-    """Per document, what comes before the generated image's span (its <|vision_start|> included): the segments
-    and the input embeddings (images to understand placed); with CFG the null-prompt documents follow the N
-    conditional ones.  keys: one per sample; samples with equal keys are encoded and embedded once (RL recomputes
-    many (x_t, t) rows of the same prompt)."""
+def _prefixes(model, samples, hw, use_cfg: bool, who: str, keys=None, dummies=None):
+    """Per document, what comes before the generated image's span (its start token included): the segments
+    and the input embeddings (images to understand placed, a dummy image in front where the profile has one); with
+    CFG the null-prompt documents follow the N conditional ones.  keys: one per sample; samples with equal keys are
+    encoded and embedded once (RL recomputes many (x_t, t) rows of the same prompt).  dummies: one dummy image or
+    None per sample (see _dummies)."""
+    if dummies is None:
+        dummies = [None] * len(samples)
     if keys is not None:
         first: dict = {}
         for i, k in enumerate(keys):
             first.setdefault(k, i)
         uniq = list(first.values())
         if len(uniq) < len(samples):
-            segs, embs = _prefixes(model, [samples[i] for i in uniq], hw, use_cfg, who)
+            segs, embs = _prefixes(model, [samples[i] for i in uniq], hw, use_cfg, who,
+                                   dummies=[dummies[i] for i in uniq])
             pos = {k: j for j, k in enumerate(first)}
             idx = [pos[k] for k in keys]
             U = len(uniq)
@@ -212,36 +424,33 @@ def _prefixes(model, samples, hw, use_cfg: bool, who: str, keys=None):
             out_e = [embs[j] for j in idx] + ([embs[U + j] for j in idx] if use_cfg else [])
             return out_s, out_e
     dev = model.device
-    placeholder = torch.zeros(3, *hw)
     spec = model.pack_spec()
-    docs = [encode_sample(Sample(list(s.items) + [ImageItem(placeholder, "generate")]), spec, i)
-            for i, s in enumerate(samples)]
-    _check_positions(model, docs, 0, who)
-    prefix_ids, prefix_segs, prefix_embeds = [], [], []
-    for d in docs:
-        start = d.image_rows[-1][0]
-        prefix_ids.append(d.input_ids[:start])
-        prefix_segs.append(list(d.segments[:-2]))         # drop the generated span and the trailing vision_end
-        prefix_embeds.append(_embed_doc(model, _Prefix(d, start), dev))
+    docs = [_prompt_doc(model, s, i, spec, generate_hw=hw, dummy=dm)
+            for i, (s, dm) in enumerate(zip(samples, dummies))]
+    n_gen = (int(hw[0]) // model.config.pixels_per_token) * (int(hw[1]) // model.config.pixels_per_token)
+    _check_positions(model, docs, n_gen + 1, who, image=True)
+    prefix_segs = [d.segments for d in docs]
+    prefix_embeds = [_embed_doc(model, d, dev) for d in docs]
     if use_cfg:
-        null = [model.null_prompt_ids(ids.to(dev)) for ids in prefix_ids]
-        for d, ids, segs in zip(docs, null, list(prefix_segs)):
-            prefix_embeds.append(_embed_doc(model, _Prefix(d, ids.shape[0], ids), dev))
-            prefix_segs.append(segs)
+        for d in docs:
+            null = _Doc(model.null_prompt_ids(d.input_ids.to(dev)), d.segments, d.images, d.image_rows)
+            prefix_embeds.append(_embed_doc(model, null, dev))
+            prefix_segs.append(list(d.segments))
     return prefix_segs, prefix_embeds
 
 
 def velocity(model, prompts, x, t, height: int | None = None, width: int | None = None,
-             cfg_scale: float = 1.0) -> torch.Tensor:
+             cfg_scale: float = 1.0, dummy_image=None) -> torch.Tensor:
     """The sampler's velocity v(x_t, t | prompt) for a batch, differentiable (no KV cache): what RL trains through.
 
     prompts: one per row of x (a str or a Sample of text / images to understand); x (N, n, 128) latents on the
     generated image's token grid; t (N,) or a float; with cfg_scale != 1 the guided v_u + s (v_c - v_u), as the
-    sampler uses.  Each row runs [prompt, image tokens of x] as one packed document: the numbers of the sampler's
-    cached path up to float rounding.  Returns float32 (N, n, 128)."""
-    if isinstance(prompts, (str, Sample)):
-        prompts = [prompts]
-    samples = [_as_sample(p, "velocity") for p in prompts]
+    sampler uses (cfg_scale 0: the null prompt's v).  Each row runs [prompt, image tokens of x] as one packed
+    document: the numbers of the sampler's cached path up to float rounding.  Conventions as generate_image (chat
+    template, dummy image: `dummy_image`, default the seed-0 draw).  Returns float32 (N, n, 128)."""
+    prompts = _prompt_list(prompts, "velocity")
+    samples = [_chat_wrap(model, _as_sample(p, "velocity"), None) for p in prompts]
+    _check_images(model, samples, "velocity")
     cfg = model.config
     size = cfg.image_size
     hw = (int(height or size), int(width or size))
@@ -260,7 +469,8 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
     cfg_scale = float(cfg_scale)
     use_cfg = cfg_scale != 1.0
     keys = [p if isinstance(p, str) else id(p) for p in prompts]
-    segs, embeds = _prefixes(model, samples, hw, use_cfg, "velocity", keys)
+    dummies = _dummies(model, samples, hw, [0] * N, dummy_image)   # default: the dummy of seed 0 for every row
+    segs, embeds = _prefixes(model, samples, hw, use_cfg, "velocity", keys, dummies)
     k = 2 if use_cfg else 1
     xin = torch.cat([x] * k).to(dev)
     # the VAE decoder copy and the ViT in chunks of 32 images: one batch of hundreds of images was 2.5x slower on the
@@ -285,9 +495,26 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
 
 @torch.no_grad()
 def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed, mode, sigma, return_trajectory,
-              sde_steps=None, init_noise=None):
+              sde_steps=None, init_noise=None, sampler=None, dummy_image=None, start_t=None, start_images=None):
     cfg = model.config
+    sampler = model.profile.sampler if sampler is None else sampler
+    if start_t is not None:
+        start_t = float(start_t)
+        if sampler != "cheers" or not 0.0 < start_t < 1.0:
+            raise ValueError(f"start_t (start from the image to edit at t = start_t, the released edit_image=True) "
+                             f"needs sampler='cheers' and 0 < start_t < 1, got sampler={sampler!r}, "
+                             f"start_t={start_t}")
+    if sampler not in ("euler", "cheers"):
+        raise ValueError(f"sampler must be 'euler' (steps Euler steps on time_shift(linspace(0, 1, steps + 1))) or "
+                         f"'cheers' (the released grid: v at time_shift(linspace(0, 1, steps)), steps - 1 Euler "
+                         f"steps, then x + v(1) / steps), got {sampler!r}")
+    if sampler == "cheers" and mode != "ode":
+        raise ValueError(f"mode={mode!r} needs sampler='euler' (its transitions are defined on the Euler grid); the "
+                         f"'cheers' grid is deterministic (mode='ode')")
     steps = cfg.sample_steps if steps is None else int(steps)
+    if start_t is not None and int(steps * (1 - start_t)) < 1:
+        raise ValueError(f"start_t={start_t} leaves int(steps * (1 - start_t)) = {int(steps * (1 - start_t))} "
+                         f"sampling points; raise steps")
     cfg_scale = cfg.cfg_scale if cfg_scale is None else float(cfg_scale)
     a = cfg.time_shift if time_shift is None else float(time_shift)
     if not math.isfinite(cfg_scale):
@@ -325,20 +552,22 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
     grid = (hw[0] // cfg.pixels_per_token, hw[1] // cfg.pixels_per_token)
     N = len(samples)
     use_cfg = cfg_scale != 1.0
-    prefix_segs, prefix_embeds = _prefixes(model, samples, hw, use_cfg, "generate_image")
+    dummies = _dummies(model, samples, hw, seed, dummy_image)
+    prefix_segs, prefix_embeds = _prefixes(model, samples, hw, use_cfg, "generate_image", dummies=dummies)
     n_docs = len(prefix_segs)
     cache = model.llm.new_cache()
     layout = cache.layout_for(prefix_segs, device=dev)
     model.llm.forward_packed(torch.cat(prefix_embeds), cache.positions_for(layout), layout, cache)
 
-    gens = _generators(seed, N, "cpu", "generate_image")
+    gens = _generators(seed, N, "cpu", "generate_image")   # a caller's torch.Generator draws every image's noise
     shared = len(set(map(id, gens))) == 1
     n_vit = 4 * grid[0] * grid[1]
     C = cfg.vae.packed_channels
 
     def randn():
         if shared:
-            return torch.randn(N, n_vit, C, generator=gens[0]).to(dev)
+            g = gens[0]
+            return torch.randn(N, n_vit, C, generator=g, device=g.device).to(dev)
         return torch.stack([torch.randn(n_vit, C, generator=g) for g in gens]).to(dev)
 
     if init_noise is None:
@@ -348,6 +577,12 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
             raise ValueError(f"init_noise must be a ({N}, {n_vit}, {C}) tensor (the initial x of each image), got "
                              f"{tuple(init_noise.shape) if isinstance(init_noise, torch.Tensor) else init_noise!r}")
         x = init_noise.to(dev, torch.float32)
+    if sampler == "cheers":
+        if start_t is not None:     # the released edit_image=True: x = s z_image + (1 - s) noise
+            z_img = model.vae.encode(torch.stack([im.to(dev) for im in start_images])).float()
+            x = start_t * z_img + (1 - start_t) * x
+        return _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, use_cfg,
+                                     return_trajectory, was_training, start_t)
     ts = umm_ops.time_shift(torch.linspace(0, 1, steps + 1, dtype=torch.float64), a).tolist()
     traj, logps = [x], []
     for i in range(steps):
@@ -374,7 +609,40 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
                 x = x_s
                 logps.append(lp)
         traj.append(x)
-    images = model.vae.decode(x.to(model.dtype), hw).float()
+    return _finish(model, x, hw, N, steps, cfg_scale, ts, traj, logps, mode, return_trajectory, was_training)
+
+
+def _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, use_cfg, return_trajectory,
+                          was_training, start_t=None):
+    """The released sampler (modeling_umm.py Cheers.generate): v at the `steps` points t_n of
+    time_shift(linspace(0, 1, steps), a) in float32; x += v(t_n) (t_{n+1} - t_n) for n < steps - 1, then the last
+    point (t = 1) gives x + v(1) / steps.  start_t (edit_image=True there): int(steps (1 - start_t)) points from
+    start_t instead of 0."""
+    dev = model.device
+    t0 = 0.0
+    if start_t is not None:
+        steps, t0 = int(steps * (1 - start_t)), start_t
+    ts = torch.linspace(t0, 1, steps, dtype=torch.float32)
+    ts = (a * ts) / (1.0 + (a - 1.0) * ts)             # Cheers.time_shift, in float32 as released
+    traj = [x]
+    for n in range(steps):
+        t = ts[n]
+        xin = torch.cat([x, x]) if use_cfg else x
+        v = _velocity(model, cache, xin, torch.full((n_docs,), float(t), device=dev), hw, grid,
+                      model.config.gen_mode, n_docs)
+        if use_cfg:
+            v = v[N:] + cfg_scale * (v[:N] - v[N:])
+        if float(t) != 1.0 and n < steps - 1:
+            x = x + v * (ts[n + 1] - ts[n]).to(dev)
+        else:
+            x = x + v * (1 / steps)
+        traj.append(x)
+    return _finish(model, x, hw, N, steps, cfg_scale, ts.double().tolist(), traj, [], "ode", return_trajectory,
+                   was_training)
+
+
+def _finish(model, x, hw, N, steps, cfg_scale, ts, traj, logps, mode, return_trajectory, was_training):
+    images = model.vae.decode(x.to(model.dtype), hw, clamp=tuple(model.profile.pixel_range)).float()
     model.train(was_training)
     if not torch.isfinite(images).all():
         bad = [i for i in range(N) if not torch.isfinite(images[i]).all()]
@@ -383,56 +651,73 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
                                  f"no image is returned")
     out = dict(images=images, latents=x, timesteps=torch.tensor(ts))
     if return_trajectory or mode == "sde":
-        out["trajectory"] = torch.stack(traj, 1)              # (N, steps + 1, n_vit, C)
+        out["trajectory"] = torch.stack(traj, 1)              # (N, steps + 1, n_vit, C): x before each step, last
     if mode == "sde":
         out["logprobs"] = torch.stack(logps, 1)               # (N, steps)
     return out
 
 
-class _Prefix:
-    """The first `length` tokens of an encoded document (optionally with replaced ids) for _embed_doc."""
-
-    def __init__(self, doc, length, ids=None):
-        self.input_ids = doc.input_ids[:length] if ids is None else ids
-        rows = [(r, img) for r, img in zip(doc.image_rows, doc.images) if r[0] + r[1] <= length]
-        self.image_rows = [r for r, _ in rows]
-        self.images = [img for _, img in rows]
-
-
 def generate_image(model, prompts, height: int | None = None, width: int | None = None, steps: int | None = None,
                    cfg_scale: float | None = None, time_shift: float | None = None, seed=0,
                    mode: str = "ode", sigma=None, return_trajectory: bool = False, sde_steps=None,
-                   init_noise=None) -> dict:
-    """Generate one image per prompt (a str or a Sample of text / images to understand).
+                   init_noise=None, sampler: str | None = None, chat: bool | None = None,
+                   dummy_image=None) -> dict:
+    """Generate one image per prompt (a str, a Sample of text / images to understand, or token ids: everything
+    before the image, ending with the profile's image start token).
 
-    Defaults from the config: image_size, sample_steps, cfg_scale, time_shift.  mode "ode": Euler; "sde": Flow-GRPO
-    transitions (sigma: float or umm_ops.SigmaSchedule, default SigmaSchedule(0.7); the last step, which lands on
-    t = 1, is Euler) returning ``trajectory`` (N, steps + 1, n, 128) and ``logprobs`` (N, steps).  sde_steps: the
-    step indices that are stochastic in mode "sde" (default all; the others are Euler steps with log-prob 0), or one
-    such collection per prompt.
-    seed: an int (one generator for the batch) or one int per prompt (each image's noise then does not depend on
-    the batch).  init_noise: (N, n, 128) initial latents instead of drawn ones (e.g. one per group, as R3).
-    Returns dict(images (N, 3, H, W) in [-1, 1], latents (N, n, 128), timesteps (steps + 1,), ...).
+    Defaults from the config: image_size, sample_steps, cfg_scale, time_shift; the conventions from the model's
+    profile (``model.profile``: chat template, image tokens, null prompt, dummy image, sampler grid, pixel range).
+    sampler: "euler" (steps Euler steps on time_shift(linspace(0, 1, steps + 1))) or "cheers" (the released grid:
+    v at time_shift(linspace(0, 1, steps)), steps - 1 Euler steps, then x + v(1) / steps); default the profile's.
+    chat: wrap str / Sample prompts in the chat template (default the profile's).  dummy_image: (3, H, W) in the
+    profile's pixel range, the dummy for prompts without an image (profiles with one; default drawn from `seed`).
+    mode "ode": deterministic; "sde" (sampler "euler" only): Flow-GRPO transitions (sigma: float or
+    umm_ops.SigmaSchedule, default SigmaSchedule(0.7); the last step, which lands on t = 1, is Euler) returning
+    ``trajectory`` (N, steps + 1, n, 128) and ``logprobs`` (N, steps).  sde_steps: the step indices that are
+    stochastic in mode "sde" (default all; the others are Euler steps with log-prob 0), or one such collection per
+    prompt.
+    seed: an int (one generator for the batch), one int per prompt (each image's noise then does not depend on the
+    batch) or a torch.Generator (draws every image's noise in order).  init_noise: (N, n, 128) initial latents
+    instead of drawn ones (e.g. one per group, as R3; a released (N, 128, h, w) latent z is
+    ``z.flatten(2).transpose(1, 2)``).
+    Returns dict(images (N, 3, H, W) in the profile's pixel range (clamped), latents (N, n, 128), timesteps, ...).
     """
-    if isinstance(prompts, (str, Sample)):
-        prompts = [prompts]
-    if not prompts:
-        raise ValueError("generate_image: expected at least one prompt")
+    prompts = _prompt_list(prompts, "generate_image")
     size = model.config.image_size
-    samples = [_as_sample(p, "generate_image") for p in prompts]
+    samples = [_chat_wrap(model, _as_sample(p, "generate_image"), chat) for p in prompts]
+    _check_images(model, samples, "generate_image")
     return _generate(model, samples, height or size, width or size, steps, cfg_scale, time_shift, seed, mode, sigma,
-                     return_trajectory, sde_steps, init_noise)
+                     return_trajectory, sde_steps, init_noise, sampler, dummy_image)
 
 
-def edit_image(model, images, instructions, height: int | None = None, width: int | None = None, **kw) -> dict:
-    """Image-conditioned generation: the prompt is [image to understand, instruction text] (one per pair).
-    Output size defaults to the input image's size.  Other arguments as generate_image."""
+def edit_image(model, images, instructions, height: int | None = None, width: int | None = None,
+               start_t: float | None = None, **kw) -> dict:
+    """Image-conditioned generation: the prompt is [image to understand, instruction text] (one per pair; images
+    in the profile's pixel range).  Output size defaults to the input image's size.  start_t (sampler "cheers"):
+    start from the image itself, x = start_t z_image + (1 - start_t) noise, on int(steps (1 - start_t)) points from
+    start_t (the released ``generate(edit_image=True)``, start_t = 0.1 there); the output then has the image's size.
+    Other arguments as generate_image."""
     if isinstance(images, torch.Tensor) and images.dim() == 3:
         images = [images]
     if isinstance(instructions, str):
         instructions = [instructions]
     if len(images) != len(instructions):
         raise ValueError(f"edit_image: {len(images)} images for {len(instructions)} instructions")
+    for i, img in enumerate(images):
+        model.profile.check_pixels(img, f"edit_image: image {i}")
     samples = [Sample([ImageItem(img, "understand"), TextItem(txt)]) for img, txt in zip(images, instructions)]
     h, w = images[0].shape[-2:]
-    return generate_image(model, samples, height=height or h, width=width or w, **kw)
+    if start_t is None:
+        return generate_image(model, samples, height=height or h, width=width or w, **kw)
+    if (height or h, width or w) != (h, w) or any(tuple(im.shape[-2:]) != (h, w) for im in images):
+        raise ValueError(f"edit_image: start_t starts from the images themselves: they must all be {h}x{w} and so "
+                         f"is the output, got sizes {[tuple(im.shape[-2:]) for im in images]} and "
+                         f"height={height}, width={width}")
+    bad = set(kw) - {"steps", "cfg_scale", "time_shift", "seed", "init_noise", "return_trajectory", "chat"}
+    if bad:
+        raise ValueError(f"edit_image: with start_t, arguments {sorted(bad)} do not apply (the 'cheers' grid)")
+    chat = kw.pop("chat", None)
+    samples = [_chat_wrap(model, s, chat) for s in samples]
+    return _generate(model, samples, h, w, kw.get("steps"), kw.get("cfg_scale"), kw.get("time_shift"),
+                     kw.get("seed", 0), "ode", None, kw.get("return_trajectory", False), None, kw.get("init_noise"),
+                     "cheers", None, start_t, list(images))

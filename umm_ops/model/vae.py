@@ -154,12 +154,14 @@ class CheersVAE(nn.Module):
         bn = self.frozen.bn
         return umm_ops.pack_latents(z, bn.running_mean, bn.running_var, self.cfg.patch, self.cfg.bn_eps)
 
-    def decode(self, tokens: torch.Tensor, pixel_hw) -> torch.Tensor:
-        """Frozen decoder: normalised packed tokens -> pixels (N, 3, H, W) clamped to [-1, 1]."""
+    def decode(self, tokens: torch.Tensor, pixel_hw, clamp=(-1.0, 1.0)) -> torch.Tensor:
+        """Frozen decoder: normalised packed tokens -> pixels (N, 3, H, W) clamped to `clamp` (the model's pixel
+        range: [-1, 1] by default, [0, 1] under the released Cheers conventions; None: not clamped)."""
         bn = self.frozen.bn
         z = umm_ops.unpack_latents(tokens, self.latent_hw(pixel_hw), bn.running_mean, bn.running_var,
                                    self.cfg.patch, self.cfg.bn_eps)
-        return self.frozen.decode(z).sample.clamp(-1, 1)
+        x = self.frozen.decode(z).sample
+        return x if clamp is None else x.clamp(*clamp)
 
     def decode_trainable(self, tokens: torch.Tensor, pixel_hw) -> torch.Tensor:
         """The trainable decoder copy (Cheers' vae_decoder_projector): tokens -> pixels (N, 3, H, W)."""
