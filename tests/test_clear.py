@@ -192,5 +192,11 @@ def test_clear_sft_from_the_cli(tmp_path):
             "--set", "data.budget=512", "--out", str(out), "--device", "cpu"]
     assert main(args) == 0
     assert (out / "checkpoint-2").is_dir()
+    from umm_ops.train.export import load_checkpoint_model
+
+    a, b = load_checkpoint_model(str(base / "checkpoint-1")), load_checkpoint_model(str(out / "checkpoint-2"))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith("vit."))          # CLEAR: the ViT is frozen
+    assert not all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith("llm."))      # the LLM trains
     assert main(args[:5] + ["--steps", "3"] + args[7:]) == 0             # resumes from step 2
     assert (out / "checkpoint-3").is_dir()

@@ -23,8 +23,8 @@ from ..spec import DataSource, Recipe, StepOutput, register
 
 __all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS", "bare_loop"]
 
-TASKS = ("caption", "vqa", "vqa_short", "generate", "segment", "degraded_vqa", "r3_plan", "r3_reflect", "r3_edit",
-         "clear", "clear_short")
+TASKS = ("caption", "vqa", "vqa_short", "generate", "segment", "degraded_vqa", "degraded_vqa_short", "r3_plan",
+         "r3_reflect", "r3_edit", "clear", "clear_short")
 # vqa_short: the same questions answered with the word (short-answer VQA), vqa: multiple choice answered with the
 # option letter; r3_*: R3's plan -> draw, reflect -> instruction, and edit samples (umm_ops.data.refine_data);
 # clear / clear_short: CLEAR's generate-then-answer samples on degraded pictures, multiple choice / short answer
@@ -57,6 +57,7 @@ class SFTRecipeConfig:
                                       # reads the background but never the objects; after ~150 steps of captions it
                                       # reads object colours, after ~300 their shapes, and goes on learning in the
                                       # mix (docs/results/base)
+    freeze_vit: bool = False          # keep the ViT's weights (CLEAR freezes ViT and VAE)
     clear_direct: float = 0.3         # clear tasks: share of questions answered directly (clean or low-level pictures)
     cfg_dropout: typing.Optional[float] = None   # CFG prompt dropout probability (None: the model preset's)
     train_decoder_copy: bool = False  # train the VAE decoder copy the understanding path runs (Cheers does, under a
@@ -158,8 +159,8 @@ class SyntheticSFTDataset:
             raise IndexError(f"SyntheticSFTDataset: index {i!r} out of range [0, {len(self)})")
         r = self.first + i // len(self.slots)
         task, k = self.slots[i % len(self.slots)]
-        if task == "vqa_short":
-            samples = to_samples(self.world[r], ("vqa",), multiple_choice=False)
+        if task in ("vqa_short", "degraded_vqa_short"):
+            samples = to_samples(self.world[r], (task[:-6],), multiple_choice=False)
         elif task.startswith("r3_"):
             from ...data.refine_data import r3_samples
 
@@ -205,7 +206,7 @@ class SFTRecipe(Recipe):
     config_class = SFTRecipeConfig
     run_defining = ("image_size", "tasks", "task_weights", "train_records", "max_objects", "kinds", "colors",
                     "two_tone", "repeat", "object_scale", "cfg_dropout", "train_decoder_copy", "caption_first",
-                    "clear_direct")
+                    "clear_direct", "freeze_vit")
 
     def _dataset(self, cfg) -> SyntheticSFTDataset:
         r = cfg.recipe
@@ -228,6 +229,8 @@ class SFTRecipe(Recipe):
         model.config.image_size = cfg.recipe.image_size   # the checkpoint's default generation size
         if not cfg.recipe.train_decoder_copy:
             model.vae.decoder_copy.requires_grad_(False)
+        if cfg.recipe.freeze_vit:
+            model.vit.requires_grad_(False)
         if not model.vae.pretrained and not cfg.recipe.init:
             # a random VAE needs latent statistics (trained weights bring theirs; a resumed run loads them)
             model.vae.calibrate(self._dataset(cfg).images(min(64, cfg.recipe.train_records)))
@@ -248,7 +251,8 @@ class SFTRecipe(Recipe):
     def describe(self, cfg) -> str:
         r = cfg.recipe
         return (f"{r.image_size} px synthetic world, tasks {'/'.join(r.tasks)}"
-                + (f"; weights from {r.init}" if r.init else "; weights from the preset's initialisation"))
+                + (f"; weights from {r.init}" if r.init else "; weights from the preset's initialisation")
+                + ("; ViT frozen" if r.freeze_vit else ""))
 
     def step(self, model, batch, ctx) -> StepOutput:
         from .. import policy
@@ -362,13 +366,6 @@ class ClearSFTRecipeConfig(SFTRecipeConfig):
 class ClearSFTRecipe(SFTRecipe):
     name = "clear-sft"
     config_class = ClearSFTRecipeConfig
-    run_defining = SFTRecipe.run_defining + ("freeze_vit",)
-
-    def build_model(self, cfg):
-        model = super().build_model(cfg)
-        if cfg.recipe.freeze_vit:
-            model.vit.requires_grad_(False)
-        return model
 
     def engine_defaults(self) -> dict:
         # CLEAR: EMA 0.995; a tenth of the base schedule's lr (continuing a trained model); ~5 minutes on 2 cores
@@ -376,5 +373,4 @@ class ClearSFTRecipe(SFTRecipe):
                 "checkpoint.every": 150}
 
     def describe(self, cfg) -> str:
-        return "CLEAR generate-then-answer SFT: " + super().describe(cfg) + \
-            ("; ViT frozen" if cfg.recipe.freeze_vit else "")
+        return "CLEAR generate-then-answer SFT: " + super().describe(cfg)
