@@ -200,3 +200,24 @@ def test_clear_sft_from_the_cli(tmp_path):
     assert not all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith("llm."))      # the LLM trains
     assert main(args[:5] + ["--steps", "3"] + args[7:]) == 0             # resumes from step 2
     assert (out / "checkpoint-3").is_dir()
+
+
+def test_sft_dataset_clear_and_control_tasks():
+    """The SFT dataset's clear tasks give the format's samples; degraded_vqa_short (CLEAR's direct-answer control)
+    answers the degraded picture's question with the word."""
+    from umm_ops.train.recipes.sft import SyntheticSFTDataset
+
+    kw = dict(max_objects=2, object_scale=1.8)
+    ds = SyntheticSFTDataset(64, 0, 20, ("clear", "clear_short", "degraded_vqa_short"), **kw)
+    world = ds.world
+    for i in range(len(ds)):
+        s = ds[i]
+        rec = world[i // 3]
+        if i % 3 == 2:
+            assert s.meta["task"] == "degraded_vqa" and s.items[-1].loss
+            assert any(s.items[-1].text == q["answer"] + END for q in rec.vqa)
+            assert not torch.equal(s.items[0].image, _img(rec.image))
+        else:
+            assert s.meta["task"] == "clear"
+            want = [q["answer_letter"] if i % 3 == 0 else q["answer"] for q in rec.vqa]
+            assert parse_clear(s.items[-1].text)["answer"] in want

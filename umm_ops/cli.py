@@ -201,6 +201,8 @@ def _generate(args) -> int:
         return refuse(f"--size must be a positive number of pixels, got {args.size}")
     if args.steps is not None and args.steps < 1:
         return refuse(f"--steps must be >= 1, got {args.steps}")
+    if args.max_new_tokens is None:     # 64; each of --restore's two text parts: 96 (byte-spelled markers)
+        args.max_new_tokens = 96 if args.restore else 64
     if args.max_new_tokens < 1:
         return refuse(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.restore and not (args.text and args.image):
@@ -466,7 +468,8 @@ def main(argv=None) -> int:
     ge.add_argument("--size", type=int, default=None, help="image side (default: the model's image_size)")
     ge.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     ge.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    ge.add_argument("--max-new-tokens", type=int, default=64)
+    ge.add_argument("--max-new-tokens", type=int, default=None,
+                    help="text token budget (default 64; with --restore 96 for each of its two text parts)")
     ge.add_argument("--temperature", type=float, default=0.0)
     ge.add_argument("--seed", type=int, default=0)
     ge.add_argument("--restore", action="store_true",

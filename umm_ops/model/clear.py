@@ -22,14 +22,15 @@ __all__ = ["generate_then_answer"]
 
 
 @torch.no_grad()
-def generate_then_answer(model, images, questions, think_tokens: int = 48, answer_tokens: int = 48,
+def generate_then_answer(model, images, questions, think_tokens: int = 96, answer_tokens: int = 96,
                          steps: int | None = None, cfg_scale: float | None = None, temperature: float = 0.0,
                          top_k: int | None = None, seed: int = 0) -> list:
     """images: (N, 3, H, W) or a list of (3, H, W) in [-1, 1]; questions: N strings (the question as the model was
     trained to read it, options included).  Returns one dict per item: ``text`` (everything the model wrote, the
     restoration marker included), ``restored`` (bool: it asked for a restoration), ``image`` (the restored (3, H, W)
     image in [-1, 1], or None), ``answer`` (inside <answer>...</answer>, "" if missing), ``format`` (think / answer /
-    order checks)."""
+    order checks).  Token budgets: the world tokenizer spells the format's markers in byte pieces (the restoration
+    thought and marker are ~51 tokens, an answer with its reasoning ~50)."""
     from ..data.clear_data import RESTORE_TAG, parse_clear
     from .generate import decode, generate_image
 
