@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from .utils import optional_import
+
 
 def _info(args) -> int:
     import umm_ops
@@ -64,7 +66,7 @@ def _load_image(path: str, size: int):
     """(1, 3, size, size) uint8; ValueError naming the file when it cannot be read."""
     import numpy as np
     import torch
-    from PIL import Image
+    Image = optional_import("PIL", "Image")
 
     from .utils import not_a_file
 
@@ -79,7 +81,7 @@ def _load_image(path: str, size: int):
 
 
 def _mmd_preview(args) -> int:
-    from PIL import Image, ImageDraw
+    Image, ImageDraw = optional_import("PIL", "Image", "ImageDraw")
 
     from .data import DEGRADATIONS, LEVELS, degrade
     from .utils import atomic_write
