@@ -28,7 +28,8 @@ if [ ! -f "$stamp" ]; then
   # what the build itself needs first (it compiles against this torch, and pins its release in the metadata)
   python -m pip install -q "${pins[@]}" "numpy" "scikit-build-core>=0.10" "ninja" "cmake>=3.25"
   python -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0"
-  echo "[setup] building umm_ops (this compiles the C++ and, when nvcc is present, the CUDA kernels) and installing its extras [$extras]"
+  echo "[setup] building umm_ops (this compiles the C++ and, when nvcc is present, the CUDA kernels)" \
+       "and installing its extras [$extras]"
   python -m pip install -q --no-build-isolation -e ".[$extras]" "${pins[@]}"
   rm -f .venv/.umm_deps_*
   touch "$stamp"

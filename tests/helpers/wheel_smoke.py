@@ -23,7 +23,7 @@ prefix = os.path.realpath(sys.prefix)
 # -- the package is the installed one, with its compiled extension and build record
 pkg = os.path.realpath(os.path.dirname(umm_ops.__file__))
 assert pkg.startswith(prefix + os.sep), f"umm_ops imported from {pkg}, not from the venv {prefix}"
-assert not any(os.path.isdir(os.path.join(p, "csrc")) for p in sys.path if p), f"a source tree is on sys.path: {sys.path}"
+assert not any(os.path.isdir(os.path.join(p, "csrc")) for p in sys.path if p), f"a source tree on sys.path: {sys.path}"
 assert _lib.loaded(), f"the compiled extension did not load: {_lib.load_error()}"
 from umm_ops import _torch_build  # noqa: E402
 

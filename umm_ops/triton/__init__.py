@@ -5,8 +5,9 @@ The kernel-contract functions below have exactly the signatures and return conve
 interpreter (TRITON_INTERPRET=1, set before triton is imported).  Only the interpreter path has been
 exercised so far; the GPU path has not been run.
 
-Importing this package raises ImportError (MissingDependencyError) when triton is not installed (umm_ops.backend relies on that
-to fall back to another backend); ``available()`` additionally requires a CUDA device or the interpreter.
+Importing this package raises ImportError (MissingDependencyError, naming umm_ops[triton]) when triton is not
+installed (umm_ops.backend relies on that to fall back to another backend); ``available()`` additionally requires
+a CUDA device or the interpreter.
 """
 from __future__ import annotations
 
