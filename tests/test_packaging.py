@@ -176,6 +176,16 @@ def test_missing_optional_dependency_names_the_extra(blocked, call, extra, monke
     assert isinstance(e.value, ImportError)
 
 
+def test_cli_names_the_missing_extra(monkeypatch, tmp_path, capsys):
+    from umm_ops.cli import main
+
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    assert main(["mmd-bench", "preview", "--out", str(tmp_path / "p.png"), "--size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("umm mmd-bench: ") and "pip install 'umm_ops[data]'" in err, err
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_optional_import_version_and_passthrough(monkeypatch):
     assert optional_import("PIL", "Image") is sys.modules["PIL.Image"]   # `from PIL import Image` (a submodule)
     with pytest.raises(MissingDependencyError, match=r"diffusers\.NoSuchModel.*diffusers \d.*pip install -U "

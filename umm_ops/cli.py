@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from .utils import optional_import
+from .utils import MissingDependencyError, optional_import
 
 
 def _info(args) -> int:
@@ -447,7 +447,11 @@ def main(argv=None) -> int:
     ev.set_defaults(fn=_eval)
 
     args = ap.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except MissingDependencyError as e:   # an extra of umm_ops that is not installed: its message says which
+        print(f"umm {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
