@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from .utils import MissingDependencyError, optional_import
+
 
 def _info(args) -> int:
     import umm_ops
@@ -62,7 +64,7 @@ def _demo_image(size: int):
 
 def _open_image(path: str):
     """The RGB PIL image of a file; ValueError naming the file when it cannot be read."""
-    from PIL import Image
+    Image = optional_import("PIL", "Image")
 
     from .utils import not_a_file
 
@@ -100,7 +102,7 @@ def _is_released_cheers(path) -> bool:
 
 
 def _mmd_preview(args) -> int:
-    from PIL import Image, ImageDraw
+    Image, ImageDraw = optional_import("PIL", "Image", "ImageDraw")
 
     from .data import DEGRADATIONS, LEVELS, degrade
     from .utils import atomic_write
@@ -503,7 +505,11 @@ def main(argv=None) -> int:
     ev.set_defaults(fn=_eval)
 
     args = ap.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except MissingDependencyError as e:   # an extra of umm_ops that is not installed: its message says which
+        print(f"umm {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

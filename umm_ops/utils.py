@@ -1,4 +1,4 @@
-"""The project's one seeding helper and one atomic-write helper.
+"""The project's one seeding helper, one atomic-write helper and one optional-import helper.
 
 Seeding: every random draw of the project (scenes of the synthetic world, degradations, data order, timesteps,
 flow noise, CFG dropout, rollouts) is seeded from a tuple of parts, typically ``(run seed, step, sample id,
@@ -9,17 +9,25 @@ Python versions, and never depends on Python's salted ``hash``.
 Atomic writes: :func:`atomic_write` writes a file under a temporary sibling name, fsyncs it and renames it into
 place (a reader sees the old file or the new one, never a half-written one); :func:`atomic_folder` does the same
 for a folder assembled under a temporary name.
+
+Optional dependencies: the core (the ops) needs torch and numpy only; the model, data, training and Triton code
+import their packages through :func:`optional_import`, whose error names the extra of ``pip install umm_ops[...]``
+that installs the missing package (:data:`OPTIONAL_DEPENDENCIES`, the same extras as pyproject.toml's).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["ASSETS", "seed_of", "generator", "atomic_write", "atomic_folder", "fsync_tree"]
+__all__ = ["ASSETS", "seed_of", "generator", "atomic_write", "atomic_folder", "fsync_tree", "OPTIONAL_DEPENDENCIES",
+           "MissingDependencyError", "optional_import"]
 
 _MASK63 = (1 << 63) - 1
 
@@ -144,3 +152,114 @@ def atomic_folder(folder, *, fsync: bool = True):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------- optional dependencies
+# top-level import name -> (its distribution on PyPI, the extra of umm_ops that installs it).  pyproject.toml's
+# [project.optional-dependencies] lists the same (tests/test_packaging.py checks that both agree, and that the
+# package imports nothing else outside the standard library, torch and numpy).
+OPTIONAL_DEPENDENCIES = {
+    "safetensors": ("safetensors", "model"),
+    "transformers": ("transformers", "model"),
+    "tokenizers": ("tokenizers", "model"),
+    "diffusers": ("diffusers", "model"),
+    "PIL": ("pillow", "data"),
+    "rich": ("rich", "train"),
+    "matplotlib": ("matplotlib", "train"),
+    "tomli": ("tomli", "train"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "triton": ("triton", "triton"),
+}
+
+
+class MissingDependencyError(ModuleNotFoundError):
+    """An optional dependency of umm_ops is not installed (or too old); the message names the extra to install."""
+
+
+def _requirement(dist: str, extra: str) -> str | None:
+    """The requirement umm_ops' installed metadata gives `dist` in `extra` (e.g. "diffusers>=0.42"), or None when
+    umm_ops is not installed (a source tree on sys.path) or does not name it."""
+    try:
+        from importlib.metadata import PackageNotFoundError, requires
+
+        reqs = requires("umm-ops") or []
+    except (ImportError, PackageNotFoundError):
+        return None
+    norm = re.sub(r"[-_.]+", "-", dist).lower()
+    for r in reqs:
+        spec, _, marker = r.partition(";")
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec)
+        if m and re.sub(r"[-_.]+", "-", m.group(1)).lower() == norm and re.search(
+                rf"extra\s*==\s*['\"]{re.escape(extra)}['\"]", marker):
+            return spec.strip().replace(" ", "")
+    return None
+
+
+def _install_hint(root: str, upgrade: bool = False) -> str:
+    dist, extra = OPTIONAL_DEPENDENCIES[root]
+    req = _requirement(dist, extra) or dist
+    pip = "pip install -U" if upgrade else "pip install"
+    return f"{pip} 'umm_ops[{extra}]' (or {pip} '{req}')"
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
+def _have(root: str) -> str:
+    """'diffusers 0.42.1': the installed distribution of an optional dependency, for an error message."""
+    dist = OPTIONAL_DEPENDENCIES[root][0]
+    try:
+        from importlib.metadata import version
+
+        return f"{dist} {version(dist)}"
+    except Exception:
+        return dist
+
+
+def optional_import(module: str, *names: str):
+    """Import an optional dependency: ``optional_import("diffusers", "AutoencoderKLFlux2")`` is ``from diffusers
+    import AutoencoderKLFlux2`` (several names give a tuple; no name gives the module).
+
+    When the package (or a package it needs that is one of :data:`OPTIONAL_DEPENDENCIES`) is not installed it raises
+    :class:`MissingDependencyError` naming who needed it, what is missing and the ``pip install umm_ops[extra]``
+    that installs it; a name the installed version lacks raises it too, with the required version.  Any other
+    import error propagates unchanged."""
+    who = sys._getframe(1).f_globals.get("__name__", "umm_ops")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        root = (e.name or "").partition(".")[0]
+        if root not in OPTIONAL_DEPENDENCIES:
+            raise
+        if e.name != root and _importable(root):   # the package is there, a module of it is not: another version
+            raise MissingDependencyError(f"{who} needs {module}, but the installed {_have(root)} has no module "
+                                         f"{e.name!r} (too old?): {_install_hint(root, upgrade=True)}",
+                                         name=e.name) from e
+        raise MissingDependencyError(f"{who} needs the {OPTIONAL_DEPENDENCIES[root][0]!r} package, which is not "
+                                     f"installed: {_install_hint(root)}", name=e.name) from e
+    out = []
+    for n in names:
+        try:
+            out.append(getattr(mod, n))
+            continue
+        except AttributeError:
+            pass
+        try:   # `from package import submodule`
+            out.append(importlib.import_module(f"{module}.{n}"))
+        except ModuleNotFoundError as e:
+            if e.name != f"{module}.{n}":
+                raise
+            root = module.partition(".")[0]
+            if root not in OPTIONAL_DEPENDENCIES:
+                raise ImportError(f"{who}: cannot import {n!r} from {module!r}") from None
+            raise MissingDependencyError(f"{who} needs {module}.{n}, which the installed {_have(root)} does not "
+                                         f"have (too old?): {_install_hint(root, upgrade=True)}",
+                                         name=f"{module}.{n}") from None
+    if not names:
+        return mod
+    return out[0] if len(out) == 1 else tuple(out)

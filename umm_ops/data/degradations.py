@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..utils import seed_of
+from ..utils import optional_import, seed_of
 
 __all__ = ["DEGRADATIONS", "LEVELS", "CATEGORIES", "WEIGHTS", "degrade", "sample_kind", "psnr"]
 
@@ -176,7 +176,7 @@ def jpeg_quality(i: float) -> int:
 
 def jpeg(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
     """Real JPEG encode/decode with Pillow (libjpeg) at quality int(100 - 95 i), one image at a time."""
-    from PIL import Image
+    Image = optional_import("PIL", "Image")
 
     q = jpeg_quality(i)
     u8 = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -448,7 +448,7 @@ _GRAFFITI_TEXTS = ("X", "FAKE", "COPY", "VOID", "COPYRIGHT")
 
 
 def _font(size: int):
-    from PIL import ImageFont
+    ImageFont = optional_import("PIL", "ImageFont")
 
     try:
         return ImageFont.load_default(size=size)
@@ -465,7 +465,7 @@ def graffiti(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
     The per-image parameters for all 10 possible strokes are always drawn, so a lower intensity draws a prefix
     of the strokes of a higher one. Strokes are rasterised into a colour layer + mask and overwrite the image.
     """
-    from PIL import Image, ImageDraw
+    Image, ImageDraw = optional_import("PIL", "Image", "ImageDraw")
 
     B, C, H, W = x.shape
     n = int(10 * i)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..utils import atomic_write, generator, not_a_file
+from ..utils import atomic_write, generator, not_a_file, optional_import
 from .degradations import DEGRADATIONS, LEVELS, degrade, sample_kind
 
 __all__ = ["BadRecord", "BuildReport", "MAX_PIXELS", "read_manifest", "build"]
@@ -50,7 +50,7 @@ def _open_rgb(src, where: str, what: str, max_pixels: int):
     """A path or file object -> RGB PIL image, decoded only if its header declares at most max_pixels pixels."""
     import warnings
 
-    from PIL import Image
+    Image = optional_import("PIL", "Image")
 
     try:
         with warnings.catch_warnings():  # PIL's bomb warning (> 89 MP): the limit below decides
@@ -132,7 +132,7 @@ def build(manifest: str, out_dir: str, seed: int = 0, levels=("low", "mid", "hig
     """Write the degraded benchmark (see the module docstring).  ``skip_bad`` counts and skips unusable records
     instead of stopping at the first one (without it, BadRecord is raised after the manifests of the records
     finished so far are written; its ``report`` attribute says how many).  Returns a BuildReport."""
-    from PIL import Image
+    Image = optional_import("PIL", "Image")
 
     for lv in levels:
         if lv not in LEVELS:

@@ -27,7 +27,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ..utils import not_a_file
+from ..utils import not_a_file, optional_import
 from .mmd_bench import BadRecord
 
 __all__ = ["BadRecord", "LlavaReader", "CaptionReader", "WebDatasetReader", "CocoReader", "decode_image",
@@ -38,7 +38,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 def decode_image(src, where: str) -> torch.Tensor:
     """A file path or encoded bytes -> uint8 (3, H, W) RGB tensor; BadRecord naming `where` if it cannot be."""
-    from PIL import Image
+    Image = optional_import("PIL", "Image")
 
     if isinstance(src, str) and not_a_file(src):
         raise BadRecord(f"{where}: image file {src!r} {not_a_file(src)}")
@@ -332,7 +332,7 @@ def rle_decode(rle: dict) -> np.ndarray:
 
 
 def _polygons_mask(polys, h: int, w: int) -> np.ndarray:
-    from PIL import Image, ImageDraw
+    Image, ImageDraw = optional_import("PIL", "Image", "ImageDraw")
 
     im = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(im)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..utils import seed_of
+from ..utils import optional_import, seed_of
 
 __all__ = ["COLORS", "KINDS", "SIZES", "RELATIONS", "SyntheticWorld", "SceneRecord", "prompt_text",
            "instance_palette", "format_question", "to_samples"]
@@ -119,7 +119,7 @@ def _draw_shape(draw, kind: str, box, fill: int) -> None:
 @functools.lru_cache(maxsize=4096)
 def _template(kind: str, w: int, h: int) -> np.ndarray:
     """(h, w) bool mask of `kind` rendered into a w x h pixel box."""
-    from PIL import Image, ImageDraw
+    Image, ImageDraw = optional_import("PIL", "Image", "ImageDraw")
 
     im = Image.new("L", (w, h), 0)
     _draw_shape(ImageDraw.Draw(im), kind, (0, 0, w - 1, h - 1), 1)
@@ -143,7 +143,7 @@ def render(scene: dict):
 
     Object k (0-based in scene["objects"]) gets instance id k + 1.  Any scene dict of the same form can be
     rendered (e.g. an edited copy), as long as it has at most 255 objects."""
-    from PIL import Image, ImageDraw
+    Image, ImageDraw = optional_import("PIL", "Image", "ImageDraw")
 
     size = scene["size"]
     objs = scene["objects"]

@@ -15,6 +15,8 @@ import os
 import re
 import warnings
 
+from ..utils import optional_import
+
 __all__ = ["SPECIAL_TOKENS", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "chat_template", "IMAGE_MARKER"]
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -104,7 +106,7 @@ class HFTokenizer:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"HFTokenizer: expected a folder holding a Hugging Face tokenizer "
                                     f"(tokenizer.json / tokenizer_config.json), got {folder!r} which is not a folder")
-        from transformers import AutoTokenizer
+        AutoTokenizer = optional_import("transformers", "AutoTokenizer")
 
         try:
             tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from ..utils import ASSETS
+from ..utils import ASSETS, optional_import
 
 __all__ = ["world_corpus", "build_world_tokenizer", "SHIPPED_TOKENIZER", "WORLD_VOCAB_SIZE"]
 
@@ -53,8 +53,9 @@ def build_world_tokenizer(out_folder, vocab_size: int = WORLD_VOCAB_SIZE, record
     """Train the world BPE and save it as a Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json,
     build_info.json with `command`, the corpus size and the tokenizers version).  Returns the build info.  The
     folder is written whole or not at all."""
-    import tokenizers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizers = optional_import("tokenizers")
+    Tokenizer, decoders, models, pre_tokenizers, trainers = optional_import(
+        "tokenizers", "Tokenizer", "decoders", "models", "pre_tokenizers", "trainers")
 
     from ..utils import atomic_folder
     from .tokenizer import SPECIAL_TOKENS

@@ -17,6 +17,7 @@ import torch
 
 from ..data.synthetic import (COLOR_TOL, COLORS, KINDS, MIN_IOU, REL_MARGIN, RELATIONS, _center, _relation_holds,
                               _template)
+from ..utils import optional_import
 
 __all__ = ["check", "find_objects"]
 
@@ -24,7 +25,7 @@ __all__ = ["check", "find_objects"]
 def _as_hwc(image, value_range) -> np.ndarray:
     """Any image -> float32 (H, W, 3) on 0..255 (numpy: per-image pixel work is cheaper there than in torch's
     thread pool)."""
-    from PIL import Image
+    Image = optional_import("PIL", "Image")
 
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))

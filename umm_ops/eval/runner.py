@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..utils import atomic_write
+from ..utils import atomic_write, optional_import
 from .stats import summarize
 from .tasks import TASKS, EvalContext, get_task
 
@@ -89,7 +89,7 @@ def aggregate(task, out, seed: int) -> dict:
 def _tile(img, size: int):
     """uint8 (3, H, W) or float (3, H, W) in [-1, 1] -> PIL image of size x size (nearest neighbour)."""
     import torch
-    from PIL import Image
+    Image = optional_import("PIL", "Image")
 
     t = img.detach().cpu()
     if t.dtype != torch.uint8:
@@ -101,7 +101,7 @@ def _tile(img, size: int):
 def save_grid(grid: dict, path, tile: int | None = None, labels: bool = True) -> str:
     """Write a task's sample grid as PNG: rows of images, one column per item, a label (lines split on newlines)
     under each column."""
-    from PIL import Image, ImageDraw
+    Image, ImageDraw = optional_import("PIL", "Image", "ImageDraw")
 
     cols, rows = grid["columns"], grid["rows"]
     if not cols:

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from ..utils import atomic_write
+from ..utils import atomic_write, optional_import
 
 __all__ = ["evaluate_world", "to_pil", "report_lines"]
 
 
 def to_pil(img: torch.Tensor):
     """(3, H, W) in [-1, 1] -> PIL image."""
-    from PIL import Image
+    Image = optional_import("PIL", "Image")
 
     x = ((img.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return Image.fromarray(x.permute(1, 2, 0).contiguous().cpu().numpy())

@@ -43,7 +43,7 @@ import re
 
 import torch
 
-from ..utils import atomic_folder
+from ..utils import atomic_folder, optional_import
 from .config import CheersConfig, preset
 from .hf import _INDEX as INDEX, load_safetensors, save_safetensors
 
@@ -154,7 +154,7 @@ def load_parts(model, llm=None, vit=None, vae=None):
         part = hf.load_siglip(vit)
         _copy_part(model.vit, part.state_dict(), f"ViT {vit}")
     if vae is not None:
-        from diffusers import AutoencoderKLFlux2
+        AutoencoderKLFlux2 = optional_import("diffusers", "AutoencoderKLFlux2")
 
         folder = os.fspath(vae)
         if not os.path.isdir(folder):
@@ -196,7 +196,7 @@ def _vae_block_types(n):
 
 def convert_cheers_state_dict(state: dict, num_vae_blocks: int = 4, tie_word_embeddings: bool = True) -> dict:
     """Released Cheers names -> ours (see the module docstring).  Raises on a name it does not know."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    convert_ldm_vae_checkpoint = optional_import("diffusers.loaders.single_file_utils", "convert_ldm_vae_checkpoint")
 
     out, vae, dec_copy, unknown = {}, {}, {}, []
     for k, v in state.items():

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from ..utils import atomic_write
+from ..utils import atomic_write, optional_import
 from .llm import Qwen2Config, Qwen2LM
 from .vit import SiglipViT, SiglipVisionConfig
 
@@ -78,7 +78,7 @@ def safetensors_files(folder) -> list[str]:
 def load_safetensors(folder, device="cpu") -> dict:
     """Every tensor of a folder's safetensors files, {name: tensor} (for small models and tests; the model
     loaders below stream instead)."""
-    from safetensors.torch import load_file
+    load_file = optional_import("safetensors.torch", "load_file")
 
     out = {}
     for path in safetensors_files(folder):
@@ -87,7 +87,7 @@ def load_safetensors(folder, device="cpu") -> dict:
 
 
 def _iter_tensors(folder):
-    from safetensors import safe_open
+    safe_open = optional_import("safetensors", "safe_open")
 
     for path in safetensors_files(folder):
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -198,7 +198,7 @@ def save_safetensors(state: dict, folder, config: dict | None = None, max_shard_
     ``model-0000i-of-0000n.safetensors`` shards + ``model.safetensors.index.json`` (Hugging Face's layout), plus
     ``config.json`` when given.  Each file is written to a temporary name and renamed, the index last; weight files
     of an earlier save that the new one does not use are removed.  Returns the weight files written."""
-    from safetensors.torch import save_file
+    save_file = optional_import("safetensors.torch", "save_file")
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)

@@ -23,7 +23,7 @@ from torch import nn
 
 import umm_ops
 
-from ..utils import ASSETS
+from ..utils import ASSETS, optional_import
 from .config import VAEConfig
 
 __all__ = ["CheersVAE", "DecoderCopy", "SHIPPED_WEIGHTS", "resolve_vae_weights"]
@@ -32,7 +32,7 @@ SHIPPED_WEIGHTS = ASSETS   # trained autoencoders shipped in the package
 
 
 def _autoencoder(cfg: VAEConfig):
-    from diffusers import AutoencoderKLFlux2
+    AutoencoderKLFlux2 = optional_import("diffusers", "AutoencoderKLFlux2")
 
     return AutoencoderKLFlux2(**cfg.diffusers_kwargs())
 
@@ -99,7 +99,7 @@ class CheersVAE(nn.Module):
     def load_autoencoder(self, file) -> None:
         """Load an AutoencoderKLFlux2 state (a ``umm export`` of a vae run: weights and calibrated BatchNorm
         statistics) into ``frozen``; the decoder copy, if built, restarts from it."""
-        from safetensors.torch import load_file
+        load_file = optional_import("safetensors.torch", "load_file")
 
         state = load_file(os.fspath(file))
         try:

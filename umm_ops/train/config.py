@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..utils import not_a_file
+from ..utils import not_a_file, optional_import
 
 __all__ = ["Config", "JobConfig", "ModelConfig", "DataConfig", "OptimConfig", "ScheduleConfig", "ParallelConfig",
            "CheckpointConfig", "MetricsConfig", "ConfigError", "set_value", "to_dict", "from_dict", "parse_value"]
@@ -252,11 +253,16 @@ def from_dict(cls, d: dict, where: str = "config"):
     return obj
 
 
-def load_toml(path) -> dict:
-    try:
+def _tomllib():
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ImportError:   # Python 3.10
-        import tomli as tomllib   # type: ignore[no-redef]
+
+        return tomllib
+    return optional_import("tomli")   # Python 3.10
+
+
+def load_toml(path) -> dict:
+    tomllib = _tomllib()
     p = Path(path)
     why = not_a_file(p)
     if why:
@@ -366,10 +372,7 @@ def parse_lr_scales(items) -> list:
 
 def parse_value(text: str):
     """A command-line value: TOML syntax when it parses (3e-4, true, [0.9, 0.95], "x"), else the raw string."""
-    try:
-        import tomllib
-    except ImportError:   # Python 3.10
-        import tomli as tomllib   # type: ignore[no-redef]
+    tomllib = _tomllib()
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

@@ -5,8 +5,9 @@ The kernel-contract functions below have exactly the signatures and return conve
 interpreter (TRITON_INTERPRET=1, set before triton is imported).  Only the interpreter path has been
 exercised so far; the GPU path has not been run.
 
-Importing this package raises ImportError when triton is not installed (umm_ops.backend relies on that
-to fall back to another backend); ``available()`` additionally requires a CUDA device or the interpreter.
+Importing this package raises ImportError (MissingDependencyError, naming umm_ops[triton]) when triton is not
+installed (umm_ops.backend relies on that to fall back to another backend); ``available()`` additionally requires
+a CUDA device or the interpreter.
 """
 from __future__ import annotations
 
@@ -68,8 +69,11 @@ def available() -> bool:
 
 
 if not _HAVE_TRITON:
-    # umm_ops.backend treats an import error of this package as "triton backend unavailable".
-    raise ImportError("umm_ops.triton needs the 'triton' package, which is not installed")
+    # umm_ops.backend treats an import error of this package as "triton backend unavailable"; the error
+    # (MissingDependencyError, an ImportError) names the extra that installs triton: umm_ops[triton]
+    from ..utils import optional_import
+
+    optional_import("triton")
 
 from .flow import (  # noqa: E402
     flow_kl,

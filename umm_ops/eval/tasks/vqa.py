@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 from . import EvalContext, Task, TaskOutput, pixels, register
+from ...utils import optional_import
 
 __all__ = ["VQATask", "ShortVQATask", "score_answer", "score_short_answer", "pick_question", "ask", "questions",
            "read_multiple_choice"]
@@ -49,7 +50,7 @@ def read_multiple_choice(path: str, image_size: int, n: int) -> list:
     "question": {"question", "options", "answer_letter", "type"}}]; BadRecord names a record that cannot be used."""
     import numpy as np
     import torch
-    from PIL import Image
+    Image = optional_import("PIL", "Image")
 
     from ...data.mmd_bench import BadRecord, read_manifest
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ...utils import fsync_tree
+from ...utils import fsync_tree, optional_import
 from .optim import canonical_name
 
 __all__ = ["RunLock", "RunFolderBusy", "Checkpointer", "CorruptCheckpoint", "complete_checkpoints",
@@ -293,7 +293,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
     def save(self, step: int, model, optimizer, ema, train_state: dict) -> Path:
         import torch.distributed.checkpoint as dcp
-        from safetensors.torch import save_file
+        save_file = optional_import("safetensors.torch", "save_file")
 
         d = self.dist
         tmp = self.out / f"{TMP_PREFIX}{step}"
@@ -351,7 +351,7 @@ class Checkpointer:
         is intact (never starts over silently).  ``check(trainer_state)`` runs before the weights are read (a
         config that cannot resume raises there, before a shape mismatch could be mistaken for corruption)."""
         import torch.distributed.checkpoint as dcp
-        from safetensors.torch import load_file
+        load_file = optional_import("safetensors.torch", "load_file")
 
         d = self.dist
         candidates = [p for _, p in reversed(complete_checkpoints(self.out))]

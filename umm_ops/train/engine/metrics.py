@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ...utils import atomic_write
+from ...utils import atomic_write, optional_import
 
 __all__ = ["Reporter", "read_metrics", "plot_losses"]
 
@@ -20,7 +20,7 @@ class Reporter:
             return
         use = sys.stdout.isatty() if progress is None else progress
         if use:
-            try:
+            try:   # rich is optional here (umm_ops[train] installs it): without it, plain lines
                 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                            TimeRemainingColumn)
             except ImportError:
@@ -31,11 +31,8 @@ class Reporter:
             self.task = self.progress.add_task("train", total=total, completed=start, info="")
             self.progress.start()
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ImportError("metrics.tensorboard = true needs the tensorboard package: pip install tensorboard "
-                                  "(or umm_ops[train])") from None
+            # metrics.tensorboard = true needs the tensorboard package (umm_ops[tensorboard])
+            SummaryWriter = optional_import("torch.utils.tensorboard", "SummaryWriter")
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
 
     def open_log(self, rows: list) -> None:
@@ -107,10 +104,10 @@ def read_metrics(path, upto: int | None = None) -> list:
 def plot_losses(rows: list, path, keys=("loss", "text_loss", "flow_loss"), title: str = "training loss") -> None:
     """Raw (faint) and EMA-smoothed curves of the loss keys against the step; a key whose value is missing or
     which a step did not compute (``<key>_n`` == 0) is left out at that step."""
-    import matplotlib
+    matplotlib = optional_import("matplotlib")
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = optional_import("matplotlib.pyplot")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = ("black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...utils import generator
+from ...utils import generator, optional_import
 from ..spec import DataSource, Recipe, StepOutput, register
 
 __all__ = ["VAERecipe", "VAERecipeConfig", "VAETrainer", "WorldImages"]
@@ -139,7 +139,7 @@ class VAETrainer(nn.Module):
 
     def __init__(self, vae_config):
         super().__init__()
-        from diffusers import AutoencoderKLFlux2
+        AutoencoderKLFlux2 = optional_import("diffusers", "AutoencoderKLFlux2")
 
         self.vae_config = vae_config
         self.ae = AutoencoderKLFlux2(**vae_config.diffusers_kwargs())
@@ -190,7 +190,7 @@ class VAERecipe(Recipe):
 
         model = VAETrainer(preset(cfg.model.preset).vae)
         if cfg.recipe.init:
-            from safetensors.torch import load_file
+            load_file = optional_import("safetensors.torch", "load_file")
 
             from ...model.vae import resolve_vae_weights
 
@@ -273,7 +273,7 @@ class VAERecipe(Recipe):
 def _grid(pix, recon, out_dir, size: int, k: int = 8) -> None:
     from pathlib import Path
 
-    from PIL import Image
+    Image = optional_import("PIL", "Image")
 
     from ...eval.world import to_pil
     from ...utils import atomic_write
@@ -294,7 +294,7 @@ def export_vae(run_or_checkpoint, out_file, calibrate_images: int = 256) -> dict
     import json
     from pathlib import Path
 
-    from safetensors.torch import save_file
+    save_file = optional_import("safetensors.torch", "save_file")
 
     from ...model.config import preset
     from ...utils import atomic_write
