@@ -197,6 +197,8 @@ def test_clear_sft_from_the_cli(tmp_path):
     a, b = load_checkpoint_model(str(base / "checkpoint-1")), load_checkpoint_model(str(out / "checkpoint-2"))
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith("vit."))          # CLEAR: the ViT is frozen
+    assert b.config.tokenizer == "world+clear" and b.config.llm["vocab_size"] == 517      # the markers are tokens
+    assert len(b.tokenizer.encode("<think> x </think><answer>B</answer>")) == 8     # 5 markers, " x ", "B"
     assert not all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith("llm."))      # the LLM trains
     assert main(args[:5] + ["--steps", "3"] + args[7:]) == 0             # resumes from step 2
     assert (out / "checkpoint-3").is_dir()
@@ -221,3 +223,26 @@ def test_sft_dataset_clear_and_control_tasks():
             assert s.meta["task"] == "clear"
             want = [q["answer_letter"] if i % 3 == 0 else q["answer"] for q in rec.vqa]
             assert parse_clear(s.items[-1].text)["answer"] in want
+
+
+def test_with_tokenizer_grows_the_vocabulary_and_keeps_the_model():
+    from umm_ops.data.packing import Sample, TextItem
+    from umm_ops.model.cheers import CheersModel, with_tokenizer
+
+    torch.manual_seed(0)
+    m = CheersModel("tiny").eval()
+    g = with_tokenizer(m, "world+clear").eval()
+    emb_m, emb_g = m.llm.model.embed_tokens.weight, g.llm.model.embed_tokens.weight
+    assert emb_g.shape == (517, emb_m.shape[1]) and torch.equal(emb_g[:512], emb_m)
+    torch.testing.assert_close(emb_g[512:], emb_m.mean(0, keepdim=True).expand(5, -1))
+    assert g.tokenizer.encode("<image_restore>") == [514]
+    s = Sample([TextItem("Describe the image."), TextItem("A red circle.", loss=True)])
+    with torch.no_grad():
+        a = m.generate_text([s], max_new_tokens=4, temperature=0.0)
+        b = g.generate_text([s], max_new_tokens=4, temperature=0.0)
+    for k, v in m.state_dict().items():
+        if k in g.state_dict() and g.state_dict()[k].shape == v.shape:
+            assert torch.equal(g.state_dict()[k], v), k
+    assert isinstance(a[0], str) and isinstance(b[0], str)
+    with pytest.raises(ValueError, match="263 ids, fewer than the model.s tokenizer .512."):
+        with_tokenizer(m, "byte")

@@ -193,7 +193,8 @@ def _accepts_replace(tok) -> bool:
 
 def load_tokenizer(name_or_folder, profile=None):
     """``"byte"`` -> :class:`ByteTokenizer`; ``"world"`` -> the synthetic world's BPE that ships in the package
-    (:mod:`umm_ops.data.world_tokenizer`); a folder -> :class:`HFTokenizer`.  ``profile`` (a conventions profile or
+    (:mod:`umm_ops.data.world_tokenizer`); ``"world+clear"`` -> the same with CLEAR's format markers
+    (``CLEAR_TOKENS``) added as ids 512..516; a folder -> :class:`HFTokenizer`.  ``profile`` (a conventions profile or
     its name, umm_ops.model.profile): its tokens are added / checked (the "cheers" profile needs a Hugging Face
     tokenizer folder: Qwen2.5's)."""
     if profile is not None:
@@ -225,6 +226,10 @@ def load_tokenizer(name_or_folder, profile=None):
         from .world_tokenizer import SHIPPED_TOKENIZER
 
         return _shipped_world_tokenizer(os.fspath(SHIPPED_TOKENIZER))
+    if os.fspath(name_or_folder) == "world+clear":
+        from .world_tokenizer import SHIPPED_TOKENIZER
+
+        return _shipped_world_tokenizer(os.fspath(SHIPPED_TOKENIZER), CLEAR_TOKENS)
     if os.path.isdir(name_or_folder):
         return HFTokenizer(name_or_folder)
     raise ValueError(f"load_tokenizer: expected 'byte', 'world' or an existing folder holding a Hugging Face "
@@ -232,10 +237,20 @@ def load_tokenizer(name_or_folder, profile=None):
                      f"({'a file, not a folder' if os.path.exists(name_or_folder) else 'no such folder'})")
 
 
-@functools.lru_cache(maxsize=2)
-def _shipped_world_tokenizer(folder: str):
-    """One HFTokenizer per process for the shipped world tokenizer (read-only; loading it takes ~0.1 s)."""
-    return HFTokenizer(folder)
+# CLEAR's format markers, added after the shipped world tokenizer's 512 ids by the tokenizer name "world+clear"
+# (the clear-sft recipe switches a world model to it, growing its embeddings; umm_ops.data.clear_data)
+CLEAR_TOKENS = ("<think>", "</think>", "<image_restore>", "<answer>", "</answer>")
+
+
+@functools.lru_cache(maxsize=4)
+def _shipped_world_tokenizer(folder: str, added=()):
+    """One HFTokenizer per process for the shipped world tokenizer (read-only; loading it takes ~0.1 s); ``added``:
+    tokens appended as specials (ids from 512 on, in order)."""
+    if not added:
+        return HFTokenizer(folder)
+    from .world_tokenizer import WORLD_VOCAB_SIZE
+
+    return HFTokenizer(folder, added, list(range(WORLD_VOCAB_SIZE, WORLD_VOCAB_SIZE + len(added))))
 
 
 def _content_text(content, where: str) -> str:

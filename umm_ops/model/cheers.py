@@ -38,7 +38,7 @@ from .losses import add_noise, flow_loss, flow_target, text_loss
 from .profile import get_profile
 from .vae import CheersVAE
 
-__all__ = ["CheersModel", "UnderstandingProjector"]
+__all__ = ["CheersModel", "UnderstandingProjector", "with_tokenizer"]
 
 GENERATE = ROLES["generate"]
 
@@ -319,3 +319,43 @@ class CheersModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, **kw) -> "CheersModel":
         return _from_pretrained(folder, model_class=cls, **kw)
+
+
+def with_tokenizer(model: CheersModel, tokenizer: str) -> CheersModel:
+    """A copy of `model` that reads and writes with `tokenizer` (a name or folder for ``CheersConfig.tokenizer``)
+    whose ids extend the model's: the embedding table (tied to the LM head when the model ties them; an untied head
+    grows too) gets rows for the new ids, initialised to the mean of the existing rows (so the new tokens start as
+    an average token, not noise); every other weight is copied.  The tokenizer must keep the model's ids: its first
+    ``vocab_size`` tokens equal the old tokenizer's.  Training policy stays with the caller (e.g. clear-sft)."""
+    import copy
+
+    from ..data.tokenizer import load_tokenizer
+
+    new_tok = load_tokenizer(tokenizer)
+    old_tok = model.tokenizer
+    V = model.config.llm["vocab_size"]
+    n_old = old_tok.vocab_size
+    if new_tok.vocab_size < n_old:
+        raise ValueError(f"with_tokenizer: {tokenizer!r} has {new_tok.vocab_size} ids, fewer than the model's "
+                         f"tokenizer ({n_old})")
+    probe = list(range(n_old))
+    if new_tok.decode(probe) != old_tok.decode(probe):
+        raise ValueError(f"with_tokenizer: {tokenizer!r} does not keep the ids 0..{n_old - 1} of the model's tokenizer")
+    cfg = copy.deepcopy(model.config)
+    cfg.tokenizer = tokenizer
+    cfg.llm = {**cfg.llm, "vocab_size": max(V, new_tok.vocab_size)}
+    out = CheersModel(cfg, tokenizer=new_tok)
+    sd = model.state_dict()
+    new_sd = out.state_dict()
+    for k, v in sd.items():
+        w = new_sd[k]
+        if w.shape == v.shape:
+            new_sd[k] = v.clone()
+        elif w.dim() >= 1 and w.shape[1:] == v.shape[1:] and w.shape[0] > v.shape[0]:   # embedding / head rows
+            grown = v.mean(0, keepdim=True).expand(w.shape[0] - v.shape[0], *v.shape[1:])
+            new_sd[k] = torch.cat([v, grown.to(v.dtype)])
+        else:
+            raise ValueError(f"with_tokenizer: cannot map {k} from {tuple(v.shape)} to {tuple(w.shape)}")
+    out.load_state_dict(new_sd)
+    out.train(model.training)
+    return out

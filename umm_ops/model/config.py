@@ -84,7 +84,8 @@ class CheersConfig:
     sample_steps: int = 80
     cfg_scale: float = 9.5
     gen_mode: str = "full"         # "full" (Cheers: image tokens visible to later text) | "noise" (BAGEL)
-    tokenizer: str = "byte"        # "byte", "world" (the synthetic world's shipped BPE) or a local HF tokenizer folder
+    tokenizer: str = "byte"        # "byte", "world" (the synthetic world's shipped BPE), "world+clear" (+ CLEAR's
+                                   # markers) or a local HF tokenizer folder
     profile: str = "umm"           # conventions profile (umm_ops.model.profile): "umm" (this project's, for models
                                    # trained here) or "cheers" (the released checkpoint's: template, tokens, null
                                    # prompt, dummy image, sampler grid, pixel range, preprocessing)

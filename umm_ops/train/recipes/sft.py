@@ -352,6 +352,8 @@ class ClearSFTRecipeConfig(SFTRecipeConfig):
     task_weights: tuple = (2, 2, 1, 1, 1)
     caption_first: int = 0
     freeze_vit: bool = True           # CLEAR: ViT and VAE frozen (the understanding projector still trains)
+    add_tokens: bool = True           # a world-tokenizer model gets CLEAR's markers as tokens ("world+clear": ids
+                                      # 512..516, embeddings grown); off: the markers are spelled in byte pieces
 
     def validate(self):
         super().validate()
@@ -366,6 +368,18 @@ class ClearSFTRecipeConfig(SFTRecipeConfig):
 class ClearSFTRecipe(SFTRecipe):
     name = "clear-sft"
     config_class = ClearSFTRecipeConfig
+    run_defining = SFTRecipe.run_defining + ("add_tokens",)
+
+    def build_model(self, cfg):
+        model = super().build_model(cfg)
+        if cfg.recipe.add_tokens and model.config.tokenizer == "world":
+            from ...model.cheers import with_tokenizer
+
+            frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+            model = with_tokenizer(model, "world+clear")
+            for n, p in model.named_parameters():
+                p.requires_grad_(n not in frozen)
+        return model
 
     def engine_defaults(self) -> dict:
         # CLEAR: EMA 0.995; a tenth of the base schedule's lr (continuing a trained model); ~5 minutes on 2 cores
