@@ -126,7 +126,7 @@ class Oracle:
             if s.meta["task"] == "caption":
                 out.append(rec.caption if self.mode == "right" else "I see nothing.")
                 continue
-            if s.meta["task"] == "vqa-short":
+            if s.meta["task"].split(":")[0] in ("vqa-short", "mmd-bench-short"):
                 q = next(q for q in rec.vqa if format_question(q, False) == text)
                 out.append({"right": q["answer"].upper() + ".", "wrong": q["answer"] + " " + q["answer"],
                             "random": self.rng.choice(q["options"])}[self.mode])
@@ -169,10 +169,12 @@ class Oracle:
 
         out = []
         for im, text in zip(images, questions):
-            rec, q = next((r, q) for i in range(FIRST, FIRST + 64) for r in [self.world[i]] for q in r.vqa
-                          if clear_question(q) == text)
+            rec, q, mc = next((r, q, mc) for i in range(FIRST, FIRST + 64) for r in [self.world[i]] for q in r.vqa
+                              for mc in (True, False) if clear_question(q, mc) == text)
             a = q["answer_letter"]
             letter = {"right": a, "wrong": "ABCD"[("ABCD".index(a) + 1) % 4], "random": self.rng.choice("ABCD")}
+            if not mc:
+                letter = {"right": q["answer"], "wrong": q["answer"] + "s", "random": self.rng.choice(q["options"])}
             restore = self.mode == "right"
             out.append({"text": "", "restored": restore,
                         "image": rec.image.float() / 127.5 - 1 if restore else None, "answer": letter[self.mode],
@@ -342,7 +344,7 @@ def test_all_tasks_json_shape_grids_and_determinism(tmp_path):
     assert json.dumps(a) == json.dumps(b)
     assert json.loads((tmp_path / "a" / "eval.json").read_text()) == a
     assert list(a["tasks"]) == ["vqa", "vqa-short", "caption", "geneval", "segment", "vae-recon", "mmd-bench",
-                              "clear", "refine"]
+                              "mmd-bench-short", "clear", "clear-short", "refine"]
     assert a["records"] == [FIRST, FIRST + 6] and a["seed"] == 3 and a["image_size"] == S
     for name, r in a["tasks"].items():
         assert r["score"] == 1.0 and r["n"] == 6 and len(r["ci95"]) == 2 and "per_type" in r, name

@@ -39,7 +39,8 @@ def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict
     vqa (n_vqa records), caption (n_captions), geneval and vae-recon (n_images) on the world of `seed` and
     `world` (SyntheticWorld's other arguments) from record `first`; `seed` also seeds the evaluation's draws.
     short_vqa: also ask the same questions without options (vqa-short, n_vqa records).  n_clear: that many
-    MMD-Bench items answered in CLEAR's generate-then-answer format (task clear) and directly (task mmd-bench)."""
+    MMD-Bench items answered in CLEAR's generate-then-answer format (task clear) and directly (task mmd-bench);
+    with short_vqa also as short answers (clear-short, mmd-bench-short)."""
     from ..data.synthetic import SyntheticWorld
     from .runner import save_grid
     from .tasks import EvalContext, get_task
@@ -98,24 +99,26 @@ def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict
             grid = {"rows": ["truth", "VAE recon", "generated"],
                     "columns": [{"label": "", "images": [recs[k].image, recon[k], gen[k]]} for k in range(m)]}
             res["images"]["grid_png"] = save_grid(grid, edir / "grid.png", tile=image_size, labels=False)
-    if n_clear:
-        out = run("clear", n_clear)
+    for key, task, direct in (("clear", "clear", "mmd-bench"), ("clear_short", "clear-short", "mmd-bench-short")):
+        if not n_clear or (key == "clear_short" and not short_vqa):
+            continue
+        out = run(task, n_clear)
         items = out.items
-        mm = run("mmd-bench", n_clear)
+        mm = run(direct, n_clear)
 
-        def mean(key, its=items):
-            return sum(it[key] for it in its) / len(its)
+        def mean(k, its=items):
+            return sum(it[k] for it in its) / len(its)
 
-        res["clear"] = {"n": len(items), "accuracy": mean("score"), "restored": mean("restored"),
-                        "clean_accuracy": mean("clean"), "restored_clean": mean("restored_clean"),
-                        "format": mean("format"), "direct_accuracy": mean("score", mm.items),
-                        "direct_clean_accuracy": mean("clean", mm.items),
-                        **{k: v for k, v in out.extra.items() if k.startswith("psnr")},
-                        "per_level": {lv: {"accuracy": mean("score", g), "restored": mean("restored", g)}
-                                      for lv in ("low", "mid", "high")
-                                      if (g := [it for it in items if it["level"] == lv])}}
+        res[key] = {"n": len(items), "accuracy": mean("score"), "restored": mean("restored"),
+                    "clean_accuracy": mean("clean"), "restored_clean": mean("restored_clean"),
+                    "format": mean("format"), "direct_accuracy": mean("score", mm.items),
+                    "direct_clean_accuracy": mean("clean", mm.items),
+                    **{k: v for k, v in out.extra.items() if k.startswith("psnr")},
+                    "per_level": {lv: {"accuracy": mean("score", g), "restored": mean("restored", g)}
+                                  for lv in ("low", "mid", "high")
+                                  if (g := [it for it in items if it["level"] == lv])}}
         if edir is not None and out.grid:
-            res["clear"]["grid_png"] = save_grid(out.grid, edir / "clear.png")
+            res[key]["grid_png"] = save_grid(out.grid, edir / f"{task}.png")
     if prompts:
         S = image_size
         gen = model.generate_image(list(prompts), height=S, width=S, steps=steps, seed=seed)["images"]
@@ -151,12 +154,14 @@ def report_lines(ev: dict) -> list:
         if len(im.get("per_tag", {})) > 1:
             lines.append("eval images by prompt tag: "
                          + ", ".join(f"{t} {v:.3f}" for t, v in im["per_tag"].items()))
-    if "clear" in ev:
-        c = ev["clear"]
-        lines.append(f"eval clear (generate-then-answer on {c['n']} degraded held-out pictures): accuracy "
-                     f"{c['accuracy']:.3f} (answered directly, mmd-bench: {c['direct_accuracy']:.3f}), restored "
-                     f"{c['restored']:.2f} of them; clean pictures: accuracy {c['clean_accuracy']:.3f}, restored "
-                     f"{c['restored_clean']:.2f}; format {c['format']:.2f}"
+    for key, what in (("clear", "letters"), ("clear_short", "short answers")):
+        if key not in ev:
+            continue
+        c = ev[key]
+        lines.append(f"eval {key} (generate-then-answer, {what}, on {c['n']} degraded held-out pictures): accuracy "
+                     f"{c['accuracy']:.3f} (answered directly: {c['direct_accuracy']:.3f}), restored "
+                     f"{c['restored']:.2f} of them; clean pictures: accuracy {c['clean_accuracy']:.3f} (directly "
+                     f"{c['direct_clean_accuracy']:.3f}), restored {c['restored_clean']:.2f}; format {c['format']:.2f}"
                      + (f"; restorations' PSNR {c['psnr_restored']:.1f} dB (the degraded pictures' "
                         f"{c['psnr_degraded_of_restored']:.1f})" if "psnr_restored" in c else ""))
     if ev.get("captions"):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 
 from . import EvalContext, Task, TaskOutput, pixels, register
-from .vqa import letter_summary, questions, score_answer
+from .vqa import letter_summary, questions, score_answer, score_short_answer
 
-__all__ = ["ClearTask", "psnr", "format_reward", "PSNR_CAP"]
+__all__ = ["ClearTask", "ShortClearTask", "psnr", "format_reward", "PSNR_CAP"]
 
 
 PSNR_CAP = 100.0   # dB: equal images (inf) are counted as this in the means
@@ -41,6 +41,7 @@ class ClearTask(Task):
     metrics = {"restored": ("restored", "wilson"), "clean": ("clean", "wilson"),
                "restored_clean": ("restored_clean", "wilson"), "format": ("format", "bootstrap")}
     needs = "CLEAR's generate-then-answer SFT (SFT tasks clear / clear_short)"
+    multiple_choice = True
 
     def run(self, model, ctx: EvalContext) -> TaskOutput:
         from ...data.degradations import degrade
@@ -58,7 +59,9 @@ class ClearTask(Task):
         chosen = [ps[(k + offset) % len(ps)] for k in range(len(qa))]
         degraded = [degrade(im[None], kind, lv, seed=ctx.seed, index=[i])[0]
                     for i, im, (kind, lv) in zip(idx, images, chosen)]
-        texts = [clear_question(q, True) for q in qs]
+        mc = self.multiple_choice
+        texts = [clear_question(q, mc) for q in qs]
+        score, key = (score_answer, "answer_letter") if mc else (score_short_answer, "answer")
         res, res_clean = [], []
         for s, b in ctx.batches(list(range(len(qa)))):
             seed = ctx.seed_for(self.name, idx[b[0]])
@@ -70,9 +73,9 @@ class ClearTask(Task):
         restorations = []
         for k, (i, q, (kind, lv), r, c) in enumerate(zip(idx, qs, chosen, res, res_clean)):
             it = {"index": i, "type": f"{kind}/{lv}", "degradation": kind, "level": lv, "question_type": q["type"],
-                  "score": score_answer(r["answer"], q["answer_letter"]), "restored": float(r["restored"]),
-                  "clean": score_answer(c["answer"], q["answer_letter"]), "restored_clean": float(c["restored"]),
-                  "format": format_reward(r["format"]), "answer": q["answer_letter"], "predicted": r["answer"],
+                  "score": score(r["answer"], q[key]), "restored": float(r["restored"]),
+                  "clean": score(c["answer"], q[key]), "restored_clean": float(c["restored"]),
+                  "format": format_reward(r["format"]), "answer": q[key], "predicted": r["answer"],
                   "text": r["text"]}
             if r["image"] is not None:
                 rest = to_uint8(r["image"])
@@ -81,7 +84,7 @@ class ClearTask(Task):
                 by_level.setdefault(lv, []).append(it["psnr"])
                 restorations.append((k, rest))
             items.append(it)
-        extra = letter_summary(items)
+        extra = letter_summary(items) if mc else {}
         got = [it["psnr"] for it in items if "psnr" in it]
         if got:
             extra["psnr_restored"] = round(sum(got) / len(got), 4)
@@ -94,3 +97,12 @@ class ClearTask(Task):
                                       f"{items[k]['degradation']}", "images": [images[k], degraded[k], rest]}
                             for k, rest in restorations[:kept]]} if restorations else None
         return TaskOutput(items, extra, grid, {"restored": [r for _, r in restorations]})
+
+
+@register
+class ShortClearTask(ClearTask):
+    """clear's items asked for a short answer (the word inside <answer>; ``vqa-short``'s scoring): the counterpart of
+    mmd-bench-short."""
+    name = "clear-short"
+    needs = "CLEAR's generate-then-answer SFT with short answers (SFT task clear_short)"
+    multiple_choice = False

@@ -12,9 +12,9 @@ clean - degraded is the damage done by the degradations on exactly these items. 
 from __future__ import annotations
 
 from . import EvalContext, Task, TaskOutput, register
-from .vqa import ask, letter_summary, questions, score_answer
+from .vqa import ask, letter_summary, questions, score_answer, score_short_answer
 
-__all__ = ["MMDBenchTask", "pairs"]
+__all__ = ["MMDBenchTask", "ShortMMDBenchTask", "pairs"]
 
 
 def pairs() -> list:
@@ -33,26 +33,31 @@ class MMDBenchTask(Task):
     metrics = {"clean": ("clean", "wilson")}
     needs = "VQA in its training mix (SFT task vqa; degraded_vqa / CLEAR for robustness)"
     reads_data = True
+    multiple_choice = True
 
     def run(self, model, ctx: EvalContext) -> TaskOutput:
         from ...data.degradations import degrade
 
+        if not self.multiple_choice and ctx.data is not None:
+            raise ValueError(f"{self.name} reads the synthetic world only (a data file's questions are multiple "
+                             "choice); use mmd-bench")
         qa = questions(ctx)
         idx, images, qs = [i for i, _, _ in qa], [im for _, im, _ in qa], [q for _, _, q in qa]
         ps = pairs()
-        offset = ctx.seed_for(self.name, "offset") % len(ps)
+        offset = ctx.seed_for("mmd-bench", "offset") % len(ps)    # the short variant: the same items
         chosen = [ps[(k + offset) % len(ps)] for k in range(len(qa))]
         degraded = [degrade(im[None], kind, lv, seed=ctx.seed, index=[i])[0]
                     for i, im, (kind, lv) in zip(idx, images, chosen)]
-        preds = ask(model, ctx, degraded, qs, idx, self.name)
-        clean = ask(model, ctx, images, qs, idx, self.name + ":clean")
+        mc = self.multiple_choice
+        preds = ask(model, ctx, degraded, qs, idx, self.name, multiple_choice=mc)
+        clean = ask(model, ctx, images, qs, idx, self.name + ":clean", multiple_choice=mc)
+        score, key = (score_answer, "answer_letter") if mc else (score_short_answer, "answer")
         items = []
         for i, q, (kind, lv), p, c in zip(idx, qs, chosen, preds, clean):
             items.append({"index": i, "type": f"{kind}/{lv}", "degradation": kind, "level": lv,
-                          "question_type": q["type"], "score": score_answer(p, q["answer_letter"]),
-                          "clean": score_answer(c, q["answer_letter"]), "answer": q["answer_letter"],
-                          "predicted": p, "predicted_clean": c})
-        extra = letter_summary(items)
+                          "question_type": q["type"], "score": score(p, q[key]), "clean": score(c, q[key]),
+                          "answer": q[key], "predicted": p, "predicted_clean": c})
+        extra = letter_summary(items) if mc else {}
         if items:
             extra["drop"] = round(sum(it["clean"] - it["score"] for it in items) / len(items), 6)
         k = ctx.grid_items
@@ -61,3 +66,14 @@ class MMDBenchTask(Task):
                                       f"{it['degradation']}", "images": [im, d]}
                             for it, im, d in zip(items[:k], images[:k], degraded[:k])]}
         return TaskOutput(items, extra, grid, {"degraded": degraded})
+
+
+@register
+class ShortMMDBenchTask(MMDBenchTask):
+    """mmd-bench's items asked as short-answer questions (``vqa-short``'s prompt and scoring): the tiny world's
+    models read pictures into answer words far better than into option letters, so this is where a degradation's
+    damage shows.  Synthetic world only."""
+    name = "mmd-bench-short"
+    needs = "short-answer VQA in its training mix (SFT task vqa_short)"
+    reads_data = False
+    multiple_choice = False
