@@ -24,12 +24,14 @@ __all__ = ["generate_then_answer"]
 @torch.no_grad()
 def generate_then_answer(model, images, questions, think_tokens: int = 96, answer_tokens: int = 96,
                          steps: int | None = None, cfg_scale: float | None = None, temperature: float = 0.0,
-                         top_k: int | None = None, seed: int = 0) -> list:
+                         top_k: int | None = None, seed: int = 0, restorations=None) -> list:
     """images: (N, 3, H, W) or a list of (3, H, W) in [-1, 1]; questions: N strings (the question as the model was
     trained to read it, options included).  Returns one dict per item: ``text`` (everything the model wrote, the
     restoration marker included), ``restored`` (bool: it asked for a restoration), ``image`` (the restored (3, H, W)
     image in [-1, 1], or None), ``answer`` (inside <answer>...</answer>, "" if missing), ``format`` (think / answer /
-    order checks).  Token budgets: the world tokenizer spells the format's markers in byte pieces (the restoration
+    order checks).  restorations: optional images ((3, H, W) in [-1, 1], one per item) used as the restoration
+    instead of generating one, where the model asks for it (e.g. the clean pictures: an oracle restoration that
+    separates the format from the quality of the model's own restorations).  Token budgets: the world tokenizer spells the format's markers in byte pieces (the restoration
     thought and marker are ~51 tokens, an answer with its reasoning ~50)."""
     from ..data.clear_data import RESTORE_TAG, parse_clear
     from .generate import decode, generate_image
@@ -69,8 +71,14 @@ def generate_then_answer(model, images, questions, think_tokens: int = 96, answe
         H, W = images[idx[0]].shape[-2:]
         if any(tuple(images[i].shape[-2:]) != (H, W) for i in idx):
             raise ValueError("generate_then_answer: images to restore in one call must share their size")
-        restored = generate_image(model, ctx, height=H, width=W, steps=steps, cfg_scale=cfg_scale,
-                                  seed=[sd(i, "restore") for i in idx])["images"]
+        if restorations is not None:
+            if len(restorations) != n:
+                raise ValueError(f"generate_then_answer: expected one restoration per image ({n}), got "
+                                 f"{len(restorations)}")
+            restored = torch.stack([restorations[i] for i in idx])
+        else:
+            restored = generate_image(model, ctx, height=H, width=W, steps=steps, cfg_scale=cfg_scale,
+                                      seed=[sd(i, "restore") for i in idx])["images"]
         ans = decode(model, [Sample(s.items + [ImageItem(im, "understand")]) for s, im in zip(ctx, restored)],
                      max_new_tokens=answer_tokens, temperature=temperature, top_k=top_k,
                      seed=[sd(i, "answer") for i in idx])
