@@ -148,6 +148,12 @@ def test_generate_then_answer_restores_only_when_asked(model, monkeypatch):
     _scripted(monkeypatch, script)
     alone = generate_then_answer(model, imgs[:1], ["what circle?"], steps=2, seed=5)[0]
     torch.testing.assert_close(alone["image"], a["image"], rtol=1e-4, atol=1e-4)
+    # an oracle restoration replaces the generated one where the model asks for it
+    ctx2 = _scripted(monkeypatch, script)
+    given = torch.zeros(2, 3, 32, 32)
+    o = generate_then_answer(model, imgs, ["what circle?", "what square?"], steps=2, seed=5, restorations=given)
+    assert torch.equal(o[0]["image"], given[0]) and o[1]["image"] is None
+    assert torch.equal(ctx2[-1].items[3].image, given[0])
     with pytest.raises(ValueError, match="one question per image"):
         generate_then_answer(model, imgs, ["q"])
     with pytest.raises(ValueError, match="NaN"):
