@@ -138,6 +138,6 @@ class AttentionTask(Task):
                             sid = int(batch.sample_ids[d])
                             r, qq = chunk[sid], qs[sid]
                             items.append({"index": r.index, "score": share, "uniform": uniform,
-                                          "type": f"layer {layer + 1}", "qtype": qq["type"]})
-        items.sort(key=lambda it: (it["index"], it["type"]))
+                                          "type": f"layer {layer + 1}", "qtype": qq["type"], "layer": layer + 1})
+        items.sort(key=lambda it: (it["index"], it["layer"]))
         return TaskOutput(items, {"layers": len(model.llm.model.layers)})
