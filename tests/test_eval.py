@@ -291,7 +291,7 @@ def test_segment_scorer():
     rec = next(w[i] for i in range(FIRST, FIRST + 64) if len(w[i].scene["objects"]) >= 2)
     inst, seg = rec.instances, rec.segmentation
     m = int(inst.max())
-    assert score_segmentation(seg, inst) == {"score": 1.0, "count_ok": 1.0, "n_true": m, "n_pred": m}
+    assert score_segmentation(seg, inst) == {"score": 1.0, "count_ok": 1.0, "miou": 1.0, "n_true": m, "n_pred": m}
     # the instances in other palette colours: the same instances, the same score
     perm = seg.clone()
     perm[:, inst == 1], perm[:, inst == 2] = seg[:, inst == 2][:, :1], seg[:, inst == 1][:, :1]
@@ -302,7 +302,7 @@ def test_segment_scorer():
     one = seg.clone()
     one[:, inst == 1] = 0                                                   # one instance missed
     r = score_segmentation(one, inst)
-    assert r["score"] == pytest.approx((m - 1) / m) and r["count_ok"] == 0.0
+    assert r["score"] == pytest.approx((m - 1) / m) and r["count_ok"] == 0.0 and r["miou"] == pytest.approx((m - 1) / m)
     merged = seg.clone()
     merged[:, inst > 0] = seg[:, inst == 1][:, :1]                          # same colour, still apart: counted
     assert score_segmentation(merged, inst)["score"] == 1.0
