@@ -16,7 +16,7 @@ for arm in none instance_seg; do
     --no-resume --no-eval --device cpu --set checkpoint.every="$STEPS" --set metrics.plot=false 2>&1 | tail -3
   cp "runs/sgt-$arm/summary.json" "$OUT/train-$arm.json"
 done
-nice -n 19 .venv/bin/umm eval "$BASE" --tasks "$TASKS" --n "$N" --brief --json "$OUT/eval-base.json" | tail -12
+nice -n 19 .venv/bin/umm eval "$BASE" --tasks "$TASKS" --n "$N" --steps 12 --brief --json "$OUT/eval-base.json" | tail -12
 for arm in none instance_seg; do
-  nice -n 19 .venv/bin/umm eval "runs/sgt-$arm" --tasks "$TASKS" --n "$N" --brief --json "$OUT/eval-$arm.json" | tail -12
+  nice -n 19 .venv/bin/umm eval "runs/sgt-$arm" --tasks "$TASKS" --n "$N" --steps 12 --brief --json "$OUT/eval-$arm.json" | tail -12
 done
