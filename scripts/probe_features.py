@@ -7,8 +7,9 @@ problem (they carry it, the LLM does not use it).
 
 For single-object held-out scenes of the checkpoint's world, probes (multinomial logistic regression, full batch,
 L-BFGS, 75/25 split: umm_ops.eval.tasks.probe.fit_probe, the probe of ``umm eval --tasks probe``) are fitted on:
-the LLM inputs (projector output, all image tokens flattened), the ViT output, the pixels the ViT sees (the decoder copy's reconstruction), and the true pixels (average-pooled 8x8) as a ceiling;
-also the mean norm of the image tokens against that of the text token embeddings.
+the LLM inputs (projector output, all image tokens flattened), the ViT output, the pixels the ViT sees (the decoder
+copy's reconstruction), and the true pixels (average-pooled 8x8) as a ceiling; also the mean norm of the image tokens
+against that of the text token embeddings.
 """
 from __future__ import annotations
 

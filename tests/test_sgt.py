@@ -280,7 +280,7 @@ def test_attention_share_on_hand_made_masks():
     zero_q = torch.zeros_like(q)                                             # uniform attention: |image| / |visible|
     assert attention_share(zero_q, k, mask, ans, img) == pytest.approx(np.mean([4 / 10, 4 / 11, 4 / 12]), abs=1e-6)
     p = attention_probs(q, k, mask)
-    assert torch.allclose(p.sum(-1), torch.ones(4, L), atol=1e-6) and (p[:, ~mask[None].expand(4, -1, -1)[0]] == 0).all()
+    assert torch.allclose(p.sum(-1), torch.ones(4, L), atol=1e-6) and (p[:, ~mask] == 0).all()
     with pytest.raises(ValueError, match="multiple of"):
         attention_probs(torch.randn(L, 3, 8), k, mask)
 

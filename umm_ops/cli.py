@@ -5,8 +5,8 @@
   train                      train with a recipe on the engine (default sft: the demo job), resumable, torchrun-ready
   export                     a run's consolidated save_pretrained folder
   generate                   an image (PNG) or text from a trained checkpoint
-  eval                       held-out evaluation (vqa, caption, geneval, refine, segment, seg-miou, vae-recon, mmd-bench,
-                             probe, attention) with 95% CIs
+  eval                       held-out evaluation (vqa, caption, geneval, refine, segment, seg-miou, vae-recon,
+                             mmd-bench, probe, attention) with 95% CIs
 Benchmarks: bench/run.py in the repository."""
 from __future__ import annotations
 
