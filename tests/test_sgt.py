@@ -373,3 +373,17 @@ def test_a_few_steps_from_the_cli_resume_init_and_a_map(tmp_path, capsys):
     assert "--proxy must be one of reconstruction" in capsys.readouterr().err
     assert main(["generate", str(out2), "--proxy", "edge", "--out", str(m)]) == 2
     assert "needs --image" in capsys.readouterr().err
+
+
+def test_after_training_evaluation_scores_the_maps(tmp_path):
+    from umm_ops.train import Config, train
+
+    cfg = Config.build("sgt", values={
+        "job.steps": 1, "job.out": str(tmp_path / "e"), "job.progress": False, "job.device": "cpu",
+        "recipe.image_size": 32, "data.budget": 256, "recipe.train_records": 20, "metrics.plot": False,
+        "recipe.eval_vqa": 2, "recipe.eval_images": 2, "recipe.eval_captions": 2, "recipe.eval_seg": 3,
+        "recipe.eval_steps": 2})
+    s = train(cfg)
+    seg = s["eval"]["seg_miou"]
+    assert seg["n"] == 3 and 0 <= seg["score"] <= 1 and "vqa" in s["eval"]
+    assert (tmp_path / "e" / "eval" / "seg-miou" / "seg-miou.png").is_file()

@@ -147,7 +147,7 @@ class SGTRecipe(SFTRecipe):
             from ...eval.runner import evaluate
 
             ev = evaluate(model, "seg-miou", n=r.eval_seg, seed=cfg.job.seed, image_size=r.image_size,
-                          out_dir=f"{out_dir}/eval", world_kwargs={"seed": cfg.job.seed, **r.world_kwargs()},
+                          out_dir=f"{out_dir}/eval/seg-miou", world_kwargs={"seed": cfg.job.seed, **r.world_kwargs()},
                           first=r.train_records, steps=r.eval_steps)["tasks"]["seg-miou"]
             res["seg_miou"] = {k: ev[k] for k in ("score", "ci95", "n", "metrics") if k in ev}
         return res
