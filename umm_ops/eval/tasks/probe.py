@@ -16,7 +16,9 @@ An item is one held-out record under one (fact, layer) probe: score 1 when the p
 headline is the mean over every probe; ``per_probe`` gives each (fact, layer) accuracy, ``per_type`` each fact over
 layers, ``per_layer`` each layer over facts; ``chance`` (the commonest training label's share of the held-out
 labels) per fact.  A fact with fewer than MIN_TRAIN training records or one class is skipped and named in
-``skipped``.  Use n >= 256 (half the base world's scenes hold one object).
+``skipped``.  Use n >= 256 (half the base world's scenes hold one object).  Mean pooling discards which token
+holds the object: at layer 0 the quadrant is nearly unreadable by construction, and a later layer reads it only
+where the LLM has written position (RoPE acts inside attention) into the tokens' contents.
 """
 from __future__ import annotations
 
