@@ -1,6 +1,7 @@
 """Tables of the SGT comparison from the eval-*.json files beside this script (written by run.sh / run_more.sh).
 
     .venv/bin/python docs/results/sgt/summarize.py > docs/results/sgt/tables.md
+    .venv/bin/python docs/results/sgt/summarize.py --probe > docs/results/sgt/tables-probe.md   # probe-*.json
 
 One row per evaluated model (eval-<arm>[-s<seed>].json); the numbers are `umm eval`'s scores with their 95%
 intervals over the held-out items (Wilson / bootstrap); where an arm has several seeds, a row "arm (mean of k
@@ -15,10 +16,10 @@ import statistics
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def load():
+def load(prefix="eval"):
     out = {}
-    for p in sorted(glob.glob(os.path.join(HERE, "eval-*.json"))):
-        name = os.path.basename(p)[5:-5]
+    for p in sorted(glob.glob(os.path.join(HERE, f"{prefix}-*.json"))):
+        name = os.path.basename(p)[len(prefix) + 1:-5]
         m = re.match(r"(.+?)(?:-s(\d+))?$", name)
         arm, seed = m.group(1), int(m.group(2) or 0)
         out[(arm, seed)] = json.load(open(p))["tasks"]
@@ -32,6 +33,8 @@ def cells(t):
     def put(k, s):
         c[k] = (s["score"], s.get("ci95"))
 
+    if "vqa" not in t:
+        return probe_cells(t, c, put)
     put("vqa", t["vqa"])
     for q, s in t["vqa"]["per_type"].items():
         put(f"vqa {q}", s)
@@ -60,6 +63,24 @@ def cells(t):
     return c
 
 
+def probe_cells(t, c, put):
+    """The probe / attention files (probe-*.json, n = 512): every (fact, layer) and every layer."""
+    p = t["probe"]
+    layers = sorted(p["per_layer"], key=lambda k: int(k.split()[1]))
+    for f in ("count", "color", "shape", "position"):
+        c[f"chance {f}"] = (p["chance"].get(f), None)
+        for lay in layers:
+            if f"{f} @ {lay}" in p["per_probe"]:
+                put(f"probe {f} @ {lay}", p["per_probe"][f"{f} @ {lay}"])
+    put("probe (all)", p)
+    a = t["attention"]
+    for lay in sorted(a["per_type"], key=lambda k: int(k.split()[1])):
+        put(f"attention {lay}", a["per_type"][lay])
+    put("attention (all layers)", a)
+    c["attention uniform"] = (a["metrics"]["uniform"]["score"], None)
+    return c
+
+
 def fmt(v):
     s, ci = v
     if s is None:
@@ -68,7 +89,9 @@ def fmt(v):
 
 
 def main():
-    data = load()
+    import sys
+
+    data = load("probe" if "--probe" in sys.argv else "eval")
     rows = {}
     for (arm, seed), t in sorted(data.items()):
         rows[f"{arm} s{seed}"] = cells(t)
