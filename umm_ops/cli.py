@@ -436,7 +436,7 @@ def main(argv=None) -> int:
     ge.add_argument("--proxy", default=None, metavar="NAME",
                     help="SGT: edit --image with a proxy task's instruction (instance_seg: the colour-coded instance "
                          "map; semantic_seg, edge, reconstruction, denoising, deblurring, super_resolution, "
-                         "inpainting)")
+                         "inpainting). The picture is used as given: for the restoration tasks give a degraded one")
     ge.add_argument("--size", type=int, default=None, help="image side (default: the model's image_size)")
     ge.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     ge.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
