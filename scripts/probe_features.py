@@ -6,9 +6,10 @@ problem (they carry it, the LLM does not use it).
     python scripts/probe_features.py --model tiny            # the untrained preset (random ViT) as a control
 
 For single-object held-out scenes of the checkpoint's world, probes (multinomial logistic regression, full batch,
-L-BFGS, 75/25 split) are fitted on: the LLM inputs (projector output, all image tokens flattened), the ViT output,
-the pixels the ViT sees (the decoder copy's reconstruction), and the true pixels (average-pooled 8x8) as a ceiling;
-also the mean norm of the image tokens against that of the text token embeddings.
+L-BFGS, 75/25 split: umm_ops.eval.tasks.probe.fit_probe, the probe of ``umm eval --tasks probe``) are fitted on:
+the LLM inputs (projector output, all image tokens flattened), the ViT output, the pixels the ViT sees (the decoder
+copy's reconstruction), and the true pixels (average-pooled 8x8) as a ceiling; also the mean norm of the image tokens
+against that of the text token embeddings.
 """
 from __future__ import annotations
 
@@ -18,27 +19,7 @@ import sys
 
 import torch
 
-
-def fit_probe(x: torch.Tensor, y: torch.Tensor, n_cls: int, train_frac: float = 0.75, l2: float = 1e-3) -> float:
-    """Held-out accuracy of a multinomial logistic regression on standardised features."""
-    n = x.shape[0]
-    k = int(n * train_frac)
-    x = x.double()
-    mu, sd = x[:k].mean(0), x[:k].std(0).clamp_min(1e-6)
-    x = (x - mu) / sd
-    w = torch.zeros(x.shape[1], n_cls, dtype=torch.double, requires_grad=True)
-    b = torch.zeros(n_cls, dtype=torch.double, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x[:k] @ w + b, y[:k]) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return float(((x[k:] @ w + b).argmax(1) == y[k:]).double().mean())
+from umm_ops.eval.tasks.probe import fit_probe  # the probe of `umm eval --tasks probe`
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,8 @@
   train                      train with a recipe on the engine (default sft: the demo job), resumable, torchrun-ready
   export                     a run's consolidated save_pretrained folder
   generate                   an image (PNG) or text from a trained checkpoint
-  eval                       held-out evaluation (vqa, caption, geneval, refine, segment, vae-recon, mmd-bench, clear) with 95% CIs
+  eval                       held-out evaluation (vqa, caption, geneval, refine, segment, seg-miou, vae-recon,
+                             mmd-bench, clear, probe, attention) with 95% CIs
 Benchmarks: bench/run.py in the repository."""
 from __future__ import annotations
 
@@ -195,8 +196,22 @@ def _generate(args) -> int:
         return 2
 
     # refusals that need no model first
-    if args.image and not args.text:
-        return refuse("--image is a picture to ask about and needs --text (image generation takes only --prompt)")
+    if args.proxy is not None:
+        from .data.proxy import PROXIES, PROXY_PROMPTS
+
+        if args.proxy not in PROXIES:
+            return refuse(f"--proxy must be one of {', '.join(PROXIES)}, got {args.proxy!r}")
+        if not args.image or args.text or args.refine:
+            return refuse("--proxy edits a picture: it needs --image PIC (and neither --text nor --refine)")
+        if args.prompt is not None and args.prompt != PROXY_PROMPTS[args.proxy]:
+            return refuse(f"--proxy {args.proxy} uses its own instruction {PROXY_PROMPTS[args.proxy]!r}; drop "
+                          f"--prompt (got {args.prompt!r})")
+        args.prompt = PROXY_PROMPTS[args.proxy]
+    elif args.prompt is None:
+        return refuse("--prompt is required (or --proxy NAME with --image PIC)")
+    if args.image and not args.text and args.proxy is None:
+        return refuse("--image is a picture to ask about and needs --text (image generation takes only --prompt), "
+                      "or a picture to edit with --proxy NAME")
     if args.cfg is not None and not math.isfinite(args.cfg):
         return refuse(f"--cfg must be a finite number (1 = no guidance), got {args.cfg}")
     if args.size is not None and args.size <= 0:
@@ -268,7 +283,13 @@ def _generate(args) -> int:
         p = model.config.pixels_per_token
         if size % p:
             return refuse(f"--size must be a multiple of {p} (pixels per LLM token), got {size}")
-        if args.refine:
+        if args.proxy is not None:
+            # SGT's proxy task through the model's edit path: [picture (understand)] [instruction] -> an image
+            pix = _load_image(args.image, size)[0].float() / 127.5 - 1.0
+            with torch.no_grad():
+                img = model.edit_image([pix], [args.prompt], height=size, width=size, steps=args.steps,
+                                       cfg_scale=args.cfg, seed=args.seed)["images"][0]
+        elif args.refine:
             from pathlib import Path
 
             from .model.refine import generate_refined
@@ -463,10 +484,15 @@ def main(argv=None) -> int:
     ge = sub.add_parser("generate", help="an image (PNG) or text from a checkpoint")
     ge.add_argument("checkpoint", help="a run folder (its newest checkpoint), a checkpoint-<step> folder or a "
                                        "save_pretrained folder")
-    ge.add_argument("--prompt", required=True)
+    ge.add_argument("--prompt", default=None, help="the text prompt (required unless --proxy)")
     ge.add_argument("--out", default="generated.png", help="PNG path (image mode)")
     ge.add_argument("--text", action="store_true", help="generate text instead of an image")
-    ge.add_argument("--image", default=None, help="with --text: an image file to ask about")
+    ge.add_argument("--image", default=None, help="with --text: an image file to ask about; with --proxy: the "
+                                                  "picture to turn into the proxy's map")
+    ge.add_argument("--proxy", default=None, metavar="NAME",
+                    help="SGT: edit --image with a proxy task's instruction (instance_seg: the colour-coded instance "
+                         "map; semantic_seg, edge, reconstruction, denoising, deblurring, super_resolution, "
+                         "inpainting). The picture is used as given: for the restoration tasks give a degraded one")
     ge.add_argument("--size", type=int, default=None, help="image side (default: the model's image_size)")
     ge.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     ge.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -487,7 +513,8 @@ def main(argv=None) -> int:
                     help="a run folder (its newest checkpoint), a checkpoint-<step> folder or a save_pretrained folder")
     ev.add_argument("--model", default=None, help="evaluate an untrained preset instead (tiny, small, ...)")
     ev.add_argument("--tasks", default="vqa,caption,geneval,segment,vae-recon,mmd-bench",
-                    help="comma-separated: vqa, caption, geneval, refine, segment, vae-recon, mmd-bench, clear")
+                    help="comma-separated: vqa, vqa-short, caption, geneval, refine, segment, seg-miou, vae-recon, "
+                         "mmd-bench, mmd-bench-short, clear, clear-short, probe, attention")
     ev.add_argument("--n", type=int, default=256, help="held-out records per task")
     ev.add_argument("--seed", type=int, default=0, help="evaluation seed (question picks, sampler noise, bootstrap)")
     ev.add_argument("--json", default=None, help="write the result as JSON here")

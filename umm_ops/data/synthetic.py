@@ -560,6 +560,7 @@ def to_samples(record: SceneRecord, tasks=("caption", "vqa", "generate", "segmen
         out.append(Sample([TextItem(record.prompt["text"]), ImageItem(img(record.image), "generate")],
                           meta={**meta, "task": "generate", "prompt": record.prompt}))
     if "segment" in tasks:
-        out.append(Sample([ImageItem(img(record.image), "understand"), TextItem(SEGMENT_PROMPT),
-                           ImageItem(img(record.segmentation), "generate")], meta={**meta, "task": "segment"}))
+        from .proxy import proxy_sample   # SGT's instance_seg proxy (umm_ops.data.proxy): one builder for both
+
+        out.append(proxy_sample(record, "instance_seg", meta={"task": "segment"}))
     return out

@@ -1,0 +1,150 @@
+"""SGT's generative proxy tasks (papers.md section 3) on the synthetic world: an image to understand, an instruction,
+and a target image to generate (flow loss on the target only) - image -> target as an editing sample.
+
+    from umm_ops.data.proxy import PROXIES, proxy_pair, proxy_sample
+    src, tgt = proxy_pair(world[17], "edge")                  # uint8 (3, H, W) each
+    sample = proxy_sample(world[17], "instance_seg")         # [picture (understand)] [instruction] [map (generate)]
+
+The hierarchy, from low-level to semantic (what the input is -> what the target is):
+
+    reconstruction    the picture                     -> the picture
+    denoising         the picture + Gaussian noise      -> the picture  (degradations "gaussian_noise", mid: std 34)
+    deblurring        the picture defocused             -> the picture  (degradations "lens_blur", mid)
+    super_resolution  the picture at 1/4 side, upsampled (nearest) back -> the picture
+    inpainting        the picture with a grey hole (a rectangle, 1/4-1/2 of each side, drawn per sample) -> the picture
+    edge              the picture -> its edge map: white where the clean picture changes, on black.  OpenCV is
+                      not a dependency, so this is a Sobel edge map (3x3 Sobel on each RGB channel, replicate
+                      padding; a pixel is an edge when the largest channel's gradient magnitude exceeds
+                      EDGE_THRESHOLD); the world's pictures are piecewise constant, so the edges are exactly the
+                      pixels within one pixel of an object / background boundary
+    semantic_seg      the picture -> every object painted in its shape kind's colour (SEMANTIC_COLORS: the VOC
+                      colour map indexed by the kind's place in synthetic.KINDS), background black
+    instance_seg      the picture -> the colour-coded instance map (record.segmentation: instance k in VOC colour
+                      k, background black) - the SFT task ``segment`` is this sample
+
+Randomness (noise, the hole) is drawn from ``seed_of(seed, record.index, proxy, draw)``: the same sample for the
+same (record, draw) in any process.  The degradations come from :mod:`umm_ops.data.degradations`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..utils import generator, seed_of
+
+__all__ = ["PROXIES", "PROXY_PROMPTS", "EDGE_THRESHOLD", "SEMANTIC_COLORS", "proxy_pair", "proxy_sample",
+           "edge_map", "semantic_map", "check_proxy"]
+
+PROXIES = ("reconstruction", "denoising", "deblurring", "super_resolution", "inpainting", "edge", "semantic_seg",
+           "instance_seg")
+
+
+def _prompts() -> dict:
+    from .synthetic import SEGMENT_PROMPT
+
+    return {"reconstruction": "Reconstruct the image.",
+            "denoising": "Remove the noise from the image.",
+            "deblurring": "Remove the blur from the image.",
+            "super_resolution": "Increase the resolution of the image.",
+            "inpainting": "Fill in the missing region of the image.",
+            "edge": "Draw the edge map of the image.",
+            "semantic_seg": "Segment the image with a different color for each kind of shape.",
+            "instance_seg": SEGMENT_PROMPT}
+
+
+PROXY_PROMPTS = _prompts()
+EDGE_THRESHOLD = 16.0      # Sobel magnitude (0..255 pixel scale, kernel weights 1-2-1: a step of s gives 4 s)
+DEGRADE = {"denoising": ("gaussian_noise", "mid"), "deblurring": ("lens_blur", "mid")}
+SR_FACTOR = 4
+
+
+def _semantic_colors() -> dict:
+    from .synthetic import KINDS, instance_palette
+
+    return {k: c for k, c in zip(KINDS, instance_palette(len(KINDS)))}
+
+
+SEMANTIC_COLORS = _semantic_colors()
+
+
+def check_proxy(proxy) -> str:
+    """`proxy` if it names a proxy task, else a ValueError naming the choices."""
+    if proxy not in PROXIES:
+        raise ValueError(f"unknown proxy task {proxy!r}; expected one of {', '.join(PROXIES)}")
+    return proxy
+
+
+def edge_map(image: torch.Tensor, threshold: float = EDGE_THRESHOLD) -> torch.Tensor:
+    """uint8 (3, H, W) picture -> uint8 (3, H, W) Sobel edge map (255 on edges, 0 elsewhere; module docstring)."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"edge_map: expected a uint8 tensor (3, H, W), got "
+                         f"{(tuple(image.shape), image.dtype) if isinstance(image, torch.Tensor) else type(image)}")
+    x = F.pad(image.float()[:, None], (1, 1, 1, 1), mode="replicate")          # (3, 1, H+2, W+2)
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    gx = F.conv2d(x, kx.view(1, 1, 3, 3))
+    gy = F.conv2d(x, kx.t().contiguous().view(1, 1, 3, 3))
+    mag = (gx * gx + gy * gy).sqrt().amax(0)[0]                                 # (H, W)
+    e = (mag > threshold).to(torch.uint8) * 255
+    return e[None].expand(3, -1, -1).contiguous()
+
+
+def semantic_map(record) -> torch.Tensor:
+    """uint8 (3, H, W): each object's pixels in its kind's SEMANTIC_COLORS colour, background black."""
+    inst = record.instances
+    out = torch.zeros((3,) + tuple(inst.shape), dtype=torch.uint8)
+    for k, o in enumerate(record.scene["objects"]):
+        m = inst == k + 1
+        out[:, m] = torch.tensor(SEMANTIC_COLORS[o["kind"]], dtype=torch.uint8)[:, None]
+    return out
+
+
+def _hole(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    _, H, W = image.shape
+    h = int(torch.randint(H // 4, H // 2 + 1, (1,), generator=g))
+    w = int(torch.randint(W // 4, W // 2 + 1, (1,), generator=g))
+    y = int(torch.randint(0, H - h + 1, (1,), generator=g))
+    x = int(torch.randint(0, W - w + 1, (1,), generator=g))
+    out = image.clone()
+    out[:, y:y + h, x:x + w] = 128
+    return out
+
+
+def proxy_pair(record, proxy: str, seed: int | None = None, draw: int = 0) -> tuple:
+    """(input uint8 (3, H, W), target uint8 (3, H, W)) of a proxy task for a SyntheticWorld record (module
+    docstring).  seed: of the random draws (default the record's world seed); draw: which draw (several samples of
+    one record)."""
+    check_proxy(proxy)
+    img = record.image
+    s = record.seed if seed is None else int(seed)
+    if proxy == "reconstruction":
+        return img, img
+    if proxy in DEGRADE:
+        from .degradations import degrade
+
+        kind, level = DEGRADE[proxy]
+        # one generator per (seed, index, kind) inside degrade: the draw enters through the seed
+        return degrade(img[None], kind, level, seed=seed_of(s, proxy, draw), index=[record.index])[0], img
+    if proxy == "super_resolution":
+        _, H, W = img.shape
+        small = F.interpolate(img[None].float(), size=(H // SR_FACTOR, W // SR_FACTOR), mode="area")
+        up = F.interpolate(small, size=(H, W), mode="nearest")
+        return up.round().clamp(0, 255).to(torch.uint8)[0], img
+    if proxy == "inpainting":
+        return _hole(img, generator(s, record.index, proxy, draw)), img
+    if proxy == "edge":
+        return img, edge_map(img)
+    if proxy == "semantic_seg":
+        return img, semantic_map(record)
+    return img, record.segmentation          # instance_seg
+
+
+def proxy_sample(record, proxy: str, seed: int | None = None, draw: int = 0, meta: dict | None = None):
+    """The proxy task as a packing Sample: [input (understand, no loss)] [PROXY_PROMPTS[proxy] (no loss)]
+    [target (generate: the flow loss)]."""
+    from .packing import ImageItem, Sample, TextItem
+
+    src, tgt = proxy_pair(record, proxy, seed, draw)
+    m = {"source": "synthetic", "index": record.index, "seed": record.seed, "task": "proxy", "proxy": proxy}
+    m.update(meta or {})
+    return Sample([ImageItem(src.float() / 127.5 - 1.0, "understand"), TextItem(PROXY_PROMPTS[proxy]),
+                   ImageItem(tgt.float() / 127.5 - 1.0, "generate")], meta=m)
