@@ -440,8 +440,7 @@ def from_cheers_checkpoint(source=None, config=None, tokenizer=None, device=None
         if folder is not None:
             state_dict = read_safetensors_folder(folder)
         else:
-            from safetensors.torch import load_file
-
+            load_file = optional_import("safetensors.torch", "load_file")
             state_dict = load_file(source)
     elif not isinstance(state_dict, dict):
         raise TypeError(f"from_cheers_checkpoint: state_dict must be a dict of tensors in the released names, got "

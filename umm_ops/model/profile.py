@@ -126,7 +126,9 @@ def profile_names() -> list:
 
 # ------------------------------------------------------------------------------------------------ images
 def _pil(image):
-    from PIL import Image
+    from ..utils import optional_import
+
+    Image = optional_import("PIL", "Image")
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -148,7 +150,9 @@ def _to_tensor(im) -> torch.Tensor:
 def letterbox(image, size) -> torch.Tensor:
     """The released understanding preprocessing (image_processing_umm.py ``_preprocess_und``): scale so the image fits
     (H, W) = `size` (an int: square), bicubic, centred on black; -> float32 (3, H, W) in [0, 1]."""
-    from PIL import Image, ImageOps
+    from ..utils import optional_import
+
+    Image, ImageOps = optional_import("PIL", "Image", "ImageOps")
 
     H, W = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     im = _pil(image)
@@ -164,7 +168,9 @@ def letterbox(image, size) -> torch.Tensor:
 def square_resize(image, size) -> torch.Tensor:
     """This project's preprocessing: resize to (H, W) = `size` ignoring the aspect ratio (bicubic) -> float32
     (3, H, W) in [0, 1]."""
-    from PIL import Image
+    from ..utils import optional_import
+
+    Image = optional_import("PIL", "Image")
 
     H, W = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     return _to_tensor(_pil(image).resize((W, H), Image.Resampling.BICUBIC))
