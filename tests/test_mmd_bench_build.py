@@ -163,3 +163,59 @@ def test_cli_build_pixel_limit_and_folder_manifest(tmp_path):
     assert res.returncode == 2 and "max_pixels must be a positive integer, got 0" in res.stderr
     res = subprocess.run(cmd[:6] + [str(tmp_path), "--out", str(tmp_path / "o2")], capture_output=True, text=True)
     assert res.returncode == 2 and "is a folder, not a file" in res.stderr
+
+
+def test_rebuild_replaces_a_build_whole_and_never_mixes_two(tmp_path, monkeypatch):
+    """Issue 16: a rebuild into a folder holding a build replaces it as a whole (no stale images of the old build);
+    while it runs the old build stays as it was; a build that stops keeps its finished records, swapped in whole;
+    a folder holding anything else is refused untouched."""
+    import umm_ops.data.mmd_bench as mb
+
+    out = tmp_path / "out"
+    build(str(_jsonl(tmp_path, n=4)), str(out), seed=1)
+    old = {lv: (out / lv / "manifest.jsonl").read_text() for lv in LEVELS}
+    small = tmp_path / "small"
+    small.mkdir()
+    man = _jsonl(small, n=2)
+    real, seen = mb.degrade, []
+
+    def watching(*a, **kw):      # mid-build: the old build is still whole in `out`
+        seen.append({lv: (out / lv / "manifest.jsonl").read_text() for lv in LEVELS} == old
+                    and len(list((out / "low" / "images").iterdir())) == 4)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mb, "degrade", watching)
+    assert build(str(man), str(out), seed=1).written == 2
+    assert seen and all(seen)
+    for lv in LEVELS:
+        assert len((out / lv / "manifest.jsonl").read_text().splitlines()) == 2
+        assert sorted(p.name for p in (out / lv / "images").iterdir()) == ["0.jpg", "1.jpg"]   # no stale 2, 3
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+    calls = []
+
+    def interrupted(*a, **kw):   # stopped during the second record
+        calls.append(1)
+        if len(calls) > len(LEVELS):
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mb, "degrade", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(str(_jsonl(tmp_path, n=4)), str(out), seed=1)
+    for lv in LEVELS:          # the finished record, alone and whole
+        assert len((out / lv / "manifest.jsonl").read_text().splitlines()) == 1
+        assert [p.name for p in (out / lv / "images").iterdir()] == ["0.jpg"]
+
+    monkeypatch.setattr(mb, "degrade", real)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds 'notes.txt', which is not part of an MMD-Bench build"):
+        build(str(man), str(out))
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    (out / "low" / "extra.json").write_text("{}")
+    with pytest.raises(ValueError, match="extra.json"):
+        build(str(man), str(out))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        build(str(man), str(tmp_path / "afile"))

@@ -7,8 +7,12 @@ column holding base64-encoded image bytes; every other column kept).  Output, fo
 ``OUT/L/images/<n>.jpg`` and ``OUT/L/manifest.jsonl`` (the record's fields, ``image`` pointing at the degraded
 file relative to ``OUT/L``, ``source_image`` the original reference, ``degradation``, ``category``,
 ``intensity``, ``level``).  The type of record n is drawn from (seed, n) only, so a rebuild is identical and
-does not depend on the order of processing.  Manifests are written atomically (temporary file + rename), also
-when the build stops at a bad record: the records finished before it are kept.
+does not depend on the order of processing.  The build is written into a new sibling folder and swapped in
+when it ends (``utils.atomic_folder``), also when it stops at a bad record (the records finished before it are
+kept): ``OUT`` always holds one whole build, never the manifests of one build beside the images of another; a
+killed build leaves ``OUT`` as it was (and a ``OUT.tmp-*`` sibling).  An existing ``OUT`` is replaced only when
+it holds nothing but a previous build (level folders with their manifest and images); anything else there is
+refused, so nothing else the user keeps in it is lost.
 
 Images whose header declares more than ``max_pixels`` pixels (default ``MAX_PIXELS``, 64 MP: 192 MB decoded,
 several times that while degrading) are bad records: they are refused before decoding, so a small file that
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..utils import atomic_write, generator, not_a_file, optional_import
+from ..utils import atomic_folder, atomic_write, generator, not_a_file, optional_import
 from .degradations import DEGRADATIONS, LEVELS, degrade, sample_kind
 
 __all__ = ["BadRecord", "BuildReport", "MAX_PIXELS", "read_manifest", "build"]
@@ -138,6 +142,38 @@ def build(manifest: str, out_dir: str, seed: int = 0, levels=("low", "mid", "hig
         if lv not in LEVELS:
             raise ValueError(f"unknown level {lv!r}: expected some of {sorted(LEVELS)}")
     manifests = read_manifest(manifest, max_pixels)
+    why = _not_a_build(out_dir)
+    if why:
+        raise ValueError(f"{out_dir!r} {why}; give a new folder (or empty this one): a build "
+                         f"replaces its folder as a whole")
+    stopped = None
+    with atomic_folder(out_dir) as tmp:
+        try:
+            report = _build_into(manifests, tmp, seed, levels, skip_bad, quality, Image)
+        except BaseException as e:      # the finished records are swapped in; then the error goes on
+            stopped = e
+    if stopped is not None:
+        raise stopped
+    return report
+
+
+def _not_a_build(folder) -> str | None:
+    """None when `folder` is absent, empty or holds only a previous build; else why it may not be replaced."""
+    if not os.path.exists(folder):
+        return None
+    if not os.path.isdir(folder):
+        return "is a file, not a folder"
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name not in LEVELS or not os.path.isdir(path):
+            return f"holds {name!r}, which is not part of an MMD-Bench build"
+        extra = set(os.listdir(path)) - {"manifest.jsonl", "images"}
+        if extra:
+            return f"holds {os.path.join(name, sorted(extra)[0])!r}, which is not part of an MMD-Bench build"
+    return None
+
+
+def _build_into(manifests, out_dir, seed, levels, skip_bad, quality, Image) -> BuildReport:
     report = BuildReport()
     records = {lv: [] for lv in levels}
     for lv in levels:
