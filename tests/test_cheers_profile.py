@@ -461,3 +461,18 @@ def test_lower_level_entry_points(model, rec):
     assert x == y
     with pytest.raises(ValueError, match="token ids must be a 1-D integer tensor"):
         model.generate_image(G.PromptIds(torch.zeros(3)), steps=1)
+
+
+def test_unpack_under_each_profile(cheers):
+    """unpack finds the profile's image placeholder (<image> under "cheers", <|image_pad|> under "umm")."""
+    from umm_ops.data.packing import ImageItem, Sample, TextItem, pack, unpack
+
+    sample = Sample([TextItem("look"), ImageItem(torch.zeros(3, 64, 64), "understand"), TextItem("ok", loss=True)])
+    spec = cheers.pack_spec()
+    (b,) = pack([sample], spec)
+    assert 151665 in b.input_ids.tolist()
+    got = unpack(b, spec.tokenizer)
+    assert got[0].items[1].role == "understand" and torch.equal(got[0].items[1].image, sample.items[1].image)
+    assert unpack(b, spec.tokenizer, image_token="<image>")[0].items[2].text == "ok"
+    with pytest.raises(ValueError, match="does not hold one placeholder id"):
+        unpack(b, spec.tokenizer, image_token="<|image_pad|>")

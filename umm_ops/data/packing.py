@@ -457,8 +457,10 @@ def pack(samples, spec: PackSpec, seed: int = 0, sample_ids=None) -> list:
     return out
 
 
-def unpack(batch: PackedBatch, tokenizer) -> list:
-    """The samples of a packed batch (text decoded with ``tokenizer``; images are the batch's tensors)."""
+def unpack(batch: PackedBatch, tokenizer, image_token: str | None = None) -> list:
+    """The samples of a packed batch (text decoded with ``tokenizer``; images are the batch's tensors).
+    image_token: the placeholder name at image positions (``PackSpec.image_token_names[2]``); default: whichever of
+    this project's ``<|image_pad|>`` and the released Cheers' ``<image>`` the spans hold."""
     if not isinstance(batch, PackedBatch):
         raise TypeError(f"unpack: expected a PackedBatch, got {type(batch).__name__}")
     if batch.text_spans is None:
@@ -468,7 +470,14 @@ def unpack(batch: PackedBatch, tokenizer) -> list:
     b = batch.to("cpu")
     ids = b.input_ids.tolist()
     offs = b.doc_offsets.tolist()
-    img_id = tokenizer.special("<|image_pad|>")
+    names = (image_token,) if image_token is not None else ("<|image_pad|>", "<image>")
+    known = {}
+    for name in names:
+        try:
+            known[tokenizer.special(name)] = name
+        except (KeyError, ValueError):
+            if image_token is not None:
+                raise ValueError(f"unpack: the tokenizer has no special token {image_token!r}") from None
     texts = b.text_spans.tolist()
     imgs = b.image_spans.tolist()
     if len(imgs) != len(b.images):
@@ -490,8 +499,10 @@ def unpack(batch: PackedBatch, tokenizer) -> list:
                 items.append(TextItem(tokenizer.decode(ids[start:start + n]), loss=bool(loss)))
             else:
                 n, role = imgs[i][1], imgs[i][2]
-                if any(t != img_id for t in ids[start:start + n]):
-                    raise ValueError(f"unpack: image span {i} [{start}, {start + n}) does not hold <|image_pad|> ids")
+                span = set(ids[start:start + n])
+                if len(span) != 1 or next(iter(span)) not in known:
+                    raise ValueError(f"unpack: image span {i} [{start}, {start + n}) does not hold one placeholder "
+                                     f"id of {sorted(known.values())}")
                 items.append(ImageItem(b.images[i], role=_ROLE_NAMES[role]))
         samples.append(Sample(items, dict(metas[d])))
     return samples
