@@ -54,24 +54,22 @@ def answer_text(seen: str, answer: str) -> str:
 def clear_question(item: dict, multiple_choice: bool = True) -> str:
     """The prompt of a VQA item in the generate-then-answer format: the question (and options), then the format's
     instruction instead of the plain VQA suffix."""
-    if multiple_choice:
-        opts = "\n".join(f"{L}. {o}" for L, o in zip("ABCD", item["options"]))
-        return f"{item['question']}\n{opts}\n{CLEAR_SUFFIX_MC}"
-    return f"{item['question']}\n{CLEAR_SUFFIX_SA}"
+    from .synthetic import format_question
+
+    return format_question(item, multiple_choice, CLEAR_SUFFIX_MC if multiple_choice else CLEAR_SUFFIX_SA)
 
 
 def parse_clear(text: str) -> dict:
     """A generated generate-then-answer text -> {"restore": the model asked for a restoration (RESTORE_TAG present),
     "answer": the text inside the first <answer>...</answer> (an unclosed <answer> keeps what follows it), stripped;
-    "" when there is none, "format": think / answer / order checks as CLEAR's format reward reads them}."""
+    "" when there is none, "format": think / answer / order checks of ``umm_ops.rl.FormatReward``}."""
     if not isinstance(text, str):
         raise TypeError(f"parse_clear: expected the generated text (str), got {type(text).__name__}")
+    from ..rl.rewards import FormatReward
+
     m = _ANSWER.search(text)
-    think = "<think>" in text and "</think>" in text
-    answer = m is not None and "</answer>" in text
-    order = think and answer and text.index("</think>") < text.index("<answer>")
     return {"restore": RESTORE_TAG in text, "answer": m.group(1).strip() if m else "",
-            "format": {"think": think, "answer": answer, "order": order}}
+            "format": FormatReward().checks(text)}
 
 
 def clear_samples(record, multiple_choice: bool = True, p_direct: float = 0.3, restore_levels=RESTORE_LEVELS,

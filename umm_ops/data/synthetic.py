@@ -218,12 +218,13 @@ def _direction(ca, cb, margin: float):
     return None
 
 
-def format_question(item: dict, multiple_choice: bool = True) -> str:
-    """The prompt text of a VQA item: LLaVA-style multiple choice (A-D) or short answer."""
+def format_question(item: dict, multiple_choice: bool = True, suffix: str | None = None) -> str:
+    """The prompt text of a VQA item: LLaVA-style multiple choice (A-D) or short answer; ``suffix``: the closing
+    instruction (default LLaVA's MC_SUFFIX / SA_SUFFIX)."""
     if multiple_choice:
         opts = "\n".join(f"{L}. {o}" for L, o in zip("ABCD", item["options"]))
-        return f"{item['question']}\n{opts}\n{MC_SUFFIX}"
-    return f"{item['question']}\n{SA_SUFFIX}"
+        return f"{item['question']}\n{opts}\n{MC_SUFFIX if suffix is None else suffix}"
+    return f"{item['question']}\n{SA_SUFFIX if suffix is None else suffix}"
 
 
 # ----------------------------------------------------------------------------------------------- records

@@ -110,20 +110,23 @@ class FormatReward:
             raise ValueError(f"FormatReward: {len(weights)} weights for {len(tags)} tags")
         self.tags, self.weights, self.order_weight = tuple(tags), tuple(map(float, weights)), float(order_weight)
 
-    def __call__(self, tr):
-        text = tr.get("text") or ""
-        total, starts = 0.0, []
-        for tag, w in zip(self.tags, self.weights):
+    def checks(self, text: str) -> dict:
+        """{tag: its <tag>...</tag> pair is present, for each tag; "order": all present, in the given order}."""
+        starts = {}
+        for tag in self.tags:
             m = re.search(f"<{tag}>.*?</{tag}>", text, re.S)
-            if m:
-                total += w
-                starts.append(m.start())
-            else:
-                starts.append(None)
-        ordered = all(s is not None for s in starts) and starts == sorted(starts)
-        if ordered:
-            total += self.order_weight
-        return total, {"format_ordered": float(ordered)}
+            starts[tag] = m.start() if m else None
+        s = [starts[t] for t in self.tags]
+        return {**{t: v is not None for t, v in starts.items()},
+                "order": all(v is not None for v in s) and s == sorted(s)}
+
+    def total(self, checks: dict) -> float:
+        """The reward of :meth:`checks`' result."""
+        return sum(w for t, w in zip(self.tags, self.weights) if checks[t]) + self.order_weight * bool(checks["order"])
+
+    def __call__(self, tr):
+        c = self.checks(tr.get("text") or "")
+        return self.total(c), {"format_ordered": float(c["order"])}
 
 
 class DecisionReward:

@@ -30,6 +30,15 @@ class ConfigError(ValueError):
     """A config key, value or combination that is not allowed (the message says which and what is)."""
 
 
+def requirement(section: str, obj):
+    """``need = requirement("recipe", self)`` in a config's validate(): ``need(ok, key, what)`` raises ConfigError
+    ``"<section>.<key> = <value>: <what>"`` unless ok."""
+    def need(ok, key, what):
+        if not ok:
+            raise ConfigError(f"{section}.{key} = {getattr(obj, key)!r}: {what}")
+    return need
+
+
 @dataclass
 class JobConfig:
     out: str = "runs/demo"            # the run folder: checkpoints, metrics.jsonl, plots, eval, summary.json

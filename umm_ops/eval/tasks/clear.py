@@ -11,8 +11,6 @@ picture for the PSNR; mmd-bench reads those).
 """
 from __future__ import annotations
 
-import math
-
 from . import EvalContext, Task, TaskOutput, pixels, register
 from .vqa import letter_summary, questions, score_answer, score_short_answer
 
@@ -23,14 +21,18 @@ PSNR_CAP = 100.0   # dB: equal images (inf) are counted as this in the means
 
 
 def psnr(a, b) -> float:
-    """PSNR in dB of two uint8-range images (any shape, values 0..255), at most PSNR_CAP (equal images)."""
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return PSNR_CAP if mse == 0.0 else min(PSNR_CAP, 10.0 * math.log10(255.0 ** 2 / mse))
+    """PSNR in dB of two uint8 images (``umm_ops.data.degradations.psnr``), at most PSNR_CAP (equal images)."""
+    from ...data.degradations import psnr as per_image
+
+    return min(PSNR_CAP, float(per_image(a[None], b[None])[0]))
 
 
 def format_reward(fmt: dict) -> float:
-    """CLEAR's format reward: 0.35 (think) + 0.35 (answer) + 0.3 (order)."""
-    return 0.35 * fmt["think"] + 0.35 * fmt["answer"] + 0.3 * fmt["order"]
+    """CLEAR's format reward of parse_clear's checks: ``umm_ops.rl.FormatReward``'s weights (0.35 think + 0.35
+    answer + 0.3 order)."""
+    from ...rl.rewards import FormatReward
+
+    return FormatReward().total(fmt)
 
 
 @register

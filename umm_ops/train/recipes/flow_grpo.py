@@ -93,11 +93,9 @@ class FlowGRPOConfig:
     eval_steps: int = 12
 
     def validate(self):
-        from ..config import ConfigError
+        from ..config import ConfigError, requirement
 
-        def need(ok, key, what):
-            if not ok:
-                raise ConfigError(f"recipe.{key} = {getattr(self, key)!r}: {what}")
+        need = requirement("recipe", self)
 
         need(self.image_size >= 32 and self.image_size % 32 == 0, "image_size", "must be a multiple of 32, >= 32")
         need(self.train_records >= 1, "train_records", "must be >= 1")

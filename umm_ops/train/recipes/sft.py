@@ -74,11 +74,9 @@ class SFTRecipeConfig:
                                       # (-1: 64 when a clear task is trained, else 0)
 
     def validate(self):
-        from ..config import ConfigError
+        from ..config import requirement
 
-        def need(ok, key, what):
-            if not ok:
-                raise ConfigError(f"recipe.{key} = {getattr(self, key)!r}: {what}")
+        need = requirement("recipe", self)
 
         need(self.image_size >= 32 and self.image_size % 32 == 0, "image_size",
              "must be a multiple of 32 (pixels per LLM token), >= 32")

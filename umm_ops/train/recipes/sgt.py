@@ -48,13 +48,10 @@ class SGTConfig(SFTRecipeConfig):
 
     def validate(self):
         from ...data.proxy import PROXIES
-        from ..config import ConfigError
+        from ..config import requirement
 
         super().validate()
-
-        def need(ok, key, what):
-            if not ok:
-                raise ConfigError(f"recipe.{key} = {getattr(self, key)!r}: {what}")
+        need = requirement("recipe", self)
 
         need(self.proxy in PROXIES + ("none",), "proxy", f"must be one of {', '.join(PROXIES)} or none")
         need(self.caption_first == 0, "caption_first", "must be 0 for sgt (the captions-first opening belongs to "
