@@ -66,7 +66,8 @@ class Seg:
 @dataclass
 class Trajectory:
     """One interleaved sample: its prompt, key, group index, the segments it ran (dicts: kind, context, and for
-    text ids / text / logprobs / finish_reason, for images image / x / x_next / t / t_next / logprobs / steps) and
+    text ids / text / logprobs / finish_reason, for images image / latent (the final latent tokens) / x / x_next / t /
+    t_next / logprobs / steps) and
     ``meta``.  ``text`` is the last text segment's text, ``image`` the last image: what rewards read."""
 
     prompt: object
@@ -131,7 +132,8 @@ def rollout_interleaved(model, prompts, group_size: int, plan, *, seed: int = 0,
                                init_keys=init)
             for j, (i, c) in enumerate(zip(todo, ctx)):
                 trajs[i].segments.append({"kind": "image", "index": si, "context": c, "image": ro.images[j],
-                                          "x": ro.x[j], "x_next": ro.x_next[j], "t": ro.t[j],
+                                          "latent": ro.latents[j], "x": ro.x[j], "x_next": ro.x_next[j],
+                                          "t": ro.t[j],
                                           "t_next": ro.t_next[j], "logprobs": ro.logprobs[j], "steps": ro.steps[j],
                                           "sigma": ro.sigma, "cfg_scale": ro.cfg_scale,
                                           "hw": (ro.height, ro.width)})
@@ -226,14 +228,16 @@ def interleaved_logprobs(model, trajs, reference=None) -> dict:
 
 
 def interleaved_pg_loss(lp: dict, advantages, *, text_clip=0.2, text_kl_beta: float = 0.0, text_norm="token",
-                        image_clip=0.2, image_kl_beta: float = 0.0, image_weight: float = 1.0, adv_clip=None):
+                        text_max_len: int | None = None, image_clip=0.2, image_kl_beta: float = 0.0,
+                        image_weight: float = 1.0, adv_clip=None):
     """One update over interleaved trajectories with ONE advantage each (CLEAR, R3): ``token_pg_loss`` over all
     text tokens + ``image_weight`` x ``flow_pg_loss`` over all recorded image steps (CLEAR: image weight 0.5,
     text KL 0.04; R3: image weight 2.0, KL 0.001 on both).  A term without any token / step contributes 0.
-    Returns (loss, stats) with the stats of both terms prefixed text_ / image_."""
+    text_norm / text_max_len: ``token_pg_loss``'s norm and max_len ("constant" with the trajectory's token budget:
+    Dr.GRPO, CLEAR).  Returns (loss, stats) with the stats of both terms prefixed text_ / image_."""
     adv = advantages.to(lp["text_logp"].device)
     t_loss, t_st = token_pg_loss(lp["text_logp"], lp["text_old"], adv, lp["text_mask"], ref_logp=lp["text_ref"],
-                                 clip=text_clip, kl_beta=text_kl_beta, norm=text_norm)
+                                 clip=text_clip, kl_beta=text_kl_beta, norm=text_norm, max_len=text_max_len)
     loss = t_loss
     stats = {f"text_{k}": v for k, v in t_st.items()}
     if bool(lp["image_mask"].any()):

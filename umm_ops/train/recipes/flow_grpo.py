@@ -214,15 +214,19 @@ class FlowGRPORecipe(Recipe):
 
     # ------------------------------------------------------------------ world and model
     def world_kwargs(self, cfg) -> dict:
-        """The init run's world (what its model learned to draw), else the SFT recipe's defaults."""
+        """The init run's world (what its model learned to draw: an SFT-family run's), else the SFT recipe's
+        defaults."""
+        from ..spec import get_recipe, recipe_names
         from .sft import SFTRecipeConfig
 
         r = cfg.recipe
         if r.init:
             saved = _init_config(r.init)
-            if saved is not None and saved.get("recipe_name") == "sft":
-                s = SFTRecipeConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in saved["recipe"].items() if k in SFTRecipeConfig.__dataclass_fields__})
+            name = saved.get("recipe_name") if saved is not None else None
+            cls = get_recipe(name).config_class if name in recipe_names() else None
+            if cls is not None and issubclass(cls, SFTRecipeConfig):      # sft, clear-sft, ...
+                s = cls(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in saved["recipe"].items() if k in cls.__dataclass_fields__})
                 return s.world_kwargs()
         return SFTRecipeConfig().world_kwargs()
 
