@@ -15,8 +15,10 @@ Per type and level it writes:
   torch vs exact   the same (for random types the pixels differ by construction: compare PSNRs)
   speed            images/s of CLEAR's functions one image after another (OpenCV's own threads on), of CLEAR's
                    functions in a 2-worker thread pool (as its generator runs them), of the exact path
-                   (degrade(..., backend="opencv"): a thread pool over the batch) and of the torch path
-                   (degrade(..., backend="torch")), median of --repeats timed runs after a warm-up run.
+                   (degrade_images on the same numpy images as CLEAR, and degrade(..., backend="opencv") on a
+                   (B, 3, H, W) tensor: a thread pool over the batch) and of the torch path (degrade(...,
+                   backend="torch")); medians of interleaved timed runs after a warm-up run each
+                   (timed_interleaved).
 Outputs: bench/results/<cpu>-mmd-bench.json (speed + exactness, machine, load) and, with --docs,
 docs/results/mmd_bench/exactness.json (the exactness part).
 """
@@ -27,6 +29,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -41,7 +44,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from clear_reference import load_clear, photo_crops, run_clear, world_pictures  # noqa: E402
+from clear_reference import CLEAR_NAMES, load_clear, photo_crops, run_clear, world_pictures  # noqa: E402
 from run import device_name, slug  # noqa: E402
 
 import umm_ops  # noqa: E402
@@ -64,23 +67,33 @@ def compare(got: np.ndarray, ref: np.ndarray, clean: np.ndarray) -> dict:
     d = np.abs(got.astype(np.int16) - ref.astype(np.int16))
     pg = [psnr(g, c) for g, c in zip(got, clean)]
     pr = [psnr(r, c) for r, c in zip(ref, clean)]
+    # pooled PSNR: from the mean squared error over the whole batch (an unchanged image - a block swapped with
+    # itself, a flat picture - has an unbounded PSNR, 168 dB here, that dominates a mean of per-image PSNRs)
+    pooled = [psnr(a, clean) for a in (got, ref)]
     return {"max_abs": int(d.max()), "frac_gt2": float((d > 2).mean()), "frac_ne": float((d > 0).mean()),
             "mean_abs": float(d.mean()), "psnr_got": float(np.mean(pg)), "psnr_ref": float(np.mean(pr)),
-            "psnr_diff_db": float(np.mean(np.subtract(pg, pr)))}
+            "psnr_diff_db": float(np.mean(np.subtract(pg, pr))),
+            "psnr_pooled_got": pooled[0], "psnr_pooled_ref": pooled[1], "psnr_pooled_diff_db": pooled[0] - pooled[1]}
 
 
-def timed(fn, repeats: int, slow_s: float = 10.0) -> list:
-    """Times of `repeats` calls after a warm-up call; a single timed call when the warm-up took over slow_s
-    (mean_shift: CLEAR takes seconds per 512 px image)."""
-    t0 = time.perf_counter()
-    fn()
-    if time.perf_counter() - t0 > slow_s:
-        repeats = 1
-    ts = []
-    for _ in range(repeats):
+def timed_interleaved(fns: dict, repeats: int, budget_s: float = 1.5, slow_s: float = 10.0) -> dict:
+    """Seconds per call of each function in `fns`: one warm-up call each, then rounds in which every function is
+    called once (interleaved, so a change of the machine's load hits all of them alike), at least `repeats`
+    rounds and more (up to 5 x repeats) until each function has run for budget_s; one round when a warm-up
+    took over slow_s (mean_shift: seconds per 512 px image)."""
+    warm = {}
+    for name, fn in fns.items():
         t0 = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t0)
+        warm[name] = time.perf_counter() - t0
+    slowest = max(warm.values())
+    rounds = 1 if slowest > slow_s else min(5 * repeats, max(repeats, int(budget_s / max(slowest, 1e-3)) + 1))
+    ts = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t0)
     return ts
 
 
@@ -94,22 +107,26 @@ def loadavg() -> list:
 def markdown(res: dict) -> str:
     """The README's tables from a results dict (exactness; speed when measured)."""
     rows = res["results"]
-    out = ["| type | level | exact vs CLEAR: max abs | > 2 levels | != | dPSNR (dB) | torch vs exact: > 2 levels "
-           "| mean abs | dPSNR (dB) | PSNR CLEAR / exact / torch (dB) |",
+    out = ["| type | level | exact vs CLEAR: max abs | != | dPSNR (dB) | torch vs exact: > 2 levels "
+           "| mean abs | dPSNR pooled (dB) | dPSNR per image (dB) | pooled PSNR CLEAR / exact / torch (dB) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e, t = r["exact_vs_clear"], r["torch_vs_exact"]
         star = "*" if r["stochastic"] else ""
-        out.append(f"| {r['kind']}{star} | {r['level']} | {e['max_abs']} | {e['frac_gt2']:.1e} | {e['frac_ne']:.1e} "
-                   f"| {e['psnr_diff_db']:+.3f} | {t['frac_gt2']:.3f} | {t['mean_abs']:.2f} | {t['psnr_diff_db']:+.2f} "
-                   f"| {e['psnr_ref']:.2f} / {e['psnr_got']:.2f} / {t['psnr_got']:.2f} |")
+        tp = t.get("psnr_pooled_diff_db")
+        out.append(f"| {r['kind']}{star} | {r['level']} | {e['max_abs']} | {e['frac_ne']:.1e} "
+                   f"| {e['psnr_diff_db']:+.3f} | {t['frac_gt2']:.3f} | {t['mean_abs']:.2f} "
+                   f"| {'-' if tp is None else f'{tp:+.2f}'} | {t['psnr_diff_db']:+.2f} "
+                   f"| {e.get('psnr_pooled_ref', e['psnr_ref']):.2f} / {e.get('psnr_pooled_got', e['psnr_got']):.2f} "
+                   f"/ {t.get('psnr_pooled_got', t['psnr_got']):.2f} |")
     if all("speed" in r for r in rows):
-        out += ["", "| type | level | CLEAR (sequential) | CLEAR (2-thread pool) | exact | torch | exact / CLEAR "
-                "| exact / best CLEAR |", "|---|---|---|---|---|---|---|---|"]
+        out += ["", "| type | level | CLEAR (sequential) | CLEAR (2-thread pool) | exact (numpy) | exact (tensor) "
+                "| torch | exact / CLEAR | exact / best CLEAR |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             sp = r["speed"]
             out.append(f"| {r['kind']} | {r['level']} | {sp['clear']['images_per_s']:.1f} "
                        f"| {sp['clear_pool2']['images_per_s']:.1f} | {sp['exact']['images_per_s']:.1f} "
+                       f"| {sp['exact_tensor']['images_per_s']:.1f} "
                        f"| {sp['torch']['images_per_s']:.1f} | {sp['exact_over_clear']:.2f}x "
                        f"| {sp['exact_over_best_clear']:.2f}x |")
     return "\n".join(out) + "\n"
@@ -148,6 +165,7 @@ def main(argv=None) -> int:
     names = [n for n, _ in imgs]
     x = np.stack([im for _, im in imgs])                      # (B, H, W, 3) uint8 RGB
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+    bgr = np.ascontiguousarray(x[..., ::-1])                  # what CLEAR's generator hands its functions
     B = len(x)
     print(f"{B} images at {args.size} px: {names}; load {loadavg()}; torch threads {torch.get_num_threads()}, "
           f"OpenCV threads {cv2.getNumThreads()}", flush=True)
@@ -164,20 +182,30 @@ def main(argv=None) -> int:
                    "stochastic": kind in STOCHASTIC,
                    "exact_vs_clear": compare(exact, clear_out, x), "torch_vs_exact": compare(tor, exact, x)}
             if not args.no_speed:
+                # CLEAR's code as its generator runs it: BGR images (cv2.imdecode's order, made outside the
+                # timing), fn(image.copy(), intensity) per image; plus the seeding of its global RNGs
+                fn = getattr(mod, CLEAR_NAMES.get(kind, kind))
+
+                def clear_one(b):
+                    random.seed(seeds[b])
+                    np.random.seed(seeds[b])
+                    return fn(bgr[b].copy(), i)
+
                 def clear_seq():
                     for b in range(B):
-                        run_clear(mod, kind, x[b], i, seeds[b])
+                        clear_one(b)
 
                 def clear_pool():
                     with ThreadPoolExecutor(2) as pool:
-                        list(pool.map(lambda b: run_clear(mod, kind, x[b], i, seeds[b]), range(B)))
+                        list(pool.map(clear_one, range(B)))
 
+                fns = {"clear": clear_seq, "clear_pool2": clear_pool,
+                       "exact": lambda: degrade_images(x, kind, i, seed=0),
+                       "exact_tensor": lambda: degrade(xt, kind, i, seed=0, backend="opencv"),
+                       "torch": lambda: degrade(xt, kind, i, seed=0, backend="torch")}
                 speed = {}
-                for name, fn in (("clear", clear_seq), ("clear_pool2", clear_pool),
-                                 ("exact", lambda: degrade(xt, kind, i, seed=0, backend="opencv")),
-                                 ("torch", lambda: degrade(xt, kind, i, seed=0, backend="torch"))):
-                    ts = timed(fn, args.repeats)
-                    speed[name] = {"median_s": statistics.median(ts), "min_s": min(ts),
+                for name, ts in timed_interleaved(fns, args.repeats).items():
+                    speed[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "runs": len(ts),
                                    "images_per_s": B / statistics.median(ts)}
                 speed["exact_over_clear"] = speed["exact"]["images_per_s"] / speed["clear"]["images_per_s"]
                 speed["exact_over_best_clear"] = speed["exact"]["images_per_s"] / max(
@@ -189,7 +217,8 @@ def main(argv=None) -> int:
             print(f"{kind:24s} {lv:4s} exact: max {e['max_abs']:3d} >2 {e['frac_gt2']:.2e} dPSNR "
                   f"{e['psnr_diff_db']:+.3f} | torch: >2 {t['frac_gt2']:.3f} dPSNR {t['psnr_diff_db']:+.2f}"
                   + (f" | img/s clear {sp['clear']['images_per_s']:7.1f} pool {sp['clear_pool2']['images_per_s']:7.1f}"
-                     f" exact {sp['exact']['images_per_s']:7.1f} torch {sp['torch']['images_per_s']:7.1f}"
+                     f" exact {sp['exact']['images_per_s']:7.1f} (tensor {sp['exact_tensor']['images_per_s']:7.1f})"
+                     f" torch {sp['torch']['images_per_s']:7.1f}"
                      if sp else ""), flush=True)
 
     res = {"benchmark": "mmd-bench", "device": device_name("cpu"), "device_kind": "cpu",

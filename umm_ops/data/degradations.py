@@ -717,7 +717,7 @@ def degrade(images: torch.Tensor, kind: str, intensity, seed: int = 0, index=Non
 
 
 def _degrade_opencv(images: torch.Tensor, kind: str, i: float, seed: int, idx: list) -> torch.Tensor:
-    from .degradations_cv import degrade_images
+    from .degradations_cv import clear_seed, run_batch
 
     x = images.detach().cpu()
     if x.dtype != torch.uint8:
@@ -725,11 +725,18 @@ def _degrade_opencv(images: torch.Tensor, kind: str, i: float, seed: int, idx: l
             raise ValueError("images hold non-finite values (nan / inf); the opencv backend works on uint8 pixels "
                              "and will not turn them into finite ones")
         x = (x.double() * 255.0).round().clamp(0, 255).to(torch.uint8)
-    hwc = x.permute(0, 2, 3, 1).contiguous().numpy()
-    y = torch.from_numpy(degrade_images(hwc, kind, i, seed=seed, index=idx)).permute(0, 3, 1, 2)
+    B, _, H, W = x.shape
+    src = x.numpy()                                  # (B, 3, H, W); image b is src[b].transpose(1, 2, 0)
+    out = torch.empty(B, 3, H, W, dtype=torch.uint8)
+    dst = out.numpy()
+
+    def put(b, img):                                 # (H, W, 3) -> channels first, in the worker thread
+        dst[b] = img.transpose(2, 0, 1)
+
+    run_batch(lambda b: src[b].transpose(1, 2, 0), put, B, kind, i, [clear_seed(seed, j, kind) for j in idx], H * W)
     if images.dtype != torch.uint8:
-        y = (y.to(torch.float64) / 255.0).to(images.dtype)
-    return y.contiguous().to(images.device)
+        out = (out.to(torch.float64) / 255.0).to(images.dtype)
+    return out.to(images.device)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,10 @@ unchanged; so does this path.
 
 Speed: the images of a batch run in a thread pool (OpenCV releases the GIL), and a few steps are computed in
 cheaper ways that give the same pixels: look-up tables for the per-pixel scalings (dark_illumination, scan_lines,
-hsv_saturation's saturation), the dirt layer of dirty_lens (grey: all channels equal) blurred as one channel, the
-remap tables of atmospheric_turbulence built once per (size, intensity).  Two steps give the same values up to
-float32 rounding only: lens_blur and color_diffusion filter with the separable 1-D Gaussian (cv2.sepFilter2D)
-where CLEAR builds the 2-D outer-product kernel for cv2.filter2D (a DFT above 11x11 taps); CLEAR truncates the
-float result to uint8, so a value within float error of an integer may land one grey level apart
-(docs/results/mmd_bench/README.md measures how often).
+hsv_saturation's saturation), the dirt layer of dirty_lens (grey: all channels equal) drawn and blurred as one
+channel, the sampling maps of atmospheric_turbulence computed once per (size, intensity), the Gaussian blurs of
+lens_blur and color_diffusion filtering the three channels in one cv2.filter2D call (CLEAR: one per channel).
+Every type gives CLEAR's pixels exactly (tests/test_degradations_cv.py, docs/results/mmd_bench/README.md).
 """
 from __future__ import annotations
 
@@ -76,8 +74,12 @@ def motion_blur(img, i, rng):
 
 
 @lru_cache(maxsize=32)
-def _gauss(n: int, sigma: float) -> np.ndarray:
-    return _cv2().getGaussianKernel(n, sigma)
+def _gauss2d(n: int, sigma: float, scale: float) -> np.ndarray:
+    """CLEAR's 2-D kernel: the outer product of cv2.getGaussianKernel(n, sigma) with itself, times scale."""
+    g = _cv2().getGaussianKernel(n, sigma)
+    k = g @ g.T * scale
+    k.flags.writeable = False
+    return k
 
 
 def lens_blur(img, i, rng):
@@ -85,8 +87,10 @@ def lens_blur(img, i, rng):
     cv2.addWeighted(img, 1 - 0.7 i, blurred, 0.9 i)."""
     cv2 = _cv2()
     n = min(101, int(3 + i * 300)) | 1
-    g = _gauss(n, i * 20)
-    blurred = cv2.sepFilter2D(img.astype(np.float32), -1, g, g)
+    # the 2-D kernel on the three channels at once: the same values as CLEAR's per-channel calls (a DFT above
+    # 11x11 taps); the separable filter would differ by float rounding, and CLEAR's truncation turns that into
+    # one grey level on up to half of a flat picture's values
+    blurred = cv2.filter2D(img.astype(np.float32), -1, _gauss2d(n, i * 20, 1.0))
     return cv2.addWeighted(img, 1 - i * 0.7, _trunc_u8(blurred), i * 0.9, 0)
 
 
@@ -246,8 +250,7 @@ def color_diffusion(img, i, rng):
     min(0.9, 0.9 i))."""
     cv2 = _cv2()
     n = 3 + 2 * int(i * 20)
-    g = _gauss(n, i * 50)
-    diffused = cv2.sepFilter2D(img.astype(np.float32), -1, g, g * (i ** 2))
+    diffused = cv2.filter2D(img.astype(np.float32), -1, _gauss2d(n, i * 50, i ** 2))
     if i > 0.9:
         h, w = img.shape[:2]
         r = rng.np
@@ -373,12 +376,27 @@ def degrade_images(images: np.ndarray, kind: str, intensity, seed: int = 0, inde
     if len(idx) != B:
         raise ValueError(f"index has {len(idx)} entries for a batch of {B} images")
     seeds = [clear_seed(seed, j, kind) for j in idx]
-    _cv2()  # a missing OpenCV fails here, naming the extra, not inside a worker thread
-    workers = _threads(B) if batch.shape[1] * batch.shape[2] >= _THREADED_PIXELS else 1
-    if workers == 1:
-        outs = [degrade_image(batch[b], kind, i, seeds[b]) for b in range(B)]
-    else:
-        outs = list(_pool(workers).map(lambda b: degrade_image(batch[b], kind, i, seeds[b]), range(B)))
-    out = np.stack(outs) if B else batch.copy()
+    out = np.empty_like(batch)
+
+    def put(b, img):
+        out[b] = img
+
+    run_batch(lambda b: batch[b], put, B, kind, i, seeds, batch.shape[1] * batch.shape[2])
     return out[0] if single else out
 
+
+def run_batch(get, put, n: int, kind: str, i: float, seeds, pixels: int) -> None:
+    """put(b, CLEAR's result for image get(b)) for b < n, in a thread pool when the images are large enough.
+    get(b) may return a strided view (a channels-first tensor's numpy view transposed): the copy to a contiguous
+    image then happens in the worker, as does put's copy, so a batch's layout changes run in parallel too."""
+    _cv2()  # a missing OpenCV fails here, naming the extra, not inside a worker thread
+
+    def one(b):
+        put(b, degrade_image(get(b), kind, i, seeds[b]))
+
+    workers = _threads(n) if pixels >= _THREADED_PIXELS else 1
+    if workers == 1:
+        for b in range(n):
+            one(b)
+    else:
+        list(_pool(workers).map(one, range(n)))
