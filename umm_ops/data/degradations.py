@@ -725,15 +725,22 @@ def _degrade_opencv(images: torch.Tensor, kind: str, i: float, seed: int, idx: l
             raise ValueError("images hold non-finite values (nan / inf); the opencv backend works on uint8 pixels "
                              "and will not turn them into finite ones")
         x = (x.double() * 255.0).round().clamp(0, 255).to(torch.uint8)
+    cv2 = optional_import("cv2")
     B, _, H, W = x.shape
-    src = x.numpy()                                  # (B, 3, H, W); image b is src[b].transpose(1, 2, 0)
+    src = x.contiguous().numpy()                     # (B, 3, H, W)
     out = torch.empty(B, 3, H, W, dtype=torch.uint8)
     dst = out.numpy()
 
-    def put(b, img):                                 # (H, W, 3) -> channels first, in the worker thread
-        dst[b] = img.transpose(2, 0, 1)
+    # channels first <-> last with cv2.merge / cv2.split (vectorised; numpy's strided transpose copy of uint8
+    # took longer than the cheaper degradations themselves), in the worker threads
+    def get(b):
+        return cv2.merge(list(src[b]))
 
-    run_batch(lambda b: src[b].transpose(1, 2, 0), put, B, kind, i, [clear_seed(seed, j, kind) for j in idx], H * W)
+    def put(b, img):
+        for c, plane in enumerate(cv2.split(img)):
+            dst[b, c] = plane
+
+    run_batch(get, put, B, kind, i, [clear_seed(seed, j, kind) for j in idx], H * W)
     if images.dtype != torch.uint8:
         out = (out.to(torch.float64) / 255.0).to(images.dtype)
     return out.to(images.device)

@@ -53,11 +53,24 @@ def clear_seed(seed: int, index: int, kind: str) -> int:
 
 
 class _Rng:
-    """CLEAR's two random sources for one image: Python's `random` (py) and numpy's legacy global RandomState (np)."""
+    """CLEAR's two random sources for one image: Python's `random` (py) and numpy's legacy global RandomState (np),
+    each made when first used (seeding a RandomState costs more than the cheapest degradations)."""
 
     def __init__(self, s: int):
-        self.py = random.Random(s)
-        self.np = np.random.RandomState(s)
+        self._s = s
+        self._py = self._np = None
+
+    @property
+    def py(self) -> random.Random:
+        if self._py is None:
+            self._py = random.Random(self._s)
+        return self._py
+
+    @property
+    def np(self) -> np.random.RandomState:
+        if self._np is None:
+            self._np = np.random.RandomState(self._s)
+        return self._np
 
 
 # ----------------------------------------------------------------------------------------------- capture
@@ -348,6 +361,11 @@ def _threads(n: int) -> int:
 
 # below this many pixels per image the thread hand-off costs more than the work
 _THREADED_PIXELS = 128 * 128
+# types run one image after another: a fraction of a millisecond per 512 px image (block_exchange, scan_lines,
+# graffiti, the dark_illumination table) or OpenCV's own threads already busy (cv2.remap), so a thread pool over
+# the batch was slower (bench/bench_mmd_bench.py, measured pool / sequential 0.57-0.91 at 512 px); the others
+# (single-threaded codecs, inpainting, drawing, numpy's RNG) gain 1.4-2x from it on 2 cores
+_SEQUENTIAL = {"block_exchange", "scan_lines", "graffiti", "dark_illumination", "atmospheric_turbulence"}
 
 
 @lru_cache(maxsize=4)
@@ -394,7 +412,7 @@ def run_batch(get, put, n: int, kind: str, i: float, seeds, pixels: int) -> None
     def one(b):
         put(b, degrade_image(get(b), kind, i, seeds[b]))
 
-    workers = _threads(n) if pixels >= _THREADED_PIXELS else 1
+    workers = _threads(n) if pixels >= _THREADED_PIXELS and kind not in _SEQUENTIAL else 1
     if workers == 1:
         for b in range(n):
             one(b)

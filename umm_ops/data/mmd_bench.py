@@ -33,6 +33,7 @@ import torch
 
 from ..utils import atomic_folder, atomic_write, generator, not_a_file, optional_import
 from .degradations import DEGRADATIONS, LEVELS, degrade, resolve_backend, sample_kind
+from .degradations_cv import degrade_images
 
 __all__ = ["BadRecord", "BuildReport", "MAX_PIXELS", "read_manifest", "build"]
 
@@ -182,6 +183,14 @@ def _not_a_build(folder) -> str | None:
     return None
 
 
+def _degrade_hwc(arr: np.ndarray, kind: str, intensity: float, seed: int, n: int, backend: str) -> np.ndarray:
+    """Record n's (H, W, 3) uint8 RGB picture degraded by `backend`, as (H, W, 3) uint8 RGB."""
+    if backend == "opencv":  # numpy in, numpy out: no layout changes
+        return degrade_images(arr, kind, intensity, seed=seed, index=[n])
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    return degrade(x, kind, intensity, seed=seed, index=[n], backend=backend)[0].permute(1, 2, 0).contiguous().numpy()
+
+
 def _build_into(manifests, out_dir, seed, levels, skip_bad, quality, Image, backend) -> BuildReport:
     report = BuildReport(backend=backend)
     records = {lv: [] for lv in levels}
@@ -199,14 +208,14 @@ def _build_into(manifests, out_dir, seed, levels, skip_bad, quality, Image, back
                     raise
                 report.skipped.append((n, str(e)))
                 continue
-            x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
+            arr = np.asarray(img).copy()              # (H, W, 3) uint8 RGB
             del img
             kind = sample_kind(generator(int(seed), n, "mmd-bench-kind"))
             lines = []
             for lv in levels:
-                y = degrade(x, kind, LEVELS[lv], seed=seed, index=[n], backend=backend)
+                y = _degrade_hwc(arr, kind, LEVELS[lv], seed, n, backend)
                 rel = os.path.join("images", f"{n}.jpg")
-                Image.fromarray(y[0].permute(1, 2, 0).contiguous().numpy()).save(
+                Image.fromarray(y).save(
                     os.path.join(out_dir, lv, rel), format="JPEG", quality=quality)
                 out = dict(rec)
                 out.update(image=rel, source_image=rec.get("image", f"tsv:{n}"), degradation=kind,
