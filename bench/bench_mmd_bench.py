@@ -124,7 +124,8 @@ def markdown(res: dict) -> str:
                 "| torch | exact / CLEAR | exact / best CLEAR |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             sp = r["speed"]
-            out.append(f"| {r['kind']} | {r['level']} | {sp['clear']['images_per_s']:.1f} "
+            mark = " (run of " + r["measured"][:16] + ")" if "measured" in r else ""
+            out.append(f"| {r['kind']}{mark} | {r['level']} | {sp['clear']['images_per_s']:.1f} "
                        f"| {sp['clear_pool2']['images_per_s']:.1f} | {sp['exact']['images_per_s']:.1f} "
                        f"| {sp['exact_tensor']['images_per_s']:.1f} "
                        f"| {sp['torch']['images_per_s']:.1f} | {sp['exact_over_clear']:.2f}x "
@@ -140,6 +141,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("-k", default=None, help="only types whose name contains this")
+    ap.add_argument("--skip", default="", help="comma-separated types to leave out")
+    ap.add_argument("--merge", default=None, metavar="RESULTS_JSON",
+                    help="take the rows of the types left out (--skip / -k) from this earlier results file, "
+                         "marked with the date they were measured")
     ap.add_argument("--levels", default="low,mid,high")
     ap.add_argument("--no-speed", action="store_true", help="exactness only")
     ap.add_argument("--docs", action="store_true", help="also write docs/results/mmd_bench/exactness.json")
@@ -158,7 +163,8 @@ def main(argv=None) -> int:
 
     load0 = loadavg()
     mod = load_clear(args.clear)
-    kinds = [k for k in DEGRADATIONS if args.k is None or args.k in k]
+    skip = {k.strip() for k in args.skip.split(",") if k.strip()}
+    kinds = [k for k in DEGRADATIONS if (args.k is None or args.k in k) and k not in skip]
     levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
     photos = photo_crops(args.size, args.size, limit=args.batch)
     imgs = photos + world_pictures(args.size, max(0, args.batch - len(photos)))
@@ -221,6 +227,14 @@ def main(argv=None) -> int:
                      f" torch {sp['torch']['images_per_s']:7.1f}"
                      if sp else ""), flush=True)
 
+    if args.merge:
+        with open(args.merge) as f:
+            old = json.load(f)
+        measured = {r["kind"] for r in rows}
+        kept = [dict(r, measured=old["date"]) for r in old["results"] if r["kind"] not in measured]
+        order = list(DEGRADATIONS)
+        rows = sorted(rows + kept, key=lambda r: (order.index(r["kind"]), levels.index(r["level"])
+                                                  if r["level"] in levels else 9))
     res = {"benchmark": "mmd-bench", "device": device_name("cpu"), "device_kind": "cpu",
            "machine_note": "AMD EPYC, 2 vCPUs, no GPU" if "AMD EPYC" in device_name("cpu") else "",
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

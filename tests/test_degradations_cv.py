@@ -76,7 +76,7 @@ def test_random_types_follow_the_seed(rec, kind):
 def test_tensor_backend_opencv(rec):
     x = rec["inputs"]
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    for kind in ("gaussian_noise", "hsv_saturation"):
+    for kind in ("gaussian_noise", "hsv_saturation", "graffiti", "scan_lines"):
         want = torch.from_numpy(rec[f"{kind}/mid"]).permute(0, 3, 1, 2)
         got = degrade(xt, kind, "mid", backend="opencv")
         assert got.dtype == torch.uint8 and torch.equal(got, want), kind

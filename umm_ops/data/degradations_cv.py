@@ -74,7 +74,7 @@ class _Rng:
 
 
 # ----------------------------------------------------------------------------------------------- capture
-def motion_blur(img, i, rng):
+def motion_blur(img, i, rng, out=None):
     """Line kernel: a diag(ones(d)) rotated about (d/2, d/2) by a uniform angle in [0, 360), d = max(5, int(30 i)),
     normalised; cv2.filter2D (uint8 out, reflect-101 border)."""
     cv2 = _cv2()
@@ -83,7 +83,7 @@ def motion_blur(img, i, rng):
     rot = cv2.getRotationMatrix2D((d / 2, d / 2), angle, 1)
     k = cv2.warpAffine(np.eye(d), rot, (d, d))
     k /= k.sum()
-    return cv2.filter2D(img, -1, k)
+    return cv2.filter2D(img, -1, k, dst=out)
 
 
 @lru_cache(maxsize=32)
@@ -95,7 +95,7 @@ def _gauss2d(n: int, sigma: float, scale: float) -> np.ndarray:
     return k
 
 
-def lens_blur(img, i, rng):
+def lens_blur(img, i, rng, out=None):
     """Gaussian kernel min(101, int(3 + 300 i)) | 1, sigma 20 i, per channel on float32, truncated to uint8, then
     cv2.addWeighted(img, 1 - 0.7 i, blurred, 0.9 i)."""
     cv2 = _cv2()
@@ -104,15 +104,19 @@ def lens_blur(img, i, rng):
     # 11x11 taps); the separable filter would differ by float rounding, and CLEAR's truncation turns that into
     # one grey level on up to half of a flat picture's values
     blurred = cv2.filter2D(img.astype(np.float32), -1, _gauss2d(n, i * 20, 1.0))
-    return cv2.addWeighted(img, 1 - i * 0.7, _trunc_u8(blurred), i * 0.9, 0)
+    return cv2.addWeighted(img, 1 - i * 0.7, _trunc_u8(blurred), i * 0.9, 0, dst=out)
 
 
-def _trunc_u8(a: np.ndarray) -> np.ndarray:
-    """numpy's astype(uint8) of values in (-1, 256): truncation toward zero, as CLEAR's `.astype(np.uint8)`."""
-    return a.astype(np.uint8)
+def _trunc_u8(a: np.ndarray, out=None) -> np.ndarray:
+    """numpy's astype(uint8) of values in (-1, 256): truncation toward zero, as CLEAR's `.astype(np.uint8)`
+    (np.copyto's unsafe cast into `out` is the same C cast)."""
+    if out is None:
+        return a.astype(np.uint8)
+    np.copyto(out, a, casting="unsafe")
+    return out
 
 
-def dirty_lens(img, i, rng):
+def dirty_lens(img, i, rng, out=None):
     """Grey dirt: int(10 i) ellipses (i > 0.1), int(300 i) spots, int(5 i) double blotches (i > 0.5), blurred with
     sigma 30, truncated, cv2.addWeighted(img, 1 - 0.7 i, dirt, 0.8 i).  Every colour CLEAR draws is grey, so the
     dirt is drawn and blurred as one channel (the same values as CLEAR's three equal channels)."""
@@ -135,20 +139,20 @@ def dirty_lens(img, i, rng):
             cv2.circle(dirt, c, r.randint(20, 50), 80, -1)
             cv2.circle(dirt, c, r.randint(10, 30), 120, -1)
     dirt = _trunc_u8(cv2.GaussianBlur(dirt, (0, 0), 30))
-    return cv2.addWeighted(img, 1 - 0.7 * i, cv2.merge((dirt, dirt, dirt)), 0.8 * i, 0)
+    return cv2.addWeighted(img, 1 - 0.7 * i, cv2.merge((dirt, dirt, dirt)), 0.8 * i, 0, dst=out)
 
 
-def hsv_saturation(img, i, rng):
+def hsv_saturation(img, i, rng, out=None):
     """HSV (OpenCV) saturation scaled by (1 - i) in float32 and truncated; back to BGR."""
     cv2 = _cv2()
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)  # on RGB: CLEAR's BGR2HSV of the same picture
     lut = np.arange(256, dtype=np.float32)
     lut *= 1 - i  # float32 times the Python float, as CLEAR's in-place `hsv[..., 1] *= (1 - intensity)`
     hsv[..., 1] = _trunc_u8(lut.clip(0, 255))[hsv[..., 1]]
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=out)
 
 
-def lens_flare(img, i, rng):
+def lens_flare(img, i, rng, out=None):
     """3 + int(30 i) flares: a filled circle (radius 10..50) and a 2 px ray (length 30..150, uniform angle) in
     (255, 255, 235) BGR on a float32 layer, 3x3 Gaussian (sigma 20 i), added with weight 0.9 i, truncated."""
     cv2 = _cv2()
@@ -163,22 +167,22 @@ def lens_flare(img, i, rng):
         length = r.randint(30, 150)
         cv2.line(flare, (x, y), (int(x + length * np.cos(a)), int(y + length * np.sin(a))), color, 2)
     flare = cv2.GaussianBlur(flare, (3, 3), 20 * i)
-    out = cv2.addWeighted(img.astype(np.float32), 1, flare, 0.9 * i, 0)
-    return _trunc_u8(np.clip(out, 0, 255, out=out))
+    res = cv2.addWeighted(img.astype(np.float32), 1, flare, 0.9 * i, 0)
+    return _trunc_u8(np.clip(res, 0, 255, out=res), out)
 
 
 # ----------------------------------------------------------------------------------------------- transmission
-def jpeg(img, i, rng):
+def jpeg(img, i, rng, out=None):
     """OpenCV's JPEG codec (libjpeg-turbo in opencv-python) at quality int(100 - 95 i) clamped to [5, 100]."""
     cv2 = _cv2()
     q = max(5, min(100, int(100 - i * 95)))
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [int(cv2.IMWRITE_JPEG_QUALITY), q])
     if not ok:
         raise RuntimeError(f"jpeg: cv2.imencode failed for an image of shape {img.shape}")
-    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)  # the codec sees CLEAR's BGR
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB, dst=out)  # the codec saw BGR
 
 
-def block_exchange(img, i, rng):
+def block_exchange(img, i, rng, out=None):
     """int(35 i) sequential swaps of two random grid-aligned blocks of size min(32, int(5 + 30 i))."""
     h, w = img.shape[:2]
     bs = min(32, int(5 + i * 30))
@@ -186,7 +190,7 @@ def block_exchange(img, i, rng):
     n = int(i * 35)
     if n and (gh < 1 or gw < 1):
         return img  # CLEAR's randint(0, -1) raises; its generator keeps the image
-    out = img.copy()
+    out = _copy(img, out)
     r = rng.py
     for _ in range(n):
         y1, x1 = r.randint(0, gh - 1) * bs, r.randint(0, gw - 1) * bs
@@ -197,11 +201,11 @@ def block_exchange(img, i, rng):
     return out
 
 
-def mean_shift(img, i, rng):
+def mean_shift(img, i, rng, out=None):
     """cv2.pyrMeanShiftFiltering with spatial and colour radius int(40 i)."""
     cv2 = _cv2()
     rad = int(i * 40)
-    return cv2.pyrMeanShiftFiltering(img, rad, rad)
+    return cv2.pyrMeanShiftFiltering(img, rad, rad, dst=out)
 
 
 @lru_cache(maxsize=8)
@@ -210,23 +214,25 @@ def _scan_lut() -> np.ndarray:
     return _trunc_u8(np.arange(256, dtype=np.uint8) * 0.01)
 
 
-def scan_lines(img, i, rng):
+def scan_lines(img, i, rng, out=None):
     """Rows [k * interval, k * interval + width) scaled by 0.01 (truncated): interval max(3, int(20 / (i + 0.1))),
     width max(5, int(7 i))."""
     interval = max(3, int(20 / (i + 0.1)))
     width = max(5, int(7 * i))
-    out = img.copy()
+    out = _copy(img, out)
     lut = _scan_lut()
+    cv2 = _cv2()
     for y in range(0, img.shape[0], interval):
-        out[y:y + width] = lut[out[y:y + width]]
+        band = out[y:y + width]  # whole rows: a contiguous block, rewritten in place
+        cv2.LUT(band, lut, dst=band)
     return out
 
 
 # ----------------------------------------------------------------------------------------------- environment
-def dark_illumination(img, i, rng):
+def dark_illumination(img, i, rng, out=None):
     """pixel * (1 - i^2) in float64, truncated to uint8 (a 256-entry table)."""
     lut = _trunc_u8((np.arange(256, dtype=np.uint8) * (1 - i ** 2)).clip(0, 255))
-    return _cv2().LUT(img, lut)
+    return _cv2().LUT(img, lut, dst=out)
 
 
 @lru_cache(maxsize=16)
@@ -241,23 +247,23 @@ def _turbulence_maps(h: int, w: int, i: float):
     return mx, my
 
 
-def atmospheric_turbulence(img, i, rng):
+def atmospheric_turbulence(img, i, rng, out=None):
     """Deterministic warp d(y) = 40 i sin(y / 30 + 5 i): sample at (x + d, y + 0.7 d) clipped to the image,
     cv2.remap bilinear."""
     cv2 = _cv2()
     h, w = img.shape[:2]
     mx, my = _turbulence_maps(h, w, float(i))
-    return cv2.remap(img, mx, my, cv2.INTER_LINEAR)
+    return cv2.remap(img, mx, my, cv2.INTER_LINEAR, dst=out)
 
 
-def gaussian_noise(img, i, rng):
+def gaussian_noise(img, i, rng, out=None):
     """np.random.normal(0, 75 i, image shape) added in float64, clipped, truncated to uint8."""
     noise = rng.np.normal(0, i * 75, img.shape)[..., ::-1]  # CLEAR's noise[..., c] goes to BGR channel c
     noise = noise + img
-    return _trunc_u8(np.clip(noise, 0, 255, out=noise))
+    return _trunc_u8(np.clip(noise, 0, 255, out=noise), out)
 
 
-def color_diffusion(img, i, rng):
+def color_diffusion(img, i, rng, out=None):
     """Gaussian (size 3 + 2 int(20 i), sigma 50 i) scaled by i^2 on float32; above i = 0.9 int(100 i) grey discs
     (np.random: centre, radius 5..19, grey 0..254); truncated; cv2.addWeighted(img, max(0.1, 1 - 0.9 i), diffused,
     min(0.9, 0.9 i))."""
@@ -271,11 +277,11 @@ def color_diffusion(img, i, rng):
             x, y = r.randint(0, w), r.randint(0, h)
             rad = r.randint(5, 20)
             cv2.circle(diffused, (int(x), int(y)), int(rad), (int(r.randint(0, 255)),) * 3, -1)
-    return cv2.addWeighted(img, max(0.1, 1 - i * 0.9), _trunc_u8(diffused), min(0.9, i * 0.9), 0)
+    return cv2.addWeighted(img, max(0.1, 1 - i * 0.9), _trunc_u8(diffused), min(0.9, i * 0.9), 0, dst=out)
 
 
 # ----------------------------------------------------------------------------------------------- post-processing
-def sharpness_change(img, i, rng):
+def sharpness_change(img, i, rng, out=None):
     """i > 0: cv2.filter2D with the 3x3 sharpen kernel times 80 i (saturating uint8); i = 0: 3x3 Gaussian blur;
     then cv2.addWeighted(img, 0.7, result, 0.3)."""
     cv2 = _cv2()
@@ -283,19 +289,19 @@ def sharpness_change(img, i, rng):
         res = cv2.filter2D(img, -1, np.array([[0, -1, 0], [-1, 5, -1], [0, -1, 0]]) * (i * 80))
     else:
         res = cv2.GaussianBlur(img, (3, 3), 0)
-    return cv2.addWeighted(img, 0.7, res, 0.3, 0)
+    return cv2.addWeighted(img, 0.7, res, 0.3, 0, dst=out)
 
 
 _GRAFFITI_WORDS = ("X", "FAKE", "COPY", "VOID", "COPYRIGHT")
 
 
-def graffiti(img, i, rng):
+def graffiti(img, i, rng, out=None):
     """int(10 i) cv2.line strokes (random BGR colour, end points, thickness 1..max(1, int(5 i))); above i = 0.55 a
     red Hershey-simplex word (or a number 1..100) at scale max(0.5, 5 i), thickness max(1, int(scale))."""
     cv2 = _cv2()
     h, w = img.shape[:2]
     r = rng.py
-    out = img.copy()
+    out = _copy(img, out)
     for _ in range(int(10 * i)):
         color = (r.randint(0, 255), r.randint(0, 255), r.randint(0, 255))[::-1]  # CLEAR draws BGR
         p1 = (r.randint(0, w - 1), r.randint(0, h - 1))
@@ -313,7 +319,7 @@ def graffiti(img, i, rng):
     return out
 
 
-def watermark_damage(img, i, rng):
+def watermark_damage(img, i, rng, out=None):
     """int(1 + 15 i) rectangles (corner in [0, W-50] x [0, H-50], size 50..200 x 20..80) inpainted with
     cv2.INPAINT_TELEA (radius 3), cv2.addWeighted(img, 1 - i, repaired, i); above i = 0.5 the mask's Canny edges
     scaled by 0.8 (truncated)."""
@@ -328,7 +334,7 @@ def watermark_damage(img, i, rng):
         x2 = x + r.randint(50, 200)
         cv2.rectangle(mask, (x, y), (x2, y + r.randint(20, 80)), 255, -1)
     repaired = cv2.inpaint(img, mask, 3, cv2.INPAINT_TELEA)
-    out = cv2.addWeighted(img, 1 - i, repaired, i, 0)
+    out = cv2.addWeighted(img, 1 - i, repaired, i, 0, dst=out)
     if i > 0.5:
         edge = cv2.Canny(mask, 50, 150) > 0
         out[edge] = _trunc_u8(out[edge] * 0.8)
@@ -345,10 +351,19 @@ KINDS = {
 }
 
 
-def degrade_image(rgb: np.ndarray, kind: str, i: float, s: int) -> np.ndarray:
+def _copy(img: np.ndarray, out) -> np.ndarray:
+    if out is None:
+        return img.copy()
+    np.copyto(out, img)
+    return out
+
+
+def degrade_image(rgb: np.ndarray, kind: str, i: float, s: int, out=None) -> np.ndarray:
     """One (H, W, 3) uint8 RGB image, intensity i (a float already checked), seed s (clear_seed): CLEAR's
-    result, RGB."""
-    return KINDS[kind](np.ascontiguousarray(rgb), i, _Rng(s))
+    result, RGB.  `out`, a contiguous (H, W, 3) uint8 array not overlapping `rgb`, receives the result when
+    given (the last OpenCV call writes there, dst=out) and is returned - except where CLEAR keeps the image
+    (too small for block_exchange / watermark_damage), which returns `rgb` itself."""
+    return KINDS[kind](np.ascontiguousarray(rgb), i, _Rng(s), out=out)
 
 
 def _threads(n: int) -> int:
@@ -397,20 +412,23 @@ def degrade_images(images: np.ndarray, kind: str, intensity, seed: int = 0, inde
     out = np.empty_like(batch)
 
     def put(b, img):
-        out[b] = img
+        if img.__array_interface__["data"][0] != dests[b].__array_interface__["data"][0]:
+            out[b] = img  # not written in place (an image CLEAR keeps as it is)
 
-    run_batch(lambda b: batch[b], put, B, kind, i, seeds, batch.shape[1] * batch.shape[2])
+    dests = list(out)  # (H, W, 3) contiguous views: each type's last step writes there directly
+    run_batch(lambda b: batch[b], put, B, kind, i, seeds, batch.shape[1] * batch.shape[2], dests)
     return out[0] if single else out
 
 
-def run_batch(get, put, n: int, kind: str, i: float, seeds, pixels: int) -> None:
-    """put(b, CLEAR's result for image get(b)) for b < n, in a thread pool when the images are large enough.
-    get(b) may return a strided view (a channels-first tensor's numpy view transposed): the copy to a contiguous
-    image then happens in the worker, as does put's copy, so a batch's layout changes run in parallel too."""
+def run_batch(get, put, n: int, kind: str, i: float, seeds, pixels: int, dests=None) -> None:
+    """put(b, CLEAR's result for image get(b)) for b < n, in a thread pool when the images are large enough and
+    the type gains from it.  get and put run in the worker, so a batch's layout changes run in parallel too.
+    dests[b], when given, is a contiguous (H, W, 3) uint8 array the result is written into (put then receives
+    an array on dests[b]'s memory)."""
     _cv2()  # a missing OpenCV fails here, naming the extra, not inside a worker thread
 
     def one(b):
-        put(b, degrade_image(get(b), kind, i, seeds[b]))
+        put(b, degrade_image(get(b), kind, i, seeds[b], None if dests is None else dests[b]))
 
     workers = _threads(n) if pixels >= _THREADED_PIXELS and kind not in _SEQUENTIAL else 1
     if workers == 1:
