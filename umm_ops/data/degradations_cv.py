@@ -25,8 +25,9 @@ Speed: the images of a batch run in a thread pool (OpenCV releases the GIL), and
 cheaper ways that give the same pixels: look-up tables for the per-pixel scalings (dark_illumination, scan_lines,
 hsv_saturation's saturation), the dirt layer of dirty_lens (grey: all channels equal) drawn and blurred as one
 channel, the sampling maps of atmospheric_turbulence computed once per (size, intensity), the Gaussian blurs of
-lens_blur and color_diffusion filtering the three channels in one cv2.filter2D call (CLEAR: one per channel).
-Every type gives CLEAR's pixels exactly (tests/test_degradations_cv.py, docs/results/mmd_bench/README.md).
+lens_blur and color_diffusion filtering the three channels in one cv2.filter2D call (CLEAR: one per channel),
+each type's last step writing straight into the output batch.  Types whose work is tiny or already threaded
+inside OpenCV run one image after another (_SEQUENTIAL).  Every type gives CLEAR's pixels exactly (tests/test_degradations_cv.py, docs/results/mmd_bench/README.md).
 """
 from __future__ import annotations
 
@@ -235,7 +236,7 @@ def dark_illumination(img, i, rng, out=None):
     return _cv2().LUT(img, lut, dst=out)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=3)  # the three levels of one size; 8 bytes per pixel each, so not more
 def _turbulence_maps(h: int, w: int, i: float):
     x, y = np.meshgrid(np.arange(w), np.arange(h))
     d = i * 40 * np.sin(y / 30 + i * 5)
