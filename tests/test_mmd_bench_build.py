@@ -177,14 +177,14 @@ def test_rebuild_replaces_a_build_whole_and_never_mixes_two(tmp_path, monkeypatc
     small = tmp_path / "small"
     small.mkdir()
     man = _jsonl(small, n=2)
-    real, seen = mb.degrade, []
+    real, seen = mb._degrade_hwc, []
 
     def watching(*a, **kw):      # mid-build: the old build is still whole in `out`
         seen.append({lv: (out / lv / "manifest.jsonl").read_text() for lv in LEVELS} == old
                     and len(list((out / "low" / "images").iterdir())) == 4)
         return real(*a, **kw)
 
-    monkeypatch.setattr(mb, "degrade", watching)
+    monkeypatch.setattr(mb, "_degrade_hwc", watching)
     assert build(str(man), str(out), seed=1).written == 2
     assert seen and all(seen)
     for lv in LEVELS:
@@ -200,14 +200,14 @@ def test_rebuild_replaces_a_build_whole_and_never_mixes_two(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(mb, "degrade", interrupted)
+    monkeypatch.setattr(mb, "_degrade_hwc", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(str(_jsonl(tmp_path, n=4)), str(out), seed=1)
     for lv in LEVELS:          # the finished record, alone and whole
         assert len((out / lv / "manifest.jsonl").read_text().splitlines()) == 1
         assert [p.name for p in (out / lv / "images").iterdir()] == ["0.jpg"]
 
-    monkeypatch.setattr(mb, "degrade", real)
+    monkeypatch.setattr(mb, "_degrade_hwc", real)
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds 'notes.txt', which is not part of an MMD-Bench build"):
         build(str(man), str(out))

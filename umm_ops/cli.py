@@ -145,7 +145,7 @@ def _mmd_build(args) -> int:
     levels = tuple(x.strip() for x in args.levels.split(",") if x.strip())
     try:
         rep = build(args.manifest, args.out, seed=args.seed, levels=levels, skip_bad=args.skip_bad,
-                    max_pixels=args.max_pixels)
+                    max_pixels=args.max_pixels, backend=args.backend)
     except (BadRecord, FileNotFoundError, ValueError) as e:
         print(f"mmd-bench build: {e}", file=sys.stderr)
         done = getattr(e, "report", None)
@@ -153,7 +153,8 @@ def _mmd_build(args) -> int:
             print(f"mmd-bench build: stopped; the {done.written} records finished before it are in the manifests "
                   f"under {args.out} (--skip-bad skips and counts bad records instead)", file=sys.stderr)
         return 2
-    print(f"wrote {rep.written} records x {len(levels)} levels to {args.out}; skipped {len(rep.skipped)}")
+    print(f"wrote {rep.written} records x {len(levels)} levels to {args.out}; skipped {len(rep.skipped)}; "
+          f"degradations by the {rep.backend} backend")
     for n, why in rep.skipped[:20]:
         print(f"  skipped record {n}: {why}")
     print("types: " + ", ".join(f"{k} {v}" for k, v in sorted(rep.counts.items())))
@@ -463,6 +464,9 @@ def main(argv=None) -> int:
     bd.add_argument("--skip-bad", action="store_true", help="skip and count unusable records instead of stopping")
     bd.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                     help=f"images declaring more pixels (width x height) are bad records (default {MAX_PIXELS:,})")
+    bd.add_argument("--backend", choices=("auto", "opencv", "torch"), default="auto",
+                    help="opencv: CLEAR's own OpenCV operations (exact); torch: the batched approximation; "
+                         "auto (default): opencv when OpenCV is installed")
     bd.set_defaults(fn=_mmd_build)
     pv = mbs.add_parser("preview", help="PNG grid of every degradation type at every level")
     pv.add_argument("--out", default="mmd_bench_preview.png")

@@ -164,6 +164,7 @@ OPTIONAL_DEPENDENCIES = {
     "tokenizers": ("tokenizers", "model"),
     "diffusers": ("diffusers", "model"),
     "PIL": ("pillow", "data"),
+    "cv2": ("opencv-python-headless", "data"),
     "rich": ("rich", "train"),
     "matplotlib": ("matplotlib", "train"),
     "tomli": ("tomli", "train"),

@@ -13,6 +13,11 @@ Randomness (noise, angles, positions) comes from one CPU torch.Generator per ima
 
 Internally every function works on float pixels in [0, 255]; out-of-range values are clipped at the end (as
 OpenCV's saturating uint8 arithmetic does). CLEAR's intermediate uint8 roundings are not reproduced.
+
+This is the approximate, batched path (GPU tensors, on-the-fly augmentation).  The exact path - CLEAR's own
+OpenCV operations per image, what `umm mmd-bench build` uses when OpenCV is installed - is
+umm_ops.data.degradations_cv, reached with ``degrade(..., backend="opencv")``; docs/results/mmd_bench/README.md
+measures how far this path is from it, per type and level.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ import torch.nn.functional as F
 
 from ..utils import optional_import, seed_of
 
-__all__ = ["DEGRADATIONS", "LEVELS", "CATEGORIES", "WEIGHTS", "degrade", "sample_kind", "psnr"]
+__all__ = ["DEGRADATIONS", "LEVELS", "CATEGORIES", "WEIGHTS", "BACKENDS", "degrade", "sample_kind", "psnr",
+           "opencv_available", "resolve_backend"]
 
 LEVELS = {"low": 0.23, "mid": 0.45, "high": 0.9}
 CATEGORIES = ("capture", "transmission", "environment", "post_processing")
@@ -103,9 +109,11 @@ def _filter2d(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     if k.dim() == 2:
         k = k.expand(B, *k.shape)
     kh, kw = k.shape[-2:]
-    y = _pad101(x, kh // 2, kw // 2).reshape(1, B * C, H + kh - 1 + (1 - kh % 2), W + kw - 1 + (1 - kw % 2))
+    # OpenCV's anchor is (k // 2, k // 2) for odd and even sizes: out[y] = sum_t k[t] in[y + t - k // 2]; an
+    # even kernel's symmetric padding gives one extra row / column at the end, dropped
+    y = _pad101(x, kh // 2, kw // 2).reshape(1, B * C, H + 2 * (kh // 2), W + 2 * (kw // 2))
     w = k.repeat_interleave(C, dim=0).unsqueeze(1)  # (B*C, 1, kh, kw)
-    return F.conv2d(y, w, groups=B * C).reshape(B, C, H, W)
+    return F.conv2d(y, w, groups=B * C)[..., :H, :W].reshape(B, C, H, W)
 
 
 def _grid(H: int, W: int, device, dtype):
@@ -191,19 +199,32 @@ def jpeg(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
 
 
 def _motion_kernel(k: int, angle_deg: float) -> torch.Tensor:
-    """A 1-pixel-wide anti-aliased line through the kernel centre at `angle_deg` (CLEAR rotates diag(ones))."""
-    c = (k - 1) / 2
-    t = torch.arange(k, dtype=torch.float64) - c
-    v, u = t.view(k, 1), t.view(1, k)
+    """CLEAR's kernel: diag(ones(k)) rotated by `angle_deg` about (k/2, k/2) (cv2.getRotationMatrix2D +
+    cv2.warpAffine: bilinear, zero outside, source coordinates on OpenCV's 1/32-pixel grid), normalised."""
     th = math.radians(angle_deg)
-    perp = -u * math.sin(th) + v * math.cos(th)
-    ker = (1 - perp.abs()).clamp_min(0)
+    a, b = math.cos(th), math.sin(th)
+    c = k / 2
+    # warpAffine samples the source at M^-1 (x, y); M = [[a, b, (1-a)c - bc], [-b, a, bc + (1-a)c]], a rotation
+    t = torch.arange(k, dtype=torch.float64)
+    yy, xx = t.view(k, 1), t.view(1, k)
+    u = a * (xx - c) - b * (yy - c) + c
+    v = b * (xx - c) + a * (yy - c) + c
+    u, v = torch.round(u * 32) / 32, torch.round(v * 32) / 32
+    u0, v0 = u.floor(), v.floor()
+    fu, fv = u - u0, v - v0
+    ker = torch.zeros(k, k, dtype=torch.float64)
+    for du, wu in ((0, 1 - fu), (1, fu)):
+        for dv, wv in ((0, 1 - fv), (1, fv)):
+            su, sv = u0 + du, v0 + dv
+            inside = (su >= 0) & (su < k) & (sv >= 0) & (sv < k)
+            ker += torch.where(inside & (su == sv), wu * wv, torch.zeros(()))  # the source is the identity
     return ker / ker.sum()
 
 
 def motion_blur(x: torch.Tensor, i: float, gens: Gens) -> torch.Tensor:
-    """Linear motion blur: line kernel of odd size max(5, int(30 i)) | 1 at a random angle in [0, 360)."""
-    k = max(5, int(i * 30)) | 1
+    """Linear motion blur (CLEAR): kernel size max(5, int(30 i)) (even sizes too, anchored as cv2.filter2D), a
+    rotated diagonal line at a random angle in [0, 360)."""
+    k = max(5, int(i * 30))
     angles = _rand(gens, 1)[:, 0] * 360.0
     kers = torch.stack([_motion_kernel(k, float(a)) for a in angles])
     return _filter2d(x, kers)
@@ -626,8 +647,39 @@ def _intensity(intensity) -> float:
     return i
 
 
-def degrade(images: torch.Tensor, kind: str, intensity, seed: int = 0, index=None) -> torch.Tensor:
-    """Apply MMD-Bench degradation `kind` at `intensity` to a batch of RGB images (see module docstring)."""
+BACKENDS = ("torch", "opencv", "auto")
+
+
+def opencv_available() -> bool:
+    """Whether the exact OpenCV path can run (opencv-python-headless, the `data` extra, is importable)."""
+    try:
+        optional_import("cv2")
+        return True
+    except ImportError:
+        return False
+
+
+def resolve_backend(backend: str, device=None) -> str:
+    """"torch" or "opencv" for `backend`; "auto" is "opencv" for CPU images when cv2 is importable, else "torch"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown degradation backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        return "opencv" if on_cpu and opencv_available() else "torch"
+    return backend
+
+
+def degrade(images: torch.Tensor, kind: str, intensity, seed: int = 0, index=None,
+            backend: str = "torch") -> torch.Tensor:
+    """Apply MMD-Bench degradation `kind` at `intensity` to a batch of RGB images (see module docstring).
+
+    backend: "torch" (default: this module's batched ops, any device, for on-the-fly augmentation), "opencv"
+    (umm_ops.data.degradations_cv: CLEAR's own per-image OpenCV operations on the CPU, the exact path; float
+    images are quantised to uint8 first, as CLEAR works on uint8, and the result goes back to the input's device
+    and dtype), or "auto" ("opencv" for CPU tensors when cv2 is importable, else "torch").  The two backends draw
+    different random numbers for the same seed (the torch path from torch generators, the exact path from
+    CLEAR's Mersenne Twister streams), so stochastic types agree in distribution, not pixel for pixel.
+    """
     if kind not in DEGRADATIONS:
         raise ValueError(f"unknown degradation {kind!r}; valid kinds: {', '.join(sorted(DEGRADATIONS))}")
     i = _intensity(intensity)
@@ -645,22 +697,53 @@ def degrade(images: torch.Tensor, kind: str, intensity, seed: int = 0, index=Non
         idx = [int(v) for v in (index.tolist() if isinstance(index, torch.Tensor) else index)]
         if len(idx) != B:
             raise ValueError(f"index has {len(idx)} entries for a batch of {B} images")
+    which = resolve_backend(backend, images.device)
     if B == 0:
         return images.clone()
-    work = torch.float64 if images.dtype == torch.float64 else torch.float32
-    if is_u8:
-        x = images.to(work)
-    else:
+    if not is_u8:
         lo, hi = float(images.min()), float(images.max())
         if lo < -1e-3 or hi > 1 + 1e-3:
             raise ValueError(f"floating images must be in [0, 1] (got values in [{lo:.3g}, {hi:.3g}]); "
                              "pass uint8 for 0..255 pixels")
-        x = images.to(work) * 255.0
+    if which == "opencv":
+        return _degrade_opencv(images, kind, i, seed, idx)
+    work = torch.float64 if images.dtype == torch.float64 else torch.float32
+    x = images.to(work) if is_u8 else images.to(work) * 255.0
     gens = [torch.Generator().manual_seed(seed_of(int(seed), j, kind)) for j in idx]
     y = DEGRADATIONS[kind][1](x, i, gens).clamp(0, 255)
     if is_u8:
         return y.round().to(torch.uint8)
     return (y / 255.0).to(images.dtype)
+
+
+def _degrade_opencv(images: torch.Tensor, kind: str, i: float, seed: int, idx: list) -> torch.Tensor:
+    from .degradations_cv import clear_seed, run_batch
+
+    x = images.detach().cpu()
+    if x.dtype != torch.uint8:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("images hold non-finite values (nan / inf); the opencv backend works on uint8 pixels "
+                             "and will not turn them into finite ones")
+        x = (x.double() * 255.0).round().clamp(0, 255).to(torch.uint8)
+    cv2 = optional_import("cv2")
+    B, _, H, W = x.shape
+    src = x.contiguous().numpy()                     # (B, 3, H, W)
+    out = torch.empty(B, 3, H, W, dtype=torch.uint8)
+    dst = out.numpy()
+
+    # channels first <-> last with cv2.merge / cv2.split (vectorised; numpy's strided transpose copy of uint8
+    # took longer than the cheaper degradations themselves), in the worker threads
+    def get(b):
+        return cv2.merge(list(src[b]))
+
+    def put(b, img):
+        for c, plane in enumerate(cv2.split(img)):
+            dst[b, c] = plane
+
+    run_batch(get, put, B, kind, i, [clear_seed(seed, j, kind) for j in idx], H * W)
+    if images.dtype != torch.uint8:
+        out = (out.to(torch.float64) / 255.0).to(images.dtype)
+    return out.to(images.device)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

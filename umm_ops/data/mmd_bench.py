@@ -6,7 +6,7 @@ absolute, plus any fields: question, options, answer, ...) or an MMBench-style T
 column holding base64-encoded image bytes; every other column kept).  Output, for each level L:
 ``OUT/L/images/<n>.jpg`` and ``OUT/L/manifest.jsonl`` (the record's fields, ``image`` pointing at the degraded
 file relative to ``OUT/L``, ``source_image`` the original reference, ``degradation``, ``category``,
-``intensity``, ``level``).  The type of record n is drawn from (seed, n) only, so a rebuild is identical and
+``intensity``, ``level``, ``degradation_backend``).  The type of record n is drawn from (seed, n) only, so a rebuild is identical and
 does not depend on the order of processing.  The build is written into a new sibling folder and swapped in
 when it ends (``utils.atomic_folder``), also when it stops at a bad record (the records finished before it are
 kept): ``OUT`` always holds one whole build, never the manifests of one build beside the images of another; a
@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from ..utils import atomic_folder, atomic_write, generator, not_a_file, optional_import
-from .degradations import DEGRADATIONS, LEVELS, degrade, sample_kind
+from .degradations import DEGRADATIONS, LEVELS, degrade, resolve_backend, sample_kind
+from .degradations_cv import degrade_images
 
 __all__ = ["BadRecord", "BuildReport", "MAX_PIXELS", "read_manifest", "build"]
 
@@ -48,6 +49,7 @@ class BuildReport:
     written: int = 0
     skipped: list = field(default_factory=list)  # (record number, reason)
     counts: dict = field(default_factory=dict)   # degradation type -> images
+    backend: str = ""                            # "opencv" (CLEAR's exact operations) or "torch"
 
 
 def _open_rgb(src, where: str, what: str, max_pixels: int):
@@ -132,11 +134,19 @@ def _records(path: str, max_pixels: int):
 
 
 def build(manifest: str, out_dir: str, seed: int = 0, levels=("low", "mid", "high"), skip_bad: bool = False,
-          quality: int = 95, max_pixels: int = MAX_PIXELS) -> BuildReport:
+          quality: int = 95, max_pixels: int = MAX_PIXELS, backend: str = "auto") -> BuildReport:
     """Write the degraded benchmark (see the module docstring).  ``skip_bad`` counts and skips unusable records
     instead of stopping at the first one (without it, BadRecord is raised after the manifests of the records
-    finished so far are written; its ``report`` attribute says how many).  Returns a BuildReport."""
+    finished so far are written; its ``report`` attribute says how many).  ``backend``: "auto" (default) degrades
+    with CLEAR's own OpenCV operations (umm_ops.data.degradations_cv, the exact path) when OpenCV is installed
+    and with the batched torch approximation otherwise; "opencv" requires OpenCV; "torch" forces the
+    approximation.  Each record names the backend that made it (``degradation_backend``).  Returns a
+    BuildReport (its ``backend`` says which one ran)."""
     Image = optional_import("PIL", "Image")
+
+    backend = resolve_backend(backend)
+    if backend == "opencv":
+        optional_import("cv2")  # asked for explicitly and missing: the error names the extra, before any work
 
     for lv in levels:
         if lv not in LEVELS:
@@ -149,7 +159,7 @@ def build(manifest: str, out_dir: str, seed: int = 0, levels=("low", "mid", "hig
     stopped = None
     with atomic_folder(out_dir) as tmp:
         try:
-            report = _build_into(manifests, tmp, seed, levels, skip_bad, quality, Image)
+            report = _build_into(manifests, tmp, seed, levels, skip_bad, quality, Image, backend)
         except BaseException as e:      # the finished records are swapped in; then the error goes on
             stopped = e
     if stopped is not None:
@@ -173,8 +183,16 @@ def _not_a_build(folder) -> str | None:
     return None
 
 
-def _build_into(manifests, out_dir, seed, levels, skip_bad, quality, Image) -> BuildReport:
-    report = BuildReport()
+def _degrade_hwc(arr: np.ndarray, kind: str, intensity: float, seed: int, n: int, backend: str) -> np.ndarray:
+    """Record n's (H, W, 3) uint8 RGB picture degraded by `backend`, as (H, W, 3) uint8 RGB."""
+    if backend == "opencv":  # numpy in, numpy out: no layout changes
+        return degrade_images(arr, kind, intensity, seed=seed, index=[n])
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    return degrade(x, kind, intensity, seed=seed, index=[n], backend=backend)[0].permute(1, 2, 0).contiguous().numpy()
+
+
+def _build_into(manifests, out_dir, seed, levels, skip_bad, quality, Image, backend) -> BuildReport:
+    report = BuildReport(backend=backend)
     records = {lv: [] for lv in levels}
     for lv in levels:
         os.makedirs(os.path.join(out_dir, lv, "images"), exist_ok=True)
@@ -190,18 +208,19 @@ def _build_into(manifests, out_dir, seed, levels, skip_bad, quality, Image) -> B
                     raise
                 report.skipped.append((n, str(e)))
                 continue
-            x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
+            arr = np.asarray(img).copy()              # (H, W, 3) uint8 RGB
             del img
             kind = sample_kind(generator(int(seed), n, "mmd-bench-kind"))
             lines = []
             for lv in levels:
-                y = degrade(x, kind, LEVELS[lv], seed=seed, index=[n])
+                y = _degrade_hwc(arr, kind, LEVELS[lv], seed, n, backend)
                 rel = os.path.join("images", f"{n}.jpg")
-                Image.fromarray(y[0].permute(1, 2, 0).contiguous().numpy()).save(
+                Image.fromarray(y).save(
                     os.path.join(out_dir, lv, rel), format="JPEG", quality=quality)
                 out = dict(rec)
                 out.update(image=rel, source_image=rec.get("image", f"tsv:{n}"), degradation=kind,
-                           category=DEGRADATIONS[kind][0], intensity=LEVELS[lv], level=lv)
+                           category=DEGRADATIONS[kind][0], intensity=LEVELS[lv], level=lv,
+                           degradation_backend=backend)
                 lines.append(json.dumps(out, ensure_ascii=False))
             for lv, line in zip(levels, lines):  # a record counts once all its levels are written
                 records[lv].append(line)
