@@ -41,9 +41,18 @@ def get_task(name: str) -> "Task":
     return TASKS[name]()
 
 
-def pixels(img: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) -> float (3, H, W) in [-1, 1] (the model's pixel range)."""
-    return img.float() / 127.5 - 1.0
+def pixels(img: torch.Tensor, value_range) -> torch.Tensor:
+    """uint8 (3, H, W) -> float (3, H, W) in `value_range`: the model's pixel range, ``model.profile.pixel_range``
+    ((-1, 1) under this project's profile, (0, 1) under the released Cheers': its processor's ``x * (1 / 255)``)."""
+    lo, hi = (float(v) for v in value_range)
+    if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8:
+        raise TypeError(f"pixels: expected a uint8 (3, H, W) image, got "
+                        f"{img.dtype if isinstance(img, torch.Tensor) else type(img).__name__}")
+    if (lo, hi) == (-1.0, 1.0):
+        return img.float() / 127.5 - 1.0
+    if (lo, hi) == (0.0, 1.0):
+        return (img.double() * (1 / 255)).float()
+    raise ValueError(f"pixels: value_range must be (-1, 1) or (0, 1) (a profile's pixel range), got {value_range!r}")
 
 
 @dataclass

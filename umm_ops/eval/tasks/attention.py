@@ -114,7 +114,7 @@ class AttentionTask(Task):
         items = []
         for _, chunk in ctx.batches(recs):
             qs = [pick_question(ctx, r) for r in chunk]
-            samples = [Sample([ImageItem(pixels(r.image), "understand"), TextItem(format_question(q, False)),
+            samples = [Sample([ImageItem(pixels(r.image, model.profile.pixel_range), "understand"), TextItem(format_question(q, False)),
                                TextItem(q["answer"] + END, loss=True)]) for r, q in zip(chunk, qs)]
             for batch in pack(samples, spec):
                 with torch.no_grad(), AttentionRecorder(model.llm) as rec:

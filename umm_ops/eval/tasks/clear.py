@@ -67,9 +67,9 @@ class ClearTask(Task):
         res, res_clean = [], []
         for s, b in ctx.batches(list(range(len(qa)))):
             seed = ctx.seed_for(self.name, idx[b[0]])
-            res += model.generate_then_answer([pixels(degraded[k]) for k in b], [texts[k] for k in b],
+            res += model.generate_then_answer([pixels(degraded[k], model.profile.pixel_range) for k in b], [texts[k] for k in b],
                                         steps=ctx.steps, seed=seed)
-            res_clean += model.generate_then_answer([pixels(images[k]) for k in b], [texts[k] for k in b],
+            res_clean += model.generate_then_answer([pixels(images[k], model.profile.pixel_range) for k in b], [texts[k] for k in b],
                                               steps=ctx.steps, seed=seed)
         items, by_level = [], {}
         restorations = []
@@ -80,7 +80,7 @@ class ClearTask(Task):
                   "format": format_reward(r["format"]), "answer": q[key], "predicted": r["answer"],
                   "text": r["text"]}
             if r["image"] is not None:
-                rest = to_uint8(r["image"])
+                rest = to_uint8(r["image"], model.profile.pixel_range)
                 it["psnr"] = psnr(rest, images[k])
                 it["psnr_degraded"] = psnr(degraded[k], images[k])
                 by_level.setdefault(lv, []).append(it["psnr"])
