@@ -382,8 +382,15 @@ def test_bad_inputs_under_the_cheers_profile(model, rec):
         model.generate_image(fx["t2i.input_ids"][:-1], steps=1)
     with pytest.raises(ValueError, match="dummy_image must be a \\(3, 64, 64\\) tensor"):
         model.generate_image("x", steps=1, dummy_image=torch.zeros(3, 32, 32))
-    with pytest.raises(ValueError, match="needs sampler='euler'"):
-        model.generate_image("x", steps=2, mode="sde")
+    # mode "sde" runs on the released grid (online RL): the steps t_n -> t_{n+1} stochastic, the final
+    # x + v(1) / steps deterministic (log-prob 0)
+    out = model.generate_image("x", steps=3, mode="sde", cfg_scale=1.0)
+    assert out["logprobs"].shape == (1, 3) and float(out["logprobs"][0, 2]) == 0.0
+    assert bool((out["logprobs"][0, :2] != 0).all()) and out["trajectory"].shape[1] == 4
+    ode = model.generate_image("x", steps=3, cfg_scale=1.0)
+    assert not torch.equal(out["latents"], ode["latents"])
+    with pytest.raises(ValueError, match=r"sde_steps must be step indices in \[0, 3\)"):
+        model.generate_image("x", steps=3, mode="sde", sde_steps={3})
 
 
 def test_project_profile_stays_the_default():

@@ -20,7 +20,7 @@ __all__ = ["evaluate_world", "to_pil", "report_lines"]
 
 
 def to_pil(img: torch.Tensor, value_range=(-1.0, 1.0)):
-    """(3, H, W) in `value_range` (a model's output: ``model.profile.pixel_range``), or uint8 -> PIL image."""
+    """(3, H, W) in `value_range` (a model's output: ``pixel_range(model)``), or uint8 -> PIL image."""
     from .tasks.geneval import to_uint8
 
     Image = optional_import("PIL", "Image")
@@ -45,7 +45,7 @@ def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict
     with short_vqa also as short answers (clear-short, mmd-bench-short)."""
     from ..data.synthetic import SyntheticWorld
     from .runner import save_grid
-    from .tasks import EvalContext, get_task
+    from .tasks import EvalContext, get_task, pixel_range
 
     n = max(n_vqa, n_images, n_captions, n_clear, 1)
     world = SyntheticWorld(size=image_size, seed=seed, length=first + n, **(world or {}))
@@ -128,7 +128,7 @@ def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict
         for k, (p, g) in enumerate(zip(prompts, gen)):
             item = {"prompt": p}
             if edir is not None:
-                _save_png(to_pil(g, model.profile.pixel_range), edir / f"prompt-{k}.png")
+                _save_png(to_pil(g, pixel_range(model)), edir / f"prompt-{k}.png")
                 item["png"] = str(edir / f"prompt-{k}.png")
             extra.append(item)
         res["prompts"] = extra

@@ -24,7 +24,7 @@ import torch
 
 from ...utils import seed_of
 
-__all__ = ["EvalContext", "TaskOutput", "Task", "TASKS", "register", "get_task", "pixels"]
+__all__ = ["EvalContext", "TaskOutput", "Task", "TASKS", "register", "get_task", "pixels", "pixel_range"]
 
 TASKS: dict = {}
 
@@ -41,8 +41,19 @@ def get_task(name: str) -> "Task":
     return TASKS[name]()
 
 
+def pixel_range(model) -> tuple:
+    """The pixel range the model takes and gives images in: its conventions profile's (``model.profile``,
+    umm_ops.model.profile), which every task feeds and reads images with."""
+    p = getattr(model, "profile", None)
+    if p is None or not hasattr(p, "pixel_range"):
+        raise TypeError(f"eval: the model needs a conventions profile (model.profile, e.g. umm_ops.model.profile."
+                        f"get_profile('umm')) whose pixel_range says how its images are fed and read; got a "
+                        f"{type(model).__name__} without one")
+    return tuple(float(v) for v in p.pixel_range)
+
+
 def pixels(img: torch.Tensor, value_range) -> torch.Tensor:
-    """uint8 (3, H, W) -> float (3, H, W) in `value_range`: the model's pixel range, ``model.profile.pixel_range``
+    """uint8 (3, H, W) -> float (3, H, W) in `value_range`: the model's pixel range, ``pixel_range(model)``
     ((-1, 1) under this project's profile, (0, 1) under the released Cheers': its processor's ``x * (1 / 255)``)."""
     lo, hi = (float(v) for v in value_range)
     if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8:

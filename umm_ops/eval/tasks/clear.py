@@ -11,7 +11,7 @@ picture for the PSNR; mmd-bench reads those).
 """
 from __future__ import annotations
 
-from . import EvalContext, Task, TaskOutput, pixels, register
+from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 from .vqa import letter_summary, questions, score_answer, score_short_answer
 
 __all__ = ["ClearTask", "ShortClearTask", "psnr", "format_reward", "PSNR_CAP"]
@@ -67,9 +67,9 @@ class ClearTask(Task):
         res, res_clean = [], []
         for s, b in ctx.batches(list(range(len(qa)))):
             seed = ctx.seed_for(self.name, idx[b[0]])
-            res += model.generate_then_answer([pixels(degraded[k], model.profile.pixel_range) for k in b], [texts[k] for k in b],
+            res += model.generate_then_answer([pixels(degraded[k], pixel_range(model)) for k in b], [texts[k] for k in b],
                                         steps=ctx.steps, seed=seed)
-            res_clean += model.generate_then_answer([pixels(images[k], model.profile.pixel_range) for k in b], [texts[k] for k in b],
+            res_clean += model.generate_then_answer([pixels(images[k], pixel_range(model)) for k in b], [texts[k] for k in b],
                                               steps=ctx.steps, seed=seed)
         items, by_level = [], {}
         restorations = []
@@ -80,7 +80,7 @@ class ClearTask(Task):
                   "format": format_reward(r["format"]), "answer": q[key], "predicted": r["answer"],
                   "text": r["text"]}
             if r["image"] is not None:
-                rest = to_uint8(r["image"], model.profile.pixel_range)
+                rest = to_uint8(r["image"], pixel_range(model))
                 it["psnr"] = psnr(rest, images[k])
                 it["psnr_degraded"] = psnr(degraded[k], images[k])
                 by_level.setdefault(lv, []).append(it["psnr"])

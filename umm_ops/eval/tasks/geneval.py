@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from . import EvalContext, Task, TaskOutput, pixels, register
+from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 
 __all__ = ["GenEvalTask", "score_image", "to_uint8"]
 
 
 def score_image(spec: dict, image: torch.Tensor, value_range=(-1.0, 1.0)) -> dict:
     """The checker's verdict on one image (3, H, W) in `value_range` (a model's output: its
-    ``model.profile.pixel_range``; clamped to it) for a prompt spec: {"score", "correct"}."""
+    ``pixel_range(model)``; clamped to it) for a prompt spec: {"score", "correct"}."""
     from ..checker import check
 
     lo, hi = (float(v) for v in value_range)
@@ -30,7 +30,7 @@ def score_image(spec: dict, image: torch.Tensor, value_range=(-1.0, 1.0)) -> dic
 
 
 def to_uint8(img: torch.Tensor, value_range) -> torch.Tensor:
-    """(3, H, W) in `value_range` (the model's pixel range, ``model.profile.pixel_range``: (-1, 1) or (0, 1);
+    """(3, H, W) in `value_range` (the model's pixel range, ``pixel_range(model)``: (-1, 1) or (0, 1);
     clamped to it) -> uint8 (3, H, W) on the CPU.  NaN / Inf are refused, not turned into pixels."""
     lo, hi = (float(v) for v in value_range)
     x = img.detach().float().cpu()
@@ -56,7 +56,7 @@ class GenEvalTask(Task):
 
         recs = ctx.records()
         S = ctx.image_size
-        rng = model.profile.pixel_range          # the model's pixels, in and out
+        rng = pixel_range(model)          # the model's pixels, in and out
         gen: list = []
         for s, batch in ctx.batches(recs):
             prompts = [Sample([TextItem(r.prompt["text"])], meta={"task": self.name, "index": r.index})

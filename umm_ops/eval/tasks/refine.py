@@ -9,7 +9,7 @@ Wilson).  The extra numbers give the mean score after each round (a stopped prom
 """
 from __future__ import annotations
 
-from . import EvalContext, Task, TaskOutput, register
+from . import EvalContext, Task, TaskOutput, pixel_range, register
 from .geneval import score_image, to_uint8
 
 __all__ = ["RefineTask"]
@@ -27,7 +27,7 @@ class RefineTask(Task):
     def run(self, model, ctx: EvalContext) -> TaskOutput:
         recs = ctx.records()
         S, R = ctx.image_size, ctx.refine_rounds
-        rng = model.profile.pixel_range          # the model's pixels
+        rng = pixel_range(model)          # the model's pixels
         res = []
         for _, batch in ctx.batches(recs):
             res += model.generate_refined([r.prompt["text"] for r in batch], max_rounds=R, steps=ctx.steps,

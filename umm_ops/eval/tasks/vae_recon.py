@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import EvalContext, Task, TaskOutput, model_device_dtype, pixels, register
+from . import EvalContext, Task, TaskOutput, model_device_dtype, pixel_range, pixels, register
 from .geneval import score_image, to_uint8
 
 __all__ = ["VAEReconTask", "scene_spec", "score_reconstruction"]
@@ -55,7 +55,7 @@ class VAEReconTask(Task):
         recs = ctx.records()
         dev, dt = model_device_dtype(model)
         rec_imgs: list = []
-        rng = model.profile.pixel_range          # the model's pixels, in and out
+        rng = pixel_range(model)          # the model's pixels, in and out
         for _, batch in ctx.batches(recs):
             real = torch.stack([pixels(r.image, rng) for r in batch]).to(dev, dt)
             with torch.no_grad():
