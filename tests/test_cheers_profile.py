@@ -583,3 +583,16 @@ def test_text_only_image_is_training_only_and_cheers_only(cheers, rec_train):
     assert G.prompt_ids(cheers, "hello").tolist().count(cheers.tokenizer.special("<image>")) == 0
     with pytest.raises(ValueError, match="text_only_image must be None or"):
         PackSpec(tokenizer=cheers.tokenizer, text_only_image=(50, 0.0))
+
+
+def test_cli_eval_on_the_released_folder(cheers, released_folder, tmp_path, capsys):
+    """`umm eval` on a released folder: loaded with the "cheers" profile, its tasks feed and read [0, 1] pixels
+    (vqa's images pass the model's range check; geneval's images are the API's, read in [0, 1])."""
+    from umm_ops.cli import main
+
+    js = tmp_path / "res.json"
+    assert main(["eval", str(released_folder), "--tasks", "vqa,geneval", "--n", "2", "--image-size", "64",
+                 "--steps", "2", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert set(res["tasks"]) == {"vqa", "geneval"} and res["tasks"]["vqa"]["n"] == 2
+    assert str(released_folder) in capsys.readouterr().out

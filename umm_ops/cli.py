@@ -389,8 +389,13 @@ def _eval(args) -> int:
         from .train.export import load_checkpoint_model
 
         try:
-            model = load_checkpoint_model(args.checkpoint, device=args.device)
-            saved = _run_world(args.checkpoint)
+            if _is_released_cheers(args.checkpoint):    # the released Cheers folder: its own conventions ("cheers")
+                from .model.checkpoint import from_cheers_checkpoint
+
+                model, saved = from_cheers_checkpoint(args.checkpoint, device=args.device), None
+            else:
+                model = load_checkpoint_model(args.checkpoint, device=args.device)
+                saved = _run_world(args.checkpoint)
         except (FileNotFoundError, ValueError) as e:
             print(f"eval: {e}", file=sys.stderr)
             return 2
