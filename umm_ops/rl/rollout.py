@@ -228,9 +228,10 @@ def token_logprobs(model, prompts, ids, temperature: float = 1.0, reference=None
 class ImageRollout:
     """G images per prompt, consecutive per group, and their recorded SDE steps.
 
-    images (B, 3, H, W) in the model's pixel range (its profile's); latents (B, n, C); x / x_next (B, S, n, C): the state before and after each
-    of the S recorded steps; t / t_next (B, S); logprobs (B, S): the transition log-probs under the rollout policy
-    (mean over elements); steps (B, S) their indices; sigma; cfg_scale; height, width; seeds."""
+    images (B, 3, H, W) in the model's pixel range (its profile's); latents (B, n, C); x / x_next (B, S, n, C): the
+    state before and after each of the S recorded steps; t / t_next (B, S); logprobs (B, S): the transition
+    log-probs under the rollout policy (mean over elements); steps (B, S) their indices; sigma; cfg_scale; height,
+    width; seeds (one per trajectory: its noise and, under a profile with dummy images, its dummy image)."""
 
     prompts: list
     keys: list

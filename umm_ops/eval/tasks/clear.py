@@ -67,10 +67,11 @@ class ClearTask(Task):
         res, res_clean = [], []
         for s, b in ctx.batches(list(range(len(qa)))):
             seed = ctx.seed_for(self.name, idx[b[0]])
-            res += model.generate_then_answer([pixels(degraded[k], pixel_range(model)) for k in b], [texts[k] for k in b],
-                                        steps=ctx.steps, seed=seed)
-            res_clean += model.generate_then_answer([pixels(images[k], pixel_range(model)) for k in b], [texts[k] for k in b],
+            rng = pixel_range(model)
+            res += model.generate_then_answer([pixels(degraded[k], rng) for k in b], [texts[k] for k in b],
                                               steps=ctx.steps, seed=seed)
+            res_clean += model.generate_then_answer([pixels(images[k], rng) for k in b], [texts[k] for k in b],
+                                                    steps=ctx.steps, seed=seed)
         items, by_level = [], {}
         restorations = []
         for k, (i, q, (kind, lv), r, c) in enumerate(zip(idx, qs, chosen, res, res_clean)):

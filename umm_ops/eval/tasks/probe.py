@@ -125,7 +125,8 @@ class ProbeTask(Task):
 
     def run(self, model, ctx: EvalContext) -> TaskOutput:
         recs = ctx.records()
-        x = image_token_features(model, [pixels(r.image, pixel_range(model)) for r in recs], ctx.batch_size)   # (L+1, N, D)
+        rng = pixel_range(model)
+        x = image_token_features(model, [pixels(r.image, rng) for r in recs], ctx.batch_size)   # (L+1, N, D)
         facts = [scene_facts(r) for r in recs]
         items, chance, skipped, sizes = [], {}, {}, {}
         for fact in FACTS:

@@ -112,7 +112,8 @@ class SegmentTask(Task):
         maps: list = []
         for _, batch in ctx.batches(recs):
             with torch.no_grad():
-                out = model.edit_image([pixels(r.image, pixel_range(model)) for r in batch], [SEGMENT_PROMPT] * len(batch), height=S,
+                rng = pixel_range(model)
+                out = model.edit_image([pixels(r.image, rng) for r in batch], [SEGMENT_PROMPT] * len(batch), height=S,
                                        width=S, steps=ctx.steps, seed=ctx.seed_for(self.name, batch[0].index))
             maps += [to_uint8(x, pixel_range(model)) for x in out["images"]]
         items = []
