@@ -28,6 +28,16 @@ them, the dummy image, per-step t / x_t / conditional and unconditional velociti
 and the decoded pixels clamped to [0, 1] as Inference/T2I.py does), editing (generate(edit_image=True): the initial
 noise, per-step t and x_t, final latent and pixels), image understanding (ids, pixels, first-token
 logits, greedy continuation) and text-only chat (same).
+
+`python scripts/record_cheers_fixtures.py train` records instead tests/fixtures/cheers_released_train.{safetensors,
+json}: the released TRAINING forward (Cheers.forward with labels) of a text-only chat sample as
+Training/tasks/omni/train_cheers.py ``process_sample`` prepares it - no image in the sample, so a 512 x 512 black
+image through the processor's understanding path (here at the tiny model's resolution, as the processor's
+scale_resolution sets it) and t = [0.0] - with the ids and labels of a system / user / assistant chat whose assistant
+turn is the target (written here piece by piece as the project's packer lays out a chat: the released data pipeline's
+veomni chat template is not run).  Recorded: ids, labels, pixel values, the flow noise x0 drawn inside
+get_image_features, the head's output on the black image's tokens, its target, text loss, image loss, the total
+loss, and the gradient norms of the head (gen_projector, hi_gate, hi_projector) and of the embedding.
 """
 import importlib
 import importlib.machinery
@@ -100,6 +110,68 @@ def load_released(src: str, deps: str):
     return mods, pkg
 
 
+TRAIN_TURNS = (("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nSay hello.<|im_end|>"
+                "\n<|im_start|>assistant\n", False), ("Hello there!<|im_end|>", True), ("\n", False))
+
+
+def record_train_text_only(mods, model, tok, improc, out_path):
+    """The released training forward of a text-only sample (see the module docstring)."""
+    from PIL import Image
+
+    ids, labels = [], []
+    for text, trained in TRAIN_TURNS:
+        t_ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids += t_ids
+        labels += t_ids if trained else [-100] * len(t_ids)
+    # train_cheers.py process_sample: no image -> np.zeros((512, 512, 3)) through image_processor(images=...) (und),
+    # and t = [0.0] (no image token in the ids)
+    info = improc(images=Image.fromarray(np.zeros((512, 512, 3), dtype=np.uint8)))
+    pixel_values, grid_hws = info["pixel_values"].float(), info["grid_hws"]
+    noises = []
+    real = torch.randn_like
+
+    def rec_randn_like(x, *a, **k):     # get_image_features' flow noise x0 = torch.randn_like(image_latent)
+        z = real(x, *a, **k)
+        noises.append(z.detach().clone())
+        return z
+
+    torch.manual_seed(SEED + 4)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.randn_like = rec_randn_like
+    try:
+        out = model(input_ids=torch.tensor([ids]), t=torch.tensor([0.0]), labels=torch.tensor([labels]),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long), pixel_values=pixel_values,
+                    grid_hws=grid_hws)
+    finally:
+        torch.randn_like = real
+    assert len(noises) == 1, len(noises)
+    out.loss.backward()
+    grads = {}
+    for name in ("model.gen_projector", "model.hi_gate", "model.hi_projector", "model.language_model.embed_tokens"):
+        gs = [p.grad.double().pow(2).sum() for n, p in model.named_parameters() if n.startswith(name + ".")
+              and p.grad is not None]
+        assert gs, name
+        grads[name] = float(torch.stack(gs).sum().sqrt())
+    model.eval()
+    # image_latent (B, C, H, W) is the head's output as an image; image_latent_label the target x1 - x0 (tokens)
+    v = out.image_latent.detach()[0].flatten(1).transpose(0, 1).clone()
+    target = out.image_latent_label[0].detach().clone()
+    rec = dict(turns=TRAIN_TURNS, grad_norms=grads, text_loss=float(out.text_loss), image_loss=float(out.image_loss),
+               loss=float(out.loss))
+    tensors = dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), pixel_values=pixel_values[0].clone(),
+                   noise=noises[0][0].flatten(1).transpose(0, 1).contiguous(), v=v.contiguous(),
+                   target=target.contiguous())
+    from safetensors.torch import save_file
+    import json
+
+    save_file(tensors, out_path + ".safetensors")
+    with open(out_path + ".json", "w") as f:
+        json.dump(dict(source=SOURCE, seed=SEED, config=TINY, resolution=RES, case=rec,
+                       transformers=__import__("transformers").__version__, torch=torch.__version__), f, indent=1)
+    print("train", {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, rec)
+
+
 def main():
     src = os.environ.get("CHEERS_SRC", "/tmp/cheers/Training/cheers_config")
     deps = os.environ.get("CHEERS_DEPS", "/tmp/rec_pkgs")
@@ -125,6 +197,11 @@ def main():
     proc = mods["processing_umm"].UMMProcessor(image_processor=improc, tokenizer=tok)
     added = tok.convert_tokens_to_ids(["<image>", "<image_gen>", "<im_start>", "<im_end>", "<no_mean>"])
     assert added == [151665, 151666, 151667, 151668, 151669], added
+    if sys.argv[1:] == ["train"]:
+        record_train_text_only(mods, model, tok, improc, out_path + "_train")
+        shutil.rmtree(pkg, ignore_errors=True)
+        shutil.rmtree(tokdir, ignore_errors=True)
+        return
 
     rec = dict(source=SOURCE, seed=SEED, config=TINY, names=names, resolution=RES,
                transformers=__import__("transformers").__version__, torch=torch.__version__)

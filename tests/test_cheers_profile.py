@@ -382,8 +382,15 @@ def test_bad_inputs_under_the_cheers_profile(model, rec):
         model.generate_image(fx["t2i.input_ids"][:-1], steps=1)
     with pytest.raises(ValueError, match="dummy_image must be a \\(3, 64, 64\\) tensor"):
         model.generate_image("x", steps=1, dummy_image=torch.zeros(3, 32, 32))
-    with pytest.raises(ValueError, match="needs sampler='euler'"):
-        model.generate_image("x", steps=2, mode="sde")
+    # mode "sde" runs on the released grid (online RL): the steps t_n -> t_{n+1} stochastic, the final
+    # x + v(1) / steps deterministic (log-prob 0)
+    out = model.generate_image("x", steps=3, mode="sde", cfg_scale=1.0)
+    assert out["logprobs"].shape == (1, 3) and float(out["logprobs"][0, 2]) == 0.0
+    assert bool((out["logprobs"][0, :2] != 0).all()) and out["trajectory"].shape[1] == 4
+    ode = model.generate_image("x", steps=3, cfg_scale=1.0)
+    assert not torch.equal(out["latents"], ode["latents"])
+    with pytest.raises(ValueError, match=r"sde_steps must be step indices in \[0, 3\)"):
+        model.generate_image("x", steps=3, mode="sde", sde_steps={3})
 
 
 def test_project_profile_stays_the_default():
@@ -476,3 +483,116 @@ def test_unpack_under_each_profile(cheers):
     assert unpack(b, spec.tokenizer, image_token="<image>")[0].items[2].text == "ok"
     with pytest.raises(ValueError, match="does not hold one placeholder id"):
         unpack(b, spec.tokenizer, image_token="<|image_pad|>")
+
+
+# ------------------------------------------------------------------------------------------------ training: text-only
+@pytest.fixture(scope="module")
+def rec_train():
+    """tests/fixtures/cheers_released_train.*: `python scripts/record_cheers_fixtures.py train` (the released
+    Cheers.forward with labels on a text-only chat sample, as train_cheers.py process_sample prepares it)."""
+    from safetensors.torch import load_file
+
+    with open(FIX + "_train.json") as f:
+        meta = json.load(f)
+    return meta, load_file(FIX + "_train.safetensors")
+
+
+def _text_only(meta):
+    from umm_ops.data.packing import Sample, TextItem
+
+    return Sample([TextItem(t, loss=bool(trained)) for t, trained in meta["case"]["turns"]])
+
+
+def _grad_norm(model, prefix):
+    gs = [p.grad.double().pow(2).sum() for n, p in model.named_parameters() if n.startswith(prefix)
+          and p.grad is not None]
+    return float(torch.stack(gs).sum().sqrt())
+
+
+def test_training_text_only_sample_gets_the_released_black_image(cheers, rec_train):
+    """Released training (train_cheers.py process_sample, modeling_umm.py): a sample without images gets a black
+    image of the model's size at t = 0 in front - causal, no wrappers, no labels - whose head output is trained
+    against x1 - noise.  Packed with the model's pack_spec, our training forward reproduces the released one:
+    ids, labels, the head's output and target, text / image / total loss and the gradients."""
+    from umm_ops.data.packing import pack
+
+    meta, fx = rec_train
+    case = meta["case"]
+    model = cheers
+    n = (meta["resolution"] // model.config.pixels_per_token) ** 2
+    batch = pack([_text_only(meta)], model.pack_spec())[0]
+    assert batch.input_ids[:n].tolist() == [model.tokenizer.special("<image>")] * n
+    assert torch.equal(batch.input_ids[n:], fx["input_ids"])
+    # released labels are the target ids in place; ours are shifted (labels[i] = the target token i + 1)
+    assert torch.equal(batch.labels[n - 1:-1], fx["labels"]) and set(batch.labels[:n - 1].tolist()) == {-100}
+    assert batch.image_spans.tolist() == [[0, n, 1]] and batch.timesteps.tolist() == [0.0]
+    assert torch.equal(batch.images[0], fx["pixel_values"]) and float(fx["pixel_values"].abs().max()) == 0.0
+    assert batch.text_only_image.tolist() == [True]
+    was = model.training
+    model.zero_grad(set_to_none=True)
+    try:
+        out = model(batch, noise=[fx["noise"]], return_outputs=True)
+        out["loss"].backward()
+        _close(out["v_pred"][0][0].detach(), fx["v"], "head output on the black image")
+        _close(out["v_target"][0][0], fx["target"], "its flow target x1 - noise")
+        _close(out["text_loss"].reshape(1), torch.tensor([case["text_loss"]]), "text loss")
+        _close(out["flow_loss"].reshape(1), torch.tensor([case["image_loss"]]), "image loss")
+        _close(out["loss"].detach().reshape(1), torch.tensor([case["loss"]]), "total loss")
+        assert out["flow_images"] == 1
+        for released, ours in (("model.gen_projector", "head.gen_projector."), ("model.hi_gate", "head.hi_gate."),
+                               ("model.hi_projector", "head.hi_projector."),
+                               ("model.language_model.embed_tokens", "llm.model.embed_tokens.")):
+            _close(torch.tensor([_grad_norm(model, ours)]), torch.tensor([case["grad_norms"][released]]),
+                   f"gradient norm of {ours}", rtol=1e-4)
+        # switched off: no black image, nothing for the head, and the text sees another context
+        off = model(pack([_text_only(meta)], model.pack_spec(text_only_image=None))[0])
+        assert off["flow_images"] == 0
+        _far(off["text_loss"].reshape(1), torch.tensor([case["text_loss"]]), "text loss without the black image")
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+
+
+def test_text_only_image_is_training_only_and_cheers_only(cheers, rec_train):
+    """Only the cheers profile's training packer adds it: the umm profile packs a text-only sample unchanged,
+    generation builds prompts without it, unpack gives the sample back without it, CFG dropout leaves its sample
+    alone (released: only samples with a generated image become CFG data), and the SFT encoder adds it."""
+    from umm_ops.data.packing import ImageItem, PackSpec, Sample, TextItem, pack, unpack
+    from umm_ops.model.cheers import CheersModel
+    from umm_ops.train import policy
+    from umm_ops.train.recipes.sft import Encoder
+
+    meta, _ = rec_train
+    sample = _text_only(meta)
+    tiny = CheersModel("tiny")
+    assert tiny.pack_spec().text_only_image is None and tiny.profile.text_only_image is False
+    assert pack([Sample([TextItem("hello", loss=True)])], tiny.pack_spec())[0].images == []
+    assert cheers.pack_spec().text_only_image == (meta["resolution"], 0.0)
+    t2i = Sample([TextItem("draw"), ImageItem(torch.rand(3, 64, 64), "generate")])
+    batch = pack([sample, t2i], cheers.pack_spec())[0]
+    assert batch.text_only_image.tolist() == [True, False]
+    got = unpack(batch, cheers.tokenizer)
+    assert got[0].items == sample.items and got[1].items[1] == t2i.items[1]
+    ids = policy.cfg_dropout(cheers, batch, 1.0, seed=0)
+    o = batch.doc_offsets.tolist()
+    assert torch.equal(ids[:o[1]], batch.input_ids[:o[1]])                         # the text-only sample: kept
+    assert not torch.equal(ids[o[1]:], batch.input_ids[o[1]:])                     # the text-to-image one: dropped
+    doc = Encoder(cheers.pack_spec())(sample, 3, 0)
+    assert doc.text_only_image and doc.timesteps == [0.0] and doc.segments[0][1] == "causal"
+    # generation's prompts never hold it (the dummy image of the released inference is another thing: t = 1)
+    assert G.prompt_ids(cheers, "hello").tolist().count(cheers.tokenizer.special("<image>")) == 0
+    with pytest.raises(ValueError, match="text_only_image must be None or"):
+        PackSpec(tokenizer=cheers.tokenizer, text_only_image=(50, 0.0))
+
+
+def test_cli_eval_on_the_released_folder(cheers, released_folder, tmp_path, capsys):
+    """`umm eval` on a released folder: loaded with the "cheers" profile, its tasks feed and read [0, 1] pixels
+    (vqa's images pass the model's range check; geneval's images are the API's, read in [0, 1])."""
+    from umm_ops.cli import main
+
+    js = tmp_path / "res.json"
+    assert main(["eval", str(released_folder), "--tasks", "vqa,geneval", "--n", "2", "--image-size", "64",
+                 "--steps", "2", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert set(res["tasks"]) == {"vqa", "geneval"} and res["tasks"]["vqa"]["n"] == 2
+    assert str(released_folder) in capsys.readouterr().out

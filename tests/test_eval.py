@@ -108,17 +108,36 @@ class _Cached:
 class Oracle:
     """A stand-in model answering from the world's records (each prompt names its record in Sample.meta):
     mode "right" (the true letter, caption, picture, instance map), "wrong" (another letter, nothing, noise,
-    black) or "random" (a random letter)."""
+    black) or "random" (a random letter).  profile: the model's conventions, whose pixel range its images come in
+    and go out in (images it is given outside the range are refused, as the real model refuses them)."""
 
     tokenizer = None
 
-    def __init__(self, world, mode="right", seed=0):
+    def __init__(self, world, mode="right", seed=0, profile="umm"):
+        from umm_ops.model.profile import get_profile
+
+        self.profile = get_profile(profile)
         self.world = _Cached(world)
         self.mode, self.rng = mode, random.Random(seed)
         self.vae = _VAE("noise" if mode == "wrong" else "identity")
         self.by_pixels = {}
 
+    def _px(self, u8):
+        """uint8 -> the profile's pixel range."""
+        return u8.float() / 127.5 - 1 if self.profile.pixel_range == (-1.0, 1.0) else u8.float() / 255
+
+    def _noise(self, *shape, generator):
+        x = torch.rand(*shape, generator=generator)
+        return x * 2 - 1 if self.profile.pixel_range == (-1.0, 1.0) else x
+
+    def _given(self, images):
+        for im in images:
+            self.profile.check_pixels(im, "Oracle")
+
     def generate_text(self, samples, max_new_tokens=2, temperature=0.0, **kw):
+        from umm_ops.data.packing import ImageItem
+
+        self._given([it.image for s in samples for it in s.items if isinstance(it, ImageItem)])
         out = []
         for s in samples:
             rec = self.world[s.meta["index"]]
@@ -139,10 +158,9 @@ class Oracle:
 
     def generate_image(self, prompts, height, width, steps=None, seed=0, **kw):
         if self.mode == "right":
-            imgs = [self.world[p.meta["index"]].image.float() / 127.5 - 1 for p in prompts]
+            imgs = [self._px(self.world[p.meta["index"]].image) for p in prompts]
             return {"images": torch.stack(imgs)}
-        return {"images": torch.rand(len(prompts), 3, height, width, generator=torch.Generator().manual_seed(seed))
-                * 2 - 1}
+        return {"images": self._noise(len(prompts), 3, height, width, generator=torch.Generator().manual_seed(seed))}
 
     def generate_refined(self, prompts, max_rounds=3, height=64, width=64, seed=0, **kw):
         """R3's loop: "right" draws the true picture and stops; otherwise noise, edited for every round."""
@@ -150,7 +168,7 @@ class Oracle:
         out = []
         for k, p in enumerate(prompts):
             if self.mode == "right":
-                img = recs[p].image.float() / 127.5 - 1
+                img = self._px(recs[p].image)
                 rounds = [{"round": 1, "text": "<think> plan </think>", "instruction": None, "image": img},
                           {"round": 2, "text": "no further edit needed", "instruction": "no further edit needed",
                            "image": img}][:max_rounds]
@@ -158,7 +176,7 @@ class Oracle:
                 continue
             g = torch.Generator().manual_seed(seed + k)
             rounds = [{"round": r + 1, "text": "x", "instruction": None if r == 0 else "x",
-                       "image": torch.rand(3, height, width, generator=g) * 2 - 1} for r in range(max_rounds)]
+                       "image": self._noise(3, height, width, generator=g)} for r in range(max_rounds)]
             out.append({"prompt": p, "rounds": rounds, "stopped": False, "image": rounds[-1]["image"]})
         return out
 
@@ -167,6 +185,7 @@ class Oracle:
         directly with another letter, "random" a random letter (the record is found by its question's text)."""
         from umm_ops.data.clear_data import clear_question
 
+        self._given(images)
         out = []
         for im, text in zip(images, questions):
             rec, q, mc = next((r, q, mc) for i in range(FIRST, FIRST + 64) for r in [self.world[i]] for q in r.vqa
@@ -177,19 +196,22 @@ class Oracle:
                 letter = {"right": q["answer"], "wrong": q["answer"] + "s", "random": self.rng.choice(q["options"])}
             restore = self.mode == "right"
             out.append({"text": "", "restored": restore,
-                        "image": rec.image.float() / 127.5 - 1 if restore else None, "answer": letter[self.mode],
+                        "image": self._px(rec.image) if restore else None, "answer": letter[self.mode],
                         "format": {"think": restore, "answer": restore, "order": restore}})
         return out
 
     def edit_image(self, images, instructions, height, width, steps=None, seed=0, **kw):
+        from umm_ops.eval.tasks.geneval import to_uint8
+
+        self._given(images)
         if not self.by_pixels:
             for i in range(FIRST, len(self.world)):
                 self.by_pixels[self.world[i].image.numpy().tobytes()] = i
         out = []
         for im in images:
-            i = self.by_pixels[((im + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()]
-            seg = self.world[i].segmentation.float() / 127.5 - 1
-            out.append(seg if self.mode == "right" else -torch.ones_like(seg))
+            i = self.by_pixels[to_uint8(im, self.profile.pixel_range).numpy().tobytes()]
+            seg = self._px(self.world[i].segmentation)
+            out.append(seg if self.mode == "right" else torch.full_like(seg, self.profile.pixel_range[0]))
         return {"images": torch.stack(out)}
 
 
@@ -475,7 +497,10 @@ class _Letters:
     tokenizer = None
 
     def __init__(self, letters):
+        from umm_ops.model.profile import get_profile
+
         self.letters = letters
+        self.profile = get_profile("umm")
 
     def generate_text(self, samples, **kw):
         return [self.letters[s.meta["index"]] for s in samples]
@@ -526,3 +551,92 @@ def test_vqa_and_mmd_bench_read_a_users_file(tmp_path):
     bad.write_text(json.dumps({"image": "0.png", "question": "Which?", "options": ["x", "y"], "answer": "z"}) + "\n")
     with pytest.raises(BadRecord, match="neither an option letter"):
         evaluate(_Letters(letters), "vqa", n=2, image_size=32, data=str(bad))
+
+
+# ----------------------------------------------------------------------------------------------- pixel range
+def test_tasks_feed_and_read_the_models_pixel_range():
+    """Under the released Cheers profile a model takes and gives pixels in [0, 1]: every task feeds its images in
+    that range (the stand-in refuses others, as the real model does) and reads the outputs with it, so a perfect
+    model still scores 1 - with the [-1, 1] assumption the inputs were refused and the outputs read as washed-out
+    halves of the range."""
+    w = _world()
+    tasks = "vqa,caption,geneval,vae-recon,segment,refine,clear"
+    right = _eval(Oracle(w, "right", profile="cheers"), tasks, n=6)["tasks"]
+    for t in tasks.split(","):
+        assert right[t]["score"] == 1.0, (t, right[t]["score"])
+    assert _eval(Oracle(w, "wrong", profile="cheers"), "geneval,segment", n=6)["tasks"]["geneval"]["score"] == 0.0
+
+
+def test_pixel_conversions_follow_the_range():
+    from umm_ops.eval.tasks import pixels
+    from umm_ops.eval.tasks.geneval import to_uint8
+    from umm_ops.eval.world import to_pil
+
+    u8 = torch.arange(0, 256, dtype=torch.uint8).repeat(3, 1, 1)
+    for rng in ((-1.0, 1.0), (0.0, 1.0)):
+        x = pixels(u8, rng)
+        assert float(x.min()) == rng[0] and float(x.max()) == rng[1]
+        assert torch.equal(to_uint8(x, rng), u8)
+        assert np.array_equal(np.asarray(to_pil(x, rng)), u8.permute(1, 2, 0).numpy())
+    assert torch.equal(pixels(u8, (-1.0, 1.0)), u8.float() / 127.5 - 1.0)            # the project's, unchanged
+    with pytest.raises(FloatingPointError, match="NaN"):
+        to_uint8(torch.full((3, 2, 2), float("nan")), (0.0, 1.0))
+    with pytest.raises(ValueError, match="value_range must be"):
+        pixels(u8, (0.0, 255.0))
+    with pytest.raises(TypeError, match="expected a uint8"):
+        pixels(u8.float(), (0.0, 1.0))
+    with pytest.raises(TypeError, match="needs a conventions profile"):      # a model that does not say its range
+        _eval(_NoProfile(), "vqa", n=2)
+
+
+class _NoProfile:
+    tokenizer = None
+
+    def generate_text(self, samples, **kw):
+        return ["A"] * len(samples)
+
+
+def test_eval_end_to_end_on_a_tiny_cheers_model(tmp_path):
+    """A real tiny model under the released Cheers conventions through vqa, geneval and vae-recon: the questions'
+    images reach it in [0, 1], its generated and reconstructed images are read in [0, 1] (the same uint8 as its
+    own outputs converted by hand), and they use the whole range - read as [-1, 1] every pixel was >= 128."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+    from cheers_released import tiny_cheers_model, write_qwen_like_tokenizer
+
+    from umm_ops.data.packing import Sample, TextItem
+    from umm_ops.eval.tasks import EvalContext, get_task, pixels
+    from umm_ops.eval.tasks.geneval import to_uint8
+
+    model = tiny_cheers_model(write_qwen_like_tokenizer(tmp_path / "tok"))
+    assert model.profile.pixel_range == (0.0, 1.0)
+    w = _world(8)
+    ctx = EvalContext(w, FIRST, 2, seed=0, image_size=S, steps=2)
+    seen = []
+    real = model.generate_text
+
+    def spy(samples, *a, **k):
+        seen.extend(it.image for s in samples for it in s.items if hasattr(it, "role"))
+        return real(samples, *a, **k)
+
+    model.generate_text = spy
+    try:
+        vqa = get_task("vqa").run(model, ctx)
+    finally:
+        del model.generate_text
+    assert len(vqa.items) == 2 and seen
+    assert torch.equal(seen[0], pixels(ctx.record(FIRST).image, (0.0, 1.0))) and float(seen[0].min()) >= 0.0
+    gen = get_task("geneval").run(model, ctx).images["generated"]
+    recs = ctx.records()
+    prompts = [Sample([TextItem(r.prompt["text"])], meta={"task": "geneval", "index": r.index}) for r in recs]
+    with torch.no_grad():
+        own = model.generate_image(prompts, height=S, width=S, steps=2,
+                                   seed=ctx.seed_for("geneval", recs[0].index))["images"]
+    for g, o in zip(gen, own):
+        assert torch.equal(g, to_uint8(o, (0.0, 1.0)))
+    recon = get_task("vae-recon").run(model, ctx).images["reconstruction"]
+    for img in list(gen) + list(recon):
+        inside = ((img > 0) & (img < 255)).float().mean()
+        assert int(img.min()) < 128 and float(inside) > 0.05, (int(img.min()), float(inside))

@@ -337,3 +337,55 @@ def test_interleaved_rollout_replays_feeds_images_back_and_recomputes(model):
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
     assert st["text_ratio_mean"] == pytest.approx(1.0, abs=1e-3) and "image_pg_loss" in st
     model.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------- profiles
+@pytest.fixture(scope="module")
+def cheers_model(tmp_path_factory):
+    """A tiny model under the released Cheers conventions (chat template with system turn, <im_start> wrappers,
+    <no_mean> null prompt, a dummy image in front of prompts without one, the released sampler grid, [0, 1])."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+    from cheers_released import tiny_cheers_model, write_qwen_like_tokenizer
+
+    return tiny_cheers_model(write_qwen_like_tokenizer(tmp_path_factory.mktemp("qwen_like")))
+
+
+@pytest.mark.parametrize("profile", ["umm", "cheers"])
+def test_recomputed_logprobs_equal_the_sampled_ones_under_each_profile(profile, model, cheers_model):
+    """Online RL's recomputation builds each context as generation built it (the model's profile): the decoder's
+    recorded token log-probs equal token_logprobs', and the SDE rollout's recorded transition log-probs equal
+    image_logprobs' (old == new at step 0), under this project's profile and the released Cheers one (where the
+    dummy image of a prompt comes from its trajectory seed and the sampler runs on the released grid)."""
+    m = model if profile == "umm" else cheers_model
+    assert m.profile.name == profile
+    prompts = ["a red circle", "two blue squares on the left"]
+    a = rl.rollout_text(m, prompts, 2, seed=5, step=1, keys=["p0", "p1"], max_new_tokens=5, temperature=1.0)
+    lp, mask = rl.token_logprobs(m, a.prompts, a.ids, temperature=1.0, seed=a.seeds)
+    assert torch.equal(mask.cpu(), a.mask)
+    torch.testing.assert_close(lp.detach().cpu()[mask.cpu()], a.logprobs[a.mask], rtol=1e-4, atol=1e-4)
+    ro = rl.rollout_images(m, prompts, 2, seed=3, step=0, keys=[0, 1], steps=4, cfg_scale=2.0,
+                           sigma=umm_ops.SigmaSchedule(0.7))
+    assert ro.logprobs.shape == (4, 3) and bool((ro.logprobs != 0).all())      # every recorded step stochastic
+    ilp, _ = rl.image_logprobs(m, ro)
+    torch.testing.assert_close(ilp.detach().cpu(), ro.logprobs.cpu(), rtol=1e-4, atol=1e-4)
+    if profile == "umm":
+        return
+    # the released grid: v at time_shift(linspace(0, 1, 4), a) - 4 points, the last at t = 1 (never recorded)
+    sh = m.config.time_shift
+    grid = torch.linspace(0, 1, 4)
+    grid = (sh * grid) / (1.0 + (sh - 1.0) * grid)
+    assert torch.equal(ro.t[0].float(), grid[:3]) and torch.equal(ro.t_next[0].float(), grid[1:])
+    # what the old recomputation did - no dummy of the trajectory's seed - is off, and is now refused
+    wrong, _ = rl.token_logprobs(m, a.prompts, a.ids, temperature=1.0, seed=[s + 1 for s in a.seeds])
+    assert float((wrong.detach().cpu()[mask.cpu()] - a.logprobs[a.mask]).abs().max()) > 1e-2
+    with pytest.raises(ValueError, match="pass seed="):
+        rl.token_logprobs(m, a.prompts, a.ids, temperature=1.0)
+    import dataclasses
+
+    with pytest.raises(ValueError, match="ImageRollout.seeds"):
+        rl.image_logprobs(m, dataclasses.replace(ro, seeds=[]))
+    off = rl.image_logprobs(m, dataclasses.replace(ro, seeds=[s + 1 for s in ro.seeds]))[0]
+    assert float((off.detach().cpu() - ro.logprobs.cpu()).abs().max()) > 1e-3

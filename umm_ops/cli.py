@@ -246,8 +246,7 @@ def _generate(args) -> int:
         return refuse(str(e))
 
     def to_png(img):   # the model's pixel range (profile) -> PIL
-        lo, hi = model.profile.pixel_range
-        return _to_pil(img if (lo, hi) == (-1.0, 1.0) else img * 2 - 1)
+        return _to_pil(img, model.profile.pixel_range)
     try:
         if args.text:
             from .data.packing import ImageItem, Sample, TextItem
@@ -286,7 +285,9 @@ def _generate(args) -> int:
             return refuse(f"--size must be a multiple of {p} (pixels per LLM token), got {size}")
         if args.proxy is not None:
             # SGT's proxy task through the model's edit path: [picture (understand)] [instruction] -> an image
-            pix = _load_image(args.image, size)[0].float() / 127.5 - 1.0
+            from .eval.tasks import pixels
+
+            pix = pixels(_load_image(args.image, size)[0], model.profile.pixel_range)   # the model's range
             with torch.no_grad():
                 img = model.edit_image([pix], [args.prompt], height=size, width=size, steps=args.steps,
                                        cfg_scale=args.cfg, seed=args.seed)["images"][0]
@@ -389,8 +390,13 @@ def _eval(args) -> int:
         from .train.export import load_checkpoint_model
 
         try:
-            model = load_checkpoint_model(args.checkpoint, device=args.device)
-            saved = _run_world(args.checkpoint)
+            if _is_released_cheers(args.checkpoint):    # the released Cheers folder: its own conventions ("cheers")
+                from .model.checkpoint import from_cheers_checkpoint
+
+                model, saved = from_cheers_checkpoint(args.checkpoint, device=args.device), None
+            else:
+                model = load_checkpoint_model(args.checkpoint, device=args.device)
+                saved = _run_world(args.checkpoint)
         except (FileNotFoundError, ValueError) as e:
             print(f"eval: {e}", file=sys.stderr)
             return 2

@@ -104,3 +104,18 @@ def tiny_released_state(names_shapes, seed: int = 0) -> dict:
                 t = 0.5 * torch.randn(shape, generator=g)
         out[name] = t.contiguous()
     return out
+
+
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "cheers_released")
+
+
+def tiny_cheers_model(tokdir):
+    """The parity tests' tiny released-Cheers model (tests/fixtures/cheers_released.json's config and names, the
+    seeded weights above) through ``from_cheers_checkpoint``: a CheersModel under the "cheers" profile, eval mode.
+    `tokdir`: a folder from :func:`write_qwen_like_tokenizer`."""
+    from umm_ops.model.checkpoint import from_cheers_checkpoint
+
+    with open(FIXTURE + ".json") as f:
+        meta = json.load(f)
+    state = tiny_released_state(meta["names"], meta["seed"])
+    return from_cheers_checkpoint(state_dict=state, config=meta["config"], tokenizer=tokdir).eval()

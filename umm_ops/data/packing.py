@@ -175,6 +175,13 @@ class PackSpec:
     label_image_start: the start token of a generated image is a label target (the token before it is trained to
         predict it: the released Cheers trains ``<im_start>`` after a prompt, and never the ``<im_end>``); False
         (this project's default): no wrapper token is ever a target.
+    text_only_image: None (this project's default), or ``(side, value)``: a sample without any image gets a
+        side x side image of constant `value` (black in the model's pixel range) in front of its first token,
+        generated at t = 0 (x_t is pure noise, the flow target x1 - noise, its head output trained), causal, no
+        wrapper tokens, no label targets - what the released Cheers training does to text-only samples
+        (Training/tasks/omni/train_cheers.py ``process_sample``: a 512 x 512 black image through the understanding
+        preprocessing and t = 0; modeling_umm.py: its features first, causal, its head loss in the image loss).
+        Classifier-free guidance dropout leaves such samples alone (released: only samples with a generated image).
     """
 
     tokenizer: object = "byte"
@@ -185,6 +192,7 @@ class PackSpec:
     timestep_sampler: object = None
     image_token_names: tuple = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
     label_image_start: bool = False
+    text_only_image: tuple | None = None
 
     def __post_init__(self):
         tok = self.tokenizer
@@ -215,6 +223,15 @@ class PackSpec:
                              f"{self.image_token_names!r}")
         object.__setattr__(self, "image_token_names", names)
         object.__setattr__(self, "_ids", tuple(tok.special(n) for n in names) + (tok.pad_id,))
+        if self.text_only_image is not None:
+            toi = self.text_only_image
+            ok = isinstance(toi, (tuple, list)) and len(toi) == 2 and isinstance(toi[0], int) and \
+                not isinstance(toi[0], bool) and toi[0] > 0 and toi[0] % self.patch == 0 and \
+                isinstance(toi[1], (int, float)) and not isinstance(toi[1], bool) and -1.0 <= toi[1] <= 1.0
+            if not ok:
+                raise ValueError(f"PackSpec: text_only_image must be None or (side, value) with side a positive "
+                                 f"multiple of the patch ({self.patch} px) and value in [-1, 1], got {toi!r}")
+            object.__setattr__(self, "text_only_image", (int(toi[0]), float(toi[1])))
 
     def image_tokens(self, height: int, width: int) -> int:
         """LLM tokens of an image of height x width pixels (the span, without the two wrapper tokens)."""
@@ -236,7 +253,9 @@ class PackedBatch:
     image_grids (n_img, 2) int64: token grid (gh, gw); timesteps (n_img,) float32 (1.0 = clean);
     sample_ids (D,) int64;
     text_spans (n_text, 4) int64: [start, length, loss, doc] of every TextItem (for :func:`unpack`; loss 0/1);
-    metas: the samples' ``meta`` dicts.
+    metas: the samples' ``meta`` dicts;
+    text_only_image (n_img,) bool: the image is the black image ``PackSpec.text_only_image`` put in front of a
+        sample without images (None: no such image in the batch; :func:`unpack` drops them, CFG dropout skips them).
     """
 
     input_ids: torch.Tensor
@@ -251,6 +270,7 @@ class PackedBatch:
     sample_ids: torch.Tensor
     text_spans: torch.Tensor | None = None
     metas: list | None = None
+    text_only_image: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -272,7 +292,7 @@ class PackedBatch:
             layout=self.layout.to(device), doc_offsets=mv(self.doc_offsets), images=[mv(x) for x in self.images],
             image_spans=mv(self.image_spans), image_grids=mv(self.image_grids), timesteps=mv(self.timesteps),
             sample_ids=mv(self.sample_ids), text_spans=mv(self.text_spans),
-            metas=None if self.metas is None else list(self.metas))
+            metas=None if self.metas is None else list(self.metas), text_only_image=mv(self.text_only_image))
 
 
 # ----------------------------------------------------------------------------------------------- one document
@@ -291,6 +311,7 @@ class EncodedSample:
     timesteps: list              # floats
     text_rows: list              # [(offset in doc, length, loss)]
     meta: dict
+    text_only_image: bool = False  # images[0] is the black image PackSpec.text_only_image put in front
 
     @property
     def length(self) -> int:
@@ -314,6 +335,15 @@ def encode_sample(sample: Sample, spec: PackSpec, sample_id: int = 0, seed: int 
     segments: list = []
     images, image_rows, text_rows = [], [], []
     n_gen = 0
+    text_only = spec.text_only_image is not None and not any(isinstance(it, ImageItem) for it in sample.items)
+    if text_only:       # the released training's black image at t = 0: first, causal, no wrappers, no labels
+        side, value = spec.text_only_image
+        n = (side // spec.patch) ** 2
+        images.append(torch.full((3, side, side), value))
+        image_rows.append((0, n, ROLES["generate"], side // spec.patch, side // spec.patch))
+        ids.extend(array.array("q", [img_id]) * n)
+        loss_tok.extend(bytes(n))
+        segments.append((n, "causal"))
 
     def add_causal(toks, loss):
         if not toks:
@@ -347,10 +377,10 @@ def encode_sample(sample: Sample, spec: PackSpec, sample_id: int = 0, seed: int 
         segments.append((n, "full" if it.role == "understand" else spec.gen_mode))
         add_causal([ve_id], False)
         n_gen += it.role == "generate"
-    if not ids:
+    if len(ids) == (image_rows[0][1] if text_only else 0):
         raise ValueError(f"pack: {who} produces no tokens (its text items are empty)")
 
-    timesteps = [1.0] * len(images)
+    timesteps = [0.0 if text_only and k == 0 else 1.0 for k in range(len(images))]
     if n_gen:
         g = torch.Generator().manual_seed(seed_of(int(seed), int(sample_id), "timesteps"))
         t = spec.timestep_sampler(n_gen, g)
@@ -361,13 +391,14 @@ def encode_sample(sample: Sample, spec: PackSpec, sample_id: int = 0, seed: int 
             raise ValueError(f"pack: timestep_sampler returned values outside [0, 1] for {who}: {t.tolist()}")
         gen_t = iter(t.tolist())
         timesteps = [next(gen_t) if row[2] == ROLES["generate"] else 1.0 for row in image_rows]
+    # (a text-only sample has no other image, so n_gen == 0 there and its black image keeps t = 0)
 
     input_ids = torch.frombuffer(ids, dtype=torch.int64)  # shares (and keeps alive) the array's memory
     loss_mask = torch.frombuffer(loss_tok, dtype=torch.bool)
     labels = torch.full_like(input_ids, IGNORE)
     labels[:-1] = torch.where(loss_mask[1:], input_ids[1:], IGNORE)
     return EncodedSample(int(sample_id), input_ids, labels, segments, images, image_rows, timesteps, text_rows,
-                dict(sample.meta))
+                         dict(sample.meta), text_only)
 
 
 def collate_docs(docs: list) -> PackedBatch:
@@ -383,6 +414,7 @@ def collate_docs(docs: list) -> PackedBatch:
     image_rows = [(o + r[0], r[1], r[2], r[3], r[4]) for o, d in zip(offsets, docs) for r in d.image_rows]
     text_rows = [(o + r[0], r[1], r[2], k) for k, (o, d) in enumerate(zip(offsets, docs)) for r in d.text_rows]
     img = torch.tensor(image_rows, dtype=torch.int64).reshape(-1, 5)
+    toi = [k == 0 and d.text_only_image for d in docs for k in range(len(d.images))]
     return PackedBatch(
         input_ids=torch.cat([d.input_ids for d in docs]),
         # per-document aranges: repeat_interleave was 10-100x slower here (its thread pool, on a busy 2-core CPU)
@@ -397,6 +429,7 @@ def collate_docs(docs: list) -> PackedBatch:
         sample_ids=torch.tensor([d.sample_id for d in docs], dtype=torch.int64),
         text_spans=torch.tensor(text_rows, dtype=torch.int64).reshape(-1, 4),
         metas=[d.meta for d in docs],
+        text_only_image=torch.tensor(toi, dtype=torch.bool) if any(toi) else None,
     )
 
 
@@ -486,8 +519,10 @@ def unpack(batch: PackedBatch, tokenizer, image_token: str | None = None) -> lis
     per_doc = [[] for _ in range(len(offs) - 1)]
     for i, (start, _, _, d) in enumerate(texts):
         per_doc[d].append((start, 0, i))
+    added = b.text_only_image.tolist() if b.text_only_image is not None else [False] * len(imgs)
     for i, (start, _, _) in enumerate(imgs):
-        per_doc[bisect.bisect_right(offs, start) - 1].append((start, 1, i))
+        if not added[i]:      # the packer's black image of a text-only sample is no item of it
+            per_doc[bisect.bisect_right(offs, start) - 1].append((start, 1, i))
     samples = []
     for d, rows in enumerate(per_doc):
         # an image span always follows a <|vision_start|> that is in no item, so a text and an image never share a

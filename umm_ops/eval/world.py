@@ -19,12 +19,14 @@ from ..utils import atomic_write, optional_import
 __all__ = ["evaluate_world", "to_pil", "report_lines"]
 
 
-def to_pil(img: torch.Tensor):
-    """(3, H, W) in [-1, 1] -> PIL image."""
+def to_pil(img: torch.Tensor, value_range=(-1.0, 1.0)):
+    """(3, H, W) in `value_range` (a model's output: ``pixel_range(model)``), or uint8 -> PIL image."""
+    from .tasks.geneval import to_uint8
+
     Image = optional_import("PIL", "Image")
 
-    x = ((img.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(x.permute(1, 2, 0).contiguous().cpu().numpy())
+    x = img.detach().cpu() if img.dtype == torch.uint8 else to_uint8(img, value_range)
+    return Image.fromarray(x.permute(1, 2, 0).contiguous().numpy())
 
 
 def _save_png(img, path: Path) -> None:
@@ -43,7 +45,7 @@ def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict
     with short_vqa also as short answers (clear-short, mmd-bench-short)."""
     from ..data.synthetic import SyntheticWorld
     from .runner import save_grid
-    from .tasks import EvalContext, get_task
+    from .tasks import EvalContext, get_task, pixel_range
 
     n = max(n_vqa, n_images, n_captions, n_clear, 1)
     world = SyntheticWorld(size=image_size, seed=seed, length=first + n, **(world or {}))
@@ -82,7 +84,7 @@ def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict
             item = {"prompt": g["prompt"], "tag": g["type"], "score": g["score"], "correct": bool(g["correct"]),
                     "vae_reconstruction_score": v["prompt_score"]}
             if edir is not None:
-                _save_png(to_pil(gen[k].float() / 127.5 - 1.0), edir / f"generated-{k}.png")
+                _save_png(to_pil(gen[k]), edir / f"generated-{k}.png")
                 item["png"] = str(edir / f"generated-{k}.png")
             items.append(item)
         m = len(items)
@@ -126,7 +128,7 @@ def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict
         for k, (p, g) in enumerate(zip(prompts, gen)):
             item = {"prompt": p}
             if edir is not None:
-                _save_png(to_pil(g), edir / f"prompt-{k}.png")
+                _save_png(to_pil(g, pixel_range(model)), edir / f"prompt-{k}.png")
                 item["png"] = str(edir / f"prompt-{k}.png")
             extra.append(item)
         res["prompts"] = extra

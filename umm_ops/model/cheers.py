@@ -101,12 +101,17 @@ class CheersModel(nn.Module):
         return self.llm.model.embed_tokens.weight.dtype
 
     def pack_spec(self, budget: int = 1 << 20, **kw):
-        """The PackSpec that matches this model (tokenizer, pixels per token, gen_mode)."""
+        """The PackSpec that matches this model for training (tokenizer, pixels per token, gen_mode, and the
+        profile's image tokens, labels and text-only image); generation builds its prompts with
+        ``text_only_image=None``."""
         from ..data.packing import PackSpec
 
         p = self.profile
         kw.setdefault("image_token_names", (p.image_start, p.image_end, p.image_pad))
         kw.setdefault("label_image_start", p.label_image_start)
+        # the released training's black image at t = 0 for samples without images (generation passes None)
+        kw.setdefault("text_only_image", (self.config.image_size, float(p.pixel_range[0])) if p.text_only_image
+                      else None)
         return PackSpec(tokenizer=self.tokenizer, patch=self.config.pixels_per_token, gen_mode=self.config.gen_mode,
                         budget=budget, **kw)
 

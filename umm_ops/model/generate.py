@@ -264,7 +264,7 @@ def decode(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0, t
 
 def _text_docs(model, prompts, seed, chat, dummy_image, who):
     """The documents of text-generation prompts (chat template, dummy images per the profile)."""
-    spec = model.pack_spec()
+    spec = model.pack_spec(text_only_image=None)
     samples = [_chat_wrap(model, _as_sample(p, who), chat) for p in prompts]
     _check_images(model, samples, who)
     size = model.config.image_size
@@ -306,7 +306,8 @@ def prompt_ids(model, prompt, image: bool = False, chat: bool | None = None) -> 
     understand is its start token, one placeholder id per LLM token, its end token."""
     s = _chat_wrap(model, _as_sample(prompt, "prompt_ids"), chat)
     size = model.config.image_size
-    return _prompt_doc(model, s, 0, model.pack_spec(), generate_hw=(size, size) if image else None).input_ids
+    spec = model.pack_spec(text_only_image=None)
+    return _prompt_doc(model, s, 0, spec, generate_hw=(size, size) if image else None).input_ids
 
 
 def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stops, seed, chat=None, dummy_image=None):
@@ -424,7 +425,7 @@ def _prefixes(model, samples, hw, use_cfg: bool, who: str, keys=None, dummies=No
             out_e = [embs[j] for j in idx] + ([embs[U + j] for j in idx] if use_cfg else [])
             return out_s, out_e
     dev = model.device
-    spec = model.pack_spec()
+    spec = model.pack_spec(text_only_image=None)
     docs = [_prompt_doc(model, s, i, spec, generate_hw=hw, dummy=dm)
             for i, (s, dm) in enumerate(zip(samples, dummies))]
     n_gen = (int(hw[0]) // model.config.pixels_per_token) * (int(hw[1]) // model.config.pixels_per_token)
@@ -440,14 +441,17 @@ def _prefixes(model, samples, hw, use_cfg: bool, who: str, keys=None, dummies=No
 
 
 def velocity(model, prompts, x, t, height: int | None = None, width: int | None = None,
-             cfg_scale: float = 1.0, dummy_image=None) -> torch.Tensor:
+             cfg_scale: float = 1.0, dummy_image=None, seed=0) -> torch.Tensor:
     """The sampler's velocity v(x_t, t | prompt) for a batch, differentiable (no KV cache): what RL trains through.
 
     prompts: one per row of x (a str or a Sample of text / images to understand); x (N, n, 128) latents on the
     generated image's token grid; t (N,) or a float; with cfg_scale != 1 the guided v_u + s (v_c - v_u), as the
     sampler uses (cfg_scale 0: the null prompt's v).  Each row runs [prompt, image tokens of x] as one packed
     document: the numbers of the sampler's cached path up to float rounding.  Conventions as generate_image (chat
-    template, dummy image: `dummy_image`, default the seed-0 draw).  Returns float32 (N, n, 128)."""
+    template, null prompt, dummy image).  The dummy image of a row (profiles with one, prompts without an image):
+    `dummy_image` for every row, else drawn from `seed`: an int gives every row the draw of that seed (default 0),
+    a list one seed per row - the row's generate_image(seed=[...]) seed gives the dummy its image was sampled
+    with (RL: :func:`umm_ops.rl.image_logprobs` passes the rollout's seeds).  Returns float32 (N, n, 128)."""
     prompts = _prompt_list(prompts, "velocity")
     samples = [_chat_wrap(model, _as_sample(p, "velocity"), None) for p in prompts]
     _check_images(model, samples, "velocity")
@@ -468,8 +472,18 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
     t = torch.as_tensor(t, dtype=torch.float32, device=dev).reshape(-1).expand(N)
     cfg_scale = float(cfg_scale)
     use_cfg = cfg_scale != 1.0
-    keys = [p if isinstance(p, str) else id(p) for p in prompts]
-    dummies = _dummies(model, samples, hw, [0] * N, dummy_image)   # default: the dummy of seed 0 for every row
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != N or not all(isinstance(sd, int) and not isinstance(sd, bool) for sd in seed):
+            raise ValueError(f"velocity: seed must be an int or one int per row ({N}), got {seed!r:.80}")
+        seeds = list(seed)
+    elif isinstance(seed, int) and not isinstance(seed, bool):
+        seeds = [seed] * N
+    else:
+        raise ValueError(f"velocity: seed must be an int or one int per row ({N}), got {type(seed).__name__}")
+    dummies = _dummies(model, samples, hw, seeds, dummy_image)
+    # rows of one prompt share its encoded prefix; a drawn dummy image is part of it (one per seed)
+    keys = [(p if isinstance(p, str) else id(p), sd if dm is not None and dummy_image is None else None)
+            for p, sd, dm in zip(prompts, seeds, dummies)]
     segs, embeds = _prefixes(model, samples, hw, use_cfg, "velocity", keys, dummies)
     k = 2 if use_cfg else 1
     xin = torch.cat([x] * k).to(dev)
@@ -508,9 +522,8 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
         raise ValueError(f"sampler must be 'euler' (steps Euler steps on time_shift(linspace(0, 1, steps + 1))) or "
                          f"'cheers' (the released grid: v at time_shift(linspace(0, 1, steps)), steps - 1 Euler "
                          f"steps, then x + v(1) / steps), got {sampler!r}")
-    if sampler == "cheers" and mode != "ode":
-        raise ValueError(f"mode={mode!r} needs sampler='euler' (its transitions are defined on the Euler grid); the "
-                         f"'cheers' grid is deterministic (mode='ode')")
+    if start_t is not None and mode != "ode":
+        raise ValueError(f"start_t (editing from the image) is deterministic: mode must be 'ode', got {mode!r}")
     steps = cfg.sample_steps if steps is None else int(steps)
     if start_t is not None and int(steps * (1 - start_t)) < 1:
         raise ValueError(f"start_t={start_t} leaves int(steps * (1 - start_t)) = {int(steps * (1 - start_t))} "
@@ -582,7 +595,7 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
             z_img = model.vae.encode(torch.stack([im.to(dev) for im in start_images])).float()
             x = start_t * z_img + (1 - start_t) * x
         return _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, use_cfg,
-                                     return_trajectory, was_training, start_t)
+                                     return_trajectory, was_training, start_t, mode, sigma, sde_steps, randn)
     ts = umm_ops.time_shift(torch.linspace(0, 1, steps + 1, dtype=torch.float64), a).tolist()
     traj, logps = [x], []
     for i in range(steps):
@@ -613,18 +626,23 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
 
 
 def _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, use_cfg, return_trajectory,
-                          was_training, start_t=None):
+                          was_training, start_t=None, mode="ode", sigma=None, sde_steps=None, randn=None):
     """The released sampler (modeling_umm.py Cheers.generate): v at the `steps` points t_n of
     time_shift(linspace(0, 1, steps), a) in float32; x += v(t_n) (t_{n+1} - t_n) for n < steps - 1, then the last
     point (t = 1) gives x + v(1) / steps.  start_t (edit_image=True there): int(steps (1 - start_t)) points from
-    start_t instead of 0."""
+    start_t instead of 0.
+
+    mode "sde" (online RL on this grid; not in the released code): step n < steps - 1 (t_n -> t_{n+1}, the step
+    onto t = 1 included) may be the Flow-GRPO transition with its log-prob instead of the Euler step (the steps in
+    ``sde_steps``, default all of them); the last point's x + v(1) / steps stays deterministic (log-prob 0).  The
+    noise is drawn at every step n < steps - 1, as on the Euler grid."""
     dev = model.device
     t0 = 0.0
     if start_t is not None:
         steps, t0 = int(steps * (1 - start_t)), start_t
     ts = torch.linspace(t0, 1, steps, dtype=torch.float32)
     ts = (a * ts) / (1.0 + (a - 1.0) * ts)             # Cheers.time_shift, in float32 as released
-    traj = [x]
+    traj, logps = [x], []
     for n in range(steps):
         t = ts[n]
         xin = torch.cat([x, x]) if use_cfg else x
@@ -632,12 +650,28 @@ def _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale
                       model.config.gen_mode, n_docs)
         if use_cfg:
             v = v[N:] + cfg_scale * (v[:N] - v[N:])
-        if float(t) != 1.0 and n < steps - 1:
+        euler = float(t) != 1.0 and n < steps - 1
+        if mode == "sde" and euler:
+            z = randn()
+            sto = [n in sde_steps[j] for j in range(N)] if sde_steps is not None else [True] * N
+            x_e = x + v * (ts[n + 1] - ts[n]).to(dev)
+            if any(sto):
+                x_s, lp = umm_ops.flow_step(x, v, float(t), float(ts[n + 1]), noise=z, sigma=sigma,
+                                            return_logprob=True)
+                m = torch.tensor(sto, device=dev)
+                x = torch.where(m[:, None, None], x_s, x_e)
+                logps.append(torch.where(m, lp, torch.zeros_like(lp)))
+            else:
+                x = x_e
+                logps.append(torch.zeros(N, device=dev))
+        elif euler:
             x = x + v * (ts[n + 1] - ts[n]).to(dev)
         else:
             x = x + v * (1 / steps)
+            if mode == "sde":
+                logps.append(torch.zeros(N, device=dev))
         traj.append(x)
-    return _finish(model, x, hw, N, steps, cfg_scale, ts.double().tolist(), traj, [], "ode", return_trajectory,
+    return _finish(model, x, hw, N, steps, cfg_scale, ts.double().tolist(), traj, logps, mode, return_trajectory,
                    was_training)
 
 
@@ -671,8 +705,9 @@ def generate_image(model, prompts, height: int | None = None, width: int | None 
     v at time_shift(linspace(0, 1, steps)), steps - 1 Euler steps, then x + v(1) / steps); default the profile's.
     chat: wrap str / Sample prompts in the chat template (default the profile's).  dummy_image: (3, H, W) in the
     profile's pixel range, the dummy for prompts without an image (profiles with one; default drawn from `seed`).
-    mode "ode": deterministic; "sde" (sampler "euler" only): Flow-GRPO transitions (sigma: float or
-    umm_ops.SigmaSchedule, default SigmaSchedule(0.7); the last step, which lands on t = 1, is Euler) returning
+    mode "ode": deterministic; "sde": Flow-GRPO transitions (sigma: float or umm_ops.SigmaSchedule, default
+    SigmaSchedule(0.7); on the "euler" grid the last step, which lands on t = 1, is Euler; on the "cheers" grid the
+    steps t_n -> t_{n+1} are stochastic and the final x + v(1) / steps is deterministic) returning
     ``trajectory`` (N, steps + 1, n, 128) and ``logprobs`` (N, steps).  sde_steps: the step indices that are
     stochastic in mode "sde" (default all; the others are Euler steps with log-prob 0), or one such collection per
     prompt.

@@ -30,7 +30,13 @@ Two profiles, chosen by ``CheersConfig.profile`` (saved in ``config.json``; ``mo
       (image_processing_umm.py ``_preprocess_und``);
     * training labels: ``<im_start>`` after a prompt is a target, ``<im_end>`` after an image never is
       (modeling_umm.py ``Cheers.forward``: IM_START_ID kept in the labels, IM_END_ID dropped); the packer's
-      ``label_image_start``.
+      ``label_image_start``;
+    * training on a sample without any image: a black image of the model's size in front of it, generated at
+      t = 0 (pure noise in, flow target x1 - noise, its head output in the image loss), causal, no wrapper tokens
+      (Training/tasks/omni/train_cheers.py ``process_sample``: ``np.zeros((512, 512, 3))`` through the
+      understanding preprocessing, ``t = [0.0]``; modeling_umm.py ``prepare_inputs_labels_for_multimodal`` puts its
+      features first with a zero image mask, ``Cheers.forward`` runs the head on the first image-sized block when
+      the labels hold no ``<im_start>``); the packer's ``PackSpec.text_only_image``.
 
 A profile is a frozen dataclass: ``dataclasses.replace(model.profile, dummy_image=False)`` switches one convention.
 
@@ -71,6 +77,7 @@ class Profile:
     pixel_range: tuple             # (lo, hi) of pixels in and out
     preprocess: str                # images to understand from files: "square" resize or "letterbox"
     label_image_start: bool        # training labels: the start token of a generated image is a target
+    text_only_image: bool          # training: a sample without images gets a black image at t = 0 in front
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -102,12 +109,12 @@ PROFILES = {
     "umm": Profile(name="umm", image_start="<|vision_start|>", image_end="<|vision_end|>", image_pad="<|image_pad|>",
                    null_token=None, system_prompt=None, chat=False, added_tokens=(), added_token_ids=None,
                    dummy_image=False, dummy_source_size=256, sampler="euler", pixel_range=(-1.0, 1.0),
-                   preprocess="square", label_image_start=False),
+                   preprocess="square", label_image_start=False, text_only_image=False),
     "cheers": Profile(name="cheers", image_start="<im_start>", image_end="<im_end>", image_pad="<image>",
                       null_token="<no_mean>", system_prompt="You are a helpful assistant.", chat=True,
                       added_tokens=CHEERS_TOKENS, added_token_ids=CHEERS_TOKEN_IDS, dummy_image=True,
                       dummy_source_size=256, sampler="cheers", pixel_range=(0.0, 1.0), preprocess="letterbox",
-                      label_image_start=True),
+                      label_image_start=True, text_only_image=True),
 }
 
 

@@ -138,7 +138,9 @@ def rollout_text(model, prompts, group_size: int, *, seed: int = 0, step: int = 
                  max_new_tokens: int = 32, temperature: float = 1.0, top_k=None, top_p=None, stop=None,
                  meta=None) -> TextRollout:
     """Sample ``group_size`` continuations of each prompt (a str or a Sample with images to understand), all in one
-    packed KV-cache batch, each from its own generator seeded by :func:`trajectory_seed`."""
+    packed KV-cache batch, each from its own generator seeded by :func:`trajectory_seed`.  Recompute their log-probs
+    with ``token_logprobs(model, ro.prompts, ro.ids, temperature, seed=ro.seeds)`` (the seeds also chose the dummy
+    images of a profile that has them)."""
     from ..model.generate import decode
 
     keys = _check_group(prompts, keys, group_size)
@@ -156,15 +158,21 @@ def rollout_text(model, prompts, group_size: int, *, seed: int = 0, step: int = 
                        [r["finish_reason"] for r in res], seeds, m)
 
 
-def token_logprobs(model, prompts, ids, temperature: float = 1.0, reference=None):
+def token_logprobs(model, prompts, ids, temperature: float = 1.0, reference=None, seed=None, chat=None,
+                   dummy_image=None):
     """Log-probs of given continuations under ``model`` (differentiable) - (B, T) float32 and the (B, T) mask.
 
-    prompts: one per continuation (a str or a Sample); ids: the continuations' token lists (as sampled: never
-    re-tokenised text).  Each [prompt, continuation] is one packed document, the whole batch one forward; the head
-    runs through ``umm_ops.linear_logprob`` (no (n, V) logits) unless ``model.config.fused_text_loss`` is off.
-    temperature: the sampling temperature (log-probs of softmax(logits / temperature), as recorded at rollout)."""
-    from ..data.packing import collate_docs, encode_sample
-    from ..model.generate import _as_sample
+    prompts: one per continuation (a str, a Sample or token ids); ids: the continuations' token lists (as sampled:
+    never re-tokenised text).  Each prompt is laid out exactly as :func:`umm_ops.model.generate.decode` fed it
+    (the model's profile: chat template, image wrappers, the dummy image in front of a prompt without one), then its
+    continuation; each [prompt, continuation] is one packed document, the whole batch one forward; the head runs
+    through ``umm_ops.linear_logprob`` (no (n, V) logits) unless ``model.config.fused_text_loss`` is off.
+    temperature: the sampling temperature (log-probs of softmax(logits / temperature), as recorded at rollout).
+    seed / chat / dummy_image: what the continuations were sampled with (decode's arguments; TextRollout.seeds for
+    :func:`rollout_text`): under a profile with dummy images they choose the dummy, so `seed` (or `dummy_image`) is
+    required when a prompt has no image there; otherwise unused."""
+    from ..data.packing import EncodedSample, collate_docs
+    from ..model.generate import _text_docs
     from ..model.losses import token_logprobs as text_logprobs
 
     if len(prompts) != len(ids):
@@ -172,11 +180,18 @@ def token_logprobs(model, prompts, ids, temperature: float = 1.0, reference=None
     temperature = float(temperature)
     if not temperature > 0:
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
-    spec = model.pack_spec()
+    if seed is None and dummy_image is None:
+        bare = _without_image(model, prompts)
+        if bare:
+            raise ValueError(f"token_logprobs: under the {model.profile.name!r} profile prompt {bare[0]} (no image) "
+                             f"was decoded with a dummy image drawn from decode's seed: pass seed= (the seeds "
+                             f"decode was given, TextRollout.seeds) or dummy_image=, got neither")
+    docs_in = _text_docs(model, list(prompts), 0 if seed is None else seed, chat, dummy_image, "token_logprobs")
     docs, rows, T = [], [], max(1, max(len(i) for i in ids))
     off = 0
-    for j, (p, cont) in enumerate(zip(prompts, ids)):
-        d = encode_sample(_as_sample(p, "token_logprobs"), spec, j)
+    for j, (di, cont) in enumerate(zip(docs_in, ids)):
+        d = EncodedSample(j, di.input_ids, torch.full_like(di.input_ids, -100), list(di.segments), list(di.images),
+                          list(di.image_rows), [1.0] * len(di.images), [], {})
         n0 = d.length
         if cont:
             extra = torch.tensor(cont, dtype=torch.int64)
@@ -213,9 +228,10 @@ def token_logprobs(model, prompts, ids, temperature: float = 1.0, reference=None
 class ImageRollout:
     """G images per prompt, consecutive per group, and their recorded SDE steps.
 
-    images (B, 3, H, W) in [-1, 1]; latents (B, n, C); x / x_next (B, S, n, C): the state before and after each
-    of the S recorded steps; t / t_next (B, S); logprobs (B, S): the transition log-probs under the rollout policy
-    (mean over elements); steps (B, S) their indices; sigma; cfg_scale; height, width; seeds."""
+    images (B, 3, H, W) in the model's pixel range (its profile's); latents (B, n, C); x / x_next (B, S, n, C): the
+    state before and after each of the S recorded steps; t / t_next (B, S); logprobs (B, S): the transition
+    log-probs under the rollout policy (mean over elements); steps (B, S) their indices; sigma; cfg_scale; height,
+    width; seeds (one per trajectory: its noise and, under a profile with dummy images, its dummy image)."""
 
     prompts: list
     keys: list
@@ -282,10 +298,32 @@ def sample_images(model, prompts, seeds, *, step: int = 0, seed: int = 0, steps:
                         lps[ar, idx.to(lps.device)], idx, sigma, scale, H, W, list(seeds), list(meta or []))
 
 
+def _without_image(model, prompts) -> list:
+    """Indices of the prompts that get a dummy image under the model's profile (none without dummy images)."""
+    from ..data.packing import ImageItem, Sample
+
+    if not model.profile.dummy_image:
+        return []
+    return [j for j, p in enumerate(prompts) if not (isinstance(p, Sample) and
+                                                    any(isinstance(it, ImageItem) for it in p.items))]
+
+
+def _row_seeds(model, ro: ImageRollout, S: int):
+    """The seed of each (prompt, step) row's dummy image: its trajectory's (generate_image drew the dummy from it)."""
+    if len(ro.seeds) == len(ro.prompts):
+        return [int(sd) for sd in ro.seeds for _ in range(S)]
+    if _without_image(model, ro.prompts):
+        raise ValueError(f"image_logprobs: under the {model.profile.name!r} profile each image was sampled after a "
+                         f"dummy image drawn from its trajectory seed; the rollout must record them (ImageRollout."
+                         f"seeds: one per prompt, {len(ro.prompts)}), got {len(ro.seeds)}")
+    return 0
+
+
 def image_logprobs(model, ro: ImageRollout, reference=None):
     """The recorded steps' transition log-probs under ``model`` (differentiable in its parameters), (B, S), and,
     with a ``reference`` model, ``umm_ops.flow_kl`` of the policy's to the reference's velocity (B, S) (else None).
-    All B x S (prompt, x_t, t) rows run as one packed batch."""
+    All B x S (prompt, x_t, t) rows run as one packed batch, each prompt laid out as the sampler laid it out (the
+    model's profile; a dummy image drawn from the trajectory's seed, ``ro.seeds``)."""
     from ..model.generate import velocity
 
     B, S = ro.t.shape
@@ -294,12 +332,13 @@ def image_logprobs(model, ro: ImageRollout, reference=None):
     xn = ro.x_next.reshape(B * S, *ro.x.shape[2:])
     t, tn = ro.t.reshape(-1), ro.t_next.reshape(-1)
     dev = model.device
-    v = velocity(model, P, x.to(dev), t.to(dev), ro.height, ro.width, cfg_scale=ro.cfg_scale)
+    seeds = _row_seeds(model, ro, S)
+    v = velocity(model, P, x.to(dev), t.to(dev), ro.height, ro.width, cfg_scale=ro.cfg_scale, seed=seeds)
     lp = umm_ops.flow_logprob(x.to(dev), xn.to(dev), v, t.to(dev), tn.to(dev), ro.sigma).view(B, S)
     kl = None
     if reference is not None:
         with torch.no_grad():
             v_ref = velocity(reference, P, x.to(reference.device), t.to(reference.device), ro.height, ro.width,
-                             cfg_scale=ro.cfg_scale).to(dev)
+                             cfg_scale=ro.cfg_scale, seed=_row_seeds(reference, ro, S)).to(dev)
         kl = umm_ops.flow_kl(v, v_ref, t.to(dev), tn.to(dev), ro.sigma).view(B, S)
     return lp, kl

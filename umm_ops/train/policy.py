@@ -95,7 +95,10 @@ def cfg_dropout(model, batch, p: float, seed: int) -> torch.Tensor:
         return ids
     roles = batch.image_spans[:, 2].tolist()
     docs = _docs_of_images(batch)
-    gen_docs = sorted({d for d, r in zip(docs, roles) if r == GENERATE})
+    added = batch.text_only_image.tolist() if batch.text_only_image is not None else [False] * len(roles)
+    # the black image of a text-only sample (PackSpec.text_only_image) is no prompt to drop (released Cheers:
+    # only samples with a generated image become CFG data)
+    gen_docs = sorted({d for d, r, a in zip(docs, roles, added) if r == GENERATE and not a})
     sids = batch.sample_ids.tolist()
     dropped = [d for d in gen_docs
                if float(torch.rand((), generator=generator(seed, int(sids[d]), "cfg-dropout"))) < p]

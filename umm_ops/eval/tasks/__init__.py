@@ -24,7 +24,7 @@ import torch
 
 from ...utils import seed_of
 
-__all__ = ["EvalContext", "TaskOutput", "Task", "TASKS", "register", "get_task", "pixels"]
+__all__ = ["EvalContext", "TaskOutput", "Task", "TASKS", "register", "get_task", "pixels", "pixel_range"]
 
 TASKS: dict = {}
 
@@ -41,9 +41,29 @@ def get_task(name: str) -> "Task":
     return TASKS[name]()
 
 
-def pixels(img: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) -> float (3, H, W) in [-1, 1] (the model's pixel range)."""
-    return img.float() / 127.5 - 1.0
+def pixel_range(model) -> tuple:
+    """The pixel range the model takes and gives images in: its conventions profile's (``model.profile``,
+    umm_ops.model.profile), which every task feeds and reads images with."""
+    p = getattr(model, "profile", None)
+    if p is None or not hasattr(p, "pixel_range"):
+        raise TypeError(f"eval: the model needs a conventions profile (model.profile, e.g. umm_ops.model.profile."
+                        f"get_profile('umm')) whose pixel_range says how its images are fed and read; got a "
+                        f"{type(model).__name__} without one")
+    return tuple(float(v) for v in p.pixel_range)
+
+
+def pixels(img: torch.Tensor, value_range) -> torch.Tensor:
+    """uint8 (3, H, W) -> float (3, H, W) in `value_range`: the model's pixel range, ``pixel_range(model)``
+    ((-1, 1) under this project's profile, (0, 1) under the released Cheers': its processor's ``x * (1 / 255)``)."""
+    lo, hi = (float(v) for v in value_range)
+    if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8:
+        raise TypeError(f"pixels: expected a uint8 (3, H, W) image, got "
+                        f"{img.dtype if isinstance(img, torch.Tensor) else type(img).__name__}")
+    if (lo, hi) == (-1.0, 1.0):
+        return img.float() / 127.5 - 1.0
+    if (lo, hi) == (0.0, 1.0):
+        return (img.double() * (1 / 255)).float()
+    raise ValueError(f"pixels: value_range must be (-1, 1) or (0, 1) (a profile's pixel range), got {value_range!r}")
 
 
 @dataclass

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from . import EvalContext, Task, TaskOutput, pixels, register
+from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 
 __all__ = ["AttentionTask", "attention_probs", "attention_share", "AttentionRecorder"]
 
@@ -114,7 +114,8 @@ class AttentionTask(Task):
         items = []
         for _, chunk in ctx.batches(recs):
             qs = [pick_question(ctx, r) for r in chunk]
-            samples = [Sample([ImageItem(pixels(r.image), "understand"), TextItem(format_question(q, False)),
+            rng = pixel_range(model)
+            samples = [Sample([ImageItem(pixels(r.image, rng), "understand"), TextItem(format_question(q, False)),
                                TextItem(q["answer"] + END, loss=True)]) for r, q in zip(chunk, qs)]
             for batch in pack(samples, spec):
                 with torch.no_grad(), AttentionRecorder(model.llm) as rec:

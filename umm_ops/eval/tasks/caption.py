@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from . import EvalContext, Task, TaskOutput, pixels, register
+from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 
 __all__ = ["CaptionTask", "score_caption"]
 
@@ -64,7 +64,7 @@ class CaptionTask(Task):
         from ...data.packing import ImageItem, Sample, TextItem
 
         recs = ctx.records()
-        samples = [Sample([ImageItem(pixels(r.image), "understand"), TextItem(self.prompt)],
+        samples = [Sample([ImageItem(pixels(r.image, pixel_range(model)), "understand"), TextItem(self.prompt)],
                           meta={"task": self.name, "index": r.index}) for r in recs]
         outs: list = []
         for _, batch in ctx.batches(samples):

@@ -11,7 +11,7 @@ picture for the PSNR; mmd-bench reads those).
 """
 from __future__ import annotations
 
-from . import EvalContext, Task, TaskOutput, pixels, register
+from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 from .vqa import letter_summary, questions, score_answer, score_short_answer
 
 __all__ = ["ClearTask", "ShortClearTask", "psnr", "format_reward", "PSNR_CAP"]
@@ -67,10 +67,11 @@ class ClearTask(Task):
         res, res_clean = [], []
         for s, b in ctx.batches(list(range(len(qa)))):
             seed = ctx.seed_for(self.name, idx[b[0]])
-            res += model.generate_then_answer([pixels(degraded[k]) for k in b], [texts[k] for k in b],
-                                        steps=ctx.steps, seed=seed)
-            res_clean += model.generate_then_answer([pixels(images[k]) for k in b], [texts[k] for k in b],
+            rng = pixel_range(model)
+            res += model.generate_then_answer([pixels(degraded[k], rng) for k in b], [texts[k] for k in b],
                                               steps=ctx.steps, seed=seed)
+            res_clean += model.generate_then_answer([pixels(images[k], rng) for k in b], [texts[k] for k in b],
+                                                    steps=ctx.steps, seed=seed)
         items, by_level = [], {}
         restorations = []
         for k, (i, q, (kind, lv), r, c) in enumerate(zip(idx, qs, chosen, res, res_clean)):
@@ -80,7 +81,7 @@ class ClearTask(Task):
                   "format": format_reward(r["format"]), "answer": q[key], "predicted": r["answer"],
                   "text": r["text"]}
             if r["image"] is not None:
-                rest = to_uint8(r["image"])
+                rest = to_uint8(r["image"], pixel_range(model))
                 it["psnr"] = psnr(rest, images[k])
                 it["psnr_degraded"] = psnr(degraded[k], images[k])
                 by_level.setdefault(lv, []).append(it["psnr"])

@@ -11,22 +11,36 @@ from __future__ import annotations
 
 import torch
 
-from . import EvalContext, Task, TaskOutput, register
+from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 
 __all__ = ["GenEvalTask", "score_image", "to_uint8"]
 
 
-def score_image(spec: dict, image: torch.Tensor) -> dict:
-    """The checker's verdict on one image (3, H, W) in [-1, 1] for a prompt spec: {"score", "correct"}."""
+def score_image(spec: dict, image: torch.Tensor, value_range=(-1.0, 1.0)) -> dict:
+    """The checker's verdict on one image (3, H, W) in `value_range` (a model's output: its
+    ``pixel_range(model)``; clamped to it) for a prompt spec: {"score", "correct"}."""
     from ..checker import check
 
-    r = check(spec, image.detach().float().cpu().clamp(-1, 1), value_range=(-1.0, 1.0))
+    lo, hi = (float(v) for v in value_range)
+    x = image.detach().float().cpu()
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError("score_image: the image holds NaN / Inf values; it cannot be scored")
+    r = check(spec, x.clamp(lo, hi), value_range=(lo, hi))
     return {"score": float(r["score"]), "correct": 1.0 if r["correct"] else 0.0}
 
 
-def to_uint8(img: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) in [-1, 1] -> uint8 (3, H, W) on the CPU."""
-    return ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+def to_uint8(img: torch.Tensor, value_range) -> torch.Tensor:
+    """(3, H, W) in `value_range` (the model's pixel range, ``pixel_range(model)``: (-1, 1) or (0, 1);
+    clamped to it) -> uint8 (3, H, W) on the CPU.  NaN / Inf are refused, not turned into pixels."""
+    lo, hi = (float(v) for v in value_range)
+    x = img.detach().float().cpu()
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError("to_uint8: the image holds NaN / Inf values; refusing to turn them into pixels")
+    if (lo, hi) == (-1.0, 1.0):
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if (lo, hi) == (0.0, 1.0):
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    raise ValueError(f"to_uint8: value_range must be (-1, 1) or (0, 1) (a profile's pixel range), got {value_range!r}")
 
 
 @register
@@ -42,6 +56,7 @@ class GenEvalTask(Task):
 
         recs = ctx.records()
         S = ctx.image_size
+        rng = pixel_range(model)          # the model's pixels, in and out
         gen: list = []
         for s, batch in ctx.batches(recs):
             prompts = [Sample([TextItem(r.prompt["text"])], meta={"task": self.name, "index": r.index})
@@ -49,10 +64,10 @@ class GenEvalTask(Task):
             with torch.no_grad():
                 out = model.generate_image(prompts, height=S, width=S, steps=ctx.steps,
                                            seed=ctx.seed_for(self.name, batch[0].index))["images"]
-            gen += [to_uint8(g) for g in out]
+            gen += [to_uint8(g, rng) for g in out]
         items = []
         for r, g in zip(recs, gen):
-            v = score_image(r.prompt, g.float() / 127.5 - 1.0)
+            v = score_image(r.prompt, pixels(g, rng), rng)
             items.append({"index": r.index, "type": r.prompt["tag"], "score": v["score"], "correct": v["correct"],
                           "prompt": r.prompt["text"]})
         k = ctx.grid_items

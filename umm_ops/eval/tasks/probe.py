@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import EvalContext, Task, TaskOutput, pixels, register
+from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 
 __all__ = ["ProbeTask", "fit_probe", "probe_predict", "image_token_features", "scene_facts", "FACTS"]
 
@@ -125,7 +125,8 @@ class ProbeTask(Task):
 
     def run(self, model, ctx: EvalContext) -> TaskOutput:
         recs = ctx.records()
-        x = image_token_features(model, [pixels(r.image) for r in recs], ctx.batch_size)   # (L+1, N, D)
+        rng = pixel_range(model)
+        x = image_token_features(model, [pixels(r.image, rng) for r in recs], ctx.batch_size)   # (L+1, N, D)
         facts = [scene_facts(r) for r in recs]
         items, chance, skipped, sizes = [], {}, {}, {}
         for fact in FACTS:

@@ -9,7 +9,7 @@ Wilson).  The extra numbers give the mean score after each round (a stopped prom
 """
 from __future__ import annotations
 
-from . import EvalContext, Task, TaskOutput, register
+from . import EvalContext, Task, TaskOutput, pixel_range, register
 from .geneval import score_image, to_uint8
 
 __all__ = ["RefineTask"]
@@ -27,13 +27,14 @@ class RefineTask(Task):
     def run(self, model, ctx: EvalContext) -> TaskOutput:
         recs = ctx.records()
         S, R = ctx.image_size, ctx.refine_rounds
+        rng = pixel_range(model)          # the model's pixels
         res = []
         for _, batch in ctx.batches(recs):
             res += model.generate_refined([r.prompt["text"] for r in batch], max_rounds=R, steps=ctx.steps,
                                           seed=ctx.seed_for(self.name), height=S, width=S)
         items, per_round = [], [[] for _ in range(R)]
         for r, out in zip(recs, res):
-            scores = [score_image(r.prompt, rd["image"])["score"] for rd in out["rounds"]]
+            scores = [score_image(r.prompt, rd["image"], rng)["score"] for rd in out["rounds"]]
             full = scores + [scores[-1]] * (R - len(scores))
             for k in range(R):
                 per_round[k].append(full[k])
@@ -46,7 +47,7 @@ class RefineTask(Task):
         k = ctx.grid_items
         grid = {"rows": ["truth"] + [f"round {j + 1}" for j in range(R)],
                 "columns": [{"label": f"{it['round1']:.2f}->{it['score']:.2f}\n{it['type']}",
-                             "images": [r.image] + [to_uint8(rd["image"]) for rd in out["rounds"]] +
-                                       [to_uint8(out["image"])] * (R - len(out["rounds"]))}
+                             "images": [r.image] + [to_uint8(rd["image"], rng) for rd in out["rounds"]] +
+                                       [to_uint8(out["image"], rng)] * (R - len(out["rounds"]))}
                             for it, r, out in zip(items[:k], recs[:k], res[:k])]}
-        return TaskOutput(items, extra, grid, {"final": [to_uint8(o["image"]) for o in res]})
+        return TaskOutput(items, extra, grid, {"final": [to_uint8(o["image"], rng) for o in res]})

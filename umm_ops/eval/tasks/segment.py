@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import EvalContext, Task, TaskOutput, pixels, register
+from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 from .geneval import to_uint8
 
 __all__ = ["SegmentTask", "SegMIoUTask", "predicted_regions", "score_segmentation"]
@@ -112,9 +112,10 @@ class SegmentTask(Task):
         maps: list = []
         for _, batch in ctx.batches(recs):
             with torch.no_grad():
-                out = model.edit_image([pixels(r.image) for r in batch], [SEGMENT_PROMPT] * len(batch), height=S,
+                rng = pixel_range(model)
+                out = model.edit_image([pixels(r.image, rng) for r in batch], [SEGMENT_PROMPT] * len(batch), height=S,
                                        width=S, steps=ctx.steps, seed=ctx.seed_for(self.name, batch[0].index))
-            maps += [to_uint8(x) for x in out["images"]]
+            maps += [to_uint8(x, pixel_range(model)) for x in out["images"]]
         items = []
         for r, x in zip(recs, maps):
             v = score_segmentation(x, r.instances)

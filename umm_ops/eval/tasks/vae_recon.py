@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import EvalContext, Task, TaskOutput, model_device_dtype, pixels, register
+from . import EvalContext, Task, TaskOutput, model_device_dtype, pixel_range, pixels, register
 from .geneval import score_image, to_uint8
 
 __all__ = ["VAEReconTask", "scene_spec", "score_reconstruction"]
@@ -27,17 +27,20 @@ def scene_spec(scene: dict) -> dict | None:
     return {"objects": [{"count": c, "color": col, "kind": kd} for (col, kd), c in groups.items()], "relation": None}
 
 
-def score_reconstruction(scene: dict, prompt: dict, image: torch.Tensor) -> dict:
-    """{"score" (whole scene), "correct", "prompt_score"} of an image (3, H, W) in [-1, 1]."""
+def score_reconstruction(scene: dict, prompt: dict, image: torch.Tensor, value_range=(-1.0, 1.0)) -> dict:
+    """{"score" (whole scene), "correct", "prompt_score"} of an image (3, H, W) in `value_range` (the model's
+    pixel range)."""
     from ..checker import find_objects
 
     spec = scene_spec(scene)
+    lo, hi = (float(v) for v in value_range)
     if spec is None:   # an empty scene: right if no palette-coloured object is found
-        found = find_objects(image.detach().float().cpu().clamp(-1, 1), value_range=(-1.0, 1.0))
+        found = find_objects(image.detach().float().cpu().clamp(lo, hi), value_range=(lo, hi))
         whole = {"score": 0.0 if found else 1.0, "correct": 0.0 if found else 1.0}
     else:
-        whole = score_image(spec, image)
-    return {"score": whole["score"], "correct": whole["correct"], "prompt_score": score_image(prompt, image)["score"]}
+        whole = score_image(spec, image, (lo, hi))
+    return {"score": whole["score"], "correct": whole["correct"],
+            "prompt_score": score_image(prompt, image, (lo, hi))["score"]}
 
 
 @register
@@ -52,14 +55,15 @@ class VAEReconTask(Task):
         recs = ctx.records()
         dev, dt = model_device_dtype(model)
         rec_imgs: list = []
+        rng = pixel_range(model)          # the model's pixels, in and out
         for _, batch in ctx.batches(recs):
-            real = torch.stack([pixels(r.image) for r in batch]).to(dev, dt)
+            real = torch.stack([pixels(r.image, rng) for r in batch]).to(dev, dt)
             with torch.no_grad():
                 out = model.vae.decode(model.vae.encode(real), tuple(real.shape[-2:]))
-            rec_imgs += [to_uint8(x) for x in out]
+            rec_imgs += [to_uint8(x, rng) for x in out]
         items = []
         for r, x in zip(recs, rec_imgs):
-            v = score_reconstruction(r.scene, r.prompt, x.float() / 127.5 - 1.0)
+            v = score_reconstruction(r.scene, r.prompt, pixels(x, rng), rng)
             m = len(r.scene["objects"])
             items.append({"index": r.index, "type": f"{m} object{'s' if m != 1 else ''}", **v})
         k = ctx.grid_items

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from . import EvalContext, Task, TaskOutput, pixels, register
+from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 from ...utils import optional_import
 
 __all__ = ["VQATask", "ShortVQATask", "score_answer", "score_short_answer", "pick_question", "ask", "questions",
@@ -105,7 +105,8 @@ def ask(model, ctx: EvalContext, images, questions, indices, task: str, multiple
     from ...data.packing import ImageItem, Sample, TextItem
     from ...data.synthetic import format_question
 
-    samples = [Sample([ImageItem(pixels(im), "understand"), TextItem(format_question(q, multiple_choice))],
+    rng = pixel_range(model)
+    samples = [Sample([ImageItem(pixels(im, rng), "understand"), TextItem(format_question(q, multiple_choice))],
                       meta={"task": task, "index": i})
                for im, q, i in zip(images, questions, indices)]
     tok = getattr(model, "tokenizer", None)
