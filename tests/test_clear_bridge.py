@@ -265,3 +265,31 @@ def test_clear_bridge_from_the_cli(tmp_path):
     assert any(r["bridge_loss"] > 0 for r in steps)
     assert main(["train", "--recipe", "clear-bridge", "--set", f"recipe.init={base}", "--steps", "1", "--no-eval",
                  "--set", "recipe.bridge_loss=l2", "--out", str(tmp_path / "bad"), "--device", "cpu"]) != 0
+
+
+def test_bridge_eval_task_pairs_with_clear_short(model, monkeypatch):
+    """clear-short-bridge asks for the bridge with the seeds clear-short uses, and scores the PSNR of the restored
+    latents decoded after the answers."""
+    from umm_ops.eval.runner import evaluate
+
+    calls = []
+
+    def fake(self, images, questions, **kw):
+        calls.append(kw)
+        out = []
+        for im in images:
+            with torch.no_grad():
+                z = self.vae.encode(im[None])[0].float()
+            out.append({"text": "", "restored": True, "image": None if kw.get("bridge") else im,
+                        "answer": "x", "format": {"think": True, "answer": True, "order": True},
+                        **({"latent": z} if kw.get("bridge") else {})})
+        return out
+
+    monkeypatch.setattr(type(model), "generate_then_answer", fake, raising=False)
+    res = evaluate(model, "clear-short,clear-short-bridge", n=3, image_size=64, world_kwargs={"max_objects": 2},
+                   batch_size=3)
+    assert [c.get("bridge", False) for c in calls] == [False, False, True, True]
+    assert calls[0]["seed"] == calls[2]["seed"] and calls[1]["seed"] == calls[3]["seed"]
+    t = res["tasks"]["clear-short-bridge"]
+    # the "restorations" are the degraded inputs' latents: decoded, their PSNR is the VAE round trip's, finite
+    assert all(math.isfinite(it["psnr"]) and it["psnr"] > 10 for it in t["items"])

@@ -72,7 +72,8 @@ class ClearTask(Task):
         score, key = (score_answer, "answer_letter") if mc else (score_short_answer, "answer")
         res, res_clean = [], []
         for s, b in ctx.batches(list(range(len(qa)))):
-            seed = ctx.seed_for(self.name, idx[b[0]])
+            # the bridge tasks draw what their decode -> re-encode counterparts draw (paired comparison)
+            seed = ctx.seed_for(self.name.removesuffix("-bridge"), idx[b[0]])
             kw = {"bridge": True} if self.bridge else {}
             res += model.generate_then_answer([pixels(degraded[k]) for k in b], [texts[k] for k in b],
                                               steps=ctx.steps, seed=seed, **kw)
