@@ -46,7 +46,7 @@ def test_bridge_kl_against_the_formula():
     got.backward()
     assert stu[0].grad is not None and stu[0].grad.abs().sum() > 0
     assert tea[0].grad is None and tea[1].grad is None                # the teacher is detached
-    assert float(bridge_kl(tea, tea, layer_weights(L))) == pytest.approx(0.0, abs=1e-6)
+    assert float(bridge_kl(tea, tea, layer_weights(L)).detach()) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="weights"):
         bridge_kl(stu, tea, torch.ones(3))
     with pytest.raises(ValueError, match="same non-zero number"):
@@ -64,7 +64,7 @@ def test_bridge_mse_against_the_formula():
         ms = [sum(s[k, d].item() for k in range(s.shape[0])) / s.shape[0] for d in range(5)]
         mt = [sum(t[k, d].item() for k in range(t.shape[0])) / t.shape[0] for d in range(5)]
         want += sum((a - b) ** 2 for a, b in zip(ms, mt)) / 5 / 2
-    assert float(bridge_mse(stu, tea)) == pytest.approx(want, rel=1e-5)
+    assert float(bridge_mse(stu, tea).detach()) == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="2-D"):
         bridge_mse([torch.zeros(2, 3)], [torch.zeros(3, 3)])
 
@@ -265,6 +265,15 @@ def test_clear_bridge_from_the_cli(tmp_path):
     assert any(r["bridge_loss"] > 0 for r in steps)
     assert main(["train", "--recipe", "clear-bridge", "--set", f"recipe.init={base}", "--steps", "1", "--no-eval",
                  "--set", "recipe.bridge_loss=l2", "--out", str(tmp_path / "bad"), "--device", "cpu"]) != 0
+    # umm generate --restore --bridge answers through the bridge; --bridge alone is refused
+    from PIL import Image
+
+    pic = tmp_path / "pic.png"
+    Image.fromarray(SyntheticWorld(size=64, seed=0, length=1)[0].image.permute(1, 2, 0).numpy()).save(pic)
+    gen = ["generate", str(out), "--text", "--image", str(pic), "--prompt", "what is it?", "--max-new-tokens", "4",
+           "--steps", "2", "--out", str(tmp_path / "r.png"), "--device", "cpu"]
+    assert main(gen + ["--restore", "--bridge"]) == 0
+    assert main(gen + ["--bridge"]) == 2
 
 
 def test_bridge_eval_task_pairs_with_clear_short(model, monkeypatch):
