@@ -368,7 +368,8 @@ def test_all_tasks_json_shape_grids_and_determinism(tmp_path):
     assert json.dumps(a) == json.dumps(b)
     assert json.loads((tmp_path / "a" / "eval.json").read_text()) == a
     assert list(a["tasks"]) == ["vqa", "vqa-short", "caption", "geneval", "segment", "seg-miou", "vae-recon",
-                              "mmd-bench", "mmd-bench-short", "clear", "clear-short", "refine"]
+                              "mmd-bench", "mmd-bench-short", "clear", "clear-short", "clear-bridge",
+                              "clear-short-bridge", "refine"]
     assert a["records"] == [FIRST, FIRST + 6] and a["seed"] == 3 and a["image_size"] == S
     for name, r in a["tasks"].items():
         assert r["score"] == 1.0 and r["n"] == 6 and len(r["ci95"]) == 2 and "per_type" in r, name

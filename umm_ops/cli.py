@@ -223,6 +223,8 @@ def _generate(args) -> int:
         args.max_new_tokens = 96 if args.restore else 64
     if args.max_new_tokens < 1:
         return refuse(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.bridge and not args.restore:
+        return refuse("--bridge is a way for --restore's restoration to join the context: give --restore too")
     if args.restore and not (args.text and args.image):
         return refuse("--restore answers a question about an image (CLEAR's generate-then-answer): it needs --text "
                       "and --image")
@@ -266,8 +268,14 @@ def _generate(args) -> int:
 
                 r = generate_then_answer(model, [prompt.items[0].image], [args.prompt], steps=args.steps,
                                          cfg_scale=args.cfg, seed=args.seed, temperature=args.temperature,
-                                         think_tokens=args.max_new_tokens, answer_tokens=args.max_new_tokens)[0]
+                                         think_tokens=args.max_new_tokens, answer_tokens=args.max_new_tokens,
+                                         bridge=args.bridge)[0]
                 print(r["text"])
+                if r.get("latent") is not None:     # the bridge answered from the latent: pixels for --out only
+                    with torch.no_grad():
+                        r["image"] = model.vae.decode(r["latent"][None].to(model.device, model.dtype),
+                                                      prompt.items[0].image.shape[-2:],
+                                                      clamp=tuple(model.profile.pixel_range))[0].float()
                 if r["image"] is not None:
                     atomic_write(args.out, write=to_png(r["image"]).save, suffix=".png")
                     print(f"restored image -> {args.out}")
@@ -513,6 +521,9 @@ def main(argv=None) -> int:
     ge.add_argument("--restore", action="store_true",
                     help="with --text and --image: CLEAR's generate-then-answer (the model may restore the image "
                          "first; the restoration is written to --out)")
+    ge.add_argument("--bridge", action="store_true",
+                    help="with --restore: CLEAR's latent bridge (the restored latent is written into the KV cache "
+                         "without decoding to pixels and re-encoding; it is decoded for --out after the answer)")
     ge.add_argument("--refine", type=int, default=0, metavar="N",
                     help="R3's loop: up to N rounds of plan / draw, then reflect / edit until the model says no "
                          "further edit is needed (each round's image is also written as OUT-round<k>.png)")
@@ -524,7 +535,8 @@ def main(argv=None) -> int:
     ev.add_argument("--model", default=None, help="evaluate an untrained preset instead (tiny, small, ...)")
     ev.add_argument("--tasks", default="vqa,caption,geneval,segment,vae-recon,mmd-bench",
                     help="comma-separated: vqa, vqa-short, caption, geneval, refine, segment, seg-miou, vae-recon, "
-                         "mmd-bench, mmd-bench-short, clear, clear-short, probe, attention")
+                         "mmd-bench, mmd-bench-short, clear, clear-short, clear-bridge, clear-short-bridge, probe, "
+                         "attention")
     ev.add_argument("--n", type=int, default=256, help="held-out records per task")
     ev.add_argument("--seed", type=int, default=0, help="evaluation seed (question picks, sampler noise, bootstrap)")
     ev.add_argument("--json", default=None, help="write the result as JSON here")

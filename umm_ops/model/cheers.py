@@ -205,7 +205,7 @@ class CheersModel(nn.Module):
         return list(noise)
 
     def forward(self, batch, noise: list | None = None, input_ids: torch.Tensor | None = None,
-                return_outputs: bool = False) -> dict:
+                return_outputs: bool = False, layer_rows: torch.Tensor | None = None) -> dict:
         """Losses of a PackedBatch (see umm_ops.data.packing).
 
         Returns dict(loss, text_loss, flow_loss, text_tokens, flow_images); with return_outputs also ``hidden``
@@ -219,6 +219,9 @@ class CheersModel(nn.Module):
             images, which run at x_t = x1 with zero noise.  Required when the batch holds a generated image.
         input_ids: replaces ``batch.input_ids`` (same shape), e.g. with the prompts dropped for classifier-free
             guidance (``umm_ops.train.policy.cfg_dropout``).
+        layer_rows: optional (R,) token positions of the packed batch: the output also holds ``layer_hidden``
+            (num_hidden_layers, R, D), every LLM layer's output at those positions (``Qwen2LM.forward_packed``), for
+            a recipe's losses on intermediate states (e.g. CLEAR's latent bridge).
 
         Nothing is drawn here: the training recipe draws the noise and the prompt dropout
         (``umm_ops.train.policy.training_inputs``), the packer draws the timesteps.
@@ -269,7 +272,12 @@ class CheersModel(nn.Module):
                 gen.append((tuple(grids[idx[g[0]]]), [spans[idx[j]][0] for j in g], t[gi], high[gi], target))
         if rows:
             embeds = embeds.index_put((torch.cat(rows),), torch.cat(img_embeds).to(embeds.dtype))
-        hidden = self.llm.forward_packed(embeds, batch.position_ids, batch.layout)
+        layer_hidden = None
+        if layer_rows is None:
+            hidden = self.llm.forward_packed(embeds, batch.position_ids, batch.layout)
+        else:
+            hidden, layer_hidden = self.llm.forward_packed(embeds, batch.position_ids, batch.layout,
+                                                           layer_rows=layer_rows)
 
         head = self.llm.lm_head
         l_text, n_text = text_loss(hidden, batch.labels, self.llm.logits,
@@ -289,6 +297,8 @@ class CheersModel(nn.Module):
                    flow_images=sum(len(s) for _, s, *_ in gen))
         if return_outputs:
             out.update(hidden=hidden, v_pred=v_preds, v_target=targets)
+        if layer_hidden is not None:
+            out["layer_hidden"] = layer_hidden
         return out
 
     # ------------------------------------------------------------------ inference (see generate.py)

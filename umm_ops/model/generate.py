@@ -311,13 +311,23 @@ def prompt_ids(model, prompt, image: bool = False, chat: bool | None = None) -> 
 
 
 def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, stops, seed, chat=None, dummy_image=None):
-    dev, tok = model.device, model.tokenizer
+    dev = model.device
     docs = _text_docs(model, prompts, seed, chat, dummy_image, "generate_text")
     _check_positions(model, docs, max_new_tokens, "generate_text")
-    B = len(docs)
-    gens = _generators(seed, B, dev, "generate_text")
-    shared = len(set(map(id, gens))) == 1
+    gens = _generators(seed, len(docs), dev, "generate_text")
     cache, logits = _prefill(model, docs)
+    return _decode_loop(model, cache, logits, max_new_tokens, temperature, top_k, top_p, stops, gens)
+
+
+def _decode_loop(model, cache, logits, max_new_tokens, temperature, top_k, top_p, stops, gens):
+    """Decode from a filled KV cache: `logits` (B, V) are the next-token logits of the cache's B documents, `gens`
+    one generator per document (see :func:`_generators`).  Returns :func:`decode`'s records."""
+    dev, tok = model.device, model.tokenizer
+    B = len(gens)
+    if logits.shape[0] != B or cache.num_docs != B:
+        raise ValueError(f"_decode_loop: {logits.shape[0]} rows of logits and a cache of {cache.num_docs} documents "
+                         f"for {B} generators")
+    shared = len(set(map(id, gens))) == 1
     res = [dict(ids=[], text="", logprobs=[], finish_reason="length") for _ in range(B)]
     active = list(range(B))
     for step in range(max_new_tokens):
@@ -509,7 +519,8 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
 
 @torch.no_grad()
 def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed, mode, sigma, return_trajectory,
-              sde_steps=None, init_noise=None, sampler=None, dummy_image=None, start_t=None, start_images=None):
+              sde_steps=None, init_noise=None, sampler=None, dummy_image=None, start_t=None, start_images=None,
+              pixels=True, return_cache=False):
     cfg = model.config
     sampler = model.profile.sampler if sampler is None else sampler
     if start_t is not None:
@@ -594,8 +605,11 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
         if start_t is not None:     # the released edit_image=True: x = s z_image + (1 - s) noise
             z_img = model.vae.encode(torch.stack([im.to(dev) for im in start_images])).float()
             x = start_t * z_img + (1 - start_t) * x
-        return _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, use_cfg,
-                                     return_trajectory, was_training, start_t, mode, sigma, sde_steps, randn)
+        out = _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, use_cfg,
+                                    return_trajectory, was_training, start_t, mode, sigma, sde_steps, randn, pixels)
+        if return_cache:
+            out["cache"] = cache
+        return out
     ts = umm_ops.time_shift(torch.linspace(0, 1, steps + 1, dtype=torch.float64), a).tolist()
     traj, logps = [x], []
     for i in range(steps):
@@ -622,11 +636,15 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
                 x = x_s
                 logps.append(lp)
         traj.append(x)
-    return _finish(model, x, hw, N, steps, cfg_scale, ts, traj, logps, mode, return_trajectory, was_training)
+    out = _finish(model, x, hw, N, steps, cfg_scale, ts, traj, logps, mode, return_trajectory, was_training, pixels)
+    if return_cache:
+        out["cache"] = cache
+    return out
 
 
 def _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, use_cfg, return_trajectory,
-                          was_training, start_t=None, mode="ode", sigma=None, sde_steps=None, randn=None):
+                          was_training, start_t=None, mode="ode", sigma=None, sde_steps=None, randn=None,
+                          pixels=True):
     """The released sampler (modeling_umm.py Cheers.generate): v at the `steps` points t_n of
     time_shift(linspace(0, 1, steps), a) in float32; x += v(t_n) (t_{n+1} - t_n) for n < steps - 1, then the last
     point (t = 1) gives x + v(1) / steps.  start_t (edit_image=True there): int(steps (1 - start_t)) points from
@@ -672,14 +690,19 @@ def _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale
                 logps.append(torch.zeros(N, device=dev))
         traj.append(x)
     return _finish(model, x, hw, N, steps, cfg_scale, ts.double().tolist(), traj, logps, mode, return_trajectory,
-                   was_training)
+                   was_training, pixels)
 
 
-def _finish(model, x, hw, N, steps, cfg_scale, ts, traj, logps, mode, return_trajectory, was_training):
-    images = model.vae.decode(x.to(model.dtype), hw, clamp=tuple(model.profile.pixel_range)).float()
+def _finish(model, x, hw, N, steps, cfg_scale, ts, traj, logps, mode, return_trajectory, was_training, pixels=True):
+    if pixels:
+        images = model.vae.decode(x.to(model.dtype), hw, clamp=tuple(model.profile.pixel_range)).float()
+        finite = [bool(torch.isfinite(images[i]).all()) for i in range(N)]
+    else:
+        images = None
+        finite = [bool(torch.isfinite(x[i]).all()) for i in range(N)]
     model.train(was_training)
-    if not torch.isfinite(images).all():
-        bad = [i for i in range(N) if not torch.isfinite(images[i]).all()]
+    if not all(finite):
+        bad = [i for i in range(N) if not finite[i]]
         raise FloatingPointError(f"generate_image: the generated image(s) {bad} hold NaN / Inf values (the model's "
                                  f"output or the sampler diverged; steps={steps}, cfg_scale={cfg_scale}); "
                                  f"no image is returned")
@@ -695,7 +718,7 @@ def generate_image(model, prompts, height: int | None = None, width: int | None 
                    cfg_scale: float | None = None, time_shift: float | None = None, seed=0,
                    mode: str = "ode", sigma=None, return_trajectory: bool = False, sde_steps=None,
                    init_noise=None, sampler: str | None = None, chat: bool | None = None,
-                   dummy_image=None) -> dict:
+                   dummy_image=None, pixels: bool = True, return_cache: bool = False) -> dict:
     """Generate one image per prompt (a str, a Sample of text / images to understand, or token ids: everything
     before the image, ending with the profile's image start token).
 
@@ -715,6 +738,9 @@ def generate_image(model, prompts, height: int | None = None, width: int | None 
     batch) or a torch.Generator (draws every image's noise in order).  init_noise: (N, n, 128) initial latents
     instead of drawn ones (e.g. one per group, as R3; a released (N, 128, h, w) latent z is
     ``z.flatten(2).transpose(1, 2)``).
+    pixels=False: the latents only, not decoded to pixels (``images`` is None).  return_cache: also ``cache``, the
+    KV cache of the prompts (the N conditional documents, then with CFG the N null-prompt ones), each holding
+    everything before the image's span (its start token included): what CLEAR's latent bridge continues from.
     Returns dict(images (N, 3, H, W) in the profile's pixel range (clamped), latents (N, n, 128), timesteps, ...).
     """
     prompts = _prompt_list(prompts, "generate_image")
@@ -722,7 +748,8 @@ def generate_image(model, prompts, height: int | None = None, width: int | None 
     samples = [_chat_wrap(model, _as_sample(p, "generate_image"), chat) for p in prompts]
     _check_images(model, samples, "generate_image")
     return _generate(model, samples, height or size, width or size, steps, cfg_scale, time_shift, seed, mode, sigma,
-                     return_trajectory, sde_steps, init_noise, sampler, dummy_image)
+                     return_trajectory, sde_steps, init_noise, sampler, dummy_image, pixels=bool(pixels),
+                     return_cache=bool(return_cache))
 
 
 def edit_image(model, images, instructions, height: int | None = None, width: int | None = None,

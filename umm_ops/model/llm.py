@@ -501,7 +501,7 @@ class Qwen2LM(nn.Module):
         return self.lm_head(hidden)
 
     def forward_packed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, layout: SpanLayout,
-                       cache: KVCache | None = None, update_cache: bool = True) -> torch.Tensor:
+                       cache: KVCache | None = None, update_cache: bool = True, layer_rows=None):
         """Run the decoder over a packed batch.
 
         Args:
@@ -511,7 +511,10 @@ class Qwen2LM(nn.Module):
             layout: the SpanLayout of the batch; with a cache, its documents cover cached + new tokens and its
                 ``q_lens`` are the new tokens.
             cache: a KVCache (empty for the prefill); appended to unless ``update_cache=False``.
-        Returns the final-normed hidden states (L, D).
+            layer_rows: optional (R,) integer indices into the L query rows: also return the output of every decoder
+                layer (the residual stream before the final norm) at those rows.
+        Returns the final-normed hidden states (L, D); with ``layer_rows`` the pair (hidden, layers) where layers is
+        (num_hidden_layers, R, D), layer i's output at the rows (differentiable).
         """
         cfg = self.config
         if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 2 \
@@ -534,16 +537,30 @@ class Qwen2LM(nn.Module):
             raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
         if cache is not None and cache.num_layers != cfg.num_hidden_layers:
             raise ValueError(f"the cache has {cache.num_layers} layers, the model {cfg.num_hidden_layers}")
+        if layer_rows is not None:
+            if not isinstance(layer_rows, torch.Tensor) or layer_rows.dim() != 1 or layer_rows.is_floating_point() \
+                    or layer_rows.dtype == torch.bool or layer_rows.is_complex():
+                raise ValueError(f"layer_rows must be a 1-D integer tensor of row indices, got "
+                                 f"{(tuple(layer_rows.shape), layer_rows.dtype) if isinstance(layer_rows, torch.Tensor) else type(layer_rows).__name__}")
+            if layer_rows.numel() and (int(layer_rows.min()) < 0 or int(layer_rows.max()) >= L):
+                raise ValueError(f"layer_rows must index the {L} query rows (0..{L - 1}), got values in "
+                                 f"[{int(layer_rows.min())}, {int(layer_rows.max())}]")
+            layer_rows = layer_rows.to(inputs_embeds.device, torch.long)
         step = cache._begin(layout, update_cache) if cache is not None else None
         x = inputs_embeds
         cos, sin = rope_cos_sin(position_ids, cfg.dim_head, cfg.rope_theta, x.dtype)   # (L, Dh)
+        taken = []
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and step is None and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, layout, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, layout, step)
+            if layer_rows is not None:
+                taken.append(x.index_select(0, layer_rows))
         if step is not None:
             step.commit()
+        if layer_rows is not None:
+            return self.model.norm(x), torch.stack(taken)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -8,13 +8,18 @@ is right (a missing answer is wrong), ``restored`` = the model restored before a
 + 0.3 order).  Task-level: the restorations' PSNR (capped at PSNR_CAP) to the clean picture (mean over restored items, and per level).
 Breakdowns per type/level, degradation, level, question type.  Synthetic world only (a user's file has no clean
 picture for the PSNR; mmd-bench reads those).
+
+clear-bridge / clear-short-bridge: the same items with the restoration joining the context through CLEAR's latent
+bridge (``generate_then_answer(bridge=True)``: the restored latent written into the KV cache, no decode -> re-encode);
+for the PSNR and the grids only, the restored latents are decoded to pixels after the answers.
 """
 from __future__ import annotations
 
 from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 from .vqa import letter_summary, questions, score_answer, score_short_answer
 
-__all__ = ["ClearTask", "ShortClearTask", "psnr", "format_reward", "PSNR_CAP"]
+__all__ = ["ClearTask", "ShortClearTask", "BridgeClearTask", "ShortBridgeClearTask", "psnr", "format_reward",
+           "PSNR_CAP"]
 
 
 PSNR_CAP = 100.0   # dB: equal images (inf) are counted as this in the means
@@ -44,6 +49,7 @@ class ClearTask(Task):
                "restored_clean": ("restored_clean", "wilson"), "format": ("format", "bootstrap")}
     needs = "CLEAR's generate-then-answer SFT (SFT tasks clear / clear_short)"
     multiple_choice = True
+    bridge = False
 
     def run(self, model, ctx: EvalContext) -> TaskOutput:
         from ...data.degradations import degrade
@@ -66,12 +72,23 @@ class ClearTask(Task):
         score, key = (score_answer, "answer_letter") if mc else (score_short_answer, "answer")
         res, res_clean = [], []
         for s, b in ctx.batches(list(range(len(qa)))):
-            seed = ctx.seed_for(self.name, idx[b[0]])
+            # the bridge tasks draw what their decode -> re-encode counterparts draw (paired comparison)
+            seed = ctx.seed_for(self.name.removesuffix("-bridge"), idx[b[0]])
+            kw = {"bridge": True} if self.bridge else {}
             rng = pixel_range(model)
             res += model.generate_then_answer([pixels(degraded[k], rng) for k in b], [texts[k] for k in b],
-                                              steps=ctx.steps, seed=seed)
+                                              steps=ctx.steps, seed=seed, **kw)
             res_clean += model.generate_then_answer([pixels(images[k], rng) for k in b], [texts[k] for k in b],
-                                                    steps=ctx.steps, seed=seed)
+                                                    steps=ctx.steps, seed=seed, **kw)
+        if self.bridge:       # the restored latents to pixels, for the PSNR and the grids (after the answers)
+            import torch
+
+            for r in res:
+                if r.get("latent") is not None:
+                    hw = images[0].shape[-2:]
+                    with torch.no_grad():
+                        r["image"] = model.vae.decode(r["latent"][None].to(model.device, model.dtype), hw,
+                                                      clamp=tuple(model.profile.pixel_range))[0].float()
         items, by_level = [], {}
         restorations = []
         for k, (i, q, (kind, lv), r, c) in enumerate(zip(idx, qs, chosen, res, res_clean)):
@@ -109,3 +126,19 @@ class ShortClearTask(ClearTask):
     name = "clear-short"
     needs = "CLEAR's generate-then-answer SFT with short answers (SFT task clear_short)"
     multiple_choice = False
+
+
+@register
+class BridgeClearTask(ClearTask):
+    """clear's items answered through the latent bridge (module docstring)."""
+    name = "clear-bridge"
+    needs = "CLEAR's generate-then-answer SFT (clear-sft or clear-bridge)"
+    bridge = True
+
+
+@register
+class ShortBridgeClearTask(ShortClearTask):
+    """clear-short's items answered through the latent bridge (module docstring)."""
+    name = "clear-short-bridge"
+    needs = "CLEAR's generate-then-answer SFT with short answers (clear-sft or clear-bridge)"
+    bridge = True

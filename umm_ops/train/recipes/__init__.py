@@ -1,5 +1,5 @@
-"""Built-in recipes (registered by name on import): ``sft`` (and ``clear-sft``), ``vae``, ``flow-grpo``, ``r3``, ``sgt``,
-``clear-grpo``."""
-from . import clear_grpo, flow_grpo, r3, sft, sgt, vae  # noqa: F401
+"""Built-in recipes (registered by name on import): ``sft`` (and ``clear-sft``), ``clear-bridge``, ``clear-grpo``,
+``vae``, ``flow-grpo``, ``r3``, ``sgt``."""
+from . import clear_bridge, clear_grpo, flow_grpo, r3, sft, sgt, vae  # noqa: F401
 
-__all__ = ["sft", "vae", "flow_grpo", "r3", "sgt", "clear_grpo"]
+__all__ = ["sft", "clear_bridge", "clear_grpo", "vae", "flow_grpo", "r3", "sgt"]
