@@ -389,3 +389,20 @@ def test_recomputed_logprobs_equal_the_sampled_ones_under_each_profile(profile, 
         rl.image_logprobs(m, dataclasses.replace(ro, seeds=[]))
     off = rl.image_logprobs(m, dataclasses.replace(ro, seeds=[s + 1 for s in ro.seeds]))[0]
     assert float((off.detach().cpu() - ro.logprobs.cpu()).abs().max()) > 1e-3
+
+
+def test_interleaved_recomputation_under_the_cheers_profile(cheers_model):
+    """Interleaved rollouts record each segment's seed and the recomputation passes it on: under the released
+    Cheers conventions (a prompt without an image gets a dummy image drawn from the seed) the recomputed text and
+    image log-probs equal the sampled ones."""
+    m = cheers_model
+    plan = [rl.Seg("text", max_new_tokens=4),
+            rl.Seg("image", steps=4, cfg_scale=2.0, sigma=0.3, schedule=rl.SDESchedule("cycle", recordable=3)),
+            rl.Seg("text", max_new_tokens=3)]
+    a = rl.rollout_interleaved(m, ["a red circle", "two blue squares"], 2, plan, seed=2, step=1, keys=["q0", "q1"])
+    assert all("seed" in s for t in a for s in t.segments)
+    lp = rl.interleaved_logprobs(m, a)
+    mt, mi = lp["text_mask"], lp["image_mask"]
+    assert int(mt.sum()) > 0 and int(mi.sum()) == 4
+    torch.testing.assert_close(lp["text_logp"].detach()[mt], lp["text_old"][mt], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lp["image_logp"].detach()[mi], lp["image_old"][mi], rtol=1e-4, atol=1e-4)

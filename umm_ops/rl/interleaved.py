@@ -66,9 +66,8 @@ class Seg:
 @dataclass
 class Trajectory:
     """One interleaved sample: its prompt, key, group index, the segments it ran (dicts: kind, context, and for
-    text ids / text / logprobs / finish_reason, for images image / latent (the final latent tokens) / x / x_next / t /
-    t_next / logprobs / steps) and
-    ``meta``.  ``text`` is the last text segment's text, ``image`` the last image: what rewards read."""
+    seed (the segment's sampling seed), text ids / text / logprobs / finish_reason, for images image / latent (the
+    final latent tokens) / x / x_next / t / t_next / logprobs / steps) and ``meta``.  ``text`` is the last text segment's text, ``image`` the last image: what rewards read."""
 
     prompt: object
     key: object
@@ -118,10 +117,10 @@ def rollout_interleaved(model, prompts, group_size: int, plan, *, seed: int = 0,
             res = decode(model, ctx, max_new_tokens=seg.max_new_tokens, temperature=seg.temperature,
                          top_k=seg.top_k, top_p=seg.top_p, stop=list(seg.stop), seed=seeds)
             eos = model.tokenizer.eos_id
-            for i, c, r in zip(todo, ctx, res):
+            for i, c, r, sd in zip(todo, ctx, res, seeds):
                 # what the model wrote joins the context as sampled (a stop string included, the eos not)
                 full = model.tokenizer.decode([t for t in r["ids"] if t != eos])
-                trajs[i].segments.append({"kind": "text", "index": si, "context": c, "ids": r["ids"],
+                trajs[i].segments.append({"kind": "text", "index": si, "context": c, "ids": r["ids"], "seed": sd,
                                           "context_text": full,
                                           "text": r["text"], "logprobs": r["logprobs"],
                                           "finish_reason": r["finish_reason"], "temperature": seg.temperature})
@@ -132,6 +131,7 @@ def rollout_interleaved(model, prompts, group_size: int, plan, *, seed: int = 0,
                                init_keys=init)
             for j, (i, c) in enumerate(zip(todo, ctx)):
                 trajs[i].segments.append({"kind": "image", "index": si, "context": c, "image": ro.images[j],
+                                          "seed": seeds[j],
                                           "latent": ro.latents[j], "x": ro.x[j], "x_next": ro.x_next[j],
                                           "t": ro.t[j],
                                           "t_next": ro.t_next[j], "logprobs": ro.logprobs[j], "steps": ro.steps[j],
@@ -172,11 +172,12 @@ def interleaved_logprobs(model, trajs, reference=None) -> dict:
     for temp, ks in by_temp.items():
         ctx = [texts[k][1]["context"] for k in ks]
         ids = [texts[k][1]["ids"] for k in ks]
-        lp, mask = token_logprobs(model, ctx, ids, temperature=temp)
+        sds = [texts[k][1]["seed"] for k in ks]     # the decode seeds: they choose a profile's dummy image
+        lp, mask = token_logprobs(model, ctx, ids, temperature=temp, seed=sds)
         ref = None
         if reference is not None:
             with torch.no_grad():
-                ref, _ = token_logprobs(reference, ctx, ids, temperature=temp)
+                ref, _ = token_logprobs(reference, ctx, ids, temperature=temp, seed=sds)
         for row, k in enumerate(ks):
             n = len(texts[k][1]["ids"])
             flat[k] = lp[row, :n]
@@ -210,7 +211,8 @@ def interleaved_logprobs(model, trajs, reference=None) -> dict:
                           torch.stack([s["x"] for s in segs]), torch.stack([s["x_next"] for s in segs]),
                           torch.stack([s["t"] for s in segs]), torch.stack([s["t_next"] for s in segs]),
                           torch.stack([s["logprobs"] for s in segs]), torch.stack([s["steps"] for s in segs]),
-                          segs[0]["sigma"], segs[0]["cfg_scale"], segs[0]["hw"][0], segs[0]["hw"][1], [])
+                          segs[0]["sigma"], segs[0]["cfg_scale"], segs[0]["hw"][0], segs[0]["hw"][1],
+                          [s["seed"] for s in segs])
         lp, kl = image_logprobs(model, ro, reference=reference)
         for row, k in enumerate(ks):
             lp_of[k] = lp[row]
