@@ -222,6 +222,10 @@ def test_rewards():
     tr = {"prompt": rec.prompt["text"], "meta": {"spec": rec.prompt}, "image": img}
     assert rl.PixelCheckReward()(tr) == (1.0, {"checker_correct": 1.0})
     assert rl.PixelCheckReward()(dict(tr, image=torch.zeros_like(img)))[0] < 1.0
+    # a model whose pixels are in [0, 1] (the released Cheers profile): read in its range, the same verdict
+    unit = dict(tr, image=rec.image.float() / 255.0)
+    assert rl.PixelCheckReward(value_range=(0.0, 1.0))(unit) == (1.0, {"checker_correct": 1.0})
+    assert rl.PixelCheckReward()(unit)[0] < 1.0         # read as [-1, 1] it is a different picture
     assert rl.AnswerReward("exact")({"meta": {"answer": "Red"}, "text": "<answer> red. </answer>"}) == 1.0
     assert rl.AnswerReward("choice")({"meta": {"answer": "B"}, "text": "the answer is B"}) == 1.0
     assert rl.AnswerReward("choice")({"meta": {"answer": "B"}, "text": "A"}) == 0.0

@@ -44,11 +44,13 @@ def score(reward, trajectories) -> tuple:
 
 
 class PixelCheckReward:
-    """The synthetic world's checker (:func:`umm_ops.eval.check`) on the generated image against
-    ``meta["spec"]``: the fraction of the prompt's constraints met (``strict``: 1 only when all are)."""
+    """The synthetic world's checker (:func:`umm_ops.eval.check`) on the generated image (pixels in
+    ``value_range``: the model's profile's) against ``meta["spec"]``: the fraction of the prompt's constraints met
+    (``strict``: 1 only when all are)."""
 
-    def __init__(self, strict: bool = False):
+    def __init__(self, strict: bool = False, value_range=(-1.0, 1.0)):
         self.strict = bool(strict)
+        self.value_range = tuple(float(v) for v in value_range)     # the model's pixel range (its profile's)
 
     def __call__(self, tr):
         from ..eval.checker import check
@@ -56,7 +58,7 @@ class PixelCheckReward:
         spec = tr["meta"].get("spec")
         if spec is None:
             raise KeyError("PixelCheckReward needs meta['spec'] (the prompt's checker spec) on each trajectory")
-        r = check(spec, tr["image"], value_range=(-1.0, 1.0))
+        r = check(spec, tr["image"], value_range=self.value_range)
         return (float(r["correct"]) if self.strict else r["score"]), {"checker_correct": float(r["correct"])}
 
     def __repr__(self):

@@ -211,6 +211,7 @@ class FlowGRPORecipe(Recipe):
     def __init__(self):
         self._reference = None
         self._cache: dict = {}
+        self._pixel_range = (-1.0, 1.0)
 
     # ------------------------------------------------------------------ world and model
     def world_kwargs(self, cfg) -> dict:
@@ -251,6 +252,7 @@ class FlowGRPORecipe(Recipe):
                 model.vae.calibrate(torch.stack([w[k].image.float() / 127.5 - 1 for k in range(64)]))
         model.config.image_size = r.image_size
         model.vae.decoder_copy.requires_grad_(False)
+        self._pixel_range = tuple(model.profile.pixel_range)     # what the rewards read images in
         return model.float()
 
     def build_data(self, cfg, model) -> DataSource:
@@ -289,7 +291,9 @@ class FlowGRPORecipe(Recipe):
 
         if r.reward == "random":
             return _NullReward()
-        return {"checker": rl.PixelCheckReward(), "checker-strict": rl.PixelCheckReward(strict=True),
+        rng = self._pixel_range
+        return {"checker": rl.PixelCheckReward(value_range=rng),
+                "checker-strict": rl.PixelCheckReward(strict=True, value_range=rng),
                 "redness": rl.MeanColorReward(0)}[r.reward]
 
     def _rollout(self, model, batch, ctx):

@@ -123,6 +123,7 @@ class R3Recipe(Recipe):
     def __init__(self):
         self._reference = None
         self._buffer: dict = {}
+        self._pixel_range = (-1.0, 1.0)     # the model's (set by build_model): what the checker reads images in
 
     def world_kwargs(self, cfg) -> dict:
         from .flow_grpo import FlowGRPORecipe
@@ -181,7 +182,7 @@ class R3Recipe(Recipe):
         rewards, parts, buf = [], {"format": [], "score": []}, []
         for t in trajs:
             img = t.segments[-1]["image"]
-            sc = score_image(t.meta["spec"], img)["score"]
+            sc = score_image(t.meta["spec"], img, self._pixel_range)["score"]
             v, p = stage_a_reward(t.segments[0]["context_text"], sc, r.format_weight)
             rewards.append(v)
             for k in parts:
@@ -228,7 +229,8 @@ class R3Recipe(Recipe):
         rewards, parts = [], {"format": [], "improvement": [], "stopped": []}
         for t in trajs:
             text = t.segments[0]["context_text"]
-            new = score_image(t.meta["spec"], t.segments[1]["image"])["score"] if len(t.segments) > 1 else None
+            new = (score_image(t.meta["spec"], t.segments[1]["image"], self._pixel_range)["score"]
+                   if len(t.segments) > 1 else None)
             v, p = stage_b_reward(text, t.meta["old_score"], new, r.format_weight)
             rewards.append(v)
             for k in parts:
