@@ -46,7 +46,7 @@ import torch
 
 from ...utils import seed_of
 from ..spec import DataSource, Recipe, StepOutput, register
-from .flow_grpo import PromptBatch
+from .flow_grpo import _collate  # noqa: F401  (a micro-batch of prompt docs: flow-grpo's PromptBatch)
 
 __all__ = ["ClearGRPORecipe", "ClearGRPOConfig", "ClearPromptDataset", "clear_reward", "LEVELS"]
 
@@ -162,10 +162,6 @@ class _Encode:
     def __call__(self, item, index, seed):
         i, prompt, meta = item
         return ClearPromptDoc(i, prompt, meta, self.length)
-
-
-def _collate(docs):
-    return PromptBatch(docs)
 
 
 def trajectory_text(traj) -> str:
