@@ -3,7 +3,7 @@ from .degradations import CATEGORIES, DEGRADATIONS, LEVELS, WEIGHTS, degrade, ps
 from .loader import PackedLoader
 from .packing import (ImageItem, LogitNormalTimesteps, PackedBatch, PackSpec, Sample, TextItem, UniformTimesteps,
                       chat_sample, pack, unpack)
-from .readers import BadRecord, CaptionReader, CocoReader, LlavaReader, WebDatasetReader
+from .readers import BadRecord, CaptionReader, CocoReader, LlavaReader, VQAReader, WebDatasetReader
 from .synthetic import SceneRecord, SyntheticWorld
 from .tokenizer import ByteTokenizer, HFTokenizer, chat_template, load_tokenizer
 
@@ -11,4 +11,5 @@ __all__ = ["DEGRADATIONS", "LEVELS", "CATEGORIES", "WEIGHTS", "degrade", "sample
            "ByteTokenizer", "HFTokenizer", "load_tokenizer", "chat_template",
            "TextItem", "ImageItem", "Sample", "PackSpec", "PackedBatch", "pack", "unpack", "chat_sample",
            "UniformTimesteps", "LogitNormalTimesteps", "PackedLoader",
-           "SyntheticWorld", "SceneRecord", "LlavaReader", "CaptionReader", "WebDatasetReader", "CocoReader", "BadRecord"]
+           "SyntheticWorld", "SceneRecord", "LlavaReader", "CaptionReader", "WebDatasetReader", "CocoReader",
+           "VQAReader", "BadRecord"]

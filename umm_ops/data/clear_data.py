@@ -31,7 +31,7 @@ import torch
 
 from ..utils import seed_of
 
-__all__ = ["RESTORE_TAG", "RESTORE_THOUGHT", "clear_samples", "clear_question", "answer_text", "parse_clear",
+__all__ = ["RESTORE_TAG", "RESTORE_THOUGHT", "clear_samples", "clear_vqa_sample", "CLEAR_SUFFIX_FREE", "USER_SEEN", "clear_question", "answer_text", "parse_clear",
            "DIRECT_LEVELS", "RESTORE_LEVELS", "CLEAR_SUFFIX_MC", "CLEAR_SUFFIX_SA"]
 
 RESTORE_TAG = "<image_restore>"
@@ -43,6 +43,9 @@ RESTORE_LEVELS = ("mid", "high")          # restored first
 CLEAR_SUFFIX_MC = ("Think first, restore the image if it is degraded, then give the option's letter in "
                    "<answer></answer>.")
 CLEAR_SUFFIX_SA = "Think first, restore the image if it is degraded, then give a single word or phrase in <answer></answer>."
+CLEAR_SUFFIX_FREE = "Think first, restore the image if it is degraded, then answer in <answer></answer>."
+# the answering <think> of a user's record without its own reasoning ("think"): there is no scene to describe
+USER_SEEN = "I read the picture to answer."
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
 
 
@@ -77,45 +80,100 @@ def clear_samples(record, multiple_choice: bool = True, p_direct: float = 0.3, r
     """One generate-then-answer sample per VQA question of the record (module docstring)."""
     import random
 
-    from .degradations import degrade, sample_kind
-    from .packing import ImageItem, Sample, TextItem
-    from .synthetic import END, caption
+    from .synthetic import caption
 
-    if not 0.0 <= float(p_direct) <= 1.0:
-        raise ValueError(f"clear_samples: p_direct must be in [0, 1], got {p_direct!r}")
-    for name, lv in (("restore_levels", restore_levels), ("direct_levels", direct_levels)):
-        bad = [x for x in lv if x not in ("clean", "low", "mid", "high")]
-        if not lv or bad:
-            raise ValueError(f"clear_samples: {name} must be a non-empty subset of clean / low / mid / high, got "
-                             f"{tuple(lv)!r}")
-
-    def img(t):
-        return t.float() / 127.5 - 1.0
-
+    _check_levels(p_direct, restore_levels, direct_levels, "clear_samples")
     meta = {"source": "synthetic", "index": record.index, "seed": record.seed}
     out = []
     for j, q in enumerate(record.vqa):
         rng = random.Random(seed_of(record.seed, record.index, "clear", j))
-        direct = rng.random() < p_direct
-        level = rng.choice(list(direct_levels if direct else restore_levels))
-        kind = None
-        picture = record.image
-        if level != "clean":
-            g = torch.Generator().manual_seed(seed_of(record.seed, record.index, "clear-kind", j))
-            kind = sample_kind(g)
-            picture = degrade(record.image[None], kind, level, seed=record.seed, index=[record.index])[0]
-            if torch.equal(picture, record.image):
-                direct = True     # the degradation left no trace (block_exchange / mean_shift on a flat scene)
         ans = q["answer_letter"] if multiple_choice else q["answer"]
-        seen = caption(record.scene, rng)
-        items = [ImageItem(img(picture), "understand"), TextItem(clear_question(q, multiple_choice))]
-        if direct:
-            items.append(TextItem(answer_text(seen, ans) + END, loss=True))
-        else:
-            items += [TextItem(f"<think> {RESTORE_THOUGHT} </think> {RESTORE_TAG}", loss=True),
-                      ImageItem(img(record.image), "generate"),
-                      ImageItem(img(record.image), "understand"),
-                      TextItem(answer_text(seen, ans) + END, loss=True)]
-        out.append(Sample(items, meta={**meta, "task": "clear", "type": q["type"], "degradation": kind,
-                                       "level": level, "restore": not direct}))
+        out.append(_clear_sample(record.image, clear_question(q, multiple_choice), ans, rng,
+                                 kind_seed=seed_of(record.seed, record.index, "clear-kind", j),
+                                 degrade_seed=record.seed, degrade_index=record.index,
+                                 seen=lambda rng: caption(record.scene, rng), p_direct=p_direct,
+                                 restore_levels=restore_levels, direct_levels=direct_levels,
+                                 meta={**meta, "type": q["type"]}))
     return out
+
+
+def _check_levels(p_direct, restore_levels, direct_levels, who: str):
+    if not 0.0 <= float(p_direct) <= 1.0:
+        raise ValueError(f"{who}: p_direct must be in [0, 1], got {p_direct!r}")
+    for name, lv in (("restore_levels", restore_levels), ("direct_levels", direct_levels)):
+        bad = [x for x in lv if x not in ("clean", "low", "mid", "high")]
+        if not lv or bad:
+            raise ValueError(f"{who}: {name} must be a non-empty subset of clean / low / mid / high, got "
+                             f"{tuple(lv)!r}")
+
+
+def _clear_sample(clean, question: str, answer: str, rng, *, kind_seed: int, degrade_seed: int, degrade_index: int,
+                  seen, p_direct: float, restore_levels, direct_levels, meta: dict, size=None, backend="torch"):
+    """One sample of the format (module docstring) from a clean uint8 (3, H, W) picture.  The draws, in order:
+    rng.random() (direct?), rng.choice(level), the degradation type from a generator seeded by kind_seed, the
+    degradation itself (seed degrade_seed, index degrade_index), then ``seen(rng)`` (the text read from the
+    picture; a str is taken as it is).  size: the pictures are degraded at their own resolution, then resized to
+    (size, size) (bicubic, this project's square preprocessing) when given."""
+    from .degradations import degrade, sample_kind
+    from .packing import ImageItem, Sample, TextItem
+    from .synthetic import END
+
+    direct = rng.random() < p_direct
+    level = rng.choice(list(direct_levels if direct else restore_levels))
+    kind = None
+    picture = clean
+    if level != "clean":
+        kind = sample_kind(torch.Generator().manual_seed(kind_seed))
+        picture = degrade(clean[None], kind, level, seed=degrade_seed, index=[degrade_index], backend=backend)[0]
+        if torch.equal(picture, clean):
+            direct = True     # the degradation left no trace (block_exchange / mean_shift on a flat scene)
+    seen = seen(rng) if callable(seen) else seen
+
+    def img(t):
+        if size is not None and tuple(t.shape[-2:]) != (size, size):
+            from ..model.profile import square_resize
+
+            return (square_resize(t.permute(1, 2, 0).contiguous().numpy(), size) * 2 - 1).clamp(-1, 1)
+        return t.float() / 127.5 - 1.0
+
+    items = [ImageItem(img(picture), "understand"), TextItem(question)]
+    if direct:
+        items.append(TextItem(answer_text(seen, answer) + END, loss=True))
+    else:
+        restored = img(clean)
+        items += [TextItem(f"<think> {RESTORE_THOUGHT} </think> {RESTORE_TAG}", loss=True),
+                  ImageItem(restored, "generate"),
+                  ImageItem(restored, "understand"),
+                  TextItem(answer_text(seen, answer) + END, loss=True)]
+    return Sample(items, meta={**meta, "task": meta.get("task", "clear"), "degradation": kind, "level": level,
+                               "restore": not direct})
+
+
+def clear_vqa_sample(rec: dict, size: int, seed: int, draw: int, p_direct: float = 0.3,
+                     restore_levels=RESTORE_LEVELS, direct_levels=DIRECT_LEVELS, backend: str = "torch"):
+    """One generate-then-answer sample from a record of a user's VQA data (:class:`umm_ops.data.VQAReader`): the
+    picture degraded at its own resolution (type drawn with CLEAR's weights, level as :func:`clear_samples`), both
+    copies resized to (size, size); a multiple-choice record is asked with its options (answer: the letter), a
+    free-form one with ``CLEAR_SUFFIX_FREE`` (answer: its text).  The text inside the answering ``<think>`` is the
+    record's ``think`` when it has one, else ``USER_SEEN`` (a user's data has no scene to describe).  ``draw``
+    numbers the sample (a training run uses its dataset index, so a record drawn again gets a new degradation);
+    every draw is seeded by (seed, draw)."""
+    import random
+
+    _check_levels(p_direct, restore_levels, direct_levels, "clear_vqa_sample")
+    if not isinstance(rec, dict) or not {"image", "question", "options", "answer"} <= set(rec):
+        raise TypeError("clear_vqa_sample: expected a VQAReader record (image, question, options, answer), got "
+                        f"{type(rec).__name__}" + (f" with keys {sorted(rec)}" if isinstance(rec, dict) else ""))
+    if rec["options"]:
+        from .synthetic import format_question
+
+        question = format_question(rec, True, CLEAR_SUFFIX_MC)
+    else:
+        question = f"{rec['question']}\n{CLEAR_SUFFIX_FREE}"
+    rng = random.Random(seed_of(seed, draw, "clear-user"))
+    meta = {"source": rec.get("source"), "index": rec.get("index"), "key": rec.get("key"), "draw": draw,
+            "type": rec.get("type", "all"), "task": "clear_data"}
+    return _clear_sample(rec["image"], question, rec["answer"], rng, kind_seed=seed_of(seed, draw, "clear-user-kind"),
+                         degrade_seed=seed, degrade_index=draw, seen=rec.get("think") or USER_SEEN,
+                         p_direct=p_direct, restore_levels=restore_levels, direct_levels=direct_levels, meta=meta,
+                         size=size, backend=backend)

@@ -5,6 +5,7 @@
     CaptionReader("captions.jsonl")                                 # {"image": path, "caption": ...} per line
     WebDatasetReader("shards/train-{0000..0099}.tar")               # key.jpg/png + key.txt/json, grouped by key
     CocoReader("instances_val2017.json", image_dir="val2017/")      # instances -> colour-coded instance maps
+    VQAReader("mmbench_dev_en.tsv")                                 # question / options / answer, random access
 
 Every record names where it came from ("source": file, "index" or "key").  A bad record (missing image file, bad
 JSON line, undecodable image, malformed fields) raises BadRecord naming the file and the record; with
@@ -30,8 +31,8 @@ import torch
 from ..utils import not_a_file, optional_import
 from .mmd_bench import BadRecord
 
-__all__ = ["BadRecord", "LlavaReader", "CaptionReader", "WebDatasetReader", "CocoReader", "decode_image",
-           "rle_decode", "rle_counts_from_string", "expand_shards"]
+__all__ = ["BadRecord", "LlavaReader", "CaptionReader", "WebDatasetReader", "CocoReader", "VQAReader", "vqa_fields",
+           "decode_image", "rle_decode", "rle_counts_from_string", "expand_shards"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -431,5 +432,189 @@ class CocoReader(_Reader):
                        "instance_colors": [{"id": j + 1, "annotation_id": a.get("id"), "category": names[j],
                                             "color": pal[j]} for j, a in enumerate(anns)],
                        "text": ", ".join(f"{c} {name}" for name, c in counts.items())}
+            except BadRecord as e:
+                yield e
+
+
+# ----------------------------------------------------------------------------------------------- VQA
+def _field_text(v) -> str:
+    """A manifest / TSV cell as text: "" for missing, empty, "nan" or "none" (pandas-written TSVs)."""
+    return "" if v is None or str(v).strip().lower() in ("", "nan", "none") else str(v).strip()
+
+
+def vqa_fields(rec: dict, where: str, multiple_choice: bool | None = None) -> dict:
+    """The question fields of one MMBench-style TSV row / JSONL manifest record -> {"question" (the hint, when
+    there is one, on the line before it), "options" (2-4 option texts, or [] for a free-form question), "answer"
+    (the option letter, or the free-form answer text), "type" (its category, or "all")}.
+
+    Options come from an ``options`` list or from A-D columns; a multiple-choice answer may be given as the letter
+    or as the option's text.  multiple_choice: True requires options, False ignores them (the answer is then the
+    option's text when given as a letter), None (default) takes what the record has.  BadRecord naming `where` for a
+    record without a question or an answer, or an answer that matches no option."""
+    if not isinstance(rec, dict):
+        raise BadRecord(f"{where}: expected an object, got {type(rec).__name__}")
+    q, ans = _field_text(rec.get("question")), _field_text(rec.get("answer"))
+    if not q or not ans:
+        raise BadRecord(f"{where}: needs a non-empty 'question' and 'answer', got question {q[:40]!r} and answer "
+                        f"{ans[:40]!r}")
+    opts = rec.get("options")
+    if not isinstance(opts, list):
+        opts = [_field_text(rec.get(L)) for L in "ABCD" if _field_text(rec.get(L))]
+    opts = [str(o) for o in opts]
+    if multiple_choice and not 2 <= len(opts) <= 4:
+        raise BadRecord(f"{where}: needs a question and 2-4 options (options list or A-D columns), got "
+                        f"{len(opts)} option(s)")
+    if len(opts) > 4:
+        raise BadRecord(f"{where}: at most 4 options (A-D) are supported, got {len(opts)}")
+    if opts:
+        letters = "ABCD"[:len(opts)]
+        if len(ans) == 1 and ans in letters:
+            letter = ans
+        elif ans in opts:
+            letter = letters[opts.index(ans)]
+        else:
+            raise BadRecord(f"{where}: answer {ans!r} is neither an option letter ({letters}) nor an option's text")
+        if multiple_choice is False:
+            opts, ans = [], opts[letters.index(letter)]
+        else:
+            ans = letter
+    hint = _field_text(rec.get("hint"))
+    return {"question": f"{hint}\n{q}" if hint else q, "options": opts, "answer": ans,
+            "type": _field_text(rec.get("category")) or "all"}
+
+
+class VQAReader(_Reader):
+    """A user's VQA data (for CLEAR's generate-then-answer SFT, :func:`umm_ops.data.clear_data.clear_vqa_sample`),
+    by the file's extension:
+
+    * ``.json``: LLaVA conversation JSON (:class:`LlavaReader`'s format): the first user turn (its ``<image>``
+      placeholder removed) is the question, the first assistant turn the free-form answer; the record's first image;
+    * ``.jsonl``: the manifest ``umm mmd-bench build`` and ``umm eval --data`` read: ``image`` (a path, relative to
+      image_root, by default the file's folder), ``question``, ``answer``, optional ``options`` (list) or A-D, ``hint``,
+      ``category``, ``think`` (the reasoning to train inside ``<think>``; optional);
+    * ``.tsv``: an MMBench-style TSV (a header row; ``image`` holding base64-encoded bytes; the same columns).
+
+    Records: {"source", "index", "key", "image" uint8 (3, H, W) at the file's resolution, "question", "options"
+    ([] for free-form), "answer" (the option letter, or the text), "type", "think" ("" when absent)}.  Random access:
+    ``len(reader)``, ``reader[i]`` decodes record i's image when asked (BadRecord for a record that cannot be used:
+    bad fields, a missing or undecodable image, or one declaring more than ``max_pixels`` pixels, refused before
+    decoding).  Iterating yields every usable record (``skip_bad``: skip and count the others).  The file is parsed
+    once, at construction; images stay encoded (file paths, or the TSV's base64 text) until a record is read, and
+    the reader holds only plain data (it pickles, for loader workers)."""
+
+    def __init__(self, path, image_root: str | None = None, skip_bad: bool = False, max_pixels: int | None = None):
+        from .mmd_bench import MAX_PIXELS
+
+        super().__init__(skip_bad)
+        self.path = _require_file(path, "VQAReader")
+        self.image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(self.path))
+        self.max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+        if not isinstance(self.max_pixels, int) or isinstance(self.max_pixels, bool) or self.max_pixels < 1:
+            raise ValueError(f"VQAReader: max_pixels must be a positive integer, got {max_pixels!r}")
+        ext = os.path.splitext(self.path)[1].lower()
+        if ext not in (".json", ".jsonl", ".tsv"):
+            raise ValueError(f"VQAReader: {self.path!r}: expected a .json (LLaVA conversations), .jsonl (manifest) "
+                             f"or .tsv (MMBench-style) file, got extension {ext or '(none)'!r}")
+        self.format = ext[1:]
+        self._rows = self._parse()    # [(index, record dict or BadRecord)]
+
+    def _parse(self) -> list:
+        if self.format == "tsv":
+            import csv
+            import sys
+
+            csv.field_size_limit(sys.maxsize)
+            with open(self.path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f, delimiter="\t")
+                if reader.fieldnames is None or "image" not in reader.fieldnames:
+                    raise BadRecord(f"{self.path}: an MMBench-style TSV needs a header with an 'image' column "
+                                    f"(base64 image bytes), got columns {reader.fieldnames}")
+                return [(n, dict(row)) for n, row in enumerate(reader)]
+        if self.format == "jsonl":
+            rows = []
+            with open(self.path, encoding="utf-8") as f:
+                for n, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append((n, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        rows.append((n, BadRecord(f"{self.path}: line {n + 1}: bad JSON ({e.msg} at column "
+                                                  f"{e.colno})")))
+            return rows
+        with open(self.path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise BadRecord(f"{self.path}: bad JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        if not isinstance(data, list):
+            raise BadRecord(f"{self.path}: expected a JSON list of LLaVA records, got {type(data).__name__}")
+        return list(enumerate(data))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _where(self, n: int) -> str:
+        return f"{self.path}: " + (f"line {n + 1}" if self.format == "jsonl" else f"record {n}")
+
+    def _image(self, src, where: str) -> torch.Tensor:
+        from .mmd_bench import _open_rgb
+
+        if self.format == "tsv":
+            import base64
+
+            try:
+                src = io.BytesIO(base64.b64decode(src or "", validate=True))
+            except Exception as e:  # binascii.Error
+                raise BadRecord(f"{where}: undecodable base64 image ({e})") from None
+            what = "base64 image"
+        else:
+            if not isinstance(src, str) or not src:
+                raise BadRecord(f"{where}: expected an 'image' path, got {src!r:.80}")
+            src = _resolve(self.image_root, src)
+            why = not_a_file(src)
+            if why:
+                raise BadRecord(f"{where}: image file {src!r} {why}")
+            what = f"image {src!r}"
+        im = _open_rgb(src, where, what, self.max_pixels)
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))
+
+    def __getitem__(self, i) -> dict:
+        if isinstance(i, bool) or not isinstance(i, int) or not -len(self) <= i < len(self):
+            raise IndexError(f"VQAReader: index {i!r} out of range for {len(self)} records of {self.path!r}")
+        n, rec = self._rows[i]
+        if isinstance(rec, BadRecord):
+            raise rec
+        where = self._where(n)
+        if self.format == "json":
+            if not isinstance(rec, dict):
+                raise BadRecord(f"{where}: expected an object, got {type(rec).__name__}")
+            conv = rec.get("conversations")
+            turns = conv if isinstance(conv, list) else []
+            ask = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
+            reply = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
+            if not isinstance(ask, str) or not isinstance(reply, str) or not reply.strip():
+                raise BadRecord(f"{where}: needs 'conversations' with a human turn and a non-empty gpt turn, got "
+                                f"{conv!r:.80}")
+            img = rec.get("image")
+            img = img[0] if isinstance(img, list) and img else img
+            if img is None:
+                raise BadRecord(f"{where}: a VQA record needs an image, this one has none")
+            q = ask.replace("<image>", "").strip()
+            if not q:
+                raise BadRecord(f"{where}: the human turn holds no question besides '<image>'")
+            fields = {"question": q, "options": [], "answer": reply.strip(), "type": "all"}
+            think, key = "", rec.get("id", n)
+        else:
+            fields = vqa_fields(rec, where)
+            img = rec.get("image")
+            think, key = _field_text(rec.get("think")), _field_text(rec.get("index")) or str(n)
+        image = self._image(img, where)
+        return {"source": self.path, "index": n, "key": key, "image": image, **fields, "think": think}
+
+    def _scan(self):
+        for i in range(len(self)):
+            try:
+                yield self[i]
             except BadRecord as e:
                 yield e

@@ -53,37 +53,18 @@ def read_multiple_choice(path: str, image_size: int, n: int) -> list:
     Image = optional_import("PIL", "Image")
 
     from ...data.mmd_bench import BadRecord, read_manifest
-
-    def text(v):
-        return "" if v is None or str(v).strip().lower() in ("", "nan", "none") else str(v).strip()
+    from ...data.readers import _field_text, vqa_fields
 
     out = []
     for k, rec, load in read_manifest(path):
         if isinstance(load, BadRecord):
             raise load
-        where = f"record {k} of {path!r}"
-        opts = rec.get("options")
-        if not isinstance(opts, list):
-            opts = [text(rec.get(L)) for L in "ABCD" if text(rec.get(L))]
-        opts = [str(o) for o in opts][:4]
-        ans = text(rec.get("answer"))
-        letters = "ABCD"[:len(opts)]
-        if len(opts) < 2 or not text(rec.get("question")):
-            raise BadRecord(f"{where}: needs a question and 2-4 options (options list or A-D columns)")
-        if ans in letters and len(ans) == 1:
-            letter = ans
-        elif ans in opts:
-            letter = letters[opts.index(ans)]
-        else:
-            raise BadRecord(f"{where}: answer {ans!r} is neither an option letter ({letters}) nor an option's text")
-        q = text(rec.get("question"))
-        if text(rec.get("hint")):
-            q = f"{text(rec.get('hint'))}\n{q}"
+        f = vqa_fields(rec, f"record {k} of {path!r}", multiple_choice=True)
         im = load().convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-        out.append({"index": k, "key": text(rec.get("index")) or str(k),
+        out.append({"index": k, "key": _field_text(rec.get("index")) or str(k),
                     "image": torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous(),
-                    "question": {"question": q, "options": opts, "answer_letter": letter,
-                                 "type": text(rec.get("category")) or "all"}})
+                    "question": {"question": f["question"], "options": f["options"], "answer_letter": f["answer"],
+                                 "type": f["type"]}})
         if len(out) == n:
             break
     if not out:

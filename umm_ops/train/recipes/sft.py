@@ -24,11 +24,12 @@ from ..spec import DataSource, Recipe, StepOutput, register
 __all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS", "bare_loop"]
 
 TASKS = ("caption", "vqa", "vqa_short", "generate", "segment", "degraded_vqa", "degraded_vqa_short", "r3_plan",
-         "r3_reflect", "r3_edit", "clear", "clear_short")
+         "r3_reflect", "r3_edit", "clear", "clear_short", "clear_data")
 # vqa_short: the same questions answered with the word (short-answer VQA), vqa: multiple choice answered with the
 # option letter; r3_*: R3's plan -> draw, reflect -> instruction, and edit samples (umm_ops.data.refine_data);
 # clear / clear_short: CLEAR's generate-then-answer samples on degraded pictures, multiple choice / short answer
-# (umm_ops.data.clear_data)
+# (umm_ops.data.clear_data); clear_data: the same format from a user's VQA file (recipe.clear_data, read with
+# umm_ops.data.VQAReader: record r // ... of the run -> user record r mod its length, degraded afresh per sample)
 DEFAULT_WEIGHTS = {"caption": 2}   # samples per record of each task when task_weights = (); others 1
 
 
@@ -59,6 +60,12 @@ class SFTRecipeConfig:
                                       # mix (docs/results/base)
     freeze_vit: bool = False          # keep the ViT's weights (CLEAR freezes ViT and VAE)
     clear_direct: float = 0.3         # clear tasks: share of questions answered directly (clean or low-level pictures)
+    clear_data: str = ""              # task clear_data: a user's VQA file (.json LLaVA conversations, .jsonl manifest,
+                                      # .tsv MMBench-style; umm_ops.data.VQAReader), its pictures degraded on the fly
+    clear_image_root: str = ""        # where clear_data's relative image paths start ("": the file's folder)
+    clear_skip_bad: bool = False      # a record of clear_data that cannot be used: skip it (the next usable one is
+                                      # taken) instead of stopping the run with its file and record named
+    clear_backend: str = "torch"      # degradations of clear_data: "torch", "opencv" (CLEAR's exact operations), "auto"
     cfg_dropout: typing.Optional[float] = None   # CFG prompt dropout probability (None: the model preset's)
     train_decoder_copy: bool = False  # train the VAE decoder copy the understanding path runs (Cheers does, under a
                                       # pretrained ViT); with a ViT learned from scratch its early gradients are noise
@@ -105,6 +112,10 @@ class SFTRecipeConfig:
         need(self.eval_clear >= -1, "eval_clear", "must be >= 0 (or -1: automatic)")
         need(self.eval_steps >= 1, "eval_steps", "must be >= 1")
         need(all(isinstance(p, str) and p for p in self.eval_prompts), "eval_prompts", "must be non-empty strings")
+        need(("clear_data" in self.tasks) == bool(self.clear_data), "clear_data",
+             "must name a VQA file exactly when the task clear_data is trained (and the task needs one): got "
+             f"clear_data={self.clear_data!r} with tasks {list(self.tasks)}")
+        need(self.clear_backend in ("torch", "opencv", "auto"), "clear_backend", "must be torch, opencv or auto")
         return self
 
     def weights(self) -> tuple:
@@ -122,7 +133,8 @@ class SyntheticSFTDataset:
     docstring); the same sample for the same index in any process."""
 
     def __init__(self, size: int, seed: int, records: int, tasks=("caption", "vqa", "generate"), max_objects: int = 3,
-                 first: int = 0, task_weights=(), caption_first: int = 0, clear_direct: float = 0.3, **world):
+                 first: int = 0, task_weights=(), caption_first: int = 0, clear_direct: float = 0.3,
+                 clear_data=None, clear_backend: str = "torch", **world):
         from ...data.synthetic import SyntheticWorld
 
         self.world = SyntheticWorld(size=size, seed=seed, max_objects=max_objects, length=first + records, **world)
@@ -133,6 +145,10 @@ class SyntheticSFTDataset:
         self.slots = [(t, k) for t, w in zip(self.tasks, weights) for k in range(w)]   # (task, repeat)
         self.caption_first = int(caption_first)
         self.clear_direct = float(clear_direct)
+        self.clear_data, self.clear_backend = clear_data, clear_backend   # a VQAReader for the task clear_data
+        if ("clear_data" in self.tasks) != (clear_data is not None) or (clear_data is not None and not len(clear_data)):
+            raise ValueError("SyntheticSFTDataset: the task clear_data needs a non-empty VQAReader as clear_data (and "
+                             f"only that task reads one): tasks {list(self.tasks)}, clear_data {clear_data!r}")
 
     def curriculum(self, order: list, epoch: int) -> list:
         """The loaders' hook (umm_ops.data.loader.epoch_order): epoch 0 opens with ``caption_first`` caption samples,
@@ -167,10 +183,31 @@ class SyntheticSFTDataset:
             from ...data.clear_data import clear_samples
 
             samples = clear_samples(self.world[r], multiple_choice=task == "clear", p_direct=self.clear_direct)
+        elif task == "clear_data":
+            return self._clear_data(r, i)
         else:
             samples = to_samples(self.world[r], (task,))
         pick = seed_of(self.seed, r, "pick") if k == 0 else seed_of(self.seed, r, "pick", k)
         return samples[pick % len(samples)]
+
+    def _clear_data(self, r: int, i: int):
+        """Sample i (task clear_data, run record r): the user's record r mod its length in CLEAR's format, degraded
+        as drawn for i; a bad record stops with its file and record named, or with skip_bad the next usable one."""
+        from ...data.clear_data import clear_vqa_sample
+        from ...data.mmd_bench import BadRecord
+
+        data = self.clear_data
+        n = len(data)
+        for k in range(n):
+            try:
+                rec = data[(r + k) % n]
+            except BadRecord:
+                if not data.skip_bad:
+                    raise
+                continue
+            return clear_vqa_sample(rec, self.world.size, self.seed, i, p_direct=self.clear_direct,
+                                    backend=self.clear_backend)
+        raise BadRecord(f"{data.path}: none of its {n} records can be used (skip_bad)")
 
     def images(self, n: int) -> torch.Tensor:
         """The first n records' pictures as (n, 3, H, W) in [-1, 1] (VAE calibration)."""
@@ -204,13 +241,28 @@ class SFTRecipe(Recipe):
     config_class = SFTRecipeConfig
     run_defining = ("image_size", "tasks", "task_weights", "train_records", "max_objects", "kinds", "colors",
                     "two_tone", "repeat", "object_scale", "cfg_dropout", "train_decoder_copy", "caption_first",
-                    "clear_direct", "freeze_vit")
+                    "clear_direct", "freeze_vit", "clear_data", "clear_image_root", "clear_skip_bad",
+                    "clear_backend")
 
     def _dataset(self, cfg) -> SyntheticSFTDataset:
         r = cfg.recipe
         return SyntheticSFTDataset(r.image_size, cfg.job.seed, r.train_records, r.tasks,
                                    task_weights=r.weights(), caption_first=r.caption_first,
-                                   clear_direct=r.clear_direct, **r.world_kwargs())
+                                   clear_direct=r.clear_direct, clear_data=self._clear_data(cfg),
+                                   clear_backend=r.clear_backend, **r.world_kwargs())
+
+    def _clear_data(self, cfg):
+        """The user's VQA file of the task clear_data, read once per recipe (None without that task)."""
+        r = cfg.recipe
+        if not r.clear_data:
+            return None
+        key = (r.clear_data, r.clear_image_root, r.clear_skip_bad)
+        if getattr(self, "_clear_reader", (None,))[0] != key:
+            from ...data.readers import VQAReader
+
+            self._clear_reader = (key, VQAReader(r.clear_data, image_root=r.clear_image_root or None,
+                                                 skip_bad=r.clear_skip_bad))
+        return self._clear_reader[1]
 
     def build_model(self, cfg):
         from ...model.cheers import CheersModel
@@ -357,8 +409,8 @@ class ClearSFTRecipeConfig(SFTRecipeConfig):
         super().validate()
         from ..config import ConfigError
 
-        if not ({"clear", "clear_short"} & set(self.tasks)):
-            raise ConfigError(f"recipe.tasks = {self.tasks!r}: clear-sft needs clear and / or clear_short")
+        if not ({"clear", "clear_short", "clear_data"} & set(self.tasks)):
+            raise ConfigError(f"recipe.tasks = {self.tasks!r}: clear-sft needs clear, clear_short and / or clear_data")
         return self
 
 
