@@ -185,6 +185,19 @@ def test_clear_task_scores_answers_and_restorations(model, monkeypatch):
     # the restorations here are the degraded inputs themselves: their PSNR is the degraded pictures'
     assert t["psnr_restored"] == pytest.approx(t["psnr_degraded_of_restored"])
     assert all(it["psnr"] == pytest.approx(it["psnr_degraded"]) for it in t["items"] if "psnr" in it)
+    # ... and the checker scores them as it scores the degraded pictures, against the record's whole scene
+    from umm_ops.eval.runner import default_world_kwargs
+    from umm_ops.eval.tasks.vae_recon import score_reconstruction
+
+    wk = {k: v for k, v in {**default_world_kwargs(), "max_objects": 2}.items() if k not in ("size", "length")}
+    w = SyntheticWorld(size=32, length=res["records"][1], **wk)
+    for it in t["items"]:
+        if "psnr" in it:
+            rec = w[it["index"]]
+            deg = degrade(rec.image[None], it["degradation"], it["level"], seed=0, index=[rec.index])[0]
+            assert it["checker"] == it["checker_degraded"] == score_reconstruction(rec.scene, rec.prompt,
+                                                                                   _img(deg))["score"]
+    assert t["checker_restored"] == pytest.approx(t["checker_degraded_of_restored"])
 
 
 def test_clear_sft_from_the_cli(tmp_path):

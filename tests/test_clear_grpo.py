@@ -38,17 +38,31 @@ def test_clear_reward_by_hand():
 
 
 def test_latent_quality_against_its_formula():
+    """CLEAR's released latent_quality_reward ("vae" mode), computed here element by element: r_mse =
+    exp(-0.5 MSE), r_cos = max(0, cosine of the flattened latents), r_local = mean over tokens of max(0, cosine),
+    score = 0.3 r_mse + 0.3 r_cos + 0.4 r_local."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
-    cos = sum(float(a[i] @ b[i] / (a[i].norm() * b[i].norm())) for i in range(16)) / 16
-    assert latent_quality(a, b, "cosine") == pytest.approx(cos, abs=1e-6)
+    b[:8] = a[:8] + 0.3 * b[:8]                      # half the tokens alike, so clamping and the parts matter
+    toks = [float(a[i] @ b[i] / (a[i].norm() * b[i].norm())) for i in range(16)]
+    local = sum(max(c, 0.0) for c in toks) / 16
+    flat = float((a * b).sum() / (a.norm() * b.norm()))
     mse = sum(float(((a[i] - b[i]) ** 2).sum()) for i in range(16)) / a.numel()
-    assert latent_quality(a, b, "mse") == pytest.approx(math.exp(-mse), rel=1e-5)
-    assert latent_quality(a, a, "cosine") == pytest.approx(1.0) and latent_quality(a, a, "mse") == 1.0
+    assert min(toks) < 0 < flat                       # a negative token cosine is clamped, not averaged in
+    assert latent_quality(a, b, "local") == pytest.approx(local, abs=1e-6)
+    assert latent_quality(a, b, "cosine") == pytest.approx(max(flat, 0.0), abs=1e-6)
+    assert latent_quality(a, -a, "cosine") == 0.0
+    assert latent_quality(a, b, "mse") == pytest.approx(math.exp(-0.5 * mse), rel=1e-5)
+    assert latent_quality(a, b, "mse", mse_scale=2.0) == pytest.approx(math.exp(-2.0 * mse), rel=1e-5)
+    want = 0.3 * math.exp(-0.5 * mse) + 0.3 * max(flat, 0.0) + 0.4 * local
+    assert latent_quality(a, b, "vae") == pytest.approx(want, rel=1e-5)
+    assert latent_quality(a, a, "vae") == pytest.approx(1.0)
     with pytest.raises(ValueError, match="differ in shape"):
         latent_quality(a, b[:4], "cosine")
-    with pytest.raises(ValueError, match="'cosine' or 'mse'"):
+    with pytest.raises(ValueError, match="one of vae, mse, cosine, local"):
         latent_quality(a, b, "l1")
+    with pytest.raises(ValueError, match="non-finite"):
+        latent_quality(a, b.clone().fill_(float("nan")), "vae")
 
 
 def test_prompt_data():
@@ -223,7 +237,7 @@ def test_a_few_steps_from_the_cli(tmp_path, capsys):
                  "--set", "recipe.think_tokens=4", "--set", "recipe.answer_tokens=3", "--set",
                  "recipe.restore_steps=3", "--set", "recipe.recordable=2", "--set", "recipe.eval_items=2",
                  "--set", "recipe.eval_steps=2", "--set", "recipe.decision_weight=0.5", "--set",
-                 "recipe.latent_reward=cosine", "--set", "recipe.latent_weight=0.2", "--set", "checkpoint.every=2",
+                 "recipe.latent_reward=vae", "--set", "recipe.latent_weight=0.2", "--set", "checkpoint.every=2",
                  "--set", "metrics.plot=false"]) == 0
     text = capsys.readouterr().out
     assert "reward" in text and "restored" in text and "eval clear-short" in text

@@ -89,6 +89,9 @@ class ClearTask(Task):
                     with torch.no_grad():
                         r["image"] = model.vae.decode(r["latent"][None].to(model.device, model.dtype), hw,
                                                       clamp=tuple(model.profile.pixel_range))[0].float()
+        from .vae_recon import score_reconstruction
+
+        scenes = {rec.index: rec for rec in ctx.records()}
         items, by_level = [], {}
         restorations = []
         for k, (i, q, (kind, lv), r, c) in enumerate(zip(idx, qs, chosen, res, res_clean)):
@@ -101,6 +104,11 @@ class ClearTask(Task):
                 rest = to_uint8(r["image"], pixel_range(model))
                 it["psnr"] = psnr(rest, images[k])
                 it["psnr_degraded"] = psnr(degraded[k], images[k])
+                # the world's checker on the restoration and on the picture it restored, against the whole scene
+                sc = scenes[i]
+                it["checker"] = score_reconstruction(sc.scene, sc.prompt, pixels(rest, rng), rng)["score"]
+                it["checker_degraded"] = score_reconstruction(sc.scene, sc.prompt, pixels(degraded[k], rng),
+                                                              rng)["score"]
                 by_level.setdefault(lv, []).append(it["psnr"])
                 restorations.append((k, rest))
             items.append(it)
@@ -111,6 +119,9 @@ class ClearTask(Task):
             extra["psnr_degraded_of_restored"] = round(sum(it["psnr_degraded"] for it in items if "psnr" in it)
                                                        / len(got), 4)
             extra["psnr_restored_per_level"] = {lv: round(sum(v) / len(v), 4) for lv, v in sorted(by_level.items())}
+            extra["checker_restored"] = round(sum(it["checker"] for it in items if "psnr" in it) / len(got), 4)
+            extra["checker_degraded_of_restored"] = round(sum(it["checker_degraded"] for it in items if "psnr" in it)
+                                                          / len(got), 4)
         kept = ctx.grid_items
         grid = {"rows": ["clean", "degraded", "restored"],
                 "columns": [{"label": f"{items[k]['predicted'][:3]}/{items[k]['answer']} {items[k]['level']}\n"

@@ -15,9 +15,9 @@ it as it is), asked with CLEAR's prompt (``clear_question``).  A step:
 * rewards: ``accuracy_weight`` x (the answer inside <answer> is right, scored as ``umm eval`` scores it) +
   ``format_weight`` x CLEAR's format reward (0.35 think + 0.35 answer + 0.3 order) + optional ``decision_weight``
   x CLEAR's decision table (restored & right 1.0, direct & right 0.6, restored & wrong 0.4, else -0.2) +
-  optional ``latent_weight`` x the restoration's latent quality (``latent_reward`` "cosine": the mean cosine of
-  the restored latent tokens to the clean picture's, "mse": exp(-their mean squared error); 0 without a
-  restoration);
+  optional ``latent_weight`` x the restoration's latent quality against the clean picture's latent
+  (:func:`latent_quality`, the released formula; 0 without a restoration, as the released NaN is summed as 0).
+  The released run sets accuracy 0.75, format 0.1, decision 0.15 and latent 0;
 * Dr.GRPO advantages (reward - group mean, no std division), and one loss over each trajectory's text tokens and
   recorded image step with the same advantage (:func:`umm_ops.rl.interleaved_pg_loss`): token PPO-clip
   ``text_clip`` + k3 KL ``text_kl`` to a frozen copy of the initial weights, summed over tokens and divided by
@@ -73,8 +73,11 @@ class ClearGRPOConfig:
     accuracy_weight: float = 1.0
     format_weight: float = 1.0
     decision_weight: float = 0.0      # CLEAR's optional decision reward
-    latent_reward: str = "none"       # CLEAR's optional latent-quality reward: none | cosine | mse
+    latent_reward: str = "none"       # CLEAR's optional latent-quality reward (latent_quality): none | vae (the released
+                                      # aggregate) | mse | cosine | local; the released run weights it 0 ("no
+                                      # photo-level reconstruction incentive")
     latent_weight: float = 0.0
+    latent_mse_scale: float = 0.5     # CLEAR: mse_scale 0.5 in exp(-mse_scale x MSE)
     text_clip: float = 0.2
     text_norm: str = "constant"       # Dr.GRPO (CLEAR): sum over tokens / (trajectories x token budget); "token" /
                                       # "sequence": token_pg_loss's other norms
@@ -108,7 +111,9 @@ class ClearGRPOConfig:
         need(self.cfg_scale is None or self.cfg_scale >= 1, "cfg_scale", "must be None or >= 1")
         need(self.text_norm in ("constant", "token", "sequence"), "text_norm",
              "must be 'constant' (Dr.GRPO), 'token' or 'sequence'")
-        need(self.latent_reward in ("none", "cosine", "mse"), "latent_reward", "must be 'none', 'cosine' or 'mse'")
+        need(self.latent_reward in ("none",) + LATENT_REWARDS, "latent_reward",
+             f"must be 'none' or one of {', '.join(LATENT_REWARDS)}")
+        need(self.latent_mse_scale > 0, "latent_mse_scale", "must be > 0")
         for k in ("accuracy_weight", "format_weight", "decision_weight", "latent_weight", "text_clip", "text_kl",
                   "image_clip", "image_kl", "image_weight"):
             need(getattr(self, k) >= 0, k, "must be >= 0")
@@ -169,18 +174,29 @@ def trajectory_text(traj) -> str:
     return "".join(s["context_text"] for s in traj.segments if s["kind"] == "text")
 
 
-def latent_quality(restored: torch.Tensor, clean: torch.Tensor, kind: str) -> float:
-    """The restored latent tokens (n, C) against the clean picture's (n, C): "cosine" = the mean over tokens of their
-    cosine similarity, in [-1, 1]; "mse" = exp(-mean squared error), in (0, 1]."""
+LATENT_REWARDS = ("vae", "mse", "cosine", "local")
+
+
+def latent_quality(restored: torch.Tensor, clean: torch.Tensor, kind: str, mse_scale: float = 0.5) -> float:
+    """The restored latent tokens (n, C) against the clean picture's (n, C), as CLEAR's released
+    ``latent_quality_reward`` (train/grpo/interleave_grpo.py, its "vae" mode) computes it: "mse" = exp(-mse_scale x
+    mean squared error) in (0, 1]; "cosine" = max(0, cosine of the two flattened latents); "local" = the mean over
+    tokens of max(0, the token's cosine); "vae" = 0.3 mse + 0.3 cosine + 0.4 local (the released aggregate; its
+    "vit" / "both" modes, which add a ViT-feature cosine, are not built)."""
     if restored.shape != clean.shape:
         raise ValueError(f"latent_quality: restored latent {tuple(restored.shape)} and clean latent "
                          f"{tuple(clean.shape)} differ in shape")
+    if kind not in LATENT_REWARDS:
+        raise ValueError(f"latent_quality: kind must be one of {', '.join(LATENT_REWARDS)}, got {kind!r}")
     a, b = restored.float(), clean.float()
-    if kind == "cosine":
-        return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
-    if kind == "mse":
-        return float(torch.exp(-((a - b) ** 2).mean()))
-    raise ValueError(f"latent_quality: kind must be 'cosine' or 'mse', got {kind!r}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError("latent_quality: the latents hold non-finite values")
+    parts = {"mse": float(torch.exp(-float(mse_scale) * ((a - b) ** 2).mean())),
+             "cosine": max(float(torch.nn.functional.cosine_similarity(a.reshape(1, -1), b.reshape(1, -1))), 0.0),
+             "local": float(torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(min=0).mean())}
+    if kind == "vae":
+        return 0.3 * parts["mse"] + 0.3 * parts["cosine"] + 0.4 * parts["local"]
+    return parts[kind]
 
 
 def clear_reward(text: str, answer: str, restored: bool, multiple_choice: bool, *, accuracy_weight: float = 1.0,
@@ -210,7 +226,7 @@ class ClearGRPORecipe(Recipe):
     run_defining = ("init", "image_size", "train_records", "answers", "levels", "group_size", "prompts_per_micro",
                     "think_tokens", "answer_tokens", "temperature", "top_k", "restore_steps", "recordable", "sigma",
                     "cfg_scale", "accuracy_weight", "format_weight", "decision_weight", "latent_reward",
-                    "latent_weight", "text_clip", "text_norm", "text_kl", "image_clip", "image_kl", "image_weight")
+                    "latent_weight", "latent_mse_scale", "text_clip", "text_norm", "text_kl", "image_clip", "image_kl", "image_weight")
 
     def __init__(self):
         self._reference = None
@@ -277,7 +293,8 @@ class ClearGRPORecipe(Recipe):
                 if t.key not in clean_latents:
                     with torch.no_grad():
                         clean_latents[t.key] = model.vae.encode(t.meta["clean"][None].to(model.device))[0].cpu()
-                lat = latent_quality(images[-1]["latent"], clean_latents[t.key], r.latent_reward)
+                lat = latent_quality(images[-1]["latent"], clean_latents[t.key], r.latent_reward,
+                                     mse_scale=r.latent_mse_scale)
             v, p = clear_reward(trajectory_text(t), t.meta["answer"], bool(images), r.answers == "choice",
                                 accuracy_weight=r.accuracy_weight, format_weight=r.format_weight,
                                 decision_weight=r.decision_weight, latent=lat, latent_weight=r.latent_weight)
