@@ -387,3 +387,83 @@ def test_after_training_evaluation_scores_the_maps(tmp_path):
     seg = s["eval"]["seg_miou"]
     assert seg["n"] == 3 and 0 <= seg["score"] <= 1 and "vqa" in s["eval"]
     assert (tmp_path / "e" / "eval" / "seg-miou" / "seg-miou.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- COCO data
+def _coco_files(tmp_path):
+    """Two 40 x 48 pictures with rectangle instances (two categories) and a COCO instances JSON."""
+    from PIL import Image
+
+    anns, images = [], []
+    boxes = {1: [(4, 4, 20, 16, 1), (24, 10, 44, 30, 2)], 2: [(8, 20, 30, 36, 2)]}
+    for iid in (1, 2):
+        a = np.full((40, 48, 3), 90, np.uint8)
+        for k, (x0, y0, x1, y1, cat) in enumerate(boxes[iid]):
+            a[y0:y1, x0:x1] = (200, 40 * (k + 1), 30 * cat)
+            anns.append({"id": 10 * iid + k, "image_id": iid, "category_id": cat, "iscrowd": 0,
+                         "segmentation": [[x0, y0, x1 - 1, y0, x1 - 1, y1 - 1, x0, y1 - 1]]})
+        Image.fromarray(a).save(tmp_path / f"p{iid}.png")
+        images.append({"id": iid, "file_name": f"p{iid}.png", "height": 40, "width": 48})
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}))
+    return path
+
+
+def test_proxy_samples_from_coco_data(tmp_path):
+    """recipe.proxy_data: proxy samples from a COCO-style file. The instance target is the reader's map resized
+    with nearest neighbours (every pixel an instance's colour or black), the semantic target paints by category,
+    the input the picture resized; understanding samples stay the world's."""
+    import torch.nn.functional as F
+
+    from umm_ops.data.proxy import coco_proxy_record, proxy_pair
+    from umm_ops.data.readers import CocoReader
+    from umm_ops.data.synthetic import instance_palette
+    from umm_ops.train.recipes.sgt import SGTDataset
+
+    path = _coco_files(tmp_path)
+    reader = CocoReader(str(path))
+    rec = reader[0]
+    pr = coco_proxy_record(rec, 32, index=7, seed=3, categories=reader.categories)
+    inst = F.interpolate(rec["instances"][None, None].float(), size=(32, 32), mode="nearest")[0, 0].long()
+    src, tgt = proxy_pair(pr, "instance_seg")
+    assert src.shape == tgt.shape == (3, 32, 32) and src.dtype == tgt.dtype == torch.uint8
+    for c in rec["instance_colors"]:
+        assert (tgt[:, inst == c["id"]] == torch.tensor(c["color"], dtype=torch.uint8)[:, None]).all()
+    assert (tgt[:, inst == 0] == 0).all()
+    _, sem = proxy_pair(pr, "semantic_seg")
+    pal = instance_palette(2)
+    for c in rec["instance_colors"]:
+        want = torch.tensor(pal[c["category_id"] - 1], dtype=torch.uint8)[:, None]     # ids 1, 2 -> places 1, 2
+        assert (sem[:, inst == c["id"]] == want).all()
+    _, edges = proxy_pair(pr, "edge")
+    assert edges.any() and not edges.all()
+    noisy, clean = proxy_pair(pr, "denoising", seed=1)
+    assert torch.equal(clean, src) and not torch.equal(noisy, src)
+
+    ds = SGTDataset(32, 0, 6, "instance_seg", 2, ("caption",), task_weights=(1,), max_objects=1, proxy_data=reader)
+    assert ds.slots_per_record == 3
+    seen = set()
+    for r in range(6):
+        s = ds[3 * r]
+        assert s.meta["task"] == "proxy" and s.meta["source"] == str(path) and s.meta["index"] == r
+        seen.add(round(float(s.items[0].image.mean()), 4))
+        assert ds[3 * r + 2].meta["task"] == "caption"
+    assert len(seen) == 2                                       # the two pictures, in turn
+    with pytest.raises(ValueError, match="proxy_data needs a proxy task"):
+        SGTDataset(32, 0, 6, "none", 0, ("caption",), max_objects=1, proxy_data=reader)
+
+
+def test_sgt_on_coco_data_from_the_cli(tmp_path):
+    from umm_ops.cli import main
+    from umm_ops.train import Config, ConfigError
+
+    path = _coco_files(tmp_path)
+    out = tmp_path / "sgt"
+    assert main(["train", "--recipe", "sgt", "--steps", "2", "--out", str(out), "--proxy", "instance_seg",
+                 "--set", f"recipe.proxy_data={path}", "--set", "recipe.image_size=32", "--set", "data.budget=256",
+                 "--set", "recipe.train_records=40", "--set", "metrics.plot=false", "--no-eval", "--device",
+                 "cpu"]) == 0
+    assert (out / "checkpoint-2").is_dir() and "proxy_data" in (out / "config.toml").read_text()
+    with pytest.raises(ConfigError, match="proxy_data"):
+        Config.build("sgt", overrides=["recipe.proxy=none", f"recipe.proxy_data={path}"])

@@ -22,6 +22,11 @@ The hierarchy, from low-level to semantic (what the input is -> what the target 
     instance_seg      the picture -> the colour-coded instance map (record.segmentation: instance k in VOC colour
                       k, background black) - the SFT task ``segment`` is this sample
 
+A user's COCO-style data (:class:`umm_ops.data.CocoReader`) gives the same tasks through :func:`coco_proxy_record`:
+the picture resized to a square (bicubic), its instance map resized with nearest neighbours (so every pixel keeps an
+instance id) and coloured as the reader colours it; semantic_seg paints each instance in the VOC colour of its
+category's place among the file's categories (sorted by id).
+
 Randomness (noise, the hole) is drawn from ``seed_of(seed, record.index, proxy, draw)``: the same sample for the
 same (record, draw) in any process.  The degradations come from :mod:`umm_ops.data.degradations`.
 """
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 from ..utils import generator, seed_of
 
 __all__ = ["PROXIES", "PROXY_PROMPTS", "EDGE_THRESHOLD", "SEMANTIC_COLORS", "proxy_pair", "proxy_sample",
-           "edge_map", "semantic_map", "check_proxy"]
+           "edge_map", "semantic_map", "check_proxy", "PictureRecord", "coco_proxy_record"]
 
 PROXIES = ("reconstruction", "denoising", "deblurring", "super_resolution", "inpainting", "edge", "semantic_seg",
            "instance_seg")
@@ -109,6 +114,40 @@ def _hole(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
+class PictureRecord:
+    """A picture that is not a SyntheticWorld record, as proxy_pair reads it: index (seeds the draws), seed,
+    image uint8 (3, H, W), segmentation (the instance map, uint8 (3, H, W)), semantic (the category map), source."""
+
+    def __init__(self, index: int, seed: int, image, segmentation, semantic, source: str):
+        self.index, self.seed, self.image = int(index), int(seed), image
+        self.segmentation, self.semantic, self.source = segmentation, semantic, source
+
+
+def coco_proxy_record(rec: dict, size: int, index: int, seed: int, categories: dict) -> PictureRecord:
+    """A CocoReader record -> PictureRecord at (size, size) (module docstring).  categories: the reader's
+    {category id: name}, for the semantic colours; index: the number that seeds this sample's draws."""
+    from .synthetic import instance_palette
+
+    if not isinstance(rec, dict) or rec.get("image") is None or "instances" not in rec:
+        raise TypeError("coco_proxy_record: expected a CocoReader record with its image (load_images=True)")
+    from ..model.profile import square_resize
+
+    img = (square_resize(rec["image"].permute(1, 2, 0).contiguous().numpy(), size) * 255).round().to(torch.uint8)
+    inst = F.interpolate(rec["instances"][None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+    n = len(rec["instance_colors"])
+    table = torch.tensor([[0, 0, 0]] + instance_palette(n), dtype=torch.uint8)
+    try:
+        ids = sorted(categories)
+    except TypeError:      # mixed id types: a stable order all the same
+        ids = sorted(categories, key=str)
+    place = {c: k + 1 for k, c in enumerate(ids)}
+    cat_pal = instance_palette(max(len(place), 1))
+    sem = torch.tensor([[0, 0, 0]] + [cat_pal[place[c["category_id"]] - 1] if c.get("category_id") in place
+                                      else (255, 255, 255) for c in rec["instance_colors"]], dtype=torch.uint8)
+    return PictureRecord(index, seed, img, table[inst].permute(2, 0, 1).contiguous(),
+                         sem[inst].permute(2, 0, 1).contiguous(), source=str(rec.get("source")))
+
+
 def proxy_pair(record, proxy: str, seed: int | None = None, draw: int = 0) -> tuple:
     """(input uint8 (3, H, W), target uint8 (3, H, W)) of a proxy task for a SyntheticWorld record (module
     docstring).  seed: of the random draws (default the record's world seed); draw: which draw (several samples of
@@ -134,7 +173,7 @@ def proxy_pair(record, proxy: str, seed: int | None = None, draw: int = 0) -> tu
     if proxy == "edge":
         return img, edge_map(img)
     if proxy == "semantic_seg":
-        return img, semantic_map(record)
+        return img, record.semantic if isinstance(record, PictureRecord) else semantic_map(record)
     return img, record.segmentation          # instance_seg
 
 
@@ -144,7 +183,8 @@ def proxy_sample(record, proxy: str, seed: int | None = None, draw: int = 0, met
     from .packing import ImageItem, Sample, TextItem
 
     src, tgt = proxy_pair(record, proxy, seed, draw)
-    m = {"source": "synthetic", "index": record.index, "seed": record.seed, "task": "proxy", "proxy": proxy}
+    m = {"source": getattr(record, "source", "synthetic"), "index": record.index, "seed": record.seed,
+         "task": "proxy", "proxy": proxy}
     m.update(meta or {})
     return Sample([ImageItem(src.float() / 127.5 - 1.0, "understand"), TextItem(PROXY_PROMPTS[proxy]),
                    ImageItem(tgt.float() / 127.5 - 1.0, "generate")], meta=m)

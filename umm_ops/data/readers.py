@@ -397,43 +397,53 @@ class CocoReader(_Reader):
     def _scan(self):
         for msg in self._bad_anns:
             yield BadRecord(msg)
-        from .synthetic import instance_palette
-
-        for n, img in enumerate(self.images):
-            where = f"{self.path}: image {n}"
+        for n in range(len(self.images)):
             try:
-                if not isinstance(img, dict) or not all(k in img for k in ("id", "file_name", "height", "width")):
-                    raise BadRecord(f"{where}: needs 'id', 'file_name', 'height', 'width', got {img!r:.80}")
-                where = f"{self.path}: image {n} ({img['file_name']!r}, id {img['id']})"
-                h, w = int(img["height"]), int(img["width"])
-                image = None
-                if self.load_images:
-                    image = decode_image(_resolve(self.image_dir, img["file_name"]), where)
-                    if tuple(image.shape[1:]) != (h, w):
-                        raise BadRecord(f"{where}: the file is {image.shape[2]}x{image.shape[1]} (w x h) but the "
-                                        f"annotation says {w}x{h}")
-                anns = [a for a in self._anns.get(img["id"], []) if self.include_crowd or not a.get("iscrowd", 0)]
-                masks = []
-                for a in anns:
-                    try:
-                        masks.append(annotation_mask(a["segmentation"], h, w))
-                    except ValueError as e:
-                        raise BadRecord(f"{where}: annotation {a.get('id')!r}: {e}") from None
-                inst = np.zeros((h, w), np.int64)
-                for j in sorted(range(len(masks)), key=lambda j: -int(masks[j].sum())):  # small ones on top
-                    inst[masks[j]] = j + 1
-                pal = instance_palette(len(anns))
-                names = [self.categories.get(a.get("category_id"), str(a.get("category_id"))) for a in anns]
-                table = np.array([[0, 0, 0]] + pal, dtype=np.uint8)
-                counts = Counter(names)
-                yield {"source": self.path, "index": n, "key": img["file_name"], "image_id": img["id"],
-                       "image": image, "instances": torch.from_numpy(inst),
-                       "segmentation": torch.from_numpy(np.ascontiguousarray(table[inst].transpose(2, 0, 1))),
-                       "instance_colors": [{"id": j + 1, "annotation_id": a.get("id"), "category": names[j],
-                                            "color": pal[j]} for j, a in enumerate(anns)],
-                       "text": ", ".join(f"{c} {name}" for name, c in counts.items())}
+                yield self[n]
             except BadRecord as e:
                 yield e
+
+    def __getitem__(self, n) -> dict:
+        """Record n (random access; its image decoded now): BadRecord for an unusable image entry, annotation or
+        file.  (Annotations without 'image_id' / 'segmentation' are reported by iteration only.)"""
+        from .synthetic import instance_palette
+
+        if isinstance(n, bool) or not isinstance(n, int) or not -len(self) <= n < len(self):
+            raise IndexError(f"CocoReader: index {n!r} out of range for {len(self)} images of {self.path!r}")
+        n = n % len(self)
+        img = self.images[n]
+        where = f"{self.path}: image {n}"
+        if not isinstance(img, dict) or not all(k in img for k in ("id", "file_name", "height", "width")):
+            raise BadRecord(f"{where}: needs 'id', 'file_name', 'height', 'width', got {img!r:.80}")
+        where = f"{self.path}: image {n} ({img['file_name']!r}, id {img['id']})"
+        h, w = int(img["height"]), int(img["width"])
+        image = None
+        if self.load_images:
+            image = decode_image(_resolve(self.image_dir, img["file_name"]), where)
+            if tuple(image.shape[1:]) != (h, w):
+                raise BadRecord(f"{where}: the file is {image.shape[2]}x{image.shape[1]} (w x h) but the "
+                                f"annotation says {w}x{h}")
+        anns = [a for a in self._anns.get(img["id"], []) if self.include_crowd or not a.get("iscrowd", 0)]
+        masks = []
+        for a in anns:
+            try:
+                masks.append(annotation_mask(a["segmentation"], h, w))
+            except ValueError as e:
+                raise BadRecord(f"{where}: annotation {a.get('id')!r}: {e}") from None
+        inst = np.zeros((h, w), np.int64)
+        for j in sorted(range(len(masks)), key=lambda j: -int(masks[j].sum())):  # small ones on top
+            inst[masks[j]] = j + 1
+        pal = instance_palette(len(anns))
+        names = [self.categories.get(a.get("category_id"), str(a.get("category_id"))) for a in anns]
+        table = np.array([[0, 0, 0]] + pal, dtype=np.uint8)
+        counts = Counter(names)
+        return {"source": self.path, "index": n, "key": img["file_name"], "image_id": img["id"],
+                "image": image, "instances": torch.from_numpy(inst),
+                "segmentation": torch.from_numpy(np.ascontiguousarray(table[inst].transpose(2, 0, 1))),
+                "instance_colors": [{"id": j + 1, "annotation_id": a.get("id"), "category": names[j],
+                                     "category_id": a.get("category_id"), "color": pal[j]}
+                                    for j, a in enumerate(anns)],
+                "text": ", ".join(f"{c} {name}" for name, c in counts.items())}
 
 
 # ----------------------------------------------------------------------------------------------- VQA

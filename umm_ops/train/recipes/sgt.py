@@ -13,7 +13,9 @@ inpainting, edge, semantic_seg, instance_seg) or ``none`` (understanding data on
 Data: per SyntheticWorld record, the understanding slots of the SFT recipe (``recipe.tasks``, default caption x2,
 vqa, vqa_short: :class:`umm_ops.train.recipes.sft.SyntheticSFTDataset`) and ``proxy_ratio`` x as many proxy slots
 (the paper's ~2 proxy : 1 VQA is the default 2.0); the proxy slot k of record r draws its degradation with
-seed_of(seed, "proxy", k).  The step is the SFT recipe's (text cross-entropy + flow MSE, flow noise and CFG prompt
+seed_of(seed, "proxy", k).  With ``recipe.proxy_data`` (a COCO-style instances JSON, ``proxy_image_dir``) the
+proxy samples come from its pictures instead (record r -> picture r mod their number,
+:func:`umm_ops.data.proxy.coco_proxy_record`); the understanding samples stay the world's.  The step is the SFT recipe's (text cross-entropy + flow MSE, flow noise and CFG prompt
 dropout drawn per (step, sample) by :mod:`umm_ops.train.policy`).
 
 Defaults, SGT's settings scaled to the tiny model: lr 1e-4 (SGT's; also where the base schedule's cosine ends),
@@ -39,6 +41,10 @@ class SGTConfig(SFTRecipeConfig):
     proxy_ratio: float = 2.0                         # proxy samples per understanding sample (SGT: ~2 : 1)
     eval_seg: int = 32                               # held-out instance maps scored (seg-miou) after training,
                                                      # when proxy = instance_seg
+    proxy_data: str = ""                             # COCO-style instances JSON: the proxy samples come from its
+                                                     # pictures (umm_ops.data.CocoReader) instead of the world's
+    proxy_image_dir: str = ""                        # proxy_data's image folder ("": the JSON's folder)
+    proxy_skip_bad: bool = False                     # skip proxy_data's unusable pictures (the next one is taken)
 
     def understanding_slots(self) -> int:
         return sum(self.weights())
@@ -64,6 +70,8 @@ class SGTConfig(SFTRecipeConfig):
              f"times the {u} understanding samples per record ({list(self.tasks)}, weights {list(self.weights())}) "
              f"must be a whole number of proxy samples per record")
         need(self.eval_seg >= 0, "eval_seg", "must be >= 0")
+        need(not self.proxy_data or self.proxy != "none", "proxy_data",
+             "is read by a proxy task: set recipe.proxy to one of the hierarchy, not none")
         return self
 
 
@@ -73,7 +81,7 @@ class SGTDataset:
 
     def __init__(self, size: int, seed: int, records: int, proxy: str, proxy_slots: int,
                  tasks=("caption", "vqa", "vqa_short"), task_weights=(), first: int = 0, max_objects: int = 2,
-                 **world):
+                 proxy_data=None, **world):
         from ...data.proxy import check_proxy
 
         if proxy != "none":
@@ -84,6 +92,10 @@ class SGTDataset:
                                        task_weights=task_weights, **world)
         self.world, self.records, self.first, self.seed = self.und.world, records, first, seed
         self.proxy, self.n_proxy, self.n_und = proxy, int(proxy_slots), len(self.und.slots)
+        self.proxy_data = proxy_data        # a CocoReader: proxy samples from its pictures
+        if proxy_data is not None and (proxy == "none" or not len(proxy_data)):
+            raise ValueError(f"SGTDataset: proxy_data needs a proxy task and a non-empty CocoReader, got proxy "
+                             f"{proxy!r} and {len(proxy_data)} picture(s)")
 
     @property
     def slots_per_record(self) -> int:
@@ -99,8 +111,27 @@ class SGTDataset:
             raise IndexError(f"SGTDataset: index {i!r} out of range [0, {len(self)})")
         k, s = divmod(i, self.slots_per_record)
         if s < self.n_proxy:
-            return proxy_sample(self.world[self.first + k], self.proxy, seed=seed_of(self.seed, "proxy", s), draw=s)
+            rec = self.world[self.first + k] if self.proxy_data is None else self._picture(self.first + k)
+            return proxy_sample(rec, self.proxy, seed=seed_of(self.seed, "proxy", s), draw=s)
         return self.und[k * self.n_und + s - self.n_proxy]
+
+    def _picture(self, r: int):
+        """Run record r's picture of proxy_data: its picture r mod its length (with skip_bad the next usable one),
+        its draws seeded by r (a picture seen again gets new noise / holes)."""
+        from ...data.mmd_bench import BadRecord
+        from ...data.proxy import coco_proxy_record
+
+        data = self.proxy_data
+        n = len(data)
+        for j in range(n):
+            try:
+                rec = data[(r + j) % n]
+            except BadRecord:
+                if not data.skip_bad:
+                    raise
+                continue
+            return coco_proxy_record(rec, self.world.size, r, self.seed, data.categories)
+        raise BadRecord(f"{data.path}: none of its {n} pictures can be used (skip_bad)")
 
     def images(self, n: int):
         return self.und.images(n)
@@ -110,12 +141,26 @@ class SGTDataset:
 class SGTRecipe(SFTRecipe):
     name = "sgt"
     config_class = SGTConfig
-    run_defining = SFTRecipe.run_defining + ("proxy", "proxy_ratio")
+    run_defining = SFTRecipe.run_defining + ("proxy", "proxy_ratio", "proxy_data", "proxy_image_dir",
+                                             "proxy_skip_bad")
 
     def _dataset(self, cfg) -> SGTDataset:
         r = cfg.recipe
         return SGTDataset(r.image_size, cfg.job.seed, r.train_records, r.proxy, r.proxy_slots(), r.tasks,
-                          task_weights=r.weights(), **r.world_kwargs())
+                          task_weights=r.weights(), proxy_data=self._proxy_data(cfg), **r.world_kwargs())
+
+    def _proxy_data(self, cfg):
+        """recipe.proxy_data read once per recipe (None without it)."""
+        r = cfg.recipe
+        if not r.proxy_data:
+            return None
+        key = (r.proxy_data, r.proxy_image_dir, r.proxy_skip_bad)
+        if getattr(self, "_coco", (None,))[0] != key:
+            from ...data.readers import CocoReader
+
+            self._coco = (key, CocoReader(r.proxy_data, image_dir=r.proxy_image_dir or None,
+                                          skip_bad=r.proxy_skip_bad))
+        return self._coco[1]
 
     def build_model(self, cfg):
         if cfg.recipe.init:
