@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from umm_ops.data.proxy import (PROXIES, PROXY_PROMPTS, SEMANTIC_COLORS, edge_map, proxy_pair, proxy_sample)
+from umm_ops.data.proxy import (PROXIES, PROXY_PROMPTS, SEMANTIC_COLORS, edge_map, proxy_instruction, proxy_pair,
+                                proxy_sample)
 from umm_ops.data.synthetic import KINDS, SyntheticWorld, instance_palette
 from umm_ops.eval.runner import default_world_kwargs
 
@@ -54,6 +55,32 @@ def test_semantic_map_colours_are_the_kinds(world):
             assert (tgt[:, inst == k + 1] == torch.tensor(SEMANTIC_COLORS[kind], dtype=torch.uint8)[:, None]).all()
         seen_same_kind |= len(kinds) == 2 and kinds[0] == kinds[1]
     assert seen_same_kind    # two objects of one kind share a colour there (checked above): the case was covered
+
+
+def test_referring_maps_are_the_named_objects(world):
+    """referring_seg: the instruction names an object of the scene by its colour and shape; the target is white
+    exactly on every object of that colour and shape (all of them, "every", when it repeats), black elsewhere;
+    instruction and target come from the same draw, and draws differ."""
+    seen_every, named = False, set()
+    for rec in _records(world, 80):
+        for draw in range(3):
+            text = proxy_instruction(rec, "referring_seg", draw=draw)
+            src, tgt = proxy_pair(rec, "referring_seg", draw=draw)
+            assert torch.equal(src, rec.image)
+            objs = rec.scene["objects"]
+            words = text.removeprefix("Segment the ").removeprefix("Segment every ").removesuffix(".")
+            color, kind = words.rsplit(" ", 1)
+            ids = [k + 1 for k, o in enumerate(objs) if (o["color"], o["kind"]) == (color, kind)]
+            assert ids or not objs                                    # a present object (or an empty scene)
+            assert text.startswith("Segment every ") == (len(ids) > 1)
+            seen_every |= len(ids) > 1
+            want = torch.isin(rec.instances, torch.tensor(ids, dtype=torch.long))
+            assert torch.equal(tgt, (want.to(torch.uint8) * 255)[None].expand(3, -1, -1))
+            named.add((rec.index, words))
+    assert seen_every and len(named) > 80                             # repeats covered; draws pick other objects
+    # the same draw in the sample
+    s = proxy_sample(world[5], "referring_seg", draw=2)
+    assert s.items[1].text == proxy_instruction(world[5], "referring_seg", draw=2)
 
 
 def _boundary(img: torch.Tensor) -> torch.Tensor:
@@ -140,7 +167,8 @@ def test_proxy_sample_and_bad_names(world):
     for p in PROXIES:
         s = proxy_sample(rec, p)
         a, t, b = s.items
-        assert (a.role, b.role) == ("understand", "generate") and t.text == PROXY_PROMPTS[p] and not t.loss
+        assert (a.role, b.role) == ("understand", "generate") and t.text == proxy_instruction(rec, p) and not t.loss
+        assert p == "referring_seg" or t.text == PROXY_PROMPTS[p]
         src, tgt = proxy_pair(rec, p)
         assert torch.equal(a.image, src.float() / 127.5 - 1) and torch.equal(b.image, tgt.float() / 127.5 - 1)
     with pytest.raises(ValueError, match="expected one of reconstruction"):
@@ -371,6 +399,11 @@ def test_a_few_steps_from_the_cli_resume_init_and_a_map(tmp_path, capsys):
     assert "Segment instances" in capsys.readouterr().out
     assert main(["generate", str(out2), "--image", str(pic), "--proxy", "depth", "--out", str(m)]) == 2
     assert "--proxy must be one of reconstruction" in capsys.readouterr().err
+    assert main(["generate", str(out2), "--image", str(pic), "--proxy", "referring_seg", "--out", str(m)]) == 2
+    assert "needs the object to segment as --prompt" in capsys.readouterr().err
+    assert main(["generate", str(out2), "--image", str(pic), "--proxy", "referring_seg", "--prompt",
+                 "Segment the red circle.", "--out", str(m), "--steps", "2"]) == 0
+    assert "Segment the red circle." in capsys.readouterr().out
     assert main(["generate", str(out2), "--proxy", "edge", "--out", str(m)]) == 2
     assert "needs --image" in capsys.readouterr().err
 
@@ -440,6 +473,15 @@ def test_proxy_samples_from_coco_data(tmp_path):
     assert edges.any() and not edges.all()
     noisy, clean = proxy_pair(pr, "denoising", seed=1)
     assert torch.equal(clean, src) and not torch.equal(noisy, src)
+    from umm_ops.data.proxy import proxy_instruction
+
+    for draw in range(4):
+        text = proxy_instruction(pr, "referring_seg", draw=draw)
+        _, ref = proxy_pair(pr, "referring_seg", draw=draw)
+        name = text.removeprefix("Segment the ").removesuffix(".")
+        assert name in ("cat", "dog")                                # one instance each in picture 0
+        ids = [c["id"] for c in rec["instance_colors"] if c["category"] == name]
+        assert torch.equal(ref[0] == 255, torch.isin(inst, torch.tensor(ids)))
 
     ds = SGTDataset(32, 0, 6, "instance_seg", 2, ("caption",), task_weights=(1,), max_objects=1, proxy_data=reader)
     assert ds.slots_per_record == 3

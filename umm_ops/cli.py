@@ -204,10 +204,15 @@ def _generate(args) -> int:
             return refuse(f"--proxy must be one of {', '.join(PROXIES)}, got {args.proxy!r}")
         if not args.image or args.text or args.refine:
             return refuse("--proxy edits a picture: it needs --image PIC (and neither --text nor --refine)")
-        if args.prompt is not None and args.prompt != PROXY_PROMPTS[args.proxy]:
+        if args.proxy == "referring_seg":
+            if not args.prompt or not args.prompt.strip():
+                return refuse("--proxy referring_seg needs the object to segment as --prompt, e.g. --prompt "
+                              "'Segment the red circle.'")
+        elif args.prompt is not None and args.prompt != PROXY_PROMPTS[args.proxy]:
             return refuse(f"--proxy {args.proxy} uses its own instruction {PROXY_PROMPTS[args.proxy]!r}; drop "
                           f"--prompt (got {args.prompt!r})")
-        args.prompt = PROXY_PROMPTS[args.proxy]
+        else:
+            args.prompt = PROXY_PROMPTS[args.proxy]
     elif args.prompt is None:
         return refuse("--prompt is required (or --proxy NAME with --image PIC)")
     if args.image and not args.text and args.proxy is None:
@@ -502,7 +507,8 @@ def main(argv=None) -> int:
     ge = sub.add_parser("generate", help="an image (PNG) or text from a checkpoint")
     ge.add_argument("checkpoint", help="a run folder (its newest checkpoint), a checkpoint-<step> folder or a "
                                        "save_pretrained folder")
-    ge.add_argument("--prompt", default=None, help="the text prompt (required unless --proxy)")
+    ge.add_argument("--prompt", default=None, help="the text prompt (required unless --proxy; with --proxy "
+                                                   "referring_seg: the instruction, e.g. 'Segment the red circle.')")
     ge.add_argument("--out", default="generated.png", help="PNG path (image mode)")
     ge.add_argument("--text", action="store_true", help="generate text instead of an image")
     ge.add_argument("--image", default=None, help="with --text: an image file to ask about; with --proxy: the "

@@ -21,13 +21,20 @@ The hierarchy, from low-level to semantic (what the input is -> what the target 
                       colour map indexed by the kind's place in synthetic.KINDS), background black
     instance_seg      the picture -> the colour-coded instance map (record.segmentation: instance k in VOC colour
                       k, background black) - the SFT task ``segment`` is this sample
+    referring_seg     the picture + "Segment the red circle." (an object of the scene, drawn per sample, named by the
+                      colour and shape the captions use; "Segment every red circle." when several match) -> white
+                      where the named objects are, black elsewhere.  A scene without objects names a random
+                      (colour, shape) and its target is all black.  On COCO-style data the name is a category of the
+                      picture's instances ("Segment every dog.": every instance of it).
 
 A user's COCO-style data (:class:`umm_ops.data.CocoReader`) gives the same tasks through :func:`coco_proxy_record`:
 the picture resized to a square (bicubic), its instance map resized with nearest neighbours (so every pixel keeps an
 instance id) and coloured as the reader colours it; semantic_seg paints each instance in the VOC colour of its
 category's place among the file's categories (sorted by id).
 
-Randomness (noise, the hole) is drawn from ``seed_of(seed, record.index, proxy, draw)``: the same sample for the
+The instruction of a sample: :func:`proxy_instruction` (PROXY_PROMPTS[proxy], filled in for referring_seg).
+
+Randomness (noise, the hole, the referred object) is drawn from ``seed_of(seed, record.index, proxy, draw)``: the same sample for the
 same (record, draw) in any process.  The degradations come from :mod:`umm_ops.data.degradations`.
 """
 from __future__ import annotations
@@ -38,10 +45,10 @@ import torch.nn.functional as F
 from ..utils import generator, seed_of
 
 __all__ = ["PROXIES", "PROXY_PROMPTS", "EDGE_THRESHOLD", "SEMANTIC_COLORS", "proxy_pair", "proxy_sample",
-           "edge_map", "semantic_map", "check_proxy", "PictureRecord", "coco_proxy_record"]
+           "edge_map", "semantic_map", "check_proxy", "PictureRecord", "coco_proxy_record", "proxy_instruction"]
 
 PROXIES = ("reconstruction", "denoising", "deblurring", "super_resolution", "inpainting", "edge", "semantic_seg",
-           "instance_seg")
+           "instance_seg", "referring_seg")
 
 
 def _prompts() -> dict:
@@ -54,7 +61,10 @@ def _prompts() -> dict:
             "inpainting": "Fill in the missing region of the image.",
             "edge": "Draw the edge map of the image.",
             "semantic_seg": "Segment the image with a different color for each kind of shape.",
-            "instance_seg": SEGMENT_PROMPT}
+            "instance_seg": SEGMENT_PROMPT,
+            # per sample: "Segment the {what}." ("Segment every {what}." when several objects match); this entry is
+            # the template (proxy_instruction fills it)
+            "referring_seg": "Segment the {what}."}
 
 
 PROXY_PROMPTS = _prompts()
@@ -118,9 +128,11 @@ class PictureRecord:
     """A picture that is not a SyntheticWorld record, as proxy_pair reads it: index (seeds the draws), seed,
     image uint8 (3, H, W), segmentation (the instance map, uint8 (3, H, W)), semantic (the category map), source."""
 
-    def __init__(self, index: int, seed: int, image, segmentation, semantic, source: str):
+    def __init__(self, index: int, seed: int, image, segmentation, semantic, source: str, instances=None,
+                 names=()):
         self.index, self.seed, self.image = int(index), int(seed), image
         self.segmentation, self.semantic, self.source = segmentation, semantic, source
+        self.instances, self.names = instances, list(names)   # int64 (H, W) ids (k + 1), and instance k's name
 
 
 def coco_proxy_record(rec: dict, size: int, index: int, seed: int, categories: dict) -> PictureRecord:
@@ -145,7 +157,39 @@ def coco_proxy_record(rec: dict, size: int, index: int, seed: int, categories: d
     sem = torch.tensor([[0, 0, 0]] + [cat_pal[place[c["category_id"]] - 1] if c.get("category_id") in place
                                       else (255, 255, 255) for c in rec["instance_colors"]], dtype=torch.uint8)
     return PictureRecord(index, seed, img, table[inst].permute(2, 0, 1).contiguous(),
-                         sem[inst].permute(2, 0, 1).contiguous(), source=str(rec.get("source")))
+                         sem[inst].permute(2, 0, 1).contiguous(), source=str(rec.get("source")), instances=inst,
+                         names=[c["category"] for c in rec["instance_colors"]])
+
+
+def _referring(record, s: int, draw: int) -> tuple:
+    """(the referred object's words, the instance ids it names) of a referring_seg sample (module docstring)."""
+    g = generator(s, record.index, "referring_seg", draw)
+    if isinstance(record, PictureRecord):
+        names = record.names
+        if not names:
+            raise ValueError(f"referring_seg: picture {record.index} of {record.source} has no instance to refer to")
+        what = names[int(torch.randint(len(names), (1,), generator=g))]
+        return what, [k + 1 for k, n in enumerate(names) if n == what]
+    objs = record.scene["objects"]
+    if not objs:
+        from .synthetic import COLORS, KINDS
+
+        c = list(COLORS)[int(torch.randint(len(COLORS), (1,), generator=g))]
+        k = KINDS[int(torch.randint(len(KINDS), (1,), generator=g))]
+        return f"{c} {k}", []
+    o = objs[int(torch.randint(len(objs), (1,), generator=g))]
+    return f"{o['color']} {o['kind']}", [j + 1 for j, p in enumerate(objs)
+                                         if (p["color"], p["kind"]) == (o["color"], o["kind"])]
+
+
+def proxy_instruction(record, proxy: str, seed: int | None = None, draw: int = 0) -> str:
+    """The instruction of a proxy sample: PROXY_PROMPTS[proxy]; for referring_seg the referred object's sentence,
+    drawn as :func:`proxy_pair` draws its target."""
+    check_proxy(proxy)
+    if proxy != "referring_seg":
+        return PROXY_PROMPTS[proxy]
+    what, ids = _referring(record, record.seed if seed is None else int(seed), draw)
+    return f"Segment every {what}." if len(ids) > 1 else PROXY_PROMPTS[proxy].format(what=what)
 
 
 def proxy_pair(record, proxy: str, seed: int | None = None, draw: int = 0) -> tuple:
@@ -174,17 +218,22 @@ def proxy_pair(record, proxy: str, seed: int | None = None, draw: int = 0) -> tu
         return img, edge_map(img)
     if proxy == "semantic_seg":
         return img, record.semantic if isinstance(record, PictureRecord) else semantic_map(record)
+    if proxy == "referring_seg":
+        _, ids = _referring(record, s, draw)
+        mask = torch.isin(record.instances, torch.tensor(ids, dtype=torch.long))
+        return img, (mask.to(torch.uint8) * 255)[None].expand(3, -1, -1).contiguous()
     return img, record.segmentation          # instance_seg
 
 
 def proxy_sample(record, proxy: str, seed: int | None = None, draw: int = 0, meta: dict | None = None):
-    """The proxy task as a packing Sample: [input (understand, no loss)] [PROXY_PROMPTS[proxy] (no loss)]
-    [target (generate: the flow loss)]."""
+    """The proxy task as a packing Sample: [input (understand, no loss)] [its instruction (no loss;
+    :func:`proxy_instruction`)] [target (generate: the flow loss)]."""
     from .packing import ImageItem, Sample, TextItem
 
     src, tgt = proxy_pair(record, proxy, seed, draw)
     m = {"source": getattr(record, "source", "synthetic"), "index": record.index, "seed": record.seed,
          "task": "proxy", "proxy": proxy}
     m.update(meta or {})
-    return Sample([ImageItem(src.float() / 127.5 - 1.0, "understand"), TextItem(PROXY_PROMPTS[proxy]),
+    return Sample([ImageItem(src.float() / 127.5 - 1.0, "understand"), TextItem(proxy_instruction(record, proxy, seed,
+                                                                                                  draw)),
                    ImageItem(tgt.float() / 127.5 - 1.0, "generate")], meta=m)
