@@ -74,6 +74,18 @@ class _Reader:
                 continue
             yield item
 
+    def cyclic(self, r: int):
+        """Record ``r mod len(self)`` of a random-access reader (a training stream longer than the file cycles
+        through it); an unusable one raises BadRecord, or with skip_bad the next usable one is taken."""
+        n = len(self)
+        for j in range(n):
+            try:
+                return self[(int(r) + j) % n]
+            except BadRecord:
+                if not self.skip_bad:
+                    raise
+        raise BadRecord(f"{self.path}: none of its {n} records can be used (skip_bad)")
+
 
 def _require_file(path: str, what: str) -> str:
     if not isinstance(path, (str, os.PathLike)):
@@ -83,6 +95,18 @@ def _require_file(path: str, what: str) -> str:
     if why:
         raise FileNotFoundError(f"{what}: {path!r} {why}")
     return path
+
+
+def _json_list(path: str, what: str) -> list:
+    """A JSON file holding a list; BadRecord naming the file when it does not parse or is not a list."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise BadRecord(f"{path}: bad JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(data, list):
+        raise BadRecord(f"{path}: expected a JSON list of {what}, got {type(data).__name__}")
+    return data
 
 
 def _resolve(root: str, p: str) -> str:
@@ -107,14 +131,7 @@ class LlavaReader(_Reader):
         self.image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(self.path))
 
     def _scan(self):
-        with open(self.path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise BadRecord(f"{self.path}: bad JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        if not isinstance(data, list):
-            raise BadRecord(f"{self.path}: expected a JSON list of records, got {type(data).__name__}")
-        for n, rec in enumerate(data):
+        for n, rec in enumerate(_json_list(self.path, "records")):
             where = f"{self.path}: record {n}" + (f" (id {rec.get('id')!r})" if isinstance(rec, dict) and "id" in rec
                                                   else "")
             try:
@@ -552,14 +569,7 @@ class VQAReader(_Reader):
                         rows.append((n, BadRecord(f"{self.path}: line {n + 1}: bad JSON ({e.msg} at column "
                                                   f"{e.colno})")))
             return rows
-        with open(self.path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise BadRecord(f"{self.path}: bad JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        if not isinstance(data, list):
-            raise BadRecord(f"{self.path}: expected a JSON list of LLaVA records, got {type(data).__name__}")
-        return list(enumerate(data))
+        return list(enumerate(_json_list(self.path, "LLaVA records")))
 
     def __len__(self) -> int:
         return len(self._rows)

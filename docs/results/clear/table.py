@@ -1,8 +1,8 @@
 """The stage comparison table of docs/results/clear: clear / clear-short (and mmd-bench-short) evaluations of the
 same held-out items, grouped by model; a group of several files is one model trained with several seeds.
 
-    python docs/results/clear/table.py --ref START.json --group NAME A.json [B.json ...] [--group ...] \
-        [--out table.json]
+    python docs/results/clear/table.py --ref START.json --group NAME A.json [B.json:TASK ...] [--group ...] \
+        [--out table.json]        # FILE:TASK picks one task of a file that holds several
 
 Per group: the accuracy on degraded pictures (mean over its runs; 95% interval: bootstrap over items of the
 per-item mean over runs, and, with >= 2 runs, the spread of the runs' scores as a t-interval), per level (low /
@@ -19,10 +19,17 @@ import sys
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def load(path):
+def load(spec):
+    """PATH (a file of one task) or PATH:TASK."""
+    path, _, task = spec.partition(":")
     d = json.load(open(path))
-    (name, t), = [(k, v) for k, v in d["tasks"].items()]
-    return name, {it["index"]: it for it in t["items"]}, t
+    tasks = d["tasks"]
+    if not task:
+        if len(tasks) != 1:
+            raise SystemExit(f"{path} holds tasks {sorted(tasks)}: name one as {path}:TASK")
+        (task,) = tasks
+    t = tasks[task]
+    return task, {it["index"]: it for it in t["items"]}, t
 
 
 def boot(vals, n=4000, seed=0):

@@ -194,20 +194,9 @@ class SyntheticSFTDataset:
         """Sample i (task clear_data, run record r): the user's record r mod its length in CLEAR's format, degraded
         as drawn for i; a bad record stops with its file and record named, or with skip_bad the next usable one."""
         from ...data.clear_data import clear_vqa_sample
-        from ...data.mmd_bench import BadRecord
 
-        data = self.clear_data
-        n = len(data)
-        for k in range(n):
-            try:
-                rec = data[(r + k) % n]
-            except BadRecord:
-                if not data.skip_bad:
-                    raise
-                continue
-            return clear_vqa_sample(rec, self.world.size, self.seed, i, p_direct=self.clear_direct,
-                                    backend=self.clear_backend)
-        raise BadRecord(f"{data.path}: none of its {n} records can be used (skip_bad)")
+        return clear_vqa_sample(self.clear_data.cyclic(r), self.world.size, self.seed, i, p_direct=self.clear_direct,
+                                backend=self.clear_backend)
 
     def images(self, n: int) -> torch.Tensor:
         """The first n records' pictures as (n, 3, H, W) in [-1, 1] (VAE calibration)."""

@@ -118,20 +118,10 @@ class SGTDataset:
     def _picture(self, r: int):
         """Run record r's picture of proxy_data: its picture r mod its length (with skip_bad the next usable one),
         its draws seeded by r (a picture seen again gets new noise / holes)."""
-        from ...data.mmd_bench import BadRecord
         from ...data.proxy import coco_proxy_record
 
-        data = self.proxy_data
-        n = len(data)
-        for j in range(n):
-            try:
-                rec = data[(r + j) % n]
-            except BadRecord:
-                if not data.skip_bad:
-                    raise
-                continue
-            return coco_proxy_record(rec, self.world.size, r, self.seed, data.categories)
-        raise BadRecord(f"{data.path}: none of its {n} pictures can be used (skip_bad)")
+        rec = self.proxy_data.cyclic(r)
+        return coco_proxy_record(rec, self.world.size, r, self.seed, self.proxy_data.categories)
 
     def images(self, n: int):
         return self.und.images(n)
