@@ -244,7 +244,7 @@ def test_mix_ratio_and_config_errors():
                                                                   task_weights=r.weights(), **r.world_kwargs())[0].items
     none = SGTDataset(32, 0, 10, "none", 0, r.tasks, task_weights=r.weights(), **r.world_kwargs())
     assert "proxy" not in {none[i].meta["task"] for i in range(len(none))}
-    with pytest.raises(ConfigError, match="recipe.proxy = 'depth'.*instance_seg or none"):
+    with pytest.raises(ConfigError, match="recipe.proxy = 'depth'.*referring_seg or none"):
         Config.build("sgt", overrides=["recipe.proxy=depth"])
     with pytest.raises(ConfigError, match="whole number of proxy samples"):
         Config.build("sgt", overrides=["recipe.proxy_ratio=0.3"])
