@@ -7,8 +7,9 @@ same held-out items, grouped by model; a group of several files is one model tra
 Per group: the accuracy on degraded pictures (mean over its runs; 95% interval: bootstrap over items of the
 per-item mean over runs, and, with >= 2 runs, the spread of the runs' scores as a t-interval), per level (low /
 mid / high), on the clean pictures, the share of answers that restored first (degraded / clean pictures), the
-restorations' PSNR and checker score, and the paired difference to --ref on the same items (per-item mean over
-runs minus the ref's item, paired bootstrap).  Items must be the same in every file (the same n, seed and task).
+restorations' PSNR and checker score, and the paired differences to --ref on the same items (per-item mean over
+runs minus the ref's item, paired bootstrap): of the accuracy, and of the PSNR and checker score on the items that
+the ref and every run restored.  Items must be the same in every file (the same n, seed and task).
 """
 import json
 import math
@@ -77,6 +78,13 @@ def summarise(paths, ref_items=None):
         d = [per_item[k] - ref_items[i]["score"] for k, i in enumerate(keys)]
         row["diff_to_ref"] = round(mean(d), 4)
         row["diff_ci95"] = boot(d)
+        for m in ("psnr", "checker"):       # restorations: items restored by the ref and by every run
+            both = [i for i in keys if m in ref_items[i] and all(m in its[i] for _, its, _ in runs)]
+            if both:
+                dm = [mean([its[i][m] for _, its, _ in runs]) - ref_items[i][m] for i in both]
+                row[f"{m}_diff_to_ref"] = round(mean(dm), 4)
+                row[f"{m}_diff_ci95"] = boot(dm)
+                row[f"{m}_diff_items"] = len(both)
     return row
 
 
@@ -98,7 +106,7 @@ def main(argv):
     ref_items = load(ref)[1] if ref else None
     rows = {name: summarise(paths, ref_items) for name, paths in groups}
     cols = ["score", "low", "mid", "high", "clean", "restored", "restored_clean", "psnr_restored",
-            "checker_restored", "diff_to_ref"]
+            "checker_restored", "diff_to_ref", "psnr_diff_to_ref", "checker_diff_to_ref"]
     print("| model | runs | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for name, r in rows.items():
@@ -110,6 +118,8 @@ def main(argv):
                 s += f" {r['ci95_items']}" + (f" runs {r['ci95_runs']}" if "ci95_runs" in r else "")
             if c == "diff_to_ref" and v is not None:
                 s += f" {r['diff_ci95']}"
+            if c in ("psnr_diff_to_ref", "checker_diff_to_ref") and v is not None:
+                s += f" {r[c.replace('to_ref', 'ci95')]}"
             cells.append(s)
         print(f"| {name} | {r['runs']} | " + " | ".join(cells) + " |")
     if out:
