@@ -44,7 +44,9 @@ released model at the BF16 size (TINY with head_dim 64 in the LLM and the ViT) r
 ``model.to(torch.bfloat16)`` - where the two cast lines above are the released ones again - on the same seeded
 weights and inputs: text-to-image with CFG (3 steps, the initial noise given through torch.randn and
 bf16-representable, so both dtypes start from the same numbers; the first conditional velocity, the final latent and
-the clamped pixels), image understanding and text-only chat (first-token logits, greedy continuation) and the
+the clamped pixels), image understanding and text-only chat (first-token logits, greedy continuation), the
+first-token logits of a long text-only prompt (~2150 positions; ``model.to(torch.bfloat16)`` - what the released
+Inference/*.py scripts run - rounds transformers' float32 RoPE inv_freq buffers to bf16, which shows there), and the
 training forward of the text-only chat sample above (head output, text / image / total loss; no backward).  The JSON
 holds the released code's own bf16-vs-float32 relative errors (``released_bf16_error``): tests/test_cheers_bf16.py
 holds ours to them.
@@ -191,6 +193,7 @@ BF16 = dict(
                                       num_attention_heads=1),
     vae_encoder_config=TINY["vae_encoder_config"], vae_decoder_config=TINY["vae_decoder_config"])
 BF16_T2I = dict(prompt="A red cube on a blue floor.", steps=3, cfg_scale=3.0, alpha=0.5)
+BF16_LONG = " ".join(f"item {i} is a small {['red', 'green', 'blue'][i % 3]} cube." for i in range(70))
 
 
 def _rel(a, b):
@@ -231,6 +234,8 @@ def record_bf16(mods, tok, out_path):
     np.random.seed(SEED + 2)
     t2t_content = "Please introduce yourself briefly."
     t2t_in = proc(text=[chat(t2t_content)], images=[None], return_tensors="pt", add_im_start_id=False)
+    np.random.seed(SEED + 3)       # a long text-only prompt (~2150 positions: where RoPE's rounding shows)
+    long_in = proc(text=[chat(BF16_LONG)], images=[None], return_tensors="pt", add_im_start_id=False)
     ids, labels = [], []
     for text, trained in TRAIN_TURNS:
         t_ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -282,6 +287,8 @@ def record_bf16(mods, tok, out_path):
                 gen = model.generate(**dict(inputs), max_length=6, temperature=0.0)
             r[f"{key}.logits"] = out.logits[0, -1].float()
             r[f"{key}.generated"] = gen["input_ids"][0].clone()
+        with torch.no_grad():
+            r["long.logits"] = model(**{k: v for k, v in long_in.items()}).logits[0, -1].float()
 
         def fixed_randn_like(x, *a, **k):
             assert x.shape == zt.shape and x.dtype == dt, (x.shape, x.dtype)
@@ -307,6 +314,8 @@ def record_bf16(mods, tok, out_path):
     tensors = dict(t2i_input_ids=t2i_in["input_ids"][0].clone(),
                    t2i_dummy=(t2i_in["pixel_values"][0] * 255).round().to(torch.uint8),
                    t2t_dummy=(t2t_in["pixel_values"][0] * 255).round().to(torch.uint8),
+                   long_dummy=(long_in["pixel_values"][0] * 255).round().to(torch.uint8),
+                   long_input_ids=long_in["input_ids"][0].clone(),
                    i2t_input_ids=i2t_in["input_ids"][0].clone(), t2t_input_ids=t2t_in["input_ids"][0].clone(),
                    image=torch.from_numpy(np.asarray(img).copy()), init_noise=z0[0].clone(),
                    train_input_ids=torch.tensor(ids), train_labels=torch.tensor(labels),
@@ -336,7 +345,8 @@ def record_bf16(mods, tok, out_path):
     save_file(tensors, out_path + ".safetensors")
     with open(out_path + ".json", "w") as f:
         json.dump(dict(source=SOURCE, seed=SEED, config=BF16, names=names, resolution=RES, t2i=BF16_T2I,
-                       i2t_content=i2t_content, t2t_content=t2t_content, train_turns=TRAIN_TURNS,
+                       i2t_content=i2t_content, t2t_content=t2t_content, long_content=BF16_LONG,
+                       train_turns=TRAIN_TURNS,
                        released_bf16_error=err, transformers=__import__("transformers").__version__,
                        torch=torch.__version__), f, indent=1)
     for ext in (".safetensors", ".json"):
