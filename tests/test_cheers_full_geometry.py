@@ -67,3 +67,4 @@ def test_every_released_tensor_maps_with_its_shape(rec, tmp_path):
     del state["model.language_model.layers.27.mlp.down_proj.weight"]
     with pytest.raises(ValueError, match=r"1 missing keys \['llm.model.layers.27.mlp.down_proj.weight'\]"):
         load_state(_meta_model(rec, tokdir), convert_cheers_state_dict(state, 4, True))
+
