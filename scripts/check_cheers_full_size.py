@@ -216,6 +216,83 @@ def phase_released(src, deps, folder, io_path):
     shutil.rmtree(pkg, ignore_errors=True)
 
 
+def phase_spread(src, deps, folder, io_path):
+    """The released code's own bf16 spread at full size on the first conditional velocity: the same weights (read
+    back from FOLDER) and inputs with the eager attention instead of sdpa (t = 0, x = the initial noise)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from record_cheers_fixtures import load_released
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    mods, pkg = load_released(src, deps)
+    torch.set_num_threads(1)
+    saved = torch.load(io_path)
+    io = saved["io"]
+    with open(os.path.join(src, "config.json")) as f:
+        released_cfg = json.load(f)
+    cfg = mods["configuration_umm"].UMMConfig(**{k: v for k, v in released_cfg.items() if k != "auto_map"})
+    model = mods["modeling_umm"].Cheers._from_config(cfg, attn_implementation="sdpa", torch_dtype=torch.bfloat16)
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    n = 0
+    with torch.no_grad():
+        own = model.state_dict()
+        for fname in files:
+            for k, v in load_file(os.path.join(folder, fname)).items():
+                own[k].copy_(v)
+                n += 1
+    assert n == len(own), (n, len(own))
+    model.to(torch.bfloat16)
+    model.eval()
+    _log(f"released model rebuilt from {folder}")
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    improc = mods["image_processing_umm"].UMMImageProcessor(scale_resolution=saved["resolution"], patch_size=16)
+    proc = mods["processing_umm"].UMMProcessor(image_processor=improc, tokenizer=tok)
+    np.random.seed(SEED)
+    text = proc.apply_chat_template([{"role": "user", "content": T2I["prompt"]}], tokenize=False,
+                                    add_generation_prompt=True)
+    inp = proc(text=[text], images=[None], return_tensors="pt", add_im_start_id=True)
+    assert inp["input_ids"][0].tolist() == io["t2i.input_ids"].tolist()
+    out = {}
+    for impl in ("sdpa", "eager"):
+        for m in model.modules():
+            if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+                m.config._attn_implementation = impl
+        t0 = time.time()
+        got = []
+        drift_fn, real_randn = model._drift_fn, torch.randn
+
+        class _Stop(Exception):
+            pass
+
+        def first(x_t, t, *a, **k):       # the released generate up to its first velocity (cfg 1: no second branch)
+            got.append(drift_fn(x_t, t, *a, **k)[0].float())
+            raise _Stop
+
+        model._drift_fn = first
+        torch.randn = lambda *a, **k: io["t2i.init_noise"][None].bfloat16().clone()
+        try:
+            with torch.no_grad():
+                model.generate(**dict(inp), max_length=0, cfg_scale=1.0, temperature=0.0,
+                               num_inference_steps=T2I["steps"], alpha=T2I["alpha"], edit_image=False)
+        except _Stop:
+            pass
+        finally:
+            model._drift_fn, torch.randn = drift_fn, real_randn
+        out[impl] = got[0][0]
+        _log(f"{impl}: first conditional velocity in {time.time() - t0:.0f} s, vs the recorded one "
+             f"{_rel(out[impl], io['t2i.v_cond'][0]):.3g}")
+    spread = dict(v_cond0_eager_vs_sdpa=_rel(out["eager"], out["sdpa"]),
+                  v_cond0_sdpa_vs_recorded=_rel(out["sdpa"], io["t2i.v_cond"][0]))
+    _log("spread", spread)
+    with open(OUT_JSON) as f:
+        res = json.load(f)
+    res["figures"].update({f"released_spread.{k}": v for k, v in spread.items()})
+    with open(OUT_JSON, "w") as f:
+        json.dump(res, f, indent=1)
+    shutil.rmtree(pkg, ignore_errors=True)
+
+
 SHAPES_FIXTURE = os.path.join(ROOT, "tests", "fixtures", "cheers_released_full_shapes.json")
 
 
@@ -295,7 +372,7 @@ def phase_ours(folder, io_path):
     figs = {}
     img = letterbox(_image(), res)
     figs["i2t.pixels_equal"] = bool(torch.equal(img, io["i2t.pixels"]))
-    prompt = Sample([ImageItem(img), TextItem(" " + QUESTION)])
+    prompt = Sample([ImageItem(img), TextItem("\n " + QUESTION)])      # the released content after <im_end>
     ids = G.prompt_ids(model, prompt)
     pad = model.tokenizer.special("<image>")
     collapsed = [t for i, t in enumerate(ids.tolist()) if t != pad or i == 0 or ids[i - 1] != pad]
@@ -311,7 +388,9 @@ def phase_ours(folder, io_path):
     figs["i2t.top1"] = [int(lg.argmax()), int(ref.argmax())]
     top = ref.topk(10).indices
     figs["i2t.top10_overlap"] = len(set(lg.topk(10).indices.tolist()) & set(top.tolist()))
+    t0 = time.time()
     _, gen = model.generate_text(prompt, max_new_tokens=io["i2t.generated"].numel(), return_ids=True)
+    _log(f"ours greedy {gen[0]} in {time.time() - t0:.0f} s")
     figs["i2t.generated"] = [gen[0], io["i2t.generated"].tolist()]
     t = T2I
     dummy = io["t2i.dummy"].float() / 255
@@ -320,8 +399,9 @@ def phase_ours(folder, io_path):
         x = _latent(io["t2i.x_t"][n])[None]
         tn = float(io["t2i.t"][n])
         t0 = time.time()
-        v_c = G.velocity(model, t["prompt"], x, tn, cfg_scale=1.0, dummy_image=dummy)
-        v_u = G.velocity(model, t["prompt"], x, tn, cfg_scale=0.0, dummy_image=dummy)
+        with torch.no_grad():       # G.velocity is differentiable (RL): no graph of a 2.6B model here
+            v_c = G.velocity(model, t["prompt"], x, tn, cfg_scale=1.0, dummy_image=dummy)
+            v_u = G.velocity(model, t["prompt"], x, tn, cfg_scale=0.0, dummy_image=dummy)
         figs[f"t2i.v_cond_rel.{n}"] = _rel(v_c[0], _latent(io["t2i.v_cond"][n]))
         figs[f"t2i.v_uncond_rel.{n}"] = _rel(v_u[0], _latent(io["t2i.v_uncond"][n]))
         _log(f"ours velocities at step {n}: {time.time() - t0:.0f} s", figs[f"t2i.v_cond_rel.{n}"],
@@ -346,7 +426,8 @@ def phase_ours(folder, io_path):
     if os.path.isfile(OUT_JSON):
         with open(OUT_JSON) as f:
             prev = json.load(f)
-    result["peak_rss_gb_released_phase"] = prev.get("_released_peak")
+    result["peak_rss_gb_released_phase"] = prev.get("_released_peak", prev.get("peak_rss_gb_released_phase"))
+    result["figures"].update({k: v for k, v in prev.get("figures", {}).items() if k.startswith("released_spread.")})
     os.makedirs(os.path.dirname(OUT_JSON), exist_ok=True)
     with open(OUT_JSON, "w") as f:
         json.dump(result, f, indent=1)
@@ -359,7 +440,9 @@ def main():
     src = os.environ.get("CHEERS_SRC", "/tmp/cheers/Training/cheers_config")
     deps = os.environ.get("CHEERS_DEPS", "/tmp/rec_pkgs")
     phase = sys.argv[1] if len(sys.argv) > 1 else "all"
-    if phase == "shapes":
+    if phase == "spread":
+        phase_spread(src, deps, folder, io_path)
+    elif phase == "shapes":
         phase_shapes(src, deps)
     elif phase == "released":
         phase_released(src, deps, folder, io_path)
@@ -378,7 +461,7 @@ def main():
             json.dump({"_released_peak": peak}, f)
         sys.exit(subprocess.call([sys.executable, __file__, "ours", folder], stdin=subprocess.DEVNULL))
     else:
-        sys.exit(f"usage: {sys.argv[0]} [all|released|ours|shapes] [FOLDER]")
+        sys.exit(f"usage: {sys.argv[0]} [all|released|ours|spread|shapes] [FOLDER]")
 
 
 if __name__ == "__main__":
