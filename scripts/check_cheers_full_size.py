@@ -18,9 +18,12 @@ random initialisation in bfloat16, and:
      device: one copy of the weights in memory) - every released tensor must be used except the ones our converter
      drops by design (the tied lm_head copy, the SigLIP pooling head the model never calls) - checks every shape,
      and runs the same inputs through our public API;
-  5. writes the figures to docs/results/cheers_full_size.json.
+  5. writes the figures to docs/results/cheers_full_size.json;
+  6. (``spread`` phase, run after ``all``) rebuilds the released model from FOLDER and computes the first
+     conditional velocity with sdpa (must reproduce the recorded one: the folder holds the weights the outputs came
+     from) and with the eager attention: the released code's own bf16 spread on that output at full size.
 
-Each phase runs in its own process (peak memory: one model, ~5.2 GB, plus a shard being written).
+Each phase runs in its own process (peak memory: one model, ~5.2 GB, plus a shard being written; measured 6.2 GB).
 
     CHEERS_SRC=/tmp/cheers/Training/cheers_config CHEERS_DEPS=/tmp/rec_pkgs OMP_NUM_THREADS=1 \\
         .venv/bin/python scripts/check_cheers_full_size.py [all|released|ours] [FOLDER (default /tmp/cheers_full_size)]
@@ -222,9 +225,10 @@ def phase_spread(src, deps, folder, io_path):
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from record_cheers_fixtures import load_released
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
     mods, pkg = load_released(src, deps)
+    from transformers import AutoTokenizer       # the released code's transformers (4.51), after load_released
+
     torch.set_num_threads(1)
     saved = torch.load(io_path)
     io = saved["io"]
