@@ -38,6 +38,18 @@ turn is the target (written here piece by piece as the project's packer lays out
 veomni chat template is not run).  Recorded: ids, labels, pixel values, the flow noise x0 drawn inside
 get_image_features, the head's output on the black image's tokens, its target, text loss, image loss, the total
 loss, and the gradient norms of the head (gen_projector, hi_gate, hi_projector) and of the embedding.
+
+`python scripts/record_cheers_fixtures.py bf16` records tests/fixtures/cheers_released_bf16.{safetensors,json}: the
+released model at the BF16 size (TINY with head_dim 64 in the LLM and the ViT) run once in float32 and once after
+``model.to(torch.bfloat16)`` - where the two cast lines above are the released ones again - on the same seeded
+weights and inputs: text-to-image with CFG (3 steps, the initial noise given through torch.randn and
+bf16-representable, so both dtypes start from the same numbers; the first conditional velocity, the final latent and
+the clamped pixels), image understanding and text-only chat (first-token logits, greedy continuation), the
+first-token logits of a long text-only prompt (~2150 positions; ``model.to(torch.bfloat16)`` - what the released
+Inference/*.py scripts run - rounds transformers' float32 RoPE inv_freq buffers to bf16, which shows there), and the
+training forward of the text-only chat sample above (head output, text / image / total loss; no backward).  The JSON
+holds the released code's own bf16-vs-float32 relative errors (``released_bf16_error``): tests/test_cheers_bf16.py
+holds ours to them.
 """
 import importlib
 import importlib.machinery
@@ -172,6 +184,178 @@ def record_train_text_only(mods, model, tok, improc, out_path):
     print("train", {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, rec)
 
 
+# bf16 mode: widths the CPU bf16 kernels like (head_dim 64 in the LLM and the ViT, multiples of 64 elsewhere), still
+# tiny; the rest as TINY
+BF16 = dict(
+    text_config=dict(TINY["text_config"], hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                     num_key_value_heads=1),
+    vision_representation_config=dict(TINY["vision_representation_config"], hidden_size=64, intermediate_size=128,
+                                      num_attention_heads=1),
+    vae_encoder_config=TINY["vae_encoder_config"], vae_decoder_config=TINY["vae_decoder_config"])
+BF16_T2I = dict(prompt="A red cube on a blue floor.", steps=3, cfg_scale=3.0, alpha=0.5)
+BF16_LONG = " ".join(f"item {i} is a small {['red', 'green', 'blue'][i % 3]} cube." for i in range(70))
+
+
+def _rel(a, b):
+    """max |a - b| / max |b| (b the float32 reference)"""
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def record_bf16(mods, tok, out_path):
+    """The released model in float32 and in bfloat16 (``model.to(torch.bfloat16)``: where the released code's two
+    hard-coded bf16 casts, replaced here by casts to the model's dtype, are the released ones again) on the same
+    seeded weights and inputs: text-to-image with CFG from given initial noise (the final latent and pixels, and the
+    first step's conditional velocity), image understanding and text-only chat (first-token logits and greedy
+    continuation), and the training forward of the text-only chat sample (losses and the head's output).  The initial
+    and flow noise are bf16-representable, so both dtypes start from the same numbers."""
+    from PIL import Image
+
+    cfg = mods["configuration_umm"].UMMConfig(**BF16)
+    model = mods["modeling_umm"].Cheers._from_config(cfg, attn_implementation="sdpa", torch_dtype=torch.float32)
+    model.eval()
+    names = {k: list(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = model.load_state_dict(tiny_released_state(names, SEED), strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
+    improc = mods["image_processing_umm"].UMMImageProcessor(scale_resolution=RES, patch_size=16)
+    proc = mods["processing_umm"].UMMProcessor(image_processor=improc, tokenizer=tok)
+
+    def chat(content):
+        return proc.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                        add_generation_prompt=True)
+
+    # the inputs, drawn once (the processor draws the dummy images with np.random)
+    np.random.seed(SEED)
+    t2i_in = proc(text=[chat(BF16_T2I["prompt"])], images=[None], return_tensors="pt", add_im_start_id=True)
+    rng = np.random.RandomState(SEED + 1)
+    img = Image.fromarray(rng.randint(0, 256, (40, 96, 3), dtype=np.uint8))
+    i2t_content = "<im_start><image><im_end>\n Describe this image."
+    i2t_in = proc(text=[chat(i2t_content)], images=[img], return_tensors="pt", add_im_start_id=False)
+    np.random.seed(SEED + 2)
+    t2t_content = "Please introduce yourself briefly."
+    t2t_in = proc(text=[chat(t2t_content)], images=[None], return_tensors="pt", add_im_start_id=False)
+    np.random.seed(SEED + 3)       # a long text-only prompt (~2150 positions: where RoPE's rounding shows)
+    long_in = proc(text=[chat(BF16_LONG)], images=[None], return_tensors="pt", add_im_start_id=False)
+    ids, labels = [], []
+    for text, trained in TRAIN_TURNS:
+        t_ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids += t_ids
+        labels += t_ids if trained else [-100] * len(t_ids)
+    black = improc(images=Image.fromarray(np.zeros((512, 512, 3), dtype=np.uint8)))
+    h, w = (int(v) for v in t2i_in["grid_hws"][0])
+    z0 = torch.randn((1, 128, h, w), generator=torch.Generator().manual_seed(SEED + 5)).bfloat16().float()
+    hb, wb = (int(v) for v in black["grid_hws"][0])             # the packed latent of the black image
+    zt = torch.randn((1, 128, hb, wb), generator=torch.Generator().manual_seed(SEED + 6)).bfloat16().float()
+
+    def run(dt):
+        model.to(dt)
+        r = {}
+        real_randn, real_randn_like = torch.randn, torch.randn_like
+        drift_fn, decode = model._drift_fn, model.model.vae_model.decode
+        v_cond, latents = [], []
+
+        def fixed_randn(*a, **k):
+            assert tuple(a[0]) == tuple(z0.shape) and k.get("dtype") == dt, (a, k)
+            return z0.to(dt).clone()
+
+        def rec_drift(x_t, t, *a, **k):
+            out = drift_fn(x_t, t, *a, **k)
+            if k.get("out_heat_map"):
+                v_cond.append(out[0].detach().float().clone())
+            return out
+
+        def rec_decode(z):
+            latents.append(z.detach().float().clone())
+            return decode(z)
+
+        model._drift_fn, model.model.vae_model.decode = rec_drift, rec_decode
+        torch.randn = fixed_randn
+        try:
+            with torch.no_grad():
+                g = model.generate(**dict(t2i_in), max_length=0, cfg_scale=BF16_T2I["cfg_scale"], temperature=0.0,
+                                   num_inference_steps=BF16_T2I["steps"], alpha=BF16_T2I["alpha"], edit_image=False)
+        finally:
+            torch.randn = real_randn
+            model._drift_fn, model.model.vae_model.decode = drift_fn, decode
+        assert len(latents) == 1 and len(v_cond) == BF16_T2I["steps"] and g["images"][0].dtype == dt
+        r["t2i.v_cond0"] = v_cond[0][0]
+        r["t2i.latent"] = latents[0][0]
+        r["t2i.pixels"] = g["images"][0][0].float().clamp(0.0, 1.0)
+        for key, inputs in (("i2t", i2t_in), ("t2t", t2t_in)):
+            with torch.no_grad():
+                out = model(**{k: v for k, v in inputs.items()})
+                gen = model.generate(**dict(inputs), max_length=6, temperature=0.0)
+            r[f"{key}.logits"] = out.logits[0, -1].float()
+            r[f"{key}.generated"] = gen["input_ids"][0].clone()
+        with torch.no_grad():
+            r["long.logits"] = model(**{k: v for k, v in long_in.items()}).logits[0, -1].float()
+
+        def fixed_randn_like(x, *a, **k):
+            assert x.shape == zt.shape and x.dtype == dt, (x.shape, x.dtype)
+            return zt.to(dt).clone()
+
+        model.train()
+        torch.randn_like = fixed_randn_like
+        try:
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids]), t=torch.tensor([0.0]), labels=torch.tensor([labels]),
+                            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            pixel_values=black["pixel_values"].float(), grid_hws=black["grid_hws"])
+        finally:
+            torch.randn_like = real_randn_like
+            model.eval()
+        r["train.v"] = out.image_latent.detach()[0].float().flatten(1).transpose(0, 1).contiguous()
+        r["train.losses"] = torch.tensor([float(out.text_loss), float(out.image_loss), float(out.loss)],
+                                         dtype=torch.float64)
+        return r
+
+    f32 = run(torch.float32)
+    b16 = run(torch.bfloat16)
+    tensors = dict(t2i_input_ids=t2i_in["input_ids"][0].clone(),
+                   t2i_dummy=(t2i_in["pixel_values"][0] * 255).round().to(torch.uint8),
+                   t2t_dummy=(t2t_in["pixel_values"][0] * 255).round().to(torch.uint8),
+                   long_dummy=(long_in["pixel_values"][0] * 255).round().to(torch.uint8),
+                   long_input_ids=long_in["input_ids"][0].clone(),
+                   i2t_input_ids=i2t_in["input_ids"][0].clone(), t2t_input_ids=t2t_in["input_ids"][0].clone(),
+                   image=torch.from_numpy(np.asarray(img).copy()), init_noise=z0[0].clone(),
+                   train_input_ids=torch.tensor(ids), train_labels=torch.tensor(labels),
+                   train_noise=zt[0].clone())
+    err = {}
+    for k in f32:
+        if k.endswith(".logits"):           # keep the top 32 (float32) and every 301st id, and the log-sum-exp
+            case = k.split(".")[0]
+            lid = sorted(set(f32[k].topk(32).indices.tolist()) | set(range(0, f32[k].numel(), 301)))
+            tensors[f"{case}_logit_ids"] = torch.tensor(lid)
+            for name, r in (("f32", f32), ("bf16", b16)):
+                tensors[f"{name}.{k}"] = r[k][lid].clone()
+                tensors[f"{name}.{case}.logsumexp"] = torch.logsumexp(r[k].double(), 0).reshape(1)
+            err[k] = _rel(b16[k], f32[k])
+            err[f"{case}.logsumexp"] = _rel(torch.logsumexp(b16[k].double(), 0), torch.logsumexp(f32[k].double(), 0))
+            continue
+        tensors[f"f32.{k}"], tensors[f"bf16.{k}"] = f32[k].contiguous(), b16[k].contiguous()
+        if k.endswith(".generated"):
+            err[k] = int((b16[k] != f32[k]).sum()) if b16[k].shape == f32[k].shape else -1
+        elif k == "train.losses":
+            err[k] = [abs(float(a) - float(b)) / abs(float(b)) for a, b in zip(b16[k], f32[k])]
+        else:
+            err[k] = _rel(b16[k], f32[k])
+    from safetensors.torch import save_file
+    import json
+
+    save_file(tensors, out_path + ".safetensors")
+    with open(out_path + ".json", "w") as f:
+        json.dump(dict(source=SOURCE, seed=SEED, config=BF16, names=names, resolution=RES, t2i=BF16_T2I,
+                       i2t_content=i2t_content, t2t_content=t2t_content, long_content=BF16_LONG,
+                       train_turns=TRAIN_TURNS,
+                       released_bf16_error=err, transformers=__import__("transformers").__version__,
+                       torch=torch.__version__), f, indent=1)
+    for ext in (".safetensors", ".json"):
+        print(f"wrote {out_path + ext} ({os.path.getsize(out_path + ext)} bytes)")
+    print(json.dumps(err, indent=1))
+    for k in ("i2t.generated", "t2t.generated"):
+        print(k, f32[k].tolist(), b16[k].tolist())
+
+
 def main():
     src = os.environ.get("CHEERS_SRC", "/tmp/cheers/Training/cheers_config")
     deps = os.environ.get("CHEERS_DEPS", "/tmp/rec_pkgs")
@@ -197,6 +381,11 @@ def main():
     proc = mods["processing_umm"].UMMProcessor(image_processor=improc, tokenizer=tok)
     added = tok.convert_tokens_to_ids(["<image>", "<image_gen>", "<im_start>", "<im_end>", "<no_mean>"])
     assert added == [151665, 151666, 151667, 151668, 151669], added
+    if sys.argv[1:] == ["bf16"]:
+        record_bf16(mods, tok, out_path + "_bf16")
+        shutil.rmtree(pkg, ignore_errors=True)
+        shutil.rmtree(tokdir, ignore_errors=True)
+        return
     if sys.argv[1:] == ["train"]:
         record_train_text_only(mods, model, tok, improc, out_path + "_train")
         shutil.rmtree(pkg, ignore_errors=True)

@@ -109,7 +109,9 @@ class HFTokenizer:
         AutoTokenizer = optional_import("transformers", "AutoTokenizer")
 
         try:
-            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            # trust_remote_code=False: a released Cheers folder's config.json names remote code (auto_map), and
+            # transformers would otherwise stop to ask whether to run it; the tokenizer itself needs none
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         except Exception as e:  # transformers raises several types (OSError, ValueError, ...) for a bad folder
             raise ValueError(f"HFTokenizer: could not load a tokenizer from {folder!r}: {type(e).__name__}: {e}") from e
         self.tokenizer = tok

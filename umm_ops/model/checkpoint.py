@@ -87,8 +87,10 @@ def save_pretrained(model, folder, max_shard_bytes: int = 2 << 30) -> str:
     return os.fspath(folder)
 
 
-def load_state(model, state: dict, strict: bool = True, who: str = "checkpoint") -> None:
-    """Copy `state` into `model` (the tied lm_head may be absent), with a clear error naming what does not match."""
+def load_state(model, state: dict, strict: bool = True, who: str = "checkpoint", assign: bool = False) -> None:
+    """Copy `state` into `model` (the tied lm_head may be absent), with a clear error naming what does not match.
+    assign: the model's tensors become `state`'s (a model built on the meta device; strict then also refuses a
+    missing tied lm_head's partner and any tensor left on meta)."""
     own = model.state_dict()
     tied = model.llm.config.tie_word_embeddings
     expected = set(own) - ({"llm.lm_head.weight"} if tied else set())
@@ -100,7 +102,13 @@ def load_state(model, state: dict, strict: bool = True, who: str = "checkpoint")
     bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
     if bad:
         raise ValueError(f"{who}: shape mismatch (name, checkpoint, model): {bad[:8]}")
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False, assign=assign)
+    if assign:
+        if tied:
+            model.llm.tie_weights()
+        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if left:
+            raise ValueError(f"{who}: {len(left)} tensors were not in the checkpoint and stay unset: {left[:8]}")
 
 
 def _model_class(model_class):
@@ -389,7 +397,10 @@ def from_cheers_checkpoint(source=None, config=None, tokenizer=None, device=None
     * ``state_dict``: an in-memory dict (``config`` and ``tokenizer`` needed).
 
     config: a CheersConfig, or the released config.json as a dict / a path to it (default: the folder's).
-    tokenizer: a Hugging Face tokenizer folder (or HFTokenizer)."""
+    tokenizer: a Hugging Face tokenizer folder (or HFTokenizer).
+    dtype: e.g. torch.bfloat16 (the released checkpoint's): the model is built on the meta device and takes the
+    checkpoint's tensors cast to `dtype` (one copy of the weights in memory; a caller's state_dict already in that
+    dtype is then shared with the model, not copied).  Without it the weights are copied into a float32 model."""
     if (source is None) == (state_dict is None):
         raise ValueError("from_cheers_checkpoint: pass exactly one of source (a folder or a .safetensors file) and "
                          f"state_dict, got source={source!r} and {'a' if state_dict is not None else 'no'} "
@@ -435,7 +446,15 @@ def from_cheers_checkpoint(source=None, config=None, tokenizer=None, device=None
     elif tokenizer is not None and hasattr(tokenizer, "folder"):
         config.tokenizer = os.path.abspath(tokenizer.folder)
     config.validate()
-    model = _model_class(model_class)(config, tokenizer=tokenizer)
+    # with a dtype the model is built on the meta device and takes the checkpoint's tensors (cast to `dtype`, no
+    # copy when they already are: a bf16 checkpoint read through mmap) instead of a float32 copy of its own: the
+    # released 2.6B-parameter checkpoint then loads in bf16 with one copy of the weights in memory
+    on_meta = dtype is not None
+    if on_meta:
+        with torch.device("meta"):
+            model = _model_class(model_class)(config, tokenizer=tokenizer)
+    else:
+        model = _model_class(model_class)(config, tokenizer=tokenizer)
     if state_dict is None:
         if folder is not None:
             state_dict = read_safetensors_folder(folder)
@@ -447,7 +466,15 @@ def from_cheers_checkpoint(source=None, config=None, tokenizer=None, device=None
                         f"{type(state_dict).__name__}")
     state = convert_cheers_state_dict(state_dict, len(config.vae.block_out_channels),
                                       config.llm.get("tie_word_embeddings", True))
-    load_state(model, state, who=os.fspath(source) if source is not None else "state_dict")
+    del state_dict
+    who = os.fspath(source) if source is not None else "state_dict"
+    if on_meta:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        load_state(model, state, who=who, assign=True)
+        del state
+        model.llm.tie_weights()
+    else:
+        load_state(model, state, who=who)
     model.eval()
     if dtype is not None:
         model.to(dtype)

@@ -90,8 +90,24 @@ class CheersModel(nn.Module):
                                                     config.projector_ln_eps)
         self.head = FlowHead(llm_cfg.hidden_size, llm_cfg.num_attention_heads, llm_cfg.num_key_value_heads,
                              vit_cfg.hidden_size, vit_cfg.num_attention_heads, config.vae.packed_channels, config.head)
+        self.profile = self.profile       # the profile's RoPE rounding reaches the LLM and the head
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def profile(self):
+        """The conventions profile (umm_ops.model.profile.Profile); setting it also sets the RoPE rounding of the
+        LLM and the flow head (``Profile.rope_inv_freq_in_model_dtype``)."""
+        return self._profile
+
+    @profile.setter
+    def profile(self, p):
+        self._profile = p
+        if "llm" in self._modules:
+            r = bool(p.rope_inv_freq_in_model_dtype)
+            self.llm.round_rope_inv_freq = r
+            for stage in (self.head.gen_projector, self.head.hi_projector):
+                stage.round_rope_inv_freq = r
+
     @property
     def device(self) -> torch.device:
         return self.llm.model.embed_tokens.weight.device

@@ -62,9 +62,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
-    """(L,) positions -> cos, sin (L, head_dim) in the rotate-half layout (frequencies repeated twice)."""
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype, inv_freq_dtype=None):
+    """(L,) positions -> cos, sin (L, head_dim) in the rotate-half layout (frequencies repeated twice); the inverse
+    frequencies rounded to `inv_freq_dtype` first when given (see umm_ops.model.llm.rope_cos_sin)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    if inv_freq_dtype is not None:
+        inv = inv.to(inv_freq_dtype).float()
     f = positions.float()[:, None] * inv[None]
     emb = torch.cat([f, f], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -163,12 +166,14 @@ class HeadStage(nn.Module):
     def __init__(self, width, heads, kv_heads, layers, out, mlp_ratio=4, eps=1e-6, theta=1e4):
         super().__init__()
         self.head_dim, self.theta = width // heads, theta
+        self.round_rope_inv_freq = False     # as Qwen2LM.round_rope_inv_freq (set by CheersModel's profile)
         self.diffusion_head_a = nn.ModuleList(HeadBlock(width, heads, kv_heads, mlp_ratio, eps) for _ in range(layers))
         self.diffusion_head_b = FinalLayer(width, out, eps)
 
     def forward(self, x, c, positions, expand_grid=None):
         N, L, _ = x.shape
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.theta, x.dtype,
+                                x.dtype if self.round_rope_inv_freq else None)
         cos, sin = cos.repeat(N, 1), sin.repeat(N, 1)
         layout = image_layout(N, L, x.device)
         for blk in self.diffusion_head_a:

@@ -156,13 +156,18 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
+def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float, dtype: torch.dtype,
+                 inv_freq_dtype: torch.dtype | None = None):
     """cos, sin of shape (*position_ids.shape, dim) for rotate-half RoPE.
 
     The angles are computed in float32 whatever the model dtype (as transformers does, so checkpoints see the
-    rounding they were trained with), then cast to ``dtype``."""
+    rounding they were trained with), then cast to ``dtype``.  inv_freq_dtype: the inverse frequencies are first
+    rounded to it - what ``model.to(torch.bfloat16)`` does to transformers' non-persistent ``inv_freq`` buffer, and
+    so what the released Cheers inference scripts run (``Qwen2LM.round_rope_inv_freq``)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=position_ids.device).float()
                                 / dim))
+    if inv_freq_dtype is not None:
+        inv_freq = inv_freq.to(inv_freq_dtype).float()
     freqs = position_ids.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -462,6 +467,9 @@ class Qwen2LM(nn.Module):
         if not isinstance(config, Qwen2Config):
             raise TypeError(f"Qwen2LM expects a Qwen2Config, got {type(config).__name__}")
         self.config = config
+        # True: RoPE's inverse frequencies rounded to the activations' dtype first (transformers' inv_freq buffer
+        # after model.to(dtype); set by CheersModel under the "cheers" profile); the identity in float32
+        self.round_rope_inv_freq = False
         self.model = Qwen2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
@@ -548,7 +556,8 @@ class Qwen2LM(nn.Module):
             layer_rows = layer_rows.to(inputs_embeds.device, torch.long)
         step = cache._begin(layout, update_cache) if cache is not None else None
         x = inputs_embeds
-        cos, sin = rope_cos_sin(position_ids, cfg.dim_head, cfg.rope_theta, x.dtype)   # (L, Dh)
+        cos, sin = rope_cos_sin(position_ids, cfg.dim_head, cfg.rope_theta, x.dtype,   # (L, Dh)
+                                x.dtype if self.round_rope_inv_freq else None)
         taken = []
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and step is None and torch.is_grad_enabled():

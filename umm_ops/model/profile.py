@@ -78,6 +78,9 @@ class Profile:
     preprocess: str                # images to understand from files: "square" resize or "letterbox"
     label_image_start: bool        # training labels: the start token of a generated image is a target
     text_only_image: bool          # training: a sample without images gets a black image at t = 0 in front
+    # RoPE inverse frequencies (LLM and flow head) rounded to the model dtype, as the released inference scripts'
+    # model.to(torch.bfloat16) rounds transformers' inv_freq buffers (the identity in float32)
+    rope_inv_freq_in_model_dtype: bool = False
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -114,7 +117,7 @@ PROFILES = {
                       null_token="<no_mean>", system_prompt="You are a helpful assistant.", chat=True,
                       added_tokens=CHEERS_TOKENS, added_token_ids=CHEERS_TOKEN_IDS, dummy_image=True,
                       dummy_source_size=256, sampler="cheers", pixel_range=(0.0, 1.0), preprocess="letterbox",
-                      label_image_start=True, text_only_image=True),
+                      label_image_start=True, text_only_image=True, rope_inv_freq_in_model_dtype=True),
 }
 
 
