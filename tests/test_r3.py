@@ -25,7 +25,7 @@ class _Ctx:
     def __init__(self, step, micro_index=0, seed=0, **recipe):
         from umm_ops.train import Config
 
-        self.step, self.micro_index, self.seed = step, micro_index, seed
+        self.step, self.micro_index, self.seed, self.world_size = step, micro_index, seed, 1
         self.config = Config.build("r3", overrides=[f"recipe.{k}={v}" for k, v in recipe.items()])
 
 
@@ -45,20 +45,54 @@ def test_buffer_draws_perfect_images_at_the_asked_rate(monkeypatch):
 
     n = 0
     for step in range(1, 800, 2):
-        rec._buffer = {(step - 1, 0): buf}
+        rec._buffer, rec._pooled = {(step - 1, 0): buf}, {}
         with pytest.raises(StopIteration):
             rec._stage_b(M(), None, _Ctx(step, p_perfect=0.3, prompts_per_micro=2))
         n += 2
     share = sum(s >= 1.0 for s in picked) / n
     assert 0.25 < share < 0.35, share                          # 0.3 asked, 800 draws: 3 sigma ~ 0.05
-    rec._buffer = {(0, 0): [e for e in buf if e["score"] < 1]}
+    rec._buffer, rec._pooled = {(0, 0): [e for e in buf if e["score"] < 1]}, {}
     picked.clear()
     with pytest.raises(StopIteration):
         rec._stage_b(M(), None, _Ctx(1, p_perfect=1.0, prompts_per_micro=2))
     assert all(s < 1 for s in picked)                          # no perfect image: an imperfect one
-    rec._buffer = {}
+    rec._buffer, rec._pooled = {}, {}
     with pytest.raises(RuntimeError, match="no rollout buffer"):
         rec._stage_b(M(), None, _Ctx(3))
+    # R3's buffer holds the whole previous stage-(a) step (all micro-batches, all ranks): micro-batch 1 draws the
+    # perfect images micro-batch 0 made, in order of micro-batches
+    rec._buffer, rec._pooled = {(4, 1): [buf[1]], (4, 0): [buf[0], buf[3]]}, {}
+    assert [e["key"] for e in rec._pool(_Ctx(5, micro_index=1))] == [0, 3, 1]
+    picked.clear()
+    with pytest.raises(StopIteration):
+        rec._stage_b(M(), None, _Ctx(5, micro_index=1, p_perfect=1.0, prompts_per_micro=2))
+    assert picked == [1.0, 1.0]
+
+
+def test_stage_a_clears_the_buffer_of_older_steps(monkeypatch):
+    """R3 clears its buffer at every stage-(a) step (online_rl.py rollout_buffer.clear()): after step 2's stage (a)
+    only step 2's images are left, refined images never enter it."""
+    import umm_ops.eval.tasks.geneval as geneval
+
+    rec = R3Recipe()
+    rec._buffer = {(0, 0): ["old"], (0, 1): ["old"]}
+    rec._pooled = {0: ["old"]}
+
+    class T:
+        def __init__(self, k):
+            self.segments = [{"context_text": "<think> x </think>"}, {"image": torch.zeros(3, 4, 4)}]
+            self.meta, self.prompt, self.key = {"spec": {}}, "p", k
+
+    class M:
+        def __call__(self, fn, *a, **kw):
+            return [T(0), T(1)]
+
+    class B:
+        docs = [type("D", (), {"text": "p", "index": 7, "spec": {}})()]
+
+    monkeypatch.setattr(geneval, "score_image", lambda spec, img, rng: {"score": 0.5})
+    rec._stage_a(M(), B(), _Ctx(2, micro_index=1, group_size=2, prompts_per_micro=1))
+    assert list(rec._buffer) == [(2, 1)] and rec._pooled == {} and len(rec._buffer[(2, 1)]) == 2
 
 
 def test_shared_initial_noise_within_a_group():
