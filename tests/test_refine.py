@@ -116,7 +116,10 @@ def test_refine_from_the_cli(tmp_path, capsys):
     png2 = tmp_path / "two.png"
     assert main(["generate", str(folder), "--prompt", "a red circle", "--steps", "2", "--size", "32",
                  "--refine", "2", "--max-new-tokens", "4", "--image-cfg", "1.5", "--cfg-renorm", "text_channel",
-                 "--out", str(png2)]) == 0 and (tmp_path / "two-round2.png").is_file()
+                 "--cfg-interval", "0.4,1.0", "--out", str(png2)]) == 0 and (tmp_path / "two-round2.png").is_file()
+    with pytest.raises(SystemExit):
+        main(["generate", str(folder), "--prompt", "a red circle", "--refine", "2", "--cfg-interval", "1,0.4"])
+    assert "expected 0 <= LO < HI <= 1" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["generate", str(folder), "--prompt", "a red circle", "--steps", "2", "--size", "32",
                  "--image-cfg", "1.5", "--out", str(tmp_path / "no.png")]) == 2

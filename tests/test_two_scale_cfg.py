@@ -75,6 +75,29 @@ def test_guided_velocity_against_the_three_branches(model):
 
 
 @torch.no_grad()
+def test_cfg_interval_guides_only_inside_it(model):
+    """BAGEL / R3's cfg_interval (0.4, 1.0] on their time (1 = noise) = noise level 1 - t here: a row at t = 0.3
+    (noise level 0.7) is guided, one at t = 0.7 (0.3) takes the full branch's v."""
+    from umm_ops.model.generate import guided_at
+
+    edits = [Sample([ImageItem(_picture(0), "understand"), TextItem(INS)])] * 2
+    n, C = model.latent_shape((32, 32))
+    x = torch.randn(2, n, C, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([0.3, 0.7])
+    g = dict(cfg_scale=4.0, image_cfg_scale=1.5, cfg_renorm="text_channel")
+    full = velocity(model, edits, x, t)
+    guided = velocity(model, edits, x, t, **g)
+    got = velocity(model, edits, x, t, cfg_interval=(0.4, 1.0), **g)
+    torch.testing.assert_close(got[0], guided[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], full[1], rtol=1e-4, atol=1e-5)      # (a 3-branch batch: rounding)
+    assert float((guided[1] - full[1]).abs().max()) > 1e-4
+    assert guided_at(torch.tensor([0.0, 0.3, 0.7, 1.0]), (0.4, 1.0)).tolist() == [True, True, False, False]
+    assert guided_at(0.0, (0.0, 0.9)).item() is False                   # (lo, hi]: noise level 1 > 0.9
+    with pytest.raises(ValueError, match="cfg_interval must be None or"):
+        velocity(model, edits, x, t, cfg_interval=(0.5, 0.4), **g)
+
+
+@torch.no_grad()
 def test_edit_image_two_scales_and_switching_off(model):
     pics = [_picture(0), _picture(1)]
     ins = [INS, "add a green square"]
@@ -111,9 +134,17 @@ def test_recomputed_image_logprobs_equal_the_sampled_ones_with_two_scales(model)
     assert float(kl.detach().abs().max()) < 1e-8
     off = rl.image_logprobs(model, dataclasses.replace(ro, image_cfg_scale=1.0))[0]
     assert float((off.detach() - ro.logprobs).abs().max()) > 1e-3
+    # with R3's cfg_interval: the late steps (noise level <= 0.4) unguided, in the sampler and the recomputation
+    ri = rl.sample_images(model, edits, [11, 12], steps=8, sigma=umm_ops.SigmaSchedule(0.7), cfg_interval=(0.4, 1.0),
+                          **g)                                  # t = 0.6 (step 6, recorded): noise level 0.4, unguided
+    assert ri.cfg_interval == (0.4, 1.0)
+    lp = rl.image_logprobs(model, ri)[0]
+    torch.testing.assert_close(lp.detach(), ri.logprobs, rtol=1e-4, atol=1e-4)
+    off = rl.image_logprobs(model, dataclasses.replace(ri, cfg_interval=None))[0]
+    assert float((off.detach() - ri.logprobs).abs().max()) > 1e-3
     # interleaved: [picture, question] -> text -> the edit conditioned on [picture, instruction]
     plan = [rl.Seg("text", max_new_tokens=3, temperature=1.0),
-            rl.Seg("image", steps=3, schedule=rl.SDESchedule("random"), shared_noise=True,
+            rl.Seg("image", steps=3, schedule=rl.SDESchedule("random"), shared_noise=True, cfg_interval=(0.4, 1.0),
                    context=lambda tr: Sample([tr.prompt.items[0], TextItem(INS)]), **g)]
     trajs = rl.rollout_interleaved(model, edits, 2, plan, seed=2, keys=["a", "b"])
     assert all(tr.segments[1]["image_cfg_scale"] == 1.5 for tr in trajs)

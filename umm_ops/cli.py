@@ -183,6 +183,19 @@ def _check_out_file(who: str, flag: str, path, example: str = "out.png") -> str 
     return None
 
 
+def _interval_arg(text: str) -> tuple:
+    """--cfg-interval LO,HI -> (lo, hi) with 0 <= lo < hi <= 1 (argparse reports the error on one line)."""
+    import argparse
+
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers, e.g. 0.4,1.0), got {text!r}") from None
+    if not (0.0 <= lo < hi <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO < HI <= 1, got {text!r}")
+    return (lo, hi)
+
+
 def _generate(args) -> int:
     import math
 
@@ -304,7 +317,8 @@ def _generate(args) -> int:
             with torch.no_grad():
                 img = model.edit_image([pix], [args.prompt], height=size, width=size, steps=args.steps,
                                        cfg_scale=args.cfg, image_cfg_scale=args.image_cfg,
-                                       cfg_renorm=args.cfg_renorm, seed=args.seed)["images"][0]
+                                       cfg_renorm=args.cfg_renorm, cfg_interval=args.cfg_interval,
+                                       seed=args.seed)["images"][0]
         elif args.refine:
             from pathlib import Path
 
@@ -314,7 +328,7 @@ def _generate(args) -> int:
                                    cfg_scale=args.cfg, seed=args.seed, temperature=args.temperature,
                                    think_tokens=args.max_new_tokens, reflect_tokens=args.max_new_tokens,
                                    height=size, width=size, image_cfg_scale=args.image_cfg,
-                                   cfg_renorm=args.cfg_renorm)[0]
+                                   cfg_renorm=args.cfg_renorm, cfg_interval=args.cfg_interval)[0]
             stem = Path(args.out)
             for rd in res["rounds"]:
                 path = stem.with_name(f"{stem.stem}-round{rd['round']}{stem.suffix or '.png'}")
@@ -327,7 +341,8 @@ def _generate(args) -> int:
         else:
             with torch.no_grad():
                 img = model.generate_image([args.prompt], height=size, width=size, steps=args.steps,
-                                           cfg_scale=args.cfg, seed=args.seed)["images"][0]
+                                           cfg_scale=args.cfg, cfg_interval=args.cfg_interval,
+                                           seed=args.seed)["images"][0]
     except (ValueError, FloatingPointError) as e:  # refused settings, a prompt too long, a NaN image: no file
         return refuse(str(e))
     out = args.out
@@ -434,7 +449,7 @@ def _eval(args) -> int:
                        out_dir=args.out, world_kwargs=world, first=first, steps=args.steps,
                        batch_size=args.batch_size, model_name=name, data=args.data, progress=progress,
                        refine_rounds=args.rounds, cfg_scale=args.cfg, image_cfg_scale=args.image_cfg,
-                       cfg_renorm=args.cfg_renorm)
+                       cfg_renorm=args.cfg_renorm, cfg_interval=args.cfg_interval)
     except (FileNotFoundError, ValueError) as e:
         print(f"eval: {e}", file=sys.stderr)
         return 2
@@ -527,6 +542,9 @@ def main(argv=None) -> int:
                          "BAGEL / R3, which use 1.5; default 1: one scale)")
     ge.add_argument("--cfg-renorm", default="none", choices=("none", "global", "channel", "text_channel"),
                     help="edits: renorm of the guided velocity (R3's edits: text_channel)")
+    ge.add_argument("--cfg-interval", type=_interval_arg, default=None, metavar="LO,HI",
+                    help="guidance only at noise levels 1 - t in (LO, HI] (BAGEL / R3's cfg_interval; R3: 0.4,1.0); "
+                         "default everywhere")
     ge.add_argument("--max-new-tokens", type=int, default=None,
                     help="text token budget (default 64; with --restore 96 for each of its two text parts)")
     ge.add_argument("--temperature", type=float, default=0.0)
@@ -568,6 +586,9 @@ def main(argv=None) -> int:
                          "scale)")
     ev.add_argument("--cfg-renorm", default="none", choices=("none", "global", "channel", "text_channel"),
                     help="renorm of the guided velocity (R3's edits: text_channel)")
+    ev.add_argument("--cfg-interval", type=_interval_arg, default=None, metavar="LO,HI",
+                    help="guidance only at noise levels 1 - t in (LO, HI] (BAGEL / R3's cfg_interval; R3: 0.4,1.0); "
+                         "default everywhere")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--brief", action="store_true", help="print only the summary table")
     ev.add_argument("--device", default=None)

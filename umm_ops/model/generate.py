@@ -26,7 +26,7 @@ import umm_ops
 from ..data.packing import ROLES, ImageItem, Sample, TextItem, encode_sample
 
 __all__ = ["generate_text", "generate_image", "edit_image", "sample_tokens", "decode", "velocity", "PromptIds",
-           "next_token_logits", "prompt_ids", "guide", "CFG_RENORMS"]
+           "next_token_logits", "prompt_ids", "guide", "guided_at", "CFG_RENORMS"]
 
 
 def _generator(seed, device="cpu"):
@@ -518,8 +518,32 @@ def guide(v_full, v_text_null=None, v_image_null=None, cfg_scale: float = 1.0, i
     return v
 
 
-def _guide_rows(v, N: int, cfg_scale: float, image_cfg_scale: float, cfg_renorm: str):
-    """v (k N, n, C) of the documents laid out by _prefixes -> the guided (N, n, C)."""
+def check_cfg_interval(cfg_interval, who: str):
+    """None, or (lo, hi) with 0 <= lo < hi <= 1 -> a tuple of two floats."""
+    if cfg_interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in cfg_interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"{who}: cfg_interval must be None or (lo, hi) with 0 <= lo < hi <= 1, got "
+                         f"{cfg_interval!r}") from None
+    if not (0.0 <= lo < hi <= 1.0):
+        raise ValueError(f"{who}: cfg_interval must be None or (lo, hi) with 0 <= lo < hi <= 1, got {cfg_interval!r}")
+    return (lo, hi)
+
+
+def guided_at(t, cfg_interval) -> torch.Tensor:
+    """Where guidance applies: BAGEL's ``t > lo and t <= hi`` on its time, which runs from 1 (noise) to 0 (clean),
+    i.e. on the noise level 1 - t of this project's t (0 = noise).  t: float or (N,); computed in float32 (the
+    sampler's and the recomputation's times agree bit for bit) -> bool tensor of t's shape."""
+    s = 1.0 - torch.as_tensor(t, dtype=torch.float32).cpu()
+    lo, hi = cfg_interval
+    return (s > lo) & (s <= hi)
+
+
+def _guide_rows(v, N: int, cfg_scale: float, image_cfg_scale: float, cfg_renorm: str, t=None, cfg_interval=None):
+    """v (k N, n, C) of the documents laid out by _prefixes -> the guided (N, n, C); with cfg_interval, rows whose
+    time t (float or (N,)) lies outside it take the full branch's v (BAGEL / R3's cfg_interval)."""
     use_cfg, use_img = cfg_scale != 1.0, image_cfg_scale != 1.0
     if not use_cfg and not use_img:
         return v
@@ -529,12 +553,18 @@ def _guide_rows(v, N: int, cfg_scale: float, image_cfg_scale: float, cfg_renorm:
         vt, off = v[off:off + N], off + N
     if use_img:
         vi = v[off:off + N]
-    return guide(v[:N], vt, vi, cfg_scale, image_cfg_scale, cfg_renorm)
+    out = guide(v[:N], vt, vi, cfg_scale, image_cfg_scale, cfg_renorm)
+    if cfg_interval is not None:
+        on = guided_at(t, cfg_interval).reshape(-1).to(v.device)
+        if on.numel() == 1:
+            on = on.expand(N)
+        out = torch.where(on[:, None, None], out, v[:N])
+    return out
 
 
 def velocity(model, prompts, x, t, height: int | None = None, width: int | None = None,
              cfg_scale: float = 1.0, dummy_image=None, seed=0, image_cfg_scale: float = 1.0,
-             cfg_renorm: str = "none") -> torch.Tensor:
+             cfg_renorm: str = "none", cfg_interval=None) -> torch.Tensor:
     """The sampler's velocity v(x_t, t | prompt) for a batch, differentiable (no KV cache): what RL trains through.
 
     prompts: one per row of x (a str or a Sample of text / images to understand); x (N, n, 128) latents on the
@@ -545,7 +575,8 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
     `dummy_image` for every row, else drawn from `seed`: an int gives every row the draw of that seed (default 0),
     a list one seed per row - the row's generate_image(seed=[...]) seed gives the dummy its image was sampled
     with (RL: :func:`umm_ops.rl.image_logprobs` passes the rollout's seeds).  image_cfg_scale / cfg_renorm:
-    two-scale guidance of edits (:func:`guide`), as the sampler.  Returns float32 (N, n, 128)."""
+    two-scale guidance of edits (:func:`guide`), cfg_interval: the times guidance applies at (:func:`guided_at`),
+    as the sampler.  Returns float32 (N, n, 128)."""
     prompts = _prompt_list(prompts, "velocity")
     samples = [_chat_wrap(model, _as_sample(p, "velocity"), None) for p in prompts]
     _check_images(model, samples, "velocity")
@@ -567,6 +598,7 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
     cfg_scale = float(cfg_scale)
     image_cfg_scale = float(image_cfg_scale)
     _check_guidance(model, samples, cfg_scale, image_cfg_scale, cfg_renorm, "velocity")
+    cfg_interval = check_cfg_interval(cfg_interval, "velocity")
     use_cfg = cfg_scale != 1.0
     use_img = image_cfg_scale != 1.0
     if isinstance(seed, (list, tuple)):
@@ -599,13 +631,13 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
     layout = SpanLayout.from_segments([sg + [(n, cfg.gen_mode)] for sg in segs], device=dev)
     h = model.llm.forward_packed(torch.cat(parts), positions_in_document(layout), layout)
     v = model.head(h[torch.cat(rows)].view(k * N, n, -1), torch.cat([t] * k), high, grid).float()
-    return _guide_rows(v, N, cfg_scale, image_cfg_scale, cfg_renorm)
+    return _guide_rows(v, N, cfg_scale, image_cfg_scale, cfg_renorm, t, cfg_interval)
 
 
 @torch.no_grad()
 def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed, mode, sigma, return_trajectory,
               sde_steps=None, init_noise=None, sampler=None, dummy_image=None, start_t=None, start_images=None,
-              pixels=True, return_cache=False, image_cfg_scale=1.0, cfg_renorm="none"):
+              pixels=True, return_cache=False, image_cfg_scale=1.0, cfg_renorm="none", cfg_interval=None):
     cfg = model.config
     sampler = model.profile.sampler if sampler is None else sampler
     if start_t is not None:
@@ -662,12 +694,13 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
     N = len(samples)
     image_cfg_scale = 1.0 if image_cfg_scale is None else float(image_cfg_scale)
     _check_guidance(model, samples, cfg_scale, image_cfg_scale, cfg_renorm, "generate_image")
+    cfg_interval = check_cfg_interval(cfg_interval, "generate_image")
     use_cfg = cfg_scale != 1.0
     use_img = image_cfg_scale != 1.0
     k = 1 + int(use_cfg) + int(use_img)
 
-    def guided(v):
-        return _guide_rows(v, N, cfg_scale, image_cfg_scale, cfg_renorm)
+    def guided(v, t):
+        return _guide_rows(v, N, cfg_scale, image_cfg_scale, cfg_renorm, float(t), cfg_interval)
     dummies = _dummies(model, samples, hw, seed, dummy_image)
     prefix_segs, prefix_embeds = _prefixes(model, samples, hw, use_cfg, "generate_image", dummies=dummies,
                                            use_img=use_img)
@@ -709,7 +742,7 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
         t, t_next = ts[i], ts[i + 1]
         xin = torch.cat([x] * k) if k > 1 else x
         v = guided(_velocity(model, cache, xin, torch.full((n_docs,), t, device=dev), hw, grid, cfg.gen_mode,
-                             n_docs))
+                             n_docs), t)
         if mode == "ode":
             x = umm_ops.flow_step(x, v, t, t_next)
         else:
@@ -756,7 +789,7 @@ def _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale
         t = ts[n]
         xin = torch.cat([x] * k) if k > 1 else x
         v = guided(_velocity(model, cache, xin, torch.full((n_docs,), float(t), device=dev), hw, grid,
-                             model.config.gen_mode, n_docs))
+                             model.config.gen_mode, n_docs), t)
         euler = float(t) != 1.0 and n < steps - 1
         if mode == "sde" and euler:
             z = randn()
@@ -808,7 +841,7 @@ def generate_image(model, prompts, height: int | None = None, width: int | None 
                    mode: str = "ode", sigma=None, return_trajectory: bool = False, sde_steps=None,
                    init_noise=None, sampler: str | None = None, chat: bool | None = None,
                    dummy_image=None, pixels: bool = True, return_cache: bool = False,
-                   image_cfg_scale: float = 1.0, cfg_renorm: str = "none") -> dict:
+                   image_cfg_scale: float = 1.0, cfg_renorm: str = "none", cfg_interval=None) -> dict:
     """Generate one image per prompt (a str, a Sample of text / images to understand, or token ids: everything
     before the image, ending with the profile's image start token).
 
@@ -835,7 +868,9 @@ def generate_image(model, prompts, height: int | None = None, width: int | None 
     image_cfg_scale: two-scale guidance of edits (BAGEL / R3; prompts holding an image to understand): cfg_scale
     guides against the prompt without its text, image_cfg_scale against the prompt without its image, in that
     order (:func:`guide`); 1 (default) = one-scale guidance.  cfg_renorm: "none" (default), "global", "channel" or
-    "text_channel" (R3's edit setting; :func:`guide`).
+    "text_channel" (R3's edit setting; :func:`guide`).  cfg_interval: (lo, hi) - guidance only at the sampler
+    points whose noise level 1 - t lies in (lo, hi] (BAGEL / R3's cfg_interval, R3: (0.4, 1.0); elsewhere the
+    unguided v); None (default): at every point.
     Returns dict(images (N, 3, H, W) in the profile's pixel range (clamped), latents (N, n, 128), timesteps, ...).
     """
     prompts = _prompt_list(prompts, "generate_image")
@@ -844,7 +879,8 @@ def generate_image(model, prompts, height: int | None = None, width: int | None 
     _check_images(model, samples, "generate_image")
     return _generate(model, samples, height or size, width or size, steps, cfg_scale, time_shift, seed, mode, sigma,
                      return_trajectory, sde_steps, init_noise, sampler, dummy_image, pixels=bool(pixels),
-                     return_cache=bool(return_cache), image_cfg_scale=image_cfg_scale, cfg_renorm=cfg_renorm)
+                     return_cache=bool(return_cache), image_cfg_scale=image_cfg_scale, cfg_renorm=cfg_renorm,
+                     cfg_interval=cfg_interval)
 
 
 def edit_image(model, images, instructions, height: int | None = None, width: int | None = None,
@@ -873,7 +909,7 @@ def edit_image(model, images, instructions, height: int | None = None, width: in
                          f"is the output, got sizes {[tuple(im.shape[-2:]) for im in images]} and "
                          f"height={height}, width={width}")
     bad = set(kw) - {"steps", "cfg_scale", "time_shift", "seed", "init_noise", "return_trajectory", "chat",
-                     "image_cfg_scale", "cfg_renorm"}
+                     "image_cfg_scale", "cfg_renorm", "cfg_interval"}
     if bad:
         raise ValueError(f"edit_image: with start_t, arguments {sorted(bad)} do not apply (the 'cheers' grid)")
     chat = kw.pop("chat", None)
@@ -881,4 +917,4 @@ def edit_image(model, images, instructions, height: int | None = None, width: in
     return _generate(model, samples, h, w, kw.get("steps"), kw.get("cfg_scale"), kw.get("time_shift"),
                      kw.get("seed", 0), "ode", None, kw.get("return_trajectory", False), None, kw.get("init_noise"),
                      "cheers", None, start_t, list(images), image_cfg_scale=kw.get("image_cfg_scale", 1.0),
-                     cfg_renorm=kw.get("cfg_renorm", "none"))
+                     cfg_renorm=kw.get("cfg_renorm", "none"), cfg_interval=kw.get("cfg_interval"))

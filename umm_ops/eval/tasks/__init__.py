@@ -85,6 +85,7 @@ class EvalContext:
     cfg_scale: float | None = None    # guidance of edits (tasks edit, refine; None: the model's)
     image_cfg_scale: float = 1.0      # their image guidance (two-scale CFG; 1: one scale)
     cfg_renorm: str = "none"          # umm_ops.model.generate.guide's renorm
+    cfg_interval: tuple | None = None     # noise levels (lo, hi] where guidance applies (None: all)
 
     def __post_init__(self):
         self._records: dict = {}

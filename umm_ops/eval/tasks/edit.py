@@ -4,11 +4,12 @@ Per held-out record whose scene satisfies its prompt, :func:`umm_ops.data.refine
 per-record seed as ``r3_samples``) changes one named object - recolour, reshape or remove - so that the pixel
 checker no longer accepts the picture, and writes the instruction that undoes it.  The model edits the changed
 picture with the instruction (``edit_image``: [picture to understand, instruction] -> image; guidance from the
-context: ``cfg_scale``, and two-scale ``image_cfg_scale`` / ``cfg_renorm``), and the checker scores the edit
-against the target scene's description (the record's prompt spec).  An item's ``score`` is that checker score;
-beside it ``before`` (the unedited, changed picture's score against the same description), ``gain`` (score - before,
-paired; bootstrap) and ``exact`` (the edit fully satisfies the description, Wilson).  Breakdown per edit kind.
-Records without an applicable edit are left out (``skipped`` counts them).  Images in the model's pixel range.
+context: ``cfg_scale``, and two-scale ``image_cfg_scale`` / ``cfg_renorm`` / ``cfg_interval``), and the checker
+scores the edit against the target scene's description (the record's prompt spec).  An item's ``score`` is that
+checker score; beside it ``before`` (the unedited, changed picture's score against the same description), ``gain``
+(score - before, paired; bootstrap) and ``exact`` (the edit fully satisfies the description, Wilson).  Breakdown per
+edit kind.  Records without an applicable edit are left out (``skipped`` counts them).  Images in the model's
+pixel range.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class EditTask(Task):
             res = model.edit_image([pixels(bad, rng) for _, bad, _, _ in batch], [ins for _, _, ins, _ in batch],
                                    height=S, width=S, steps=ctx.steps, cfg_scale=ctx.cfg_scale,
                                    image_cfg_scale=ctx.image_cfg_scale, cfg_renorm=ctx.cfg_renorm,
+                                   cfg_interval=ctx.cfg_interval,
                                    seed=[ctx.seed_for(self.name, rec.index) for rec, _, _, _ in batch])
             outs += list(res["images"])
         items = []
@@ -68,7 +70,7 @@ class EditTask(Task):
                           "gain": after["score"] - before, "exact": after["correct"], "instruction": ins,
                           "prompt": rec.prompt["text"]})
         extra = {"skipped": skipped, "cfg_scale": ctx.cfg_scale, "image_cfg_scale": ctx.image_cfg_scale,
-                 "cfg_renorm": ctx.cfg_renorm}
+                 "cfg_renorm": ctx.cfg_renorm, "cfg_interval": ctx.cfg_interval}
         k = ctx.grid_items
         grid = {"rows": ["to edit", "edited", "target"],
                 "columns": [{"label": f"{it['before']:.2f}->{it['score']:.2f}\n{it['type']}",

@@ -87,6 +87,8 @@ class R3Config:
     # Not scaled: it multiplies a difference of velocities, and the tiny model's text scale is R3's 4.0 already
     image_cfg_scale: float = 1.5
     cfg_renorm: str = "text_channel"  # R3's cfg_renorm_type_edit (scripts/train_rl.sh), renorm_min 0
+    cfg_interval_low: float = 0.4     # R3's cfg_interval (0.4, 1.0): guidance of both stages' images only at noise
+    cfg_interval_high: float = 1.0    # levels 1 - t in (low, high] (low 0, high 1: everywhere but the clean end)
     sigma: float = 0.7                # Flow-GRPO's noise level a of sigma_t = a sqrt((1 - t) / t)
     format_weight: float = 0.2        # w_f
     p_perfect: float = 0.15
@@ -118,6 +120,8 @@ class R3Config:
         from ...model.generate import CFG_RENORMS
 
         need(self.cfg_renorm in CFG_RENORMS, "cfg_renorm", f"must be one of {', '.join(CFG_RENORMS)}")
+        need(0 <= self.cfg_interval_low < self.cfg_interval_high <= 1, "cfg_interval_low",
+             "need 0 <= cfg_interval_low < cfg_interval_high <= 1")
         need(self.sigma > 0, "sigma", "must be > 0")
         need(0 <= self.p_perfect <= 1, "p_perfect", "must be a probability")
         for k in ("format_weight", "text_clip", "text_kl", "image_clip", "image_kl", "image_weight"):
@@ -133,7 +137,7 @@ class R3Recipe(Recipe):
     config_class = R3Config
     run_defining = ("init", "image_size", "train_records", "group_size", "prompts_per_micro", "think_tokens",
                     "reflect_tokens", "temperature", "top_k", "gen_steps", "edit_steps", "cfg_scale", "image_cfg_scale",
-                    "cfg_renorm", "sigma",
+                    "cfg_renorm", "cfg_interval_low", "cfg_interval_high", "sigma",
                     "format_weight", "p_perfect", "text_clip", "text_kl", "image_clip", "image_kl", "image_weight",
                     "same_init_noise")
 
@@ -179,6 +183,10 @@ class R3Recipe(Recipe):
         return f"r3 from {r.init or 'a fresh ' + cfg.model.preset}: G={r.group_size}, alternating (a) / (b)"
 
     # ------------------------------------------------------------------ the step
+    @staticmethod
+    def _interval(r):
+        return (float(r.cfg_interval_low), float(r.cfg_interval_high))
+
     def _sigma(self, r):
         import umm_ops
 
@@ -192,7 +200,8 @@ class R3Recipe(Recipe):
         docs = batch.docs
         plan = [rl.Seg("text", max_new_tokens=r.think_tokens, temperature=r.temperature, top_k=r.top_k,
                        stop=("</think>",)),
-                rl.Seg("image", steps=r.gen_steps, cfg_scale=r.cfg_scale, sigma=self._sigma(r),
+                rl.Seg("image", steps=r.gen_steps, cfg_scale=r.cfg_scale, cfg_interval=self._interval(r),
+                       sigma=self._sigma(r),
                        schedule=rl.SDESchedule("random"), shared_noise=r.same_init_noise)]
         with torch.no_grad():
             trajs = model(rl.rollout_interleaved, [d.text for d in docs], r.group_size, plan, seed=ctx.seed,
@@ -256,7 +265,7 @@ class R3Recipe(Recipe):
 
         plan = [rl.Seg("text", max_new_tokens=r.reflect_tokens, temperature=r.temperature, top_k=r.top_k),
                 rl.Seg("image", steps=r.edit_steps, cfg_scale=r.cfg_scale, image_cfg_scale=r.image_cfg_scale,
-                       cfg_renorm=r.cfg_renorm, sigma=self._sigma(r),
+                       cfg_renorm=r.cfg_renorm, cfg_interval=self._interval(r), sigma=self._sigma(r),
                        schedule=rl.SDESchedule("random"), shared_noise=r.same_init_noise, context=edit_context,
                        when=lambda t: not is_stop(t.segments[0]["text"]))]
         keys = [f"b{ctx.micro_index}.{j}:{e['key']}" for j, e in enumerate(picks)]
@@ -305,7 +314,8 @@ class R3Recipe(Recipe):
         res = evaluate(model, "refine", n=r.eval_prompts, seed=cfg.job.seed, image_size=r.image_size,
                        out_dir=f"{out_dir}/eval", world_kwargs=self.world_kwargs(cfg), first=r.train_records,
                        steps=r.eval_steps, refine_rounds=r.eval_rounds, cfg_scale=r.cfg_scale,
-                       image_cfg_scale=r.image_cfg_scale, cfg_renorm=r.cfg_renorm)
+                       image_cfg_scale=r.image_cfg_scale, cfg_renorm=r.cfg_renorm,
+                       cfg_interval=self._interval(r))
         return res["tasks"]["refine"]
 
     def report(self, results: dict) -> list:
