@@ -208,11 +208,29 @@ class Oracle:
             for i in range(FIRST, len(self.world)):
                 self.by_pixels[self.world[i].image.numpy().tobytes()] = i
         out = []
-        for im in images:
-            i = self.by_pixels[to_uint8(im, self.profile.pixel_range).numpy().tobytes()]
-            seg = self._px(self.world[i].segmentation)
+        for im, ins in zip(images, instructions):
+            key = to_uint8(im, self.profile.pixel_range).numpy().tobytes()
+            if key not in self.by_pixels:      # task edit: a changed picture; "right" restores the record's
+                out.append(self._px(self.world[self._changed()[(key, ins)]].image) if self.mode == "right" else im)
+                continue
+            seg = self._px(self.world[self.by_pixels[key]].segmentation)
             out.append(seg if self.mode == "right" else torch.full_like(seg, self.profile.pixel_range[0]))
         return {"images": torch.stack(out)}
+
+    def _changed(self):
+        """(changed picture bytes, instruction) -> record index, from r3_samples' r3_edit task (independent of the
+        eval task's own construction)."""
+        if not hasattr(self, "_changed_map"):
+            from umm_ops.data.refine_data import r3_samples
+            from umm_ops.eval.tasks.geneval import to_uint8
+
+            self._changed_map = {}
+            for i in range(FIRST, len(self.world)):
+                rec = self.world[i]
+                for smp in r3_samples(rec, ("edit",), kinds=self.world.w.kinds, colors=self.world.w.colors):
+                    pic = to_uint8(smp.items[0].image, (-1.0, 1.0)).numpy().tobytes()
+                    self._changed_map[(pic, smp.items[1].text)] = i
+        return self._changed_map
 
 
 def _eval(model, tasks, n=8, seed=0, **kw):
@@ -358,6 +376,27 @@ def test_segment_task():
     assert res["score"] == 0.0 and res["metrics"]["count_accuracy"]["score"] == 0.0
 
 
+# ----------------------------------------------------------------------------------------------- edit
+def test_edit_task_right_wrong_and_its_items():
+    """The edit task's items are r3_edit's pairs on held-out records; an oracle that restores the record's picture
+    scores 1 with gain 1 - before, one that returns the picture unedited scores exactly `before` (gain 0)."""
+    from umm_ops.data.refine_data import r3_samples
+
+    w = _world()
+    right = _eval(Oracle(w, "right"), "edit", n=24)["tasks"]["edit"]
+    wrong = _eval(Oracle(w, "wrong"), "edit", n=24)["tasks"]["edit"]
+    want = [(i, smp.items[1].text, smp.meta["edit"]) for i in range(FIRST, FIRST + 24)
+            for smp in r3_samples(w[i], ("edit",), kinds=w.kinds, colors=w.colors)]
+    assert [(it["index"], it["instruction"], it["type"]) for it in right["items"]] == want
+    assert right["skipped"] == 24 - len(want) and len(want) >= 12
+    assert right["score"] == 1.0 and right["metrics"]["exact"]["score"] == 1.0
+    assert all(it["before"] < 1.0 for it in right["items"])            # the changed picture fails its description
+    assert right["metrics"]["gain"]["score"] == pytest.approx(1.0 - right["metrics"]["before"]["score"], abs=1e-6)
+    assert set(right["per_type"]) <= {"recolor", "reshape", "remove"} and len(right["per_type"]) >= 2
+    assert [it["score"] for it in wrong["items"]] == [it["before"] for it in wrong["items"]]
+    assert wrong["metrics"]["gain"]["score"] == 0.0 and wrong["score"] == right["metrics"]["before"]["score"]
+
+
 # ----------------------------------------------------------------------------------------------- runner
 def test_all_tasks_json_shape_grids_and_determinism(tmp_path):
     w = _world()
@@ -369,7 +408,7 @@ def test_all_tasks_json_shape_grids_and_determinism(tmp_path):
     assert json.loads((tmp_path / "a" / "eval.json").read_text()) == a
     assert list(a["tasks"]) == ["vqa", "vqa-short", "caption", "geneval", "segment", "seg-miou", "vae-recon",
                               "mmd-bench", "mmd-bench-short", "clear", "clear-short", "clear-bridge",
-                              "clear-short-bridge", "refine"]
+                              "clear-short-bridge", "refine", "edit"]
     assert a["records"] == [FIRST, FIRST + 6] and a["seed"] == 3 and a["image_size"] == S
     for name, r in a["tasks"].items():
         assert r["score"] == 1.0 and r["n"] == 6 and len(r["ci95"]) == 2 and "per_type" in r, name
@@ -561,7 +600,7 @@ def test_tasks_feed_and_read_the_models_pixel_range():
     model still scores 1 - with the [-1, 1] assumption the inputs were refused and the outputs read as washed-out
     halves of the range."""
     w = _world()
-    tasks = "vqa,caption,geneval,vae-recon,segment,refine,clear"
+    tasks = "vqa,caption,geneval,vae-recon,segment,refine,clear,edit"
     right = _eval(Oracle(w, "right", profile="cheers"), tasks, n=6)["tasks"]
     for t in tasks.split(","):
         assert right[t]["score"] == 1.0, (t, right[t]["score"])

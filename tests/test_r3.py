@@ -25,7 +25,7 @@ class _Ctx:
     def __init__(self, step, micro_index=0, seed=0, **recipe):
         from umm_ops.train import Config
 
-        self.step, self.micro_index, self.seed = step, micro_index, seed
+        self.step, self.micro_index, self.seed, self.world_size = step, micro_index, seed, 1
         self.config = Config.build("r3", overrides=[f"recipe.{k}={v}" for k, v in recipe.items()])
 
 
@@ -45,20 +45,54 @@ def test_buffer_draws_perfect_images_at_the_asked_rate(monkeypatch):
 
     n = 0
     for step in range(1, 800, 2):
-        rec._buffer = {(step - 1, 0): buf}
+        rec._buffer, rec._pooled = {(step - 1, 0): buf}, {}
         with pytest.raises(StopIteration):
             rec._stage_b(M(), None, _Ctx(step, p_perfect=0.3, prompts_per_micro=2))
         n += 2
     share = sum(s >= 1.0 for s in picked) / n
     assert 0.25 < share < 0.35, share                          # 0.3 asked, 800 draws: 3 sigma ~ 0.05
-    rec._buffer = {(0, 0): [e for e in buf if e["score"] < 1]}
+    rec._buffer, rec._pooled = {(0, 0): [e for e in buf if e["score"] < 1]}, {}
     picked.clear()
     with pytest.raises(StopIteration):
         rec._stage_b(M(), None, _Ctx(1, p_perfect=1.0, prompts_per_micro=2))
     assert all(s < 1 for s in picked)                          # no perfect image: an imperfect one
-    rec._buffer = {}
+    rec._buffer, rec._pooled = {}, {}
     with pytest.raises(RuntimeError, match="no rollout buffer"):
         rec._stage_b(M(), None, _Ctx(3))
+    # R3's buffer holds the whole previous stage-(a) step (all micro-batches, all ranks): micro-batch 1 draws the
+    # perfect images micro-batch 0 made, in order of micro-batches
+    rec._buffer, rec._pooled = {(4, 1): [buf[1]], (4, 0): [buf[0], buf[3]]}, {}
+    assert [e["key"] for e in rec._pool(_Ctx(5, micro_index=1))] == [0, 3, 1]
+    picked.clear()
+    with pytest.raises(StopIteration):
+        rec._stage_b(M(), None, _Ctx(5, micro_index=1, p_perfect=1.0, prompts_per_micro=2))
+    assert picked == [1.0, 1.0]
+
+
+def test_stage_a_clears_the_buffer_of_older_steps(monkeypatch):
+    """R3 clears its buffer at every stage-(a) step (online_rl.py rollout_buffer.clear()): after step 2's stage (a)
+    only step 2's images are left, refined images never enter it."""
+    import umm_ops.eval.tasks.geneval as geneval
+
+    rec = R3Recipe()
+    rec._buffer = {(0, 0): ["old"], (0, 1): ["old"]}
+    rec._pooled = {0: ["old"]}
+
+    class T:
+        def __init__(self, k):
+            self.segments = [{"context_text": "<think> x </think>"}, {"image": torch.zeros(3, 4, 4)}]
+            self.meta, self.prompt, self.key = {"spec": {}}, "p", k
+
+    class M:
+        def __call__(self, fn, *a, **kw):
+            return [T(0), T(1)]
+
+    class B:
+        docs = [type("D", (), {"text": "p", "index": 7, "spec": {}})()]
+
+    monkeypatch.setattr(geneval, "score_image", lambda spec, img, rng: {"score": 0.5})
+    rec._stage_a(M(), B(), _Ctx(2, micro_index=1, group_size=2, prompts_per_micro=1))
+    assert list(rec._buffer) == [(2, 1)] and rec._pooled == {} and len(rec._buffer[(2, 1)]) == 2
 
 
 def test_shared_initial_noise_within_a_group():
@@ -94,3 +128,62 @@ def test_a_few_steps_from_the_cli(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "a_reward" in text and "b_reward" in text and "eval refine" in text
     assert (out / "checkpoint-2").is_dir()
+
+
+R3_SMALL = ["job.progress=false", "recipe.image_size=32", "recipe.group_size=2", "recipe.prompts_per_micro=1",
+            "recipe.think_tokens=4", "recipe.reflect_tokens=4", "recipe.gen_steps=3", "recipe.edit_steps=3",
+            "recipe.evaluate=false", "recipe.train_records=200", "metrics.log_every=100", "metrics.plot=false",
+            "metrics.tensorboard=false", "optim.lr=1e-3", "data.budget=64", "data.global_tokens=128"]
+
+
+def _metrics(out) -> list:
+    import json
+    from pathlib import Path
+
+    return [json.loads(ln) for ln in open(Path(out) / "metrics.jsonl") if ln.strip()]
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """Two micro-batches per step (stage (b) draws from both of step (a)'s), two-scale edits: 4 steps in one go
+    equal 2 steps, a checkpoint, and a resume to 4."""
+    from umm_ops.train import Config, train
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = R3_SMALL + ["job.seed=2", "checkpoint.every=2", "checkpoint.keep_last=5"]
+    train(Config.build("r3", overrides=common + ["job.steps=4", f"job.out={a}"]))
+    train(Config.build("r3", overrides=common + ["job.steps=2", f"job.out={b}"]))
+    train(Config.build("r3", overrides=common + ["job.steps=4", f"job.out={b}"]))
+    ma, mb = _metrics(a), _metrics(b)
+    assert len(ma) == len(mb) == 4 and "b_reward" in ma[1] and "b_reward" in ma[3]
+    for x, y in zip(ma, mb):
+        for k in ("loss", "grad_norm", "a_reward", "b_reward", "b_improvement", "text_kl", "image_kl"):
+            assert x.get(k) == y.get(k), (k, x, y)
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    """2 gloo ranks, one micro-batch each: stage (b)'s buffer is gathered from both ranks (R3's all_gather), so
+    the run equals one process doing both micro-batches."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = str(Path(__file__).parent / "helpers" / "train_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", UMM_TEST_RECIPE="r3")
+    env.pop("UMM_TEST_KILL", None)
+    args = R3_SMALL + ["job.seed=4", "job.steps=2", "job.device=cpu", "checkpoint.every=0"]
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        cmd = [sys.executable, worker] if n == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", worker]
+        res = subprocess.run(cmd + args + [f"job.out={out}"], env=env, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+        outs[n] = _metrics(out)
+    assert len(outs[1]) == len(outs[2]) == 2
+    for x, y in zip(outs[1], outs[2]):
+        assert y["world_size"] == 2 and x["world_size"] == 1
+        for k in ("a_reward", "b_reward", "b_improvement", "b_stopped"):
+            assert x.get(k) == y.get(k), (k, x, y)
+        for k in ("loss", "grad_norm"):
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-9), (k, x, y)

@@ -67,6 +67,28 @@ def test_loop_stops_by_itself_and_keeps_every_round(model, monkeypatch):
         torch.testing.assert_close(x["image"], y["image"], rtol=1e-4, atol=1e-4)
 
 
+def test_two_scale_cfg_guides_the_edits_only(model, monkeypatch):
+    """image_cfg_scale / cfg_renorm reach the loop's edits (BAGEL / R3's two-scale CFG) and not its first drawing:
+    round 1 is the one-scale loop's, round 2 is edit_image's two-scale edit of round 1 with the round's seed."""
+    from umm_ops.model.generate import edit_image
+    from umm_ops.utils import seed_of
+
+    script = {"blue square": ["<think> a square </think>", "<think> x </think> make it bluer"]}
+    _scripted(monkeypatch, script)
+    one = generate_refined(model, ["a blue square"], max_rounds=2, steps=2, seed=3, cfg_scale=4.0)[0]
+    _scripted(monkeypatch, script)
+    two = generate_refined(model, ["a blue square"], max_rounds=2, steps=2, seed=3, cfg_scale=4.0,
+                           image_cfg_scale=1.5, cfg_renorm="text_channel")[0]
+    assert torch.equal(one["rounds"][0]["image"], two["rounds"][0]["image"])
+    want = edit_image(model, [two["rounds"][0]["image"]], ["make it bluer"], steps=2, cfg_scale=4.0,
+                      image_cfg_scale=1.5, cfg_renorm="text_channel",
+                      seed=[seed_of(3, "a blue square", 0, 2, "image")])["images"][0]
+    torch.testing.assert_close(two["rounds"][1]["image"], want, rtol=1e-4, atol=1e-4)
+    assert float((two["rounds"][1]["image"] - one["rounds"][1]["image"]).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="cfg_renorm must be one of"):
+        generate_refined(model, ["a blue square"], max_rounds=2, cfg_renorm="bogus")
+
+
 def test_bad_arguments(model):
     with pytest.raises(ValueError, match="max_rounds"):
         generate_refined(model, ["a red circle"], max_rounds=0)
@@ -90,6 +112,18 @@ def test_refine_from_the_cli(tmp_path, capsys):
     # an untrained model does not say the stop phrase: round 2 is an edit, written too
     assert (tmp_path / "r-round2.png").is_file() and "stopped after --refine 2 rounds" in out
     assert main(["generate", str(folder), "--prompt", "x", "--text", "--refine", "2"]) == 2
+    # two-scale CFG of the edits; refused where nothing is edited
+    png2 = tmp_path / "two.png"
+    assert main(["generate", str(folder), "--prompt", "a red circle", "--steps", "2", "--size", "32",
+                 "--refine", "2", "--max-new-tokens", "4", "--image-cfg", "1.5", "--cfg-renorm", "text_channel",
+                 "--cfg-interval", "0.4,1.0", "--out", str(png2)]) == 0 and (tmp_path / "two-round2.png").is_file()
+    with pytest.raises(SystemExit):
+        main(["generate", str(folder), "--prompt", "a red circle", "--refine", "2", "--cfg-interval", "1,0.4"])
+    assert "expected 0 <= LO < HI <= 1" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["generate", str(folder), "--prompt", "a red circle", "--steps", "2", "--size", "32",
+                 "--image-cfg", "1.5", "--out", str(tmp_path / "no.png")]) == 2
+    assert "--image-cfg / --cfg-renorm guide edits" in capsys.readouterr().err
 
 
 def test_edit_pairs_miss_the_prompt_by_the_edit_the_instruction_names():

@@ -5,7 +5,7 @@
   train                      train with a recipe on the engine (default sft: the demo job), resumable, torchrun-ready
   export                     a run's consolidated save_pretrained folder
   generate                   an image (PNG) or text from a trained checkpoint
-  eval                       held-out evaluation (vqa, caption, geneval, refine, segment, seg-miou, vae-recon,
+  eval                       held-out evaluation (vqa, caption, geneval, refine, edit, segment, seg-miou, vae-recon,
                              mmd-bench, clear, probe, attention) with 95% CIs
 Benchmarks: bench/run.py in the repository."""
 from __future__ import annotations
@@ -183,6 +183,19 @@ def _check_out_file(who: str, flag: str, path, example: str = "out.png") -> str 
     return None
 
 
+def _interval_arg(text: str) -> tuple:
+    """--cfg-interval LO,HI -> (lo, hi) with 0 <= lo < hi <= 1 (argparse reports the error on one line)."""
+    import argparse
+
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers, e.g. 0.4,1.0), got {text!r}") from None
+    if not (0.0 <= lo < hi <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO < HI <= 1, got {text!r}")
+    return (lo, hi)
+
+
 def _generate(args) -> int:
     import math
 
@@ -220,6 +233,11 @@ def _generate(args) -> int:
                       "or a picture to edit with --proxy NAME")
     if args.cfg is not None and not math.isfinite(args.cfg):
         return refuse(f"--cfg must be a finite number (1 = no guidance), got {args.cfg}")
+    if not math.isfinite(args.image_cfg):
+        return refuse(f"--image-cfg must be a finite number (1 = one-scale guidance), got {args.image_cfg}")
+    if (args.image_cfg != 1.0 or args.cfg_renorm != "none") and not (args.refine or args.proxy is not None):
+        return refuse(f"--image-cfg / --cfg-renorm guide edits: they need --refine or --proxy (got --image-cfg "
+                      f"{args.image_cfg}, --cfg-renorm {args.cfg_renorm})")
     if args.size is not None and args.size <= 0:
         return refuse(f"--size must be a positive number of pixels, got {args.size}")
     if args.steps is not None and args.steps < 1:
@@ -303,7 +321,9 @@ def _generate(args) -> int:
             pix = pixels(_load_image(args.image, size)[0], model.profile.pixel_range)   # the model's range
             with torch.no_grad():
                 img = model.edit_image([pix], [args.prompt], height=size, width=size, steps=args.steps,
-                                       cfg_scale=args.cfg, seed=args.seed)["images"][0]
+                                       cfg_scale=args.cfg, image_cfg_scale=args.image_cfg,
+                                       cfg_renorm=args.cfg_renorm, cfg_interval=args.cfg_interval,
+                                       seed=args.seed)["images"][0]
         elif args.refine:
             from pathlib import Path
 
@@ -312,7 +332,8 @@ def _generate(args) -> int:
             res = generate_refined(model, [args.prompt], max_rounds=args.refine, steps=args.steps,
                                    cfg_scale=args.cfg, seed=args.seed, temperature=args.temperature,
                                    think_tokens=args.max_new_tokens, reflect_tokens=args.max_new_tokens,
-                                   height=size, width=size)[0]
+                                   height=size, width=size, image_cfg_scale=args.image_cfg,
+                                   cfg_renorm=args.cfg_renorm, cfg_interval=args.cfg_interval)[0]
             stem = Path(args.out)
             for rd in res["rounds"]:
                 path = stem.with_name(f"{stem.stem}-round{rd['round']}{stem.suffix or '.png'}")
@@ -325,7 +346,8 @@ def _generate(args) -> int:
         else:
             with torch.no_grad():
                 img = model.generate_image([args.prompt], height=size, width=size, steps=args.steps,
-                                           cfg_scale=args.cfg, seed=args.seed)["images"][0]
+                                           cfg_scale=args.cfg, cfg_interval=args.cfg_interval,
+                                           seed=args.seed)["images"][0]
     except (ValueError, FloatingPointError) as e:  # refused settings, a prompt too long, a NaN image: no file
         return refuse(str(e))
     out = args.out
@@ -431,7 +453,8 @@ def _eval(args) -> int:
         res = evaluate(model, args.tasks, n=args.n, seed=args.seed, image_size=args.image_size or size,
                        out_dir=args.out, world_kwargs=world, first=first, steps=args.steps,
                        batch_size=args.batch_size, model_name=name, data=args.data, progress=progress,
-                       refine_rounds=args.rounds)
+                       refine_rounds=args.rounds, cfg_scale=args.cfg, image_cfg_scale=args.image_cfg,
+                       cfg_renorm=args.cfg_renorm, cfg_interval=args.cfg_interval)
     except (FileNotFoundError, ValueError) as e:
         print(f"eval: {e}", file=sys.stderr)
         return 2
@@ -520,6 +543,14 @@ def main(argv=None) -> int:
     ge.add_argument("--size", type=int, default=None, help="image side (default: the model's image_size)")
     ge.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     ge.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    ge.add_argument("--image-cfg", type=float, default=1.0,
+                    help="edits (--refine, --proxy): image guidance scale, applied after --cfg (two-scale CFG as "
+                         "BAGEL / R3, which use 1.5; default 1: one scale)")
+    ge.add_argument("--cfg-renorm", default="none", choices=("none", "global", "channel", "text_channel"),
+                    help="edits: renorm of the guided velocity (R3's edits: text_channel)")
+    ge.add_argument("--cfg-interval", type=_interval_arg, default=None, metavar="LO,HI",
+                    help="guidance only at noise levels 1 - t in (LO, HI] (BAGEL / R3's cfg_interval; R3: 0.4,1.0); "
+                         "default everywhere")
     ge.add_argument("--max-new-tokens", type=int, default=None,
                     help="text token budget (default 64; with --restore 96 for each of its two text parts)")
     ge.add_argument("--temperature", type=float, default=0.0)
@@ -540,7 +571,7 @@ def main(argv=None) -> int:
                     help="a run folder (its newest checkpoint), a checkpoint-<step> folder or a save_pretrained folder")
     ev.add_argument("--model", default=None, help="evaluate an untrained preset instead (tiny, small, ...)")
     ev.add_argument("--tasks", default="vqa,caption,geneval,segment,vae-recon,mmd-bench",
-                    help="comma-separated: vqa, vqa-short, caption, geneval, refine, segment, seg-miou, vae-recon, "
+                    help="comma-separated: vqa, vqa-short, caption, geneval, refine, edit, segment, seg-miou, vae-recon, "
                          "mmd-bench, mmd-bench-short, clear, clear-short, clear-bridge, clear-short-bridge, probe, "
                          "attention")
     ev.add_argument("--n", type=int, default=256, help="held-out records per task")
@@ -554,6 +585,16 @@ def main(argv=None) -> int:
     ev.add_argument("--image-size", type=int, default=None, help="default: the run's image size")
     ev.add_argument("--steps", type=int, default=None, help="sampler steps of generated images (default: the model's)")
     ev.add_argument("--rounds", type=int, default=3, help="rounds of R3's loop (task refine)")
+    ev.add_argument("--cfg", type=float, default=None,
+                    help="guidance scale of edits (tasks edit, refine; refine's drawings too; default: the model's)")
+    ev.add_argument("--image-cfg", type=float, default=1.0,
+                    help="image guidance scale of edits (two-scale CFG as BAGEL / R3, which use 1.5; default 1: one "
+                         "scale)")
+    ev.add_argument("--cfg-renorm", default="none", choices=("none", "global", "channel", "text_channel"),
+                    help="renorm of the guided velocity (R3's edits: text_channel)")
+    ev.add_argument("--cfg-interval", type=_interval_arg, default=None, metavar="LO,HI",
+                    help="guidance only at noise levels 1 - t in (LO, HI] (BAGEL / R3's cfg_interval; R3: 0.4,1.0); "
+                         "default everywhere")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--brief", action="store_true", help="print only the summary table")
     ev.add_argument("--device", default=None)

@@ -132,7 +132,8 @@ def save_grid(grid: dict, path, tile: int | None = None, labels: bool = True) ->
 def evaluate(model, tasks=DEFAULT_TASKS, n: int = 256, seed: int = 0, image_size: int | None = None, out_dir=None,
              world_kwargs: dict | None = None, *, first: int | None = None, steps: int | None = None,
              batch_size: int = 16, grid_items: int = 8, model_name: str | None = None, data: str | None = None,
-             progress=None, refine_rounds: int = 3) -> dict:
+             progress=None, refine_rounds: int = 3, cfg_scale: float | None = None, image_cfg_scale: float = 1.0,
+             cfg_renorm: str = "none", cfg_interval=None) -> dict:
     """Evaluate `model` on `tasks` (names or "a,b") over held-out records ``first .. first + n - 1``.
 
     world_kwargs: SyntheticWorld arguments of the world the model was trained on (default
@@ -140,7 +141,10 @@ def evaluate(model, tasks=DEFAULT_TASKS, n: int = 256, seed: int = 0, image_size
     ``config.image_size``.  steps: sampler steps of generated images (default the model's).  out_dir: sample grids
     ``<task>.png`` go there (``eval.json`` / ``eval.md`` too).  data: a user's multiple-choice benchmark
     (MMBench-style TSV or JSONL manifest) read by vqa and mmd-bench instead of the world (its first n records).
-    progress(name, result, seconds) is called after each task.  Returns the result dict (module docstring)."""
+    progress(name, result, seconds) is called after each task.  cfg_scale / image_cfg_scale / cfg_renorm /
+    cfg_interval: the
+    guidance of edits (tasks edit and refine; two-scale CFG, ``umm_ops.model.generate.guide``; cfg_scale also
+    guides refine's first drawing).  Returns the result dict (module docstring)."""
     import time
 
     from ..data.synthetic import SyntheticWorld
@@ -165,11 +169,26 @@ def evaluate(model, tasks=DEFAULT_TASKS, n: int = 256, seed: int = 0, image_size
     world = SyntheticWorld(size=int(image_size), length=first + n, **wk)
     if isinstance(refine_rounds, bool) or not isinstance(refine_rounds, int) or refine_rounds < 1:
         raise ValueError(f"evaluate: refine_rounds must be an int >= 1, got {refine_rounds!r}")
+    from ..model.generate import CFG_RENORMS, check_cfg_interval
+
+    cfg_interval = check_cfg_interval(cfg_interval, "evaluate")
+
+    if cfg_renorm not in CFG_RENORMS:
+        raise ValueError(f"evaluate: cfg_renorm must be one of {', '.join(CFG_RENORMS)}, got {cfg_renorm!r}")
+    import math
+
+    for k, v in (("cfg_scale", cfg_scale), ("image_cfg_scale", image_cfg_scale)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"evaluate: {k} must be a finite number, got {v!r}")
     ctx = EvalContext(world, first, n, int(seed), int(image_size), steps, batch_size, grid_items, data,
-                      refine_rounds)
+                      refine_rounds, None if cfg_scale is None else float(cfg_scale), float(image_cfg_scale),
+                      cfg_renorm, cfg_interval)
     out_dir = Path(out_dir) if out_dir is not None else None
     result = {"model": model_name or type(model).__name__, "seed": int(seed), "n": n, "first": first,
               "records": [first, first + n], "image_size": int(image_size), "steps": steps,
+              "guidance": {"cfg_scale": ctx.cfg_scale, "image_cfg_scale": ctx.image_cfg_scale,
+                           "cfg_renorm": ctx.cfg_renorm,
+                           "cfg_interval": list(cfg_interval) if cfg_interval else None},
               "world": {**{k: list(v) if isinstance(v, tuple) else v for k, v in wk.items()},
                         "size": int(image_size)}, "data": data, "tasks": {}}
     if data is not None:

@@ -26,7 +26,7 @@ import umm_ops
 from ..data.packing import ROLES, ImageItem, Sample, TextItem, encode_sample
 
 __all__ = ["generate_text", "generate_image", "edit_image", "sample_tokens", "decode", "velocity", "PromptIds",
-           "next_token_logits", "prompt_ids"]
+           "next_token_logits", "prompt_ids", "guide", "guided_at", "CFG_RENORMS"]
 
 
 def _generator(seed, device="cpu"):
@@ -412,12 +412,13 @@ def _check_positions(model, docs, extra: int, who: str, image: bool = False) -> 
                              f"{limit} (max_position_embeddings); shorten the prompt")
 
 
-def _prefixes(model, samples, hw, use_cfg: bool, who: str, keys=None, dummies=None):
+def _prefixes(model, samples, hw, use_cfg: bool, who: str, keys=None, dummies=None, use_img: bool = False):
     """Per document, what comes before the generated image's span (its start token included): the segments
     and the input embeddings (images to understand placed, a dummy image in front where the profile has one); with
-    CFG the null-prompt documents follow the N conditional ones.  keys: one per sample; samples with equal keys are
-    encoded and embedded once (RL recomputes many (x_t, t) rows of the same prompt).  dummies: one dummy image or
-    None per sample (see _dummies)."""
+    CFG the null-prompt documents (text -> the null token, images kept) follow the N conditional ones; with
+    ``use_img`` (two-scale CFG of edits) then N documents of the prompt without its images (the text only).
+    keys: one per sample; samples with equal keys are encoded and embedded once (RL recomputes many (x_t, t) rows
+    of the same prompt).  dummies: one dummy image or None per sample (see _dummies)."""
     if dummies is None:
         dummies = [None] * len(samples)
     if keys is not None:
@@ -427,12 +428,13 @@ def _prefixes(model, samples, hw, use_cfg: bool, who: str, keys=None, dummies=No
         uniq = list(first.values())
         if len(uniq) < len(samples):
             segs, embs = _prefixes(model, [samples[i] for i in uniq], hw, use_cfg, who,
-                                   dummies=[dummies[i] for i in uniq])
+                                   dummies=[dummies[i] for i in uniq], use_img=use_img)
             pos = {k: j for j, k in enumerate(first)}
             idx = [pos[k] for k in keys]
             U = len(uniq)
-            out_s = [segs[j] for j in idx] + ([segs[U + j] for j in idx] if use_cfg else [])
-            out_e = [embs[j] for j in idx] + ([embs[U + j] for j in idx] if use_cfg else [])
+            k = 1 + int(use_cfg) + int(use_img)
+            out_s = [segs[b * U + j] for b in range(k) for j in idx]
+            out_e = [embs[b * U + j] for b in range(k) for j in idx]
             return out_s, out_e
     dev = model.device
     spec = model.pack_spec(text_only_image=None)
@@ -447,11 +449,122 @@ def _prefixes(model, samples, hw, use_cfg: bool, who: str, keys=None, dummies=No
             null = _Doc(model.null_prompt_ids(d.input_ids.to(dev)), d.segments, d.images, d.image_rows)
             prefix_embeds.append(_embed_doc(model, null, dev))
             prefix_segs.append(list(d.segments))
+    if use_img:
+        # the image-CFG branch (BAGEL / R3's cfg_img context): the instruction without the image(s) to edit
+        for i, s in enumerate(samples):
+            items = [it for it in s.items if not isinstance(it, ImageItem)]
+            d = _prompt_doc(model, Sample(items, dict(s.meta)), i, spec, generate_hw=hw)
+            prefix_embeds.append(_embed_doc(model, d, dev))
+            prefix_segs.append(list(d.segments))
     return prefix_segs, prefix_embeds
 
 
+CFG_RENORMS = ("none", "global", "channel", "text_channel")
+
+
+def _check_guidance(model, samples, cfg_scale: float, image_cfg_scale: float, cfg_renorm: str, who: str) -> None:
+    """Refuse two-scale guidance settings that do not apply (see :func:`guide`)."""
+    if not math.isfinite(image_cfg_scale):
+        raise ValueError(f"{who}: image_cfg_scale must be a finite number (1 = no image guidance), got "
+                         f"{image_cfg_scale}")
+    if cfg_renorm not in CFG_RENORMS:
+        raise ValueError(f"{who}: cfg_renorm must be one of {', '.join(CFG_RENORMS)}, got {cfg_renorm!r}")
+    if image_cfg_scale == 1.0:
+        return
+    p = model.profile
+    if p.dummy_image:
+        raise ValueError(f"{who}: image_cfg_scale={image_cfg_scale} needs a prompt without its image (BAGEL / R3's "
+                         f"image-CFG branch), which the {p.name!r} profile does not have: the released Cheers "
+                         f"conventions put a dummy image in front of every prompt without one; use image_cfg_scale=1 "
+                         f"(one-scale guidance) under this profile")
+    for i, s in enumerate(samples):
+        if not (isinstance(s, Sample) and any(isinstance(it, ImageItem) for it in s.items)):
+            raise ValueError(f"{who}: image_cfg_scale={image_cfg_scale} guides edits (prompts holding an image to "
+                             f"understand, given as a Sample); prompt {i} holds no image "
+                             f"({type(s).__name__}); use image_cfg_scale=1 for text-to-image prompts")
+
+
+def guide(v_full, v_text_null=None, v_image_null=None, cfg_scale: float = 1.0, image_cfg_scale: float = 1.0,
+          cfg_renorm: str = "none"):
+    """Classifier-free guidance of edits with two scales (BAGEL's ``_forward_flow``, R3's ``apply_cfg``): text
+    guidance against the branch without the instruction (``v_text_null``: the image kept, the text -> the null
+    token), then image guidance against the branch without the image (``v_image_null``: the instruction only):
+
+        v_text = v_text_null + cfg_scale (v_full - v_text_null)
+        v      = v_image_null + image_cfg_scale (v_text - v_image_null)
+
+    cfg_renorm (BAGEL's cfg_renorm_type, cfg_renorm_min 0 as R3): "none"; "global" / "channel": v is rescaled by
+    min(1, |v_full| / |v|) with the norm over each image's tokens and channels / over each token's channels;
+    "text_channel" (R3's edit setting): v_text is rescaled per token by min(1, |v_full| / |v_text|) before the
+    image step.  A scale of 1 skips its branch (None may be given for it).  Tensors (N, n, C) -> (N, n, C)."""
+    if cfg_renorm not in CFG_RENORMS:
+        raise ValueError(f"guide: cfg_renorm must be one of {', '.join(CFG_RENORMS)}, got {cfg_renorm!r}")
+    eps = 1e-8
+    if cfg_scale != 1.0:
+        if v_text_null is None:
+            raise ValueError(f"guide: cfg_scale={cfg_scale} needs v_text_null")
+        v = v_text_null + cfg_scale * (v_full - v_text_null)
+        if cfg_renorm == "text_channel":
+            v = v * (v_full.norm(dim=-1, keepdim=True) / (v.norm(dim=-1, keepdim=True) + eps)).clamp(0.0, 1.0)
+    else:
+        v = v_full
+    if image_cfg_scale != 1.0:
+        if v_image_null is None:
+            raise ValueError(f"guide: image_cfg_scale={image_cfg_scale} needs v_image_null")
+        v = v_image_null + image_cfg_scale * (v - v_image_null)
+    if cfg_renorm in ("global", "channel") and (cfg_scale != 1.0 or image_cfg_scale != 1.0):
+        dims = (1, 2) if cfg_renorm == "global" else (-1,)
+        v = v * (v_full.norm(dim=dims, keepdim=True) / (v.norm(dim=dims, keepdim=True) + eps)).clamp(0.0, 1.0)
+    return v
+
+
+def check_cfg_interval(cfg_interval, who: str):
+    """None, or (lo, hi) with 0 <= lo < hi <= 1 -> a tuple of two floats."""
+    if cfg_interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in cfg_interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"{who}: cfg_interval must be None or (lo, hi) with 0 <= lo < hi <= 1, got "
+                         f"{cfg_interval!r}") from None
+    if not (0.0 <= lo < hi <= 1.0):
+        raise ValueError(f"{who}: cfg_interval must be None or (lo, hi) with 0 <= lo < hi <= 1, got {cfg_interval!r}")
+    return (lo, hi)
+
+
+def guided_at(t, cfg_interval) -> torch.Tensor:
+    """Where guidance applies: BAGEL's ``t > lo and t <= hi`` on its time, which runs from 1 (noise) to 0 (clean),
+    i.e. on the noise level 1 - t of this project's t (0 = noise).  t: float or (N,); computed in float32 (the
+    sampler's and the recomputation's times agree bit for bit) -> bool tensor of t's shape."""
+    s = 1.0 - torch.as_tensor(t, dtype=torch.float32).cpu()
+    lo, hi = cfg_interval
+    return (s > lo) & (s <= hi)
+
+
+def _guide_rows(v, N: int, cfg_scale: float, image_cfg_scale: float, cfg_renorm: str, t=None, cfg_interval=None):
+    """v (k N, n, C) of the documents laid out by _prefixes -> the guided (N, n, C); with cfg_interval, rows whose
+    time t (float or (N,)) lies outside it take the full branch's v (BAGEL / R3's cfg_interval)."""
+    use_cfg, use_img = cfg_scale != 1.0, image_cfg_scale != 1.0
+    if not use_cfg and not use_img:
+        return v
+    off = N
+    vt = vi = None
+    if use_cfg:
+        vt, off = v[off:off + N], off + N
+    if use_img:
+        vi = v[off:off + N]
+    out = guide(v[:N], vt, vi, cfg_scale, image_cfg_scale, cfg_renorm)
+    if cfg_interval is not None:
+        on = guided_at(t, cfg_interval).reshape(-1).to(v.device)
+        if on.numel() == 1:
+            on = on.expand(N)
+        out = torch.where(on[:, None, None], out, v[:N])
+    return out
+
+
 def velocity(model, prompts, x, t, height: int | None = None, width: int | None = None,
-             cfg_scale: float = 1.0, dummy_image=None, seed=0) -> torch.Tensor:
+             cfg_scale: float = 1.0, dummy_image=None, seed=0, image_cfg_scale: float = 1.0,
+             cfg_renorm: str = "none", cfg_interval=None) -> torch.Tensor:
     """The sampler's velocity v(x_t, t | prompt) for a batch, differentiable (no KV cache): what RL trains through.
 
     prompts: one per row of x (a str or a Sample of text / images to understand); x (N, n, 128) latents on the
@@ -461,7 +574,9 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
     template, null prompt, dummy image).  The dummy image of a row (profiles with one, prompts without an image):
     `dummy_image` for every row, else drawn from `seed`: an int gives every row the draw of that seed (default 0),
     a list one seed per row - the row's generate_image(seed=[...]) seed gives the dummy its image was sampled
-    with (RL: :func:`umm_ops.rl.image_logprobs` passes the rollout's seeds).  Returns float32 (N, n, 128)."""
+    with (RL: :func:`umm_ops.rl.image_logprobs` passes the rollout's seeds).  image_cfg_scale / cfg_renorm:
+    two-scale guidance of edits (:func:`guide`), cfg_interval: the times guidance applies at (:func:`guided_at`),
+    as the sampler.  Returns float32 (N, n, 128)."""
     prompts = _prompt_list(prompts, "velocity")
     samples = [_chat_wrap(model, _as_sample(p, "velocity"), None) for p in prompts]
     _check_images(model, samples, "velocity")
@@ -481,7 +596,11 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
     dev = model.device
     t = torch.as_tensor(t, dtype=torch.float32, device=dev).reshape(-1).expand(N)
     cfg_scale = float(cfg_scale)
+    image_cfg_scale = float(image_cfg_scale)
+    _check_guidance(model, samples, cfg_scale, image_cfg_scale, cfg_renorm, "velocity")
+    cfg_interval = check_cfg_interval(cfg_interval, "velocity")
     use_cfg = cfg_scale != 1.0
+    use_img = image_cfg_scale != 1.0
     if isinstance(seed, (list, tuple)):
         if len(seed) != N or not all(isinstance(sd, int) and not isinstance(sd, bool) for sd in seed):
             raise ValueError(f"velocity: seed must be an int or one int per row ({N}), got {seed!r:.80}")
@@ -494,8 +613,8 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
     # rows of one prompt share its encoded prefix; a drawn dummy image is part of it (one per seed)
     keys = [(p if isinstance(p, str) else id(p), sd if dm is not None and dummy_image is None else None)
             for p, sd, dm in zip(prompts, seeds, dummies)]
-    segs, embeds = _prefixes(model, samples, hw, use_cfg, "velocity", keys, dummies)
-    k = 2 if use_cfg else 1
+    segs, embeds = _prefixes(model, samples, hw, use_cfg, "velocity", keys, dummies, use_img=use_img)
+    k = 1 + int(use_cfg) + int(use_img)
     xin = torch.cat([x] * k).to(dev)
     # the VAE decoder copy and the ViT in chunks of 32 images: one batch of hundreds of images was 2.5x slower on the
     # CPU for the same work (convolution activations far beyond the caches; bench/bench_rl.py)
@@ -512,15 +631,13 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
     layout = SpanLayout.from_segments([sg + [(n, cfg.gen_mode)] for sg in segs], device=dev)
     h = model.llm.forward_packed(torch.cat(parts), positions_in_document(layout), layout)
     v = model.head(h[torch.cat(rows)].view(k * N, n, -1), torch.cat([t] * k), high, grid).float()
-    if use_cfg:
-        v = v[N:] + cfg_scale * (v[:N] - v[N:])
-    return v
+    return _guide_rows(v, N, cfg_scale, image_cfg_scale, cfg_renorm, t, cfg_interval)
 
 
 @torch.no_grad()
 def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed, mode, sigma, return_trajectory,
               sde_steps=None, init_noise=None, sampler=None, dummy_image=None, start_t=None, start_images=None,
-              pixels=True, return_cache=False):
+              pixels=True, return_cache=False, image_cfg_scale=1.0, cfg_renorm="none", cfg_interval=None):
     cfg = model.config
     sampler = model.profile.sampler if sampler is None else sampler
     if start_t is not None:
@@ -575,9 +692,18 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
                          f"pixels), got {hw[0]}x{hw[1]}")
     grid = (hw[0] // cfg.pixels_per_token, hw[1] // cfg.pixels_per_token)
     N = len(samples)
+    image_cfg_scale = 1.0 if image_cfg_scale is None else float(image_cfg_scale)
+    _check_guidance(model, samples, cfg_scale, image_cfg_scale, cfg_renorm, "generate_image")
+    cfg_interval = check_cfg_interval(cfg_interval, "generate_image")
     use_cfg = cfg_scale != 1.0
+    use_img = image_cfg_scale != 1.0
+    k = 1 + int(use_cfg) + int(use_img)
+
+    def guided(v, t):
+        return _guide_rows(v, N, cfg_scale, image_cfg_scale, cfg_renorm, float(t), cfg_interval)
     dummies = _dummies(model, samples, hw, seed, dummy_image)
-    prefix_segs, prefix_embeds = _prefixes(model, samples, hw, use_cfg, "generate_image", dummies=dummies)
+    prefix_segs, prefix_embeds = _prefixes(model, samples, hw, use_cfg, "generate_image", dummies=dummies,
+                                           use_img=use_img)
     n_docs = len(prefix_segs)
     cache = model.llm.new_cache()
     layout = cache.layout_for(prefix_segs, device=dev)
@@ -605,7 +731,7 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
         if start_t is not None:     # the released edit_image=True: x = s z_image + (1 - s) noise
             z_img = model.vae.encode(torch.stack([im.to(dev) for im in start_images])).float()
             x = start_t * z_img + (1 - start_t) * x
-        out = _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, use_cfg,
+        out = _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, k, guided,
                                     return_trajectory, was_training, start_t, mode, sigma, sde_steps, randn, pixels)
         if return_cache:
             out["cache"] = cache
@@ -614,11 +740,9 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
     traj, logps = [x], []
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
-        xin = torch.cat([x, x]) if use_cfg else x
-        v = _velocity(model, cache, xin, torch.full((n_docs,), t, device=dev), hw, grid, cfg.gen_mode, n_docs)
-        if use_cfg:
-            v_c, v_u = v[:N], v[N:]
-            v = v_u + cfg_scale * (v_c - v_u)
+        xin = torch.cat([x] * k) if k > 1 else x
+        v = guided(_velocity(model, cache, xin, torch.full((n_docs,), t, device=dev), hw, grid, cfg.gen_mode,
+                             n_docs), t)
         if mode == "ode":
             x = umm_ops.flow_step(x, v, t, t_next)
         else:
@@ -642,7 +766,7 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
     return out
 
 
-def _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, use_cfg, return_trajectory,
+def _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale, a, k, guided, return_trajectory,
                           was_training, start_t=None, mode="ode", sigma=None, sde_steps=None, randn=None,
                           pixels=True):
     """The released sampler (modeling_umm.py Cheers.generate): v at the `steps` points t_n of
@@ -663,11 +787,9 @@ def _generate_cheers_grid(model, cache, x, N, n_docs, hw, grid, steps, cfg_scale
     traj, logps = [x], []
     for n in range(steps):
         t = ts[n]
-        xin = torch.cat([x, x]) if use_cfg else x
-        v = _velocity(model, cache, xin, torch.full((n_docs,), float(t), device=dev), hw, grid,
-                      model.config.gen_mode, n_docs)
-        if use_cfg:
-            v = v[N:] + cfg_scale * (v[:N] - v[N:])
+        xin = torch.cat([x] * k) if k > 1 else x
+        v = guided(_velocity(model, cache, xin, torch.full((n_docs,), float(t), device=dev), hw, grid,
+                             model.config.gen_mode, n_docs), t)
         euler = float(t) != 1.0 and n < steps - 1
         if mode == "sde" and euler:
             z = randn()
@@ -718,7 +840,8 @@ def generate_image(model, prompts, height: int | None = None, width: int | None 
                    cfg_scale: float | None = None, time_shift: float | None = None, seed=0,
                    mode: str = "ode", sigma=None, return_trajectory: bool = False, sde_steps=None,
                    init_noise=None, sampler: str | None = None, chat: bool | None = None,
-                   dummy_image=None, pixels: bool = True, return_cache: bool = False) -> dict:
+                   dummy_image=None, pixels: bool = True, return_cache: bool = False,
+                   image_cfg_scale: float = 1.0, cfg_renorm: str = "none", cfg_interval=None) -> dict:
     """Generate one image per prompt (a str, a Sample of text / images to understand, or token ids: everything
     before the image, ending with the profile's image start token).
 
@@ -740,7 +863,14 @@ def generate_image(model, prompts, height: int | None = None, width: int | None 
     ``z.flatten(2).transpose(1, 2)``).
     pixels=False: the latents only, not decoded to pixels (``images`` is None).  return_cache: also ``cache``, the
     KV cache of the prompts (the N conditional documents, then with CFG the N null-prompt ones), each holding
-    everything before the image's span (its start token included): what CLEAR's latent bridge continues from.
+    everything before the image's span (its start token included): what CLEAR's latent bridge continues from
+    (with image_cfg_scale != 1 then the N documents without their images).
+    image_cfg_scale: two-scale guidance of edits (BAGEL / R3; prompts holding an image to understand): cfg_scale
+    guides against the prompt without its text, image_cfg_scale against the prompt without its image, in that
+    order (:func:`guide`); 1 (default) = one-scale guidance.  cfg_renorm: "none" (default), "global", "channel" or
+    "text_channel" (R3's edit setting; :func:`guide`).  cfg_interval: (lo, hi) - guidance only at the sampler
+    points whose noise level 1 - t lies in (lo, hi] (BAGEL / R3's cfg_interval, R3: (0.4, 1.0); elsewhere the
+    unguided v); None (default): at every point.
     Returns dict(images (N, 3, H, W) in the profile's pixel range (clamped), latents (N, n, 128), timesteps, ...).
     """
     prompts = _prompt_list(prompts, "generate_image")
@@ -749,7 +879,8 @@ def generate_image(model, prompts, height: int | None = None, width: int | None 
     _check_images(model, samples, "generate_image")
     return _generate(model, samples, height or size, width or size, steps, cfg_scale, time_shift, seed, mode, sigma,
                      return_trajectory, sde_steps, init_noise, sampler, dummy_image, pixels=bool(pixels),
-                     return_cache=bool(return_cache))
+                     return_cache=bool(return_cache), image_cfg_scale=image_cfg_scale, cfg_renorm=cfg_renorm,
+                     cfg_interval=cfg_interval)
 
 
 def edit_image(model, images, instructions, height: int | None = None, width: int | None = None,
@@ -758,6 +889,8 @@ def edit_image(model, images, instructions, height: int | None = None, width: in
     in the profile's pixel range).  Output size defaults to the input image's size.  start_t (sampler "cheers"):
     start from the image itself, x = start_t z_image + (1 - start_t) noise, on int(steps (1 - start_t)) points from
     start_t (the released ``generate(edit_image=True)``, start_t = 0.1 there); the output then has the image's size.
+    cfg_scale (text) and image_cfg_scale (image; default 1 = one scale) with cfg_renorm:
+    BAGEL / R3's two-scale guidance of edits (R3: 4.0 / 1.5, renorm "text_channel"), see :func:`guide`.
     Other arguments as generate_image."""
     if isinstance(images, torch.Tensor) and images.dim() == 3:
         images = [images]
@@ -775,11 +908,13 @@ def edit_image(model, images, instructions, height: int | None = None, width: in
         raise ValueError(f"edit_image: start_t starts from the images themselves: they must all be {h}x{w} and so "
                          f"is the output, got sizes {[tuple(im.shape[-2:]) for im in images]} and "
                          f"height={height}, width={width}")
-    bad = set(kw) - {"steps", "cfg_scale", "time_shift", "seed", "init_noise", "return_trajectory", "chat"}
+    bad = set(kw) - {"steps", "cfg_scale", "time_shift", "seed", "init_noise", "return_trajectory", "chat",
+                     "image_cfg_scale", "cfg_renorm", "cfg_interval"}
     if bad:
         raise ValueError(f"edit_image: with start_t, arguments {sorted(bad)} do not apply (the 'cheers' grid)")
     chat = kw.pop("chat", None)
     samples = [_chat_wrap(model, s, chat) for s in samples]
     return _generate(model, samples, h, w, kw.get("steps"), kw.get("cfg_scale"), kw.get("time_shift"),
                      kw.get("seed", 0), "ode", None, kw.get("return_trajectory", False), None, kw.get("init_noise"),
-                     "cheers", None, start_t, list(images))
+                     "cheers", None, start_t, list(images), image_cfg_scale=kw.get("image_cfg_scale", 1.0),
+                     cfg_renorm=kw.get("cfg_renorm", "none"), cfg_interval=kw.get("cfg_interval"))

@@ -42,13 +42,19 @@ def is_stop(text: str) -> bool:
 def generate_refined(model, prompts, max_rounds: int = 4, think_tokens: int = 64, reflect_tokens: int = 64,
                      steps: int | None = None, edit_steps: int | None = None, cfg_scale: float | None = None,
                      temperature: float = 0.0, top_k: int | None = None, seed: int = 0, height: int | None = None,
-                     width: int | None = None) -> list:
+                     width: int | None = None, image_cfg_scale: float = 1.0, cfg_renorm: str = "none",
+                     cfg_interval=None) -> list:
     """Run the loop for each prompt (a str) -> one dict per prompt:
 
     ``rounds``: a list of {"round", "text" (the model's reasoning / reflection), "instruction" (rounds >= 2),
     "image" ((3, H, W) in [-1, 1]; the image after this round: for a stopping round the previous one)};
     ``stopped``: whether the model itself said no further edit was needed (else max_rounds was reached);
     ``image``: the final image.
+
+    cfg_scale guides both the drawing (round 1) and the edits (on the instruction); image_cfg_scale and cfg_renorm
+    add the edits' image guidance (BAGEL / R3's two-scale CFG, ``umm_ops.model.generate.guide``; R3: 4.0 / 1.5,
+    "text_channel"); the default 1 / "none" is one-scale guidance.  cfg_interval (lo, hi): guidance of the
+    drawing and the edits only at noise levels in (lo, hi] (BAGEL / R3's cfg_interval, R3: (0.4, 1.0)).
     """
     from .generate import decode, edit_image, generate_image
 
@@ -61,6 +67,16 @@ def generate_refined(model, prompts, max_rounds: int = 4, think_tokens: int = 64
     size = model.config.image_size
     H, W = int(height or size), int(width or size)
     n = len(prompts)
+    if max_rounds > 1:      # refuse settings the edits cannot take before anything is drawn
+        from .generate import CFG_RENORMS
+
+        if cfg_renorm not in CFG_RENORMS:
+            raise ValueError(f"generate_refined: cfg_renorm must be one of {', '.join(CFG_RENORMS)}, got "
+                             f"{cfg_renorm!r}")
+        if float(image_cfg_scale) != 1.0 and model.profile.dummy_image:
+            raise ValueError(f"generate_refined: image_cfg_scale={image_cfg_scale} (two-scale CFG of the edits) needs "
+                             f"a prompt without its image, which the {model.profile.name!r} profile does not have "
+                             f"(a dummy image stands in front of every prompt without one); use image_cfg_scale=1")
     out = [{"prompt": p, "rounds": [], "stopped": False, "image": None} for p in prompts]
 
     keys = [(p, prompts[:i].count(p)) for i, p in enumerate(prompts)]     # (prompt, its occurrence), not the index
@@ -76,6 +92,7 @@ def generate_refined(model, prompts, max_rounds: int = 4, think_tokens: int = 64
         r["text"] = model.tokenizer.decode([t for t in r["ids"] if t != eos])
     samples = [Sample([TextItem(p)] + ([TextItem(r["text"])] if r["text"] else [])) for p, r in zip(prompts, plans)]
     imgs = generate_image(model, samples, height=H, width=W, steps=steps, cfg_scale=cfg_scale,
+                          cfg_interval=cfg_interval,
                           seed=[sd(i, 1, "image") for i in range(n)])["images"]
     for i in range(n):
         out[i]["rounds"].append({"round": 1, "text": plans[i]["text"], "instruction": None, "image": imgs[i]})
@@ -101,6 +118,7 @@ def generate_refined(model, prompts, max_rounds: int = 4, think_tokens: int = 64
         if edit_i:
             new = edit_image(model, [out[i]["image"] for i in edit_i], edit_txt, height=H, width=W,
                              steps=edit_steps if edit_steps is not None else steps, cfg_scale=cfg_scale,
+                             image_cfg_scale=image_cfg_scale, cfg_renorm=cfg_renorm, cfg_interval=cfg_interval,
                              seed=[sd(i, r, "image") for i in edit_i])["images"]
             for j, i in enumerate(edit_i):
                 text = refl[active.index(i)]["text"]

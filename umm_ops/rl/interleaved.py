@@ -34,7 +34,9 @@ __all__ = ["Seg", "Trajectory", "rollout_interleaved", "interleaved_logprobs", "
 class Seg:
     """One segment of a plan.  kind "text": ``max_new_tokens`` (its token budget), ``temperature``, ``top_k``,
     ``top_p``, ``stop`` (strings; the text is cut before them, the sampled ids keep them).  kind "image":
-    ``steps``, ``cfg_scale``, ``sigma``, ``schedule``, ``height`` / ``width``.  ``when``: run only for the
+    ``steps``, ``cfg_scale``, ``image_cfg_scale`` / ``cfg_renorm`` / ``cfg_interval`` (two-scale guidance of
+    edits and the times it applies at, R3),
+    ``sigma``, ``schedule``, ``height`` / ``width``.  ``when``: run only for the
     trajectories where ``when(trajectory)`` is true (default all)."""
 
     kind: str
@@ -45,6 +47,9 @@ class Seg:
     stop: tuple = ()
     steps: int = 10
     cfg_scale: float | None = None
+    image_cfg_scale: float = 1.0
+    cfg_renorm: str = "none"
+    cfg_interval: object = None
     sigma: object = 0.7
     schedule: SDESchedule | None = None
     height: int | None = None
@@ -128,7 +133,8 @@ def rollout_interleaved(model, prompts, group_size: int, plan, *, seed: int = 0,
             init = [("interleaved-init", str(trajs[i].key), si) for i in todo] if seg.shared_noise else None
             ro = sample_images(model, ctx, seeds, step=step, seed=seed, steps=seg.steps, cfg_scale=seg.cfg_scale,
                                sigma=seg.sigma, schedule=seg.schedule, height=seg.height, width=seg.width,
-                               init_keys=init)
+                               init_keys=init, image_cfg_scale=seg.image_cfg_scale, cfg_renorm=seg.cfg_renorm,
+                               cfg_interval=seg.cfg_interval)
             for j, (i, c) in enumerate(zip(todo, ctx)):
                 trajs[i].segments.append({"kind": "image", "index": si, "context": c, "image": ro.images[j],
                                           "seed": seeds[j],
@@ -136,6 +142,8 @@ def rollout_interleaved(model, prompts, group_size: int, plan, *, seed: int = 0,
                                           "t": ro.t[j],
                                           "t_next": ro.t_next[j], "logprobs": ro.logprobs[j], "steps": ro.steps[j],
                                           "sigma": ro.sigma, "cfg_scale": ro.cfg_scale,
+                                          "image_cfg_scale": ro.image_cfg_scale, "cfg_renorm": ro.cfg_renorm,
+                                          "cfg_interval": ro.cfg_interval,
                                           "hw": (ro.height, ro.width)})
     return trajs
 
@@ -201,7 +209,8 @@ def interleaved_logprobs(model, trajs, reference=None) -> dict:
     img_kl = [[] for _ in range(B)]
     groups: dict = {}
     for k, (b, s) in enumerate(images):
-        key = (s["hw"], s["cfg_scale"], repr(s["sigma"]), s["t"].shape[0])
+        key = (s["hw"], s["cfg_scale"], s.get("image_cfg_scale", 1.0), s.get("cfg_renorm", "none"),
+               s.get("cfg_interval"), repr(s["sigma"]), s["t"].shape[0])
         groups.setdefault(key, []).append(k)
     lp_of, kl_of = {}, {}
     for key, ks in groups.items():
@@ -212,7 +221,8 @@ def interleaved_logprobs(model, trajs, reference=None) -> dict:
                           torch.stack([s["t"] for s in segs]), torch.stack([s["t_next"] for s in segs]),
                           torch.stack([s["logprobs"] for s in segs]), torch.stack([s["steps"] for s in segs]),
                           segs[0]["sigma"], segs[0]["cfg_scale"], segs[0]["hw"][0], segs[0]["hw"][1],
-                          [s["seed"] for s in segs])
+                          [s["seed"] for s in segs], [], segs[0].get("image_cfg_scale", 1.0),
+                          segs[0].get("cfg_renorm", "none"), segs[0].get("cfg_interval"))
         lp, kl = image_logprobs(model, ro, reference=reference)
         for row, k in enumerate(ks):
             lp_of[k] = lp[row]

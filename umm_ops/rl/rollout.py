@@ -231,7 +231,9 @@ class ImageRollout:
     images (B, 3, H, W) in the model's pixel range (its profile's); latents (B, n, C); x / x_next (B, S, n, C): the
     state before and after each of the S recorded steps; t / t_next (B, S); logprobs (B, S): the transition
     log-probs under the rollout policy (mean over elements); steps (B, S) their indices; sigma; cfg_scale; height,
-    width; seeds (one per trajectory: its noise and, under a profile with dummy images, its dummy image)."""
+    width; seeds (one per trajectory: its noise and, under a profile with dummy images, its dummy image);
+    image_cfg_scale / cfg_renorm / cfg_interval: the two-scale guidance of edits the images were sampled with
+    (``umm_ops.model.generate.guide``; 1 / "none": one scale) and the times it applied at (None: all)."""
 
     prompts: list
     keys: list
@@ -250,6 +252,9 @@ class ImageRollout:
     width: int
     seeds: list
     meta: list = field(default_factory=list)
+    image_cfg_scale: float = 1.0
+    cfg_renorm: str = "none"
+    cfg_interval: object = None
 
 
 def rollout_images(model, prompts, group_size: int, *, seed: int = 0, step: int = 0, keys=None, steps: int = 10,
@@ -273,9 +278,12 @@ def rollout_images(model, prompts, group_size: int, *, seed: int = 0, step: int 
 
 def sample_images(model, prompts, seeds, *, step: int = 0, seed: int = 0, steps: int = 10, cfg_scale=None,
                   time_shift=None, sigma=0.7, schedule: SDESchedule | None = None, height=None, width=None,
-                  init_keys=None, keys=None, group_size: int = 1, meta=None) -> ImageRollout:
+                  init_keys=None, keys=None, group_size: int = 1, meta=None, image_cfg_scale: float = 1.0,
+                  cfg_renorm: str = "none", cfg_interval=None) -> ImageRollout:
     """One SDE image per prompt, each from its own seed (``seeds``), recording the steps ``schedule`` makes
-    stochastic; ``init_keys``: per prompt, a key of its initial noise (equal keys, equal noise)."""
+    stochastic; ``init_keys``: per prompt, a key of its initial noise (equal keys, equal noise).
+    image_cfg_scale / cfg_renorm / cfg_interval: two-scale guidance of edits (``umm_ops.model.generate.guide``)
+    and where it applies (``guided_at``)."""
     from ..model.generate import generate_image
 
     schedule = (schedule or SDESchedule()).validate(steps)
@@ -289,13 +297,16 @@ def sample_images(model, prompts, seeds, *, step: int = 0, seed: int = 0, steps:
     scale = cfg.cfg_scale if cfg_scale is None else float(cfg_scale)
     out = generate_image(model, list(prompts), height=H, width=W, steps=steps, cfg_scale=scale,
                          time_shift=time_shift, seed=list(seeds), mode="sde", sigma=sigma, sde_steps=sde,
-                         init_noise=init)
+                         init_noise=init, image_cfg_scale=image_cfg_scale, cfg_renorm=cfg_renorm,
+                         cfg_interval=cfg_interval)
     traj, ts, lps = out["trajectory"], out["timesteps"].float(), out["logprobs"]
     idx = torch.tensor(sde, dtype=torch.int64)                                   # (B, S)
     ar = torch.arange(len(prompts))[:, None]
     return ImageRollout(list(prompts), list(keys if keys is not None else range(len(prompts))), group_size,
                         out["images"], out["latents"], traj[ar, idx], traj[ar, idx + 1], ts[idx], ts[idx + 1],
-                        lps[ar, idx.to(lps.device)], idx, sigma, scale, H, W, list(seeds), list(meta or []))
+                        lps[ar, idx.to(lps.device)], idx, sigma, scale, H, W, list(seeds), list(meta or []),
+                        float(image_cfg_scale), cfg_renorm,
+                        None if cfg_interval is None else tuple(float(v) for v in cfg_interval))
 
 
 def _without_image(model, prompts) -> list:
@@ -333,12 +344,14 @@ def image_logprobs(model, ro: ImageRollout, reference=None):
     t, tn = ro.t.reshape(-1), ro.t_next.reshape(-1)
     dev = model.device
     seeds = _row_seeds(model, ro, S)
-    v = velocity(model, P, x.to(dev), t.to(dev), ro.height, ro.width, cfg_scale=ro.cfg_scale, seed=seeds)
+    guidance = {"cfg_scale": ro.cfg_scale, "image_cfg_scale": ro.image_cfg_scale, "cfg_renorm": ro.cfg_renorm,
+                "cfg_interval": ro.cfg_interval}
+    v = velocity(model, P, x.to(dev), t.to(dev), ro.height, ro.width, seed=seeds, **guidance)
     lp = umm_ops.flow_logprob(x.to(dev), xn.to(dev), v, t.to(dev), tn.to(dev), ro.sigma).view(B, S)
     kl = None
     if reference is not None:
         with torch.no_grad():
             v_ref = velocity(reference, P, x.to(reference.device), t.to(reference.device), ro.height, ro.width,
-                             cfg_scale=ro.cfg_scale, seed=_row_seeds(reference, ro, S)).to(dev)
+                             seed=_row_seeds(reference, ro, S), **guidance).to(dev)
         kl = umm_ops.flow_kl(v, v_ref, t.to(dev), tn.to(dev), ro.sigma).view(B, S)
     return lp, kl

@@ -15,6 +15,8 @@ module also has its pure scorer (``score_*``), usable without a model.
     probe      linear probes of scene facts on pooled image-token states   per fact, layer, (fact, layer)
     attention  attention mass from answer tokens to image tokens (SGT)     per layer, question type
     mmd-bench  VQA on degraded pictures (CLEAR's MMD-Bench)                per degradation/level, type, level
+    refine     R3's generate -> reflect -> refine loop, the checker's score per prompt tag
+    edit       instruction edits of changed pictures, the checker's score  per edit kind (recolor/reshape/remove)
 """
 from __future__ import annotations
 
@@ -80,6 +82,10 @@ class EvalContext:
     grid_items: int = 8           # items shown in a task's sample grid
     data: str | None = None       # a user's multiple-choice file (vqa, mmd-bench) instead of the world
     refine_rounds: int = 3        # rounds of R3's loop (task refine)
+    cfg_scale: float | None = None    # guidance of edits (tasks edit, refine; None: the model's)
+    image_cfg_scale: float = 1.0      # their image guidance (two-scale CFG; 1: one scale)
+    cfg_renorm: str = "none"          # umm_ops.model.generate.guide's renorm
+    cfg_interval: tuple | None = None     # noise levels (lo, hi] where guidance applies (None: all)
 
     def __post_init__(self):
         self._records: dict = {}
@@ -138,4 +144,4 @@ def model_device_dtype(model):
 
 
 # the registry's order is the order of `umm eval`'s table
-from . import vqa, caption, geneval, segment, vae_recon, mmd_bench, clear, refine, probe, attention  # noqa: E402,F401,I001
+from . import vqa, caption, geneval, segment, vae_recon, mmd_bench, clear, refine, edit, probe, attention  # noqa: E402,F401,I001

@@ -31,7 +31,9 @@ class RefineTask(Task):
         res = []
         for _, batch in ctx.batches(recs):
             res += model.generate_refined([r.prompt["text"] for r in batch], max_rounds=R, steps=ctx.steps,
-                                          seed=ctx.seed_for(self.name), height=S, width=S)
+                                          seed=ctx.seed_for(self.name), height=S, width=S,
+                                          cfg_scale=ctx.cfg_scale, image_cfg_scale=ctx.image_cfg_scale,
+                                          cfg_renorm=ctx.cfg_renorm, cfg_interval=ctx.cfg_interval)
         items, per_round = [], [[] for _ in range(R)]
         for r, out in zip(recs, res):
             scores = [score_image(r.prompt, rd["image"], rng)["score"] for rd in out["rounds"]]
@@ -43,7 +45,9 @@ class RefineTask(Task):
                           "worse": float(any(b < a for a, b in zip(scores, scores[1:]))),
                           "better": float(scores[-1] > scores[0]), "prompt": r.prompt["text"],
                           "texts": [rd["text"] if rd["round"] == 1 else rd["instruction"] for rd in out["rounds"]]})
-        extra = {"score_after_round": [sum(v) / len(v) for v in per_round], "max_rounds": R}
+        extra = {"score_after_round": [sum(v) / len(v) for v in per_round], "max_rounds": R,
+                 "cfg_scale": ctx.cfg_scale, "image_cfg_scale": ctx.image_cfg_scale, "cfg_renorm": ctx.cfg_renorm,
+                 "cfg_interval": ctx.cfg_interval}
         k = ctx.grid_items
         grid = {"rows": ["truth"] + [f"round {j + 1}" for j in range(R)],
                 "columns": [{"label": f"{it['round1']:.2f}->{it['score']:.2f}\n{it['type']}",

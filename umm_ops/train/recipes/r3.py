@@ -12,13 +12,22 @@ recipe.tasks=...,r3_plan,r3_reflect,r3_edit``).  Steps alternate:
 * odd steps, stage (b) reflect + refine: per prompt slot an image of the previous step's buffer (a perfect one with
   probability ``p_perfect`` when there is one, else an imperfect one), G trajectories [image, R3's reflection prompt]
   -> text (think + one instruction) -> unless it says "no further edit needed", the edit ([image, instruction] ->
-  image, as ``generate_refined``); reward w_f * f + (r_new - r_old) * f, where saying no edit is needed counts as
+  image, as ``generate_refined``, with two-scale CFG: ``cfg_scale`` on the instruction, ``image_cfg_scale`` on the
+  image, ``cfg_renorm``); reward w_f * f + (r_new - r_old) * f, where saying no edit is needed counts as
   improvement 1 on a perfect image and 0 otherwise.
+
+The rollout buffer is R3's (train/online_rl.py at sen-ye/R3 e9912ac): ``RolloutBuffer`` is cleared at every
+stage-(a) step (``rollout_buffer.clear()`` under ``curr_step % rounds == 0``), filled only there with that step's
+generated images and their rewards (``rollout_buffer.update``; refined images never go back into it), gathered over
+all ranks (``all_gather``), split into perfect (reward == 1) and imperfect images, and stage (b) draws from it with
+P(perfect) = 0.15 (the other pool when one is empty).  So here: the buffer of stage (b) at step s is every image of
+step s - 1's stage (a) - all its micro-batches, of every rank (gathered) - and nothing older; it never outlives a
+(b) step, so a checkpoint after a (b) step needs no buffer state.
 
 Advantages: reward - group mean (no std).  Loss: token PPO-clip + k3 KL (text) + ``image_weight`` x (PPO-clip on the
 recorded step + flow_kl) with the same advantage (:func:`umm_ops.rl.interleaved_pg_loss`), KL to a frozen copy of
-the initial weights.  The buffer is the previous step's rollouts on the same micro-batch index, so checkpoints fall
-after odd steps (job.steps and checkpoint.every even) and a resumed run continues exactly.
+the initial weights.  Checkpoints fall after odd steps (job.steps and checkpoint.every even), when the buffer is
+empty, so a resumed run continues exactly.
 """
 from __future__ import annotations
 
@@ -73,8 +82,13 @@ class R3Config:
     top_k: typing.Optional[int] = 50
     gen_steps: int = 10               # R3: 16 (generate) / 21 (edit)
     edit_steps: int = 10
-    cfg_scale: typing.Optional[float] = None   # one guidance scale (R3: text 4.0 / image 1.5; two-scale CFG for edits
-                                               # is not built); None: the model's
+    cfg_scale: typing.Optional[float] = None   # text guidance (R3: 4.0); None: the model's (tiny: 4.0)
+    # image guidance of stage (b)'s edits (R3: cfg_img_scale 1.5; BAGEL's formula, umm_ops.model.generate.guide).
+    # Not scaled: it multiplies a difference of velocities, and the tiny model's text scale is R3's 4.0 already
+    image_cfg_scale: float = 1.5
+    cfg_renorm: str = "text_channel"  # R3's cfg_renorm_type_edit (scripts/train_rl.sh), renorm_min 0
+    cfg_interval_low: float = 0.4     # R3's cfg_interval (0.4, 1.0): guidance of both stages' images only at noise
+    cfg_interval_high: float = 1.0    # levels 1 - t in (low, high] (low 0, high 1: everywhere but the clean end)
     sigma: float = 0.7                # Flow-GRPO's noise level a of sigma_t = a sqrt((1 - t) / t)
     format_weight: float = 0.2        # w_f
     p_perfect: float = 0.15
@@ -102,6 +116,12 @@ class R3Config:
         need(self.temperature > 0, "temperature", "must be > 0 (RL samples)")
         need(self.gen_steps >= 2 and self.edit_steps >= 2, "gen_steps", "sampler steps must be >= 2")
         need(self.cfg_scale is None or self.cfg_scale >= 1, "cfg_scale", "must be None or >= 1")
+        need(self.image_cfg_scale >= 1, "image_cfg_scale", "must be >= 1 (1: one-scale guidance of edits)")
+        from ...model.generate import CFG_RENORMS
+
+        need(self.cfg_renorm in CFG_RENORMS, "cfg_renorm", f"must be one of {', '.join(CFG_RENORMS)}")
+        need(0 <= self.cfg_interval_low < self.cfg_interval_high <= 1, "cfg_interval_low",
+             "need 0 <= cfg_interval_low < cfg_interval_high <= 1")
         need(self.sigma > 0, "sigma", "must be > 0")
         need(0 <= self.p_perfect <= 1, "p_perfect", "must be a probability")
         for k in ("format_weight", "text_clip", "text_kl", "image_clip", "image_kl", "image_weight"):
@@ -116,13 +136,15 @@ class R3Recipe(Recipe):
     name = "r3"
     config_class = R3Config
     run_defining = ("init", "image_size", "train_records", "group_size", "prompts_per_micro", "think_tokens",
-                    "reflect_tokens", "temperature", "top_k", "gen_steps", "edit_steps", "cfg_scale", "sigma",
+                    "reflect_tokens", "temperature", "top_k", "gen_steps", "edit_steps", "cfg_scale", "image_cfg_scale",
+                    "cfg_renorm", "cfg_interval_low", "cfg_interval_high", "sigma",
                     "format_weight", "p_perfect", "text_clip", "text_kl", "image_clip", "image_kl", "image_weight",
                     "same_init_noise")
 
     def __init__(self):
         self._reference = None
-        self._buffer: dict = {}
+        self._buffer: dict = {}             # (step, micro_index) -> that micro-batch's stage-(a) images
+        self._pooled: dict = {}             # step -> the step's images of all micro-batches and ranks
         self._pixel_range = (-1.0, 1.0)     # the model's (set by build_model): what the checker reads images in
 
     def world_kwargs(self, cfg) -> dict:
@@ -161,6 +183,10 @@ class R3Recipe(Recipe):
         return f"r3 from {r.init or 'a fresh ' + cfg.model.preset}: G={r.group_size}, alternating (a) / (b)"
 
     # ------------------------------------------------------------------ the step
+    @staticmethod
+    def _interval(r):
+        return (float(r.cfg_interval_low), float(r.cfg_interval_high))
+
     def _sigma(self, r):
         import umm_ops
 
@@ -174,7 +200,8 @@ class R3Recipe(Recipe):
         docs = batch.docs
         plan = [rl.Seg("text", max_new_tokens=r.think_tokens, temperature=r.temperature, top_k=r.top_k,
                        stop=("</think>",)),
-                rl.Seg("image", steps=r.gen_steps, cfg_scale=r.cfg_scale, sigma=self._sigma(r),
+                rl.Seg("image", steps=r.gen_steps, cfg_scale=r.cfg_scale, cfg_interval=self._interval(r),
+                       sigma=self._sigma(r),
                        schedule=rl.SDESchedule("random"), shared_noise=r.same_init_noise)]
         with torch.no_grad():
             trajs = model(rl.rollout_interleaved, [d.text for d in docs], r.group_size, plan, seed=ctx.seed,
@@ -188,9 +215,31 @@ class R3Recipe(Recipe):
             for k in parts:
                 parts[k].append(p[k])
             buf.append({"prompt": t.prompt, "spec": t.meta["spec"], "image": img, "score": sc, "key": t.key})
-        self._buffer = {k: v for k, v in self._buffer.items() if k[0] >= ctx.step - 1}
+        # R3 clears its buffer at every stage-(a) step: only this step's images stay
+        self._buffer = {k: v for k, v in self._buffer.items() if k[0] == ctx.step}
+        self._pooled = {}
         self._buffer[(ctx.step, ctx.micro_index)] = buf
         return trajs, torch.tensor(rewards), {k: sum(v) / len(v) for k, v in parts.items()}
+
+    def _pool(self, ctx) -> list:
+        """Stage (b)'s buffer: every stage-(a) image of the previous step, over its micro-batches (in micro-batch
+        order) and, with several ranks, gathered from all of them (R3's all_gather): the same for any world size."""
+        prev = ctx.step - 1
+        if prev in self._pooled:
+            return self._pooled[prev]
+        mine = {k[1]: v for k, v in self._buffer.items() if k[0] == prev}
+        if not mine:
+            raise RuntimeError(f"r3: stage (b) at step {ctx.step + 1} found no rollout buffer of step {ctx.step}; "
+                               f"checkpoints must fall after (b) steps")
+        world = getattr(ctx, "world_size", 1)
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            local = {i: [{**e, "image": e["image"].cpu()} for e in v] for i, v in mine.items()}
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, local)
+            mine = {i: v for part in parts for i, v in part.items()}
+        pool = [e for i in sorted(mine) for e in mine[i]]
+        self._pooled[prev] = pool
+        return pool
 
     def _stage_b(self, model, batch, ctx):
         from ... import rl
@@ -199,10 +248,7 @@ class R3Recipe(Recipe):
         from ...model.refine import REFLECT_PROMPT, instruction_of, is_stop
 
         r = ctx.config.recipe
-        buf = self._buffer.get((ctx.step - 1, ctx.micro_index))
-        if buf is None:
-            raise RuntimeError(f"r3: stage (b) at step {ctx.step + 1} found no rollout buffer of step {ctx.step} "
-                               f"(micro-batch {ctx.micro_index}); checkpoints must fall after (b) steps")
+        buf = self._pool(ctx)
         picks = []
         perfect = [e for e in buf if e["score"] >= 1.0]
         other = [e for e in buf if e["score"] < 1.0]
@@ -218,10 +264,11 @@ class R3Recipe(Recipe):
                            TextItem(instruction_of(t.segments[0]["text"]))])
 
         plan = [rl.Seg("text", max_new_tokens=r.reflect_tokens, temperature=r.temperature, top_k=r.top_k),
-                rl.Seg("image", steps=r.edit_steps, cfg_scale=r.cfg_scale, sigma=self._sigma(r),
+                rl.Seg("image", steps=r.edit_steps, cfg_scale=r.cfg_scale, image_cfg_scale=r.image_cfg_scale,
+                       cfg_renorm=r.cfg_renorm, cfg_interval=self._interval(r), sigma=self._sigma(r),
                        schedule=rl.SDESchedule("random"), shared_noise=r.same_init_noise, context=edit_context,
                        when=lambda t: not is_stop(t.segments[0]["text"]))]
-        keys = [f"b{j}:{e['key']}" for j, e in enumerate(picks)]
+        keys = [f"b{ctx.micro_index}.{j}:{e['key']}" for j, e in enumerate(picks)]
         with torch.no_grad():
             trajs = model(rl.rollout_interleaved, prompts, r.group_size, plan, seed=ctx.seed, step=ctx.step,
                           keys=keys, meta=[{"spec": e["spec"], "old_image": e["image"], "old_score": e["score"]}
@@ -266,7 +313,9 @@ class R3Recipe(Recipe):
         r = cfg.recipe
         res = evaluate(model, "refine", n=r.eval_prompts, seed=cfg.job.seed, image_size=r.image_size,
                        out_dir=f"{out_dir}/eval", world_kwargs=self.world_kwargs(cfg), first=r.train_records,
-                       steps=r.eval_steps, refine_rounds=r.eval_rounds)
+                       steps=r.eval_steps, refine_rounds=r.eval_rounds, cfg_scale=r.cfg_scale,
+                       image_cfg_scale=r.image_cfg_scale, cfg_renorm=r.cfg_renorm,
+                       cfg_interval=self._interval(r))
         return res["tasks"]["refine"]
 
     def report(self, results: dict) -> list:
