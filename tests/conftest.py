@@ -103,6 +103,19 @@ def results_by_thread_count(run, counts=(1, 2)) -> list:
         torch.set_num_threads(before)
 
 
+def tiny_eval_model(image_size: int):
+    """CheersModel("tiny") (seed 0) in eval mode generating at `image_size`: the model of the generation, RL and
+    CLEAR / R3 tests (its outputs are whatever a random tiny model gives; the tests compare paths, not quality)."""
+    import torch
+
+    from umm_ops.model.cheers import CheersModel
+
+    torch.manual_seed(0)
+    m = CheersModel("tiny")
+    m.config.image_size = image_size
+    return m.eval()
+
+
 def tiny_model_open_gates():
     """CheersModel("tiny") (seed 1234) in eval mode with the head's zero-initialised adaLN / HiGate gates opened
     (so every path carries signal) and its VAE calibrated on three random 64 px pictures: the model of the model

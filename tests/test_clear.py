@@ -96,12 +96,9 @@ def test_psnr_against_its_formula():
 
 @pytest.fixture(scope="module")
 def model():
-    from umm_ops.model.cheers import CheersModel
+    from conftest import tiny_eval_model
 
-    torch.manual_seed(0)
-    m = CheersModel("tiny")
-    m.config.image_size = 32
-    return m.eval()
+    return tiny_eval_model(32)
 
 
 def _scripted(monkeypatch, script):

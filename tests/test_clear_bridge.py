@@ -76,12 +76,9 @@ def world():
 
 @pytest.fixture(scope="module")
 def model():
-    from umm_ops.model.cheers import CheersModel
+    from conftest import tiny_eval_model
 
-    torch.manual_seed(0)
-    m = CheersModel("tiny")
-    m.config.image_size = 64
-    return m.eval()
+    return tiny_eval_model(64)
 
 
 def _restore_and_direct(world):
