@@ -150,6 +150,15 @@ class Oracle:
                 out.append({"right": q["answer"].upper() + ".", "wrong": q["answer"] + " " + q["answer"],
                             "random": self.rng.choice(q["options"])}[self.mode])
                 continue
+            if s.meta["task"] == "vqa-chain":
+                from umm_ops.data.synthetic import MC_CHAIN_SUFFIX
+
+                q = next(q for q in rec.vqa if format_question(q, True, MC_CHAIN_SUFFIX) == text)
+                k = "ABCD".index(q["answer_letter"])
+                named, letter = {"right": (k, k), "wrong": ((k + 1) % 4, (k + 1) % 4), "mismatch": (k, (k + 1) % 4),
+                                 "random": (self.rng.randrange(4),) * 2}[self.mode]
+                out.append(f"{q['options'][named]} ({'ABCD'[letter]})")
+                continue
             q = next(q for q in rec.vqa if format_question(q) == text)   # the harness asks a real question
             a = q["answer_letter"]
             out.append({"right": a, "wrong": "ABCD"[("ABCD".index(a) + 1) % 4],
@@ -260,6 +269,28 @@ def test_short_vqa_right_wrong_and_chance():
     # the same questions as vqa (one per record, the same pick)
     a = _eval(Oracle(w, "right"), "vqa,vqa-short", n=6)["tasks"]
     assert [it["question"] for it in a["vqa"]["items"]] == [it["question"] for it in a["vqa-short"]["items"]]
+
+
+def test_vqa_chain_scores_the_letter_and_reports_the_named_option():
+    from umm_ops.data.synthetic import chain_answer
+    from umm_ops.eval.tasks.vqa import parse_chain
+
+    assert parse_chain(" orange (D)\n") == ("orange", "D") and parse_chain("light blue (A)") == ("light blue", "A")
+    assert parse_chain("D") == parse_chain("(D)") == parse_chain("orange D") == parse_chain("orange (D") == ("", "")
+    assert chain_answer({"answer": "2", "answer_letter": "C"}) == " 2 (C)"
+    w = _world(200)
+    right = _eval(Oracle(w, "right"), "vqa-chain", n=40)["tasks"]["vqa-chain"]
+    assert right["score"] == 1.0 and right["word_accuracy"] == 1.0 and right["consistent"] == 1.0
+    wrong = _eval(Oracle(w, "wrong"), "vqa-chain", n=40)["tasks"]["vqa-chain"]
+    assert wrong["score"] == wrong["word_accuracy"] == 0.0 and wrong["consistent"] == 1.0
+    # the right option named with another option's letter scores 0 (the letter is what is scored)
+    mis = _eval(Oracle(w, "mismatch"), "vqa-chain", n=40)["tasks"]["vqa-chain"]
+    assert mis["score"] == mis["consistent"] == 0.0 and mis["word_accuracy"] == 1.0
+    rnd = [_eval(Oracle(w, "random", seed=s), "vqa-chain", n=100)["tasks"]["vqa-chain"]["score"] for s in range(10)]
+    assert abs(sum(rnd) / 10 - 0.25) < 0.04
+    # the same question per record as vqa
+    a = _eval(Oracle(w, "right"), "vqa,vqa-chain", n=6)["tasks"]
+    assert [it["question"] for it in a["vqa"]["items"]] == [it["question"] for it in a["vqa-chain"]["items"]]
 
 
 def test_vqa_right_wrong_and_chance():
@@ -406,7 +437,7 @@ def test_all_tasks_json_shape_grids_and_determinism(tmp_path):
     b = _eval(Oracle(w, "right"), outputs, n=6, seed=3, out_dir=tmp_path / "a")
     assert json.dumps(a) == json.dumps(b)
     assert json.loads((tmp_path / "a" / "eval.json").read_text()) == a
-    assert list(a["tasks"]) == ["vqa", "vqa-short", "caption", "geneval", "segment", "seg-miou", "vae-recon",
+    assert list(a["tasks"]) == ["vqa", "vqa-short", "vqa-chain", "caption", "geneval", "segment", "seg-miou", "vae-recon",
                               "mmd-bench", "mmd-bench-short", "clear", "clear-short", "clear-bridge",
                               "clear-short-bridge", "refine", "edit"]
     assert a["records"] == [FIRST, FIRST + 6] and a["seed"] == 3 and a["image_size"] == S

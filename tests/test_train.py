@@ -506,6 +506,14 @@ def test_dataset_task_weights_and_world_keys():
         assert "single word or phrase" in short.items[1].text and "\nA. " not in short.items[1].text
         q = next(q for q in ds.world[r].vqa if short.items[1].text.startswith(q["question"]))
         assert short.items[2].text.startswith(q["answer"]) and short.meta["task"] == "vqa"
+    # vqa_chain: the same options, answered "<option> (<letter>)" and the end token
+    ds = SyntheticSFTDataset(32, seed=3, records=4, tasks=("vqa_chain",), max_objects=2)
+    for r in range(4):
+        s = ds[r]
+        q = next(q for q in ds.world[r].vqa if s.items[1].text.startswith(q["question"]))
+        assert "\nA. " in s.items[1].text and s.items[1].text.endswith("then its letter.")
+        assert s.items[2].text == f" {q['answer']} ({q['answer_letter']})<|im_end|>" and s.items[2].loss
+        assert q["options"]["ABCD".index(q["answer_letter"])] == q["answer"] and s.meta["task"] == "vqa_chain"
     with pytest.raises(ConfigError, match="recipe.colors"):
         Config.build("sft", overrides=["recipe.colors=red,green"])
     cfg = Config.build("sft", overrides=["recipe.kinds=circle,square", "recipe.two_tone=0"])

@@ -33,7 +33,8 @@ import torch
 from ..utils import optional_import, seed_of
 
 __all__ = ["COLORS", "KINDS", "SIZES", "RELATIONS", "SyntheticWorld", "SceneRecord", "prompt_text",
-           "instance_palette", "format_question", "to_samples"]
+           "instance_palette", "format_question", "to_samples", "MC_SUFFIX", "SA_SUFFIX", "MC_CHAIN_SUFFIX",
+           "chain_answer"]
 
 # Saturated colours, pairwise >= 110 apart in RGB and > 100 from every background grey.
 COLORS = {
@@ -58,6 +59,15 @@ _PROMPT_REL_MARGIN = 0.1  # ... and prompts / questions are only made from relat
 SEGMENT_PROMPT = "Segment instances with different colors."  # SGT's instance-segmentation instruction
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."  # LLaVA's evaluation prompts
 SA_SUFFIX = "Answer the question using a single word or phrase."
+MC_CHAIN_SUFFIX = "Answer with the option, then its letter."   # vqa_chain: name the answer, then its letter
+
+
+def chain_answer(item: dict) -> str:
+    """The trained answer of a ``vqa_chain`` item: the option's text, then its letter in brackets (" orange (D)",
+    with the space that makes the answer's word the very token of the option's word).
+    Naming the read attribute first turns "which letter" into finding that word among the options (a copy the tiny
+    LLM learns), where answering the letter directly must read, match and copy in one position."""
+    return f" {item['answer']} ({item['answer_letter']})"   # " red": the options' own word token (world BPE)
 
 
 def instance_palette(n: int) -> list:
@@ -532,7 +542,7 @@ def to_samples(record: SceneRecord, tasks=("caption", "vqa", "generate", "segmen
     when asked for, degraded_vqa (CLEAR: the vqa samples on the record's degraded copy, type drawn per record)."""
     from .packing import ImageItem, Sample, TextItem
 
-    known = {"caption", "vqa", "generate", "segment", "degraded_vqa"}
+    known = {"caption", "vqa", "vqa_chain", "generate", "segment", "degraded_vqa"}
     if isinstance(tasks, str) or not set(tasks) <= known:
         raise ValueError(f"to_samples: tasks must be a collection drawn from {sorted(known)}, got {tasks!r}")
 
@@ -550,6 +560,11 @@ def to_samples(record: SceneRecord, tasks=("caption", "vqa", "generate", "segmen
             out.append(Sample([ImageItem(img(record.image), "understand"),
                                TextItem(format_question(q, multiple_choice)), TextItem(ans + END, loss=True)],
                               meta={**meta, "task": "vqa", "type": q["type"]}))
+    if "vqa_chain" in tasks:
+        for q in record.vqa:
+            out.append(Sample([ImageItem(img(record.image), "understand"),
+                               TextItem(format_question(q, True, MC_CHAIN_SUFFIX)), TextItem(chain_answer(q) + END, loss=True)],
+                              meta={**meta, "task": "vqa_chain", "type": q["type"]}))
     if "degraded_vqa" in tasks:
         degraded, kind = record.degraded()
         for q in record.vqa:

@@ -36,11 +36,12 @@ def _save_png(img, path: Path) -> None:
 @torch.no_grad()
 def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict | None = None, n_vqa: int = 32,
                    n_images: int = 4, n_captions: int = 2, steps: int = 12, prompts=(), out_dir=None,
-                   short_vqa: bool = False, n_clear: int = 0) -> dict:
+                   short_vqa: bool = False, chain_vqa: bool = False, n_clear: int = 0) -> dict:
     """The SFT recipe's after-training evaluation, on the tasks of ``umm eval`` (:mod:`umm_ops.eval.tasks`):
     vqa (n_vqa records), caption (n_captions), geneval and vae-recon (n_images) on the world of `seed` and
     `world` (SyntheticWorld's other arguments) from record `first`; `seed` also seeds the evaluation's draws.
-    short_vqa: also ask the same questions without options (vqa-short, n_vqa records).  n_clear: that many
+    short_vqa: also ask the same questions without options (vqa-short, n_vqa records); chain_vqa: and with options
+    answered "<option> (<letter>)" (vqa-chain, n_vqa records).  n_clear: that many
     MMD-Bench items answered in CLEAR's generate-then-answer format (task clear) and directly (task mmd-bench);
     with short_vqa also as short answers (clear-short, mmd-bench-short)."""
     from ..data.synthetic import SyntheticWorld
@@ -72,6 +73,11 @@ def evaluate_world(model, *, image_size: int, seed: int, first: int, world: dict
     if n_vqa and short_vqa:
         out = run("vqa-short", n_vqa)
         res["vqa_short"] = vqa_summary(out, majority_answer=out.extra["majority_answer"])
+    if n_vqa and chain_vqa:
+        out = run("vqa-chain", n_vqa)
+        res["vqa_chain"] = vqa_summary(out, chance=0.25, majority_letter=out.extra["majority_letter"],
+                                       word_accuracy=out.extra["word_accuracy"],
+                                       consistent=out.extra["consistent"])
     if n_captions:
         out = run("caption", n_captions)
         res["captions"] = [{"truth": it["truth"], "generated": it["generated"], "score": it["score"]}
@@ -141,6 +147,11 @@ def report_lines(ev: dict) -> list:
         v = ev["vqa"]
         lines.append(f"eval vqa: {v['accuracy']:.3f} exact-match on {v['n']} held-out questions (chance "
                      f"{v['chance']}, always-the-commonest-letter {v['majority_letter']:.3f})")
+    if "vqa_chain" in ev:
+        v = ev["vqa_chain"]
+        lines.append(f"eval vqa-chain: {v['accuracy']:.3f} exact-match of the letter on {v['n']} held-out questions "
+                     f"answered '<option> (<letter>)' (option text right {v['word_accuracy']:.3f}, letter is the "
+                     f"named option's {v['consistent']:.3f}; always-the-commonest-letter {v['majority_letter']:.3f})")
     if "vqa_short" in ev:
         v = ev["vqa_short"]
         lines.append(f"eval vqa-short: {v['accuracy']:.3f} exact-match of the answer word on {v['n']} held-out "

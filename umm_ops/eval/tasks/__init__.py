@@ -7,6 +7,7 @@ module also has its pure scorer (``score_*``), usable without a model.
 
     vqa        multiple-choice exact match of the answer letter           per question type (colour/shape/...)
     vqa-short  short-answer exact match of the answer word                per question type
+    vqa-chain  multiple choice answered "<option> (<letter>)": the letter   per question type
     caption    colours and shapes of the scene named in the caption        per number of objects
     geneval    the pixel checker's score of images generated from prompts per prompt tag
     vae-recon  the checker's score of the VAE's reconstructions            per number of objects

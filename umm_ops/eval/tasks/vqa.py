@@ -18,7 +18,7 @@ from collections import Counter
 from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 from ...utils import optional_import
 
-__all__ = ["VQATask", "ShortVQATask", "score_answer", "score_short_answer", "pick_question", "ask", "questions",
+__all__ = ["VQATask", "ShortVQATask", "ChainVQATask", "score_answer", "parse_chain", "score_short_answer", "pick_question", "ask", "questions",
            "read_multiple_choice"]
 
 
@@ -28,6 +28,14 @@ def score_answer(predicted: str, letter: str) -> float:
     if p[-1:] in (".", ")"):
         p = p[:-1].strip()
     return 1.0 if p == letter else 0.0
+
+
+def parse_chain(predicted: str) -> tuple:
+    """(option text, letter) of a ``vqa_chain`` answer "<option text> (<letter>)"; ("", "") when it is not one."""
+    p = predicted.strip()
+    if len(p) < 4 or not p.endswith(")") or p[-3] != "(":
+        return "", ""
+    return p[:-3].strip(), p[-2]
 
 
 def _normalise(text: str) -> str:
@@ -79,21 +87,27 @@ def questions(ctx: EvalContext) -> list:
     return [(r.index, r.image, pick_question(ctx, r)) for r in ctx.records()]
 
 
-def ask(model, ctx: EvalContext, images, questions, indices, task: str, multiple_choice: bool = True) -> list:
+def ask(model, ctx: EvalContext, images, questions, indices, task: str, multiple_choice: bool = True,
+        chain: bool = False) -> list:
     """Greedy answers of `model` to `questions` about `images` (uint8 (3, H, W)), batched: multiple choice (as many
-    new tokens as the answer letter takes) or short answer (the answer's tokens and one more, so that an answer
-    running on is seen and scored wrong)."""
+    new tokens as the answer letter takes), short answer (the answer's tokens and one more, so that an answer
+    running on is seen and scored wrong) or, with chain, multiple choice answered "<option> (<letter>)" (the
+    longest option's answer and one more token)."""
     from ...data.packing import ImageItem, Sample, TextItem
-    from ...data.synthetic import format_question
+    from ...data.synthetic import MC_CHAIN_SUFFIX, chain_answer, format_question
 
     rng = pixel_range(model)
-    samples = [Sample([ImageItem(pixels(im, rng), "understand"), TextItem(format_question(q, multiple_choice))],
+    samples = [Sample([ImageItem(pixels(im, rng), "understand"),
+                       TextItem(format_question(q, True, MC_CHAIN_SUFFIX) if chain else format_question(q, multiple_choice))],
                       meta={"task": task, "index": i})
                for im, q, i in zip(images, questions, indices)]
     tok = getattr(model, "tokenizer", None)
-    key = "answer_letter" if multiple_choice else "answer"
-    n_new = max(len(tok.encode(q[key])) for q in questions) if tok is not None else 2
-    n_new += 0 if multiple_choice else 1
+    if chain:
+        texts = [chain_answer({**q, "answer": o}) for q in questions for o in q["options"]]
+    else:
+        texts = [q["answer_letter" if multiple_choice else "answer"] for q in questions]
+    n_new = max(len(tok.encode(t)) for t in texts) if tok is not None else 2
+    n_new += 0 if multiple_choice and not chain else 1
     preds: list = []
     for _, batch in ctx.batches(samples):
         preds += model.generate_text(batch, max_new_tokens=n_new, temperature=0.0)
@@ -155,4 +169,39 @@ class ShortVQATask(Task):
         k = ctx.grid_items
         grid = {"rows": ["picture"], "columns": [{"label": f"{it['predicted'].strip()[:8]}/{it['answer']}",
                                                   "images": [im]} for it, (_, im, _) in zip(items[:k], qa[:k])]}
+        return TaskOutput(items, extra, grid)
+
+
+@register
+class ChainVQATask(Task):
+    """Multiple-choice VQA answered with the option's text, then its letter ("orange (D)"; SFT task vqa_chain, the
+    world's MC_CHAIN_SUFFIX): the same question per record as ``vqa``.  An item scores 1 when the answer has that
+    form and its letter is the answer letter; the result also reports how often the named option is the right one
+    (word_accuracy) and how often the letter is the named option's (consistent).  Chance is 0.25."""
+    name = "vqa-chain"
+    ci = "wilson"
+    breakdowns = ("type",)
+    needs = "chain multiple-choice VQA in its training mix (SFT task vqa_chain)"
+    reads_data = True
+
+    def run(self, model, ctx: EvalContext) -> TaskOutput:
+        qa = questions(ctx)
+        preds = ask(model, ctx, [im for _, im, _ in qa], [q for _, _, q in qa], [i for i, _, _ in qa], self.name,
+                    chain=True)
+        items = []
+        for (i, _, q), p in zip(qa, preds):
+            word, letter = parse_chain(p)
+            named = {_normalise(o): L for L, o in zip("ABCD", q["options"])}.get(_normalise(word)) if word else None
+            items.append({"index": i, "type": q["type"], "score": 1.0 if letter == q["answer_letter"] else 0.0,
+                          "answer": q["answer_letter"], "predicted": p, "question": q["question"],
+                          "word_score": score_short_answer(word, q["options"]["ABCD".index(q["answer_letter"])]),
+                          "consistent": float(named is not None and named == letter)})
+        extra = letter_summary(items)
+        n = max(len(items), 1)
+        extra["word_accuracy"] = sum(it["word_score"] for it in items) / n
+        extra["consistent"] = sum(it["consistent"] for it in items) / n
+        k = ctx.grid_items
+        grid = {"rows": ["picture"], "columns": [{"label": f"{it['predicted'].strip()[:12]}/{it['answer']}\n"
+                                                           f"{it['type']}", "images": [im]}
+                                                 for it, (_, im, _) in zip(items[:k], qa[:k])]}
         return TaskOutput(items, extra, grid)

@@ -23,10 +23,10 @@ from ..spec import DataSource, Recipe, StepOutput, register
 
 __all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS", "bare_loop"]
 
-TASKS = ("caption", "vqa", "vqa_short", "generate", "segment", "degraded_vqa", "degraded_vqa_short", "r3_plan",
+TASKS = ("caption", "vqa", "vqa_short", "vqa_chain", "generate", "segment", "degraded_vqa", "degraded_vqa_short", "r3_plan",
          "r3_reflect", "r3_edit", "clear", "clear_short", "clear_data")
 # vqa_short: the same questions answered with the word (short-answer VQA), vqa: multiple choice answered with the
-# option letter; r3_*: R3's plan -> draw, reflect -> instruction, and edit samples (umm_ops.data.refine_data);
+# option letter; vqa_chain: multiple choice answered "<option text> (<letter>)" (MC_CHAIN_SUFFIX); r3_*: R3's plan -> draw, reflect -> instruction, and edit samples (umm_ops.data.refine_data);
 # clear / clear_short: CLEAR's generate-then-answer samples on degraded pictures, multiple choice / short answer
 # (umm_ops.data.clear_data); clear_data: the same format from a user's VQA file (recipe.clear_data, read with
 # umm_ops.data.VQAReader: record r // ... of the run -> user record r mod its length, degraded afresh per sample)
@@ -332,7 +332,7 @@ class SFTRecipe(Recipe):
         return evaluate_world(model, image_size=r.image_size, seed=cfg.job.seed, first=r.train_records,
                               world=r.world_kwargs(), n_vqa=r.eval_vqa, n_images=r.eval_images,
                               n_captions=r.eval_captions, steps=r.eval_steps, prompts=r.eval_prompts,
-                              short_vqa="vqa_short" in r.tasks,
+                              short_vqa="vqa_short" in r.tasks, chain_vqa="vqa_chain" in r.tasks,
                               n_clear=(64 if {"clear", "clear_short"} & set(r.tasks) else 0)
                               if r.eval_clear < 0 else r.eval_clear,
                               out_dir=out_dir)
