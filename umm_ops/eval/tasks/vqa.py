@@ -114,6 +114,16 @@ def ask(model, ctx: EvalContext, images, questions, indices, task: str, multiple
     return preds
 
 
+def picture_grid(ctx: EvalContext, items, qa, width: int, with_type: bool = False) -> dict:
+    """The first ctx.grid_items pictures, each labelled "<predicted, first `width` characters>/<answer>" (and the
+    question type)."""
+    k = ctx.grid_items
+    return {"rows": ["picture"],
+            "columns": [{"label": f"{it['predicted'].strip()[:width]}/{it['answer']}"
+                                  + (f"\n{it['type']}" if with_type else ""), "images": [im]}
+                        for it, (_, im, _) in zip(items[:k], qa[:k])]}
+
+
 def letter_summary(items) -> dict:
     answers = [it["answer"] for it in items]
     out = {"chance": 0.25}
@@ -137,11 +147,7 @@ class VQATask(Task):
         items = [{"index": i, "type": q["type"], "score": score_answer(p, q["answer_letter"]),
                   "answer": q["answer_letter"], "predicted": p, "question": q["question"]}
                  for (i, _, q), p in zip(qa, preds)]
-        k = ctx.grid_items
-        grid = {"rows": ["picture"], "columns": [{"label": f"{it['predicted'].strip()[:3]}/{it['answer']}\n"
-                                                           f"{it['type']}", "images": [im]}
-                                                 for it, (_, im, _) in zip(items[:k], qa[:k])]}
-        return TaskOutput(items, letter_summary(items), grid)
+        return TaskOutput(items, letter_summary(items), picture_grid(ctx, items, qa, 3, with_type=True))
 
 
 @register
@@ -166,10 +172,7 @@ class ShortVQATask(Task):
             by_type.setdefault(it["type"], []).append(it["answer"])
         extra = {"majority_answer": round(sum(max(Counter(v).values()) for v in by_type.values()) / len(items), 6)
                  if items else None}
-        k = ctx.grid_items
-        grid = {"rows": ["picture"], "columns": [{"label": f"{it['predicted'].strip()[:8]}/{it['answer']}",
-                                                  "images": [im]} for it, (_, im, _) in zip(items[:k], qa[:k])]}
-        return TaskOutput(items, extra, grid)
+        return TaskOutput(items, extra, picture_grid(ctx, items, qa, 8))
 
 
 @register
@@ -200,8 +203,4 @@ class ChainVQATask(Task):
         n = max(len(items), 1)
         extra["word_accuracy"] = sum(it["word_score"] for it in items) / n
         extra["consistent"] = sum(it["consistent"] for it in items) / n
-        k = ctx.grid_items
-        grid = {"rows": ["picture"], "columns": [{"label": f"{it['predicted'].strip()[:12]}/{it['answer']}\n"
-                                                           f"{it['type']}", "images": [im]}
-                                                 for it, (_, im, _) in zip(items[:k], qa[:k])]}
-        return TaskOutput(items, extra, grid)
+        return TaskOutput(items, extra, picture_grid(ctx, items, qa, 12, with_type=True))
