@@ -437,8 +437,8 @@ def test_all_tasks_json_shape_grids_and_determinism(tmp_path):
     b = _eval(Oracle(w, "right"), outputs, n=6, seed=3, out_dir=tmp_path / "a")
     assert json.dumps(a) == json.dumps(b)
     assert json.loads((tmp_path / "a" / "eval.json").read_text()) == a
-    assert list(a["tasks"]) == ["vqa", "vqa-short", "vqa-chain", "caption", "geneval", "segment", "seg-miou", "vae-recon",
-                              "mmd-bench", "mmd-bench-short", "clear", "clear-short", "clear-bridge",
+    assert list(a["tasks"]) == ["vqa", "vqa-short", "vqa-chain", "caption", "geneval", "segment", "seg-miou",
+                              "vae-recon", "mmd-bench", "mmd-bench-short", "clear", "clear-short", "clear-bridge",
                               "clear-short-bridge", "refine", "edit"]
     assert a["records"] == [FIRST, FIRST + 6] and a["seed"] == 3 and a["image_size"] == S
     for name, r in a["tasks"].items():

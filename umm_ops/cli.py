@@ -571,9 +571,9 @@ def main(argv=None) -> int:
                     help="a run folder (its newest checkpoint), a checkpoint-<step> folder or a save_pretrained folder")
     ev.add_argument("--model", default=None, help="evaluate an untrained preset instead (tiny, small, ...)")
     ev.add_argument("--tasks", default="vqa,caption,geneval,segment,vae-recon,mmd-bench",
-                    help="comma-separated: vqa, vqa-short, vqa-chain, caption, geneval, refine, edit, segment, seg-miou, vae-recon, "
-                         "mmd-bench, mmd-bench-short, clear, clear-short, clear-bridge, clear-short-bridge, probe, "
-                         "attention")
+                    help="comma-separated: vqa, vqa-short, vqa-chain, caption, geneval, refine, edit, segment, "
+                         "seg-miou, vae-recon, mmd-bench, mmd-bench-short, clear, clear-short, clear-bridge, "
+                         "clear-short-bridge, probe, attention")
     ev.add_argument("--n", type=int, default=256, help="held-out records per task")
     ev.add_argument("--seed", type=int, default=0, help="evaluation seed (question picks, sampler noise, bootstrap)")
     ev.add_argument("--json", default=None, help="write the result as JSON here")

@@ -18,8 +18,8 @@ from collections import Counter
 from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 from ...utils import optional_import
 
-__all__ = ["VQATask", "ShortVQATask", "ChainVQATask", "score_answer", "parse_chain", "score_short_answer", "pick_question", "ask", "questions",
-           "read_multiple_choice"]
+__all__ = ["VQATask", "ShortVQATask", "ChainVQATask", "score_answer", "parse_chain", "score_short_answer",
+           "pick_question", "ask", "questions", "read_multiple_choice", "picture_grid"]
 
 
 def score_answer(predicted: str, letter: str) -> float:
@@ -98,7 +98,8 @@ def ask(model, ctx: EvalContext, images, questions, indices, task: str, multiple
 
     rng = pixel_range(model)
     samples = [Sample([ImageItem(pixels(im, rng), "understand"),
-                       TextItem(format_question(q, True, MC_CHAIN_SUFFIX) if chain else format_question(q, multiple_choice))],
+                       TextItem(format_question(q, True, MC_CHAIN_SUFFIX) if chain
+                                else format_question(q, multiple_choice))],
                       meta={"task": task, "index": i})
                for im, q, i in zip(images, questions, indices)]
     tok = getattr(model, "tokenizer", None)
