@@ -133,3 +133,32 @@ def tiny_model_open_gates():
     pics = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(3)]
     m.vae.calibrate(torch.stack(pics))
     return m.eval()
+
+
+def read_metrics(out) -> list:
+    """The records of a run folder's metrics.jsonl."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(ln) for ln in open(Path(out) / "metrics.jsonl") if ln.strip()]
+
+
+def metrics_on_one_and_two_ranks(tmp_path, recipe: str, args: list, timeout: int) -> dict:
+    """{1: metrics, 2: metrics} of tests/helpers/train_worker.py running `recipe` with config overrides `args`, in
+    one process and on 2 gloo ranks under torch.distributed.run (runs in tmp_path/n1, tmp_path/n2)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = str(Path(__file__).parent / "helpers" / "train_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", UMM_TEST_RECIPE=recipe)
+    env.pop("UMM_TEST_KILL", None)
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        cmd = [sys.executable, worker] if n == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", worker]
+        res = subprocess.run(cmd + args + [f"job.out={out}"], env=env, capture_output=True, text=True, timeout=timeout)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+        outs[n] = read_metrics(out)
+    return outs

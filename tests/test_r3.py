@@ -137,10 +137,9 @@ R3_SMALL = ["job.progress=false", "recipe.image_size=32", "recipe.group_size=2",
 
 
 def _metrics(out) -> list:
-    import json
-    from pathlib import Path
+    from conftest import read_metrics
 
-    return [json.loads(ln) for ln in open(Path(out) / "metrics.jsonl") if ln.strip()]
+    return read_metrics(out)
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
@@ -163,23 +162,10 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
 def test_two_ranks_equal_one_process(tmp_path):
     """2 gloo ranks, one micro-batch each: stage (b)'s buffer is gathered from both ranks (R3's all_gather), so
     the run equals one process doing both micro-batches."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import metrics_on_one_and_two_ranks
 
-    worker = str(Path(__file__).parent / "helpers" / "train_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", UMM_TEST_RECIPE="r3")
-    env.pop("UMM_TEST_KILL", None)
-    args = R3_SMALL + ["job.seed=4", "job.steps=2", "job.device=cpu", "checkpoint.every=0"]
-    outs = {}
-    for n in (1, 2):
-        out = tmp_path / f"n{n}"
-        cmd = [sys.executable, worker] if n == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", worker]
-        res = subprocess.run(cmd + args + [f"job.out={out}"], env=env, capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
-        outs[n] = _metrics(out)
+    outs = metrics_on_one_and_two_ranks(
+        tmp_path, "r3", R3_SMALL + ["job.seed=4", "job.steps=2", "job.device=cpu", "checkpoint.every=0"], 900)
     assert len(outs[1]) == len(outs[2]) == 2
     for x, y in zip(outs[1], outs[2]):
         assert y["world_size"] == 2 and x["world_size"] == 1

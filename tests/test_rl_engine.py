@@ -11,33 +11,25 @@ SFT on uniformly random letters A-D, G=8, 2 prompts, lr 1e-3): the first step's 
 first step below 0.6 and a last-3 mean of at least 0.8."""
 from __future__ import annotations
 
-import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from umm_ops import rl
 from umm_ops.train import Config, train
+from conftest import metrics_on_one_and_two_ranks, read_metrics
 
 COMMON = ["job.progress=false", "recipe.image_size=32", "recipe.group_size=4", "recipe.sample_steps=4",
           "recipe.evaluate=false", "metrics.log_every=100", "metrics.plot=false", "recipe.train_records=200",
           "recipe.cfg_scale=1.0", "metrics.tensorboard=false"]
 
 
-def _metrics(out) -> list:
-    return [json.loads(ln) for ln in open(Path(out) / "metrics.jsonl") if ln.strip()]
-
-
 def test_flow_grpo_learns_redness(tmp_path):
     train(Config.build("flow-grpo", overrides=COMMON + [
         "job.seed=0", "job.steps=12", f"job.out={tmp_path}", "recipe.reward=redness", "optim.lr=1e-3",
         "checkpoint.every=0"]))
-    r = [m["reward"] for m in _metrics(tmp_path)]
+    r = [m["reward"] for m in read_metrics(tmp_path)]
     first, last = sum(r[:3]) / 3, sum(r[-3:]) / 3
     assert last - first > 0.05, r
 
@@ -85,14 +77,14 @@ PPO = COMMON + ["job.seed=3", "recipe.reward=checker", "recipe.ppo_epochs=2", "r
 def test_flow_grpo_ppo_epochs_reuse_the_rollout_and_resume_exactly(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     train(Config.build("flow-grpo", overrides=PPO + ["job.steps=4", f"job.out={a}"]))
-    ma = _metrics(a)
+    ma = read_metrics(a)
     # steps 1 and 2 share a rollout (same rewards); the first update sees ratio 1, the second does not
     assert ma[0]["reward"] == ma[1]["reward"] and ma[2]["reward"] == ma[3]["reward"]
     assert ma[0]["ratio_max"] == pytest.approx(1.0, abs=1e-6) and ma[1]["ratio_max"] != ma[0]["ratio_max"]
     assert ma[1]["kl"] > 0 and ma[0]["kl"] == pytest.approx(0.0, abs=1e-9)
     train(Config.build("flow-grpo", overrides=PPO + ["job.steps=2", f"job.out={b}"]))
     train(Config.build("flow-grpo", overrides=PPO + ["job.steps=4", f"job.out={b}"]))
-    mb = _metrics(b)
+    mb = read_metrics(b)
     for x, y in zip(ma, mb):
         for k in ("loss", "reward", "kl", "grad_norm", "ratio_max"):
             assert x[k] == y[k], (k, x, y)
@@ -105,20 +97,10 @@ def test_flow_grpo_ppo_epochs_need_checkpoints_on_rollout_boundaries(tmp_path):
 
 
 def test_flow_grpo_two_ranks_equal_one_process(tmp_path):
-    worker = str(Path(__file__).parent / "helpers" / "train_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", UMM_TEST_RECIPE="flow-grpo")
-    env.pop("UMM_TEST_KILL", None)
     args = COMMON + ["job.seed=5", "job.steps=3", "job.device=cpu", "recipe.reward=redness", "data.budget=64",
                      "data.global_tokens=128", "recipe.prompts_per_micro=1", "recipe.kl_beta=0.01",
                      "checkpoint.every=0", "optim.lr=1e-3"]
-    outs = {}
-    for n in (1, 2):
-        out = tmp_path / f"n{n}"
-        cmd = [sys.executable, worker] if n == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", worker]
-        res = subprocess.run(cmd + args + [f"job.out={out}"], env=env, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
-        outs[n] = _metrics(out)
+    outs = metrics_on_one_and_two_ranks(tmp_path, "flow-grpo", args, 600)
     assert len(outs[1]) == len(outs[2]) == 3 and outs[1][-1]["grad_norm"] > 0 and outs[1][-1]["kl"] > 0
     for x, y in zip(outs[1], outs[2]):
         assert y["world_size"] == 2 and x["world_size"] == 1

@@ -16,6 +16,7 @@ import torch
 
 from umm_ops.train import Config, ConfigError, train
 from umm_ops.train.engine.checkpoint import CorruptCheckpoint, RunFolderBusy, RunLock, latest_checkpoint
+from conftest import read_metrics
 
 BASE = {"job.steps": 4, "job.device": "cpu", "job.progress": False, "recipe.image_size": 32, "data.budget": 384,
         "recipe.evaluate": False, "recipe.train_records": 500, "checkpoint.every": 2, "checkpoint.keep_last": 3,
@@ -29,10 +30,6 @@ def _cfg(out, extra: dict | None = None, **kw) -> Config:
     values.update({k.replace("__", "."): v for k, v in kw.items()})
     values.update(extra or {})
     return Config.build("sft", values=values)
-
-
-def _metrics(out) -> list:
-    return [json.loads(ln) for ln in open(Path(out) / "metrics.jsonl") if ln.strip()]
 
 
 def _dcp(folder: Path, key: str = "model") -> dict:
@@ -87,10 +84,10 @@ def test_resume_is_bitwise_exact(straight, tmp_path):
     with pytest.raises(_Crash):
         train(_cfg(cut), on_step=_crash_at(3))
     assert latest_checkpoint(cut).name == "checkpoint-2"
-    assert [r["step"] for r in _metrics(cut)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(cut)] == [1, 2, 3]
     s = train(_cfg(cut))
     assert s["resumed_from_step"] == 2 and s["steps_this_run"] == 2
-    a, b = _metrics(straight), _metrics(cut)
+    a, b = read_metrics(straight), read_metrics(cut)
     assert [r["step"] for r in b] == [1, 2, 3, 4]   # the lost step 3 was dropped from the log and redone
     for ra, rb in zip(a, b):
         for k in ("loss", "text_loss", "flow_loss", "lr", "grad_norm", "tokens", "docs", "epoch"):
@@ -162,8 +159,8 @@ def test_corrupt_newest_checkpoint_falls_back(straight, tmp_path, damage, capsys
     err = capsys.readouterr().out
     assert "checkpoint-4 is corrupt" in err and "newest intact checkpoint, checkpoint-2" in err, err
     assert s["resumed_from_step"] == 2
-    assert [r["step"] for r in _metrics(out)] == [3, 4, 5]
-    assert [r["loss"] for r in _metrics(out)][:2] == [r["loss"] for r in _metrics(straight)][2:]
+    assert [r["step"] for r in read_metrics(out)] == [3, 4, 5]
+    assert [r["loss"] for r in read_metrics(out)][:2] == [r["loss"] for r in read_metrics(straight)][2:]
 
 
 @pytest.mark.parametrize("verify", ["hash", "size"])
@@ -250,7 +247,7 @@ def test_resume_refuses_a_different_run_and_accepts_new_lr(tmp_path, capsys):
     s = train(_cfg(out, job__steps=3, optim__lr=1e-3))
     assert s["resumed_from_step"] == 2
     assert "optim.lr 0.002 -> 0.001" in capsys.readouterr().out
-    assert _metrics(out)[-1]["lr"] == 1e-3   # step 3 follows the new schedule (cosine start: the new peak)
+    assert read_metrics(out)[-1]["lr"] == 1e-3   # step 3 follows the new schedule (cosine start: the new peak)
 
 
 def test_loss_falls(tmp_path):
@@ -259,7 +256,7 @@ def test_loss_falls(tmp_path):
     out = tmp_path / "run"
     s = train(_cfg(out, job__steps=25, data__budget=512, schedule__warmup=5, checkpoint__every=0,
                    checkpoint__keep_last=1))
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert len(rows) == 25 and all(r["lr"] > 0 for r in rows)
 
     def mean(key, sl, rs=rows):
@@ -282,8 +279,8 @@ def test_variants_compute_the_same(straight, tmp_path, extra):
     """Activation checkpointing (recompute in backward) and loader worker processes change nothing, bitwise."""
     out = tmp_path / "run"
     train(_cfg(out, extra, job__steps=2))
-    assert [r["loss"] for r in _metrics(out)] == [r["loss"] for r in _metrics(straight)][:2]
-    assert [r["grad_norm"] for r in _metrics(out)] == [r["grad_norm"] for r in _metrics(straight)][:2]
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(straight)][:2]
+    assert [r["grad_norm"] for r in read_metrics(out)] == [r["grad_norm"] for r in read_metrics(straight)][:2]
 
 
 def test_bf16_mixed_precision_runs(straight, tmp_path):
@@ -291,7 +288,7 @@ def test_bf16_mixed_precision_runs(straight, tmp_path):
     rounding; measured below 1 %)."""
     out = tmp_path / "run"
     train(_cfg(out, {"parallel.mixed_precision": "bf16"}, job__steps=2))
-    a, b = _metrics(straight)[0], _metrics(out)[0]
+    a, b = read_metrics(straight)[0], read_metrics(out)[0]
     assert b["loss"] == pytest.approx(a["loss"], rel=3e-2)
 
 
@@ -301,7 +298,7 @@ def test_engine_equals_a_bare_loop(straight):
     bitwise."""
     from umm_ops.train.recipes.sft import bare_loop
 
-    assert bare_loop(_cfg(straight)) == [r["loss"] for r in _metrics(straight)]
+    assert bare_loop(_cfg(straight)) == [r["loss"] for r in read_metrics(straight)]
 
 
 def test_ema_and_export(tmp_path):
@@ -318,7 +315,7 @@ def test_ema_and_export(tmp_path):
 
     ev = EventAccumulator(str(out / "tensorboard"))
     ev.Reload()
-    assert [e.value for e in ev.Scalars("train/loss")] == pytest.approx([r["loss"] for r in _metrics(out)])
+    assert [e.value for e in ev.Scalars("train/loss")] == pytest.approx([r["loss"] for r in read_metrics(out)])
     p1, p2 = _dcp(out / "checkpoint-1"), _dcp(out / "checkpoint-2")
     ema2 = _dcp(out / "checkpoint-2", "ema")
     init = _dcp_init(out)

@@ -17,7 +17,6 @@ float noise into lr-sized steps of either sign, so such elements differ by O(lr)
 (measured: key biases 50-140 % of their total movement, head q/k weights 2-4 %) while the losses agree."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import read_metrics
 
 WORKER = str(Path(__file__).parent / "helpers" / "train_worker.py")
 COMMON = ["job.steps=4", "job.device=cpu", "job.progress=false", "recipe.image_size=32", "data.budget=384",
@@ -49,10 +50,6 @@ def _run(out, nproc: int, *extra, kill: str | None = None, expect_ok: bool = Tru
     else:
         assert res.returncode != 0, "the injected SIGKILL did not stop the run"
     return res
-
-
-def _metrics(out) -> list:
-    return [json.loads(ln) for ln in open(Path(out) / "metrics.jsonl") if ln.strip()]
 
 
 def _params(ckpt: Path) -> dict:
@@ -81,7 +78,7 @@ def _same_stream(a: list, b: list, steps) -> None:
 
 
 def test_ddp_equals_one_process(runs):
-    a, b = _metrics(runs / "one"), _metrics(runs / "ddp")
+    a, b = read_metrics(runs / "one"), read_metrics(runs / "ddp")
     assert [r["world_size"] for r in b] == [2] * 4 and [r["micro_batches"] for r in b] == [2] * 4
     _same_stream(a, b, range(1, 5))
     for ra, rb in zip(a, b):
@@ -94,7 +91,7 @@ def test_ddp_equals_one_process(runs):
 
 def test_fsdp2_equals_one_process(runs, tmp_path):
     _run(tmp_path / "fsdp", 2, "parallel.mode=fsdp")
-    a, b = _metrics(runs / "one"), _metrics(tmp_path / "fsdp")
+    a, b = read_metrics(runs / "one"), read_metrics(tmp_path / "fsdp")
     _same_stream(a, b, range(1, 5))
     assert a[0]["loss"] == b[0]["loss"]   # same initial weights, same batches
     for ra, rb in zip(a, b):
@@ -120,7 +117,7 @@ def test_sigkill_mid_step_then_resume_is_exact(runs, tmp_path):
     # sees the dead peer as a gloo error and unwinds (which comes first depends on the machine's load); the takeover
     # itself is tested in test_train.py
     assert "resumed from checkpoint-2" in res.stdout, res.stdout
-    a, b = _metrics(runs / "ddp"), _metrics(out)
+    a, b = read_metrics(runs / "ddp"), read_metrics(out)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     pa, pb = _params(runs / "ddp" / "checkpoint-4"), _params(out / "checkpoint-4")
@@ -139,7 +136,7 @@ def test_sigkill_mid_checkpoint_then_resume_on_one_process(runs, tmp_path):
     res = _run(out, 1)
     assert "resumed from checkpoint-1" in res.stdout and "written by 2 rank(s), this run has 1" in res.stdout
     assert not (out / ".tmp-checkpoint-2").exists()
-    a, b = _metrics(runs / "ddp"), _metrics(out)
+    a, b = read_metrics(runs / "ddp"), read_metrics(out)
     assert [r["step"] for r in b] == [1, 2, 3, 4] and [r["world_size"] for r in b] == [2, 1, 1, 1]
     _same_stream(a, b, range(1, 5))
     for ra, rb in zip(a, b):
@@ -151,7 +148,7 @@ def test_fsdp2_bf16_mixed_precision(runs, tmp_path):
     same stream, losses within bf16's error of float32's (2^-8 per rounding; measured 5e-5 relative on step 1),
     float32 master weights in the checkpoint."""
     _run(tmp_path / "bf16", 2, "parallel.mode=fsdp", "parallel.mixed_precision=bf16", "job.steps=2")
-    a, b = _metrics(runs / "one")[:2], _metrics(tmp_path / "bf16")
+    a, b = read_metrics(runs / "one")[:2], read_metrics(tmp_path / "bf16")
     _same_stream(a, b, (1, 2))
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-2) and rb["loss"] != ra["loss"], ra["step"]

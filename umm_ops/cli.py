@@ -196,6 +196,18 @@ def _interval_arg(text: str) -> tuple:
     return (lo, hi)
 
 
+def _add_edit_guidance_args(p, edits: str) -> None:
+    """--image-cfg, --cfg-renorm, --cfg-interval: the two-scale guidance of edits (generate and eval)."""
+    p.add_argument("--image-cfg", type=float, default=1.0,
+                   help=f"{edits}: image guidance scale, applied after --cfg (two-scale CFG as BAGEL / R3, which "
+                        "use 1.5; default 1: one scale)")
+    p.add_argument("--cfg-renorm", default="none", choices=("none", "global", "channel", "text_channel"),
+                   help=f"{edits}: renorm of the guided velocity (R3's edits: text_channel)")
+    p.add_argument("--cfg-interval", type=_interval_arg, default=None, metavar="LO,HI",
+                   help="guidance only at noise levels 1 - t in (LO, HI] (BAGEL / R3's cfg_interval; R3: 0.4,1.0); "
+                        "default everywhere")
+
+
 def _generate(args) -> int:
     import math
 
@@ -543,14 +555,7 @@ def main(argv=None) -> int:
     ge.add_argument("--size", type=int, default=None, help="image side (default: the model's image_size)")
     ge.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     ge.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    ge.add_argument("--image-cfg", type=float, default=1.0,
-                    help="edits (--refine, --proxy): image guidance scale, applied after --cfg (two-scale CFG as "
-                         "BAGEL / R3, which use 1.5; default 1: one scale)")
-    ge.add_argument("--cfg-renorm", default="none", choices=("none", "global", "channel", "text_channel"),
-                    help="edits: renorm of the guided velocity (R3's edits: text_channel)")
-    ge.add_argument("--cfg-interval", type=_interval_arg, default=None, metavar="LO,HI",
-                    help="guidance only at noise levels 1 - t in (LO, HI] (BAGEL / R3's cfg_interval; R3: 0.4,1.0); "
-                         "default everywhere")
+    _add_edit_guidance_args(ge, "edits (--refine, --proxy)")
     ge.add_argument("--max-new-tokens", type=int, default=None,
                     help="text token budget (default 64; with --restore 96 for each of its two text parts)")
     ge.add_argument("--temperature", type=float, default=0.0)
@@ -587,14 +592,7 @@ def main(argv=None) -> int:
     ev.add_argument("--rounds", type=int, default=3, help="rounds of R3's loop (task refine)")
     ev.add_argument("--cfg", type=float, default=None,
                     help="guidance scale of edits (tasks edit, refine; refine's drawings too; default: the model's)")
-    ev.add_argument("--image-cfg", type=float, default=1.0,
-                    help="image guidance scale of edits (two-scale CFG as BAGEL / R3, which use 1.5; default 1: one "
-                         "scale)")
-    ev.add_argument("--cfg-renorm", default="none", choices=("none", "global", "channel", "text_channel"),
-                    help="renorm of the guided velocity (R3's edits: text_channel)")
-    ev.add_argument("--cfg-interval", type=_interval_arg, default=None, metavar="LO,HI",
-                    help="guidance only at noise levels 1 - t in (LO, HI] (BAGEL / R3's cfg_interval; R3: 0.4,1.0); "
-                         "default everywhere")
+    _add_edit_guidance_args(ev, "edits (tasks edit, refine)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--brief", action="store_true", help="print only the summary table")
     ev.add_argument("--device", default=None)

@@ -95,6 +95,14 @@ class Recipe:
         model.save_pretrained(out)
         return out
 
+    def cached_reader(self, key, make):
+        """The reader `make()` builds, built once per recipe object and `key` (the config values it reads), so
+        that build_data of every epoch / rank does not parse a user's file again."""
+        cache = self.__dict__.setdefault("_readers", {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
     def wants_eval(self, cfg) -> bool:
         """Whether :meth:`evaluate` runs after training (default: when the recipe overrides it)."""
         return type(self).evaluate is not Recipe.evaluate

@@ -245,13 +245,11 @@ class SFTRecipe(Recipe):
         r = cfg.recipe
         if not r.clear_data:
             return None
-        key = (r.clear_data, r.clear_image_root, r.clear_skip_bad)
-        if getattr(self, "_clear_reader", (None,))[0] != key:
-            from ...data.readers import VQAReader
+        from ...data.readers import VQAReader
 
-            self._clear_reader = (key, VQAReader(r.clear_data, image_root=r.clear_image_root or None,
-                                                 skip_bad=r.clear_skip_bad))
-        return self._clear_reader[1]
+        return self.cached_reader(("vqa", r.clear_data, r.clear_image_root, r.clear_skip_bad),
+                                  lambda: VQAReader(r.clear_data, image_root=r.clear_image_root or None,
+                                                    skip_bad=r.clear_skip_bad))
 
     def build_model(self, cfg):
         from ...model.cheers import CheersModel

@@ -144,13 +144,11 @@ class SGTRecipe(SFTRecipe):
         r = cfg.recipe
         if not r.proxy_data:
             return None
-        key = (r.proxy_data, r.proxy_image_dir, r.proxy_skip_bad)
-        if getattr(self, "_coco", (None,))[0] != key:
-            from ...data.readers import CocoReader
+        from ...data.readers import CocoReader
 
-            self._coco = (key, CocoReader(r.proxy_data, image_dir=r.proxy_image_dir or None,
-                                          skip_bad=r.proxy_skip_bad))
-        return self._coco[1]
+        return self.cached_reader(("coco", r.proxy_data, r.proxy_image_dir, r.proxy_skip_bad),
+                                  lambda: CocoReader(r.proxy_data, image_dir=r.proxy_image_dir or None,
+                                                     skip_bad=r.proxy_skip_bad))
 
     def build_model(self, cfg):
         if cfg.recipe.init:
