@@ -584,3 +584,46 @@ def test_recipe_engine_defaults_sit_under_files_and_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert f"[job.steps, default {d['job.steps']}]" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+
+
+def test_final_phase_resumes_exactly_and_matches_a_bare_loop(straight, tmp_path):
+    """recipe.finish_at: from that step on the run trains on finish_tasks only (here understanding: no image to
+    generate), logged as phase 1; a crash before the boundary (resume from checkpoint-2 into step 3, the first of
+    the final phase) and one inside the final phase (from checkpoint-4) resume bitwise; the engine equals the bare
+    loop, which switches its own PackedLoader at the same step."""
+    from umm_ops.train.recipes.sft import bare_loop
+
+    kw = dict(job__steps=6, recipe__finish_at=3, recipe__finish_tasks=("vqa", "vqa_short"),
+              recipe__finish_weights=(2, 1))
+    phased = tmp_path / "phased"
+    train(_cfg(phased, **kw))
+    a = read_metrics(phased)
+    assert [r.get("phase") for r in a] == [0, 0, 1, 1, 1, 1]
+    assert sum(r["flow_images"] for r in a[:2]) > 0 and all(r["flow_images"] == 0 for r in a[2:])
+    assert all(r["read_images"] == r["docs"] for r in a[2:])   # every final-phase sample reads its picture
+    assert bare_loop(_cfg(phased, **kw)) == [r["loss"] for r in a]
+    for crash, resumed in ((3, 2), (5, 4)):
+        cut = tmp_path / f"cut{crash}"
+        with pytest.raises(_Crash):
+            train(_cfg(cut, **kw), on_step=_crash_at(crash))
+        assert train(_cfg(cut, **kw))["resumed_from_step"] == resumed
+        b = read_metrics(cut)
+        for ra, rb in zip(a, b, strict=True):
+            for k in ("loss", "grad_norm", "tokens", "docs", "phase"):
+                assert ra[k] == rb[k], (crash, ra["step"], k, ra[k], rb[k])
+    # without the phase the steps from 3 on differ (the phase is what changed them)
+    plain = read_metrics(straight)   # the same run without the phase (4 steps)
+    assert [r["loss"] for r in plain][:2] == [r["loss"] for r in a[:2]]
+    assert plain[2]["loss"] != a[2]["loss"] and "phase" not in plain[0]
+
+
+def test_final_phase_config_errors(tmp_path):
+    for kw, msg in [(dict(recipe__finish_at=1, recipe__finish_tasks=("vqa",)), "recipe.finish_at = 1: must be a step >= 2"),
+                    (dict(recipe__finish_at=3), "recipe.finish_tasks = \\(\\): must be distinct names"),
+                    (dict(recipe__finish_tasks=("vqa",)), "given exactly when finish_at > 0"),
+                    (dict(recipe__finish_at=3, recipe__finish_tasks=("vqa", "vqa")), "must be distinct names"),
+                    (dict(recipe__finish_at=3, recipe__finish_tasks=("vqa",), recipe__finish_weights=(1, 2)),
+                     "recipe.finish_weights = \\(1, 2\\): must be \\(\\) or one int"),
+                    (dict(recipe__finish_at=3, recipe__finish_tasks=("clear_data",)), "may name clear_data only")]:
+        with pytest.raises(ConfigError, match=msg):
+            _cfg(tmp_path / "x", **kw)

@@ -113,3 +113,40 @@ def test_errors():
     other = ShardedLoader(_source(), 64, 4, seed=4)
     with pytest.raises(ValueError, match="saved with seed=3 but this loader has seed=4"):
         other.load_state_dict(good.state_dict())
+
+
+def test_phased_loader_switches_streams_and_resumes():
+    """DataPhases: step s reads the stream of the last phase starting at or before s; each phase's stream is a
+    ShardedLoader of its own (phase k > 0 shuffled with seed_of(seed, "phase", k)) from its beginning; the state
+    carries the phase, a state without one (written before phases existed) is phase 0, and a state of an unknown
+    phase or a step going back is refused."""
+    from umm_ops.train.engine.data import PhasedLoader
+    from umm_ops.train.spec import DataPhases
+    from umm_ops.utils import seed_of
+
+    a, b = _source(50), _source(30)
+    ld = PhasedLoader(DataPhases(((0, a), (3, b))), 64, 2, seed=3)
+    got = [ld.next_step(s) for s in range(6)]
+    ref_a, ref_b = ShardedLoader(_source(50), 64, 2, seed=3), ShardedLoader(_source(30), 64, 2,
+                                                                           seed=seed_of(3, "phase", 1))
+    assert got == [ref_a.next_step() for _ in range(3)] + [ref_b.next_step() for _ in range(3)]
+    assert ld.phase == 1 and ld.state_dict() == {**ref_b.state_dict(), "phase": 1}
+    # resume inside phase 1, and from a phase-0 state across the boundary
+    again = PhasedLoader(DataPhases(((0, _source(50)), (3, _source(30)))), 64, 2, seed=3)
+    again.load_state_dict(ld.state_dict())
+    assert again.next_step(6) == ref_b.next_step()
+    early = PhasedLoader(DataPhases(((0, _source(50)), (3, _source(30)))), 64, 2, seed=3)
+    st = ShardedLoader(_source(50), 64, 2, seed=3)
+    st.next_step()
+    early.load_state_dict(st.state_dict())   # no "phase": a plain loader's state
+    assert early.phase == 0 and early.next_step(1) == got[1] and early.next_step(3) == got[3]
+    with pytest.raises(ValueError, match="steps only go forward"):
+        early.next_step(0)
+    with pytest.raises(ValueError, match="phase 2, this run's data has 2 phase"):
+        early.load_state_dict({**ld.state_dict(), "phase": 2})
+    # a single DataSource is one phase, its state the ShardedLoader's plus phase 0
+    one = PhasedLoader(_source(50), 64, 2, seed=3)
+    assert [one.next_step(s) for s in range(3)] == got[:3] and one.state_dict()["phase"] == 0
+    for bad in [(), ((1, a),), ((0, a), (0, b)), ((0, a), (2.0, b)), (a,)]:
+        with pytest.raises(ValueError, match="DataPhases"):
+            DataPhases(bad)

@@ -10,7 +10,8 @@ a :class:`Recipe` subclass and one :func:`register` call.
         run_defining = ("image_size", "tasks")        # recipe keys that may not change on resume
 
         def build_model(self, cfg): ...               # an nn.Module on the CPU, float32, initialised
-        def build_data(self, cfg, model): ...         # DataSource(dataset, encode, collate, length=None)
+        def build_data(self, cfg, model): ...         # DataSource(dataset, encode, collate, length=None),
+                                                      # or DataPhases(((0, source), (first_step, source), ...))
         def step(self, model, batch, ctx): ...        # StepOutput(loss, metrics) of one micro-batch
         def evaluate(self, model, cfg, out_dir): ...  # a dict of scores (after training, rank 0, unwrapped model)
 """
@@ -19,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["Recipe", "StepContext", "StepOutput", "DataSource", "register", "get_recipe", "recipe_names"]
+__all__ = ["Recipe", "StepContext", "StepOutput", "DataSource", "DataPhases", "register", "get_recipe",
+           "recipe_names"]
 
 
 @dataclass
@@ -62,6 +64,27 @@ class DataSource:
     encode: object
     collate: object
     length: object = None
+
+
+@dataclass(frozen=True)
+class DataPhases:
+    """A recipe's training data in phases: ``((first_step, DataSource), ...)``, the first at step 0, first steps
+    increasing.  (0-based) step s trains on the last phase whose first step is <= s.  Each phase is its own batch
+    stream (:class:`~umm_ops.train.engine.data.PhasedLoader`): it starts at the beginning of its epoch 0, shuffled
+    with the run seed for phase 0 and ``seed_of(seed, "phase", k)`` for phase k.  E.g. a schedule that ends on a
+    different task mix."""
+
+    phases: tuple
+
+    def __post_init__(self):
+        ph = tuple(self.phases)
+        if not ph or any(not (isinstance(p, tuple) and len(p) == 2) for p in ph):
+            raise ValueError(f"DataPhases: expected a non-empty tuple of (first_step, DataSource), got {self.phases!r}")
+        starts = [p[0] for p in ph]
+        if starts[0] != 0 or any(not isinstance(s, int) or isinstance(s, bool) for s in starts) or any(
+                b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"DataPhases: first steps must be ints starting at 0 and increasing, got {starts}")
+        object.__setattr__(self, "phases", ph)
 
 
 class Recipe:

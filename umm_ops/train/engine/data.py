@@ -17,12 +17,15 @@ Planning needs every sample's token count.  With ``DataSource.length`` (a cheap 
 encodes only its own samples; without it, each rank encodes the step's samples to count them and keeps its own
 (W-fold the encoding work, no more).  The encoded samples of a step are built in ``num_workers`` worker processes
 when asked (an order-keeping DataLoader per epoch over the indices this rank needs).
+
+A recipe's data in phases (:class:`~umm_ops.train.spec.DataPhases`) is read by :class:`PhasedLoader`: one such stream
+per phase, each from its own start; the state adds the phase.
 """
 from __future__ import annotations
 
 from ...utils import seed_of
 
-__all__ = ["ShardedLoader"]
+__all__ = ["ShardedLoader", "PhasedLoader"]
 
 _STATE_VERSION = 1
 
@@ -157,6 +160,68 @@ class ShardedLoader:
             raise ValueError(f"ShardedLoader.load_state_dict: epoch {state['epoch']} / position {state['position']} "
                              f"out of range for {self._n} samples")
         self._epoch, self._pos = int(state["epoch"]), int(state["position"])
+
+
+class PhasedLoader:
+    """The engine's loader: a :class:`ShardedLoader` per phase of the recipe's data (a DataSource is one phase).
+
+    ``next_step(step)`` gives (0-based) optimizer step `step`'s micro-batches from the phase it falls in; entering a
+    phase starts that phase's stream at its beginning (phase k > 0 shuffled with ``seed_of(seed, "phase", k)``).
+    The state is the current phase and its stream's position, so a run resumes exactly, on any world size."""
+
+    def __init__(self, data, budget: int, micro_per_step: int = 1, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, num_workers: int = 0):
+        from ..spec import DataPhases
+
+        self.phases = data.phases if isinstance(data, DataPhases) else ((0, data),)
+        self._args = (int(budget), int(micro_per_step), int(rank), int(world_size))
+        self.seed, self.shuffle, self.num_workers = int(seed), bool(shuffle), int(num_workers)
+        self._k, self._loader = 0, self._make(0)
+
+    def _make(self, k: int) -> ShardedLoader:
+        seed = self.seed if k == 0 else seed_of(self.seed, "phase", k)
+        return ShardedLoader(self.phases[k][1], *self._args, seed=seed, shuffle=self.shuffle,
+                             num_workers=self.num_workers)
+
+    def phase_of(self, step: int) -> int:
+        return max(k for k, (first, _) in enumerate(self.phases) if first <= step)
+
+    def next_step(self, step: int) -> list:
+        k = self.phase_of(step)
+        if k < self._k:
+            raise ValueError(f"PhasedLoader: step {step} belongs to phase {k}, but the loader is in phase {self._k} "
+                             f"(steps only go forward)")
+        if k != self._k:
+            self._loader.close()
+            self._k, self._loader = k, self._make(k)
+        return self._loader.next_step()
+
+    @property
+    def phase(self) -> int:
+        return self._k
+
+    @property
+    def epoch(self) -> int:
+        return self._loader.epoch
+
+    def close(self) -> None:
+        self._loader.close()
+
+    def state_dict(self) -> dict:
+        return {**self._loader.state_dict(), "phase": self._k}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A state of this loader, or of a ShardedLoader (phase 0: checkpoints written before phases existed)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"PhasedLoader.load_state_dict: expected a dict, got {type(state).__name__}")
+        k = state.get("phase", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or not (0 <= k < len(self.phases)):
+            raise ValueError(f"PhasedLoader.load_state_dict: the state is in phase {k!r}, this run's data has "
+                             f"{len(self.phases)} phase(s) (first steps {[f for f, _ in self.phases]})")
+        loader = self._make(k)
+        loader.load_state_dict({key: v for key, v in state.items() if key != "phase"})
+        self._loader.close()
+        self._k, self._loader = k, loader
 
 
 def _encode_one(source, idx, pack_seed):

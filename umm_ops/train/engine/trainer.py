@@ -25,7 +25,7 @@ from ..config import Config
 from ..spec import StepContext, get_recipe
 from . import distributed
 from .checkpoint import Checkpointer, RunFolderBusy, RunLock, complete_checkpoints
-from .data import ShardedLoader
+from .data import PhasedLoader
 from .metrics import Reporter, plot_losses, read_metrics
 from .optim import EMA, LRSchedule, build_optimizer
 from .parallelize import autocast_context, parallelize, resolve_mode
@@ -153,7 +153,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
                          f"{d.world_size} ranks: make it a multiple of the world size (e.g. data.global_tokens = "
                          f"{d.world_size * cfg.data.budget})")
     source = recipe.build_data(cfg, bare)
-    loader = ShardedLoader(source, cfg.data.budget, M, d.rank, d.world_size, seed=cfg.job.seed,
+    loader = PhasedLoader(source, cfg.data.budget, M, d.rank, d.world_size, seed=cfg.job.seed,
                            num_workers=cfg.data.num_workers)
 
     # ---------------------------------------------------------------- resume
@@ -212,7 +212,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
         for step in range(start, cfg.job.steps):
             t0 = time.perf_counter()
             if micro is None or step % E == 0:
-                micro = loader.next_step()
+                micro = loader.next_step(step)
             t_data = time.perf_counter() - t0
             lr = sched.apply(opt, step)
             opt.zero_grad(set_to_none=False)
@@ -252,7 +252,8 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
             tokens_run += totals["tokens"]
             rec = {"step": step + 1, **{k: means[k] for k in keys}, **totals, "lr": lr, "grad_norm": gnorm,
                    "step_s": dt, "data_s": t_data, "tokens_per_s": totals["tokens"] / dt, "micro_batches": M,
-                   "world_size": d.world_size, "epoch": loader.epoch}
+                   "world_size": d.world_size, "epoch": loader.epoch,
+                   **({"phase": loader.phase} if len(loader.phases) > 1 else {})}
             rows.append(rec)
             rep.record(rec)
             if (step + 1) % cfg.metrics.log_every == 0 or step + 1 == cfg.job.steps or step == start:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ...utils import seed_of
-from ..spec import DataSource, Recipe, StepOutput, register
+from ..spec import DataPhases, DataSource, Recipe, StepOutput, register
 
 __all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS", "bare_loop"]
 
@@ -58,6 +58,11 @@ class SFTRecipeConfig:
                                       # reads the background but never the objects; after ~150 steps of captions it
                                       # reads object colours, after ~300 their shapes, and goes on learning in the
                                       # mix (docs/results/base)
+    finish_at: int = 0                # a final phase: from this (1-based) step on, train on finish_tasks with
+                                      # finish_weights instead of the mix (its own shuffle of the same records, no
+                                      # captions-first; one lr schedule throughout).  0: no final phase
+    finish_tasks: tuple = ()          # the final phase's tasks (from TASKS)
+    finish_weights: tuple = ()        # their samples per record (ints >= 1, one per task); () = DEFAULT_WEIGHTS
     freeze_vit: bool = False          # keep the ViT's weights (CLEAR freezes ViT and VAE)
     clear_direct: float = 0.3         # clear tasks: share of questions answered directly (clean or low-level pictures)
     clear_data: str = ""              # task clear_data: a user's VQA file (.json LLaVA conversations, .jsonl manifest,
@@ -93,6 +98,18 @@ class SFTRecipeConfig:
             isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.task_weights)), "task_weights",
              f"must be () or one int >= 1 per task ({len(self.tasks)} tasks: {list(self.tasks)})")
         need(self.train_records >= 1, "train_records", "must be >= 1")
+        need(isinstance(self.finish_at, int) and not isinstance(self.finish_at, bool) and self.finish_at != 1
+             and self.finish_at >= 0, "finish_at", "must be a step >= 2 (the mix trains at least step 1), or 0: no "
+             "final phase")
+        need((self.finish_at == 0) == (len(self.finish_tasks) == 0) and set(self.finish_tasks) <= set(TASKS)
+             and len(set(self.finish_tasks)) == len(self.finish_tasks), "finish_tasks",
+             f"must be distinct names from {list(TASKS)}, given exactly when finish_at > 0 (finish_at="
+             f"{self.finish_at}, finish_tasks={list(self.finish_tasks)})")
+        need(self.finish_weights == () or (len(self.finish_weights) == len(self.finish_tasks) and all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.finish_weights)),
+             "finish_weights", f"must be () or one int >= 1 per finish task ({list(self.finish_tasks)})")
+        need("clear_data" not in self.finish_tasks or "clear_data" in self.tasks, "finish_tasks",
+             "may name clear_data only when the main tasks do (it reads recipe.clear_data)")
         need(self.caption_first >= 0, "caption_first", "must be >= 0 (0: no captions-first start)")
         need(isinstance(self.clear_direct, (int, float)) and 0.0 <= self.clear_direct <= 1.0, "clear_direct",
              "must be a probability in [0, 1]")
@@ -118,9 +135,11 @@ class SFTRecipeConfig:
         need(self.clear_backend in ("torch", "opencv", "auto"), "clear_backend", "must be torch, opencv or auto")
         return self
 
-    def weights(self) -> tuple:
-        """Samples per record of each task: task_weights, or DEFAULT_WEIGHTS for the tasks named."""
-        return tuple(self.task_weights) or tuple(DEFAULT_WEIGHTS.get(t, 1) for t in self.tasks)
+    def weights(self, final: bool = False) -> tuple:
+        """Samples per record of each task (of the final phase's tasks when `final`): task_weights (finish_weights),
+        or DEFAULT_WEIGHTS for the tasks named."""
+        tasks, weights = (self.finish_tasks, self.finish_weights) if final else (self.tasks, self.task_weights)
+        return tuple(weights) or tuple(DEFAULT_WEIGHTS.get(t, 1) for t in tasks)
 
     def world_kwargs(self) -> dict:
         """SyntheticWorld's arguments (besides size, seed and length) of the world this recipe trains on."""
@@ -231,13 +250,16 @@ class SFTRecipe(Recipe):
     run_defining = ("image_size", "tasks", "task_weights", "train_records", "max_objects", "kinds", "colors",
                     "two_tone", "repeat", "object_scale", "cfg_dropout", "train_decoder_copy", "caption_first",
                     "clear_direct", "freeze_vit", "clear_data", "clear_image_root", "clear_skip_bad",
-                    "clear_backend")
+                    "clear_backend", "finish_at", "finish_tasks", "finish_weights")
 
-    def _dataset(self, cfg) -> SyntheticSFTDataset:
+    def _dataset(self, cfg, final: bool = False) -> SyntheticSFTDataset:
+        """The mix's dataset, or with `final` the final phase's (finish_tasks, no captions-first)."""
         r = cfg.recipe
-        return SyntheticSFTDataset(r.image_size, cfg.job.seed, r.train_records, r.tasks,
-                                   task_weights=r.weights(), caption_first=r.caption_first,
-                                   clear_direct=r.clear_direct, clear_data=self._clear_data(cfg),
+        tasks = r.finish_tasks if final else r.tasks
+        return SyntheticSFTDataset(r.image_size, cfg.job.seed, r.train_records, tasks,
+                                   task_weights=r.weights(final), caption_first=0 if final else r.caption_first,
+                                   clear_direct=r.clear_direct,
+                                   clear_data=self._clear_data(cfg) if "clear_data" in tasks else None,
                                    clear_backend=r.clear_backend, **r.world_kwargs())
 
     def _clear_data(self, cfg):
@@ -273,9 +295,13 @@ class SFTRecipe(Recipe):
             model.vae.calibrate(self._dataset(cfg).images(min(64, cfg.recipe.train_records)))
         return model
 
-    def build_data(self, cfg, model) -> DataSource:
+    def build_data(self, cfg, model):
         spec = model.pack_spec(budget=cfg.data.budget)
-        return DataSource(self._dataset(cfg), Encoder(spec), collate)
+        main = DataSource(self._dataset(cfg), Encoder(spec), collate)
+        if not cfg.recipe.finish_at:
+            return main
+        return DataPhases(((0, main), (cfg.recipe.finish_at - 1,
+                                       DataSource(self._dataset(cfg, final=True), Encoder(spec), collate))))
 
     def engine_defaults(self) -> dict:
         # the base schedule: ~15 minutes on 2 CPU cores for the tiny preset at 64 px (docs/results/base).  The
@@ -289,7 +315,8 @@ class SFTRecipe(Recipe):
         r = cfg.recipe
         return (f"{r.image_size} px synthetic world, tasks {'/'.join(r.tasks)}"
                 + (f"; weights from {r.init}" if r.init else "; weights from the preset's initialisation")
-                + ("; ViT frozen" if r.freeze_vit else ""))
+                + ("; ViT frozen" if r.freeze_vit else "")
+                + (f"; from step {r.finish_at}: tasks {'/'.join(r.finish_tasks)}" if r.finish_at else ""))
 
     def step(self, model, batch, ctx) -> StepOutput:
         from .. import policy
@@ -327,11 +354,12 @@ class SFTRecipe(Recipe):
         from ...eval.world import evaluate_world
 
         r = cfg.recipe
+        trained = set(r.tasks) | set(r.finish_tasks)
         return evaluate_world(model, image_size=r.image_size, seed=cfg.job.seed, first=r.train_records,
                               world=r.world_kwargs(), n_vqa=r.eval_vqa, n_images=r.eval_images,
                               n_captions=r.eval_captions, steps=r.eval_steps, prompts=r.eval_prompts,
-                              short_vqa="vqa_short" in r.tasks, chain_vqa="vqa_chain" in r.tasks,
-                              n_clear=(64 if {"clear", "clear_short"} & set(r.tasks) else 0)
+                              short_vqa="vqa_short" in trained, chain_vqa="vqa_chain" in trained,
+                              n_clear=(64 if {"clear", "clear_short"} & trained else 0)
                               if r.eval_clear < 0 else r.eval_clear,
                               out_dir=out_dir)
 
@@ -344,7 +372,7 @@ class SFTRecipe(Recipe):
 def bare_loop(cfg, on_step=None) -> list:
     """The SFT computation of `cfg` for one process with M = 1 micro-batch per step, written without the engine:
     PackedLoader (the same global stream as the engine's loader), the same policy draws, AdamW groups, schedule and
-    clipping.  The engine must give the same losses bitwise (tests/test_train.py) and its overhead is measured
+    clipping, and the final phase (recipe.finish_at).  The engine must give the same losses bitwise (tests/test_train.py) and its overhead is measured
     against this (bench/bench_engine.py).  on_step(step, loss) after each optimizer step; returns the losses."""
     from ...data.loader import PackedLoader
     from .. import policy
@@ -357,14 +385,17 @@ def bare_loop(cfg, on_step=None) -> list:
     model = recipe.build_model(cfg).train()
     opt = build_optimizer(model, cfg.optim)
     sched = LRSchedule.from_config(cfg)
-    it = iter(PackedLoader(recipe._dataset(cfg), model.pack_spec(budget=cfg.data.budget), shuffle=True,
-                           seed=cfg.job.seed))
+    spec = model.pack_spec(budget=cfg.data.budget)
+    it = iter(PackedLoader(recipe._dataset(cfg), spec, shuffle=True, seed=cfg.job.seed))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.zeros_like(p)
     p_drop = model.config.cfg_dropout if cfg.recipe.cfg_dropout is None else cfg.recipe.cfg_dropout
     losses = []
     for step in range(cfg.job.steps):
+        if cfg.recipe.finish_at and step == cfg.recipe.finish_at - 1:   # the final phase: its own stream
+            it = iter(PackedLoader(recipe._dataset(cfg, final=True), spec, shuffle=True,
+                                   seed=seed_of(cfg.job.seed, "phase", 1)))
         batch = next(it)
         sched.apply(opt, step)
         opt.zero_grad(set_to_none=False)
