@@ -92,22 +92,26 @@ class SFTRecipeConfig:
 
         need(self.image_size >= 32 and self.image_size % 32 == 0, "image_size",
              "must be a multiple of 32 (pixels per LLM token), >= 32")
-        need(len(self.tasks) >= 1 and set(self.tasks) <= set(TASKS) and len(set(self.tasks)) == len(self.tasks),
-             "tasks", f"must be distinct names from {list(TASKS)}")
-        need(self.task_weights == () or (len(self.task_weights) == len(self.tasks) and all(
-            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.task_weights)), "task_weights",
+
+        def distinct(tasks):
+            return set(tasks) <= set(TASKS) and len(set(tasks)) == len(tasks)
+
+        def per_task(weights, tasks):
+            return weights == () or (len(weights) == len(tasks) and all(
+                isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in weights))
+
+        need(len(self.tasks) >= 1 and distinct(self.tasks), "tasks", f"must be distinct names from {list(TASKS)}")
+        need(per_task(self.task_weights, self.tasks), "task_weights",
              f"must be () or one int >= 1 per task ({len(self.tasks)} tasks: {list(self.tasks)})")
         need(self.train_records >= 1, "train_records", "must be >= 1")
         need(isinstance(self.finish_at, int) and not isinstance(self.finish_at, bool) and self.finish_at != 1
              and self.finish_at >= 0, "finish_at", "must be a step >= 2 (the mix trains at least step 1), or 0: no "
              "final phase")
-        need((self.finish_at == 0) == (len(self.finish_tasks) == 0) and set(self.finish_tasks) <= set(TASKS)
-             and len(set(self.finish_tasks)) == len(self.finish_tasks), "finish_tasks",
+        need((self.finish_at == 0) == (len(self.finish_tasks) == 0) and distinct(self.finish_tasks), "finish_tasks",
              f"must be distinct names from {list(TASKS)}, given exactly when finish_at > 0 (finish_at="
              f"{self.finish_at}, finish_tasks={list(self.finish_tasks)})")
-        need(self.finish_weights == () or (len(self.finish_weights) == len(self.finish_tasks) and all(
-            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.finish_weights)),
-             "finish_weights", f"must be () or one int >= 1 per finish task ({list(self.finish_tasks)})")
+        need(per_task(self.finish_weights, self.finish_tasks), "finish_weights",
+             f"must be () or one int >= 1 per finish task ({list(self.finish_tasks)})")
         need("clear_data" not in self.finish_tasks or "clear_data" in self.tasks, "finish_tasks",
              "may name clear_data only when the main tasks do (it reads recipe.clear_data)")
         need(self.caption_first >= 0, "caption_first", "must be >= 0 (0: no captions-first start)")
@@ -372,8 +376,8 @@ class SFTRecipe(Recipe):
 def bare_loop(cfg, on_step=None) -> list:
     """The SFT computation of `cfg` for one process with M = 1 micro-batch per step, written without the engine:
     PackedLoader (the same global stream as the engine's loader), the same policy draws, AdamW groups, schedule and
-    clipping, and the final phase (recipe.finish_at).  The engine must give the same losses bitwise (tests/test_train.py) and its overhead is measured
-    against this (bench/bench_engine.py).  on_step(step, loss) after each optimizer step; returns the losses."""
+    clipping, and the final phase (recipe.finish_at).  The engine must give the same losses bitwise
+    (tests/test_train.py) and its overhead is measured against this (bench/bench_engine.py).  on_step(step, loss) after each optimizer step; returns the losses."""
     from ...data.loader import PackedLoader
     from .. import policy
     from ..engine.optim import LRSchedule, build_optimizer
