@@ -445,3 +445,56 @@ def test_clear_errors(model):
         CheersConfig.from_dict(cfg)
     with pytest.raises(ValueError, match="unknown keys"):
         CheersConfig.from_dict({**preset("tiny").to_dict(), "widht": 3})
+
+
+# ------------------------------------------------------------------ the latent input (not in Cheers)
+def _with_latent_input(model):
+    """A copy of `model` whose head also reads x_t (HeadConfig.latent_input), every other weight shared."""
+    cfg = dataclasses.replace(model.config, head=dataclasses.replace(model.config.head, latent_input=True))
+    m = CheersModel(cfg, tokenizer=model.tokenizer)
+    missing, unexpected = m.load_state_dict(model.state_dict(), strict=False)
+    assert sorted(missing) == ["head.latent_embed.bias", "head.latent_embed.weight"] and unexpected == []
+    return m.eval()
+
+
+def test_latent_input_starts_as_cheers_and_then_reads_the_noisy_latent(model):
+    m = _with_latent_input(model)
+    assert m.head.latent_embed.weight.abs().sum() == 0 and m.head.latent_embed.bias.abs().sum() == 0
+    batch = pack(_samples(), model.pack_spec(), seed=4)[0]
+    noise = _noise(model, batch)
+    with torch.no_grad():
+        ref = model(batch, noise=noise, return_outputs=True)
+        got = m(batch, noise=noise, return_outputs=True)
+    # zero-initialised: the same function as the Cheers head, to the bit
+    assert torch.equal(ref["v_pred"][0], got["v_pred"][0]) and torch.equal(ref["loss"], got["loss"])
+    # its gradient is not zero (the opened HiGate passes `high`'s gradient), and the velocity moves with x_t there
+    m.train()
+    m.zero_grad(set_to_none=True)
+    m(batch, noise=noise)["loss"].backward()
+    assert m.head.latent_embed.weight.grad.abs().sum() > 0
+    m.eval()
+    with torch.no_grad():
+        m.head.latent_embed.weight.normal_(0, 0.05)
+        a = m(batch, noise=noise, return_outputs=True)["v_pred"][0]
+        other = [z if z is None else z + 0.5 for z in noise]
+        b = m(batch, noise=other, return_outputs=True)["v_pred"][0]
+        b_ref = model(batch, noise=other, return_outputs=True)["v_pred"][0]
+    assert not torch.allclose(a, got["v_pred"][0])
+    # what the latent path adds is x_t-dependent: the difference to the Cheers head changes with the noise
+    assert not torch.allclose(a - got["v_pred"][0], b - b_ref, atol=1e-4)
+    # the sampler goes through the same path: seeded, and different from the Cheers head's images
+    kw = dict(height=64, width=64, steps=2, cfg_scale=2.0, seed=3)
+    s1, s2 = m.generate_image(["a red box"], **kw), m.generate_image(["a red box"], **kw)
+    assert torch.equal(s1["latents"], s2["latents"])
+    assert not torch.equal(s1["latents"], model.generate_image(["a red box"], **kw)["latents"])
+
+
+def test_latent_input_round_trips_through_save_pretrained(model, tmp_path):
+    m = _with_latent_input(model)
+    with torch.no_grad():
+        m.head.latent_embed.weight.normal_(0, 0.05)
+    m.save_pretrained(tmp_path / "m")
+    back = CheersModel.from_pretrained(tmp_path / "m")
+    assert back.config.head.latent_input is True
+    assert torch.equal(back.head.latent_embed.weight, m.head.latent_embed.weight)
+    assert not hasattr(CheersModel(preset("tiny")).head, "latent_embed")   # the presets stay Cheers' design

@@ -159,3 +159,45 @@ def test_head_errors():
         head(h, t, high, (2, 3))
     with pytest.raises(ValueError, match="high must be"):
         head(h, t, high[:, :8], (2, 2))
+
+
+@pytest.mark.parametrize("latent_input,prediction", [(True, "velocity"), (False, "clean"), (True, "clean")])
+def test_head_options_match_their_formulas(seed, latent_input, prediction):
+    """The two options that are not Cheers': the latent input adds x_t W^T + b to HiGate's `high`; the clean
+    prediction turns the detail stage's output o into v = (o - x_t) / max(1 - t, clean_min_gap)."""
+    cfg = HeadConfig(semantic_layers=2, detail_layers=2, latent_input=latent_input, prediction=prediction,
+                     clean_min_gap=0.05)
+    head = FlowHead(D, HQ, HKV, C, CH, OUT, cfg).double()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    h, t, high = _inputs(4, (2, 2), torch.float64)
+    t = torch.tensor([0.0, 0.5, 0.97, 1.0], dtype=torch.float64)    # two of them above 1 - clean_min_gap
+    x_t = torch.randn(4, 16, OUT, dtype=torch.float64)
+    with umm_ops.use_backend("reference"):
+        v = head(h, t, high, (2, 2), x_t)
+    high_in = high + x_t @ head.latent_embed.weight.T + head.latent_embed.bias if latent_input else high
+    o = reference_head(head, h, t, high_in, (2, 2))
+    want = (o - x_t) / torch.tensor([1.0, 0.5, 0.05, 0.05], dtype=torch.float64)[:, None, None] \
+        if prediction == "clean" else o
+    torch.testing.assert_close(v, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="need x_t"):
+        head(h, t, high, (2, 2))
+    with pytest.raises(ValueError, match="need x_t"):
+        head(h, t, high, (2, 2), x_t[:, :8])
+    # backward reaches the latent input's weights
+    head.zero_grad()
+    head(h, t, high, (2, 2), x_t).square().mean().backward()
+    if latent_input:
+        assert head.latent_embed.weight.grad.abs().sum() > 0
+
+
+def test_head_option_errors():
+    from umm_ops.model.config import preset
+    c = preset("tiny")
+    c.head.prediction = "x0"
+    with pytest.raises(ValueError, match="head.prediction must be 'velocity' or 'clean', got 'x0'"):
+        c.validate()
+    c.head.prediction, c.head.clean_min_gap = "clean", 0.0
+    with pytest.raises(ValueError, match="clean_min_gap must be in \\(0, 1\\]"):
+        c.validate()

@@ -627,3 +627,21 @@ def test_final_phase_config_errors(tmp_path):
                     (dict(recipe__finish_at=3, recipe__finish_tasks=("clear_data",)), "may name clear_data only")]:
         with pytest.raises(ConfigError, match=msg):
             _cfg(tmp_path / "x", **kw)
+
+
+def test_latent_input_runs_evaluates_and_refuses_an_init_without_it(straight, tmp_path):
+    """model.latent_input builds the head's latent input into a fresh model; the checkpoint loads back with it (eval /
+    export rebuild the architecture from the run's config); it is run-defining; an init without it is refused."""
+    from umm_ops.train.export import load_checkpoint_model
+
+    out = tmp_path / "lat"
+    train(_cfg(out, job__steps=2, checkpoint__every=2, model__latent_input=True))
+    m = load_checkpoint_model(out)
+    assert m.config.head.latent_input and m.head.latent_embed.weight.abs().sum() > 0   # trained off zero
+    with pytest.raises(ValueError, match="cannot resume: the run was started with model.latent_input=True"):
+        train(_cfg(out, job__steps=3, checkpoint__every=2))
+    with pytest.raises(ConfigError, match="recipe.init .* is a model without the latent input"):
+        train(_cfg(tmp_path / "b", job__steps=1, model__latent_input=True, recipe__init=str(straight)))
+    # continuing a run that has it needs no flag: the checkpoint's architecture holds
+    train(_cfg(tmp_path / "c", job__steps=1, recipe__init=str(out)))
+    assert load_checkpoint_model(tmp_path / "c").config.head.latent_input

@@ -285,7 +285,8 @@ class CheersModel(nn.Module):
                 gi = torch.tensor(g, device=dev)
                 # understanding images (und_flow_loss): t = 1, target 0 (released Cheers masks v by t < 1)
                 target = torch.where(is_gen[gi][:, None, None], flow_target(x1[gi], z[gi]), 0.0)
-                gen.append((tuple(grids[idx[g[0]]]), [spans[idx[j]][0] for j in g], t[gi], high[gi], target))
+                gen.append((tuple(grids[idx[g[0]]]), [spans[idx[j]][0] for j in g], t[gi], high[gi], target,
+                            x_t[gi]))
         if rows:
             embeds = embeds.index_put((torch.cat(rows),), torch.cat(img_embeds).to(embeds.dtype))
         layer_hidden = None
@@ -299,11 +300,11 @@ class CheersModel(nn.Module):
         l_text, n_text = text_loss(hidden, batch.labels, self.llm.logits,
                                    *((head.weight, head.bias) if cfg.fused_text_loss else ()))
         v_preds, targets = [], []
-        for grid, starts, t, high, target in gen:
+        for grid, starts, t, high, target, x_t in gen:
             n = grid[0] * grid[1]
             pos = torch.cat([torch.arange(s, s + n, device=dev) for s in starts])
             h = hidden[pos].view(len(starts), n, -1)
-            v_preds.append(self.head(h, t, high, grid))
+            v_preds.append(self.head(h, t, high, grid, x_t))
             targets.append(target)
         l_flow, _ = flow_loss(v_preds, targets)
         if l_flow is None:

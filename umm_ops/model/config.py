@@ -63,6 +63,14 @@ class HeadConfig:
     freq_dim: int = 256            # sinusoidal timestep features, ordered [cos, sin]
     norm_eps: float = 1e-6         # the head's RMSNorms
     gate_ln_eps: float = 1e-5      # HiGate LayerNorm (nn.LayerNorm default)
+    latent_input: bool = False     # not in Cheers (which sees x_t only through the decoder copy's pixels): x_t also
+                                   # enters the detail stage through a zero-initialised Linear(packed channels -> C),
+                                   # ``head.latent_embed``, added to HiGate's `high` (docs/results/base: what a tiny
+                                   # frozen decoder copy loses of the noise)
+    prediction: str = "velocity"   # what the detail stage's output is: "velocity" (Cheers) or "clean" (the clean
+                                   # latent x1_hat; the head returns v = (x1_hat - x_t) / max(1 - t, clean_min_gap),
+                                   # so losses and samplers still see a velocity; x-prediction as in JiT, Li & He 2025)
+    clean_min_gap: float = 0.05    # the floor of 1 - t in that division
 
 
 @dataclass
@@ -137,6 +145,10 @@ class CheersConfig:
             raise ValueError(f"the detail stage uses the ViT's {self.vit['num_attention_heads']} heads with the "
                              f"LLM's {self.llm['num_key_value_heads']} KV heads (as Cheers does): heads must be "
                              f"a multiple of KV heads")
+        if self.head.prediction not in ("velocity", "clean"):
+            raise ValueError(f"head.prediction must be 'velocity' or 'clean', got {self.head.prediction!r}")
+        if not 0.0 < self.head.clean_min_gap <= 1.0:
+            raise ValueError(f"head.clean_min_gap must be in (0, 1], got {self.head.clean_min_gap}")
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
         return self

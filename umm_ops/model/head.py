@@ -212,10 +212,19 @@ class FlowHead(nn.Module):
         self.hi_gate = HiGate(c_vit, cfg.gate_ln_eps)
         self.hi_projector = HeadStage(c_vit, vit_heads, kv_heads, cfg.detail_layers, out_channels, cfg.mlp_ratio,
                                       cfg.norm_eps, cfg.rope_theta)
+        self.latent_input, self.prediction = bool(cfg.latent_input), cfg.prediction
+        self.clean_min_gap = float(cfg.clean_min_gap)
+        if self.latent_input:
+            self.latent_embed = nn.Linear(out_channels, c_vit)
+            nn.init.zeros_(self.latent_embed.weight)
+            nn.init.zeros_(self.latent_embed.bias)
 
-    def forward(self, h: torch.Tensor, t: torch.Tensor, high: torch.Tensor, grid_hw) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, t: torch.Tensor, high: torch.Tensor, grid_hw,
+                x_t: torch.Tensor | None = None) -> torch.Tensor:
         """h (N, gh*gw, D) LLM hidden states of N images with the same LLM token grid (gh, gw); t (N,);
-        high (N, 4*gh*gw, C) ViT patch embeddings of the decoded x_t.  Returns v (N, 4*gh*gw, out)."""
+        high (N, 4*gh*gw, C) ViT patch embeddings of the decoded x_t; x_t (N, 4*gh*gw, out) the noisy packed latent
+        itself, needed by the two options that are not Cheers' (``HeadConfig.latent_input`` and
+        ``prediction = "clean"``).  Returns the velocity v (N, 4*gh*gw, out)."""
         N, n, D = h.shape
         gh, gw = int(grid_hw[0]), int(grid_hw[1])
         if n != gh * gw:
@@ -223,9 +232,21 @@ class FlowHead(nn.Module):
         fine = (2 * gh, 2 * gw)
         if high.shape[:2] != (N, 4 * n):
             raise ValueError(f"FlowHead: high must be (N, 4*gh*gw, C) = ({N}, {4 * n}, C), got {tuple(high.shape)}")
+        needs_x = self.latent_input or self.prediction == "clean"
+        if needs_x and (x_t is None or x_t.shape[:2] != (N, 4 * n)):
+            raise ValueError(f"FlowHead: latent_input / prediction='clean' need x_t (N, 4*gh*gw, out) = "
+                             f"({N}, {4 * n}, out), got {None if x_t is None else tuple(x_t.shape)}")
         c1, c2 = self.time_embed(t, h.dtype)
         pos = torch.arange(n, device=h.device)
         low = self.gen_projector(h, c1, pos, expand_grid=fine)                 # (N, 4n, C)
-        x = self.hi_gate(low, high.to(low.dtype))
+        high = high.to(low.dtype)
+        if self.latent_input:
+            high = high + self.latent_embed(x_t.to(low.dtype))
+        x = self.hi_gate(low, high)
         pos2 = torch.arange(2 * n, device=h.device).repeat(2)                   # arange(L/2) twice, as released
-        return self.hi_projector(x, c2, pos2)
+        out = self.hi_projector(x, c2, pos2)
+        if self.prediction == "velocity":
+            return out
+        # the stage predicts the clean latent x1; v = (x1_hat - x_t) / (1 - t), 1 - t kept >= clean_min_gap
+        gap = (1.0 - t.to(out.dtype)).clamp_min(self.clean_min_gap)
+        return (out - x_t.to(out.dtype)) / gap[:, None, None]

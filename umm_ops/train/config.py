@@ -53,6 +53,29 @@ class JobConfig:
 class ModelConfig:
     preset: str = "tiny"              # CheersModel preset
     dtype: str = "float32"            # parameter dtype: "float32" or "bfloat16" (pure bf16, AdamW moments too)
+    latent_input: bool = False        # the flow head also reads the noisy latent x_t (HeadConfig.latent_input)
+    prediction: str = "velocity"      # the flow head predicts "velocity" (Cheers) or "clean" (HeadConfig.prediction)
+                                      # (both: a fresh model's architecture, not in Cheers by default; with
+                                      # recipe.init the checkpoint's holds, and a value it lacks is refused)
+
+    def cheers_config(self):
+        """The CheersConfig of a fresh model of this run: the preset with the run's head options."""
+        from ..model.config import preset
+
+        c = preset(self.preset)
+        c.head.latent_input = bool(self.latent_input)
+        c.head.prediction = self.prediction
+        return c.validate()
+
+    def check_init(self, source_config, init: str) -> None:
+        """Refuse head options that the checkpoint given as recipe.init does not have."""
+        head = source_config.head
+        if self.latent_input and not head.latent_input:
+            raise ConfigError(f"model.latent_input = true, but recipe.init {init!r} is a model without the latent "
+                              f"input (its head has no latent_embed): drop model.latent_input, or start fresh")
+        if self.prediction != "velocity" and self.prediction != head.prediction:
+            raise ConfigError(f"model.prediction = {self.prediction!r}, but recipe.init {init!r} predicts "
+                              f"{head.prediction!r}: drop model.prediction, or start fresh")
 
 
 @dataclass
@@ -111,6 +134,7 @@ _SECTIONS = {"job": JobConfig, "model": ModelConfig, "data": DataConfig, "optim"
 _CHOICES = {
     ("job", "device"): ("cpu", "cuda", "auto"),
     ("model", "dtype"): ("float32", "bfloat16"),
+    ("model", "prediction"): ("velocity", "clean"),
     ("schedule", "decay"): ("cosine", "linear", "constant"),
     ("parallel", "mode"): ("auto", "none", "ddp", "fsdp"),
     ("parallel", "mixed_precision"): ("none", "bf16"),

@@ -33,8 +33,9 @@ from .parallelize import autocast_context, parallelize, resolve_mode
 __all__ = ["train", "RUN_DEFINING"]
 
 # engine keys that fix what a run computes: resuming with another value would not continue that run
-RUN_DEFINING = ("job.seed", "model.preset", "model.dtype", "data.budget", "data.global_tokens", "optim.betas",
-                "optim.eps", "optim.weight_decay", "optim.ema", "optim.lr_scales", "recipe_name")
+RUN_DEFINING = ("job.seed", "model.preset", "model.dtype", "model.latent_input", "model.prediction",
+                "data.budget", "data.global_tokens", "optim.betas", "optim.eps", "optim.weight_decay", "optim.ema",
+                "optim.lr_scales", "recipe_name")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _OUTPUTS = ("metrics.jsonl", "loss_curve.png", "summary.json", "config.toml")
 

@@ -243,10 +243,11 @@ class FlowGRPORecipe(Recipe):
             from ..export import load_checkpoint_model
 
             src = load_checkpoint_model(r.init)
+            cfg.model.check_init(src.config, r.init)
             model = PolicyModel(src.config, tokenizer=src.tokenizer)
             model.load_state_dict(src.state_dict())
         else:
-            model = PolicyModel(cfg.model.preset)
+            model = PolicyModel(cfg.model.cheers_config())
             if not model.vae.pretrained:
                 w = self._world(cfg, 64)
                 model.vae.calibrate(torch.stack([w[k].image.float() / 127.5 - 1 for k in range(64)]))

@@ -284,11 +284,12 @@ class SFTRecipe(Recipe):
             from ..export import load_checkpoint_model
 
             src = load_checkpoint_model(cfg.recipe.init)
+            cfg.model.check_init(src.config, cfg.recipe.init)
             model = CheersModel(src.config, tokenizer=src.tokenizer)
             model.load_state_dict(src.state_dict())
             model.train()
         else:
-            model = CheersModel(cfg.model.preset)
+            model = CheersModel(cfg.model.cheers_config())
         model.config.image_size = cfg.recipe.image_size   # the checkpoint's default generation size
         if not cfg.recipe.train_decoder_copy:
             model.vae.decoder_copy.requires_grad_(False)
