@@ -394,7 +394,7 @@ def _velocity(model, cache, x, t, hw, grid, gen_mode, n_docs):
     layout = cache.layout_for([[(n, gen_mode)]] * n_docs)
     pos = cache.positions_for(layout)
     h = model.llm.forward_packed(emb.reshape(n_docs * n, -1), pos, layout, cache, update_cache=False)
-    return model.head(h.view(n_docs, n, -1), t, high, grid, x.to(model.dtype)).float()
+    return model.head(h.view(n_docs, n, -1), t, high, grid, x).float()
 
 
 def _check_positions(model, docs, extra: int, who: str, image: bool = False) -> None:
@@ -630,8 +630,7 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
 
     layout = SpanLayout.from_segments([sg + [(n, cfg.gen_mode)] for sg in segs], device=dev)
     h = model.llm.forward_packed(torch.cat(parts), positions_in_document(layout), layout)
-    v = model.head(h[torch.cat(rows)].view(k * N, n, -1), torch.cat([t] * k), high, grid,
-                   xin.to(model.dtype)).float()
+    v = model.head(h[torch.cat(rows)].view(k * N, n, -1), torch.cat([t] * k), high, grid, xin).float()
     return _guide_rows(v, N, cfg_scale, image_cfg_scale, cfg_renorm, t, cfg_interval)
 
 

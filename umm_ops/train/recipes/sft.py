@@ -378,7 +378,8 @@ def bare_loop(cfg, on_step=None) -> list:
     """The SFT computation of `cfg` for one process with M = 1 micro-batch per step, written without the engine:
     PackedLoader (the same global stream as the engine's loader), the same policy draws, AdamW groups, schedule and
     clipping, and the final phase (recipe.finish_at).  The engine must give the same losses bitwise
-    (tests/test_train.py) and its overhead is measured against this (bench/bench_engine.py).  on_step(step, loss) after each optimizer step; returns the losses."""
+    (tests/test_train.py) and its overhead is measured against this (bench/bench_engine.py).  on_step(step, loss)
+    after each optimizer step; returns the losses."""
     from ...data.loader import PackedLoader
     from .. import policy
     from ..engine.optim import LRSchedule, build_optimizer
