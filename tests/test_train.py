@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -645,3 +646,17 @@ def test_latent_input_runs_evaluates_and_refuses_an_init_without_it(straight, tm
     # continuing a run that has it needs no flag: the checkpoint's architecture holds
     train(_cfg(tmp_path / "c", job__steps=1, recipe__init=str(out)))
     assert load_checkpoint_model(tmp_path / "c").config.head.latent_input
+    # a checkpoint whose saved config does not describe its weights (the option dropped from trainer_state.json):
+    # refused by name, not loaded as the plain head; on resume too, and the checkpoint is not set aside as corrupt
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    for ts in bad.glob("checkpoint-*/trainer_state.json"):
+        st = json.loads(ts.read_text())
+        st["config"]["model"]["latent_input"] = False
+        ts.write_text(json.dumps(st))
+    with pytest.raises(ValueError, match=r"holds 2 model weight\(s\) .*\(head.latent_embed.bias, "
+                                         r"head.latent_embed.weight\)"):
+        load_checkpoint_model(bad)
+    with pytest.raises(ValueError, match="head.latent_embed.bias"):
+        train(_cfg(bad, job__steps=3, checkpoint__every=2))
+    assert (bad / "checkpoint-2").is_dir() and not list(bad.glob("corrupt-*"))

@@ -246,6 +246,27 @@ def _dcp_state(model, optimizer, ema) -> dict:
     return state
 
 
+def check_weight_names(folder, model_state, prefix: str = "model") -> None:
+    """Refuse a checkpoint that holds model weights the model being loaded does not have.  DCP reads only the keys
+    it is asked for, so such weights would be dropped without a word: e.g. a head option (``latent_input``) that
+    the saved config does not record would load as the plain head and give other results.  A checkpoint whose
+    metadata cannot be read is left to the load itself (which reports the damage)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        saved = FileSystemReader(str(Path(folder) / "dcp")).read_metadata().state_dict_metadata
+    except Exception:   # damaged: the load that follows fails and says so
+        return
+    cut = len(prefix) + 1
+    extra = sorted(k[cut:] for k in saved if k.startswith(prefix + ".") and k[cut:] not in model_state)
+    if extra:
+        shown = ", ".join(extra[:6]) + (f" and {len(extra) - 6} more" if len(extra) > 6 else "")
+        what = "EMA weight(s)" if prefix == "ema" else "model weight(s)"
+        raise ValueError(f"{folder}: the checkpoint holds {len(extra)} {what} that the model built from its "
+                         f"saved config does not have ({shown}): the config does not describe the model that was "
+                         f"saved (a model option set outside the config?); not loading it without them")
+
+
 def _set_dcp_state(model, optimizer, ema, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -371,8 +392,9 @@ class Checkpointer:
                 st = d.broadcast_object(st)
                 if check is not None:
                     check(st)
+                state = _dcp_state(model, optimizer, ema)
+                check_weight_names(folder, state["model"])   # a config mismatch, not damage: raised, not skipped
                 try:
-                    state = _dcp_state(model, optimizer, ema)
                     with _quiet():
                         dcp.load(state, checkpoint_id=str(folder / "dcp"), planner=_safe_planner())
                     _set_dcp_state(model, optimizer, ema, state)
@@ -416,6 +438,7 @@ def load_model_state(folder, model, ema: bool = False) -> None:
     if ema:
         names = {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
         state = {"ema": {n: torch.empty_like(p, dtype=torch.float32) for n, p in names.items()}}
+        check_weight_names(folder, names, "ema")
         try:
             with _quiet():
                 dcp.load(state, checkpoint_id=str(folder / "dcp"), planner=_safe_planner())
@@ -427,6 +450,7 @@ def load_model_state(folder, model, ema: bool = False) -> None:
                 p.copy_(state["ema"][n])
         return
     state = {"model": model.state_dict()}
+    check_weight_names(folder, state["model"])
     try:
         with _quiet():
             dcp.load(state, checkpoint_id=str(folder / "dcp"), planner=_safe_planner())
