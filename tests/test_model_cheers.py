@@ -4,6 +4,7 @@ their parameter counts.  The training policy that draws noise / CFG dropout: tes
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -498,3 +499,94 @@ def test_latent_input_round_trips_through_save_pretrained(model, tmp_path):
     assert back.config.head.latent_input is True
     assert torch.equal(back.head.latent_embed.weight, m.head.latent_embed.weight)
     assert not hasattr(CheersModel(preset("tiny")).head, "latent_embed")   # the presets stay Cheers' design
+
+
+# ------------------------------------------------------------------ the LLM's latent input (not in Cheers)
+def _with_latent_to_llm(model):
+    """A copy of `model` whose LLM also reads every image's latent and t (CheersConfig.latent_to_llm)."""
+    m = CheersModel(dataclasses.replace(model.config, latent_to_llm=True), tokenizer=model.tokenizer)
+    missing, unexpected = m.load_state_dict(model.state_dict(), strict=False)
+    assert sorted(missing) == ["latent_to_llm.proj.bias", "latent_to_llm.proj.weight", "latent_to_llm.time.bias",
+                               "latent_to_llm.time.weight"] and unexpected == []
+    return m.eval()
+
+
+def _latent_to_llm_by_hand(lin_x, lin_t, x_t, grid, t):
+    """Each LLM token (r, c) of the (gh/2, gw/2) grid: proj(the four packed-latent tokens (2r + di, 2c + dj), di, dj
+    in row-major order, concatenated) + time([cos(t f_k), sin(t f_k)]), f_k = 1e4^(-k/128), k < 128."""
+    gh, gw = grid
+    f = torch.exp(-math.log(1e4) * torch.arange(128, dtype=torch.float64) / 128)
+    rows = []
+    for n in range(x_t.shape[0]):
+        feat = torch.cat([torch.cos(float(t[n]) * f), torch.sin(float(t[n]) * f)])
+        tv = lin_t.weight.double() @ feat + lin_t.bias.double()
+        for r in range(gh // 2):
+            for c in range(gw // 2):
+                v = torch.cat([x_t[n, (2 * r + di) * gw + 2 * c + dj].double() for di in (0, 1) for dj in (0, 1)])
+                rows.append(lin_x.weight.double() @ v + lin_x.bias.double() + tv)
+    return torch.stack(rows).view(x_t.shape[0], (gh // 2) * (gw // 2), -1)
+
+
+def test_latent_to_llm_starts_as_cheers_and_matches_its_formula(model):
+    m = _with_latent_to_llm(model)
+    batch = pack(_samples(), model.pack_spec(), seed=4)[0]
+    noise = _noise(model, batch)
+    with torch.no_grad():
+        ref = model(batch, noise=noise, return_outputs=True)
+        got = m(batch, noise=noise, return_outputs=True)
+    # zero-initialised: Cheers to the bit (hidden states of text and images, velocity, both losses)
+    assert torch.equal(ref["hidden"], got["hidden"]) and torch.equal(ref["v_pred"][0], got["v_pred"][0])
+    assert torch.equal(ref["loss"], got["loss"]) and torch.equal(ref["text_loss"], got["text_loss"])
+    # the training loss reaches both Linears
+    m.train()
+    m.zero_grad(set_to_none=True)
+    m(batch, noise=noise)["loss"].backward()
+    assert m.latent_to_llm.proj.weight.grad.abs().sum() > 0 and m.latent_to_llm.time.weight.grad.abs().sum() > 0
+    m.eval()
+    with torch.no_grad():
+        for p in m.latent_to_llm.parameters():
+            p.normal_(0, 0.05)
+        g = torch.Generator().manual_seed(5)
+        x_t = torch.randn(3, 16, 128, generator=g)
+        t = torch.tensor([0.1, 0.5, 0.9])
+        base, _ = model.image_features(x_t, (64, 64))
+        emb, _ = m.image_features(x_t, (64, 64), t=t)
+        want = _latent_to_llm_by_hand(m.latent_to_llm.proj, m.latent_to_llm.time, x_t, (4, 4), t)
+        torch.testing.assert_close((emb - base).double(), want, rtol=1e-5, atol=1e-5)
+        # images to understand: t = 1
+        one, _ = m.image_features(x_t, (64, 64))
+        torch.testing.assert_close(one, m.image_features(x_t, (64, 64), t=torch.ones(3))[0], rtol=0, atol=0)
+        assert not torch.allclose(one, emb)
+        # the training forward gives each generated image its t and each understood one t = 1
+        seen = []
+        hook = m.latent_to_llm.register_forward_hook(lambda mod, args, out: seen.append(args[2].clone()))
+        m(batch, noise=noise)
+        hook.remove()
+    roles = batch.image_spans[:, 2].tolist()
+    want_t = [float(batch.timesteps[i]) if r == ROLES["generate"] else 1.0 for i, r in enumerate(roles)]
+    assert sorted(torch.cat(seen).tolist()) == sorted(want_t) and min(want_t) < 1.0
+    with pytest.raises(ValueError, match=r"t must have shape \(3,\)"):
+        m.latent_to_llm(x_t, (4, 4), torch.ones(2))
+
+
+def test_latent_to_llm_sampler_paths_agree_and_round_trip(model, tmp_path):
+    """The sampler's cached path and the differentiable velocity() (what RL trains through) both give the LLM the
+    step's t: the SDE log-probs the sampler records are recomputed exactly; seeded; saved and loaded with it."""
+    from umm_ops import rl
+
+    m = _with_latent_to_llm(model)
+    with torch.no_grad():
+        for p in m.latent_to_llm.parameters():
+            p.normal_(0, 0.05)
+    kw = dict(seed=1, step=2, keys=[10, 11], steps=3, cfg_scale=2.0, sigma=umm_ops.SigmaSchedule(0.7), height=64,
+              width=64)
+    a = rl.rollout_images(m, ["a red circle", "two blue squares"], 2, **kw)
+    lp, _ = rl.image_logprobs(m, a)
+    torch.testing.assert_close(lp.detach(), a.logprobs, rtol=1e-4, atol=1e-4)
+    plain = rl.rollout_images(model, ["a red circle", "two blue squares"], 2, **kw)
+    assert not torch.allclose(plain.latents, a.latents)
+    m.save_pretrained(tmp_path / "m")
+    back = CheersModel.from_pretrained(tmp_path / "m")
+    assert back.config.latent_to_llm is True
+    assert torch.equal(back.latent_to_llm.time.weight, m.latent_to_llm.time.weight)
+    assert not hasattr(CheersModel(preset("tiny")), "latent_to_llm")   # the presets stay Cheers' design

@@ -660,3 +660,29 @@ def test_latent_input_runs_evaluates_and_refuses_an_init_without_it(straight, tm
     with pytest.raises(ValueError, match="head.latent_embed.bias"):
         train(_cfg(bad, job__steps=3, checkpoint__every=2))
     assert (bad / "checkpoint-2").is_dir() and not list(bad.glob("corrupt-*"))
+
+
+def test_latent_to_llm_trains_and_runs_older_than_a_key_still_resume(straight, tmp_path):
+    """model.latent_to_llm builds the LLM's latent input into a fresh model and loads back with it; an init without
+    it is refused.  A run whose saved config predates an engine key (here: no model.latent_to_llm) resumes with the
+    key at its default instead of being refused as a changed run-defining setting."""
+    from conftest import read_metrics
+
+    from umm_ops.train.export import load_checkpoint_model
+
+    out = tmp_path / "l2l"
+    train(_cfg(out, job__steps=2, checkpoint__every=2, model__latent_to_llm=True))
+    m = load_checkpoint_model(out)
+    assert m.config.latent_to_llm and m.latent_to_llm.proj.weight.abs().sum() > 0   # trained off zero
+    with pytest.raises(ConfigError, match="recipe.init .* is a model without it"):
+        train(_cfg(tmp_path / "b", job__steps=1, model__latent_to_llm=True, recipe__init=str(straight)))
+    old = tmp_path / "old"
+    shutil.copytree(straight, old)
+    for ts in old.glob("checkpoint-*/trainer_state.json"):
+        st = json.loads(ts.read_text())
+        del st["config"]["model"]["latent_to_llm"]
+        ts.write_text(json.dumps(st))
+    train(_cfg(old, job__steps=5))
+    assert [r["step"] for r in read_metrics(old) if "loss" in r] == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="cannot resume: the run was started with model.latent_to_llm=False"):
+        train(_cfg(old, job__steps=6, model__latent_to_llm=True))

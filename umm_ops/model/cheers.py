@@ -33,12 +33,12 @@ from ..data.packing import ROLES
 from ..data.tokenizer import load_tokenizer
 from .checkpoint import from_pretrained as _from_pretrained, save_pretrained as _save_pretrained
 from .config import CheersConfig, preset
-from .head import FlowHead
+from .head import FlowHead, timestep_features
 from .losses import add_noise, flow_loss, flow_target, text_loss
 from .profile import get_profile
 from .vae import CheersVAE
 
-__all__ = ["CheersModel", "UnderstandingProjector", "with_tokenizer"]
+__all__ = ["CheersModel", "UnderstandingProjector", "LatentToLLM", "with_tokenizer"]
 
 GENERATE = ROLES["generate"]
 
@@ -59,6 +59,36 @@ class UnderstandingProjector(nn.Module):
         y = umm_ops.compress_tokens(feats, grid_hw, ln.weight, ln.bias, fc.weight, fc.bias, self.factor, "gelu",
                                     ln.eps)
         return self.mlp[2](y)
+
+
+class LatentToLLM(nn.Module):
+    """Not in Cheers (``CheersConfig.latent_to_llm``): an image's noisy packed latent x_t (N, gh*gw, C) on the
+    packed-latent grid, 2x2 space-to-depth onto the LLM grid, through ``proj`` = Linear(4C -> D), plus
+    ``time`` = Linear(sinusoidal features of t -> D): added to the image's LLM inputs.  Both Linears start at zero,
+    so a fresh model computes exactly what Cheers does; the LLM, which sees the noise of x_t only through the
+    decoder copy's pixels otherwise, can then read the latent and the noise level it is denoising."""
+
+    def __init__(self, channels: int, d_llm: int, factor: int = 2, freq_dim: int = 256):
+        super().__init__()
+        self.factor, self.freq_dim = factor, freq_dim
+        self.proj = nn.Linear(channels * factor * factor, d_llm)
+        self.time = nn.Linear(freq_dim, d_llm)
+        for lin in (self.proj, self.time):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x_t: torch.Tensor, grid_hw, t: torch.Tensor) -> torch.Tensor:
+        """x_t (N, gh*gw, C) on the packed-latent grid (gh, gw), t (N,) -> (N, gh*gw/4, D)."""
+        N, L, C = x_t.shape
+        gh, gw, f = int(grid_hw[0]), int(grid_hw[1]), self.factor
+        if L != gh * gw or gh % f or gw % f:
+            raise ValueError(f"LatentToLLM: x_t has {L} tokens, expected a ({gh}, {gw}) grid whose sides are "
+                             f"multiples of {f}")
+        if t.shape != (N,):
+            raise ValueError(f"LatentToLLM: t must have shape ({N},) (one per image), got {tuple(t.shape)}")
+        x = x_t.reshape(N, gh // f, f, gw // f, f, C).permute(0, 1, 3, 2, 4, 5).reshape(N, -1, f * f * C)
+        w = self.proj.weight
+        return self.proj(x.to(w.dtype)) + self.time(timestep_features(t, self.freq_dim).to(w.dtype))[:, None]
 
 
 class CheersModel(nn.Module):
@@ -90,6 +120,9 @@ class CheersModel(nn.Module):
                                                     config.projector_ln_eps)
         self.head = FlowHead(llm_cfg.hidden_size, llm_cfg.num_attention_heads, llm_cfg.num_key_value_heads,
                              vit_cfg.hidden_size, vit_cfg.num_attention_heads, config.vae.packed_channels, config.head)
+        if config.latent_to_llm:
+            self.latent_to_llm = LatentToLLM(config.vae.packed_channels, llm_cfg.hidden_size, config.compress,
+                                             config.head.freq_dim)
         self.profile = self.profile       # the profile's RoPE rounding reaches the LLM and the head
 
     # ------------------------------------------------------------------ helpers
@@ -149,12 +182,17 @@ class CheersModel(nn.Module):
         ``vision_representation.embeddings``)."""
         return self.vit.embed(pixels)
 
-    def image_features(self, x_t: torch.Tensor, pixel_hw, want_high: bool = False):
+    def image_features(self, x_t: torch.Tensor, pixel_hw, want_high: bool = False, t: torch.Tensor | None = None):
         """Normalised packed latents x_t (N, n_vit, 128) -> decoder copy -> ViT -> projector: LLM inputs (N, n, D)
-        (and the detail embeddings of the decoded pixels)."""
+        (and the detail embeddings of the decoded pixels).  t (N,): the images' flow times, read only with
+        ``config.latent_to_llm`` (None: t = 1, images to understand)."""
         pix = self.vae.decode_trainable(x_t, pixel_hw).to(self.dtype)
         feats = self.vit(pix)
         emb = self.und_projector(feats, self.vit_grid(pixel_hw))
+        if self.config.latent_to_llm:
+            if t is None:
+                t = torch.ones(x_t.shape[0], device=x_t.device)
+            emb = emb + self.latent_to_llm(x_t, self.vit_grid(pixel_hw), t.to(x_t.device)).to(emb.dtype)
         return (emb, self.detail_embeddings(pix)) if want_high else (emb, None)
 
     def null_prompt_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -271,7 +309,8 @@ class CheersModel(nn.Module):
                                  for j, i in enumerate(idx)])
             x_t = torch.where(is_gen[:, None, None], add_noise(x1, z, t), x1)
             head_all = cfg.und_flow_loss
-            emb, high = self.image_features(x_t.to(dt), hw, want_high=head_all or bool(is_gen.any()))
+            emb, high = self.image_features(x_t.to(dt), hw, want_high=head_all or bool(is_gen.any()),
+                                            t=torch.where(is_gen, t, 1.0))
             for j, i in enumerate(idx):
                 start, length, _ = spans[i]
                 if emb.shape[1] != length:

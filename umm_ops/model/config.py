@@ -86,6 +86,11 @@ class CheersConfig:
     flow_loss_weight: float = 1.0
     cfg_dropout: float = 0.2       # probability of replacing a generation prompt by the null prompt
     und_flow_loss: bool = False    # released Cheers: understanding images also pass the head (t = 1, target 0)
+    latent_to_llm: bool = False    # not in Cheers (whose LLM sees an image only through the decoder copy and the
+                                   # ViT): every image's packed latent x_t (2x2 space-to-depth, as the LLM grid) and
+                                   # its t also enter the LLM, through zero-initialised Linears added to the image's
+                                   # LLM inputs (``latent_to_llm.*``; BAGEL / Transfusion feed the LLM the noisy
+                                   # latent and t).  At initialisation the model is Cheers to the bit.
     fused_text_loss: bool = True   # text loss through umm_ops.linear_cross_entropy (no (n, V) logits); False: the
                                    # plain lm_head + F.cross_entropy path (same loss to float rounding)
     time_shift: float = 0.5        # sampling t' = a t / (1 + (a - 1) t)

@@ -390,7 +390,7 @@ def generate_text(model, prompts, max_new_tokens: int = 64, temperature: float =
 def _velocity(model, cache, x, t, hw, grid, gen_mode, n_docs):
     """One step of the generation network: x (n_docs, n_vit, 128) at time t (n_docs,) -> v (n_docs, n_vit, 128)."""
     n = grid[0] * grid[1]
-    emb, high = model.image_features(x.to(model.dtype), hw, want_high=True)
+    emb, high = model.image_features(x.to(model.dtype), hw, want_high=True, t=t)
     layout = cache.layout_for([[(n, gen_mode)]] * n_docs)
     pos = cache.positions_for(layout)
     h = model.llm.forward_packed(emb.reshape(n_docs * n, -1), pos, layout, cache, update_cache=False)
@@ -618,7 +618,9 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
     xin = torch.cat([x] * k).to(dev)
     # the VAE decoder copy and the ViT in chunks of 32 images: one batch of hundreds of images was 2.5x slower on the
     # CPU for the same work (convolution activations far beyond the caches; bench/bench_rl.py)
-    feats = [model.image_features(c.to(model.dtype), hw, want_high=True) for c in xin.split(32)]
+    tin = torch.cat([t] * k).to(dev)
+    feats = [model.image_features(c.to(model.dtype), hw, want_high=True, t=tc)
+             for c, tc in zip(xin.split(32), tin.split(32))]
     emb, high = torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats])
     parts, rows, off = [], [], 0
     for j, (sg, e) in enumerate(zip(segs, embeds)):
@@ -630,7 +632,7 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
 
     layout = SpanLayout.from_segments([sg + [(n, cfg.gen_mode)] for sg in segs], device=dev)
     h = model.llm.forward_packed(torch.cat(parts), positions_in_document(layout), layout)
-    v = model.head(h[torch.cat(rows)].view(k * N, n, -1), torch.cat([t] * k), high, grid, xin).float()
+    v = model.head(h[torch.cat(rows)].view(k * N, n, -1), tin, high, grid, xin).float()
     return _guide_rows(v, N, cfg_scale, image_cfg_scale, cfg_renorm, t, cfg_interval)
 
 

@@ -25,11 +25,22 @@ from torch import nn
 
 import umm_ops
 
-__all__ = ["TimestepEmbedder", "RMSNorm", "HeadBlock", "FinalLayer", "HeadStage", "HiGate", "FlowHead",
+__all__ = ["timestep_features", "TimestepEmbedder", "RMSNorm", "HeadBlock", "FinalLayer", "HeadStage", "HiGate", "FlowHead",
            "rope_cos_sin", "apply_rope", "image_layout"]
 
 
 # ----------------------------------------------------------------------------------- small pieces
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Raw t (N,) -> sinusoidal features (N, dim) in float32, ordered [cos, sin] (a zero column when dim is odd)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.reshape(-1, 1).float() * freqs
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
 class TimestepEmbedder(nn.Module):
     """Raw t in [0, 1] (t = 1 clean) -> sinusoidal features [cos, sin] -> one MLP per head width."""
 
@@ -40,13 +51,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp_2 = nn.Sequential(nn.Linear(freq_dim, width_2), nn.SiLU(), nn.Linear(width_2, width_2))
 
     def features(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t.reshape(-1, 1).float() * freqs
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if self.freq_dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-        return emb
+        return timestep_features(t, self.freq_dim, self.max_period)
 
     def forward(self, t: torch.Tensor, dtype=None):
         f = self.features(t).to(dtype or self.mlp_1[0].weight.dtype)

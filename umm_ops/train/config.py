@@ -55,7 +55,8 @@ class ModelConfig:
     dtype: str = "float32"            # parameter dtype: "float32" or "bfloat16" (pure bf16, AdamW moments too)
     latent_input: bool = False        # the flow head also reads the noisy latent x_t (HeadConfig.latent_input)
     prediction: str = "velocity"      # the flow head predicts "velocity" (Cheers) or "clean" (HeadConfig.prediction)
-                                      # (both: a fresh model's architecture, not in Cheers by default; with
+    latent_to_llm: bool = False       # the LLM also reads every image's latent x_t and t (CheersConfig.latent_to_llm)
+                                      # (all three: a fresh model's architecture, not in Cheers by default; with
                                       # recipe.init the checkpoint's holds, and a value it lacks is refused)
 
     def cheers_config(self):
@@ -65,6 +66,7 @@ class ModelConfig:
         c = preset(self.preset)
         c.head.latent_input = bool(self.latent_input)
         c.head.prediction = self.prediction
+        c.latent_to_llm = bool(self.latent_to_llm)
         return c.validate()
 
     def check_init(self, source_config, init: str) -> None:
@@ -73,6 +75,9 @@ class ModelConfig:
         if self.latent_input and not head.latent_input:
             raise ConfigError(f"model.latent_input = true, but recipe.init {init!r} is a model without the latent "
                               f"input (its head has no latent_embed): drop model.latent_input, or start fresh")
+        if self.latent_to_llm and not source_config.latent_to_llm:
+            raise ConfigError(f"model.latent_to_llm = true, but recipe.init {init!r} is a model without it (no "
+                              f"latent_to_llm weights): drop model.latent_to_llm, or start fresh")
         if self.prediction != "velocity" and self.prediction != head.prediction:
             raise ConfigError(f"model.prediction = {self.prediction!r}, but recipe.init {init!r} predicts "
                               f"{head.prediction!r}: drop model.prediction, or start fresh")

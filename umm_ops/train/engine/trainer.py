@@ -34,6 +34,7 @@ __all__ = ["train", "RUN_DEFINING"]
 
 # engine keys that fix what a run computes: resuming with another value would not continue that run
 RUN_DEFINING = ("job.seed", "model.preset", "model.dtype", "model.latent_input", "model.prediction",
+                "model.latent_to_llm",
                 "data.budget", "data.global_tokens", "optim.betas", "optim.eps", "optim.weight_decay", "optim.ema",
                 "optim.lr_scales", "recipe_name")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -52,8 +53,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _config_changes(saved: dict, cfg: Config, recipe) -> tuple:
-    """(run-defining differences, other differences) between a checkpoint's config and this run's."""
-    a, b = _flat(saved), _flat(cfg.to_dict())
+    """(run-defining differences, other differences) between a checkpoint's config and this run's.  A key the
+    saved config does not have (added to the engine or recipe after the run was made) counts as its default, so a
+    new option does not lock older runs out of resuming."""
+    fresh = type(cfg)(recipe_name=cfg.recipe_name, recipe=type(cfg.recipe)())
+    a, b = {**_flat(fresh.to_dict()), **_flat(saved)}, _flat(cfg.to_dict())
     defining = set(RUN_DEFINING) | {f"recipe.{k}" for k in recipe.run_defining}
     hard, soft = [], []
     for k in sorted(set(a) | set(b)):
