@@ -126,6 +126,46 @@ def test_color_weighted_loss_matches_an_independent_computation():
         Config.build("vae", overrides=["recipe.color_weight=-1"])
 
 
+def test_scale_equivariance_loss_matches_an_independent_computation():
+    """se_weight: + w * mean over k = 2, 4 of L1(decode(z box-averaged k x k), picture box-averaged k x k), both by
+    hand (loops over blocks), unweighted and colour-weighted; a zero weight adds nothing."""
+    from umm_ops.model.config import preset
+
+    torch.manual_seed(0)
+    m = VAETrainer(preset("tiny").vae)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    noise = torch.randn(2, 32, 8, 8)
+    base = m(x, noise, kl_weight=0.5)
+    out = m(x, noise, kl_weight=0.5, se_weight=0.7)
+    post = m.ae.encode(x).latent_dist
+    z = post.mean + post.std * noise
+
+    def box(a, k):   # average of each k x k block, by explicit slicing
+        H, W = a.shape[-2] // k, a.shape[-1] // k
+        out = torch.empty(*a.shape[:-2], H, W, dtype=torch.float64)
+        for i in range(H):
+            for j in range(W):
+                out[..., i, j] = a[..., i * k:(i + 1) * k, j * k:(j + 1) * k].double().mean(dim=(-1, -2))
+        return out
+
+    se = sum((m.ae.decode(box(z, k).float()).sample.double() - box(x, k)).abs().mean() for k in (2, 4)) / 2
+    torch.testing.assert_close(out["loss"].double(), base["loss"].double() + 0.7 * se, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["se"].double(), se, rtol=1e-5, atol=1e-6)
+    assert "se" not in base and float(se.detach()) > 0
+    # with the colour weight, the pooled picture's own mask weighs the pooled error
+    from umm_ops.train.recipes.vae import color_mask
+
+    cw = m(x, noise, kl_weight=0.0, color_weight=2.0, se_weight=1.0)
+    want = 0.0
+    for k in (2, 4):
+        px = box(x, k)
+        err = (m.ae.decode(box(z, k).float()).sample.double() - px).abs()
+        w = 1.0 + 2.0 * color_mask(px.float()).double()
+        want = want + (err * w).sum() / (w.sum() * 3) / 2
+    torch.testing.assert_close(cw["se"].double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="recipe.se_weight"):
+        Config.build("vae", overrides=["recipe.se_weight=-1"])
+
 def _exported(tmp_path, trained=True):
     """A tiny-preset autoencoder state as `umm export` writes it (random weights, calibrated statistics)."""
     import dataclasses

@@ -56,6 +56,8 @@ class ModelConfig:
     latent_input: bool = False        # the flow head also reads the noisy latent x_t (HeadConfig.latent_input)
     prediction: str = "velocity"      # the flow head predicts "velocity" (Cheers) or "clean" (HeadConfig.prediction)
     latent_to_llm: bool = False       # the LLM also reads every image's latent x_t and t (CheersConfig.latent_to_llm)
+    vae_weights: typing.Optional[str] = None   # the autoencoder of a fresh model instead of the preset's: a
+                                      # shipped name or a .safetensors file from `umm export` of a vae run
                                       # (all three: a fresh model's architecture, not in Cheers by default; with
                                       # recipe.init the checkpoint's holds, and a value it lacks is refused)
 
@@ -67,6 +69,8 @@ class ModelConfig:
         c.head.latent_input = bool(self.latent_input)
         c.head.prediction = self.prediction
         c.latent_to_llm = bool(self.latent_to_llm)
+        if self.vae_weights is not None:
+            c.vae.weights = self.vae_weights
         return c.validate()
 
     def check_init(self, source_config, init: str) -> None:
@@ -75,6 +79,9 @@ class ModelConfig:
         if self.latent_input and not head.latent_input:
             raise ConfigError(f"model.latent_input = true, but recipe.init {init!r} is a model without the latent "
                               f"input (its head has no latent_embed): drop model.latent_input, or start fresh")
+        if self.vae_weights is not None:
+            raise ConfigError(f"model.vae_weights = {self.vae_weights!r} applies to a fresh model, but recipe.init "
+                              f"{init!r} brings its own autoencoder: drop one of them")
         if self.latent_to_llm and not source_config.latent_to_llm:
             raise ConfigError(f"model.latent_to_llm = true, but recipe.init {init!r} is a model without it (no "
                               f"latent_to_llm weights): drop model.latent_to_llm, or start fresh")

@@ -45,6 +45,9 @@ class VAERecipeConfig:
     color_weight: float = 5.0         # extra L1 weight on pixels at and around coloured objects (see VAETrainer)
     posterior: str = "sample"         # "sample": decode mean + std * noise (a KL-VAE); "mode": decode the posterior
                                       # mean (a deterministic autoencoder, the KL a small regulariser)
+    se_weight: float = 0.0            # scale equivariance (Skorokhodov et al. 2025, "Improving the Diffusability of
+                                      # Autoencoders"): + se_weight * the same weighted L1 between the decoding of
+                                      # the latent average-pooled 2x and 4x and the picture pooled alike (0: off)
     eval_images: int = 64             # held-out pictures per size scored after training
     evaluate: bool = True
     init: typing.Optional[str] = None   # autoencoder weights to start from: a .safetensors file or a shipped name
@@ -62,6 +65,8 @@ class VAERecipeConfig:
             raise ConfigError(f"recipe.kl_weight = {self.kl_weight!r}: must be >= 0")
         if not self.color_weight >= 0:
             raise ConfigError(f"recipe.color_weight = {self.color_weight!r}: must be >= 0")
+        if not (isinstance(self.se_weight, (int, float)) and 0 <= self.se_weight < float("inf")):
+            raise ConfigError(f"recipe.se_weight = {self.se_weight!r}: must be a finite number >= 0")
         if self.posterior not in ("mode", "sample"):
             raise ConfigError(f"recipe.posterior = {self.posterior!r}: use 'mode' or 'sample'")
         if self.eval_images < 0:
@@ -146,21 +151,38 @@ class VAETrainer(nn.Module):
         self.ae.bn.requires_grad_(False)   # latent statistics: calibrated after training, not learned
 
     def forward(self, pixels: torch.Tensor, noise: torch.Tensor | None, kl_weight: float,
-                color_weight: float = 0.0) -> dict:
+                color_weight: float = 0.0, se_weight: float = 0.0) -> dict:
         """noise None: decode the posterior mean.  Reconstruction loss: L1 weighted per pixel by
         1 + color_weight * [a pixel within 1 px of one whose chroma (max - min channel, on [-1, 1]) exceeds
-        CHROMA_ON], normalised by the weights' mean; "l1" reports the plain L1."""
+        CHROMA_ON], normalised by the weights' mean; "l1" reports the plain L1.  se_weight > 0 adds scale
+        equivariance: the same loss between decode(avg_pool_k(z)) and avg_pool_k(pixels), k = 2 and 4 averaged
+        (2x / 4x bilinear downsampling is this box average), so that a spatially smoothed latent decodes to the
+        smoothed picture ("se" reports it)."""
         post = self.ae.encode(pixels).latent_dist
         z = post.mean if noise is None else post.mean + post.std * noise.to(post.mean.dtype)
         recon = self.ae.decode(z).sample
-        err = (recon.float() - pixels.float()).abs()
-        l1 = err.mean()
-        rec = l1
-        if color_weight > 0:
-            w = 1.0 + color_weight * color_mask(pixels)
-            rec = (err * w).sum() / (w.sum() * err.shape[1])
+        l1, rec = weighted_l1(recon, pixels, color_weight)
         kl = 0.5 * (post.mean.float() ** 2 + post.var.float() - 1.0 - post.logvar.float()).sum() / pixels.numel()
-        return {"loss": rec + kl_weight * kl, "l1": l1.detach(), "kl": kl.detach(), "recon": recon}
+        loss = rec + kl_weight * kl
+        out = {"l1": l1.detach(), "kl": kl.detach(), "recon": recon}
+        if se_weight > 0:
+            pool = torch.nn.functional.avg_pool2d
+            se = sum(weighted_l1(self.ae.decode(pool(z, k)).sample, pool(pixels, k), color_weight)[1]
+                     for k in (2, 4)) / 2
+            loss = loss + se_weight * se
+            out["se"] = se.detach()
+        out["loss"] = loss
+        return out
+
+
+def weighted_l1(recon: torch.Tensor, pixels: torch.Tensor, color_weight: float):
+    """(plain L1, L1 weighted per pixel by 1 + color_weight * color_mask(pixels), normalised by the weights' mean)."""
+    err = (recon.float() - pixels.float()).abs()
+    l1 = err.mean()
+    if color_weight <= 0:
+        return l1, l1
+    w = 1.0 + color_weight * color_mask(pixels)
+    return l1, (err * w).sum() / (w.sum() * err.shape[1])
 
 
 CHROMA_ON = 0.3   # the world's palette colours have chroma >= 1.1 on [-1, 1]; its backgrounds are greys (0)
@@ -178,7 +200,7 @@ class VAERecipe(Recipe):
     name = "vae"
     config_class = VAERecipeConfig
     run_defining = ("sizes", "train_records", "max_objects", "segmentation", "kl_weight", "color_weight", "posterior",
-                    "init")
+                    "init", "se_weight")
 
     def _data(self, cfg, first: int = 0, records: int | None = None) -> WorldImages:
         r = cfg.recipe
@@ -211,7 +233,7 @@ class VAERecipe(Recipe):
 
     def step(self, model, batch, ctx) -> StepOutput:
         r = ctx.config.recipe
-        l1s, kls, n = 0.0, 0.0, 0
+        l1s, kls, ses, n = 0.0, 0.0, 0.0, 0
         loss = None
         for size, pixels in batch.groups.items():
             noise = None
@@ -219,13 +241,17 @@ class VAERecipe(Recipe):
                 zs = [torch.randn(ctx.module.vae_config.latent_channels, size // 8, size // 8,
                                   generator=generator(ctx.seed, ctx.step, i, "vae-noise")) for i in batch.ids[size]]
                 noise = torch.stack(zs).to(pixels.device)
-            out = model(pixels, noise, r.kl_weight, r.color_weight)
+            out = model(pixels, noise, r.kl_weight, r.color_weight, r.se_weight)
             w = pixels.shape[0]
             loss = out["loss"] * w if loss is None else loss + out["loss"] * w
             l1s += float(out["l1"]) * w
             kls += float(out["kl"]) * w
+            ses += float(out.get("se", 0.0)) * w
             n += w
-        return StepOutput(loss / n, {"l1": l1s / n, "kl": kls / n}, {"images": n})
+        logs = {"l1": l1s / n, "kl": kls / n}
+        if r.se_weight > 0:
+            logs["se"] = ses / n
+        return StepOutput(loss / n, logs, {"images": n})
 
     def wants_eval(self, cfg) -> bool:
         return cfg.recipe.evaluate and cfg.recipe.eval_images > 0
