@@ -10,7 +10,10 @@ Data: pictures and colour-coded instance maps of SyntheticWorld records at every
 Loss per image: L1(reconstruction, picture), each pixel weighted 1 + ``color_weight`` at and 1 px around coloured
 objects (normalised by the weights' mean), + ``kl_weight`` * KL(posterior || N(0, I)) summed over latent elements /
 pixels.  The decoded latent is a sample with noise the recipe draws from seed_of(seed, step, sample id,
-"vae-noise") (``posterior = "sample"``, the default) or the posterior mean (``"mode"``).
+"vae-noise") (``posterior = "sample"``, the default) or the posterior mean (``"mode"``).  ``se_weight`` > 0 adds
+scale equivariance (Skorokhodov et al. 2025): the same loss between the decodes of the latent average-pooled 2x and
+4x and the picture pooled alike (docs/results/base, "The latent space": 1,000 steps of it on the shipped autoencoder
+did not make text-to-image better).
 
 Status (CPU, tiny preset): the shipped autoencoder (umm_ops/assets/tiny-world-vae.safetensors, the tiny preset's
 default) is this recipe's 7,000-step run (budget 512, lr 2e-3, ~90,000 pictures, 80 min on 2 cores).  Held-out
