@@ -166,6 +166,7 @@ def test_scale_equivariance_loss_matches_an_independent_computation():
     with pytest.raises(ConfigError, match="recipe.se_weight"):
         Config.build("vae", overrides=["recipe.se_weight=-1"])
 
+
 def _exported(tmp_path, trained=True):
     """A tiny-preset autoencoder state as `umm export` writes it (random weights, calibrated statistics)."""
     import dataclasses
@@ -252,3 +253,29 @@ def test_the_shipped_vae_reconstructs_held_out_scenes():
         score = sum(check(r.prompt, x, value_range=(-1, 1))["score"] for r, x in zip(recs, rec)) / len(recs)
         assert score >= floor, (size, score)
         assert float((rec - pix).abs().mean()) * 127.5 < 8.0, size
+
+
+def test_a_fresh_model_takes_vae_weights_and_its_checkpoints_keep_them(tmp_path):
+    """model.vae_weights: a fresh SFT model's autoencoder is the given file's; its checkpoints hold the autoencoder,
+    so they load after the file is gone; with recipe.init it is refused; a missing file is named."""
+    from umm_ops.train.export import load_checkpoint_model
+
+    f, src = _exported(tmp_path)
+    out = tmp_path / "sft"
+    vals = {"job.out": str(out), "job.steps": 1, "job.device": "cpu", "job.progress": False,
+            "recipe.image_size": 32, "data.budget": 384, "recipe.evaluate": False, "recipe.train_records": 50,
+            "model.vae_weights": str(f)}
+    train(Config.build("sft", values=vals))
+
+    def same(m):
+        for k, v in src.frozen.state_dict().items():
+            assert torch.equal(m.vae.frozen.state_dict()[k], v), k
+
+    same(load_checkpoint_model(out))
+    f.unlink()
+    same(load_checkpoint_model(out))
+    with pytest.raises(ConfigError, match="model.vae_weights = .* applies to a fresh model"):
+        train(Config.build("sft", values={**vals, "job.out": str(tmp_path / "b"), "recipe.init": str(out)}))
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        train(Config.build("sft", values={**vals, "job.out": str(tmp_path / "c"),
+                                          "model.vae_weights": str(tmp_path / "nope.safetensors")}))

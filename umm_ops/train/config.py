@@ -56,10 +56,11 @@ class ModelConfig:
     latent_input: bool = False        # the flow head also reads the noisy latent x_t (HeadConfig.latent_input)
     prediction: str = "velocity"      # the flow head predicts "velocity" (Cheers) or "clean" (HeadConfig.prediction)
     latent_to_llm: bool = False       # the LLM also reads every image's latent x_t and t (CheersConfig.latent_to_llm)
-    vae_weights: typing.Optional[str] = None   # the autoencoder of a fresh model instead of the preset's: a
-                                      # shipped name or a .safetensors file from `umm export` of a vae run
-                                      # (all three: a fresh model's architecture, not in Cheers by default; with
+                                      # (these three: a fresh model's architecture, not in Cheers by default; with
                                       # recipe.init the checkpoint's holds, and a value it lacks is refused)
+    vae_weights: typing.Optional[str] = None   # a fresh model's autoencoder instead of the preset's: a shipped name
+                                      # or a .safetensors file from `umm export` of a vae run (refused with
+                                      # recipe.init; the run's checkpoints hold it)
 
     def cheers_config(self):
         """The CheersConfig of a fresh model of this run: the preset with the run's head options."""

@@ -43,6 +43,14 @@ def load_checkpoint_model(path, device=None, ema: bool = False):
     folder = resolve_checkpoint(p)
     st = read_trainer_state(folder)
     cfg = Config.from_dict(st["config"], where=f"{folder}/trainer_state.json")
+    vae_file = getattr(getattr(cfg, "model", None), "vae_weights", None)
+    if vae_file is not None:
+        from ..model.vae import resolve_vae_weights
+
+        try:
+            resolve_vae_weights(vae_file)
+        except FileNotFoundError:   # the checkpoint holds the autoencoder it was trained with: build, then load it
+            cfg.model.vae_weights = None
     torch.manual_seed(0)
     model = get_recipe(cfg.recipe_name).build_model(cfg)
     model.to(dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype])
