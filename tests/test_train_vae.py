@@ -257,7 +257,8 @@ def test_the_shipped_vae_reconstructs_held_out_scenes():
 
 def test_a_fresh_model_takes_vae_weights_and_its_checkpoints_keep_them(tmp_path):
     """model.vae_weights: a fresh SFT model's autoencoder is the given file's; its checkpoints hold the autoencoder,
-    so they load after the file is gone; with recipe.init it is refused; a missing file is named."""
+    so they load, and the run resumes, after the file is gone; with recipe.init it is refused; a missing file is
+    named (for a fresh model)."""
     from umm_ops.train.export import load_checkpoint_model
 
     f, src = _exported(tmp_path)
@@ -274,6 +275,10 @@ def test_a_fresh_model_takes_vae_weights_and_its_checkpoints_keep_them(tmp_path)
     same(load_checkpoint_model(out))
     f.unlink()
     same(load_checkpoint_model(out))
+    train(Config.build("sft", values={**vals, "job.steps": 2}))       # resuming does not need the file either
+    same(load_checkpoint_model(out))
+    s = json.loads((out / "summary.json").read_text())
+    assert s["resumed_from_step"] == 1 and s["steps"] == 2
     with pytest.raises(ConfigError, match="model.vae_weights = .* applies to a fresh model"):
         train(Config.build("sft", values={**vals, "job.out": str(tmp_path / "b"), "recipe.init": str(out)}))
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):

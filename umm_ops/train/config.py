@@ -16,6 +16,7 @@ import dataclasses
 import math
 import sys
 import types
+import copy
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,24 @@ class ModelConfig:
             raise ConfigError(f"model.prediction = {self.prediction!r}, but recipe.init {init!r} predicts "
                               f"{head.prediction!r}: drop model.prediction, or start fresh")
 
+
+
+def building_config(cfg):
+    """The config a model is built from when a checkpoint's weights then fill it: `cfg`, or a copy without
+    ``model.vae_weights`` when that file is gone (a run's checkpoints hold its autoencoder, so neither resuming nor
+    eval / export needs the file; only a fresh model does).  Recipes without a model section pass through."""
+    f = getattr(getattr(cfg, "model", None), "vae_weights", None)
+    if f is None:
+        return cfg
+    from ..model.vae import resolve_vae_weights
+
+    try:
+        resolve_vae_weights(f)
+        return cfg
+    except FileNotFoundError:
+        c = copy.deepcopy(cfg)
+        c.model.vae_weights = None
+        return c
 
 @dataclass
 class DataConfig:

@@ -31,7 +31,7 @@ def load_checkpoint_model(path, device=None, ema: bool = False):
     """The model (eval mode) of a run folder (its newest checkpoint), a checkpoint-{step} folder, or a
     save_pretrained folder; ``ema=True`` loads the checkpoint's EMA weights."""
     from ..model.checkpoint import from_pretrained
-    from .config import Config
+    from .config import Config, building_config
     from .engine.checkpoint import load_model_state, read_trainer_state
     from .spec import get_recipe
 
@@ -43,16 +43,8 @@ def load_checkpoint_model(path, device=None, ema: bool = False):
     folder = resolve_checkpoint(p)
     st = read_trainer_state(folder)
     cfg = Config.from_dict(st["config"], where=f"{folder}/trainer_state.json")
-    vae_file = getattr(getattr(cfg, "model", None), "vae_weights", None)
-    if vae_file is not None:
-        from ..model.vae import resolve_vae_weights
-
-        try:
-            resolve_vae_weights(vae_file)
-        except FileNotFoundError:   # the checkpoint holds the autoencoder it was trained with: build, then load it
-            cfg.model.vae_weights = None
     torch.manual_seed(0)
-    model = get_recipe(cfg.recipe_name).build_model(cfg)
+    model = get_recipe(cfg.recipe_name).build_model(building_config(cfg))   # the checkpoint's weights fill it
     model.to(dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype])
     load_model_state(folder, model, ema=ema)
     if device is not None:

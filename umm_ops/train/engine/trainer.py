@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ...utils import atomic_write, seed_of
-from ..config import Config
+from ..config import Config, building_config
 from ..spec import StepContext, get_recipe
 from . import distributed
 from .checkpoint import Checkpointer, RunFolderBusy, RunLock, complete_checkpoints
@@ -144,7 +144,10 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
 
     # ---------------------------------------------------------------- model, optimizer, data
     torch.manual_seed(seed_of(cfg.job.seed, "model-init"))
-    bare = recipe.build_model(cfg)
+    # resuming: a model.vae_weights file that is gone is not needed (the checkpoint holds the autoencoder)
+    resuming = cfg.job.resume and bool(complete_checkpoints(out))
+    build_cfg = building_config(cfg) if resuming else cfg
+    bare = recipe.build_model(build_cfg)
     bare.to(device=d.device, dtype=_DTYPES[cfg.model.dtype])
     bare.train()
     mode = resolve_mode(cfg.parallel.mode, d.world_size)
@@ -282,7 +285,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
     train_s = time.perf_counter() - t_train
 
     # ---------------------------------------------------------------- summary and evaluation (rank 0)
-    eval_model = _gather_for_eval(recipe, cfg, model, bare, mode, d)
+    eval_model = _gather_for_eval(recipe, cfg, model, bare, mode, d, build_cfg)
     if not is_main:
         return {}
     summary = {"out": str(out), "recipe": cfg.recipe_name, "steps": cfg.job.steps, "resumed_from_step": start,
@@ -321,7 +324,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
     return summary
 
 
-def _gather_for_eval(recipe, cfg: Config, model, bare, mode: str, d):
+def _gather_for_eval(recipe, cfg: Config, model, bare, mode: str, d, build_cfg: Config):
     """The model rank 0 evaluates (unsharded), or None when the recipe evaluates nothing.  Under FSDP2 the full
     weights are gathered (a collective) into a fresh copy of the model on rank 0."""
     if not recipe.wants_eval(cfg):
@@ -333,6 +336,6 @@ def _gather_for_eval(recipe, cfg: Config, model, bare, mode: str, d):
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.is_main:
         return None
-    copy = recipe.build_model(cfg)
+    copy = recipe.build_model(build_cfg)
     copy.load_state_dict(full)
     return copy.to(device=d.device, dtype=_DTYPES[cfg.model.dtype])
