@@ -31,6 +31,7 @@ import umm_ops
 
 from ..data.packing import ROLES
 from ..data.tokenizer import load_tokenizer
+from ..reference.tokens import space_to_depth
 from .checkpoint import from_pretrained as _from_pretrained, save_pretrained as _save_pretrained
 from .config import CheersConfig, preset
 from .head import FlowHead, timestep_features
@@ -79,14 +80,14 @@ class LatentToLLM(nn.Module):
 
     def forward(self, x_t: torch.Tensor, grid_hw, t: torch.Tensor) -> torch.Tensor:
         """x_t (N, gh*gw, C) on the packed-latent grid (gh, gw), t (N,) -> (N, gh*gw/4, D)."""
-        N, L, C = x_t.shape
+        N, L, _ = x_t.shape
         gh, gw, f = int(grid_hw[0]), int(grid_hw[1]), self.factor
         if L != gh * gw or gh % f or gw % f:
             raise ValueError(f"LatentToLLM: x_t has {L} tokens, expected a ({gh}, {gw}) grid whose sides are "
                              f"multiples of {f}")
         if t.shape != (N,):
             raise ValueError(f"LatentToLLM: t must have shape ({N},) (one per image), got {tuple(t.shape)}")
-        x = x_t.reshape(N, gh // f, f, gw // f, f, C).permute(0, 1, 3, 2, 4, 5).reshape(N, -1, f * f * C)
+        x = space_to_depth(x_t, (gh, gw), f)
         w = self.proj.weight
         return self.proj(x.to(w.dtype)) + self.time(timestep_features(t, self.freq_dim).to(w.dtype))[:, None]
 

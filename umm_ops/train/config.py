@@ -12,11 +12,11 @@ allowed.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
 import types
-import copy
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +92,6 @@ class ModelConfig:
                               f"{head.prediction!r}: drop model.prediction, or start fresh")
 
 
-
 def building_config(cfg):
     """The config a model is built from when a checkpoint's weights then fill it: `cfg`, or a copy without
     ``model.vae_weights`` when that file is gone (a run's checkpoints hold its autoencoder, so neither resuming nor
@@ -109,6 +108,7 @@ def building_config(cfg):
         c = copy.deepcopy(cfg)
         c.model.vae_weights = None
         return c
+
 
 @dataclass
 class DataConfig:
