@@ -162,3 +162,23 @@ def metrics_on_one_and_two_ranks(tmp_path, recipe: str, args: list, timeout: int
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
         outs[n] = read_metrics(out)
     return outs
+
+
+def confetti_picture(seed, size, side, n=24):
+    """A picture of small palette-coloured fragments on a grey, what an untrained generator's images look like to
+    the checker: n shapes of the world (random kind, colour, box of 4..side px) in distinct cells, so that no two
+    touch and no fragment covers more than side * side pixels."""
+    import numpy as np
+
+    from umm_ops.data.synthetic import COLORS, KINDS, _template
+
+    g = np.random.default_rng(seed)
+    img = np.full((size, size, 3), 128, np.uint8)
+    c = side + 3
+    cells = [(y, x) for y in range(0, size - c + 1, c) for x in range(0, size - c + 1, c)]
+    for j in g.permutation(len(cells))[:n]:
+        y, x = cells[j]
+        h, w = g.integers(4, side + 1, 2)
+        m = _template(KINDS[g.integers(4)], int(w), int(h))
+        img[y:y + h, x:x + w][m] = COLORS[list(COLORS)[g.integers(len(COLORS))]]
+    return torch.from_numpy(img).permute(2, 0, 1).contiguous()

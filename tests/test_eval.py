@@ -368,6 +368,26 @@ def test_geneval_and_vae_recon_truth_scores_one_noise_zero():
     assert noise["geneval"]["score"] == 0.0 and noise["vae-recon"]["score"] == 0.0
 
 
+def test_geneval_does_not_count_confetti_as_objects():
+    """Fragments far smaller than any object of the world (an untrained generator's confetti) are not objects:
+    the checker's default threshold alone scores them above 0.1 on this world (about 0.2 for a real untrained
+    generator, docs/results/base)."""
+    from conftest import confetti_picture
+    from umm_ops.eval import check
+
+    w = _world()
+    side = math.isqrt(w.min_object_area - 1)
+    pics = [confetti_picture(k, S, side) for k in range(16)]
+    assert sum(check(w[FIRST + k].prompt, p)["score"] for k, p in enumerate(pics)) / 16 > 0.1
+
+    class Confetti(Oracle):
+        def generate_image(self, prompts, height, width, steps=None, seed=0, **kw):
+            return {"images": torch.stack([self._px(pics[p.meta["index"] - FIRST]) for p in prompts])}
+
+    res = _eval(Confetti(w, "wrong"), "geneval", n=16)["tasks"]["geneval"]
+    assert res["score"] == 0.0 and res["n"] == 16
+
+
 def test_scene_spec():
     w = _world()
     rec = w[FIRST + 3]

@@ -90,7 +90,7 @@ def test_stage_a_clears_the_buffer_of_older_steps(monkeypatch):
     class B:
         docs = [type("D", (), {"text": "p", "index": 7, "spec": {}})()]
 
-    monkeypatch.setattr(geneval, "score_image", lambda spec, img, rng: {"score": 0.5})
+    monkeypatch.setattr(geneval, "score_image", lambda spec, img, rng, min_area: {"score": 0.5})
     rec._stage_a(M(), B(), _Ctx(2, micro_index=1, group_size=2, prompts_per_micro=1))
     assert list(rec._buffer) == [(2, 1)] and rec._pooled == {} and len(rec._buffer[(2, 1)]) == 2
 

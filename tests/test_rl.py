@@ -407,3 +407,31 @@ def test_interleaved_recomputation_under_the_cheers_profile(cheers_model):
     assert int(mt.sum()) > 0 and int(mi.sum()) == 4
     torch.testing.assert_close(lp["text_logp"].detach()[mt], lp["text_old"][mt], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lp["image_logp"].detach()[mi], lp["image_old"][mi], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["flow-grpo", "r3"])
+def test_checker_rewards_use_the_worlds_min_area(recipe):
+    """The RL recipes read generated images with the world's ``min_object_area``: confetti (fragments far smaller
+    than any object) earns nothing, where the checker's default threshold would pay for it."""
+    from conftest import confetti_picture
+    from umm_ops.train.config import Config
+    from umm_ops.train.spec import get_recipe
+
+    cfg = Config.from_dict({"recipe_name": recipe, "job": {"out": "unused", "device": "cpu", "steps": 2}})
+    rec = get_recipe(recipe)
+    world = rec._world(cfg, 64)
+    assert rec._min_area is None
+    rec.build_data(cfg, rec.build_model(cfg))
+    assert rec._min_area == world.min_object_area > 0.004 * cfg.recipe.image_size ** 2
+    side = math.isqrt(world.min_object_area - 1)
+    trs = [{"meta": {"spec": world[k].prompt}, "image": confetti_picture(k, cfg.recipe.image_size, side).float()
+            / 127.5 - 1} for k in range(32)]
+    plain = rl.PixelCheckReward()
+    assert sum(plain(t)[0] for t in trs) > 0                   # the default threshold pays for confetti ...
+    if recipe == "flow-grpo":
+        reward = rec._reward(cfg.recipe)
+        assert reward.min_area == world.min_object_area and sum(reward(t)[0] for t in trs) == 0.0
+    else:
+        from umm_ops.eval.tasks.geneval import score_image
+        assert sum(score_image(t["meta"]["spec"], t["image"], rec._pixel_range, rec._min_area)["score"]
+                   for t in trs) == 0.0

@@ -18,6 +18,8 @@ from umm_ops.data.synthetic import COLORS, KINDS, SyntheticWorld, instance_palet
 from umm_ops.eval import check
 from umm_ops.eval.checker import find_objects
 
+from conftest import confetti_picture
+
 SIZES = (64, 128, 256)
 
 
@@ -271,6 +273,42 @@ def test_checker_rejects_perturbed_images(seed):
             assert check(spec, img2)["details"]["groups"][0]["ok"] is False
             n_extra += 1
     assert n_removed == n_recoloured == 30 and n_extra > 0
+
+
+@pytest.mark.parametrize("size,scale", [(64, 0.5), (64, 1.0), (64, 1.8), (128, 1.0), (128, 2.5)])
+def test_min_object_area_is_half_the_smallest_object_drawn(size, scale):
+    w = _world(3, size=size, max_objects=3, object_scale=scale)
+    # independently: each kind rendered alone at the world's smallest size, through render()
+    h = max(3, round(syn.SIZES["small"] * scale * size))
+    c = size // 2
+    areas = []
+    for kind in w.kinds:
+        scene = {"size": size, "background": {"kind": "plain", "names": ["gray"], "colors": [[128, 128, 128]]},
+                 "objects": [{"kind": kind, "color": "red", "box": [c - h, c - h, c + h, c + h]}]}
+        areas.append(int((render(scene)[1] == 1).sum()))
+    assert w.min_object_area == max(4, min(areas) // 2)
+    drawn = [int((r.instances == k + 1).sum()) for i in range(40) for r in [w[i]] for k in range(len(r.scene["objects"]))]
+    assert min(drawn) >= min(areas) >= 2 * w.min_object_area     # every object of the world passes the threshold
+    assert SyntheticWorld(size=size, object_scale=scale, kinds=("circle",)).min_object_area >= w.min_object_area
+
+
+@pytest.mark.parametrize("size,scale,plain_above", [(64, 1.0, 0.05), (64, 1.8, 0.15), (128, 1.8, 0.02)])
+def test_checker_with_the_worlds_min_area_keeps_objects_and_drops_confetti(size, scale, plain_above):
+    w = _world(5, size=size, max_objects=2, object_scale=scale)
+    recs = [w[i] for i in range(48)]
+    for r in recs[:12]:                        # ground truth still scores 1 with the world's threshold
+        for p in r.prompts:
+            assert check(p, r.image, min_area=w.min_object_area)["correct"], p["text"]
+    side = min(12, math.isqrt(w.min_object_area - 1))      # every fragment is smaller than the world's threshold
+    confetti = [confetti_picture(k, size, side) for k in range(len(recs))]
+    plain = [check(r.prompt, c)["score"] for r, c in zip(recs, confetti)]
+    strict = [check(r.prompt, c, min_area=w.min_object_area)["score"] for r, c in zip(recs, confetti)]
+    assert sum(plain) / len(plain) > plain_above   # the default threshold reads fragments as objects ...
+    assert max(strict) == 0.0                   # ... the world's does not (every spec names >= 1 object)
+    with pytest.raises(ValueError, match="min_area must be a positive int"):
+        check(recs[0].prompt, recs[0].image, min_area=0)
+    with pytest.raises(ValueError, match="min_area must be a positive int"):
+        check(recs[0].prompt, recs[0].image, min_area=12.5)
 
 
 def test_checker_errors_name_the_problem():

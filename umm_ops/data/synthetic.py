@@ -299,6 +299,14 @@ class SyntheticWorld:
     def __len__(self) -> int:
         return self.length
 
+    @property
+    def min_object_area(self) -> int:
+        """Half the pixel area of the smallest object this world draws (its smallest size, its smallest shape):
+        the checker's ``min_area`` for pictures of this world, so that fragments far smaller than any object, such
+        as the confetti of an untrained generator, are not counted as objects (see :func:`umm_ops.eval.check`)."""
+        h = max(3, round(min(SIZES.values()) * self.object_scale * self.size))
+        return max(4, min(int(_template(k, 2 * h + 1, 2 * h + 1).sum()) for k in self.kinds) // 2)
+
     def _check_index(self, i) -> int:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
             raise TypeError(f"SyntheticWorld indices are ints, got {type(i).__name__}")

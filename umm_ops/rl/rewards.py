@@ -46,10 +46,12 @@ def score(reward, trajectories) -> tuple:
 class PixelCheckReward:
     """The synthetic world's checker (:func:`umm_ops.eval.check`) on the generated image (pixels in
     ``value_range``: the model's profile's) against ``meta["spec"]``: the fraction of the prompt's constraints met
-    (``strict``: 1 only when all are)."""
+    (``strict``: 1 only when all are).  ``min_area``: the checker's; pass the world's ``min_object_area``, or noise
+    fragments count as objects and a policy can be rewarded for confetti."""
 
-    def __init__(self, strict: bool = False, value_range=(-1.0, 1.0)):
+    def __init__(self, strict: bool = False, value_range=(-1.0, 1.0), min_area: int | None = None):
         self.strict = bool(strict)
+        self.min_area = min_area
         self.value_range = tuple(float(v) for v in value_range)     # the model's pixel range (its profile's)
 
     def __call__(self, tr):
@@ -58,11 +60,11 @@ class PixelCheckReward:
         spec = tr["meta"].get("spec")
         if spec is None:
             raise KeyError("PixelCheckReward needs meta['spec'] (the prompt's checker spec) on each trajectory")
-        r = check(spec, tr["image"], value_range=self.value_range)
+        r = check(spec, tr["image"], value_range=self.value_range, min_area=self.min_area)
         return (float(r["correct"]) if self.strict else r["score"]), {"checker_correct": float(r["correct"])}
 
     def __repr__(self):
-        return f"PixelCheckReward(strict={self.strict})"
+        return f"PixelCheckReward(strict={self.strict}, min_area={self.min_area})"
 
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)

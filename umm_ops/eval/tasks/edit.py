@@ -64,8 +64,8 @@ class EditTask(Task):
             outs += list(res["images"])
         items = []
         for (rec, bad, ins, what), img in zip(todo, outs):
-            after = score_image(rec.prompt, img, rng)
-            before = score_image(rec.prompt, pixels(bad, rng), rng)["score"]
+            after = score_image(rec.prompt, img, rng, ctx.world.min_object_area)
+            before = score_image(rec.prompt, pixels(bad, rng), rng, ctx.world.min_object_area)["score"]
             items.append({"index": rec.index, "type": what, "score": after["score"], "before": before,
                           "gain": after["score"] - before, "exact": after["correct"], "instruction": ins,
                           "prompt": rec.prompt["text"]})

@@ -3,7 +3,8 @@
 Per held-out record its prompt spec (``record.prompt``: single_object / two_object / counting / position / all,
 the world prefers the demanding ones) is generated at the evaluation size with the sampler seeded per batch
 (seed_of(seed, "geneval", first index of the batch)).  An item's score is :func:`umm_ops.eval.check`'s fraction
-of the prompt's constraints met (each group's exact count of objects of that colour and shape, and the relation);
+of the prompt's constraints met (each group's exact count of objects of that colour and shape, and the relation;
+components smaller than half the world's smallest object are not objects: ``SyntheticWorld.min_object_area``);
 ``correct`` (all constraints met, GenEval's headline) is reported beside it with a Wilson interval.  Per prompt
 tag.  The VAE bounds it from above: see vae-recon.
 """
@@ -16,16 +17,17 @@ from . import EvalContext, Task, TaskOutput, pixel_range, pixels, register
 __all__ = ["GenEvalTask", "score_image", "to_uint8"]
 
 
-def score_image(spec: dict, image: torch.Tensor, value_range=(-1.0, 1.0)) -> dict:
+def score_image(spec: dict, image: torch.Tensor, value_range=(-1.0, 1.0), min_area: int | None = None) -> dict:
     """The checker's verdict on one image (3, H, W) in `value_range` (a model's output: its
-    ``pixel_range(model)``; clamped to it) for a prompt spec: {"score", "correct"}."""
+    ``pixel_range(model)``; clamped to it) for a prompt spec: {"score", "correct"}.  ``min_area``: the checker's
+    (pass the world's ``min_object_area`` for generated images, so that noise fragments are not objects)."""
     from ..checker import check
 
     lo, hi = (float(v) for v in value_range)
     x = image.detach().float().cpu()
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError("score_image: the image holds NaN / Inf values; it cannot be scored")
-    r = check(spec, x.clamp(lo, hi), value_range=(lo, hi))
+    r = check(spec, x.clamp(lo, hi), value_range=(lo, hi), min_area=min_area)
     return {"score": float(r["score"]), "correct": 1.0 if r["correct"] else 0.0}
 
 
@@ -67,7 +69,7 @@ class GenEvalTask(Task):
             gen += [to_uint8(g, rng) for g in out]
         items = []
         for r, g in zip(recs, gen):
-            v = score_image(r.prompt, pixels(g, rng), rng)
+            v = score_image(r.prompt, pixels(g, rng), rng, ctx.world.min_object_area)
             items.append({"index": r.index, "type": r.prompt["tag"], "score": v["score"], "correct": v["correct"],
                           "prompt": r.prompt["text"]})
         k = ctx.grid_items

@@ -36,7 +36,8 @@ class RefineTask(Task):
                                           cfg_renorm=ctx.cfg_renorm, cfg_interval=ctx.cfg_interval)
         items, per_round = [], [[] for _ in range(R)]
         for r, out in zip(recs, res):
-            scores = [score_image(r.prompt, rd["image"], rng)["score"] for rd in out["rounds"]]
+            scores = [score_image(r.prompt, rd["image"], rng, ctx.world.min_object_area)["score"]
+                      for rd in out["rounds"]]
             full = scores + [scores[-1]] * (R - len(scores))
             for k in range(R):
                 per_round[k].append(full[k])

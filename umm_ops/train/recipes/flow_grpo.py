@@ -212,6 +212,7 @@ class FlowGRPORecipe(Recipe):
         self._reference = None
         self._cache: dict = {}
         self._pixel_range = (-1.0, 1.0)
+        self._min_area = None       # the checker's, for this run's world (set by build_data)
 
     # ------------------------------------------------------------------ world and model
     def world_kwargs(self, cfg) -> dict:
@@ -258,6 +259,7 @@ class FlowGRPORecipe(Recipe):
 
     def build_data(self, cfg, model) -> DataSource:
         r = cfg.recipe
+        self._min_area = self._world(cfg, 1).min_object_area
         if r.ppo_epochs > 1:
             E = r.ppo_epochs
             if cfg.job.steps % E or (cfg.checkpoint.every and cfg.checkpoint.every % E):
@@ -293,8 +295,8 @@ class FlowGRPORecipe(Recipe):
         if r.reward == "random":
             return _NullReward()
         rng = self._pixel_range
-        return {"checker": rl.PixelCheckReward(value_range=rng),
-                "checker-strict": rl.PixelCheckReward(strict=True, value_range=rng),
+        return {"checker": rl.PixelCheckReward(value_range=rng, min_area=self._min_area),
+                "checker-strict": rl.PixelCheckReward(strict=True, value_range=rng, min_area=self._min_area),
                 "redness": rl.MeanColorReward(0)}[r.reward]
 
     def _rollout(self, model, batch, ctx):

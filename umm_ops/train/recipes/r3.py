@@ -146,6 +146,7 @@ class R3Recipe(Recipe):
         self._buffer: dict = {}             # (step, micro_index) -> that micro-batch's stage-(a) images
         self._pooled: dict = {}             # step -> the step's images of all micro-batches and ranks
         self._pixel_range = (-1.0, 1.0)     # the model's (set by build_model): what the checker reads images in
+        self._min_area = None               # the checker's, for this run's world (set by build_data)
 
     def world_kwargs(self, cfg) -> dict:
         from .flow_grpo import FlowGRPORecipe
@@ -164,6 +165,7 @@ class R3Recipe(Recipe):
 
     def build_data(self, cfg, model) -> DataSource:
         r = cfg.recipe
+        self._min_area = self._world(cfg, 1).min_object_area
         if cfg.job.steps % 2 or (cfg.checkpoint.every and cfg.checkpoint.every % 2):
             raise ValueError(f"r3: job.steps ({cfg.job.steps}) and checkpoint.every ({cfg.checkpoint.every}) must be "
                              f"even: stage (b) reads the rollout buffer of the stage-(a) step before it, so "
@@ -209,7 +211,7 @@ class R3Recipe(Recipe):
         rewards, parts, buf = [], {"format": [], "score": []}, []
         for t in trajs:
             img = t.segments[-1]["image"]
-            sc = score_image(t.meta["spec"], img, self._pixel_range)["score"]
+            sc = score_image(t.meta["spec"], img, self._pixel_range, self._min_area)["score"]
             v, p = stage_a_reward(t.segments[0]["context_text"], sc, r.format_weight)
             rewards.append(v)
             for k in parts:
@@ -276,7 +278,7 @@ class R3Recipe(Recipe):
         rewards, parts = [], {"format": [], "improvement": [], "stopped": []}
         for t in trajs:
             text = t.segments[0]["context_text"]
-            new = (score_image(t.meta["spec"], t.segments[1]["image"], self._pixel_range)["score"]
+            new = (score_image(t.meta["spec"], t.segments[1]["image"], self._pixel_range, self._min_area)["score"]
                    if len(t.segments) > 1 else None)
             v, p = stage_b_reward(text, t.meta["old_score"], new, r.format_weight)
             rewards.append(v)
