@@ -14,7 +14,7 @@ python $P pU --arch unet --tokens latent --steps 3600 --eval-at 600,1800,3600 --
 python $P pU20 --arch unet --tokens latent --steps 20 --eval-at 20 --n 128         # nearly untrained: confetti
 # re-evaluations of saved models with both checker thresholds (eval-STEP-cfgC-sS.json, grid-STEP-cfgC-sS.png)
 for s in 600 1800 3600; do python $P pU --arch unet --tokens latent --eval-only model-$s.pt --n 128; done
-for s in 1200 3600 6000 9000; do python $P pA2 --eval-only model-$s.pt --n 128; done
+for s in 1200 3600 6000 9000 12000; do python $P pA2 --eval-only model-$s.pt --n 128; done
 for s in 1800 3600; do python $P pP --tokens pixel --eval-only model-$s.pt --n 128; done
 for c in 1 2 7; do python $P pA2 --eval-only model-1200.pt --cfg $c --sample-steps 30 --n 128; done
 # the Cheers runs of stops 33-34 scored again with the world's threshold (umm eval since stop 35)
