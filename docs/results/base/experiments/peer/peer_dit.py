@@ -1,15 +1,21 @@
-"""A peer for issue 13's text-to-image target: a plain text-conditioned DiT (rectified flow, in-context text tokens,
-adaLN-Zero timestep conditioning; the SD3 / DiT recipe at toy size) trained on exactly the data the tiny Cheers model
-draws from - the same synthetic world, the same shipped VAE's packed latents, the same prompts - and scored by the same
-checker on the same held-out prompts.  It asks one question: at this budget, is the world's text-to-image task
-learnable in this latent space by a standard generator?  If the peer draws shapes where Cheers draws blobs, the gap
-lies in the Cheers generation path; if it does not either, the budget is what is missing.
+"""Peers for issue 13's text-to-image target: standard text-conditioned generators (rectified flow, CFG) trained from
+scratch on exactly the data the tiny Cheers model draws from - the same synthetic world (seed 0), the same shipped
+VAE's latents, the same prompts - and scored by the same checker on the same held-out prompts.  The question: at this
+budget, is the world's text-to-image task learnable in this latent space by a standard generator, and by which kind?
 
-    python peer_dit.py OUT --steps 3600 --batch 25 [--layers 4 --dim 256 --tokens packed|latent] [--eval-at 600,1800]
+    --arch dit:  a DiT (in-context text tokens, adaLN-Zero timestep conditioning; the SD3 / DiT recipe at toy size) on
+                 --tokens packed (the 4x4 grid of 128-channel packed tokens the Cheers head predicts), latent (the
+                 8x8x32 latent, one token per latent pixel) or pixel (8x8-pixel patches of the picture, no VAE)
+    --arch unet: a convolutional UNet on the 8x8x32 latent (FiLM from t and the pooled prompt, cross-attention)
 
-Writes OUT/metrics.jsonl (loss per 50 steps), OUT/eval-STEP.json (checker score on --n held-out prompts, ODE Euler
---sample-steps steps, CFG --cfg) and OUT/grid-STEP.png.  Latents of the training scenes are encoded once and cached
-in OUT/latents.pt.  Uses the project's world, VAE, tokenizer, seeding and checker; the generator is this file's.
+    python peer_dit.py OUT --steps 3600 --batch 25 [--arch dit|unet] [--tokens packed|latent|pixel] [--eval-at 600,1800]
+    python peer_dit.py OUT --eval-only model-3600.pt [--cfg 4 --sample-steps 12]     # a saved model again
+
+Writes OUT/metrics.jsonl (loss per 50 steps), OUT/eval-STEP.json (checker score on --n held-out prompts with the
+checker's default threshold, "score", and the world's, "score_min_area"; ODE Euler --sample-steps steps, CFG --cfg),
+OUT/grid-STEP.png and OUT/model-STEP.pt.  Latents of the training scenes are encoded once and cached in
+OUT/latents.pt (pictures in OUT/pixels.pt).  Uses the project's world, VAE, tokenizer and checker; the generators are
+this file's.
 """
 import argparse
 import json
@@ -53,7 +59,8 @@ os.makedirs(a.out, exist_ok=True)
 torch.manual_seed(a.seed)
 
 SIZE, FIRST_HELD_OUT = 64, 50000
-world = SyntheticWorld(size=SIZE, seed=a.seed, max_objects=2, kinds=("circle", "square", "triangle", "cross"),
+world = SyntheticWorld(size=SIZE, seed=0,   # the world of every run here; --seed: init, noise, data order
+                       max_objects=2, kinds=("circle", "square", "triangle", "cross"),
                        colors=("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"),
                        two_tone=0.0, repeat=0.35, object_scale=1.8)   # the base recipe's world (gJ's config.toml)
 tok = load_tokenizer("world")
