@@ -6,12 +6,13 @@ set -euo pipefail
 export OMP_NUM_THREADS=1
 P=docs/results/base/experiments/peer/peer_dit.py
 python $P pA --steps 3600 --eval-at 600,1800,3600 --n 128                         # DiT, 16 packed tokens
-for r in pL pP pA2 pU pUs1 pU20; do mkdir -p $r; ln -sf ../pA/latents.pt $r/latents.pt; done
+for r in pL pP pA2 pU pUs1 pUsmall pU20; do mkdir -p $r; ln -sf ../pA/latents.pt $r/latents.pt; done
 python $P pL --tokens latent --steps 3600 --eval-at 600,1800,3600 --n 128          # DiT, 64 latent-pixel tokens
 python $P pP --tokens pixel --steps 3600 --eval-at 600,1800,3600 --n 128           # DiT on the pictures, no VAE
 python $P pA2 --steps 12000 --eval-at 1200,3600,6000,9000,12000 --n 128            # DiT, longer
 python $P pU --arch unet --tokens latent --steps 3600 --eval-at 600,1800,3600 --n 128   # convolutional UNet
 python $P pUs1 --arch unet --tokens latent --seed 1 --steps 3600 --eval-at 1800,3600 --n 128   # seed 1, alone, OMP_NUM_THREADS=2
+python $P pUsmall --arch unet --tokens latent --widths 32,64,96 --seed 1 --steps 3600 --eval-at 1800,3600 --n 128   # alone, OMP_NUM_THREADS=2
 python $P pU20 --arch unet --tokens latent --steps 20 --eval-at 20 --n 128         # nearly untrained: confetti
 # re-evaluations of saved models with both checker thresholds (eval-STEP-cfgC-sS.json, grid-STEP-cfgC-sS.png)
 for s in 600 1800 3600; do python $P pU --arch unet --tokens latent --eval-only model-$s.pt --n 128; done

@@ -46,6 +46,7 @@ p.add_argument("--tokens", choices=["packed", "latent", "pixel"], default="packe
                help="packed: the 4x4 grid of 128-channel packed tokens Cheers' head predicts; latent: the 8x8x32 "
                     "latent, one token per latent pixel; pixel: no autoencoder, 8x8-pixel patches of the picture")
 p.add_argument("--arch", choices=["dit", "unet"], default="dit")
+p.add_argument("--widths", default="64,128,192", help="the UNet's channels at 8x8, 4x4, 2x2")
 p.add_argument("--records", type=int, default=50000)
 p.add_argument("--eval-at", default="600,1800,3600")
 p.add_argument("--n", type=int, default=64)
@@ -277,7 +278,8 @@ n_img = to_tokens(X[:1]).shape[1]
 if a.arch == "unet":
     if a.tokens != "latent":
         raise SystemExit("--arch unet works on --tokens latent (the 8x8x32 latent)")
-    model = PeerUNet(a.dim, to_tokens(X[:1]).shape[2], IDS.shape[1], tok.vocab_size)
+    model = PeerUNet(a.dim, to_tokens(X[:1]).shape[2], IDS.shape[1], tok.vocab_size,
+                     widths=tuple(int(w) for w in a.widths.split(",")))
 else:
     model = PeerDiT(a.dim, a.layers, a.heads, to_tokens(X[:1]).shape[2], n_img, IDS.shape[1], tok.vocab_size)
 print(f"peer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n_img} image tokens", flush=True)
