@@ -62,10 +62,10 @@ class EditTask(Task):
                                    cfg_interval=ctx.cfg_interval,
                                    seed=[ctx.seed_for(self.name, rec.index) for rec, _, _, _ in batch])
             outs += list(res["images"])
-        items = []
+        items, min_area = [], ctx.world.min_object_area
         for (rec, bad, ins, what), img in zip(todo, outs):
-            after = score_image(rec.prompt, img, rng, ctx.world.min_object_area)
-            before = score_image(rec.prompt, pixels(bad, rng), rng, ctx.world.min_object_area)["score"]
+            after = score_image(rec.prompt, img, rng, min_area)
+            before = score_image(rec.prompt, pixels(bad, rng), rng, min_area)["score"]
             items.append({"index": rec.index, "type": what, "score": after["score"], "before": before,
                           "gain": after["score"] - before, "exact": after["correct"], "instruction": ins,
                           "prompt": rec.prompt["text"]})

@@ -67,9 +67,9 @@ class GenEvalTask(Task):
                 out = model.generate_image(prompts, height=S, width=S, steps=ctx.steps,
                                            seed=ctx.seed_for(self.name, batch[0].index))["images"]
             gen += [to_uint8(g, rng) for g in out]
-        items = []
+        items, min_area = [], ctx.world.min_object_area
         for r, g in zip(recs, gen):
-            v = score_image(r.prompt, pixels(g, rng), rng, ctx.world.min_object_area)
+            v = score_image(r.prompt, pixels(g, rng), rng, min_area)
             items.append({"index": r.index, "type": r.prompt["tag"], "score": v["score"], "correct": v["correct"],
                           "prompt": r.prompt["text"]})
         k = ctx.grid_items

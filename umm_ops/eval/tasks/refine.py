@@ -34,10 +34,9 @@ class RefineTask(Task):
                                           seed=ctx.seed_for(self.name), height=S, width=S,
                                           cfg_scale=ctx.cfg_scale, image_cfg_scale=ctx.image_cfg_scale,
                                           cfg_renorm=ctx.cfg_renorm, cfg_interval=ctx.cfg_interval)
-        items, per_round = [], [[] for _ in range(R)]
+        items, per_round, min_area = [], [[] for _ in range(R)], ctx.world.min_object_area
         for r, out in zip(recs, res):
-            scores = [score_image(r.prompt, rd["image"], rng, ctx.world.min_object_area)["score"]
-                      for rd in out["rounds"]]
+            scores = [score_image(r.prompt, rd["image"], rng, min_area)["score"] for rd in out["rounds"]]
             full = scores + [scores[-1]] * (R - len(scores))
             for k in range(R):
                 per_round[k].append(full[k])

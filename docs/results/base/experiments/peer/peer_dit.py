@@ -32,6 +32,7 @@ from umm_ops.data.tokenizer import load_tokenizer
 from umm_ops.eval.checker import check
 from umm_ops.model.vae import CheersVAE
 from umm_ops.model.config import preset
+from umm_ops.model.head import timestep_features
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
@@ -122,11 +123,8 @@ assert torch.equal(from_tokens(to_tokens(X[:3])), X[:3] if a.tokens != "pixel" e
 
 
 # ------------------------------------------------------------------ the generator
-def timestep_embedding(t, dim):
-    half = dim // 2
-    f = torch.exp(-math.log(10000) * torch.arange(half) / half)
-    ang = t[:, None] * 1000 * f[None]
-    return torch.cat([ang.cos(), ang.sin()], -1)
+def timestep_embedding(t, dim):   # t in [0, 1] -> the project's sinusoidal features of 1000 t
+    return timestep_features(t * 1000, dim)
 
 
 class Block(nn.Module):
