@@ -590,3 +590,42 @@ def test_latent_to_llm_sampler_paths_agree_and_round_trip(model, tmp_path):
     assert back.config.latent_to_llm is True
     assert torch.equal(back.latent_to_llm.time.weight, m.latent_to_llm.time.weight)
     assert not hasattr(CheersModel(preset("tiny")), "latent_to_llm")   # the presets stay Cheers' design
+
+
+# ------------------------------------------------------------------ the head's convolutional stage (not in Cheers)
+def test_conv_stage_starts_as_cheers_trains_samples_and_round_trips(model, tmp_path):
+    """A model with HeadConfig.conv_widths, every other weight shared: the same losses and velocities to the bit at
+    initialisation; the stage's weights get gradient from the flow loss; the sampler (cached path) and the
+    differentiable velocity() (RL) agree through it; save_pretrained / from_pretrained keep it."""
+    from umm_ops import rl
+
+    cfg = dataclasses.replace(model.config, head=dataclasses.replace(model.config.head, conv_widths=(16, 32)))
+    m = CheersModel(cfg, tokenizer=model.tokenizer)
+    missing, unexpected = m.load_state_dict(model.state_dict(), strict=False)
+    assert missing and all(k.startswith("head.conv_stage.") for k in missing) and unexpected == []
+    m.eval()
+    batch = pack(_samples(), model.pack_spec(), seed=4)[0]
+    noise = _noise(model, batch)
+    with torch.no_grad():
+        ref = model(batch, noise=noise, return_outputs=True)
+        got = m(batch, noise=noise, return_outputs=True)
+    assert torch.equal(ref["v_pred"][0], got["v_pred"][0]) and torch.equal(ref["loss"], got["loss"])
+    m.train()
+    m(batch, noise=noise)["loss"].backward()
+    assert m.head.conv_stage.conv_out.weight.grad.abs().sum() > 0
+    m.eval()
+    with torch.no_grad():
+        for p in m.head.conv_stage.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    kw = dict(seed=1, step=2, keys=[10, 11], steps=3, cfg_scale=2.0, sigma=umm_ops.SigmaSchedule(0.7), height=64,
+              width=64)
+    a = rl.rollout_images(m, ["a red circle", "two blue squares"], 2, **kw)
+    lp, _ = rl.image_logprobs(m, a)
+    torch.testing.assert_close(lp.detach(), a.logprobs, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(rl.rollout_images(model, ["a red circle", "two blue squares"], 2, **kw).latents,
+                              a.latents)
+    m.save_pretrained(tmp_path / "m")
+    back = CheersModel.from_pretrained(tmp_path / "m")
+    assert back.config.head.conv_widths == (16, 32)
+    assert torch.equal(back.head.conv_stage.conv_out.weight, m.head.conv_stage.conv_out.weight)
+    assert CheersModel(preset("tiny")).head.conv_stage is None   # the presets stay Cheers' design

@@ -201,3 +201,99 @@ def test_head_option_errors():
     c.head.prediction, c.head.clean_min_gap = "clean", 0.0
     with pytest.raises(ValueError, match="clean_min_gap must be in \\(0, 1\\]"):
         c.validate()
+
+
+# ------------------------------------------------------------------ the convolutional stage (not in Cheers)
+def _conv_head(widths=(16, 32), randomize=True, dtype=torch.float64):
+    head = FlowHead(D, HQ, HKV, C, CH, OUT, HeadConfig(semantic_layers=2, detail_layers=2, conv_widths=widths,
+                                                         conv_heads=4)).to(dtype)
+    if randomize:
+        with torch.no_grad():
+            for p in head.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    return head
+
+
+def test_conv_stage_starts_as_cheers_and_adds_its_correction(seed):
+    """With conv_widths the head is Cheers' head plus the stage's output; zero-initialised, that output is 0 and the
+    head is the plain head to the bit (same weights elsewhere)."""
+    plain = make_head(torch.float64)
+    conv = _conv_head(randomize=False)
+    missing, unexpected = conv.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(k.startswith("conv_stage.") for k in missing) and unexpected == []
+    h, t, high = _inputs(3, (2, 3), torch.float64)
+    x_t = torch.randn(3, 24, OUT, dtype=torch.float64)
+    with umm_ops.use_backend("reference"):
+        ref = plain(h, t, high, (2, 3))
+        assert torch.equal(conv(h, t, high, (2, 3), x_t), ref)
+        with torch.no_grad():
+            for p in conv.conv_stage.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        got = conv(h, t, high, (2, 3), x_t)
+        # the correction is the stage applied to (x_t, the plain head's velocity, HiGate's output tokens, c2)
+        low = plain.gen_projector(h, plain.time_embed(t)[0], torch.arange(6), expand_grid=(4, 6))
+        tokens = plain.hi_gate(low, high)
+        want = ref + conv.conv_stage(x_t, ref, tokens, plain.time_embed(t)[1], (4, 6))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(got, ref)
+    with pytest.raises(ValueError, match="need x_t"):
+        conv(h, t, high, (2, 3))
+
+
+def test_conv_stage_reads_the_latent_grid_in_the_packings_order(seed):
+    """The stage's inputs are the packed tokens unpacked onto the latent grid: channels 0..c-1 of its first
+    convolution's input are umm_ops.unpack_latents of x_t (identity statistics), c..2c-1 that of the velocity, then
+    the coordinates (-1 .. 1 down the rows, across the columns)."""
+    head = _conv_head()
+    h, t, high = _inputs(2, (2, 3), torch.float64)
+    x_t = torch.randn(2, 24, OUT, dtype=torch.float64)
+    seen = {}
+    hook = head.conv_stage.conv_in.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
+    head(h, t, high, (2, 3), x_t)
+    hook.remove()
+    c = OUT // 4
+    zeros, ones = torch.zeros(OUT, dtype=torch.float64), torch.ones(OUT, dtype=torch.float64)
+    unpack = lambda z: umm_ops.unpack_latents(z, (8, 12), zeros, ones - 1e-4, 2, 1e-4)
+    x = seen["x"]
+    assert x.shape == (2, 2 * c + 2, 8, 12)
+    torch.testing.assert_close(x[:, :c], unpack(x_t), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x[:, 2 * c], torch.linspace(-1, 1, 8, dtype=torch.float64)[:, None].expand(2, 8, 12))
+    torch.testing.assert_close(x[:, 2 * c + 1], torch.linspace(-1, 1, 12, dtype=torch.float64).expand(2, 8, 12))
+    # the correction is packed back in the same order: a correction of one latent pixel lands on its packed channel
+    stage = head.conv_stage
+    with torch.no_grad():
+        stage.conv_out.weight.zero_()
+        stage.conv_out.bias.zero_()
+        stage.conv_out.bias[1] = 1.0                  # latent channel 1 everywhere
+    out = stage(x_t, torch.zeros_like(x_t), torch.randn(2, 24, C, dtype=torch.float64),
+                torch.randn(2, C, dtype=torch.float64), (4, 6))
+    want = torch.zeros_like(out)
+    want[..., 4:8] = 1.0                              # packed channels c*4 + di*2 + dj of c = 1
+    assert torch.equal(out, want)
+
+
+def test_conv_stage_gradients_reach_every_weight_and_match_finite_differences(seed):
+    head = _conv_head(widths=(8, 16, 16))
+    h, t, high = _inputs(2, (2, 2), torch.float64)
+    x_t = torch.randn(2, 16, OUT, dtype=torch.float64)
+    head(h, t, high, (2, 2), x_t).square().mean().backward()
+    for name, p in head.conv_stage.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the stage alone, against finite differences, in every input it reads
+    x_t, v = torch.randn(1, 4, OUT, dtype=torch.float64), torch.randn(1, 4, OUT, dtype=torch.float64)
+    tokens, c = torch.randn(1, 4, C, dtype=torch.float64), torch.randn(1, C, dtype=torch.float64)
+    args = [z.requires_grad_(True) for z in (x_t, v, tokens, c)]
+    torch.autograd.gradcheck(lambda *a: head.conv_stage(*a, (2, 2)), args, eps=1e-6, atol=1e-6)
+
+
+def test_conv_stage_errors():
+    from umm_ops.model.config import preset
+    head = _conv_head(widths=(8, 16, 16, 16))                  # halves the latent grid three times
+    h, t, high = _inputs(1, (2, 3), torch.float64)
+    with pytest.raises(ValueError, match="a latent grid of 8x12 cannot be halved 3 times"):
+        head(h, t, high, (2, 3), torch.randn(1, 24, OUT, dtype=torch.float64))
+    for bad in [(12,), (64, 128, 192, 256, 320), (64, 0), (64, 36)]:
+        c = preset("tiny")
+        c.head.conv_widths = bad
+        with pytest.raises(ValueError, match="head.conv_widths must be"):
+            c.validate()

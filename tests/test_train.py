@@ -662,6 +662,23 @@ def test_latent_input_runs_evaluates_and_refuses_an_init_without_it(straight, tm
     assert (bad / "checkpoint-2").is_dir() and not list(bad.glob("corrupt-*"))
 
 
+def test_conv_widths_trains_loads_back_and_is_run_defining(straight, tmp_path):
+    """model.conv_widths builds the head's convolutional stage into a fresh model (a TOML list); the checkpoint
+    loads back with it; resuming without it, or from an init without it, is refused."""
+    from umm_ops.train.export import load_checkpoint_model
+
+    out = tmp_path / "conv"
+    train(_cfg(out, job__steps=2, checkpoint__every=2, model__conv_widths=[16, 32]))
+    m = load_checkpoint_model(out)
+    assert m.config.head.conv_widths == (16, 32) and m.head.conv_stage.conv_out.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"cannot resume: the run was started with model.conv_widths=\[16, 32\]"):
+        train(_cfg(out, job__steps=3, checkpoint__every=2))
+    with pytest.raises(ConfigError, match="recipe.init .* has no convolutional stage"):
+        train(_cfg(tmp_path / "b", job__steps=1, model__conv_widths=[16, 32], recipe__init=str(straight)))
+    with pytest.raises(ValueError, match="head.conv_widths must be"):
+        train(_cfg(tmp_path / "c", job__steps=1, model__conv_widths=[12]))
+
+
 def test_latent_to_llm_trains_and_runs_older_than_a_key_still_resume(straight, tmp_path):
     """model.latent_to_llm builds the LLM's latent input into a fresh model and loads back with it; an init without
     it is refused.  A run whose saved config predates an engine key (here: no model.latent_to_llm) resumes with the

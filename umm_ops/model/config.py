@@ -71,6 +71,14 @@ class HeadConfig:
                                    # latent x1_hat; the head returns v = (x1_hat - x_t) / max(1 - t, clean_min_gap),
                                    # so losses and samplers still see a velocity; x-prediction as in JiT, Li & He 2025)
     clean_min_gap: float = 0.05    # the floor of 1 - t in that division
+    conv_widths: tuple = ()        # not in Cheers: a convolutional stage after the detail stage, on the unpacked
+                                   # latent grid (2x2 depth-to-space of the packed tokens, 4gh x 4gw x 32), with these
+                                   # channels per level (each level halves the grid; e.g. (64, 128, 192)).  It reads
+                                   # x_t, the detail stage's velocity and its tokens and adds a correction to that
+                                   # velocity through a zero-initialised last convolution, so at initialisation the
+                                   # head is Cheers' to the bit (``head.conv_stage``; docs/results/base: a UNet peer
+                                   # learns shapes several times faster than token models).  (): no such stage
+    conv_heads: int = 4            # attention heads of that stage (cross-attention to the detail stage's tokens)
 
 
 @dataclass
@@ -152,6 +160,12 @@ class CheersConfig:
                              f"a multiple of KV heads")
         if self.head.prediction not in ("velocity", "clean"):
             raise ValueError(f"head.prediction must be 'velocity' or 'clean', got {self.head.prediction!r}")
+        cw = tuple(self.head.conv_widths)
+        if cw and (len(cw) > 4 or not all(isinstance(w, int) and w >= 8 and w % 8 == 0 for w in cw)
+                   or any(w % self.head.conv_heads for w in cw[1:])):
+            raise ValueError(f"head.conv_widths must be () or 1-4 channel counts, each a multiple of 8 (GroupNorm "
+                             f"groups) and, from the second on, of head.conv_heads = {self.head.conv_heads}; got "
+                             f"{self.head.conv_widths!r}")
         if not 0.0 < self.head.clean_min_gap <= 1.0:
             raise ValueError(f"head.clean_min_gap must be in (0, 1], got {self.head.clean_min_gap}")
         if not 0.0 <= self.cfg_dropout <= 1.0:
@@ -162,6 +176,7 @@ class CheersConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["vae"]["block_out_channels"] = list(self.vae.block_out_channels)
+        d["head"]["conv_widths"] = list(self.head.conv_widths)
         return d
 
     @classmethod
@@ -175,6 +190,8 @@ class CheersConfig:
         head = d.pop("head", {})
         if "block_out_channels" in vae:
             vae["block_out_channels"] = tuple(vae["block_out_channels"])
+        if "conv_widths" in head:
+            head["conv_widths"] = tuple(head["conv_widths"])
         return cls(vae=VAEConfig(**vae), head=HeadConfig(**head), **d).validate()
 
 

@@ -7,6 +7,9 @@
          (``umm_ops.gated_detail_residual``), high = ViT patch (+ position) embedding of the decoded noisy image
       -> detail stage: adaLN-Zero blocks at the ViT width (RoPE over arange(4n/2) repeated twice, as released)
       -> final adaLN layer -> packed-latent velocity (N, 4n, 128).
+      -> (option, not in Cheers: ``HeadConfig.conv_widths``) ConvStage: a small UNet on the unpacked latent grid
+         (N, 32, 4gh, 4gw) reading x_t, that velocity and the detail stage's tokens, adding a correction through a
+         zero-initialised last convolution.
 
 Every block's modulation is ``adaln_modulate`` (RMSNorm with learnable weight, x * (1 + scale) + shift in fp32) and
 its residuals ``gated_residual``; attention is ``span_attention`` over the images of a batch packed back to back, one
@@ -26,7 +29,7 @@ from torch import nn
 import umm_ops
 
 __all__ = ["timestep_features", "TimestepEmbedder", "RMSNorm", "HeadBlock", "FinalLayer", "HeadStage", "HiGate", "FlowHead",
-           "rope_cos_sin", "apply_rope", "image_layout"]
+           "ConvStage", "rope_cos_sin", "apply_rope", "image_layout"]
 
 
 # ----------------------------------------------------------------------------------- small pieces
@@ -206,6 +209,117 @@ class HiGate(nn.Module):
         return self.gate(low)
 
 
+class ConvBlock(nn.Module):
+    """Residual block: GroupNorm, SiLU, 3x3 conv, FiLM (shift, scale) from the conditioning vector, GroupNorm, SiLU,
+    zero-initialised 3x3 conv; a 1x1 conv on the skip when the channels change."""
+
+    def __init__(self, cin: int, cout: int, cond: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.film = nn.Linear(cond, 2 * cout)
+        self.norm2, self.conv2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, e):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(F.silu(e))[:, :, None, None].chunk(2, dim=1)
+        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+        return self.skip(x) + h
+
+
+class ConvAttention(nn.Module):
+    """The feature map attends to itself and to the detail stage's tokens (N, L, C); zero-initialised output."""
+
+    def __init__(self, width: int, token_width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(8, width)
+        self.q, self.kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
+        self.kv_tokens = nn.Linear(token_width, 2 * width)
+        self.o = nn.Linear(width, width)
+        nn.init.zeros_(self.o.weight)
+        nn.init.zeros_(self.o.bias)
+
+    def forward(self, x, tokens):
+        N, C, H, W = x.shape
+        y = self.norm(x).flatten(2).transpose(1, 2)                                    # (N, HW, C)
+        k, v = torch.cat([self.kv(y), self.kv_tokens(tokens.to(y.dtype))], dim=1).chunk(2, dim=-1)
+        split = lambda z: z.reshape(N, -1, self.heads, C // self.heads).transpose(1, 2)
+        o = F.scaled_dot_product_attention(split(self.q(y)), split(k), split(v))
+        return x + self.o(o.transpose(1, 2).reshape(N, H * W, C)).transpose(1, 2).reshape(N, C, H, W)
+
+
+class ConvStage(nn.Module):
+    """A small UNet on the unpacked latent grid (not in Cheers; ``HeadConfig.conv_widths``).
+
+    Inputs, on the latent grid (N, c, 4gh, 4gw) with c = packed channels / 4: the noisy latent x_t and the detail
+    stage's velocity (both unpacked by 2x2 depth-to-space, ``F.pixel_shuffle``, whose channel order c*4 + di*2 + dj
+    is the packing's) and two coordinate channels; the detail stage's input tokens (HiGate's output, (N, 4n, C))
+    through Linear(C -> 4 w0) and the same depth-to-space.  Two ConvBlocks per level with FiLM from the detail
+    stage's conditioning (the timestep embedding) plus the tokens' mean; every level but the first halves the grid
+    and attends to itself and the tokens.  The way up mirrors it with skip connections; the last convolution is
+    zero-initialised and its output, packed back, is added to the velocity: at initialisation the head is Cheers'.
+    Translation-equivariant where the token stages are not (docs/results/base, "A peer generator").
+    """
+
+    def __init__(self, packed_channels: int, token_width: int, widths, heads: int):
+        super().__init__()
+        self.widths = tuple(int(w) for w in widths)
+        c, w0 = packed_channels // 4, self.widths[0]
+        self.conv_in = nn.Conv2d(2 * c + 2, w0, 3, padding=1)
+        self.token_map = nn.Linear(token_width, 4 * w0)
+        self.pool = nn.Linear(token_width, token_width)
+        self.down, self.down_blocks, self.down_attn = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.up, self.up_blocks, self.up_attn = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i, w in enumerate(self.widths):
+            prev = self.widths[i - 1] if i else w0
+            self.down.append(nn.Conv2d(prev, w, 3, stride=2, padding=1) if i else nn.Identity())
+            self.down_blocks.append(nn.ModuleList([ConvBlock(w, w, token_width), ConvBlock(w, w, token_width)]))
+            self.down_attn.append(ConvAttention(w, token_width, heads) if i else nn.Identity())
+        for i in reversed(range(len(self.widths))):
+            w = self.widths[i]
+            self.up_blocks.append(nn.ModuleList([ConvBlock(2 * w, w, token_width), ConvBlock(w, w, token_width)]))
+            self.up_attn.append(ConvAttention(w, token_width, heads) if i else nn.Identity())
+            self.up.append(nn.ConvTranspose2d(w, self.widths[i - 1], 2, stride=2) if i else nn.Identity())
+        self.norm_out = nn.GroupNorm(8, w0)
+        self.conv_out = nn.Conv2d(w0, c, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x_t, v, tokens, c, fine_hw):
+        """x_t, v (N, Hf*Wf, packed); tokens (N, Hf*Wf, C); c (N, C); fine_hw = (Hf, Wf) -> correction (N, Hf*Wf,
+        packed)."""
+        N, L, P = v.shape
+        Hf, Wf = fine_hw
+        step = 2 ** (len(self.widths) - 1)
+        if (2 * Hf) % step or (2 * Wf) % step:
+            raise ValueError(f"ConvStage: a latent grid of {2 * Hf}x{2 * Wf} cannot be halved "
+                             f"{len(self.widths) - 1} times (head.conv_widths = {self.widths}): use fewer levels")
+        grid = lambda z: F.pixel_shuffle(z.transpose(1, 2).reshape(N, -1, Hf, Wf), 2)
+        dt = v.dtype
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, 2 * Hf, device=v.device, dtype=dt),
+                                torch.linspace(-1, 1, 2 * Wf, device=v.device, dtype=dt), indexing="ij")
+        coords = torch.stack([yy, xx]).expand(N, 2, 2 * Hf, 2 * Wf)
+        tokens = tokens.to(dt)
+        h = self.conv_in(torch.cat([grid(x_t.to(dt)), grid(v), coords], dim=1)) + grid(self.token_map(tokens))
+        e = c.to(dt) + self.pool(tokens.mean(dim=1))
+        skips = []
+        for down, blocks, attn in zip(self.down, self.down_blocks, self.down_attn):
+            h = down(h)
+            for blk in blocks:
+                h = blk(h, e)
+            h = attn(h, tokens) if isinstance(attn, ConvAttention) else h
+            skips.append(h)
+        for up, blocks, attn in zip(self.up, self.up_blocks, self.up_attn):
+            h = blocks[1](blocks[0](torch.cat([h, skips.pop()], dim=1), e), e)
+            h = attn(h, tokens) if isinstance(attn, ConvAttention) else h
+            h = up(h)
+        out = self.conv_out(F.silu(self.norm_out(h)))                                  # (N, c, 2Hf, 2Wf)
+        return F.pixel_unshuffle(out, 2).reshape(N, P, L).transpose(1, 2)
+
+
 class FlowHead(nn.Module):
     """The whole cascaded head.  Widths: D = LLM hidden, C = ViT hidden; out = packed latent channels."""
 
@@ -223,12 +337,13 @@ class FlowHead(nn.Module):
             self.latent_embed = nn.Linear(out_channels, c_vit)
             nn.init.zeros_(self.latent_embed.weight)
             nn.init.zeros_(self.latent_embed.bias)
+        self.conv_stage = ConvStage(out_channels, c_vit, cfg.conv_widths, cfg.conv_heads) if cfg.conv_widths else None
 
     def forward(self, h: torch.Tensor, t: torch.Tensor, high: torch.Tensor, grid_hw,
                 x_t: torch.Tensor | None = None) -> torch.Tensor:
         """h (N, gh*gw, D) LLM hidden states of N images with the same LLM token grid (gh, gw); t (N,);
         high (N, 4*gh*gw, C) ViT patch embeddings of the decoded x_t; x_t (N, 4*gh*gw, out) the noisy packed latent
-        itself, needed by the two options that are not Cheers' (``HeadConfig.latent_input`` and
+        itself, needed by the options that are not Cheers' (``HeadConfig.latent_input``, ``conv_widths`` and
         ``prediction = "clean"``).  Returns the velocity v (N, 4*gh*gw, out)."""
         N, n, D = h.shape
         gh, gw = int(grid_hw[0]), int(grid_hw[1])
@@ -237,9 +352,9 @@ class FlowHead(nn.Module):
         fine = (2 * gh, 2 * gw)
         if high.shape[:2] != (N, 4 * n):
             raise ValueError(f"FlowHead: high must be (N, 4*gh*gw, C) = ({N}, {4 * n}, C), got {tuple(high.shape)}")
-        needs_x = self.latent_input or self.prediction == "clean"
+        needs_x = self.latent_input or self.prediction == "clean" or self.conv_stage is not None
         if needs_x and (x_t is None or x_t.shape[:2] != (N, 4 * n)):
-            raise ValueError(f"FlowHead: latent_input / prediction='clean' need x_t (N, 4*gh*gw, out) = "
+            raise ValueError(f"FlowHead: latent_input / conv_widths / prediction='clean' need x_t (N, 4*gh*gw, out) = "
                              f"({N}, {4 * n}, out), got {None if x_t is None else tuple(x_t.shape)}")
         c1, c2 = self.time_embed(t, h.dtype)
         pos = torch.arange(n, device=h.device)
@@ -250,6 +365,8 @@ class FlowHead(nn.Module):
         x = self.hi_gate(low, high)
         pos2 = torch.arange(2 * n, device=h.device).repeat(2)                   # arange(L/2) twice, as released
         out = self.hi_projector(x, c2, pos2)
+        if self.conv_stage is not None:
+            out = out + self.conv_stage(x_t, out, x, c2, fine)
         if self.prediction == "velocity":
             return out
         # the stage predicts the clean latent x1; v = (x1_hat - x_t) / (1 - t), 1 - t kept >= clean_min_gap

@@ -57,7 +57,9 @@ class ModelConfig:
     latent_input: bool = False        # the flow head also reads the noisy latent x_t (HeadConfig.latent_input)
     prediction: str = "velocity"      # the flow head predicts "velocity" (Cheers) or "clean" (HeadConfig.prediction)
     latent_to_llm: bool = False       # the LLM also reads every image's latent x_t and t (CheersConfig.latent_to_llm)
-                                      # (these three: a fresh model's architecture, not in Cheers by default; with
+    conv_widths: tuple = ()           # a convolutional stage after the flow head's detail stage, channels per level,
+                                      # e.g. [64, 128, 192] (HeadConfig.conv_widths)
+                                      # (these four: a fresh model's architecture, not in Cheers by default; with
                                       # recipe.init the checkpoint's holds, and a value it lacks is refused)
     vae_weights: typing.Optional[str] = None   # a fresh model's autoencoder instead of the preset's: a shipped name
                                       # or a .safetensors file from `umm export` of a vae run (refused with
@@ -71,6 +73,7 @@ class ModelConfig:
         c.head.latent_input = bool(self.latent_input)
         c.head.prediction = self.prediction
         c.latent_to_llm = bool(self.latent_to_llm)
+        c.head.conv_widths = tuple(int(w) for w in self.conv_widths)
         if self.vae_weights is not None:
             c.vae.weights = self.vae_weights
         return c.validate()
@@ -87,6 +90,10 @@ class ModelConfig:
         if self.latent_to_llm and not source_config.latent_to_llm:
             raise ConfigError(f"model.latent_to_llm = true, but recipe.init {init!r} is a model without it (no "
                               f"latent_to_llm weights): drop model.latent_to_llm, or start fresh")
+        if tuple(self.conv_widths) and tuple(self.conv_widths) != tuple(head.conv_widths):
+            raise ConfigError(f"model.conv_widths = {list(self.conv_widths)}, but recipe.init {init!r} has "
+                              f"{list(head.conv_widths) or 'no convolutional stage'}: drop model.conv_widths, or "
+                              f"start fresh")
         if self.prediction != "velocity" and self.prediction != head.prediction:
             raise ConfigError(f"model.prediction = {self.prediction!r}, but recipe.init {init!r} predicts "
                               f"{head.prediction!r}: drop model.prediction, or start fresh")
