@@ -302,6 +302,23 @@ def test_engine_equals_a_bare_loop(straight):
     assert bare_loop(_cfg(straight)) == [r["loss"] for r in read_metrics(straight)]
 
 
+def test_logit_normal_timesteps_reach_the_packer_and_match_a_bare_loop(straight, tmp_path):
+    """recipe.timesteps = logit_normal: the recipe's packer draws generated images' t with LogitNormalTimesteps
+    (uniform is the default, Cheers'); the engine still equals the bare loop and differs from the uniform run."""
+    from umm_ops.data.packing import LogitNormalTimesteps, UniformTimesteps
+    from umm_ops.train.recipes.sft import SFTRecipe, bare_loop
+
+    cfg = _cfg(tmp_path / "ln", job__steps=2, recipe__timesteps="logit_normal")
+    model = SFTRecipe().build_model(cfg)
+    assert isinstance(SFTRecipe().build_data(cfg, model).encode.spec.timestep_sampler, LogitNormalTimesteps)
+    assert isinstance(SFTRecipe().build_data(_cfg(straight), model).encode.spec.timestep_sampler, UniformTimesteps)
+    train(cfg)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "ln")]
+    assert bare_loop(cfg) == losses and losses != [r["loss"] for r in read_metrics(straight)][:2]
+    with pytest.raises(ConfigError, match="recipe.timesteps = 'cosine': must be one of"):
+        Config.build("sft", overrides=["recipe.timesteps=cosine"])
+
+
 def test_ema_and_export(tmp_path):
     """optim.ema: the EMA follows ema = d ema + (1 - d) param per step (checked against an independent recursion
     over the saved parameters of each step); `umm export --ema` writes those weights; TensorBoard events hold the

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...data.packing import LogitNormalTimesteps, UniformTimesteps
 from ...utils import seed_of
 from ..spec import DataPhases, DataSource, Recipe, StepOutput, register
 
@@ -30,6 +31,7 @@ TASKS = ("caption", "vqa", "vqa_short", "vqa_chain", "generate", "segment", "deg
 # clear / clear_short: CLEAR's generate-then-answer samples on degraded pictures, multiple choice / short answer
 # (umm_ops.data.clear_data); clear_data: the same format from a user's VQA file (recipe.clear_data, read with
 # umm_ops.data.VQAReader: record r // ... of the run -> user record r mod its length, degraded afresh per sample)
+TIMESTEPS = {"uniform": UniformTimesteps, "logit_normal": LogitNormalTimesteps}   # recipe.timesteps
 DEFAULT_WEIGHTS = {"caption": 2}   # samples per record of each task when task_weights = (); others 1
 
 
@@ -72,6 +74,8 @@ class SFTRecipeConfig:
                                       # taken) instead of stopping the run with its file and record named
     clear_backend: str = "torch"      # degradations of clear_data: "torch", "opencv" (CLEAR's exact operations), "auto"
     cfg_dropout: typing.Optional[float] = None   # CFG prompt dropout probability (None: the model preset's)
+    timesteps: str = "uniform"        # flow training times of generated images: "uniform" (Cheers: U(0.001, 0.999))
+                                      # or "logit_normal" (SD3: sigmoid of N(0, 1), most samples at mid t)
     train_decoder_copy: bool = False  # train the VAE decoder copy the understanding path runs (Cheers does, under a
                                       # pretrained ViT); with a ViT learned from scratch its early gradients are noise
                                       # and at lr 2e-3 they wreck it (pixels of +-50 after 600 steps), so the base
@@ -128,6 +132,7 @@ class SFTRecipeConfig:
         need(0.0 <= self.repeat <= 1.0, "repeat", "must be a probability in [0, 1]")
         need(0.5 <= self.object_scale <= 2.5, "object_scale", "must be in [0.5, 2.5]")
         need(self.cfg_dropout is None or 0.0 <= self.cfg_dropout <= 1.0, "cfg_dropout", "must be in [0, 1]")
+        need(self.timesteps in TIMESTEPS, "timesteps", f"must be one of {sorted(TIMESTEPS)}")
         for k in ("eval_vqa", "eval_images", "eval_captions"):
             need(getattr(self, k) >= 0, k, "must be >= 0")
         need(self.eval_clear >= -1, "eval_clear", "must be >= 0 (or -1: automatic)")
@@ -252,7 +257,7 @@ class SFTRecipe(Recipe):
     name = "sft"
     config_class = SFTRecipeConfig
     run_defining = ("image_size", "tasks", "task_weights", "train_records", "max_objects", "kinds", "colors",
-                    "two_tone", "repeat", "object_scale", "cfg_dropout", "train_decoder_copy", "caption_first",
+                    "two_tone", "repeat", "object_scale", "cfg_dropout", "timesteps", "train_decoder_copy", "caption_first",
                     "clear_direct", "freeze_vit", "clear_data", "clear_image_root", "clear_skip_bad",
                     "clear_backend", "finish_at", "finish_tasks", "finish_weights")
 
@@ -301,7 +306,7 @@ class SFTRecipe(Recipe):
         return model
 
     def build_data(self, cfg, model):
-        spec = model.pack_spec(budget=cfg.data.budget)
+        spec = model.pack_spec(budget=cfg.data.budget, timestep_sampler=TIMESTEPS[cfg.recipe.timesteps]())
         main = DataSource(self._dataset(cfg), Encoder(spec), collate)
         if not cfg.recipe.finish_at:
             return main
@@ -391,7 +396,7 @@ def bare_loop(cfg, on_step=None) -> list:
     model = recipe.build_model(cfg).train()
     opt = build_optimizer(model, cfg.optim)
     sched = LRSchedule.from_config(cfg)
-    spec = model.pack_spec(budget=cfg.data.budget)
+    spec = model.pack_spec(budget=cfg.data.budget, timestep_sampler=TIMESTEPS[cfg.recipe.timesteps]())
     it = iter(PackedLoader(recipe._dataset(cfg), spec, shuffle=True, seed=cfg.job.seed))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:

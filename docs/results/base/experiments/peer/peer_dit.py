@@ -55,6 +55,8 @@ p.add_argument("--sample-steps", type=int, default=12)
 p.add_argument("--cfg", type=float, default=4.0)
 p.add_argument("--p-uncond", type=float, default=0.1)
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--timesteps", choices=["logit_normal", "uniform"], default="logit_normal",
+               help="training times: SD3's logit-normal (every run of stop 35) or Cheers' uniform")
 p.add_argument("--eval-only", default="", help="a model-STEP.pt of OUT: evaluate it (with --cfg / --sample-steps) and stop")
 a = p.parse_args()
 os.makedirs(a.out, exist_ok=True)
@@ -362,7 +364,10 @@ for step in range(1, a.steps + 1):
     idx = torch.randint(0, N, (a.batch,), generator=g)
     x1 = to_tokens(X[idx])
     x0 = torch.randn(x1.shape, generator=g)
-    t = torch.sigmoid(torch.randn(a.batch, generator=g))          # logit-normal(0, 1), t = 1 is the clean image
+    if a.timesteps == "uniform":                                  # Cheers' U(0.001, 0.999) (the packer's default)
+        t = 0.001 + 0.998 * torch.rand(a.batch, generator=g)
+    else:
+        t = torch.sigmoid(torch.randn(a.batch, generator=g))      # logit-normal(0, 1), t = 1 is the clean image
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
     ids = cond_ids(IDS[idx], torch.rand(a.batch, generator=g) < a.p_uncond)
     loss = F.mse_loss(model(xt, t, ids, tok.pad_id), x1 - x0)
