@@ -629,3 +629,49 @@ def test_conv_stage_starts_as_cheers_trains_samples_and_round_trips(model, tmp_p
     assert back.config.head.conv_widths == (16, 32)
     assert torch.equal(back.head.conv_stage.conv_out.weight, m.head.conv_stage.conv_out.weight)
     assert CheersModel(preset("tiny")).head.conv_stage is None   # the presets stay Cheers' design
+
+
+def test_conv_context_is_each_images_own_prompt(model):
+    """With HeadConfig.conv_context the head reads, for each generated image, the LLM hidden states of its own
+    document's tokens before the image: the velocity of an image packed with other documents (of other prompt
+    lengths) equals its velocity packed alone; the sampler's cached path and velocity() (RL) agree."""
+    from umm_ops import rl
+
+    head = dataclasses.replace(model.config.head, conv_widths=(16, 32), conv_context=True)
+    m = CheersModel(dataclasses.replace(model.config, head=head), tokenizer=model.tokenizer)
+    m.load_state_dict(model.state_dict(), strict=False)
+    m.eval()
+    with torch.no_grad():
+        for p in m.head.conv_stage.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    seen = []
+    m.head.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["context_mask"].sum(1).tolist()),
+                                     with_kwargs=True)
+    a = Sample([TextItem("draw a red box"), ImageItem(_img(10, 32), "generate")])
+    b = Sample([ImageItem(_img(11, 32), "understand"), TextItem("what is it?"), TextItem("a box", loss=True)])
+    c = Sample([TextItem("now two small blue circles on the left"), ImageItem(_img(12, 32), "generate")])
+    spec = model.pack_spec()
+    both = pack([a, b, c], spec, seed=4)[0]
+    lens = []
+    for i, (s, _, role) in enumerate(both.image_spans.tolist()):
+        if role == ROLES["generate"]:
+            d = int((both.doc_offsets <= s).sum()) - 1
+            lens.append(s - int(both.doc_offsets[d]))
+    with torch.no_grad():
+        v_both = m(both, noise=_noise(m, both), return_outputs=True)["v_pred"][0]
+    assert seen[-1] == lens and lens[0] != lens[1]
+    singles = []
+    for s in (a, c):
+        one = pack([s], spec, seed=4)[0]
+        one.timesteps[:] = both.timesteps[[j for j, sp in enumerate(both.image_spans.tolist())
+                                           if sp[2] == ROLES["generate"]][len(singles)]]
+        noise = [_noise(m, both)[[j for j, sp in enumerate(both.image_spans.tolist())
+                                  if sp[2] == ROLES["generate"]][len(singles)]]]
+        with torch.no_grad():
+            singles.append(m(one, noise=noise, return_outputs=True)["v_pred"][0][0])
+    torch.testing.assert_close(v_both, torch.stack(singles), rtol=1e-4, atol=1e-5)
+    kw = dict(seed=1, step=2, keys=[10, 11], steps=3, cfg_scale=2.0, sigma=umm_ops.SigmaSchedule(0.7), height=64,
+              width=64)
+    r = rl.rollout_images(m, ["a red circle", "two blue squares on the left"], 2, **kw)
+    lp, _ = rl.image_logprobs(m, r)
+    torch.testing.assert_close(lp.detach(), r.logprobs, rtol=1e-4, atol=1e-4)

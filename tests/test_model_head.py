@@ -297,3 +297,46 @@ def test_conv_stage_errors():
         c.head.conv_widths = bad
         with pytest.raises(ValueError, match="head.conv_widths must be"):
             c.validate()
+
+
+def test_conv_context_reads_only_the_masked_prompt_and_starts_as_cheers(seed):
+    """conv_context: the stage also attends to the prompt's hidden states where the mask is True and adds their
+    masked mean to its FiLM vector.  Zero-initialised it changes nothing; opened, the output depends on the prompt
+    but not on padded positions, and equals the same prompt given unpadded."""
+    from umm_ops.model.head import prompt_context
+
+    plain = make_head(torch.float64)
+    head = FlowHead(D, HQ, HKV, C, CH, OUT, HeadConfig(semantic_layers=2, detail_layers=2, conv_widths=(16, 32),
+                                                         conv_context=True)).double()
+    head.load_state_dict(plain.state_dict(), strict=False)
+    h, t, high = _inputs(2, (2, 2), torch.float64)
+    x_t = torch.randn(2, 16, OUT, dtype=torch.float64)
+    hidden = torch.randn(20, D, dtype=torch.float64)
+    ctx, mask = prompt_context(hidden, [(0, 5), (9, 12)])
+    assert ctx.shape == (2, 5, D) and mask.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    assert torch.equal(ctx[1, :3], hidden[9:12]) and torch.equal(ctx[1, 3:], torch.zeros(2, D, dtype=torch.float64))
+    with umm_ops.use_backend("reference"):
+        assert torch.equal(head(h, t, high, (2, 2), x_t, ctx, mask), plain(h, t, high, (2, 2)))
+        with torch.no_grad():
+            for p in head.conv_stage.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        v = head(h, t, high, (2, 2), x_t, ctx, mask)
+        junk = ctx.clone()
+        junk[1, 3:] = 1e3                                             # padded positions: ignored
+        torch.testing.assert_close(head(h, t, high, (2, 2), x_t, junk, mask), v, rtol=1e-12, atol=1e-12)
+        alone = head(h[1:], t[1:], high[1:], (2, 2), x_t[1:], ctx[1:, :3], mask[1:, :3])
+        torch.testing.assert_close(alone, v[1:], rtol=1e-12, atol=1e-12)
+        other = ctx.clone()
+        other[1, 0] += 1.0
+        assert not torch.allclose(head(h, t, high, (2, 2), x_t, other, mask)[1], v[1])
+    with pytest.raises(ValueError, match="conv_context needs context"):
+        head(h, t, high, (2, 2), x_t)
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        head(h, t, high, (2, 2), x_t, ctx, torch.zeros_like(mask))
+    with pytest.raises(ValueError, match="non-empty prompt span"):
+        prompt_context(hidden, [(3, 3)])
+    from umm_ops.model.config import preset
+    c = preset("tiny")
+    c.head.conv_context = True
+    with pytest.raises(ValueError, match="conv_context = True needs the convolutional stage"):
+        c.validate()

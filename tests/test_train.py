@@ -680,8 +680,8 @@ def test_latent_input_runs_evaluates_and_refuses_an_init_without_it(straight, tm
 
 
 def test_conv_widths_trains_loads_back_and_is_run_defining(straight, tmp_path):
-    """model.conv_widths builds the head's convolutional stage into a fresh model (a TOML list); the checkpoint
-    loads back with it; resuming without it, or from an init without it, is refused."""
+    """model.conv_widths (and model.conv_context) build the head's convolutional stage into a fresh model (a TOML
+    list); the checkpoint loads back with it; resuming without it, or from an init without it, is refused."""
     from umm_ops.train.export import load_checkpoint_model
 
     out = tmp_path / "conv"
@@ -694,6 +694,13 @@ def test_conv_widths_trains_loads_back_and_is_run_defining(straight, tmp_path):
         train(_cfg(tmp_path / "b", job__steps=1, model__conv_widths=[16, 32], recipe__init=str(straight)))
     with pytest.raises(ValueError, match="head.conv_widths must be"):
         train(_cfg(tmp_path / "c", job__steps=1, model__conv_widths=[12]))
+    # with the prompt context: trained off zero, loads back with it; an init whose stage lacks it is refused
+    train(_cfg(tmp_path / "ctx", job__steps=1, model__conv_widths=[16, 32], model__conv_context=True))
+    m = load_checkpoint_model(tmp_path / "ctx")
+    assert m.config.head.conv_context and m.head.conv_stage.pool_context is not None
+    with pytest.raises(ConfigError, match="has no prompt context in its convolutional stage"):
+        train(_cfg(tmp_path / "d", job__steps=1, model__conv_widths=[16, 32], model__conv_context=True,
+                   recipe__init=str(out)))
 
 
 def test_latent_to_llm_trains_and_runs_older_than_a_key_still_resume(straight, tmp_path):

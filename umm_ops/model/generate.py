@@ -24,6 +24,7 @@ import torch
 import umm_ops
 
 from ..data.packing import ROLES, ImageItem, Sample, TextItem, encode_sample
+from .head import prompt_context
 
 __all__ = ["generate_text", "generate_image", "edit_image", "sample_tokens", "decode", "velocity", "PromptIds",
            "next_token_logits", "prompt_ids", "guide", "guided_at", "CFG_RENORMS"]
@@ -394,7 +395,20 @@ def _velocity(model, cache, x, t, hw, grid, gen_mode, n_docs):
     layout = cache.layout_for([[(n, gen_mode)]] * n_docs)
     pos = cache.positions_for(layout)
     h = model.llm.forward_packed(emb.reshape(n_docs * n, -1), pos, layout, cache, update_cache=False)
-    return model.head(h.view(n_docs, n, -1), t, high, grid, x).float()
+    ctx = {}
+    if model.head.needs_context:   # the prompts' hidden states, kept by the prefill (_prefill)
+        ctx = dict(context=cache.head_context[0], context_mask=cache.head_context[1])
+    return model.head(h.view(n_docs, n, -1), t, high, grid, x, **ctx).float()
+
+
+def _prefill(model, cache, prefix_segs, prefix_embeds):
+    """Run the generated images' prefixes (prompts) into the KV cache; with the head's prompt context
+    (``HeadConfig.conv_context``) their final hidden states are kept on the cache for every step."""
+    layout = cache.layout_for(prefix_segs, device=model.device)
+    hidden = model.llm.forward_packed(torch.cat(prefix_embeds), cache.positions_for(layout), layout, cache)
+    if model.head.needs_context:
+        ends = torch.tensor([e.shape[0] for e in prefix_embeds]).cumsum(0).tolist()
+        cache.head_context = prompt_context(hidden, zip([0] + ends[:-1], ends))
 
 
 def _check_positions(model, docs, extra: int, who: str, image: bool = False) -> None:
@@ -622,17 +636,21 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
     feats = [model.image_features(c.to(model.dtype), hw, want_high=True, t=tc)
              for c, tc in zip(xin.split(32), tin.split(32))]
     emb, high = torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats])
-    parts, rows, off = [], [], 0
+    parts, rows, prompts_at, off = [], [], [], 0
     for j, (sg, e) in enumerate(zip(segs, embeds)):
         parts += [e, emb[j].to(e.dtype)]
         rows.append(torch.arange(off + e.shape[0], off + e.shape[0] + n, device=dev))
+        prompts_at.append((off, off + e.shape[0]))
         off += e.shape[0] + n
     from ..attention import SpanLayout
     from .llm import positions_in_document
 
     layout = SpanLayout.from_segments([sg + [(n, cfg.gen_mode)] for sg in segs], device=dev)
     h = model.llm.forward_packed(torch.cat(parts), positions_in_document(layout), layout)
-    v = model.head(h[torch.cat(rows)].view(k * N, n, -1), tin, high, grid, xin).float()
+    ctx = {}
+    if model.head.needs_context:
+        ctx = dict(zip(("context", "context_mask"), prompt_context(h, prompts_at)))
+    v = model.head(h[torch.cat(rows)].view(k * N, n, -1), tin, high, grid, xin, **ctx).float()
     return _guide_rows(v, N, cfg_scale, image_cfg_scale, cfg_renorm, t, cfg_interval)
 
 
@@ -708,8 +726,7 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
                                            use_img=use_img)
     n_docs = len(prefix_segs)
     cache = model.llm.new_cache()
-    layout = cache.layout_for(prefix_segs, device=dev)
-    model.llm.forward_packed(torch.cat(prefix_embeds), cache.positions_for(layout), layout, cache)
+    _prefill(model, cache, prefix_segs, prefix_embeds)
 
     gens = _generators(seed, N, "cpu", "generate_image")   # a caller's torch.Generator draws every image's noise
     shared = len(set(map(id, gens))) == 1

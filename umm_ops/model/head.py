@@ -29,10 +29,25 @@ from torch import nn
 import umm_ops
 
 __all__ = ["timestep_features", "TimestepEmbedder", "RMSNorm", "HeadBlock", "FinalLayer", "HeadStage", "HiGate", "FlowHead",
-           "ConvStage", "rope_cos_sin", "apply_rope", "image_layout"]
+           "ConvStage", "prompt_context", "rope_cos_sin", "apply_rope", "image_layout"]
 
 
 # ----------------------------------------------------------------------------------- small pieces
+def prompt_context(hidden: torch.Tensor, spans) -> tuple:
+    """The conv stage's prompt context: rows [start, end) of `hidden` (L, D) for each (start, end) of `spans`,
+    zero-padded to the longest -> (context (N, Lmax, D), mask (N, Lmax) bool)."""
+    spans = [(int(a), int(b)) for a, b in spans]
+    if not spans or any(b <= a for a, b in spans):
+        raise ValueError(f"prompt_context: every image needs a non-empty prompt span (start < end), got {spans}")
+    L = max(b - a for a, b in spans)
+    ctx = hidden.new_zeros(len(spans), L, hidden.shape[-1])
+    mask = torch.zeros(len(spans), L, dtype=torch.bool, device=hidden.device)
+    for i, (a, b) in enumerate(spans):
+        ctx[i, : b - a] = hidden[a:b]
+        mask[i, : b - a] = True
+    return ctx, mask
+
+
 def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """Raw t (N,) -> sinusoidal features (N, dim) in float32, ordered [cos, sin] (a zero column when dim is odd)."""
     half = dim // 2
@@ -230,24 +245,32 @@ class ConvBlock(nn.Module):
 
 
 class ConvAttention(nn.Module):
-    """The feature map attends to itself and to the detail stage's tokens (N, L, C); zero-initialised output."""
+    """The feature map attends to itself, to the detail stage's tokens (N, L, C) and, with a context width, to the
+    prompt's hidden states (N, Lc, D) where ``context_mask`` (N, Lc) is True; zero-initialised output."""
 
-    def __init__(self, width: int, token_width: int, heads: int):
+    def __init__(self, width: int, token_width: int, heads: int, context_width: int = 0):
         super().__init__()
         self.heads = heads
         self.norm = nn.GroupNorm(8, width)
         self.q, self.kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
         self.kv_tokens = nn.Linear(token_width, 2 * width)
+        self.kv_context = nn.Linear(context_width, 2 * width) if context_width else None
         self.o = nn.Linear(width, width)
         nn.init.zeros_(self.o.weight)
         nn.init.zeros_(self.o.bias)
 
-    def forward(self, x, tokens):
+    def forward(self, x, tokens, context=None, context_mask=None):
         N, C, H, W = x.shape
         y = self.norm(x).flatten(2).transpose(1, 2)                                    # (N, HW, C)
-        k, v = torch.cat([self.kv(y), self.kv_tokens(tokens.to(y.dtype))], dim=1).chunk(2, dim=-1)
+        kv = [self.kv(y), self.kv_tokens(tokens.to(y.dtype))]
+        mask = None
+        if self.kv_context is not None:
+            kv.append(self.kv_context(context.to(y.dtype)))
+            keep = torch.ones(N, kv[0].shape[1] + kv[1].shape[1], dtype=torch.bool, device=x.device)
+            mask = torch.cat([keep, context_mask.to(x.device, torch.bool)], dim=1)[:, None, None, :]
+        k, v = torch.cat(kv, dim=1).chunk(2, dim=-1)
         split = lambda z: z.reshape(N, -1, self.heads, C // self.heads).transpose(1, 2)
-        o = F.scaled_dot_product_attention(split(self.q(y)), split(k), split(v))
+        o = F.scaled_dot_product_attention(split(self.q(y)), split(k), split(v), attn_mask=mask)
         return x + self.o(o.transpose(1, 2).reshape(N, H * W, C)).transpose(1, 2).reshape(N, C, H, W)
 
 
@@ -264,35 +287,47 @@ class ConvStage(nn.Module):
     Translation-equivariant where the token stages are not (docs/results/base, "A peer generator").
     """
 
-    def __init__(self, packed_channels: int, token_width: int, widths, heads: int):
+    def __init__(self, packed_channels: int, token_width: int, widths, heads: int, context_width: int = 0):
         super().__init__()
         self.widths = tuple(int(w) for w in widths)
+        self.context_width = int(context_width)
         c, w0 = packed_channels // 4, self.widths[0]
         self.conv_in = nn.Conv2d(2 * c + 2, w0, 3, padding=1)
         self.token_map = nn.Linear(token_width, 4 * w0)
         self.pool = nn.Linear(token_width, token_width)
+        self.pool_context = nn.Linear(context_width, token_width) if context_width else None
         self.down, self.down_blocks, self.down_attn = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         self.up, self.up_blocks, self.up_attn = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for i, w in enumerate(self.widths):
             prev = self.widths[i - 1] if i else w0
             self.down.append(nn.Conv2d(prev, w, 3, stride=2, padding=1) if i else nn.Identity())
             self.down_blocks.append(nn.ModuleList([ConvBlock(w, w, token_width), ConvBlock(w, w, token_width)]))
-            self.down_attn.append(ConvAttention(w, token_width, heads) if i else nn.Identity())
+            self.down_attn.append(ConvAttention(w, token_width, heads, context_width) if i else nn.Identity())
         for i in reversed(range(len(self.widths))):
             w = self.widths[i]
             self.up_blocks.append(nn.ModuleList([ConvBlock(2 * w, w, token_width), ConvBlock(w, w, token_width)]))
-            self.up_attn.append(ConvAttention(w, token_width, heads) if i else nn.Identity())
+            self.up_attn.append(ConvAttention(w, token_width, heads, context_width) if i else nn.Identity())
             self.up.append(nn.ConvTranspose2d(w, self.widths[i - 1], 2, stride=2) if i else nn.Identity())
         self.norm_out = nn.GroupNorm(8, w0)
         self.conv_out = nn.Conv2d(w0, c, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x_t, v, tokens, c, fine_hw):
-        """x_t, v (N, Hf*Wf, packed); tokens (N, Hf*Wf, C); c (N, C); fine_hw = (Hf, Wf) -> correction (N, Hf*Wf,
-        packed)."""
+    def forward(self, x_t, v, tokens, c, fine_hw, context=None, context_mask=None):
+        """x_t, v (N, Hf*Wf, packed); tokens (N, Hf*Wf, C); c (N, C); fine_hw = (Hf, Wf); with a context width,
+        context (N, Lc, D) and context_mask (N, Lc) bool (True: a prompt token; at least one per row) -> correction
+        (N, Hf*Wf, packed)."""
         N, L, P = v.shape
         Hf, Wf = fine_hw
+        if self.context_width:
+            if context is None or context_mask is None or context.dim() != 3 or context.shape[0] != N \
+                    or context.shape[2] != self.context_width or tuple(context_mask.shape) != context.shape[:2]:
+                raise ValueError(f"ConvStage: conv_context needs context (N, Lc, {self.context_width}) with N = {N} "
+                                 f"and context_mask (N, Lc), got "
+                                 f"{None if context is None else tuple(context.shape)} and "
+                                 f"{None if context_mask is None else tuple(context_mask.shape)}")
+            if not bool(context_mask.any(dim=1).all()):
+                raise ValueError("ConvStage: every image needs at least one prompt token in context_mask")
         step = 2 ** (len(self.widths) - 1)
         if (2 * Hf) % step or (2 * Wf) % step:
             raise ValueError(f"ConvStage: a latent grid of {2 * Hf}x{2 * Wf} cannot be halved "
@@ -305,16 +340,20 @@ class ConvStage(nn.Module):
         tokens = tokens.to(dt)
         h = self.conv_in(torch.cat([grid(x_t.to(dt)), grid(v), coords], dim=1)) + grid(self.token_map(tokens))
         e = c.to(dt) + self.pool(tokens.mean(dim=1))
+        if self.context_width:
+            context = context.to(dt)
+            m = context_mask.to(device=v.device, dtype=dt)[..., None]
+            e = e + self.pool_context((context * m).sum(1) / m.sum(1))
         skips = []
         for down, blocks, attn in zip(self.down, self.down_blocks, self.down_attn):
             h = down(h)
             for blk in blocks:
                 h = blk(h, e)
-            h = attn(h, tokens) if isinstance(attn, ConvAttention) else h
+            h = attn(h, tokens, context, context_mask) if isinstance(attn, ConvAttention) else h
             skips.append(h)
         for up, blocks, attn in zip(self.up, self.up_blocks, self.up_attn):
             h = blocks[1](blocks[0](torch.cat([h, skips.pop()], dim=1), e), e)
-            h = attn(h, tokens) if isinstance(attn, ConvAttention) else h
+            h = attn(h, tokens, context, context_mask) if isinstance(attn, ConvAttention) else h
             h = up(h)
         out = self.conv_out(F.silu(self.norm_out(h)))                                  # (N, c, 2Hf, 2Wf)
         return F.pixel_unshuffle(out, 2).reshape(N, P, L).transpose(1, 2)
@@ -337,14 +376,19 @@ class FlowHead(nn.Module):
             self.latent_embed = nn.Linear(out_channels, c_vit)
             nn.init.zeros_(self.latent_embed.weight)
             nn.init.zeros_(self.latent_embed.bias)
-        self.conv_stage = ConvStage(out_channels, c_vit, cfg.conv_widths, cfg.conv_heads) if cfg.conv_widths else None
+        self.conv_stage = ConvStage(out_channels, c_vit, cfg.conv_widths, cfg.conv_heads,
+                                    d_llm if cfg.conv_context else 0) if cfg.conv_widths else None
+        self.needs_context = bool(cfg.conv_widths) and bool(cfg.conv_context)
 
     def forward(self, h: torch.Tensor, t: torch.Tensor, high: torch.Tensor, grid_hw,
-                x_t: torch.Tensor | None = None) -> torch.Tensor:
+                x_t: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """h (N, gh*gw, D) LLM hidden states of N images with the same LLM token grid (gh, gw); t (N,);
         high (N, 4*gh*gw, C) ViT patch embeddings of the decoded x_t; x_t (N, 4*gh*gw, out) the noisy packed latent
         itself, needed by the options that are not Cheers' (``HeadConfig.latent_input``, ``conv_widths`` and
-        ``prediction = "clean"``).  Returns the velocity v (N, 4*gh*gw, out)."""
+        ``prediction = "clean"``); context (N, Lc, D) / context_mask (N, Lc): the LLM hidden states of each image's
+        prompt, read only with ``conv_context`` (``prompt_context`` builds them).  Returns the velocity v
+        (N, 4*gh*gw, out)."""
         N, n, D = h.shape
         gh, gw = int(grid_hw[0]), int(grid_hw[1])
         if n != gh * gw:
@@ -366,7 +410,7 @@ class FlowHead(nn.Module):
         pos2 = torch.arange(2 * n, device=h.device).repeat(2)                   # arange(L/2) twice, as released
         out = self.hi_projector(x, c2, pos2)
         if self.conv_stage is not None:
-            out = out + self.conv_stage(x_t, out, x, c2, fine)
+            out = out + self.conv_stage(x_t, out, x, c2, fine, context, context_mask)
         if self.prediction == "velocity":
             return out
         # the stage predicts the clean latent x1; v = (x1_hat - x_t) / (1 - t), 1 - t kept >= clean_min_gap
