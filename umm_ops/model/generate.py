@@ -396,12 +396,12 @@ def _velocity(model, cache, x, t, hw, grid, gen_mode, n_docs):
     pos = cache.positions_for(layout)
     h = model.llm.forward_packed(emb.reshape(n_docs * n, -1), pos, layout, cache, update_cache=False)
     ctx = {}
-    if model.head.needs_context:   # the prompts' hidden states, kept by the prefill (_prefill)
+    if model.head.needs_context:   # the prompts' hidden states, kept by _prefill_prompts
         ctx = dict(context=cache.head_context[0], context_mask=cache.head_context[1])
     return model.head(h.view(n_docs, n, -1), t, high, grid, x, **ctx).float()
 
 
-def _prefill(model, cache, prefix_segs, prefix_embeds):
+def _prefill_prompts(model, cache, prefix_segs, prefix_embeds):
     """Run the generated images' prefixes (prompts) into the KV cache; with the head's prompt context
     (``HeadConfig.conv_context``) their final hidden states are kept on the cache for every step."""
     layout = cache.layout_for(prefix_segs, device=model.device)
@@ -726,7 +726,7 @@ def _generate(model, samples, height, width, steps, cfg_scale, time_shift, seed,
                                            use_img=use_img)
     n_docs = len(prefix_segs)
     cache = model.llm.new_cache()
-    _prefill(model, cache, prefix_segs, prefix_embeds)
+    _prefill_prompts(model, cache, prefix_segs, prefix_embeds)
 
     gens = _generators(seed, N, "cpu", "generate_image")   # a caller's torch.Generator draws every image's noise
     shared = len(set(map(id, gens))) == 1
