@@ -368,6 +368,21 @@ def test_geneval_and_vae_recon_truth_scores_one_noise_zero():
     assert noise["geneval"]["score"] == 0.0 and noise["vae-recon"]["score"] == 0.0
 
 
+def test_geneval_draws_with_the_guidance_asked_for():
+    """evaluate(cfg_scale=...) (umm eval --cfg) reaches geneval's drawings; None leaves the model's default."""
+    w = _world()
+    seen = []
+
+    class Spy(Oracle):
+        def generate_image(self, prompts, height, width, steps=None, seed=0, **kw):
+            seen.append(kw.get("cfg_scale", "absent"))
+            return super().generate_image(prompts, height, width, steps, seed, **kw)
+
+    _eval(Spy(w, "right"), "geneval", n=2, cfg_scale=7.0)
+    _eval(Spy(w, "right"), "geneval", n=2)
+    assert seen == [7.0, None]
+
+
 def test_geneval_does_not_count_confetti_as_objects():
     """Fragments far smaller than any object of the world (an untrained generator's confetti) are not objects:
     the checker's default threshold alone scores them above 0.1 on this world (about 0.2 for a real untrained

@@ -591,7 +591,7 @@ def main(argv=None) -> int:
     ev.add_argument("--steps", type=int, default=None, help="sampler steps of generated images (default: the model's)")
     ev.add_argument("--rounds", type=int, default=3, help="rounds of R3's loop (task refine)")
     ev.add_argument("--cfg", type=float, default=None,
-                    help="guidance scale of edits (tasks edit, refine; refine's drawings too; default: the model's)")
+                    help="guidance scale of generated images (tasks geneval, edit, refine; default: the model's)")
     _add_edit_guidance_args(ev, "edits (tasks edit, refine)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--brief", action="store_true", help="print only the summary table")

@@ -144,7 +144,7 @@ def evaluate(model, tasks=DEFAULT_TASKS, n: int = 256, seed: int = 0, image_size
     progress(name, result, seconds) is called after each task.  cfg_scale / image_cfg_scale / cfg_renorm /
     cfg_interval: the
     guidance of edits (tasks edit and refine; two-scale CFG, ``umm_ops.model.generate.guide``; cfg_scale also
-    guides refine's first drawing).  Returns the result dict (module docstring)."""
+    guides geneval's images and refine's first drawing).  Returns the result dict (module docstring)."""
     import time
 
     from ..data.synthetic import SyntheticWorld

@@ -64,7 +64,7 @@ class GenEvalTask(Task):
             prompts = [Sample([TextItem(r.prompt["text"])], meta={"task": self.name, "index": r.index})
                        for r in batch]
             with torch.no_grad():
-                out = model.generate_image(prompts, height=S, width=S, steps=ctx.steps,
+                out = model.generate_image(prompts, height=S, width=S, steps=ctx.steps, cfg_scale=ctx.cfg_scale,
                                            seed=ctx.seed_for(self.name, batch[0].index))["images"]
             gen += [to_uint8(g, rng) for g in out]
         items, min_area = [], ctx.world.min_object_area

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The runs of docs/results/base "A convolutional stage in the head" (stop 36), as they were made: seed 0, one
+# thread per run, two or three runs sharing the 2-vCPU machine.  umm / python = the project's venv.
+set -euo pipefail
+export OMP_NUM_THREADS=1
+GEN="--no-resume --device cpu --steps 1800 --warmup 30 --set data.budget=256 --set recipe.caption_first=0 \
+     --set recipe.tasks=generate --set checkpoint.every=600 --set checkpoint.keep_last=5 --no-progress"
+CONV="--set model.conv_widths=[64,128,192]"
+umm train --out cG $GEN $CONV                                            # text-to-image only, conv stage
+umm train --out cB --no-resume --device cpu --keep-last 20 $CONV --no-progress   # the default base schedule + conv stage
+umm train --out cGL $GEN $CONV --set recipe.timesteps=logit_normal       # + SD3's logit-normal training times
+umm train --out cGC $GEN $CONV --set model.conv_context=true             # + the prompt's hidden states in the stage
+# the UNet peer with Cheers' uniform training times (peer_dit.py: docs/results/base/experiments/peer)
+python ../peer/peer_dit.py pUu --arch unet --tokens latent --seed 1 --timesteps uniform --steps 3600 \
+    --eval-at 1800,3600 --n 128
+# evaluation (the same 128 held-out prompts as every run of stops 33-35; cB also understanding, as gBase)
+for r in cG cGL cGC; do for s in 600 1200 1800; do
+  umm eval $r/checkpoint-$s --tasks geneval --n 128 --steps 12 --brief --json ev128-$r-$s.json --out evdir-$r-$s
+done; done
+umm eval cB/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief --json ev128-cB.json \
+    --out evdir-cB
+# diagnostics: the stage's share of the velocity (stage on / off), linear probes of the prompt's shape and colour
+python conv_share.py cG/checkpoint-1200 48
+python ../gen2/cond_loss.py cG/checkpoint-1200 48
+python probe.py cG/checkpoint-1800
