@@ -20,6 +20,9 @@ done; done
 umm eval cB/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief --json ev128-cB.json \
     --out evdir-cB
 # diagnostics: the stage's share of the velocity (stage on / off), linear probes of the prompt's shape and colour
-python conv_share.py cG/checkpoint-1200 48
-python ../gen2/cond_loss.py cG/checkpoint-1200 48
-python probe.py cG/checkpoint-1800
+python conv_share.py cG/checkpoint-1200 48               # -> conv_share-cG-1200.json
+python ../gen2/cond_loss.py cG/checkpoint-1200 48         # -> cond_loss-cG-1200.json
+python probe.py cG/checkpoint-1800                      # -> probe-cG-1800.json
+# sampler settings of cG/checkpoint-1800 (time shift 0.5 / 1, CFG 1 / 4 / 8) -> shift-cG-1800.jsonl
+python shift_eval.py cG/checkpoint-1800 128 0.5:4 1.0:4 0.5:1 0.5:8
+python plot.py ..   # RUNS = the folder holding gen/, gen2/ and conv/: loss_curves.json from the metrics, conv.png
