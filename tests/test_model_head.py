@@ -340,3 +340,35 @@ def test_conv_context_reads_only_the_masked_prompt_and_starts_as_cheers(seed):
     c.head.conv_context = True
     with pytest.raises(ValueError, match="conv_context = True needs the convolutional stage"):
         c.validate()
+
+
+def test_conv_stage_reading_the_latent_only(seed):
+    """conv_inputs = "latent": the stage's correction depends on x_t, t and the prompt context, not on the detail
+    stage's velocity or HiGate's tokens; it still starts as Cheers' head."""
+    from umm_ops.model.head import prompt_context
+
+    plain = make_head(torch.float64)
+    head = FlowHead(D, HQ, HKV, C, CH, OUT, HeadConfig(semantic_layers=2, detail_layers=2, conv_widths=(16, 32),
+                                                         conv_context=True, conv_inputs="latent")).double()
+    head.load_state_dict(plain.state_dict(), strict=False)
+    h, t, high = _inputs(2, (2, 2), torch.float64)
+    x_t = torch.randn(2, 16, OUT, dtype=torch.float64)
+    ctx, mask = prompt_context(torch.randn(9, D, dtype=torch.float64), [(0, 5), (5, 9)])
+    with umm_ops.use_backend("reference"):
+        assert torch.equal(head(h, t, high, (2, 2), x_t, ctx, mask), plain(h, t, high, (2, 2)))
+    stage = head.conv_stage
+    assert stage.token_map is None and stage.pool is None and stage.conv_in.in_channels == OUT // 4 + 2
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    c = torch.randn(2, C, dtype=torch.float64)
+    a = stage(x_t, torch.randn_like(x_t), torch.randn(2, 16, C, dtype=torch.float64), c, (4, 4), ctx, mask)
+    b = stage(x_t, torch.randn_like(x_t), torch.randn(2, 16, C, dtype=torch.float64), c, (4, 4), ctx, mask)
+    assert torch.equal(a, b)
+    assert not torch.allclose(stage(x_t, x_t, None, c, (4, 4), ctx + 0.5, mask), a)
+    assert not torch.allclose(stage(x_t + 0.5, x_t, None, c, (4, 4), ctx, mask), a)
+    from umm_ops.model.config import preset
+    cfg = preset("tiny")
+    cfg.head.conv_widths, cfg.head.conv_inputs = (64,), "pixels"
+    with pytest.raises(ValueError, match="head.conv_inputs must be 'all' or 'latent', got 'pixels'"):
+        cfg.validate()

@@ -253,7 +253,7 @@ class ConvAttention(nn.Module):
         self.heads = heads
         self.norm = nn.GroupNorm(8, width)
         self.q, self.kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
-        self.kv_tokens = nn.Linear(token_width, 2 * width)
+        self.kv_tokens = nn.Linear(token_width, 2 * width) if token_width else None
         self.kv_context = nn.Linear(context_width, 2 * width) if context_width else None
         self.o = nn.Linear(width, width)
         nn.init.zeros_(self.o.weight)
@@ -262,11 +262,13 @@ class ConvAttention(nn.Module):
     def forward(self, x, tokens, context=None, context_mask=None):
         N, C, H, W = x.shape
         y = self.norm(x).flatten(2).transpose(1, 2)                                    # (N, HW, C)
-        kv = [self.kv(y), self.kv_tokens(tokens.to(y.dtype))]
+        kv = [self.kv(y)]
+        if self.kv_tokens is not None:
+            kv.append(self.kv_tokens(tokens.to(y.dtype)))
         mask = None
         if self.kv_context is not None:
+            keep = torch.ones(N, sum(z.shape[1] for z in kv), dtype=torch.bool, device=x.device)
             kv.append(self.kv_context(context.to(y.dtype)))
-            keep = torch.ones(N, kv[0].shape[1] + kv[1].shape[1], dtype=torch.bool, device=x.device)
             mask = torch.cat([keep, context_mask.to(x.device, torch.bool)], dim=1)[:, None, None, :]
         k, v = torch.cat(kv, dim=1).chunk(2, dim=-1)
         split = lambda z: z.reshape(N, -1, self.heads, C // self.heads).transpose(1, 2)
@@ -284,28 +286,34 @@ class ConvStage(nn.Module):
     stage's conditioning (the timestep embedding) plus the tokens' mean; every level but the first halves the grid
     and attends to itself and the tokens.  The way up mirrors it with skip connections; the last convolution is
     zero-initialised and its output, packed back, is added to the velocity: at initialisation the head is Cheers'.
+    With ``inputs = "latent"`` it reads x_t and the coordinates only (FiLM from the timestep embedding, attention to
+    itself), plus the prompt context when it has one: a text-to-image UNet beside the token stages.
     Translation-equivariant where the token stages are not (docs/results/base, "A peer generator").
     """
 
-    def __init__(self, packed_channels: int, token_width: int, widths, heads: int, context_width: int = 0):
+    def __init__(self, packed_channels: int, token_width: int, widths, heads: int, context_width: int = 0,
+                 inputs: str = "all"):
         super().__init__()
         self.widths = tuple(int(w) for w in widths)
         self.context_width = int(context_width)
+        self.read_tokens = inputs == "all"          # "latent": x_t (and the prompt context) only
         c, w0 = packed_channels // 4, self.widths[0]
-        self.conv_in = nn.Conv2d(2 * c + 2, w0, 3, padding=1)
-        self.token_map = nn.Linear(token_width, 4 * w0)
-        self.pool = nn.Linear(token_width, token_width)
-        self.pool_context = nn.Linear(context_width, token_width) if context_width else None
+        cond = token_width                          # the FiLM vector's width (the timestep embedding's)
+        self.conv_in = nn.Conv2d((2 * c if self.read_tokens else c) + 2, w0, 3, padding=1)
+        self.token_map = nn.Linear(token_width, 4 * w0) if self.read_tokens else None
+        self.pool = nn.Linear(token_width, token_width) if self.read_tokens else None
+        self.pool_context = nn.Linear(context_width, cond) if context_width else None
+        token_width = token_width if self.read_tokens else 0
         self.down, self.down_blocks, self.down_attn = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         self.up, self.up_blocks, self.up_attn = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for i, w in enumerate(self.widths):
             prev = self.widths[i - 1] if i else w0
             self.down.append(nn.Conv2d(prev, w, 3, stride=2, padding=1) if i else nn.Identity())
-            self.down_blocks.append(nn.ModuleList([ConvBlock(w, w, token_width), ConvBlock(w, w, token_width)]))
+            self.down_blocks.append(nn.ModuleList([ConvBlock(w, w, cond), ConvBlock(w, w, cond)]))
             self.down_attn.append(ConvAttention(w, token_width, heads, context_width) if i else nn.Identity())
         for i in reversed(range(len(self.widths))):
             w = self.widths[i]
-            self.up_blocks.append(nn.ModuleList([ConvBlock(2 * w, w, token_width), ConvBlock(w, w, token_width)]))
+            self.up_blocks.append(nn.ModuleList([ConvBlock(2 * w, w, cond), ConvBlock(w, w, cond)]))
             self.up_attn.append(ConvAttention(w, token_width, heads, context_width) if i else nn.Identity())
             self.up.append(nn.ConvTranspose2d(w, self.widths[i - 1], 2, stride=2) if i else nn.Identity())
         self.norm_out = nn.GroupNorm(8, w0)
@@ -337,9 +345,13 @@ class ConvStage(nn.Module):
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, 2 * Hf, device=v.device, dtype=dt),
                                 torch.linspace(-1, 1, 2 * Wf, device=v.device, dtype=dt), indexing="ij")
         coords = torch.stack([yy, xx]).expand(N, 2, 2 * Hf, 2 * Wf)
-        tokens = tokens.to(dt)
-        h = self.conv_in(torch.cat([grid(x_t.to(dt)), grid(v), coords], dim=1)) + grid(self.token_map(tokens))
-        e = c.to(dt) + self.pool(tokens.mean(dim=1))
+        if self.read_tokens:
+            tokens = tokens.to(dt)
+            h = self.conv_in(torch.cat([grid(x_t.to(dt)), grid(v), coords], dim=1)) + grid(self.token_map(tokens))
+            e = c.to(dt) + self.pool(tokens.mean(dim=1))
+        else:
+            h = self.conv_in(torch.cat([grid(x_t.to(dt)), coords], dim=1))
+            e = c.to(dt)
         if self.context_width:
             context = context.to(dt)
             m = context_mask.to(device=v.device, dtype=dt)[..., None]
@@ -377,7 +389,7 @@ class FlowHead(nn.Module):
             nn.init.zeros_(self.latent_embed.weight)
             nn.init.zeros_(self.latent_embed.bias)
         self.conv_stage = ConvStage(out_channels, c_vit, cfg.conv_widths, cfg.conv_heads,
-                                    d_llm if cfg.conv_context else 0) if cfg.conv_widths else None
+                                    d_llm if cfg.conv_context else 0, cfg.conv_inputs) if cfg.conv_widths else None
         self.needs_context = bool(cfg.conv_widths) and bool(cfg.conv_context)
 
     def forward(self, h: torch.Tensor, t: torch.Tensor, high: torch.Tensor, grid_hw,

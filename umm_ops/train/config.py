@@ -60,7 +60,8 @@ class ModelConfig:
     conv_widths: tuple = ()           # a convolutional stage after the flow head's detail stage, channels per level,
                                       # e.g. [64, 128, 192] (HeadConfig.conv_widths)
     conv_context: bool = False        # that stage also reads the prompt's LLM hidden states (HeadConfig.conv_context)
-                                      # (these five: a fresh model's architecture, not in Cheers by default; with
+    conv_inputs: str = "all"          # what that stage reads: "all" or "latent" (HeadConfig.conv_inputs)
+                                      # (these six: a fresh model's architecture, not in Cheers by default; with
                                       # recipe.init the checkpoint's holds, and a value it lacks is refused)
     vae_weights: typing.Optional[str] = None   # a fresh model's autoencoder instead of the preset's: a shipped name
                                       # or a .safetensors file from `umm export` of a vae run (refused with
@@ -76,6 +77,7 @@ class ModelConfig:
         c.latent_to_llm = bool(self.latent_to_llm)
         c.head.conv_widths = tuple(int(w) for w in self.conv_widths)
         c.head.conv_context = bool(self.conv_context)
+        c.head.conv_inputs = self.conv_inputs
         if self.vae_weights is not None:
             c.vae.weights = self.vae_weights
         return c.validate()
@@ -96,6 +98,9 @@ class ModelConfig:
             raise ConfigError(f"model.conv_widths = {list(self.conv_widths)}, but recipe.init {init!r} has "
                               f"{list(head.conv_widths) or 'no convolutional stage'}: drop model.conv_widths, or "
                               f"start fresh")
+        if self.conv_inputs != "all" and self.conv_inputs != head.conv_inputs:
+            raise ConfigError(f"model.conv_inputs = {self.conv_inputs!r}, but recipe.init {init!r} has "
+                              f"{head.conv_inputs!r}: drop model.conv_inputs, or start fresh")
         if self.conv_context and not head.conv_context:
             raise ConfigError(f"model.conv_context = true, but recipe.init {init!r} has no prompt context in its "
                               f"convolutional stage: drop model.conv_context, or start fresh")
