@@ -10,11 +10,13 @@ umm train --out cG $GEN $CONV                                            # text-
 umm train --out cB --no-resume --device cpu --keep-last 20 $CONV --no-progress   # the default base schedule + conv stage
 umm train --out cGL $GEN $CONV --set recipe.timesteps=logit_normal       # + SD3's logit-normal training times
 umm train --out cGC $GEN $CONV --set model.conv_context=true             # + the prompt's hidden states in the stage
+umm train --out cGP $GEN $CONV --set model.conv_context=true --set model.conv_inputs=latent --set recipe.evaluate=false
+                                                                         # the stage reads x_t and the prompt only
 # the UNet peer with Cheers' uniform training times (peer_dit.py: docs/results/base/experiments/peer)
 python ../peer/peer_dit.py pUu --arch unet --tokens latent --seed 1 --timesteps uniform --steps 3600 \
     --eval-at 1800,3600 --n 128
 # evaluation (the same 128 held-out prompts as every run of stops 33-35; cB also understanding, as gBase)
-for r in cG cGL cGC; do for s in 600 1200 1800; do
+for r in cG cGL cGC cGP; do for s in 600 1200 1800; do
   umm eval $r/checkpoint-$s --tasks geneval --n 128 --steps 12 --brief --json ev128-$r-$s.json --out evdir-$r-$s
 done; done
 umm eval cB/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief --json ev128-cB.json \

@@ -22,7 +22,7 @@ def flow(path, key="flow_loss", every=100):
 
 
 SOURCES = {"gA": "gen/gA", "gJ": "gen2/gJ", "gBase": "gen/gBase", "cG": "conv/cG", "cGC": "conv/cGC",
-           "cGL": "conv/cGL", "cB": "conv/cB"}
+           "cGL": "conv/cGL", "cB": "conv/cB", "cGP": "conv/cGP"}
 cache = os.path.join(HERE, "loss_curves.json")
 if len(sys.argv) > 1:
     curves = {k: [list(a) for a in flow(os.path.join(sys.argv[1], v, "metrics.jsonl"))]
@@ -32,7 +32,8 @@ curves = json.load(open(cache))
 
 fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
 for name, run, style in [("Cheers head (gA)", "gA", "k--"), ("+ latent_input (gJ)", "gJ", "k-"),
-                         ("+ conv stage (cG)", "cG", "C0-"), ("+ conv stage + prompt context (cGC)", "cGC", "C2-")]:
+                         ("+ conv stage (cG)", "cG", "C0-"), ("+ conv stage + prompt context (cGC)", "cGC", "C2-"),
+                         ("conv stage on x_t + prompt only (cGP)", "cGP", "C5-")]:
     if run in curves:
         ax[0].plot(*curves[run], style, label=name)
 ax[0].set(title="text-to-image only: flow loss (uniform t)", xlabel="step", ylabel="flow loss (mean of 100 steps)")
