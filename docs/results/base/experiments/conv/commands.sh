@@ -15,6 +15,9 @@ umm train --out cGP $GEN $CONV --set model.conv_context=true --set model.conv_in
 # the UNet peer with Cheers' uniform training times (peer_dit.py: docs/results/base/experiments/peer)
 python ../peer/peer_dit.py pUu --arch unet --tokens latent --seed 1 --timesteps uniform --steps 3600 \
     --eval-at 1800,3600 --n 128
+# the same with this project's CFG dropout (0.2) and one 1,800-step schedule (6.7 min, CI running beside it)
+python ../peer/peer_dit.py pUc --arch unet --tokens latent --seed 1 --timesteps uniform --p-uncond 0.2 --steps 1800 \
+    --eval-at 1800 --n 128
 # evaluation (the same 128 held-out prompts as every run of stops 33-35; cB also understanding, as gBase)
 for r in cG cGL cGC cGP; do for s in 600 1200 1800; do
   umm eval $r/checkpoint-$s --tasks geneval --n 128 --steps 12 --brief --json ev128-$r-$s.json --out evdir-$r-$s
