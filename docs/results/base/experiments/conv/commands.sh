@@ -12,7 +12,7 @@ umm train --out cGL $GEN $CONV --set recipe.timesteps=logit_normal       # + SD3
 umm train --out cGC $GEN $CONV --set model.conv_context=true             # + the prompt's hidden states in the stage
 umm train --out cGP $GEN $CONV --set model.conv_context=true --set model.conv_inputs=latent --set recipe.evaluate=false
                                                                          # the stage reads x_t and the prompt only
-# the UNet peer with Cheers' uniform training times (peer_dit.py: docs/results/base/experiments/peer)
+# the UNet peer with Cheers' uniform training times (run in ../peer, beside its latents.pt cache; outputs in ../peer/pUu, pUc)
 python ../peer/peer_dit.py pUu --arch unet --tokens latent --seed 1 --timesteps uniform --steps 3600 \
     --eval-at 1800,3600 --n 128
 # the same with this project's CFG dropout (0.2) and one 1,800-step schedule (6.7 min, CI running beside it)
