@@ -449,13 +449,21 @@ def test_clear_errors(model):
 
 
 # ------------------------------------------------------------------ the latent input (not in Cheers)
-def _with_latent_input(model):
-    """A copy of `model` whose head also reads x_t (HeadConfig.latent_input), every other weight shared."""
-    cfg = dataclasses.replace(model.config, head=dataclasses.replace(model.config.head, latent_input=True))
+def _with_head_options(model, **options):
+    """A copy of `model` with these HeadConfig options, every weight it shares with `model` loaded; returns the
+    model (eval mode) and the names of its weights `model` does not have."""
+    cfg = dataclasses.replace(model.config, head=dataclasses.replace(model.config.head, **options))
     m = CheersModel(cfg, tokenizer=model.tokenizer)
     missing, unexpected = m.load_state_dict(model.state_dict(), strict=False)
-    assert sorted(missing) == ["head.latent_embed.bias", "head.latent_embed.weight"] and unexpected == []
-    return m.eval()
+    assert unexpected == []
+    return m.eval(), missing
+
+
+def _with_latent_input(model):
+    """A copy of `model` whose head also reads x_t (HeadConfig.latent_input), every other weight shared."""
+    m, missing = _with_head_options(model, latent_input=True)
+    assert sorted(missing) == ["head.latent_embed.bias", "head.latent_embed.weight"]
+    return m
 
 
 def test_latent_input_starts_as_cheers_and_then_reads_the_noisy_latent(model):
@@ -599,11 +607,8 @@ def test_conv_stage_starts_as_cheers_trains_samples_and_round_trips(model, tmp_p
     differentiable velocity() (RL) agree through it; save_pretrained / from_pretrained keep it."""
     from umm_ops import rl
 
-    cfg = dataclasses.replace(model.config, head=dataclasses.replace(model.config.head, conv_widths=(16, 32)))
-    m = CheersModel(cfg, tokenizer=model.tokenizer)
-    missing, unexpected = m.load_state_dict(model.state_dict(), strict=False)
-    assert missing and all(k.startswith("head.conv_stage.") for k in missing) and unexpected == []
-    m.eval()
+    m, missing = _with_head_options(model, conv_widths=(16, 32))
+    assert missing and all(k.startswith("head.conv_stage.") for k in missing)
     batch = pack(_samples(), model.pack_spec(), seed=4)[0]
     noise = _noise(model, batch)
     with torch.no_grad():
@@ -637,10 +642,7 @@ def test_conv_context_is_each_images_own_prompt(model):
     lengths) equals its velocity packed alone; the sampler's cached path and velocity() (RL) agree."""
     from umm_ops import rl
 
-    head = dataclasses.replace(model.config.head, conv_widths=(16, 32), conv_context=True)
-    m = CheersModel(dataclasses.replace(model.config, head=head), tokenizer=model.tokenizer)
-    m.load_state_dict(model.state_dict(), strict=False)
-    m.eval()
+    m, _ = _with_head_options(model, conv_widths=(16, 32), conv_context=True)
     with torch.no_grad():
         for p in m.head.conv_stage.parameters():
             p.add_(torch.randn_like(p) * 0.05)

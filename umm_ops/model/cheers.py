@@ -342,7 +342,7 @@ class CheersModel(nn.Module):
         l_text, n_text = text_loss(hidden, batch.labels, self.llm.logits,
                                    *((head.weight, head.bias) if cfg.fused_text_loss else ()))
         v_preds, targets = [], []
-        doc_starts = batch.doc_offsets.tolist()
+        doc_starts = batch.doc_offsets.tolist() if self.head.needs_context else None
         for grid, starts, t, high, target, x_t in gen:
             n = grid[0] * grid[1]
             pos = torch.cat([torch.arange(s, s + n, device=dev) for s in starts])

@@ -17,6 +17,7 @@ Prompts are str, Sample or token ids (:class:`PromptIds`: used as given).
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -407,7 +408,7 @@ def _prefill_prompts(model, cache, prefix_segs, prefix_embeds):
     layout = cache.layout_for(prefix_segs, device=model.device)
     hidden = model.llm.forward_packed(torch.cat(prefix_embeds), cache.positions_for(layout), layout, cache)
     if model.head.needs_context:
-        ends = torch.tensor([e.shape[0] for e in prefix_embeds]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(e.shape[0] for e in prefix_embeds))
         cache.head_context = prompt_context(hidden, zip([0] + ends[:-1], ends))
 
 
