@@ -370,5 +370,47 @@ def test_conv_stage_reading_the_latent_only(seed):
     from umm_ops.model.config import preset
     cfg = preset("tiny")
     cfg.head.conv_widths, cfg.head.conv_inputs = (64,), "pixels"
-    with pytest.raises(ValueError, match="head.conv_inputs must be 'all' or 'latent', got 'pixels'"):
+    with pytest.raises(ValueError, match="head.conv_inputs must be 'all', 'latent' or 'alone', got 'pixels'"):
         cfg.validate()
+
+
+def test_conv_stage_alone_is_the_whole_velocity(seed):
+    """conv_inputs = "alone": the head's velocity is the stage's output on x_t, t and the prompt context, computed
+    with the timestep embedding the detail stage would get; the LLM's image states h and the ViT features do not
+    matter, the token stages get no gradient, and prediction = "clean" maps the stage's output as for the token
+    stages.  Without the prompt context it is refused."""
+    from umm_ops.model.head import prompt_context
+
+    cfg = HeadConfig(semantic_layers=2, detail_layers=2, conv_widths=(16, 32), conv_context=True,
+                     conv_inputs="alone")
+    head = FlowHead(D, HQ, HKV, C, CH, OUT, cfg).double()
+    with torch.no_grad():
+        for p in head.conv_stage.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    h, t, high = _inputs(2, (2, 2), torch.float64)
+    x_t = torch.randn(2, 16, OUT, dtype=torch.float64)
+    ctx, mask = prompt_context(torch.randn(9, D, dtype=torch.float64), [(0, 5), (5, 9)])
+    with umm_ops.use_backend("reference"):
+        v = head(h, t, high, (2, 2), x_t, ctx, mask)
+        c2 = head.time_embed(t, torch.float64)[1]
+        assert torch.equal(v, head.conv_stage(x_t, None, None, c2, (4, 4), ctx, mask))
+        assert torch.equal(head(torch.randn_like(h), t, torch.randn_like(high), (2, 2), x_t, ctx, mask), v)
+        assert not torch.allclose(head(h, t, high, (2, 2), x_t, ctx + 0.5, mask), v)
+        head(h, t, high, (2, 2), x_t, ctx, mask).square().sum().backward()
+    for name, p in head.named_parameters():
+        if name.startswith("conv_stage."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        elif name.startswith(("gen_projector.", "hi_gate.", "hi_projector.")):
+            assert p.grad is None, name
+    clean = FlowHead(D, HQ, HKV, C, CH, OUT, HeadConfig(semantic_layers=2, detail_layers=2, conv_widths=(16, 32),
+                                                         conv_context=True, conv_inputs="alone",
+                                                         prediction="clean")).double()
+    clean.load_state_dict(head.state_dict())
+    with umm_ops.use_backend("reference"):
+        gap = (1 - t).clamp_min(cfg.clean_min_gap)[:, None, None]
+        torch.testing.assert_close(clean(h, t, high, (2, 2), x_t, ctx, mask), (v - x_t) / gap, rtol=1e-12, atol=1e-12)
+    from umm_ops.model.config import preset
+    c = preset("tiny")
+    c.head.conv_widths, c.head.conv_inputs = (64,), "alone"
+    with pytest.raises(ValueError, match="conv_inputs = 'alone' needs head.conv_context = True"):
+        c.validate()

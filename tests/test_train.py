@@ -701,6 +701,13 @@ def test_conv_widths_trains_loads_back_and_is_run_defining(straight, tmp_path):
     with pytest.raises(ConfigError, match="has no prompt context in its convolutional stage"):
         train(_cfg(tmp_path / "d", job__steps=1, model__conv_widths=[16, 32], model__conv_context=True,
                    recipe__init=str(out)))
+    # the stage alone (the token stages get no gradient: test_model_head): it trains and loads back
+    train(_cfg(tmp_path / "alone", job__steps=1, model__conv_widths=[16, 32], model__conv_context=True,
+               model__conv_inputs="alone"))
+    m = load_checkpoint_model(tmp_path / "alone")
+    assert m.config.head.conv_inputs == "alone" and m.head.conv_stage.conv_out.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="conv_inputs = 'alone' needs head.conv_context = True"):
+        train(_cfg(tmp_path / "e", job__steps=1, model__conv_widths=[16, 32], model__conv_inputs="alone"))
 
 
 def test_latent_to_llm_trains_and_runs_older_than_a_key_still_resume(straight, tmp_path):

@@ -81,7 +81,10 @@ class HeadConfig:
     conv_heads: int = 4            # attention heads of that stage (cross-attention to the detail stage's tokens)
     conv_inputs: str = "all"       # what that stage reads: "all" (x_t, the detail stage's velocity and HiGate's
                                    # tokens) or "latent" (x_t only, with the prompt context when conv_context: a
-                                   # text-to-image UNet inside the head, beside the token stages)
+                                   # text-to-image UNet inside the head, beside the token stages) or "alone" (as
+                                   # "latent", and its output is the whole velocity: the token stages are not run,
+                                   # so the LLM reaches the image only through the prompt context - an LLM as the
+                                   # text encoder of a UNet; needs conv_context)
     conv_context: bool = False     # that stage also attends to the LLM's final hidden states of the image's prompt
                                    # (its document's tokens before the image) and adds their mean to its FiLM
                                    # conditioning, as a text-to-image UNet reads its text encoder (needs conv_widths)
@@ -172,8 +175,11 @@ class CheersConfig:
             raise ValueError(f"head.conv_widths must be () or 1-4 channel counts, each a multiple of 8 (GroupNorm "
                              f"groups) and, from the second on, of head.conv_heads = {self.head.conv_heads}; got "
                              f"{self.head.conv_widths!r}")
-        if self.head.conv_inputs not in ("all", "latent"):
-            raise ValueError(f"head.conv_inputs must be 'all' or 'latent', got {self.head.conv_inputs!r}")
+        if self.head.conv_inputs not in ("all", "latent", "alone"):
+            raise ValueError(f"head.conv_inputs must be 'all', 'latent' or 'alone', got {self.head.conv_inputs!r}")
+        if self.head.conv_inputs == "alone" and not self.head.conv_context:
+            raise ValueError("head.conv_inputs = 'alone' needs head.conv_context = True: the stage alone would not "
+                             "see the prompt")
         if self.head.conv_context and not cw:
             raise ValueError("head.conv_context = True needs the convolutional stage: set head.conv_widths")
         if not 0.0 < self.head.clean_min_gap <= 1.0:

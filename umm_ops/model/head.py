@@ -287,8 +287,9 @@ class ConvStage(nn.Module):
     and attends to itself and the tokens.  The way up mirrors it with skip connections; the last convolution is
     zero-initialised and its output, packed back, is added to the velocity: at initialisation the head is Cheers'.
     With ``inputs = "latent"`` it reads x_t and the coordinates only (FiLM from the timestep embedding, attention to
-    itself), plus the prompt context when it has one: a text-to-image UNet beside the token stages.
-    Translation-equivariant where the token stages are not (docs/results/base, "A peer generator").
+    itself), plus the prompt context when it has one: a text-to-image UNet beside the token stages.  With
+    ``inputs = "alone"`` it reads the same and FlowHead returns its output as the whole velocity (the token stages
+    are not run).  Translation-equivariant where the token stages are not (docs/results/base, "A peer generator").
     """
 
     def __init__(self, packed_channels: int, token_width: int, widths, heads: int, context_width: int = 0,
@@ -296,7 +297,7 @@ class ConvStage(nn.Module):
         super().__init__()
         self.widths = tuple(int(w) for w in widths)
         self.context_width = int(context_width)
-        self.read_tokens = inputs == "all"          # "latent": x_t (and the prompt context) only
+        self.read_tokens = inputs == "all"          # "latent" / "alone": x_t (and the prompt context) only
         c, w0 = packed_channels // 4, self.widths[0]
         cond = token_width                          # the FiLM vector's width (the timestep embedding's)
         self.conv_in = nn.Conv2d((2 * c if self.read_tokens else c) + 2, w0, 3, padding=1)
@@ -324,8 +325,9 @@ class ConvStage(nn.Module):
     def forward(self, x_t, v, tokens, c, fine_hw, context=None, context_mask=None):
         """x_t, v (N, Hf*Wf, packed); tokens (N, Hf*Wf, C); c (N, C); fine_hw = (Hf, Wf); with a context width,
         context (N, Lc, D) and context_mask (N, Lc) bool (True: a prompt token; at least one per row) -> correction
-        (N, Hf*Wf, packed)."""
-        N, L, P = v.shape
+        (N, Hf*Wf, packed).  v and tokens are read only with inputs = "all" (else they may be None); the output has
+        v's dtype (c's without v)."""
+        N, L, P = x_t.shape
         Hf, Wf = fine_hw
         if self.context_width:
             if context is None or context_mask is None or context.dim() != 3 or context.shape[0] != N \
@@ -341,9 +343,9 @@ class ConvStage(nn.Module):
             raise ValueError(f"ConvStage: a latent grid of {2 * Hf}x{2 * Wf} cannot be halved "
                              f"{len(self.widths) - 1} times (head.conv_widths = {self.widths}): use fewer levels")
         grid = lambda z: F.pixel_shuffle(z.transpose(1, 2).reshape(N, -1, Hf, Wf), 2)
-        dt = v.dtype
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, 2 * Hf, device=v.device, dtype=dt),
-                                torch.linspace(-1, 1, 2 * Wf, device=v.device, dtype=dt), indexing="ij")
+        dt, dev = (v.dtype if v is not None else c.dtype), c.device
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, 2 * Hf, device=dev, dtype=dt),
+                                torch.linspace(-1, 1, 2 * Wf, device=dev, dtype=dt), indexing="ij")
         coords = torch.stack([yy, xx]).expand(N, 2, 2 * Hf, 2 * Wf)
         if self.read_tokens:
             tokens = tokens.to(dt)
@@ -354,7 +356,7 @@ class ConvStage(nn.Module):
             e = c.to(dt)
         if self.context_width:
             context = context.to(dt)
-            m = context_mask.to(device=v.device, dtype=dt)[..., None]
+            m = context_mask.to(device=dev, dtype=dt)[..., None]
             e = e + self.pool_context((context * m).sum(1) / m.sum(1))
         skips = []
         for down, blocks, attn in zip(self.down, self.down_blocks, self.down_attn):
@@ -391,6 +393,7 @@ class FlowHead(nn.Module):
         self.conv_stage = ConvStage(out_channels, c_vit, cfg.conv_widths, cfg.conv_heads,
                                     d_llm if cfg.conv_context else 0, cfg.conv_inputs) if cfg.conv_widths else None
         self.needs_context = bool(cfg.conv_widths) and bool(cfg.conv_context)
+        self.conv_alone = bool(cfg.conv_widths) and cfg.conv_inputs == "alone"
 
     def forward(self, h: torch.Tensor, t: torch.Tensor, high: torch.Tensor, grid_hw,
                 x_t: torch.Tensor | None = None, context: torch.Tensor | None = None,
@@ -413,6 +416,9 @@ class FlowHead(nn.Module):
             raise ValueError(f"FlowHead: latent_input / conv_widths / prediction='clean' need x_t (N, 4*gh*gw, out) = "
                              f"({N}, {4 * n}, out), got {None if x_t is None else tuple(x_t.shape)}")
         c1, c2 = self.time_embed(t, h.dtype)
+        if self.conv_alone:   # the stage's output is the velocity; the token stages are not run
+            out = self.conv_stage(x_t, None, None, c2, fine, context, context_mask)
+            return out if self.prediction == "velocity" else self._from_clean(out, x_t, t)
         pos = torch.arange(n, device=h.device)
         low = self.gen_projector(h, c1, pos, expand_grid=fine)                 # (N, 4n, C)
         high = high.to(low.dtype)
@@ -425,6 +431,9 @@ class FlowHead(nn.Module):
             out = out + self.conv_stage(x_t, out, x, c2, fine, context, context_mask)
         if self.prediction == "velocity":
             return out
-        # the stage predicts the clean latent x1; v = (x1_hat - x_t) / (1 - t), 1 - t kept >= clean_min_gap
+        return self._from_clean(out, x_t, t)
+
+    def _from_clean(self, out, x_t, t):
+        # the head predicts the clean latent x1; v = (x1_hat - x_t) / (1 - t), 1 - t kept >= clean_min_gap
         gap = (1.0 - t.to(out.dtype)).clamp_min(self.clean_min_gap)
         return (out - x_t.to(out.dtype)) / gap[:, None, None]

@@ -60,7 +60,7 @@ class ModelConfig:
     conv_widths: tuple = ()           # a convolutional stage after the flow head's detail stage, channels per level,
                                       # e.g. [64, 128, 192] (HeadConfig.conv_widths)
     conv_context: bool = False        # that stage also reads the prompt's LLM hidden states (HeadConfig.conv_context)
-    conv_inputs: str = "all"          # what that stage reads: "all" or "latent" (HeadConfig.conv_inputs)
+    conv_inputs: str = "all"          # what that stage reads: "all", "latent" or "alone" (HeadConfig.conv_inputs)
                                       # (these six: a fresh model's architecture, not in Cheers by default; with
                                       # recipe.init the checkpoint's holds, and a value it lacks is refused)
     vae_weights: typing.Optional[str] = None   # a fresh model's autoencoder instead of the preset's: a shipped name

@@ -33,6 +33,7 @@ from umm_ops.eval.checker import check
 from umm_ops.model.vae import CheersVAE
 from umm_ops.model.config import preset
 from umm_ops.model.head import timestep_features
+from umm_ops.model.llm import Qwen2Config, Qwen2LM, causal_layout
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
@@ -57,6 +58,10 @@ p.add_argument("--p-uncond", type=float, default=0.1)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--timesteps", choices=["logit_normal", "uniform"], default="logit_normal",
                help="training times: SD3's logit-normal (every run of stop 35) or Cheers' uniform")
+p.add_argument("--text", choices=["enc", "llm"], default="enc",
+               help="the UNet's prompt encoder: enc, a 2-layer bidirectional transformer (every run of stops 35-36); "
+                    "llm, the tiny preset's Qwen2 LLM (causal, 4 layers, 256 wide), trained with the generator, its "
+                    "final-normed hidden states of the prompt as the tokens (the prompt path of Cheers' conv_context)")
 p.add_argument("--eval-only", default="", help="a model-STEP.pt of OUT: evaluate it (with --cfg / --sample-steps) and stop")
 a = p.parse_args()
 os.makedirs(a.out, exist_ok=True)
@@ -218,12 +223,19 @@ class PeerUNet(nn.Module):
     """A text-conditioned UNet on the 8x8x32 latent (tokens = latent): convolutions at 8x8 / 4x4 / 2x2 with FiLM
     from t and the pooled prompt, cross-attention to the prompt's tokens at 4x4 and 2x2, two coordinate channels in
     the input.  Translation-equivariant where the token models are not."""
-    def __init__(self, d, in_ch, n_txt, vocab, widths=(64, 128, 192), heads=4):
+    def __init__(self, d, in_ch, n_txt, vocab, widths=(64, 128, 192), heads=4, text="enc"):
         super().__init__()
-        self.embed_txt, self.pos_txt = nn.Embedding(vocab + 1, d), nn.Parameter(torch.randn(n_txt, d) * 0.02)
-        self.null = vocab
-        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, heads, 4 * d, 0.0, batch_first=True,
-                                                                    norm_first=True), 2)
+        self.null, self.text = vocab, text
+        if text == "llm":     # the tiny preset's LLM, one more embedding row for the null prompt's token
+            cfg = dict(preset("tiny").llm)
+            cfg["vocab_size"] = max(cfg["vocab_size"], vocab + 1)
+            self.llm = Qwen2LM(Qwen2Config(**cfg))
+            if self.llm.config.hidden_size != d:
+                raise SystemExit(f"--text llm needs --dim {self.llm.config.hidden_size} (the LLM's width)")
+        else:
+            self.embed_txt, self.pos_txt = nn.Embedding(vocab + 1, d), nn.Parameter(torch.randn(n_txt, d) * 0.02)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, heads, 4 * d, 0.0, batch_first=True,
+                                                                        norm_first=True), 2)
         self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         w0, w1, w2 = widths
         self.inp = nn.Conv2d(in_ch + 2, w0, 3, padding=1)
@@ -245,7 +257,12 @@ class PeerUNet(nn.Module):
         B, n, c = x.shape
         g = int(math.isqrt(n))
         keep = ids != pad_id
-        txt = self.enc(self.embed_txt(ids) + self.pos_txt[: ids.shape[1]], src_key_padding_mask=~keep)
+        if self.text == "llm":   # right-padded prompts, causal: the padding changes no prompt token's state
+            L = ids.shape[1]
+            txt = self.llm.forward_packed(self.llm.embed(ids.reshape(-1)), torch.arange(L).repeat(B),
+                                          causal_layout([L] * B)).view(B, L, -1)
+        else:
+            txt = self.enc(self.embed_txt(ids) + self.pos_txt[: ids.shape[1]], src_key_padding_mask=~keep)
         pooled = (txt * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
         e = self.t_mlp(timestep_embedding(t, txt.shape[-1])) + pooled
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, g), torch.linspace(-1, 1, g), indexing="ij")
@@ -275,11 +292,13 @@ class PeerUNet(nn.Module):
 
 
 n_img = to_tokens(X[:1]).shape[1]
+if a.text != "enc" and a.arch != "unet":
+    raise SystemExit("--text llm is for --arch unet")
 if a.arch == "unet":
     if a.tokens != "latent":
         raise SystemExit("--arch unet works on --tokens latent (the 8x8x32 latent)")
     model = PeerUNet(a.dim, to_tokens(X[:1]).shape[2], IDS.shape[1], tok.vocab_size,
-                     widths=tuple(int(w) for w in a.widths.split(",")))
+                     widths=tuple(int(w) for w in a.widths.split(",")), text=a.text)
 else:
     model = PeerDiT(a.dim, a.layers, a.heads, to_tokens(X[:1]).shape[2], n_img, IDS.shape[1], tok.vocab_size)
 print(f"peer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n_img} image tokens", flush=True)
