@@ -126,6 +126,35 @@ def test_config_round_trip_and_hf_variants():
     assert (got.rope_theta, got.tie_word_embeddings, got.dim_head) == (hf.rope_parameters["rope_theta"], False, 4)
 
 
+def test_embedding_multiplier(seed):
+    """embedding_multiplier m (not in transformers' Qwen2): the first layer reads m x the token embeddings, and the
+    tied lm_head is unchanged, so the logits are exactly those of a model whose embeddings feed m x E to the layers:
+    checked against the same model run on m x E given as inputs_embeds.  1.0 is Qwen2 to the bit; the config round-
+    trips through its dict form, is refused in a transformers config.json, and must be a finite positive number."""
+    c = tiny_config()
+    plain = Qwen2LM(c).double()
+    scaled = Qwen2LM(c.replace(embedding_multiplier=50.0)).double()
+    scaled.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, c.vocab_size, (2, 7))
+    L = ids.shape[1]
+    layout = SpanLayout.from_segments([[(L, "causal")]] * 2)
+    pos = torch.arange(L).repeat(2)
+    with torch.no_grad():
+        assert torch.equal(scaled.embed(ids), 50.0 * plain.model.embed_tokens(ids))
+        want = plain.logits(plain.forward_packed(50.0 * plain.model.embed_tokens(ids.reshape(-1)), pos, layout))
+        torch.testing.assert_close(scaled(ids).reshape(-1, c.vocab_size), want, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(scaled(ids), plain(ids))
+        assert plain.config.embedding_multiplier == 1.0
+        assert torch.equal(plain.embed(ids), plain.model.embed_tokens(ids))
+    d = {**plain.config.to_hf(), "embedding_multiplier": 50.0}
+    assert Qwen2Config.from_hf(d) == scaled.config
+    with pytest.raises(ValueError, match="embedding_multiplier = 50.0 has no counterpart in transformers"):
+        scaled.config.to_hf()
+    for bad in (0.0, -1.0, float("inf"), float("nan"), "50", True):
+        with pytest.raises(ValueError, match="embedding_multiplier must be a finite positive number"):
+            c.replace(embedding_multiplier=bad)
+
+
 # ------------------------------------------------------------------------------------------ packed batches and masks
 def _docs_alone(model, docs):
     with torch.no_grad():

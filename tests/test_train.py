@@ -710,6 +710,22 @@ def test_conv_widths_trains_loads_back_and_is_run_defining(straight, tmp_path):
         train(_cfg(tmp_path / "e", job__steps=1, model__conv_widths=[16, 32], model__conv_inputs="alone"))
 
 
+def test_embedding_multiplier_is_a_fresh_models_and_run_defining(straight, tmp_path):
+    """model.embedding_multiplier builds the LLM with it (the checkpoint loads back with it); resuming with another
+    value, or giving another value than recipe.init's, is refused; the same value as the init's is accepted."""
+    from umm_ops.train.export import load_checkpoint_model
+
+    out = tmp_path / "em"
+    train(_cfg(out, job__steps=1, checkpoint__every=1, model__embedding_multiplier=50))
+    assert load_checkpoint_model(out).llm.config.embedding_multiplier == 50.0
+    with pytest.raises(ValueError, match="cannot resume: the run was started with model.embedding_multiplier=50"):
+        train(_cfg(out, job__steps=2, checkpoint__every=1))
+    with pytest.raises(ConfigError, match="model.embedding_multiplier = 50.*was trained with 1.0"):
+        train(_cfg(tmp_path / "b", job__steps=1, model__embedding_multiplier=50, recipe__init=str(straight)))
+    train(_cfg(tmp_path / "c", job__steps=1, model__embedding_multiplier=50, recipe__init=str(out)))
+    assert load_checkpoint_model(tmp_path / "c").llm.config.embedding_multiplier == 50.0
+
+
 def test_latent_to_llm_trains_and_runs_older_than_a_key_still_resume(straight, tmp_path):
     """model.latent_to_llm builds the LLM's latent input into a fresh model and loads back with it; an init without
     it is refused.  A run whose saved config predates an engine key (here: no model.latent_to_llm) resumes with the

@@ -46,6 +46,11 @@ class Qwen2Config:
     attention_bias: bool = True          # Qwen2: q/k/v projections have biases, o_proj has none
     max_position_embeddings: int = 32768
     initializer_range: float = 0.02
+    # not in transformers' Qwen2 (Granite's name): token embeddings are multiplied by this before the first layer
+    # (the tied lm_head is not); 1.0 is Qwen2.  A model trained from scratch with initializer_range-sized
+    # embeddings starts with its token identities buried under the random layers' outputs; a multiplier of
+    # 1 / initializer_range starts them at unit scale (docs/results/base, stop 37)
+    embedding_multiplier: float = 1.0
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -71,6 +76,9 @@ class Qwen2Config:
             raise ValueError(f"Qwen2Config.rope_theta must be a finite positive number, got {self.rope_theta!r}")
         if not (self.rms_norm_eps > 0):
             raise ValueError(f"Qwen2Config.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        m = self.embedding_multiplier
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (m > 0 and math.isfinite(m)):
+            raise ValueError(f"Qwen2Config.embedding_multiplier must be a finite positive number, got {m!r}")
 
     @property
     def dim_head(self) -> int:
@@ -113,11 +121,16 @@ class Qwen2Config:
             rope_theta=float(theta), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),  # transformers' default for Qwen2
             attention_bias=True, max_position_embeddings=d.get("max_position_embeddings", 32768),
-            initializer_range=float(d.get("initializer_range", 0.02)), bos_token_id=d.get("bos_token_id"),
+            initializer_range=float(d.get("initializer_range", 0.02)),
+            embedding_multiplier=d.get("embedding_multiplier", 1.0), bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"))
 
     def to_hf(self) -> dict:
         """A ``config.json`` dict that transformers (4.x and 5.x) loads as Qwen2ForCausalLM."""
+        if self.embedding_multiplier != 1.0:
+            raise ValueError(f"Qwen2Config.to_hf: embedding_multiplier = {self.embedding_multiplier} has no "
+                             f"counterpart in transformers' Qwen2, which would load this model computing something "
+                             f"else")
         out = {
             "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
@@ -502,7 +515,8 @@ class Qwen2LM(nn.Module):
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ids must be an int64/int32 tensor, got "
                             f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}")
-        return self.model.embed_tokens(ids)
+        e = self.model.embed_tokens(ids)
+        return e if self.config.embedding_multiplier == 1.0 else e * self.config.embedding_multiplier
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., hidden_size) -> (..., vocab_size)."""

@@ -61,7 +61,9 @@ class ModelConfig:
                                       # e.g. [64, 128, 192] (HeadConfig.conv_widths)
     conv_context: bool = False        # that stage also reads the prompt's LLM hidden states (HeadConfig.conv_context)
     conv_inputs: str = "all"          # what that stage reads: "all", "latent" or "alone" (HeadConfig.conv_inputs)
-                                      # (these six: a fresh model's architecture, not in Cheers by default; with
+    embedding_multiplier: typing.Optional[float] = None   # the LLM's token embeddings times this before its first
+                                      # layer (Qwen2Config.embedding_multiplier); None: the preset's
+                                      # (these seven: a fresh model's architecture, not in Cheers by default; with
                                       # recipe.init the checkpoint's holds, and a value it lacks is refused)
     vae_weights: typing.Optional[str] = None   # a fresh model's autoencoder instead of the preset's: a shipped name
                                       # or a .safetensors file from `umm export` of a vae run (refused with
@@ -78,6 +80,8 @@ class ModelConfig:
         c.head.conv_widths = tuple(int(w) for w in self.conv_widths)
         c.head.conv_context = bool(self.conv_context)
         c.head.conv_inputs = self.conv_inputs
+        if self.embedding_multiplier is not None:
+            c.llm["embedding_multiplier"] = float(self.embedding_multiplier)
         if self.vae_weights is not None:
             c.vae.weights = self.vae_weights
         return c.validate()
@@ -101,6 +105,11 @@ class ModelConfig:
         if self.conv_inputs != "all" and self.conv_inputs != head.conv_inputs:
             raise ConfigError(f"model.conv_inputs = {self.conv_inputs!r}, but recipe.init {init!r} has "
                               f"{head.conv_inputs!r}: drop model.conv_inputs, or start fresh")
+        if self.embedding_multiplier is not None and \
+                float(self.embedding_multiplier) != float(source_config.llm.get("embedding_multiplier", 1.0)):
+            raise ConfigError(f"model.embedding_multiplier = {self.embedding_multiplier}, but recipe.init {init!r} "
+                              f"was trained with {source_config.llm.get('embedding_multiplier', 1.0)}: drop "
+                              f"model.embedding_multiplier, or start fresh")
         if self.conv_context and not head.conv_context:
             raise ConfigError(f"model.conv_context = true, but recipe.init {init!r} has no prompt context in its "
                               f"convolutional stage: drop model.conv_context, or start fresh")

@@ -33,6 +33,7 @@ from umm_ops.eval.checker import check
 from umm_ops.model.vae import CheersVAE
 from umm_ops.model.config import preset
 from umm_ops.model.head import timestep_features
+from umm_ops import SpanLayout
 from umm_ops.model.llm import Qwen2Config, Qwen2LM, causal_layout
 
 p = argparse.ArgumentParser()
@@ -58,10 +59,15 @@ p.add_argument("--p-uncond", type=float, default=0.1)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--timesteps", choices=["logit_normal", "uniform"], default="logit_normal",
                help="training times: SD3's logit-normal (every run of stop 35) or Cheers' uniform")
-p.add_argument("--text", choices=["enc", "llm"], default="enc",
+p.add_argument("--text", choices=["enc", "enc-causal", "llm", "llm-bidir", "llm-refined"], default="enc",
                help="the UNet's prompt encoder: enc, a 2-layer bidirectional transformer (every run of stops 35-36); "
                     "llm, the tiny preset's Qwen2 LLM (causal, 4 layers, 256 wide), trained with the generator, its "
-                    "final-normed hidden states of the prompt as the tokens (the prompt path of Cheers' conv_context)")
+                    "final-normed hidden states of the prompt as the tokens (the prompt path of Cheers' conv_context); "
+                    "enc-causal / llm-bidir: the same with the other attention (causal / bidirectional over the prompt); "
+                    "llm-refined: llm, then enc's two bidirectional layers over its states (a context refiner)")
+p.add_argument("--llm-embed-std", type=float, default=0.0,
+               help="with --text llm*: re-initialise the LLM's token embeddings N(0, std^2) (0: the LLM's own init, "
+                    "transformers' initializer_range 0.02)")
 p.add_argument("--eval-only", default="", help="a model-STEP.pt of OUT: evaluate it (with --cfg / --sample-steps) and stop")
 a = p.parse_args()
 os.makedirs(a.out, exist_ok=True)
@@ -226,12 +232,17 @@ class PeerUNet(nn.Module):
     def __init__(self, d, in_ch, n_txt, vocab, widths=(64, 128, 192), heads=4, text="enc"):
         super().__init__()
         self.null, self.text = vocab, text
-        if text == "llm":     # the tiny preset's LLM, one more embedding row for the null prompt's token
+        if text.startswith("llm"):     # the tiny preset's LLM, one more embedding row for the null prompt's token
             cfg = dict(preset("tiny").llm)
             cfg["vocab_size"] = max(cfg["vocab_size"], vocab + 1)
             self.llm = Qwen2LM(Qwen2Config(**cfg))
             if self.llm.config.hidden_size != d:
                 raise SystemExit(f"--text llm needs --dim {self.llm.config.hidden_size} (the LLM's width)")
+            if a.llm_embed_std:
+                nn.init.normal_(self.llm.model.embed_tokens.weight, std=a.llm_embed_std)
+            if text == "llm-refined":
+                self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, heads, 4 * d, 0.0, batch_first=True,
+                                                                            norm_first=True), 2)
         else:
             self.embed_txt, self.pos_txt = nn.Embedding(vocab + 1, d), nn.Parameter(torch.randn(n_txt, d) * 0.02)
             self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, heads, 4 * d, 0.0, batch_first=True,
@@ -257,12 +268,22 @@ class PeerUNet(nn.Module):
         B, n, c = x.shape
         g = int(math.isqrt(n))
         keep = ids != pad_id
-        if self.text == "llm":   # right-padded prompts, causal: the padding changes no prompt token's state
-            L = ids.shape[1]
+        L = ids.shape[1]
+        if self.text in ("llm", "llm-refined"):   # right-padded prompts, causal: padding changes no prompt state
             txt = self.llm.forward_packed(self.llm.embed(ids.reshape(-1)), torch.arange(L).repeat(B),
                                           causal_layout([L] * B)).view(B, L, -1)
+            if self.text == "llm-refined":
+                txt = self.enc(txt, src_key_padding_mask=~keep)
+        elif self.text == "llm-bidir":   # the prompt one full span, the padding after it (unseen by the prompt)
+            lens = keep.sum(1).tolist()
+            lay = SpanLayout.from_segments([[(k, "full")] + ([(L - k, "causal")] if k < L else []) for k in lens])
+            txt = self.llm.forward_packed(self.llm.embed(ids.reshape(-1)), torch.arange(L).repeat(B),
+                                          lay).view(B, L, -1)
+        elif self.text == "enc-causal":
+            causal = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)     # True: not allowed
+            txt = self.enc(self.embed_txt(ids) + self.pos_txt[:L], mask=causal, src_key_padding_mask=~keep)
         else:
-            txt = self.enc(self.embed_txt(ids) + self.pos_txt[: ids.shape[1]], src_key_padding_mask=~keep)
+            txt = self.enc(self.embed_txt(ids) + self.pos_txt[:L], src_key_padding_mask=~keep)
         pooled = (txt * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
         e = self.t_mlp(timestep_embedding(t, txt.shape[-1])) + pooled
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, g), torch.linspace(-1, 1, g), indexing="ij")
