@@ -3,6 +3,7 @@ tokenizer folder built here (no hub), load_tokenizer, the Qwen chat template, er
 from __future__ import annotations
 
 import random
+import re
 import warnings
 
 import pytest
@@ -49,10 +50,10 @@ def test_byte_round_trip(seed):
         assert all(0 <= i < tok.vocab_size for i in ids)
         assert tok.decode(ids) == s
         assert tok.decode(torch.tensor(ids, dtype=torch.int64)) == s
-        plain = s
-        for sp in SPECIAL_TOKENS:
-            plain = plain.replace(sp, "")
-        # skipping specials drops them; what remains is the plain text (specials never split a character here)
+        # skipping specials drops them; what remains is the plain text (specials never split a character here).
+        # One left-to-right pass, as the encoder scans: removing the specials one kind after another could join the
+        # pieces around a removed "<|pad|>" into a new "<|im_end|>" that the encoder saw as plain bytes (a CI seed).
+        plain = re.sub("|".join(map(re.escape, SPECIAL_TOKENS)), "", s)
         assert tok.decode(ids, skip_special=True) == plain
 
 
