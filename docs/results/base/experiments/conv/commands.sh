@@ -31,3 +31,11 @@ python probe.py cG/checkpoint-1800                      # -> probe-cG-1800.json
 # sampler settings of cG/checkpoint-1800 (time shift 0.5 / 1, CFG 1 / 4 / 8) -> shift-cG-1800.jsonl
 python shift_eval.py cG/checkpoint-1800 128 0.5:4 1.0:4 0.5:1 0.5:8
 python plot.py ..   # RUNS = the folder holding gen/, gen2/ and conv/: loss_curves.json from the metrics, conv.png
+# stop 37 (GEN as above plus --set recipe.evaluate=false; CI or peer runs beside them)
+umm train --out cGA $GEN $CONV --set model.conv_context=true --set model.conv_inputs=alone   # the stage alone
+umm train --out cGAe $GEN $CONV --set model.conv_context=true --set model.conv_inputs=alone \
+    --set model.embedding_multiplier=50                                  # + unit-scale token embeddings
+umm train --out gGe $GEN --set model.embedding_multiplier=50             # Cheers' head + unit-scale token embeddings
+for r in cGA cGAe gGe; do for s in 600 1200 1800; do
+  umm eval $r/checkpoint-$s --tasks geneval --n 128 --steps 12 --brief --json ev128-$r-$s.json --out evdir-$r-$s
+done; done

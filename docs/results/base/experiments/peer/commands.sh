@@ -25,3 +25,12 @@ for r in gen/gBase gen/gA gen/gF; do
 done   # (gA: checkpoint-600; gBase, gF: checkpoint-1800)
 (cd gen2 && umm eval gJ2/checkpoint-1800 --tasks geneval --n 128 --steps 12 --brief --json ../cheers-rescored/ev128-gJ2.json)
 umm eval --model tiny --tasks geneval --n 128 --steps 12 --brief --json cheers-rescored/ev128-untrained.json
+# stop 37: which prompt encoder? the pUc settings (uniform t, CFG dropout 0.2, one 1,800-step schedule, seed 1) with
+# the UNet's text encoder swapped (one thread each, two runs at a time, beside CI or Cheers runs)
+C="--arch unet --tokens latent --seed 1 --timesteps uniform --p-uncond 0.2 --steps 1800 --eval-at 1800 --n 128"
+for r in pUL pULb pUEc pULe pULr; do mkdir -p $r; ln -sf ../pA/latents.pt $r/latents.pt; done
+python $P pUL  $C --text llm                         # the tiny preset's Qwen2 (causal), trained with the UNet
+python $P pULb $C --text llm-bidir                   # the same LLM attending bidirectionally over the prompt
+python $P pUEc $C --text enc-causal                  # the 2-layer encoder with a causal mask
+python $P pULe $C --text llm --llm-embed-std 1       # the LLM with unit-scale token embeddings
+python $P pULr $C --text llm-refined                 # the LLM, then the 2-layer bidirectional encoder over its states
