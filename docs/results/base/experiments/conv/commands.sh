@@ -39,3 +39,7 @@ umm train --out gGe $GEN --set model.embedding_multiplier=50             # Cheer
 for r in cGA cGAe gGe; do for s in 600 1200 1800; do
   umm eval $r/checkpoint-$s --tasks geneval --n 128 --steps 12 --brief --json ev128-$r-$s.json --out evdir-$r-$s
 done; done
+# the demo's 600-step schedule with the multiplier (understanding measured by the run's own evaluation)
+umm train --out dE --no-resume --steps 600 --no-progress --set model.embedding_multiplier=50
+umm train --out dAe --no-resume --steps 600 --no-progress $CONV --set model.conv_context=true --set model.conv_inputs=alone \
+    --set model.embedding_multiplier=50

@@ -34,3 +34,8 @@ python $P pULb $C --text llm-bidir                   # the same LLM attending bi
 python $P pUEc $C --text enc-causal                  # the 2-layer encoder with a causal mask
 python $P pULe $C --text llm --llm-embed-std 1       # the LLM with unit-scale token embeddings
 python $P pULr $C --text llm-refined                 # the LLM, then the 2-layer bidirectional encoder over its states
+# the two runs that carry the finding, seed 2
+C2="--arch unet --tokens latent --seed 2 --timesteps uniform --p-uncond 0.2 --steps 1800 --eval-at 1800 --n 128"
+for r in pUL-s2 pULe-s2; do mkdir -p $r; ln -sf ../pA/latents.pt $r/latents.pt; done
+python $P pUL-s2 $C2 --text llm
+python $P pULe-s2 $C2 --text llm --llm-embed-std 1
