@@ -49,7 +49,8 @@ class Qwen2Config:
     # not in transformers' Qwen2 (Granite's name): token embeddings are multiplied by this before the first layer
     # (the tied lm_head is not); 1.0 is Qwen2.  A model trained from scratch with initializer_range-sized
     # embeddings starts with its token identities buried under the random layers' outputs; a multiplier of
-    # 1 / initializer_range starts them at unit scale (docs/results/base, stop 37)
+    # 1 / initializer_range starts them at unit scale - and in Cheers, whose image features enter unscaled, it made
+    # the tiny model stop reading images at a 600-step budget (docs/results/base, "The LLM as a text encoder")
     embedding_multiplier: float = 1.0
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
