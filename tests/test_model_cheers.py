@@ -636,18 +636,22 @@ def test_conv_stage_starts_as_cheers_trains_samples_and_round_trips(model, tmp_p
     assert CheersModel(preset("tiny")).head.conv_stage is None   # the presets stay Cheers' design
 
 
-def test_conv_context_is_each_images_own_prompt(model):
+@pytest.mark.parametrize("embeddings", [False, True], ids=["states", "states+embeddings"])
+def test_conv_context_is_each_images_own_prompt(model, embeddings):
     """With HeadConfig.conv_context the head reads, for each generated image, the LLM hidden states of its own
-    document's tokens before the image: the velocity of an image packed with other documents (of other prompt
-    lengths) equals its velocity packed alone; the sampler's cached path and velocity() (RL) agree."""
+    document's tokens before the image (with conv_context_embeddings also those tokens' input embeddings): the
+    velocity of an image packed with other documents (of other prompt lengths) equals its velocity packed alone;
+    the sampler's cached path and velocity() (RL) agree."""
     from umm_ops import rl
 
-    m, _ = _with_head_options(model, conv_widths=(16, 32), conv_context=True)
+    m, _ = _with_head_options(model, conv_widths=(16, 32), conv_context=True, conv_context_embeddings=embeddings)
     with torch.no_grad():
         for p in m.head.conv_stage.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    seen = []
+    seen, seen_embeds = [], []
     m.head.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["context_mask"].sum(1).tolist()),
+                                     with_kwargs=True)
+    m.head.register_forward_pre_hook(lambda mod, args, kw: seen_embeds.append(kw.get("context_embeds")),
                                      with_kwargs=True)
     a = Sample([TextItem("draw a red box"), ImageItem(_img(10, 32), "generate")])
     b = Sample([ImageItem(_img(11, 32), "understand"), TextItem("what is it?"), TextItem("a box", loss=True)])
@@ -662,6 +666,13 @@ def test_conv_context_is_each_images_own_prompt(model):
     with torch.no_grad():
         v_both = m(both, noise=_noise(m, both), return_outputs=True)["v_pred"][0]
     assert seen[-1] == lens and lens[0] != lens[1]
+    if embeddings:   # the prompts' token embeddings, as the LLM's first layer got them
+        starts = [int(both.doc_offsets[0]), int(both.doc_offsets[2])]
+        for i, (s0, n) in enumerate(zip(starts, lens)):
+            want = m.llm.embed(both.input_ids[s0:s0 + n].to(m.device))
+            torch.testing.assert_close(seen_embeds[-1][i, :n], want, rtol=0, atol=0)
+    else:
+        assert seen_embeds[-1] is None
     singles = []
     for s in (a, c):
         one = pack([s], spec, seed=4)[0]

@@ -2,6 +2,7 @@
 (RMSNorm module + fp32 modulate, SDPA with repeat_kv per image, view/permute unpatchify, unfused HiGate)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -413,4 +414,49 @@ def test_conv_stage_alone_is_the_whole_velocity(seed):
     c = preset("tiny")
     c.head.conv_widths, c.head.conv_inputs = (64,), "alone"
     with pytest.raises(ValueError, match="conv_inputs = 'alone' needs head.conv_context = True"):
+        c.validate()
+
+
+def test_conv_context_embeddings_add_the_normed_input_embeddings(seed):
+    """conv_context_embeddings: the stage's context is the prompt's final hidden states plus its input embeddings
+    through the head's RMSNorm (weight included): the same velocity as a head without the option given that sum
+    as its context; the norm's weight gets gradient; FlowHead.prompt_context cuts both from the packed rows; without
+    the embeddings, or without conv_context, it is refused."""
+    cfg = HeadConfig(semantic_layers=2, detail_layers=2, conv_widths=(16, 32), conv_context=True, conv_inputs="alone")
+    plain = FlowHead(D, HQ, HKV, C, CH, OUT, cfg).double()
+    head = FlowHead(D, HQ, HKV, C, CH, OUT, dataclasses.replace(cfg, conv_context_embeddings=True)).double()
+    missing, unexpected = head.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["context_norm.weight"] and unexpected == []
+    assert plain.context_norm is None
+    with torch.no_grad():
+        for p in head.conv_stage.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        head.context_norm.weight.copy_(torch.rand(D, dtype=torch.float64) + 0.5)
+    plain.load_state_dict(head.state_dict(), strict=False)
+    h, t, high = _inputs(2, (2, 2), torch.float64)
+    x_t = torch.randn(2, 16, OUT, dtype=torch.float64)
+    hidden, embeds = torch.randn(9, D, dtype=torch.float64), torch.randn(9, D, dtype=torch.float64) * 0.02
+    kw = head.prompt_context(hidden, embeds, [(0, 5), (5, 9)])
+    assert sorted(kw) == ["context", "context_embeds", "context_mask"]
+    assert torch.equal(kw["context_embeds"][1, :4], embeds[5:9]) and torch.equal(kw["context"][0], hidden[:5])
+    assert sorted(plain.prompt_context(hidden, None, [(0, 5), (5, 9)])) == ["context", "context_mask"]
+    w = head.context_norm.weight.detach()
+    normed = embeds * torch.rsqrt(embeds.square().mean(-1, keepdim=True) + cfg.norm_eps) * w   # by hand
+    want = plain.prompt_context(hidden + normed, None, [(0, 5), (5, 9)])
+    with umm_ops.use_backend("reference"):
+        v = head(h, t, high, (2, 2), x_t, **kw)
+        torch.testing.assert_close(v, plain(h, t, high, (2, 2), x_t, **want), rtol=1e-12, atol=1e-12)
+        # the norm takes the embeddings' scale out (eps = 1e-6 moves it by <= 1e-6 / 400 at these scales)
+        big = [head(h, t, high, (2, 2), x_t, **dict(kw, context_embeds=kw["context_embeds"] * k)) for k in (1e3, 4e3)]
+        torch.testing.assert_close(big[0], big[1], rtol=1e-7, atol=1e-8)
+        v.square().sum().backward()
+    assert head.context_norm.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="conv_context_embeddings needs context_embeds"):
+        head(h, t, high, (2, 2), x_t, kw["context"], kw["context_mask"])
+    with pytest.raises(ValueError, match="needs the input embeddings"):
+        head.prompt_context(hidden, embeds[:8], [(0, 5)])
+    from umm_ops.model.config import preset
+    c = preset("tiny")
+    c.head.conv_widths, c.head.conv_context_embeddings = (64,), True
+    with pytest.raises(ValueError, match="conv_context_embeddings = True needs head.conv_context = True"):
         c.validate()

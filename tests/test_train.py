@@ -708,6 +708,14 @@ def test_conv_widths_trains_loads_back_and_is_run_defining(straight, tmp_path):
     assert m.config.head.conv_inputs == "alone" and m.head.conv_stage.conv_out.weight.abs().sum() > 0
     with pytest.raises(ValueError, match="conv_inputs = 'alone' needs head.conv_context = True"):
         train(_cfg(tmp_path / "e", job__steps=1, model__conv_widths=[16, 32], model__conv_inputs="alone"))
+    # the prompt's input embeddings in that context: trained, loaded back; an init without them is refused
+    train(_cfg(tmp_path / "emb", job__steps=4, model__conv_widths=[16, 32], model__conv_context=True,
+               model__conv_inputs="alone", model__conv_context_embeddings=True))
+    m = load_checkpoint_model(tmp_path / "emb")   # (4 steps: the first moves only the zero-initialised conv_out)
+    assert m.config.head.conv_context_embeddings and m.head.context_norm.weight.ne(1).any()
+    with pytest.raises(ConfigError, match="has no input embeddings in its prompt context"):
+        train(_cfg(tmp_path / "f", job__steps=1, model__conv_widths=[16, 32], model__conv_context=True,
+                   model__conv_inputs="alone", model__conv_context_embeddings=True, recipe__init=str(tmp_path / "alone")))
 
 
 def test_embedding_multiplier_is_a_fresh_models_and_run_defining(straight, tmp_path):

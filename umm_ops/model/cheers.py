@@ -36,7 +36,7 @@ from ..data.tokenizer import load_tokenizer
 from ..reference.tokens import space_to_depth
 from .checkpoint import from_pretrained as _from_pretrained, save_pretrained as _save_pretrained
 from .config import CheersConfig, preset
-from .head import FlowHead, prompt_context, timestep_features
+from .head import FlowHead, timestep_features
 from .losses import add_noise, flow_loss, flow_target, text_loss
 from .profile import get_profile
 from .vae import CheersVAE
@@ -349,8 +349,8 @@ class CheersModel(nn.Module):
             h = hidden[pos].view(len(starts), n, -1)
             ctx = {}
             if self.head.needs_context:   # the image's prompt: its document's tokens before the image
-                ctx = dict(zip(("context", "context_mask"), prompt_context(
-                    hidden, [(doc_starts[bisect.bisect_right(doc_starts, s) - 1], s) for s in starts])))
+                ctx = self.head.prompt_context(
+                    hidden, embeds, [(doc_starts[bisect.bisect_right(doc_starts, s) - 1], s) for s in starts])
             v_preds.append(self.head(h, t, high, grid, x_t, **ctx))
             targets.append(target)
         l_flow, _ = flow_loss(v_preds, targets)

@@ -88,6 +88,11 @@ class HeadConfig:
     conv_context: bool = False     # that stage also attends to the LLM's final hidden states of the image's prompt
                                    # (its document's tokens before the image) and adds their mean to its FiLM
                                    # conditioning, as a text-to-image UNet reads its text encoder (needs conv_widths)
+    conv_context_embeddings: bool = False  # that context is the final hidden states plus the prompt tokens' input
+                                   # embeddings through a learnable RMSNorm (``head.context_norm``): the tokens' own
+                                   # identity at unit scale beside what the layers mixed in, which a tiny LLM's final
+                                   # states keep little of (docs/results/base, "The LLM as a text encoder"; needs
+                                   # conv_context)
 
 
 @dataclass
@@ -180,6 +185,9 @@ class CheersConfig:
         if self.head.conv_inputs == "alone" and not self.head.conv_context:
             raise ValueError("head.conv_inputs = 'alone' needs head.conv_context = True: the stage alone would not "
                              "see the prompt")
+        if self.head.conv_context_embeddings and not self.head.conv_context:
+            raise ValueError("head.conv_context_embeddings = True needs head.conv_context = True (it adds the prompt's "
+                             "input embeddings to that context)")
         if self.head.conv_context and not cw:
             raise ValueError("head.conv_context = True needs the convolutional stage: set head.conv_widths")
         if not 0.0 < self.head.clean_min_gap <= 1.0:

@@ -25,7 +25,6 @@ import torch
 import umm_ops
 
 from ..data.packing import ROLES, ImageItem, Sample, TextItem, encode_sample
-from .head import prompt_context
 
 __all__ = ["generate_text", "generate_image", "edit_image", "sample_tokens", "decode", "velocity", "PromptIds",
            "next_token_logits", "prompt_ids", "guide", "guided_at", "CFG_RENORMS"]
@@ -396,9 +395,7 @@ def _velocity(model, cache, x, t, hw, grid, gen_mode, n_docs):
     layout = cache.layout_for([[(n, gen_mode)]] * n_docs)
     pos = cache.positions_for(layout)
     h = model.llm.forward_packed(emb.reshape(n_docs * n, -1), pos, layout, cache, update_cache=False)
-    ctx = {}
-    if model.head.needs_context:   # the prompts' hidden states, kept by _prefill_prompts
-        ctx = dict(context=cache.head_context[0], context_mask=cache.head_context[1])
+    ctx = cache.head_context if model.head.needs_context else {}   # the prompts', kept by _prefill_prompts
     return model.head(h.view(n_docs, n, -1), t, high, grid, x, **ctx).float()
 
 
@@ -406,10 +403,11 @@ def _prefill_prompts(model, cache, prefix_segs, prefix_embeds):
     """Run the generated images' prefixes (prompts) into the KV cache; with the head's prompt context
     (``HeadConfig.conv_context``) their final hidden states are kept on the cache for every step."""
     layout = cache.layout_for(prefix_segs, device=model.device)
-    hidden = model.llm.forward_packed(torch.cat(prefix_embeds), cache.positions_for(layout), layout, cache)
+    embeds = torch.cat(prefix_embeds)
+    hidden = model.llm.forward_packed(embeds, cache.positions_for(layout), layout, cache)
     if model.head.needs_context:
         ends = list(itertools.accumulate(e.shape[0] for e in prefix_embeds))
-        cache.head_context = prompt_context(hidden, zip([0] + ends[:-1], ends))
+        cache.head_context = model.head.prompt_context(hidden, embeds, zip([0] + ends[:-1], ends))
 
 
 def _check_positions(model, docs, extra: int, who: str, image: bool = False) -> None:
@@ -647,10 +645,9 @@ def velocity(model, prompts, x, t, height: int | None = None, width: int | None 
     from .llm import positions_in_document
 
     layout = SpanLayout.from_segments([sg + [(n, cfg.gen_mode)] for sg in segs], device=dev)
-    h = model.llm.forward_packed(torch.cat(parts), positions_in_document(layout), layout)
-    ctx = {}
-    if model.head.needs_context:
-        ctx = dict(zip(("context", "context_mask"), prompt_context(h, prompts_at)))
+    inputs = torch.cat(parts)
+    h = model.llm.forward_packed(inputs, positions_in_document(layout), layout)
+    ctx = model.head.prompt_context(h, inputs, prompts_at)
     v = model.head(h[torch.cat(rows)].view(k * N, n, -1), tin, high, grid, xin, **ctx).float()
     return _guide_rows(v, N, cfg_scale, image_cfg_scale, cfg_renorm, t, cfg_interval)
 

@@ -393,16 +393,36 @@ class FlowHead(nn.Module):
         self.conv_stage = ConvStage(out_channels, c_vit, cfg.conv_widths, cfg.conv_heads,
                                     d_llm if cfg.conv_context else 0, cfg.conv_inputs) if cfg.conv_widths else None
         self.needs_context = bool(cfg.conv_widths) and bool(cfg.conv_context)
+        self.context_norm = nn.RMSNorm(d_llm, eps=cfg.norm_eps) \
+            if self.needs_context and cfg.conv_context_embeddings else None
         self.conv_alone = bool(cfg.conv_widths) and cfg.conv_inputs == "alone"
+
+    def prompt_context(self, hidden: torch.Tensor, embeds: torch.Tensor, spans) -> dict:
+        """The keyword arguments of ``forward`` that carry each image's prompt: rows [start, end) of the LLM's final
+        hidden states `hidden` (L, D) and, with ``conv_context_embeddings``, of its input embeddings `embeds` (L, D),
+        for each (start, end) of `spans`; {} when the head reads no prompt."""
+        if not self.needs_context:
+            return {}
+        spans = [(int(a), int(b)) for a, b in spans]
+        context, mask = prompt_context(hidden, spans)
+        out = dict(context=context, context_mask=mask)
+        if self.context_norm is not None:
+            if embeds is None or tuple(embeds.shape) != tuple(hidden.shape):
+                raise ValueError(f"FlowHead.prompt_context: conv_context_embeddings needs the input embeddings "
+                                 f"{tuple(hidden.shape)} beside the hidden states, got "
+                                 f"{None if embeds is None else tuple(embeds.shape)}")
+            out["context_embeds"] = prompt_context(embeds, spans)[0]
+        return out
 
     def forward(self, h: torch.Tensor, t: torch.Tensor, high: torch.Tensor, grid_hw,
                 x_t: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, context_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """h (N, gh*gw, D) LLM hidden states of N images with the same LLM token grid (gh, gw); t (N,);
         high (N, 4*gh*gw, C) ViT patch embeddings of the decoded x_t; x_t (N, 4*gh*gw, out) the noisy packed latent
         itself, needed by the options that are not Cheers' (``HeadConfig.latent_input``, ``conv_widths`` and
         ``prediction = "clean"``); context (N, Lc, D) / context_mask (N, Lc): the LLM hidden states of each image's
-        prompt, read only with ``conv_context`` (``prompt_context`` builds them).  Returns the velocity v
+        prompt, read only with ``conv_context``; context_embeds (N, Lc, D): the same tokens' input embeddings, read
+        only with ``conv_context_embeddings`` (``FlowHead.prompt_context`` builds all three).  Returns the velocity v
         (N, 4*gh*gw, out)."""
         N, n, D = h.shape
         gh, gw = int(grid_hw[0]), int(grid_hw[1])
@@ -416,6 +436,12 @@ class FlowHead(nn.Module):
             raise ValueError(f"FlowHead: latent_input / conv_widths / prediction='clean' need x_t (N, 4*gh*gw, out) = "
                              f"({N}, {4 * n}, out), got {None if x_t is None else tuple(x_t.shape)}")
         c1, c2 = self.time_embed(t, h.dtype)
+        if self.context_norm is not None and context is not None:
+            if context_embeds is None or context_embeds.shape != context.shape:
+                raise ValueError(f"FlowHead: conv_context_embeddings needs context_embeds shaped as context "
+                                 f"{tuple(context.shape)}, got "
+                                 f"{None if context_embeds is None else tuple(context_embeds.shape)}")
+            context = context + self.context_norm(context_embeds.to(context.dtype))
         if self.conv_alone:   # the stage's output is the velocity; the token stages are not run
             out = self.conv_stage(x_t, None, None, c2, fine, context, context_mask)
             return out if self.prediction == "velocity" else self._from_clean(out, x_t, t)

@@ -61,9 +61,11 @@ class ModelConfig:
                                       # e.g. [64, 128, 192] (HeadConfig.conv_widths)
     conv_context: bool = False        # that stage also reads the prompt's LLM hidden states (HeadConfig.conv_context)
     conv_inputs: str = "all"          # what that stage reads: "all", "latent" or "alone" (HeadConfig.conv_inputs)
+    conv_context_embeddings: bool = False   # that context also carries the prompt's input embeddings
+                                      # (HeadConfig.conv_context_embeddings)
     embedding_multiplier: typing.Optional[float] = None   # the LLM's token embeddings times this before its first
                                       # layer (Qwen2Config.embedding_multiplier); None: the preset's
-                                      # (these seven: a fresh model's architecture, not in Cheers by default; with
+                                      # (these eight: a fresh model's architecture, not in Cheers by default; with
                                       # recipe.init the checkpoint's holds, and a value it lacks is refused)
     vae_weights: typing.Optional[str] = None   # a fresh model's autoencoder instead of the preset's: a shipped name
                                       # or a .safetensors file from `umm export` of a vae run (refused with
@@ -80,6 +82,7 @@ class ModelConfig:
         c.head.conv_widths = tuple(int(w) for w in self.conv_widths)
         c.head.conv_context = bool(self.conv_context)
         c.head.conv_inputs = self.conv_inputs
+        c.head.conv_context_embeddings = bool(self.conv_context_embeddings)
         if self.embedding_multiplier is not None:
             c.llm["embedding_multiplier"] = float(self.embedding_multiplier)
         if self.vae_weights is not None:
@@ -113,6 +116,9 @@ class ModelConfig:
         if self.conv_context and not head.conv_context:
             raise ConfigError(f"model.conv_context = true, but recipe.init {init!r} has no prompt context in its "
                               f"convolutional stage: drop model.conv_context, or start fresh")
+        if self.conv_context_embeddings and not head.conv_context_embeddings:
+            raise ConfigError(f"model.conv_context_embeddings = true, but recipe.init {init!r} has no input "
+                              f"embeddings in its prompt context: drop model.conv_context_embeddings, or start fresh")
         if self.prediction != "velocity" and self.prediction != head.prediction:
             raise ConfigError(f"model.prediction = {self.prediction!r}, but recipe.init {init!r} predicts "
                               f"{head.prediction!r}: drop model.prediction, or start fresh")
