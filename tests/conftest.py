@@ -117,9 +117,9 @@ def tiny_eval_model(image_size: int):
 
 
 def tiny_model_open_gates():
-    """CheersModel("tiny") (seed 1234) in eval mode with the head's zero-initialised adaLN / HiGate gates opened
-    (so every path carries signal) and its VAE calibrated on three random 64 px pictures: the model of the model
-    and training-policy tests."""
+    """CheersModel("tiny") (seed 1234) in eval mode with the head's zero-initialised adaLN / HiGate gates and the
+    conv stage's last convolution opened (so every path carries signal) and its VAE calibrated on three random 64 px
+    pictures: the model of the model and training-policy tests."""
     import torch
 
     from umm_ops.model import CheersModel
@@ -128,7 +128,8 @@ def tiny_model_open_gates():
     m = CheersModel("tiny")
     with torch.no_grad():
         for name, p in m.head.named_parameters():
-            if "adaLN_modulation" in name or name.startswith("hi_gate.gate.2"):
+            if "adaLN_modulation" in name or name.startswith("hi_gate.gate.2") or (
+                    name.startswith("conv_stage.") and not p.any()):   # its blocks' and attention's outputs too
                 p.normal_(0, 0.02)
     pics = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(3)]
     m.vae.calibrate(torch.stack(pics))

@@ -110,8 +110,19 @@ def test_load_errors(model, tmp_path):
 def test_released_cheers_names_round_trip(model, tmp_path):
     """A tiny checkpoint written in the released Cheers naming (BFL/LDM VAE names, model.* prefixes, a pooling head
     and the duplicated tied lm_head) loads into the same weights."""
+    import dataclasses
+
     from safetensors.torch import save_file
 
+    with pytest.raises(ValueError, match=r"released Cheers layout has no \['head.context_norm', 'head.conv_stage'\]"):
+        ck.to_cheers_state_dict(model)                 # the tiny preset's conv stage is not in Cheers
+    config = preset("tiny")
+    config.head = dataclasses.replace(config.head, conv_widths=(), conv_context=False, conv_inputs="all",
+                                      conv_context_embeddings=False)
+    cheers = CheersModel(config.validate())            # Cheers' head, the fixture's weights but the conv stage's
+    cheers.load_state_dict({k: v for k, v in model.state_dict().items()
+                            if not k.startswith(("head.conv_stage.", "head.context_norm."))})
+    model = cheers.eval()
     state = ck.to_cheers_state_dict(model)
     assert "model.vae_model.encoder.down.0.block.0.conv1.weight" in state
     assert "model.vae_model.decoder.mid.attn_1.q.weight" in state and \
@@ -125,10 +136,10 @@ def test_released_cheers_names_round_trip(model, tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "umm", "text_config": {}}))
     # the names only: the tiny preset's world tokenizer has no Cheers tokens, so the project's conventions profile
     # (the released one, from_cheers_checkpoint's default, is tested in tests/test_cheers_profile.py)
-    loaded = ck.from_cheers_checkpoint(folder, config=preset("tiny"), profile="umm")
+    loaded = ck.from_cheers_checkpoint(folder, config=config, profile="umm")
     _states_equal(model, loaded)
     with pytest.raises(ValueError, match="profile 'cheers' needs a Hugging Face tokenizer folder"):
-        ck.from_cheers_checkpoint(folder, config=preset("tiny"))
+        ck.from_cheers_checkpoint(folder, config=config)
     with pytest.raises(ValueError, match="not in the released Cheers layout"):
         ck.convert_cheers_state_dict({"model.mystery.weight": torch.zeros(1)})
 

@@ -338,7 +338,7 @@ def test_conv_context_reads_only_the_masked_prompt_and_starts_as_cheers(seed):
         prompt_context(hidden, [(3, 3)])
     from umm_ops.model.config import preset
     c = preset("tiny")
-    c.head.conv_context = True
+    c.head.conv_widths, c.head.conv_context_embeddings, c.head.conv_context = (), False, True
     with pytest.raises(ValueError, match="conv_context = True needs the convolutional stage"):
         c.validate()
 
@@ -412,7 +412,8 @@ def test_conv_stage_alone_is_the_whole_velocity(seed):
         torch.testing.assert_close(clean(h, t, high, (2, 2), x_t, ctx, mask), (v - x_t) / gap, rtol=1e-12, atol=1e-12)
     from umm_ops.model.config import preset
     c = preset("tiny")
-    c.head.conv_widths, c.head.conv_inputs = (64,), "alone"
+    c.head.conv_widths, c.head.conv_inputs, c.head.conv_context = (64,), "alone", False
+    c.head.conv_context_embeddings = False
     with pytest.raises(ValueError, match="conv_inputs = 'alone' needs head.conv_context = True"):
         c.validate()
 
@@ -457,6 +458,6 @@ def test_conv_context_embeddings_add_the_normed_input_embeddings(seed):
         head.prompt_context(hidden, embeds[:8], [(0, 5)])
     from umm_ops.model.config import preset
     c = preset("tiny")
-    c.head.conv_widths, c.head.conv_context_embeddings = (64,), True
+    c.head.conv_widths, c.head.conv_context_embeddings, c.head.conv_context = (64,), True, False
     with pytest.raises(ValueError, match="conv_context_embeddings = True needs head.conv_context = True"):
         c.validate()

@@ -284,6 +284,20 @@ def test_variants_compute_the_same(straight, tmp_path, extra):
     assert [r["grad_norm"] for r in read_metrics(out)] == [r["grad_norm"] for r in read_metrics(straight)][:2]
 
 
+def test_blocks_are_the_transformer_blocks_not_the_conv_stages_layers():
+    """find_blocks (the units of activation checkpointing and FSDP2) lists the LLM's, the ViT's and the head's
+    transformer blocks and nothing inside the head's conv stage (parallel_atomic: its lists hold single convolutions
+    and attention layers; checkpointing those one by one changed the gradients' summation order, measured)."""
+    from umm_ops.model import CheersModel
+    from umm_ops.train.engine.parallelize import find_blocks
+
+    m = CheersModel("tiny")
+    blocks = {id(b) for _, _, b in find_blocks(m)}
+    inside = {id(x) for x in m.head.conv_stage.modules()}
+    assert blocks and not blocks & inside
+    assert {id(layer) for layer in m.llm.model.layers} <= blocks
+
+
 def test_bf16_mixed_precision_runs(straight, tmp_path):
     """bf16 autocast (one process): the first loss within bf16's error of the float32 one (2^-8 relative per
     rounding; measured below 1 %)."""
@@ -680,42 +694,55 @@ def test_latent_input_runs_evaluates_and_refuses_an_init_without_it(straight, tm
 
 
 def test_conv_widths_trains_loads_back_and_is_run_defining(straight, tmp_path):
-    """model.conv_widths (and model.conv_context) build the head's convolutional stage into a fresh model (a TOML
-    list); the checkpoint loads back with it; resuming without it, or from an init without it, is refused."""
+    """The head's convolutional stage: the tiny preset has one (widths 64, 128, 192, beside the token stages, with
+    the prompt's states and embeddings); model.conv_* (None: the preset's) change it for a fresh model (a TOML
+    list; [] removes it); the checkpoint loads back with it; resuming with other values, or giving values an init
+    does not have, is refused."""
     from umm_ops.train.export import load_checkpoint_model
 
+    m = load_checkpoint_model(straight)                         # the defaults: the preset's stage
+    h = m.config.head
+    assert (h.conv_widths, h.conv_context, h.conv_inputs, h.conv_context_embeddings) == ((64, 128, 192), True,
+                                                                                         "latent", True)
+    plain = dict(model__conv_context=False, model__conv_inputs="all", model__conv_context_embeddings=False)
     out = tmp_path / "conv"
-    train(_cfg(out, job__steps=2, checkpoint__every=2, model__conv_widths=[16, 32]))
+    train(_cfg(out, job__steps=2, checkpoint__every=2, model__conv_widths=[16, 32], **plain))
     m = load_checkpoint_model(out)
     assert m.config.head.conv_widths == (16, 32) and m.head.conv_stage.conv_out.weight.abs().sum() > 0
-    with pytest.raises(ValueError, match=r"cannot resume: the run was started with model.conv_widths=\[16, 32\]"):
+    assert m.head.conv_stage.pool_context is None and m.head.context_norm is None
+    with pytest.raises(ValueError, match=r"cannot resume: the run was started with .*model.conv_widths=\[16, 32\]"):
         train(_cfg(out, job__steps=3, checkpoint__every=2))
-    with pytest.raises(ConfigError, match="recipe.init .* has no convolutional stage"):
+    with pytest.raises(ConfigError, match=r"recipe.init .* has \[64, 128, 192\]"):
         train(_cfg(tmp_path / "b", job__steps=1, model__conv_widths=[16, 32], recipe__init=str(straight)))
     with pytest.raises(ValueError, match="head.conv_widths must be"):
         train(_cfg(tmp_path / "c", job__steps=1, model__conv_widths=[12]))
-    # with the prompt context: trained off zero, loads back with it; an init whose stage lacks it is refused
-    train(_cfg(tmp_path / "ctx", job__steps=1, model__conv_widths=[16, 32], model__conv_context=True))
-    m = load_checkpoint_model(tmp_path / "ctx")
-    assert m.config.head.conv_context and m.head.conv_stage.pool_context is not None
+    # Cheers' head on the tiny preset ([] takes the preset's options of the stage with it); an init without a
+    # stage refuses one
+    train(_cfg(tmp_path / "none", job__steps=1, model__conv_widths=[]))
+    m = load_checkpoint_model(tmp_path / "none")
+    assert m.head.conv_stage is None and m.head.context_norm is None and not m.config.head.conv_context
+    with pytest.raises(ConfigError, match="has no convolutional stage"):
+        train(_cfg(tmp_path / "b2", job__steps=1, model__conv_widths=[16, 32], recipe__init=str(tmp_path / "none")))
+    with pytest.raises(ValueError, match="head.conv_context = True needs the convolutional stage"):
+        train(_cfg(tmp_path / "b3", job__steps=1, model__conv_widths=[], model__conv_context=True))
+    # the prompt context: an init whose stage lacks it is refused
     with pytest.raises(ConfigError, match="has no prompt context in its convolutional stage"):
         train(_cfg(tmp_path / "d", job__steps=1, model__conv_widths=[16, 32], model__conv_context=True,
                    recipe__init=str(out)))
     # the stage alone (the token stages get no gradient: test_model_head): it trains and loads back
-    train(_cfg(tmp_path / "alone", job__steps=1, model__conv_widths=[16, 32], model__conv_context=True,
-               model__conv_inputs="alone"))
+    train(_cfg(tmp_path / "alone", job__steps=1, model__conv_widths=[16, 32], model__conv_inputs="alone",
+               model__conv_context_embeddings=False))
     m = load_checkpoint_model(tmp_path / "alone")
     assert m.config.head.conv_inputs == "alone" and m.head.conv_stage.conv_out.weight.abs().sum() > 0
     with pytest.raises(ValueError, match="conv_inputs = 'alone' needs head.conv_context = True"):
-        train(_cfg(tmp_path / "e", job__steps=1, model__conv_widths=[16, 32], model__conv_inputs="alone"))
+        train(_cfg(tmp_path / "e", job__steps=1, model__conv_widths=[16, 32], model__conv_inputs="alone",
+                   model__conv_context=False, model__conv_context_embeddings=False))
     # the prompt's input embeddings in that context: trained, loaded back; an init without them is refused
-    train(_cfg(tmp_path / "emb", job__steps=4, model__conv_widths=[16, 32], model__conv_context=True,
-               model__conv_inputs="alone", model__conv_context_embeddings=True))
+    train(_cfg(tmp_path / "emb", job__steps=4, model__conv_widths=[16, 32], model__conv_inputs="alone"))
     m = load_checkpoint_model(tmp_path / "emb")   # (4 steps: the first moves only the zero-initialised conv_out)
     assert m.config.head.conv_context_embeddings and m.head.context_norm.weight.ne(1).any()
     with pytest.raises(ConfigError, match="has no input embeddings in its prompt context"):
-        train(_cfg(tmp_path / "f", job__steps=1, model__conv_widths=[16, 32], model__conv_context=True,
-                   model__conv_inputs="alone", model__conv_context_embeddings=True, recipe__init=str(tmp_path / "alone")))
+        train(_cfg(tmp_path / "f", job__steps=1, model__conv_context_embeddings=True, recipe__init=str(tmp_path / "alone")))
 
 
 def test_embedding_multiplier_is_a_fresh_models_and_run_defining(straight, tmp_path):

@@ -288,7 +288,13 @@ def _diffusers_to_ldm_vae(name: str, n_blocks: int) -> str:
 
 
 def to_cheers_state_dict(model) -> dict:
-    """Our state dict in the released Cheers layout (inverse of convert_cheers_state_dict)."""
+    """Our state dict in the released Cheers layout (inverse of convert_cheers_state_dict); a model with parts that
+    are not in Cheers (the head's conv stage or latent_embed, latent_to_llm) is refused."""
+    extra = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in model.state_dict()
+                    if k.startswith(("head.conv_stage.", "head.context_norm.", "head.latent_embed.", "latent_to_llm"))})
+    if extra:
+        raise ValueError(f"to_cheers_state_dict: the released Cheers layout has no {extra}: export a model whose "
+                         f"head is Cheers' (HeadConfig.conv_widths = (), latent_input = False, and no latent_to_llm)")
     n = len(model.config.vae.block_out_channels)
     out = {}
     for k, v in model.state_dict().items():

@@ -220,7 +220,8 @@ class CheersConfig:
 
 
 def _tiny() -> CheersConfig:
-    # ~15M parameters; 64-128 px images: VAE 8x down, packed 16 px per token = ViT patch 16, 32 px per LLM token.
+    # ~19M parameters (6.6M of them the head's conv stage); 64-128 px images: VAE 8x down, packed 16 px per token =
+    # ViT patch 16, 32 px per LLM token.
     return CheersConfig(
         llm=dict(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
@@ -230,7 +231,11 @@ def _tiny() -> CheersConfig:
         # trained on the synthetic world (umm train --recipe vae; the recipe, command and scores in the .json beside it)
         vae=VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
                       weights="tiny-world-vae"),
-        head=HeadConfig(semantic_layers=2, detail_layers=2),
+        # not Cheers' head: a small UNet beside the token stages, reading x_t and the prompt (final hidden states
+        # plus input embeddings); at initialisation it adds zero (docs/results/base, "A generator the tiny LLM can
+        # condition"); HeadConfig(semantic_layers=2, detail_layers=2) alone is Cheers' head at this size
+        head=HeadConfig(semantic_layers=2, detail_layers=2, conv_widths=(64, 128, 192), conv_context=True,
+                        conv_inputs="latent", conv_context_embeddings=True),
         image_size=128, sample_steps=20, cfg_scale=4.0,
         tokenizer="world",   # the synthetic world's BPE (512 ids, ~1 token per word; umm_ops.data.world_tokenizer)
     ).validate()

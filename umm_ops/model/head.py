@@ -292,6 +292,8 @@ class ConvStage(nn.Module):
     are not run).  Translation-equivariant where the token stages are not (docs/results/base, "A peer generator").
     """
 
+    parallel_atomic = True   # its ModuleLists hold layers of one small UNet: not blocks to checkpoint or shard
+
     def __init__(self, packed_channels: int, token_width: int, widths, heads: int, context_width: int = 0,
                  inputs: str = "all"):
         super().__init__()

@@ -57,16 +57,20 @@ class ModelConfig:
     latent_input: bool = False        # the flow head also reads the noisy latent x_t (HeadConfig.latent_input)
     prediction: str = "velocity"      # the flow head predicts "velocity" (Cheers) or "clean" (HeadConfig.prediction)
     latent_to_llm: bool = False       # the LLM also reads every image's latent x_t and t (CheersConfig.latent_to_llm)
-    conv_widths: tuple = ()           # a convolutional stage after the flow head's detail stage, channels per level,
-                                      # e.g. [64, 128, 192] (HeadConfig.conv_widths)
-    conv_context: bool = False        # that stage also reads the prompt's LLM hidden states (HeadConfig.conv_context)
-    conv_inputs: str = "all"          # what that stage reads: "all", "latent" or "alone" (HeadConfig.conv_inputs)
-    conv_context_embeddings: bool = False   # that context also carries the prompt's input embeddings
-                                      # (HeadConfig.conv_context_embeddings)
+    conv_widths: typing.Optional[tuple] = None   # a convolutional stage after the flow head's detail stage,
+                                      # channels per level, e.g. [64, 128, 192]; [] for none (HeadConfig.conv_widths)
+    conv_context: typing.Optional[bool] = None   # that stage also reads the prompt's LLM hidden states
+                                      # (HeadConfig.conv_context)
+    conv_inputs: typing.Optional[str] = None   # what that stage reads: "all", "latent" or "alone"
+                                      # (HeadConfig.conv_inputs)
+    conv_context_embeddings: typing.Optional[bool] = None   # that context also carries the prompt's input
+                                      # embeddings (HeadConfig.conv_context_embeddings)
+                                      # (these four: None is the preset's, or recipe.init's)
     embedding_multiplier: typing.Optional[float] = None   # the LLM's token embeddings times this before its first
                                       # layer (Qwen2Config.embedding_multiplier); None: the preset's
-                                      # (these eight: a fresh model's architecture, not in Cheers by default; with
-                                      # recipe.init the checkpoint's holds, and a value it lacks is refused)
+                                      # (these eight: a fresh model's architecture, not in Cheers by default but
+                                      # for the tiny preset's conv stage; with recipe.init the checkpoint's holds,
+                                      # and a value it lacks is refused)
     vae_weights: typing.Optional[str] = None   # a fresh model's autoencoder instead of the preset's: a shipped name
                                       # or a .safetensors file from `umm export` of a vae run (refused with
                                       # recipe.init; the run's checkpoints hold it)
@@ -79,10 +83,13 @@ class ModelConfig:
         c.head.latent_input = bool(self.latent_input)
         c.head.prediction = self.prediction
         c.latent_to_llm = bool(self.latent_to_llm)
-        c.head.conv_widths = tuple(int(w) for w in self.conv_widths)
-        c.head.conv_context = bool(self.conv_context)
-        c.head.conv_inputs = self.conv_inputs
-        c.head.conv_context_embeddings = bool(self.conv_context_embeddings)
+        if self.conv_widths is not None:
+            c.head.conv_widths = tuple(int(w) for w in self.conv_widths)
+            if not c.head.conv_widths:   # no stage: the preset's options of the stage go with it
+                c.head.conv_context, c.head.conv_inputs, c.head.conv_context_embeddings = False, "all", False
+        for name in ("conv_context", "conv_inputs", "conv_context_embeddings"):
+            if getattr(self, name) is not None:
+                setattr(c.head, name, getattr(self, name))
         if self.embedding_multiplier is not None:
             c.llm["embedding_multiplier"] = float(self.embedding_multiplier)
         if self.vae_weights is not None:
@@ -101,11 +108,11 @@ class ModelConfig:
         if self.latent_to_llm and not source_config.latent_to_llm:
             raise ConfigError(f"model.latent_to_llm = true, but recipe.init {init!r} is a model without it (no "
                               f"latent_to_llm weights): drop model.latent_to_llm, or start fresh")
-        if tuple(self.conv_widths) and tuple(self.conv_widths) != tuple(head.conv_widths):
+        if self.conv_widths is not None and tuple(self.conv_widths) != tuple(head.conv_widths):
             raise ConfigError(f"model.conv_widths = {list(self.conv_widths)}, but recipe.init {init!r} has "
                               f"{list(head.conv_widths) or 'no convolutional stage'}: drop model.conv_widths, or "
                               f"start fresh")
-        if self.conv_inputs != "all" and self.conv_inputs != head.conv_inputs:
+        if self.conv_inputs is not None and self.conv_inputs != head.conv_inputs:
             raise ConfigError(f"model.conv_inputs = {self.conv_inputs!r}, but recipe.init {init!r} has "
                               f"{head.conv_inputs!r}: drop model.conv_inputs, or start fresh")
         if self.embedding_multiplier is not None and \
@@ -113,11 +120,13 @@ class ModelConfig:
             raise ConfigError(f"model.embedding_multiplier = {self.embedding_multiplier}, but recipe.init {init!r} "
                               f"was trained with {source_config.llm.get('embedding_multiplier', 1.0)}: drop "
                               f"model.embedding_multiplier, or start fresh")
-        if self.conv_context and not head.conv_context:
-            raise ConfigError(f"model.conv_context = true, but recipe.init {init!r} has no prompt context in its "
-                              f"convolutional stage: drop model.conv_context, or start fresh")
-        if self.conv_context_embeddings and not head.conv_context_embeddings:
-            raise ConfigError(f"model.conv_context_embeddings = true, but recipe.init {init!r} has no input "
+        if self.conv_context is not None and self.conv_context != head.conv_context:
+            raise ConfigError(f"model.conv_context = {str(self.conv_context).lower()}, but recipe.init {init!r} "
+                              f"{'has no' if self.conv_context else 'has a'} prompt context in its convolutional "
+                              f"stage: drop model.conv_context, or start fresh")
+        if self.conv_context_embeddings is not None and self.conv_context_embeddings != head.conv_context_embeddings:
+            raise ConfigError(f"model.conv_context_embeddings = {str(self.conv_context_embeddings).lower()}, but "
+                              f"recipe.init {init!r} {'has no' if self.conv_context_embeddings else 'has'} input "
                               f"embeddings in its prompt context: drop model.conv_context_embeddings, or start fresh")
         if self.prediction != "velocity" and self.prediction != head.prediction:
             raise ConfigError(f"model.prediction = {self.prediction!r}, but recipe.init {init!r} predicts "

@@ -16,9 +16,13 @@ __all__ = ["parallelize", "find_blocks", "resolve_mode", "autocast_context"]
 
 def find_blocks(model: nn.Module) -> list:
     """[(parent ModuleList, index, block)] for every child of every ModuleList, outermost lists first; a block
-    inside another block is not listed separately."""
+    inside another block is not listed separately, nor anything inside a module whose class sets
+    ``parallel_atomic = True`` (a small network whose lists hold layers, not blocks: the head's conv stage)."""
     out, seen = [], set()
     for name, mod in model.named_modules():
+        if getattr(type(mod), "parallel_atomic", False):
+            seen.add(name)
+            continue
         if not isinstance(mod, nn.ModuleList):
             continue
         if any(name.startswith(s + ".") for s in seen):

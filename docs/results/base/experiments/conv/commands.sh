@@ -43,3 +43,27 @@ done; done
 umm train --out dE --no-resume --steps 600 --no-progress --set model.embedding_multiplier=50
 umm train --out dAe --no-resume --steps 600 --no-progress $CONV --set model.conv_context=true --set model.conv_inputs=alone \
     --set model.embedding_multiplier=50
+# stop 38: the prompt's input embeddings in the conv stage's context (GEN, CONV as above; two or three runs sharing
+# the 2 cores, one thread each)
+umm train --out cGAx $GEN $CONV --set model.conv_context=true --set model.conv_inputs=alone \
+    --set model.conv_context_embeddings=true
+umm train --out cGPx $GEN $CONV --set model.conv_context=true --set model.conv_inputs=latent \
+    --set model.conv_context_embeddings=true
+for r in cGAx cGPx; do for s in 600 1200 1800; do
+  umm eval $r/checkpoint-$s --tasks geneval --n 128 --steps 12 --brief --json ev128-$r-$s.json --out evdir-$r-$s
+done; done
+# the demo's and the base schedule with it (the runs' own evaluation, then 128 held-out records per task)
+umm train --out dAx --no-resume --steps 600 --no-progress $CONV --set model.conv_context=true \
+    --set model.conv_inputs=alone --set model.conv_context_embeddings=true
+umm train --out bAx --no-resume --device cpu --keep-last 20 --no-progress $CONV --set model.conv_context=true \
+    --set model.conv_inputs=alone --set model.conv_context_embeddings=true
+umm train --out bPx --no-resume --device cpu --keep-last 20 --no-progress $CONV --set model.conv_context=true \
+    --set model.conv_inputs=latent --set model.conv_context_embeddings=true    # = the tiny preset's head since stop 38
+umm eval dAx/checkpoint-600 --tasks geneval --n 128 --steps 12 --brief --json ev128-dAx.json --out evdir-dAx
+umm eval DEMO/checkpoint-600 --tasks geneval --n 128 --steps 12 --brief --json ev128-demo-defaults.json \
+    --out evdir-demo   # DEMO: stop 37's fresh-clone runs/demo
+for r in bAx bPx; do
+  umm eval $r/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief --json ev128-$r.json \
+      --out evdir-$r
+done
+python "$REPO/scripts/eval_curve.py" bPx --tasks vqa,vqa-short,caption,geneval --n 64   # -> eval_curve-bPx.* (REPO: this repository)
