@@ -67,3 +67,13 @@ for r in bAx bPx; do
       --out evdir-$r
 done
 python "$REPO/scripts/eval_curve.py" bPx --tasks vqa,vqa-short,caption,geneval --n 64   # -> eval_curve-bPx.* (REPO: this repository)
+# stop 39: the defaults (= bPx) with seed 1, alone on the idle machine (the timing), and three text-to-image samples
+# per record (two seeds, one thread each, the two runs together)
+/usr/bin/time -v umm train --out bPx-s1 --no-resume --device cpu --keep-last 20 --no-progress --seed 1
+for s in 0 1; do OMP_NUM_THREADS=1 umm train --out g3-s$s --no-resume --device cpu --keep-last 20 --no-progress \
+    --seed $s --set recipe.task_weights=2,1,1,3,1 & done; wait
+for r in bPx-s1 g3-s0 g3-s1; do
+  umm eval $r/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief --json ev128-$r.json \
+      --out evdir-$r
+done
+OMP_NUM_THREADS=2 python "$REPO/docs/results/base/experiments/conv/step_breakdown.py" 2 4 > step_breakdown.txt

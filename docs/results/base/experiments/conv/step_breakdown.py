@@ -1,0 +1,82 @@
+"""Where a training step of the base schedule spends its time (stop 39).
+
+Real micro-batches of the default SFT mix (the recipe's dataset after the captions-first opening, 1024-token packs),
+the tiny preset as the recipe trains it (the VAE and its decoder copy frozen), forward + backward; wall time of the
+forward of each part (VAE encoder, decoder copy, ViT, LLM, head), measured by wrapping their calls, and the backward.
+Minimum over the repeats per batch, summed over the batches.
+
+    OMP_NUM_THREADS=2 python step_breakdown.py [THREADS] [BATCHES]
+"""
+import collections
+import random
+import sys
+import time
+
+import torch
+
+from umm_ops.data.packing import pack
+from umm_ops.model import CheersModel
+from umm_ops.train import policy
+from umm_ops.train.recipes.sft import SFTRecipeConfig, SyntheticSFTDataset
+
+threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+n_batches = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+r = SFTRecipeConfig()
+ds = SyntheticSFTDataset(r.image_size, 0, r.train_records, r.tasks, task_weights=r.weights(), caption_first=0,
+                         **r.world_kwargs())
+m = CheersModel("tiny")
+m.train()
+m.vae.requires_grad_(False)
+spec = m.pack_spec(budget=1024)
+idx = random.Random(0).sample(range(len(ds)), 60 * n_batches)
+batches = []
+for b in pack([ds[i] for i in idx], spec):
+    if len(batches) < n_batches:
+        batches.append(b)
+acc = collections.defaultdict(float)
+
+
+def wrap(obj, name, label):
+    f = getattr(obj, name)
+
+    def g(*a, **k):
+        t = time.perf_counter()
+        out = f(*a, **k)
+        acc[label] += time.perf_counter() - t
+        return out
+    setattr(obj, name, g)
+
+
+wrap(m.vae, "encode", "vae encoder (frozen)")
+wrap(m.vae, "decode_trainable", "vae decoder copy (frozen)")
+wrap(m.vit, "forward", "vit")
+wrap(m.llm, "forward_packed", "llm")
+wrap(m.head, "forward", "head")
+total = collections.defaultdict(float)
+for b in batches:
+    inp = policy.training_inputs(m, b, seed=0, cfg_dropout_p=m.config.cfg_dropout)
+    best = None
+    for rep in range(4):
+        acc.clear()
+        m.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        out = m(b, **inp)
+        t1 = time.perf_counter()
+        out["loss"].backward()
+        t2 = time.perf_counter()
+        row = dict(acc, forward=t1 - t0, backward=t2 - t1, step=t2 - t0)
+        if rep and (best is None or row["step"] < best["step"]):
+            best = row
+    for k, v in best.items():
+        total[k] += v
+    total["images"] += len(b.images)
+    total["tokens"] += b.num_tokens
+    total["docs"] += b.num_docs
+print(f"{threads} threads, {n_batches} real 1024-token batches of the default mix: per batch "
+      f"{total['docs'] / n_batches:.1f} documents, {total['images'] / n_batches:.1f} images, "
+      f"{total['tokens'] / n_batches:.0f} tokens")
+step = total["step"]
+for k in ("step", "forward", "backward", "vae encoder (frozen)", "vae decoder copy (frozen)", "vit", "llm", "head"):
+    print(f"  {k:28s} {1000 * total[k] / n_batches:7.1f} ms  ({100 * total[k] / step:4.1f}% of the step)")
