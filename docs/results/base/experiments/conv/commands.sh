@@ -76,4 +76,4 @@ for r in bPx-s1 g3-s0 g3-s1; do
   umm eval $r/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief --json ev128-$r.json \
       --out evdir-$r
 done
-OMP_NUM_THREADS=2 python "$REPO/docs/results/base/experiments/conv/step_breakdown.py" 2 4 > step_breakdown.txt
+for v in tiny cheers; do OMP_NUM_THREADS=2 python "$REPO/docs/results/base/experiments/conv/step_breakdown.py" 2 4 $v; done > step_breakdown.txt

@@ -5,9 +5,13 @@ the tiny preset as the recipe trains it (the VAE and its decoder copy frozen), f
 forward of each part (VAE encoder, decoder copy, ViT, LLM, head), measured by wrapping their calls, and the backward.
 Minimum over the repeats per batch, summed over the batches.
 
-    OMP_NUM_THREADS=2 python step_breakdown.py [THREADS] [BATCHES]
+    OMP_NUM_THREADS=2 python step_breakdown.py [THREADS] [BATCHES] [cheers]
+
+With ``cheers`` the tiny preset without its conv stage (Cheers' head: ``conv_widths = ()`` and the stage's options off,
+what ``umm train --set model.conv_widths=[]`` trains), on the same batches.
 """
 import collections
+import dataclasses
 import random
 import sys
 import time
@@ -15,7 +19,7 @@ import time
 import torch
 
 from umm_ops.data.packing import pack
-from umm_ops.model import CheersModel
+from umm_ops.model import CheersModel, preset
 from umm_ops.train import policy
 from umm_ops.train.recipes.sft import SFTRecipeConfig, SyntheticSFTDataset
 
@@ -26,7 +30,12 @@ torch.manual_seed(0)
 r = SFTRecipeConfig()
 ds = SyntheticSFTDataset(r.image_size, 0, r.train_records, r.tasks, task_weights=r.weights(), caption_first=0,
                          **r.world_kwargs())
-m = CheersModel("tiny")
+cheers_head = len(sys.argv) > 3 and sys.argv[3] == "cheers"
+cfg = preset("tiny")
+if cheers_head:
+    cfg = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, conv_widths=(), conv_context=False,
+                                                            conv_inputs="all", conv_context_embeddings=False))
+m = CheersModel(cfg)
 m.train()
 m.vae.requires_grad_(False)
 spec = m.pack_spec(budget=1024)
@@ -74,7 +83,8 @@ for b in batches:
     total["images"] += len(b.images)
     total["tokens"] += b.num_tokens
     total["docs"] += b.num_docs
-print(f"{threads} threads, {n_batches} real 1024-token batches of the default mix: per batch "
+label = "Cheers' head" if cheers_head else "the tiny preset"
+print(f"{label}, {threads} threads, {n_batches} real 1024-token batches of the default mix: per batch "
       f"{total['docs'] / n_batches:.1f} documents, {total['images'] / n_batches:.1f} images, "
       f"{total['tokens'] / n_batches:.0f} tokens")
 step = total["step"]
