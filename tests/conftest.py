@@ -116,6 +116,20 @@ def tiny_eval_model(image_size: int):
     return m.eval()
 
 
+def with_cheers_head(model):
+    """A copy of `model` (the tiny preset, whose head has a conv stage) with Cheers' own head
+    (HeadConfig.without_conv_stage): every weight but the conv stage's and its context norm's shared; eval mode."""
+    import dataclasses
+
+    from umm_ops.model import CheersModel
+
+    cfg = dataclasses.replace(model.config, head=model.config.head.without_conv_stage())
+    m = CheersModel(cfg.validate(), tokenizer=model.tokenizer)
+    m.load_state_dict({k: v for k, v in model.state_dict().items()
+                       if not k.startswith(("head.conv_stage.", "head.context_norm."))})
+    return m.eval()
+
+
 def tiny_model_open_gates():
     """CheersModel("tiny") (seed 1234) in eval mode with the head's zero-initialised adaLN / HiGate gates and the
     conv stage's last convolution opened (so every path carries signal) and its VAE calibrated on three random 64 px

@@ -110,19 +110,13 @@ def test_load_errors(model, tmp_path):
 def test_released_cheers_names_round_trip(model, tmp_path):
     """A tiny checkpoint written in the released Cheers naming (BFL/LDM VAE names, model.* prefixes, a pooling head
     and the duplicated tied lm_head) loads into the same weights."""
-    import dataclasses
-
+    from conftest import with_cheers_head
     from safetensors.torch import save_file
 
     with pytest.raises(ValueError, match=r"released Cheers layout has no \['head.context_norm', 'head.conv_stage'\]"):
         ck.to_cheers_state_dict(model)                 # the tiny preset's conv stage is not in Cheers
-    config = preset("tiny")
-    config.head = dataclasses.replace(config.head, conv_widths=(), conv_context=False, conv_inputs="all",
-                                      conv_context_embeddings=False)
-    cheers = CheersModel(config.validate())            # Cheers' head, the fixture's weights but the conv stage's
-    cheers.load_state_dict({k: v for k, v in model.state_dict().items()
-                            if not k.startswith(("head.conv_stage.", "head.context_norm."))})
-    model = cheers.eval()
+    model = with_cheers_head(model)                    # Cheers' head, the fixture's weights but the conv stage's
+    config = model.config
     state = ck.to_cheers_state_dict(model)
     assert "model.vae_model.encoder.down.0.block.0.conv1.weight" in state
     assert "model.vae_model.decoder.mid.attn_1.q.weight" in state and \

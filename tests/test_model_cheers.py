@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model_open_gates
+from conftest import tiny_model_open_gates, with_cheers_head
 
 import umm_ops
 from umm_ops.data.packing import ROLES, ImageItem, Sample, TextItem, pack
@@ -460,17 +460,6 @@ def _with_head_options(model, **options):
     return m.eval(), missing
 
 
-def _cheers_head(model):
-    """A copy of `model` (the tiny preset, whose head has a conv stage) with Cheers' own head: every weight but the
-    conv stage's shared."""
-    cfg = dataclasses.replace(model.config, head=dataclasses.replace(
-        model.config.head, conv_widths=(), conv_context=False, conv_inputs="all", conv_context_embeddings=False))
-    m = CheersModel(cfg, tokenizer=model.tokenizer)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("head.conv_stage.", "head.context_norm."))}
-    m.load_state_dict(state)
-    return m.eval()
-
-
 def _with_latent_input(model):
     """A copy of `model` whose head also reads x_t (HeadConfig.latent_input), every other weight shared."""
     m, missing = _with_head_options(model, latent_input=True)
@@ -619,7 +608,7 @@ def test_conv_stage_starts_as_cheers_trains_samples_and_round_trips(model, tmp_p
     differentiable velocity() (RL) agree through it; save_pretrained / from_pretrained keep it."""
     from umm_ops import rl
 
-    model = _cheers_head(model)
+    model = with_cheers_head(model)
     m, missing = _with_head_options(model, conv_widths=(16, 32))
     assert missing and all(k.startswith("head.conv_stage.") for k in missing)
     batch = pack(_samples(), model.pack_spec(), seed=4)[0]
@@ -661,7 +650,7 @@ def test_conv_context_is_each_images_own_prompt(model, embeddings):
     the sampler's cached path and velocity() (RL) agree."""
     from umm_ops import rl
 
-    m, _ = _with_head_options(_cheers_head(model), conv_widths=(16, 32), conv_context=True,
+    m, _ = _with_head_options(with_cheers_head(model), conv_widths=(16, 32), conv_context=True,
                               conv_context_embeddings=embeddings)
     with torch.no_grad():
         for p in m.head.conv_stage.parameters():

@@ -94,6 +94,11 @@ class HeadConfig:
                                    # states keep little of (docs/results/base, "The LLM as a text encoder"; needs
                                    # conv_context)
 
+    def without_conv_stage(self) -> "HeadConfig":
+        """A copy without the convolutional stage and its options: Cheers' own head at these sizes."""
+        return dataclasses.replace(self, conv_widths=(), conv_context=False, conv_inputs="all",
+                                   conv_context_embeddings=False)
+
 
 @dataclass
 class CheersConfig:

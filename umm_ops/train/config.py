@@ -84,9 +84,9 @@ class ModelConfig:
         c.head.prediction = self.prediction
         c.latent_to_llm = bool(self.latent_to_llm)
         if self.conv_widths is not None:
-            c.head.conv_widths = tuple(int(w) for w in self.conv_widths)
-            if not c.head.conv_widths:   # no stage: the preset's options of the stage go with it
-                c.head.conv_context, c.head.conv_inputs, c.head.conv_context_embeddings = False, "all", False
+            widths = tuple(int(w) for w in self.conv_widths)
+            # no stage: the preset's options of the stage go with it
+            c.head = dataclasses.replace(c.head, conv_widths=widths) if widths else c.head.without_conv_stage()
         for name in ("conv_context", "conv_inputs", "conv_context_embeddings"):
             if getattr(self, name) is not None:
                 setattr(c.head, name, getattr(self, name))

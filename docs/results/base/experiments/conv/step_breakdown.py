@@ -7,7 +7,7 @@ Minimum over the repeats per batch, summed over the batches.
 
     OMP_NUM_THREADS=2 python step_breakdown.py [THREADS] [BATCHES] [cheers]
 
-With ``cheers`` the tiny preset without its conv stage (Cheers' head: ``conv_widths = ()`` and the stage's options off,
+With ``cheers`` the tiny preset without its conv stage (Cheers' head: ``HeadConfig.without_conv_stage()``,
 what ``umm train --set model.conv_widths=[]`` trains), on the same batches.
 """
 import collections
@@ -33,8 +33,7 @@ ds = SyntheticSFTDataset(r.image_size, 0, r.train_records, r.tasks, task_weights
 cheers_head = len(sys.argv) > 3 and sys.argv[3] == "cheers"
 cfg = preset("tiny")
 if cheers_head:
-    cfg = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, conv_widths=(), conv_context=False,
-                                                            conv_inputs="all", conv_context_embeddings=False))
+    cfg = dataclasses.replace(cfg, head=cfg.head.without_conv_stage())
 m = CheersModel(cfg)
 m.train()
 m.vae.requires_grad_(False)
