@@ -579,6 +579,10 @@ def test_cli_eval_reads_the_run_config(tmp_path):
     cfg["recipe"]["object_scale"] = 1.5
     (ck / STATE_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, "config": cfg}))
     assert _run_world(ck)[2]["object_scale"] == 1.5
+    # a world the checkpoint recorded (flow-grpo and its family: what the run read from its recipe.init) wins
+    (ck / STATE_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, "config": cfg,
+                                             "world": {"max_objects": 3, "kinds": ["circle"], "object_scale": 2.0}}))
+    assert _run_world(ck) == (1234, 96, {"max_objects": 3, "kinds": ("circle",), "object_scale": 2.0, "seed": 7})
     (tmp_path / "pretrained").mkdir()
     (tmp_path / "pretrained" / "config.json").write_text("{}")
     assert _run_world(tmp_path / "pretrained") is None

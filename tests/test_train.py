@@ -678,12 +678,19 @@ def test_latent_input_runs_evaluates_and_refuses_an_init_without_it(straight, tm
     train(_cfg(tmp_path / "c", job__steps=1, recipe__init=str(out)))
     assert load_checkpoint_model(tmp_path / "c").config.head.latent_input
     # a checkpoint whose saved config does not describe its weights (the option dropped from trainer_state.json):
-    # refused by name, not loaded as the plain head; on resume too, and the checkpoint is not set aside as corrupt
+    # loading builds the architecture the checkpoint recorded; without that record (checkpoints before it) the
+    # weights are refused by name, not loaded as the plain head; on resume too (resuming reads the config), and
+    # the checkpoint is not set aside as corrupt
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     for ts in bad.glob("checkpoint-*/trainer_state.json"):
         st = json.loads(ts.read_text())
         st["config"]["model"]["latent_input"] = False
+        ts.write_text(json.dumps(st))
+    assert load_checkpoint_model(bad).config.head.latent_input
+    for ts in bad.glob("checkpoint-*/trainer_state.json"):
+        st = json.loads(ts.read_text())
+        del st["model_config"]
         ts.write_text(json.dumps(st))
     with pytest.raises(ValueError, match=r"holds 2 model weight\(s\) .*\(head.latent_embed.bias, "
                                          r"head.latent_embed.weight\)"):
@@ -743,6 +750,49 @@ def test_conv_widths_trains_loads_back_and_is_run_defining(straight, tmp_path):
     assert m.config.head.conv_context_embeddings and m.head.context_norm.weight.ne(1).any()
     with pytest.raises(ConfigError, match="has no input embeddings in its prompt context"):
         train(_cfg(tmp_path / "f", job__steps=1, model__conv_context_embeddings=True, recipe__init=str(tmp_path / "alone")))
+
+
+def test_a_run_from_an_init_loads_without_it(tmp_path, monkeypatch):
+    """Every checkpoint records the architecture it saved (model_config): a run started from recipe.init loads
+    (eval / export / generate) with its init gone, or named relative to another directory, even when the init's
+    architecture is not the preset's - to the same weights as loading through the init.  A checkpoint without the
+    record (written before it existed) still needs its init and says so."""
+    from umm_ops.train.engine.checkpoint import STATE_FILE, load_model_state, read_trainer_state
+    from umm_ops.train.engine.trainer import _recorded
+    from umm_ops.train.export import load_checkpoint_model
+    from umm_ops.train.spec import get_recipe
+
+    work = tmp_path / "work"
+    work.mkdir()
+    # the init: not the preset's head, and another world than the defaults
+    train(_cfg(work / "base", job__steps=1, model__conv_widths=[16, 32], recipe__max_objects=1))
+    monkeypatch.chdir(work)
+    child = tmp_path / "child"
+    train(_cfg(child, job__steps=2, checkpoint__every=2, recipe__init="base"))       # relative to `work`
+    ck = latest_checkpoint(child)
+    st = read_trainer_state(ck)
+    assert st["model_config"]["head"]["conv_widths"] == [16, 32]
+    cfg = Config.from_dict(st["config"])
+    assert cfg.recipe.init == "base"
+    through_init = get_recipe("sft").build_model(cfg)       # the way before the record: rebuilt from the init
+    load_model_state(ck, through_init)
+    monkeypatch.chdir(tmp_path)                             # "base" no longer names it ...
+    shutil.move(work / "base", tmp_path / "moved")          # ... nor does any path
+    m = load_checkpoint_model(child)
+    assert m.config.head.conv_widths == (16, 32)
+    _same(m.state_dict(), through_init.state_dict(), "model")
+    # flow-grpo (and its family) read their world from the init: recorded too (`umm eval` draws from it)
+    rl = Config.build("flow-grpo", values={"recipe.init": str(tmp_path / "moved"), "job.out": str(tmp_path / "r")})
+    rec = _recorded(get_recipe("flow-grpo"), rl, m)
+    assert rec["world"]["max_objects"] == 1
+    # a checkpoint written before the record: rebuilt from its init, which must be there
+    st.pop("model_config")
+    (ck / STATE_FILE).write_text(json.dumps(st))
+    with pytest.raises(FileNotFoundError, match=r"recipe.init 'base'.*relative paths are read from"):
+        load_checkpoint_model(child)
+    monkeypatch.chdir(work)
+    shutil.move(tmp_path / "moved", work / "base")
+    _same(load_checkpoint_model(child).state_dict(), through_init.state_dict(), "model")
 
 
 def test_embedding_multiplier_is_a_fresh_models_and_run_defining(straight, tmp_path):

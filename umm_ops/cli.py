@@ -380,11 +380,15 @@ def _run_world(path):
 
     if (Path(path) / "config.json").is_file():
         return None
-    cfg = read_trainer_state(resolve_checkpoint(path))["config"]
+    st = read_trainer_state(resolve_checkpoint(path))
+    cfg = st["config"]
     recipe = cfg.get("recipe") or {}
     params = set(inspect.signature(SyntheticWorld).parameters) - {"size", "seed", "length"}
     world = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recipe.items() if k in params}
-    if cfg.get("recipe_name") == "flow-grpo":
+    if "world" in st:
+        # what the run's recipe read from recipe.init (flow-grpo and its family), recorded in the checkpoint
+        world = {k: (tuple(v) if isinstance(v, list) else v) for k, v in st["world"].items() if k in params}
+    elif cfg.get("recipe_name") == "flow-grpo":
         # RL runs draw their prompts from the world of the run they started from (recipe.init)
         from .train.config import Config
         from .train.spec import get_recipe

@@ -76,9 +76,13 @@ class ModelConfig:
                                       # recipe.init; the run's checkpoints hold it)
 
     def cheers_config(self):
-        """The CheersConfig of a fresh model of this run: the preset with the run's head options."""
-        from ..model.config import preset
+        """The CheersConfig of a fresh model of this run: the preset with the run's head options; or, in a copy
+        made by :func:`building_config`, the architecture a checkpoint recorded (``model_config``)."""
+        from ..model.config import CheersConfig, preset
 
+        recorded = self.__dict__.get("_recorded_architecture")
+        if recorded is not None:
+            return CheersConfig.from_dict(recorded)
         c = preset(self.preset)
         c.head.latent_input = bool(self.latent_input)
         c.head.prediction = self.prediction
@@ -133,22 +137,43 @@ class ModelConfig:
                               f"{head.prediction!r}: drop model.prediction, or start fresh")
 
 
-def building_config(cfg):
-    """The config a model is built from when a checkpoint's weights then fill it: `cfg`, or a copy without
-    ``model.vae_weights`` when that file is gone (a run's checkpoints hold its autoencoder, so neither resuming nor
-    eval / export needs the file; only a fresh model does).  Recipes without a model section pass through."""
-    f = getattr(getattr(cfg, "model", None), "vae_weights", None)
-    if f is None:
-        return cfg
+def _resolvable_vae(weights) -> bool:
     from ..model.vae import resolve_vae_weights
 
     try:
-        resolve_vae_weights(f)
-        return cfg
+        resolve_vae_weights(weights)
+        return True
     except FileNotFoundError:
-        c = copy.deepcopy(cfg)
+        return False
+
+
+def building_config(cfg, architecture: dict | None = None):
+    """The config a model is built from when a checkpoint's weights then fill it: `cfg`, or a copy without
+    ``model.vae_weights`` when that file is gone (a run's checkpoints hold its autoencoder, so neither resuming nor
+    eval / export needs the file; only a fresh model does).  Recipes without a model section pass through.
+
+    architecture: the ``model_config`` a checkpoint recorded (the CheersConfig of the model it saved).  With it the
+    copy builds that architecture without reading ``recipe.init`` (which is cleared): loading a run's checkpoint
+    then needs neither the run it started from (moved, deleted, or a path relative to another directory) nor the
+    preset's current definition.  Not for resuming a training run: recipes may take more than the architecture from
+    recipe.init (flow-grpo's KL reference is its weights)."""
+    model = getattr(cfg, "model", None)
+    f = getattr(model, "vae_weights", None)
+    pin = architecture is not None and hasattr(model, "cheers_config")
+    if not pin and (f is None or _resolvable_vae(f)):
+        return cfg
+    c = copy.deepcopy(cfg)
+    if f is not None and not _resolvable_vae(f):
         c.model.vae_weights = None
-        return c
+    if pin:
+        arch = copy.deepcopy(architecture)
+        w = (arch.get("vae") or {}).get("weights")
+        if w is not None and not _resolvable_vae(w):
+            arch["vae"]["weights"] = None      # the checkpoint holds the autoencoder
+        c.model.__dict__["_recorded_architecture"] = arch
+        if getattr(c.recipe, "init", None):
+            c.recipe.init = ""
+    return c
 
 
 @dataclass

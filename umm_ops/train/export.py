@@ -2,6 +2,7 @@
 save_pretrained folder (``umm export``: config.json + safetensors, one process, whatever world size trained it)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -43,8 +44,17 @@ def load_checkpoint_model(path, device=None, ema: bool = False):
     folder = resolve_checkpoint(p)
     st = read_trainer_state(folder)
     cfg = Config.from_dict(st["config"], where=f"{folder}/trainer_state.json")
+    init = getattr(cfg.recipe, "init", "")
+    if "model_config" not in st and init and not Path(init).exists():
+        raise FileNotFoundError(
+            f"{folder}: this checkpoint was written before checkpoints recorded their architecture, so its model is "
+            f"rebuilt from the run's recipe.init {init!r}, which is not there (relative paths are read from the "
+            f"current directory, {os.getcwd()}): run from the directory the run was started in, or put the init "
+            f"back")
     torch.manual_seed(0)
-    model = get_recipe(cfg.recipe_name).build_model(building_config(cfg))   # the checkpoint's weights fill it
+    # the checkpoint's weights fill it; its recorded architecture (checkpoints since stop 40) spares reading
+    # recipe.init, which older checkpoints need
+    model = get_recipe(cfg.recipe_name).build_model(building_config(cfg, st.get("model_config")))
     model.to(dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype])
     load_model_state(folder, model, ema=ema)
     if device is not None:

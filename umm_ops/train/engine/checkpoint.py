@@ -5,7 +5,10 @@ Layout of ``out/checkpoint-{step}/``::
     dcp/                     model, optimizer and EMA state through DCP (sharded per rank under FSDP2; resharded
                              on load, so a checkpoint loads on another world size)
     rng/rank{r}.safetensors  torch's CPU (and CUDA) generator states of rank r; rng/rank{r}.json Python's
-    trainer_state.json       step, config, world size, loader / schedule / train state, and a manifest of every
+    trainer_state.json       step, config, world size, loader / schedule / train state, the saved model's
+                             architecture (``model_config``: its CheersConfig, so that eval / export / generate
+                             need nothing outside the run folder, not even its recipe.init) and, for recipes that
+                             read their world from recipe.init, that world (``world``); and a manifest of every
                              other file (size and BLAKE2b), written last by rank 0
 
 A checkpoint is complete or absent: every rank writes into ``.tmp-checkpoint-{step}``; after a barrier rank 0

@@ -149,6 +149,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
     resuming = cfg.job.resume and bool(complete_checkpoints(out))
     build_cfg = building_config(cfg) if resuming else cfg
     bare = recipe.build_model(build_cfg)
+    recorded = _recorded(recipe, cfg, bare)
     bare.to(device=d.device, dtype=_DTYPES[cfg.model.dtype])
     bare.train()
     mode = resolve_mode(cfg.parallel.mode, d.world_size)
@@ -275,7 +276,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
                             f" | {sum(r['step_s'] for r in recent) / len(recent):.1f} s/step"))
             if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or step + 1 == cfg.job.steps:
                 state = {"config": cfg.to_dict(), "loader": loader.state_dict(), "schedule": sched.state_dict(),
-                         "train": {"tokens_this_run": tokens_run, "epoch": loader.epoch}}
+                         "train": {"tokens_this_run": tokens_run, "epoch": loader.epoch}, **recorded}
                 last_saved = ck.save(step + 1, model, opt, ema, state)
                 rep.line(f"saved {last_saved}")
             if on_step is not None:
@@ -323,6 +324,23 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
         rep.line(f"mean of the first / last {k} steps: {losses}; wall {summary['wall_s']:.1f} s; "
                  f"{out / 'summary.json'}")
     return summary
+
+
+def _recorded(recipe, cfg: Config, bare) -> dict:
+    """What every checkpoint records so that loading it needs nothing outside the run folder: the architecture of
+    the saved model (a Cheers-family model's CheersConfig, ``model_config``: with recipe.init it is the init's, which
+    the run's own config does not name) and the world a recipe reads from recipe.init (flow-grpo's
+    ``world_kwargs``: where `umm eval` draws its held-out records)."""
+    from ...model.config import CheersConfig
+
+    out = {}
+    c = getattr(bare, "config", None)
+    if isinstance(c, CheersConfig):
+        out["model_config"] = c.to_dict()
+    world = getattr(recipe, "world_kwargs", None)
+    if callable(world):
+        out["world"] = {k: list(v) if isinstance(v, tuple) else v for k, v in world(cfg).items()}
+    return out
 
 
 def _gather_for_eval(recipe, cfg: Config, model, bare, mode: str, d, build_cfg: Config):
