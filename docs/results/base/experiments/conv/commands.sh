@@ -77,3 +77,10 @@ for r in bPx-s1 g3-s0 g3-s1; do
       --out evdir-$r
 done
 for v in tiny cheers; do OMP_NUM_THREADS=2 python "$REPO/docs/results/base/experiments/conv/step_breakdown.py" 2 4 $v; done > step_breakdown.txt
+# stop 40: bf16 autocast (umm train --mixed-precision bf16) - the step on the idle machine (fp32 / bf16 alternated,
+# 2 threads), then the base schedule with it (seed 0; one thread, sharing the machine with other runs: its time is
+# not a measurement)
+for v in "" bf16 "" bf16; do OMP_NUM_THREADS=2 python "$REPO/docs/results/base/experiments/conv/step_breakdown.py" 2 4 $v; done > step_breakdown-bf16.txt
+OMP_NUM_THREADS=1 umm train --out bPx-bf16 --no-resume --device cpu --keep-last 20 --no-progress --mixed-precision bf16
+umm eval bPx-bf16/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief \
+    --json ev128-bPx-bf16.json --out evdir-bPx-bf16

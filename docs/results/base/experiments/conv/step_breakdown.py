@@ -5,11 +5,13 @@ the tiny preset as the recipe trains it (the VAE and its decoder copy frozen), f
 forward of each part (VAE encoder, decoder copy, ViT, LLM, head), measured by wrapping their calls, and the backward.
 Minimum over the repeats per batch, summed over the batches.
 
-    OMP_NUM_THREADS=2 python step_breakdown.py [THREADS] [BATCHES] [cheers]
+    OMP_NUM_THREADS=2 python step_breakdown.py [THREADS] [BATCHES] [cheers] [bf16]
 
 With ``cheers`` the tiny preset without its conv stage (Cheers' head: ``HeadConfig.without_conv_stage()``,
-what ``umm train --set model.conv_widths=[]`` trains), on the same batches.
+what ``umm train --set model.conv_widths=[]`` trains), on the same batches.  With ``bf16`` the forward runs under
+bf16 autocast, as ``umm train --mixed-precision bf16`` runs it without FSDP (stop 40).
 """
+import contextlib
 import collections
 import dataclasses
 import random
@@ -30,7 +32,11 @@ torch.manual_seed(0)
 r = SFTRecipeConfig()
 ds = SyntheticSFTDataset(r.image_size, 0, r.train_records, r.tasks, task_weights=r.weights(), caption_first=0,
                          **r.world_kwargs())
-cheers_head = len(sys.argv) > 3 and sys.argv[3] == "cheers"
+flags = set(sys.argv[3:])
+if flags - {"cheers", "bf16"}:
+    raise SystemExit(f"unknown options {sorted(flags - {'cheers', 'bf16'})}: use cheers and / or bf16")
+cheers_head = "cheers" in flags
+autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if "bf16" in flags else contextlib.nullcontext
 cfg = preset("tiny")
 if cheers_head:
     cfg = dataclasses.replace(cfg, head=cfg.head.without_conv_stage())
@@ -70,7 +76,8 @@ for b in batches:
         acc.clear()
         m.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        out = m(b, **inp)
+        with autocast():
+            out = m(b, **inp)
         t1 = time.perf_counter()
         out["loss"].backward()
         t2 = time.perf_counter()
@@ -82,7 +89,7 @@ for b in batches:
     total["images"] += len(b.images)
     total["tokens"] += b.num_tokens
     total["docs"] += b.num_docs
-label = "Cheers' head" if cheers_head else "the tiny preset"
+label = ("Cheers' head" if cheers_head else "the tiny preset") + (", bf16 autocast" if "bf16" in flags else "")
 print(f"{label}, {threads} threads, {n_batches} real 1024-token batches of the default mix: per batch "
       f"{total['docs'] / n_batches:.1f} documents, {total['images'] / n_batches:.1f} images, "
       f"{total['tokens'] / n_batches:.0f} tokens")
