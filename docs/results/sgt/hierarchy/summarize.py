@@ -4,7 +4,7 @@
     -> tables.md, summary.json, hierarchy.png (beside it)
 
 Inputs, one pair per model (`run.sh` writes them; `base` is the starting checkpoint, every other model is
-`<arm>-s<seed>`): e1-NAME.json = `umm eval --tasks vqa,vqa-short,geneval,seg-miou --n 128 --steps 12`, e2-NAME.json
+`<arm>-s<seed>`; `none200` is `none` at 200 steps, about the understanding samples of a proxy arm): e1-NAME.json = `umm eval --tasks vqa,vqa-short,geneval,seg-miou --n 128 --steps 12`, e2-NAME.json
 = `umm eval --tasks probe,attention --n 512`.
 
 For an arm with several seeds the table gives the mean over seeds, each seed's value, and an interval for that mean
@@ -21,7 +21,7 @@ import re
 import statistics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ARMS = ["none", "instance_seg", "semantic_seg", "edge", "reconstruction", "denoising"]
+ARMS = ["none", "none200", "instance_seg", "semantic_seg", "edge", "reconstruction", "denoising"]
 FACTS = ["count", "color", "shape", "position"]
 
 
@@ -134,7 +134,7 @@ def plot(summary, path):
     import matplotlib.pyplot as plt
 
     arms = [a for a in ["base"] + ARMS if a in summary]
-    colors = {a: c for a, c in zip(["base"] + ARMS, ["0.5", "k", "C3", "C1", "C2", "C0", "C4"])}
+    colors = {a: c for a, c in zip(["base"] + ARMS, ["0.5", "k", "0.8", "C3", "C1", "C2", "C0", "C4"])}
     panels = [
         ("Understanding (n = 128)", ["VQA multiple choice", "VQA short answer", "short answer: shape",
                                      "short answer: count"]),
