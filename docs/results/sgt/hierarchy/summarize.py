@@ -182,7 +182,8 @@ def plot(summary, path):
     handles, labels = axes[0].get_legend_handles_labels()
     axes[-1].axis("off")
     axes[-1].legend(handles, labels, loc="center", fontsize=10, title="model")
-    fig.suptitle("SGT proxy hierarchy on the tiny world: the base + 600 steps of each arm at lr 1e-3\n"
+    fig.suptitle("SGT proxy hierarchy on the tiny world: the base + 600 steps of each arm at lr 1e-3 (none200: "
+                 "200 steps)\n"
                  "bars: mean over seeds; whiskers: 95% over held-out items; dots: seeds; dashed: the probe's "
                  "majority-class rate", fontsize=10)
     fig.tight_layout()
