@@ -384,11 +384,11 @@ def _run_world(path):
     cfg = st["config"]
     recipe = cfg.get("recipe") or {}
     params = set(inspect.signature(SyntheticWorld).parameters) - {"size", "seed", "length"}
-    world = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recipe.items() if k in params}
-    if "world" in st:
-        # what the run's recipe read from recipe.init (flow-grpo and its family), recorded in the checkpoint
-        world = {k: (tuple(v) if isinstance(v, list) else v) for k, v in st["world"].items() if k in params}
-    elif cfg.get("recipe_name") == "flow-grpo":
+    # the world the run's recipe read from recipe.init (flow-grpo and its family), recorded in the checkpoint; else
+    # the recipe's own world keys
+    saved = st.get("world", recipe)
+    world = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in params}
+    if "world" not in st and cfg.get("recipe_name") == "flow-grpo":
         # RL runs draw their prompts from the world of the run they started from (recipe.init)
         from .train.config import Config
         from .train.spec import get_recipe

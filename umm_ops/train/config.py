@@ -159,11 +159,12 @@ def building_config(cfg, architecture: dict | None = None):
     recipe.init (flow-grpo's KL reference is its weights)."""
     model = getattr(cfg, "model", None)
     f = getattr(model, "vae_weights", None)
+    vae_gone = f is not None and not _resolvable_vae(f)
     pin = architecture is not None and hasattr(model, "cheers_config")
-    if not pin and (f is None or _resolvable_vae(f)):
+    if not (pin or vae_gone):
         return cfg
     c = copy.deepcopy(cfg)
-    if f is not None and not _resolvable_vae(f):
+    if vae_gone:
         c.model.vae_weights = None
     if pin:
         arch = copy.deepcopy(architecture)
