@@ -12,6 +12,10 @@ that counts the held-out items' noise of every seed (normal approximation: each 
 is its standard error; the mean's standard error is sqrt(sum se^2) / k; clipped to [0, 1]; a single seed keeps its
 own Wilson / bootstrap interval). That interval does not count the training
 seed's own variation beyond what the k seeds show; the seed values are printed so the reader sees it.
+
+The contrasts (tables.md, second table; summary.json "contrasts") are the interval over seeds: a proxy arm against
+a control, paired by seed (the same seed evaluates both on the same held-out records), d_s = proxy_s - control_s,
+mean(d) +- t(0.975, k - 1) * sd(d) / sqrt(k) over the k seeds both have.
 """
 import glob
 import json
@@ -23,6 +27,10 @@ import statistics
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS = ["none", "none200", "instance_seg", "semantic_seg", "edge", "reconstruction", "denoising"]
 FACTS = ["count", "color", "shape", "position"]
+PROXIES = ["instance_seg", "semantic_seg", "edge", "reconstruction", "denoising"]
+CONTRAST_MEASURES = ["VQA short answer", "VQA multiple choice", "probe shape @ layer 4", "probe count @ layer 4",
+                     "attention to image, all layers", "geneval score"]
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}   # Student's t, 0.975 quantile, by degrees of freedom
 
 
 def load():
@@ -102,6 +110,40 @@ def summarize(models):
             if len(vals) == len(names):
                 out[arm][k] = combine(vals)
     return out
+
+
+def contrasts(summary):
+    """proxy - control per seed (paired), for each proxy arm against `none` and `none200`."""
+    out = {}
+    for ctrl in ("none", "none200"):
+        for arm in PROXIES:
+            if arm not in summary or ctrl not in summary:
+                continue
+            seeds = [s for s in summary[arm]["seeds_run"] if s in summary[ctrl]["seeds_run"]]
+            if len(seeds) < 2:
+                continue
+            row = {"seeds": seeds}
+            for k in CONTRAST_MEASURES:
+                a, c = summary[arm][k], summary[ctrl][k]
+                d = [a["seeds"][summary[arm]["seeds_run"].index(s)] - c["seeds"][summary[ctrl]["seeds_run"].index(s)]
+                     for s in seeds]
+                m = statistics.mean(d)
+                h = T975[len(d) - 1] * statistics.stdev(d) / math.sqrt(len(d))
+                row[k] = {"mean": m, "ci95": [m - h, m + h], "per_seed": d}
+            out[f"{arm} - {ctrl}"] = row
+    return out
+
+
+def contrast_table(con):
+    lines = ["| contrast (seeds) | " + " | ".join(CONTRAST_MEASURES) + " |",
+             "|---" * (len(CONTRAST_MEASURES) + 1) + "|"]
+    for name, row in con.items():
+        cells = [f"{row[k]['mean']:+.3f} [{row[k]['ci95'][0]:+.2f}, {row[k]['ci95'][1]:+.2f}]"
+                 for k in CONTRAST_MEASURES]
+        lines.append(f"| {name} ({len(row['seeds'])}) | " + " | ".join(cells) + " |")
+    return ("\n\nProxy arm minus control, paired by seed: mean difference [95% interval over seeds: t(0.975, k-1) * "
+            "sd / sqrt(k)]. An interval that excludes 0 is a difference the seeds support.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def fmt(d):
@@ -192,12 +234,13 @@ def plot(summary, path):
 
 def main():
     summary = summarize(load())
+    con = contrasts(summary)
     with open(os.path.join(HERE, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(dict(summary, contrasts=con), f, indent=1)
     with open(os.path.join(HERE, "tables.md"), "w") as f:
-        f.write(table(summary))
+        f.write(table(summary) + contrast_table(con))
     plot(summary, os.path.join(HERE, "hierarchy.png"))
-    print(table(summary))
+    print(contrast_table(con))
 
 
 if __name__ == "__main__":
