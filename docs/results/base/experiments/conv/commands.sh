@@ -84,3 +84,17 @@ for v in "" bf16 "" bf16; do OMP_NUM_THREADS=2 python "$REPO/docs/results/base/e
 OMP_NUM_THREADS=1 umm train --out bPx-bf16 --no-resume --device cpu --keep-last 20 --no-progress --mixed-precision bf16
 umm eval bPx-bf16/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief \
     --json ev128-bPx-bf16.json --out evdir-bPx-bf16
+# stop 41: bf16 autocast in the whole schedule. Today's step, warm (stop 40's measure), then seed 1 with bf16 alone on
+# the idle machine (timed); seed 2 in fp32 and in bf16 together (one thread each); the step cold (each packed batch's
+# first run, as in training) and warm, alternated; then the fp32 defaults seed 1 alone on the idle machine (timed)
+for v in "" bf16; do OMP_NUM_THREADS=2 python "$REPO/docs/results/base/experiments/conv/step_breakdown.py" 2 4 $v; done > step_breakdown-stop41.txt
+/usr/bin/time -v umm train --out bPx-bf16-s1 --no-resume --device cpu --keep-last 20 --no-progress --seed 1 --mixed-precision bf16
+OMP_NUM_THREADS=1 umm train --out bPx-s2 --no-resume --device cpu --keep-last 20 --no-progress --seed 2 &
+OMP_NUM_THREADS=1 umm train --out bPx-bf16-s2 --no-resume --device cpu --keep-last 20 --no-progress --seed 2 \
+    --mixed-precision bf16 & wait
+for v in "" bf16 "" bf16; do OMP_NUM_THREADS=2 python "$REPO/docs/results/base/experiments/conv/step_breakdown.py" 2 8 cold $v; done > step_breakdown-cold.txt
+/usr/bin/time -v umm train --out bPx-s1-stop41 --no-resume --device cpu --keep-last 20 --no-progress --seed 1
+for r in bPx-bf16-s1 bPx-s2 bPx-bf16-s2 bPx-s1-stop41; do
+  umm eval $r/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief --json ev128-$r.json \
+      --out evdir-$r
+done

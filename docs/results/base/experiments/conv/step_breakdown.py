@@ -5,11 +5,14 @@ the tiny preset as the recipe trains it (the VAE and its decoder copy frozen), f
 forward of each part (VAE encoder, decoder copy, ViT, LLM, head), measured by wrapping their calls, and the backward.
 Minimum over the repeats per batch, summed over the batches.
 
-    OMP_NUM_THREADS=2 python step_breakdown.py [THREADS] [BATCHES] [cheers] [bf16]
+    OMP_NUM_THREADS=2 python step_breakdown.py [THREADS] [BATCHES] [cheers] [bf16] [cold]
 
 With ``cheers`` the tiny preset without its conv stage (Cheers' head: ``HeadConfig.without_conv_stage()``,
 what ``umm train --set model.conv_widths=[]`` trains), on the same batches.  With ``bf16`` the forward runs under
-bf16 autocast, as ``umm train --mixed-precision bf16`` runs it without FSDP (stop 40).
+bf16 autocast, as ``umm train --mixed-precision bf16`` runs it without FSDP (stop 40).  By default each batch's
+time is the minimum of repeats 2-4 of that batch (warm: its shapes seen before); with ``cold`` it is the first run of
+the batch, as in training, where every packed batch brings new shapes (stop 41: bf16 autocast is faster warm and
+slower cold on the Xeon).
 """
 import contextlib
 import collections
@@ -33,8 +36,8 @@ r = SFTRecipeConfig()
 ds = SyntheticSFTDataset(r.image_size, 0, r.train_records, r.tasks, task_weights=r.weights(), caption_first=0,
                          **r.world_kwargs())
 flags = set(sys.argv[3:])
-if flags - {"cheers", "bf16"}:
-    raise SystemExit(f"unknown options {sorted(flags - {'cheers', 'bf16'})}: use cheers and / or bf16")
+if flags - {"cheers", "bf16", "cold"}:
+    raise SystemExit(f"unknown options {sorted(flags - {'cheers', 'bf16', 'cold'})}: use cheers, bf16, cold")
 cheers_head = "cheers" in flags
 autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if "bf16" in flags else contextlib.nullcontext
 cfg = preset("tiny")
@@ -44,10 +47,12 @@ m = CheersModel(cfg)
 m.train()
 m.vae.requires_grad_(False)
 spec = m.pack_spec(budget=1024)
-idx = random.Random(0).sample(range(len(ds)), 60 * n_batches)
+cold = "cold" in flags
+n_run = n_batches + 1 if cold else n_batches   # cold: one more batch first, not counted (the process's warm-up)
+idx = random.Random(0).sample(range(len(ds)), 60 * n_run)
 batches = []
 for b in pack([ds[i] for i in idx], spec):
-    if len(batches) < n_batches:
+    if len(batches) < n_run:
         batches.append(b)
 acc = collections.defaultdict(float)
 
@@ -69,10 +74,10 @@ wrap(m.vit, "forward", "vit")
 wrap(m.llm, "forward_packed", "llm")
 wrap(m.head, "forward", "head")
 total = collections.defaultdict(float)
-for b in batches:
+for bi, b in enumerate(batches):
     inp = policy.training_inputs(m, b, seed=0, cfg_dropout_p=m.config.cfg_dropout)
     best = None
-    for rep in range(4):
+    for rep in range(1 if cold else 4):
         acc.clear()
         m.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
@@ -82,14 +87,17 @@ for b in batches:
         out["loss"].backward()
         t2 = time.perf_counter()
         row = dict(acc, forward=t1 - t0, backward=t2 - t1, step=t2 - t0)
-        if rep and (best is None or row["step"] < best["step"]):
+        if (cold and rep == 0) or (not cold and rep and (best is None or row["step"] < best["step"])):
             best = row
+    if cold and bi == 0:
+        continue
     for k, v in best.items():
         total[k] += v
     total["images"] += len(b.images)
     total["tokens"] += b.num_tokens
     total["docs"] += b.num_docs
-label = ("Cheers' head" if cheers_head else "the tiny preset") + (", bf16 autocast" if "bf16" in flags else "")
+label = ("Cheers' head" if cheers_head else "the tiny preset") + (", bf16 autocast" if "bf16" in flags else "") \
+    + (", cold (each batch's first run)" if cold else ", warm (each batch's best of repeats 2-4)")
 print(f"{label}, {threads} threads, {n_batches} real 1024-token batches of the default mix: per batch "
       f"{total['docs'] / n_batches:.1f} documents, {total['images'] / n_batches:.1f} images, "
       f"{total['tokens'] / n_batches:.0f} tokens")
