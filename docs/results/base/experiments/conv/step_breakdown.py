@@ -11,8 +11,8 @@ With ``cheers`` the tiny preset without its conv stage (Cheers' head: ``HeadConf
 what ``umm train --set model.conv_widths=[]`` trains), on the same batches.  With ``bf16`` the forward runs under
 bf16 autocast, as ``umm train --mixed-precision bf16`` runs it without FSDP (stop 40).  By default each batch's
 time is the minimum of repeats 2-4 of that batch (warm: its shapes seen before); with ``cold`` it is the first run of
-the batch, as in training, where every packed batch brings new shapes (stop 41: bf16 autocast is faster warm and
-slower cold on the Xeon).
+the batch, as in training, where every packed batch brings new shapes (stop 41: bf16 autocast is 1.3x faster warm and
+level cold on the Xeon).
 """
 import contextlib
 import collections
