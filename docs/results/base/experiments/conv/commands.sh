@@ -98,3 +98,8 @@ for r in bPx-bf16-s1 bPx-s2 bPx-bf16-s2 bPx-s1-stop41; do
   umm eval $r/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief --json ev128-$r.json \
       --out evdir-$r
 done
+# stop 41, last: a smaller record pool (what a per-record latent cache would need to pay off), seed 1, alone
+/usr/bin/time -v umm train --out bPx-r10k-s1 --no-resume --device cpu --keep-last 20 --no-progress --seed 1 \
+    --set recipe.train_records=10000
+umm eval bPx-r10k-s1/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief \
+    --json ev128-bPx-r10k-s1.json --out evdir-bPx-r10k-s1
