@@ -5,6 +5,7 @@ CLI.  Multi-process runs (DDP / FSDP2 / SIGKILL) are in test_train_distributed.p
 Small runs: the tiny preset on 32 px synthetic pictures with 384-token micro-batches, a few steps each."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -436,6 +437,36 @@ def test_lr_scales_groups_and_schedule():
             Config.build("sft", overrides=[f"optim.lr_scales={bad}"])
 
 
+def test_optimizer_implementations_agree():
+    """optim.implementation: PyTorch's fused AdamW kernel (the default), foreach and for-loop give the same
+    parameters after a few steps with lr scales and decay groups, up to float32 rounding (the kernels order the
+    same arithmetic differently: a few ulps); an unknown name is refused."""
+    from umm_ops.train.engine.optim import build_optimizer
+
+    torch.manual_seed(0)
+    ref = torch.nn.ModuleDict({"vit": torch.nn.Linear(16, 32), "llm": torch.nn.Linear(32, 8),
+                               "norm": torch.nn.LayerNorm(8)})
+    grads = [[torch.randn_like(p) for p in ref.parameters()] for _ in range(5)]
+    out = {}
+    for impl in ("fused", "foreach", "for-loop"):
+        model = copy.deepcopy(ref)
+        cfg = Config.build("sft", overrides=["optim.lr=0.01", "optim.lr_scales=vit.:0.1"]
+                           + ([f"optim.implementation={impl}"] if impl != "fused" else []))
+        opt = build_optimizer(model, cfg.optim)
+        assert bool(opt.defaults.get("fused")) == (impl == "fused")
+        for gs in grads:
+            for p, g in zip(model.parameters(), gs):
+                p.grad = g.clone()
+            opt.step()
+        out[impl] = [p.detach().clone() for p in model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(out["fused"], ref.parameters()))
+    for impl in ("foreach", "for-loop"):
+        for a, b in zip(out["fused"], out[impl]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)   # parameters O(0.1-1): a few float32 ulps
+    with pytest.raises(ConfigError, match="optim.implementation"):
+        Config.build("sft", overrides=["optim.implementation=fast"])
+
+
 def test_config_toml_round_trip_and_precedence(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('recipe_name = "sft"\n[optim]\nlr = 3e-4\nbetas = [0.8, 0.9]\n[job]\nsteps = 7\n[recipe]\n'
@@ -835,3 +866,24 @@ def test_latent_to_llm_trains_and_runs_older_than_a_key_still_resume(straight, t
     assert [r["step"] for r in read_metrics(old) if "loss" in r] == [1, 2, 3, 4, 5]
     with pytest.raises(ValueError, match="cannot resume: the run was started with model.latent_to_llm=False"):
         train(_cfg(old, job__steps=6, model__latent_to_llm=True))
+
+
+def test_vae_compute_dtype_default_record_init_and_resume(straight, tmp_path):
+    """model.vae_compute_dtype: the base schedule's default is bf16 for the frozen VAE, recorded in its checkpoints;
+    "model" computes it in the model's dtype (a different first loss, within bf16's error); the setting is
+    run-defining, and it applies to a model from recipe.init too (not architecture)."""
+    from umm_ops.train.export import load_checkpoint_model
+
+    assert Config.build("sft").model.vae_compute_dtype == "bfloat16"
+    assert load_checkpoint_model(straight).config.vae.compute_dtype == "bfloat16"
+    out = tmp_path / "fp32"
+    train(_cfg(out, job__steps=1, checkpoint__every=1, model__vae_compute_dtype="model"))
+    assert load_checkpoint_model(out).config.vae.compute_dtype is None
+    a, b = read_metrics(straight)[0]["loss"], read_metrics(out)[0]["loss"]
+    assert a != b and b == pytest.approx(a, rel=2e-2)
+    with pytest.raises(ValueError, match="cannot resume: the run was started with model.vae_compute_dtype="):
+        train(_cfg(out, job__steps=2, checkpoint__every=1))
+    train(_cfg(tmp_path / "init", job__steps=1, recipe__init=str(out)))
+    assert load_checkpoint_model(tmp_path / "init").config.vae.compute_dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="model.vae_compute_dtype"):
+        Config.build("sft", overrides=["model.vae_compute_dtype=float16"])

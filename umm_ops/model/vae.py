@@ -14,6 +14,7 @@ Cheers' ``c (i pi) (j pj) -> (c pi pj) i j``; BatchNorm eps 1e-4, running statis
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -135,6 +136,16 @@ class CheersVAE(nn.Module):
         return h // self.cfg.patch, w // self.cfg.patch
 
     # ------------------------------------------------------------------ encode / decode
+    def _frozen_compute(self, module: nn.Module):
+        """The context the frozen `module` computes in: bf16 autocast on its device with ``compute_dtype =
+        "bfloat16"`` (weights and outputs stay in their dtype), else nothing."""
+        if self.cfg.compute_dtype != "bfloat16":
+            return contextlib.nullcontext()
+        w = next(module.parameters())
+        if w.dtype == torch.bfloat16:
+            return contextlib.nullcontext()
+        return torch.autocast(w.device.type, dtype=torch.bfloat16)
+
     def _check_pixels(self, pixels: torch.Tensor, who: str):
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3:
             got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
@@ -145,7 +156,9 @@ class CheersVAE(nn.Module):
         self._check_pixels(pixels, "CheersVAE.latents")
         with torch.no_grad():
             dt = self.frozen.quant_conv.weight.dtype if self.frozen.quant_conv is not None else pixels.dtype
-            return self.frozen.encode(pixels.to(dt)).latent_dist.mode()
+            with self._frozen_compute(self.frozen.encoder):
+                z = self.frozen.encode(pixels.to(dt)).latent_dist.mode()
+            return z.to(dt)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, H, W) in [-1, 1] -> normalised packed latent tokens (N, (H/16)*(W/16), 128), no gradient."""
@@ -164,8 +177,16 @@ class CheersVAE(nn.Module):
         return x if clamp is None else x.clamp(*clamp)
 
     def decode_trainable(self, tokens: torch.Tensor, pixel_hw) -> torch.Tensor:
-        """The trainable decoder copy (Cheers' vae_decoder_projector): tokens -> pixels (N, 3, H, W)."""
-        return self.decoder_copy(tokens, self.latent_hw(pixel_hw))
+        """The trainable decoder copy (Cheers' vae_decoder_projector): tokens -> pixels (N, 3, H, W), in the dtype of
+        `tokens`.  While none of its parameters is trained it is a frozen part (``compute_dtype``); gradients still
+        reach `tokens` when they need them."""
+        hw = self.latent_hw(pixel_hw)
+        dc = self.decoder_copy
+        if any(p.requires_grad for p in dc.parameters()):
+            return dc(tokens, hw)
+        with self._frozen_compute(dc.decoder):
+            x = dc(tokens, hw)
+        return x.to(tokens.dtype)
 
     @torch.no_grad()
     def calibrate(self, pixels: torch.Tensor) -> None:

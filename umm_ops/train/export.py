@@ -55,6 +55,8 @@ def load_checkpoint_model(path, device=None, ema: bool = False):
     # the checkpoint's weights fill it; its recorded architecture (checkpoints since stop 40) spares reading
     # recipe.init, which older checkpoints need
     model = get_recipe(cfg.recipe_name).build_model(building_config(cfg, st.get("model_config")))
+    if hasattr(cfg, "model") and hasattr(cfg.model, "apply_options"):
+        cfg.model.apply_options(model)   # what the run computed with (a recorded architecture holds it already)
     model.to(dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype])
     load_model_state(folder, model, ema=ema)
     if device is not None:

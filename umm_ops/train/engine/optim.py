@@ -1,7 +1,8 @@
 """Optimizer, learning-rate schedule and EMA of the weights.
 
 * :func:`build_optimizer`: AdamW over the trainable parameters in two groups, weight decay on matrices only
-  (parameters with >= 2 dims; biases, norms and gates without).
+  (parameters with >= 2 dims; biases, norms and gates without); PyTorch's fused kernel by default
+  (``optim.implementation``).
 * :class:`LRSchedule`: linear warmup to ``lr`` over ``warmup`` steps, then cosine / linear decay to
   ``min_lr_ratio * lr`` at ``steps``, or constant; stateful (``state_dict`` holds the step and the settings it was
   built with) and a pure function of the step, so a resumed run with a new ``lr`` or ``steps`` follows the new
@@ -33,6 +34,10 @@ def named_trainable(model) -> list:
     return [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+# optim.implementation -> torch.optim.AdamW's keywords
+IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+
+
 def build_optimizer(model, ocfg) -> torch.optim.Optimizer:
     """AdamW with one parameter group per (lr scale, decay or not): ``optim.lr_scales`` ("prefix:scale", first
     matching prefix of the canonical name wins) gives a group ``lr_scale``, which :meth:`LRSchedule.apply`
@@ -55,7 +60,10 @@ def build_optimizer(model, ocfg) -> torch.optim.Optimizer:
                                                "lr_scale": scale})
         g["params"].append(p)
     ordered = [groups[k] for k in sorted(groups, key=lambda k: (k[0] != 1.0, k[0], not k[1]))]
-    return torch.optim.AdamW(ordered, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps)
+    impl = getattr(ocfg, "implementation", "fused")
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"build_optimizer: optim.implementation must be one of {list(IMPLEMENTATIONS)}, got {impl!r}")
+    return torch.optim.AdamW(ordered, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps, **IMPLEMENTATIONS[impl])
 
 
 class LRSchedule:

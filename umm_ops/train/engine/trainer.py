@@ -36,6 +36,7 @@ __all__ = ["train", "RUN_DEFINING"]
 RUN_DEFINING = ("job.seed", "model.preset", "model.dtype", "model.latent_input", "model.prediction",
                 "model.latent_to_llm", "model.vae_weights", "model.conv_widths", "model.conv_context",
                 "model.conv_inputs", "model.conv_context_embeddings", "model.embedding_multiplier",
+                "model.vae_compute_dtype",
                 "data.budget", "data.global_tokens", "optim.betas", "optim.eps", "optim.weight_decay", "optim.ema",
                 "optim.lr_scales", "recipe_name")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -148,7 +149,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
     # resuming: a model.vae_weights file that is gone is not needed (the checkpoint holds the autoencoder)
     resuming = cfg.job.resume and bool(complete_checkpoints(out))
     build_cfg = building_config(cfg) if resuming else cfg
-    bare = recipe.build_model(build_cfg)
+    bare = _build_model(recipe, build_cfg)
     recorded = _recorded(recipe, cfg, bare)
     bare.to(device=d.device, dtype=_DTYPES[cfg.model.dtype])
     bare.train()
@@ -196,6 +197,8 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
     rep.line(f"{cfg.recipe_name}: {cfg.model.preset} ({n_params / 1e6:.1f}M trainable parameters) on "
              f"{d.world_size} x {d.device.type}, {cfg.model.dtype}"
              + (" + bf16 mixed precision" if cfg.parallel.mixed_precision == "bf16" else "")
+             + (", the frozen VAE in bf16" if getattr(getattr(getattr(bare, "config", None), "vae", None),
+                                                      "compute_dtype", None) == "bfloat16" else "")
              + f", parallel {mode}; {M} micro-batch(es) of {cfg.data.budget} tokens per step; "
              + "".join(f"{x}; " for x in [recipe.describe(cfg)] if x)
              + (f"resumed from {ckpt.name}" if ckpt is not None else "new run") + f"; out {out}")
@@ -326,6 +329,15 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
     return summary
 
 
+def _build_model(recipe, cfg: Config):
+    """The recipe's model with the engine's model options that are not architecture applied
+    (``ModelConfig.apply_options``), whichever way the recipe built it."""
+    model = recipe.build_model(cfg)
+    if hasattr(getattr(cfg, "model", None), "apply_options"):
+        cfg.model.apply_options(model)
+    return model
+
+
 def _recorded(recipe, cfg: Config, bare) -> dict:
     """What every checkpoint records so that loading it needs nothing outside the run folder: the architecture of
     the saved model (a Cheers-family model's CheersConfig, ``model_config``: with recipe.init it is the init's, which
@@ -355,6 +367,6 @@ def _gather_for_eval(recipe, cfg: Config, model, bare, mode: str, d, build_cfg: 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.is_main:
         return None
-    copy = recipe.build_model(build_cfg)
+    copy = _build_model(recipe, build_cfg)
     copy.load_state_dict(full)
     return copy.to(device=d.device, dtype=_DTYPES[cfg.model.dtype])

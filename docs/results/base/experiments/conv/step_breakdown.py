@@ -5,14 +5,15 @@ the tiny preset as the recipe trains it (the VAE and its decoder copy frozen), f
 forward of each part (VAE encoder, decoder copy, ViT, LLM, head), measured by wrapping their calls, and the backward.
 Minimum over the repeats per batch, summed over the batches.
 
-    OMP_NUM_THREADS=2 python step_breakdown.py [THREADS] [BATCHES] [cheers] [bf16] [cold]
+    OMP_NUM_THREADS=2 python step_breakdown.py [THREADS] [BATCHES] [cheers] [bf16] [cold] [vae-bf16]
 
 With ``cheers`` the tiny preset without its conv stage (Cheers' head: ``HeadConfig.without_conv_stage()``,
 what ``umm train --set model.conv_widths=[]`` trains), on the same batches.  With ``bf16`` the forward runs under
 bf16 autocast, as ``umm train --mixed-precision bf16`` runs it without FSDP (stop 40).  By default each batch's
 time is the minimum of repeats 2-4 of that batch (warm: its shapes seen before); with ``cold`` it is the first run of
 the batch, as in training, where every packed batch brings new shapes (stop 41: bf16 autocast is 1.3x faster warm and
-level cold on the Xeon).
+level cold on the Xeon).  With ``vae-bf16`` the frozen VAE (encoder and decoder copy) computes in bf16
+(``VAEConfig.compute_dtype``, what ``umm train`` does by default since stop 42: ``model.vae_compute_dtype``).
 """
 import contextlib
 import collections
@@ -36,13 +37,16 @@ r = SFTRecipeConfig()
 ds = SyntheticSFTDataset(r.image_size, 0, r.train_records, r.tasks, task_weights=r.weights(), caption_first=0,
                          **r.world_kwargs())
 flags = set(sys.argv[3:])
-if flags - {"cheers", "bf16", "cold"}:
-    raise SystemExit(f"unknown options {sorted(flags - {'cheers', 'bf16', 'cold'})}: use cheers, bf16, cold")
+OPTIONS = {"cheers", "bf16", "cold", "vae-bf16"}
+if flags - OPTIONS:
+    raise SystemExit(f"unknown options {sorted(flags - OPTIONS)}: use {', '.join(sorted(OPTIONS))}")
 cheers_head = "cheers" in flags
 autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if "bf16" in flags else contextlib.nullcontext
 cfg = preset("tiny")
 if cheers_head:
     cfg = dataclasses.replace(cfg, head=cfg.head.without_conv_stage())
+if "vae-bf16" in flags:
+    cfg.vae.compute_dtype = "bfloat16"
 m = CheersModel(cfg)
 m.train()
 m.vae.requires_grad_(False)
@@ -97,6 +101,7 @@ for bi, b in enumerate(batches):
     total["tokens"] += b.num_tokens
     total["docs"] += b.num_docs
 label = ("Cheers' head" if cheers_head else "the tiny preset") + (", bf16 autocast" if "bf16" in flags else "") \
+    + (", the frozen VAE in bf16" if "vae-bf16" in flags else "") \
     + (", cold (each batch's first run)" if cold else ", warm (each batch's best of repeats 2-4)")
 print(f"{label}, {threads} threads, {n_batches} real 1024-token batches of the default mix: per batch "
       f"{total['docs'] / n_batches:.1f} documents, {total['images'] / n_batches:.1f} images, "
