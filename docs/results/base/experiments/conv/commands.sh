@@ -103,3 +103,20 @@ done
     --set recipe.train_records=10000
 umm eval bPx-r10k-s1/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief \
     --json ev128-bPx-r10k-s1.json --out evdir-bPx-r10k-s1
+# stop 42: the frozen VAE in bf16 (model.vae_compute_dtype = "bfloat16", now the sft default) and the fused AdamW
+# (optim.implementation = "fused", now the default). bV-*: the bf16 VAE with the old for-loop AdamW (the runs were
+# started before the fused default existed; today that is --set optim.implementation=for-loop); seed 1 alone on the
+# idle machine (timed), seeds 0 and 2 together at one thread each; then the exact new defaults, seed 1, alone (timed),
+# and the old defaults, seed 1, alone (timed; bit-identical to stop 41's bPx-s1-stop41)
+/usr/bin/time -v umm train --out bV-s1 --no-resume --device cpu --keep-last 20 --no-progress --seed 1 \
+    --set optim.implementation=for-loop
+for s in 0 2; do OMP_NUM_THREADS=1 umm train --out bV-s$s --no-resume --device cpu --keep-last 20 --no-progress \
+    --seed $s --set optim.implementation=for-loop & done; wait
+/usr/bin/time -v umm train --out bVF-s1 --no-resume --device cpu --keep-last 20 --no-progress --seed 1
+for r in bV-s0 bV-s1 bV-s2 bVF-s1; do
+  umm eval $r/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief --json ev128-$r.json \
+      --out evdir-$r
+done
+/usr/bin/time -v umm train --out bPx-s1-stop42 --no-resume --device cpu --keep-last 20 --no-progress --seed 1 \
+    --set model.vae_compute_dtype=model --set optim.implementation=for-loop
+python "$REPO/bench/bench_train_parts.py"
