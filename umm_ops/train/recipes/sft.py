@@ -318,7 +318,7 @@ class SFTRecipe(Recipe):
         # vision path (ViT, understanding projector) trains at a tenth of the lr: at the LLM's lr a from-scratch ViT
         # and projector lose the objects' colours within ~150 steps (linear probes: scripts/probe_features.py) and
         # the LLM never learns to read them.  The frozen VAE (encoder, decoder copy: about half of a step in float32)
-        # computes in bf16: with the fused AdamW the schedule trains in 14.6 instead of 19 minutes on the 2-core
+        # computes in bf16: with the fused AdamW the schedule trains in 14.5 instead of 18.7 minutes on the 2-core
         # Xeon; scores not separated from float32's over three seeds, captions -0.02 [-0.05, +0.00]
         # (docs/results/base, "The frozen VAE in bf16, and a fused AdamW")
         return {"job.steps": 1800, "optim.lr": 1e-3, "optim.lr_scales": VISION_LR_SCALES, "schedule.warmup": 50,
