@@ -37,7 +37,7 @@ class VAEConfig:
     compute_dtype: typing.Optional[str] = None   # the dtype the *frozen* parts compute in: the autoencoder's encoder
                                            # (flow targets and understanding inputs) and the decoder copy while
                                            # none of its parameters is trained, under autocast (weights stay in
-                                           # the model's dtype).  None: the model's dtype; "bfloat16": ~3x faster
+                                           # the model's dtype).  None: the model's dtype; "bfloat16": 2-3x faster
                                            # on CPUs with bf16 instructions, latents within ~0.3% of their spread
                                            # (docs/results/base, "The frozen VAE in bf16").  The frozen decoder
                                            # that turns generated latents into pictures always runs in the

@@ -75,7 +75,7 @@ class ModelConfig:
                                       # or a .safetensors file from `umm export` of a vae run (refused with
                                       # recipe.init; the run's checkpoints hold it)
     vae_compute_dtype: str = "auto"   # what the frozen VAE parts (encoder; decoder copy while untrained) compute in:
-                                      # "bfloat16" (autocast, ~3x faster on CPUs with bf16 instructions), "model"
+                                      # "bfloat16" (autocast, 2-3x faster on CPUs with bf16 instructions), "model"
                                       # (the model's dtype), "auto": what the model brings (the preset's, or
                                       # recipe.init's / a resumed checkpoint's).  VAEConfig.compute_dtype
 
