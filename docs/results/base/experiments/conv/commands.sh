@@ -120,3 +120,7 @@ done
 /usr/bin/time -v umm train --out bPx-s1-stop42 --no-resume --device cpu --keep-last 20 --no-progress --seed 1 \
     --set model.vae_compute_dtype=model --set optim.implementation=for-loop
 python "$REPO/bench/bench_train_parts.py"
+# stop 42, last: seed 0 of the exact new defaults, alone (timed)
+/usr/bin/time -v umm train --out bVF-s0 --no-resume --device cpu --keep-last 20 --no-progress --seed 0
+umm eval bVF-s0/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief \
+    --json ev128-bVF-s0.json --out evdir-bVF-s0
