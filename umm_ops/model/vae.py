@@ -141,10 +141,7 @@ class CheersVAE(nn.Module):
         "bfloat16"`` (weights and outputs stay in their dtype), else nothing."""
         if self.cfg.compute_dtype != "bfloat16":
             return contextlib.nullcontext()
-        w = next(module.parameters())
-        if w.dtype == torch.bfloat16:
-            return contextlib.nullcontext()
-        return torch.autocast(w.device.type, dtype=torch.bfloat16)
+        return torch.autocast(next(module.parameters()).device.type, dtype=torch.bfloat16)
 
     def _check_pixels(self, pixels: torch.Tensor, who: str):
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3:

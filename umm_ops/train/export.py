@@ -34,7 +34,7 @@ def load_checkpoint_model(path, device=None, ema: bool = False):
     from ..model.checkpoint import from_pretrained
     from .config import Config, building_config
     from .engine.checkpoint import load_model_state, read_trainer_state
-    from .spec import get_recipe
+    from .spec import build_model, get_recipe
 
     p = Path(path)
     if (p / "config.json").is_file():
@@ -54,9 +54,7 @@ def load_checkpoint_model(path, device=None, ema: bool = False):
     torch.manual_seed(0)
     # the checkpoint's weights fill it; its recorded architecture (checkpoints since stop 40) spares reading
     # recipe.init, which older checkpoints need
-    model = get_recipe(cfg.recipe_name).build_model(building_config(cfg, st.get("model_config")))
-    if hasattr(cfg, "model") and hasattr(cfg.model, "apply_options"):
-        cfg.model.apply_options(model)   # what the run computed with (a recorded architecture holds it already)
+    model = build_model(get_recipe(cfg.recipe_name), building_config(cfg, st.get("model_config")))
     model.to(dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype])
     load_model_state(folder, model, ema=ema)
     if device is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["Recipe", "StepContext", "StepOutput", "DataSource", "DataPhases", "register", "get_recipe",
+__all__ = ["Recipe", "StepContext", "StepOutput", "DataSource", "DataPhases", "register", "get_recipe", "build_model",
            "recipe_names"]
 
 
@@ -155,6 +155,18 @@ class Recipe:
 
 
 _REGISTRY: dict = {}
+
+
+def build_model(recipe: Recipe, cfg):
+    """`recipe`'s model for `cfg`, with the engine's model options that are not architecture set on it
+    (``ModelConfig.apply_options``: e.g. the frozen VAE's compute dtype), whichever way the recipe built it (fresh,
+    recipe.init, a checkpoint's recorded architecture).  The one way the trainer, `bare_loop` and checkpoint loading
+    build a run's model."""
+    model = recipe.build_model(cfg)
+    options = getattr(getattr(cfg, "model", None), "apply_options", None)
+    if options is not None:
+        options(model)
+    return model
 
 
 def register(recipe_cls):

@@ -22,7 +22,7 @@ import torch
 
 from ...utils import atomic_write, seed_of
 from ..config import Config, building_config
-from ..spec import StepContext, get_recipe
+from ..spec import StepContext, build_model, get_recipe
 from . import distributed
 from .checkpoint import Checkpointer, RunFolderBusy, RunLock, complete_checkpoints
 from .data import PhasedLoader
@@ -149,7 +149,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
     # resuming: a model.vae_weights file that is gone is not needed (the checkpoint holds the autoencoder)
     resuming = cfg.job.resume and bool(complete_checkpoints(out))
     build_cfg = building_config(cfg) if resuming else cfg
-    bare = _build_model(recipe, build_cfg)
+    bare = build_model(recipe, build_cfg)
     recorded = _recorded(recipe, cfg, bare)
     bare.to(device=d.device, dtype=_DTYPES[cfg.model.dtype])
     bare.train()
@@ -329,15 +329,6 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
     return summary
 
 
-def _build_model(recipe, cfg: Config):
-    """The recipe's model with the engine's model options that are not architecture applied
-    (``ModelConfig.apply_options``), whichever way the recipe built it."""
-    model = recipe.build_model(cfg)
-    if hasattr(getattr(cfg, "model", None), "apply_options"):
-        cfg.model.apply_options(model)
-    return model
-
-
 def _recorded(recipe, cfg: Config, bare) -> dict:
     """What every checkpoint records so that loading it needs nothing outside the run folder: the architecture of
     the saved model (a Cheers-family model's CheersConfig, ``model_config``: with recipe.init it is the init's, which
@@ -367,6 +358,6 @@ def _gather_for_eval(recipe, cfg: Config, model, bare, mode: str, d, build_cfg: 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.is_main:
         return None
-    copy = _build_model(recipe, build_cfg)
+    copy = build_model(recipe, build_cfg)
     copy.load_state_dict(full)
     return copy.to(device=d.device, dtype=_DTYPES[cfg.model.dtype])

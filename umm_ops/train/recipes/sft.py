@@ -20,7 +20,7 @@ import torch
 
 from ...data.packing import LogitNormalTimesteps, UniformTimesteps
 from ...utils import seed_of
-from ..spec import DataPhases, DataSource, Recipe, StepOutput, register
+from ..spec import DataPhases, DataSource, Recipe, StepOutput, build_model, register
 
 __all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS", "bare_loop"]
 
@@ -396,8 +396,7 @@ def bare_loop(cfg, on_step=None) -> list:
         raise ValueError("bare_loop: one micro-batch per step only (data.global_tokens = 0 or = data.budget)")
     recipe = SFTRecipe()
     torch.manual_seed(seed_of(cfg.job.seed, "model-init"))
-    model = recipe.build_model(cfg).train()
-    cfg.model.apply_options(model)
+    model = build_model(recipe, cfg).train()
     opt = build_optimizer(model, cfg.optim)
     sched = LRSchedule.from_config(cfg)
     spec = model.pack_spec(budget=cfg.data.budget, timestep_sampler=TIMESTEPS[cfg.recipe.timesteps]())
