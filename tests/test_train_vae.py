@@ -217,7 +217,7 @@ def test_cheers_vae_weights_errors(tmp_path):
     from umm_ops.model.config import preset
     from umm_ops.model.vae import CheersVAE
 
-    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped autoencoder"):
+    with pytest.raises(FileNotFoundError, match="neither a file nor shipped weights"):
         CheersVAE(dataclasses.replace(preset("tiny").vae, weights="no-such-vae"))
     f, _ = _exported(tmp_path, trained=False)
     with pytest.raises(ValueError, match="statistics are the defaults"):

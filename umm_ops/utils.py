@@ -26,13 +26,28 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["ASSETS", "seed_of", "generator", "atomic_write", "atomic_folder", "fsync_tree", "OPTIONAL_DEPENDENCIES",
+__all__ = ["ASSETS", "resolve_shipped_weights", "seed_of", "generator", "atomic_write", "atomic_folder", "fsync_tree", "OPTIONAL_DEPENDENCIES",
            "MissingDependencyError", "optional_import"]
 
 _MASK63 = (1 << 63) - 1
 
 
 ASSETS = Path(__file__).resolve().parent / "assets"   # shipped in the package: trained VAE, world tokenizer
+
+
+def resolve_shipped_weights(weights, what: str) -> Path:
+    """A weights setting -> its safetensors file: the name of a file shipped in umm_ops/assets (``"tiny-world-vae"``,
+    with or without ``.safetensors``) or a path.  `what` names the setting in errors (``"VAEConfig.weights"``)."""
+    if not isinstance(weights, (str, os.PathLike)) or not os.fspath(weights):
+        raise TypeError(f"{what} must be a shipped weights name or a .safetensors path, got {weights!r}")
+    w = os.fspath(weights)
+    name = w if w.endswith(".safetensors") else w + ".safetensors"
+    if os.sep not in w and "/" not in w and (ASSETS / name).is_file():
+        return ASSETS / name
+    if Path(w).is_file():
+        return Path(w)
+    shipped = sorted(p.stem for p in ASSETS.glob("*.safetensors"))
+    raise FileNotFoundError(f"{what} = {w!r}: neither a file nor shipped weights (shipped: {shipped})")
 
 
 def seed_of(*parts) -> int:

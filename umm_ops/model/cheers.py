@@ -118,6 +118,8 @@ class CheersModel(nn.Module):
         llm_cfg, vit_cfg = config.llm_config(), config.vit_config()
         self.llm = Qwen2LM(llm_cfg)
         self.vit = SiglipViT(vit_cfg)
+        if config.vit_weights is not None and not self.vit.vision_model.post_layernorm.weight.is_meta:
+            self.vit.load_pretrained(config.vit_weights)
         self.vae = CheersVAE(config.vae)
         self.und_projector = UnderstandingProjector(vit_cfg.hidden_size, llm_cfg.hidden_size, config.compress,
                                                     config.projector_ln_eps)

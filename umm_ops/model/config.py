@@ -112,6 +112,9 @@ class HeadConfig:
 class CheersConfig:
     llm: dict = field(default_factory=dict)       # transformers Qwen2Config keys
     vit: dict = field(default_factory=dict)       # transformers SiglipVisionConfig keys
+    vit_weights: typing.Optional[str] = None   # a pretrained vision tower loaded at construction (Cheers starts from a
+                                   # pretrained SigLIP2): the name of one shipped in umm_ops/assets/ (e.g.
+                                   # "tiny-world-vit") or a .safetensors path of a SiglipViT state; None: random init
     vae: VAEConfig = field(default_factory=VAEConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     image_size: int = 512          # default generation size (pixels, square)
@@ -162,6 +165,9 @@ class CheersConfig:
 
         if self.profile not in PROFILES:
             raise ValueError(f"CheersConfig.profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
+        if self.vit_weights is not None and not (isinstance(self.vit_weights, str) and self.vit_weights):
+            raise ValueError(f"CheersConfig.vit_weights must be None, a shipped name or a .safetensors path, got "
+                             f"{self.vit_weights!r}")
         if self.gen_mode not in ("full", "noise"):
             raise ValueError(f"gen_mode must be 'full' or 'noise', got {self.gen_mode!r}")
         for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
@@ -244,6 +250,10 @@ def _tiny() -> CheersConfig:
                  tie_word_embeddings=True, max_position_embeddings=4096),
         vit=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                  patch_size=16, image_size=128, num_channels=3, layer_norm_eps=1e-6),
+        # pretrained on the synthetic world, as Cheers starts from a pretrained SigLIP2 (umm train --recipe vit; the
+        # command and held-out scores in the .json beside it): the base schedule's captions and short answers
+        # depend on it (docs/results/base, "A pretrained vision tower")
+        vit_weights="tiny-world-vit",
         # trained on the synthetic world (umm train --recipe vae; the recipe, command and scores in the .json beside it)
         vae=VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
                       weights="tiny-world-vae"),

@@ -24,7 +24,7 @@ from torch import nn
 
 import umm_ops
 
-from ..utils import ASSETS, optional_import
+from ..utils import ASSETS, optional_import, resolve_shipped_weights
 from .config import VAEConfig
 
 __all__ = ["CheersVAE", "DecoderCopy", "SHIPPED_WEIGHTS", "resolve_vae_weights"]
@@ -64,17 +64,7 @@ class DecoderCopy(nn.Module):
 def resolve_vae_weights(weights) -> Path:
     """VAEConfig.weights -> the safetensors file: a name of SHIPPED_WEIGHTS (``"tiny-world-vae"``, with or without
     ``.safetensors``) or a path."""
-    if not isinstance(weights, (str, os.PathLike)) or not os.fspath(weights):
-        raise TypeError(f"VAEConfig.weights must be a shipped weights name or a .safetensors path, got {weights!r}")
-    w = os.fspath(weights)
-    name = w if w.endswith(".safetensors") else w + ".safetensors"
-    if os.sep not in w and "/" not in w and (SHIPPED_WEIGHTS / name).is_file():
-        return SHIPPED_WEIGHTS / name
-    if Path(w).is_file():
-        return Path(w)
-    shipped = sorted(p.stem for p in SHIPPED_WEIGHTS.glob("*.safetensors"))
-    raise FileNotFoundError(f"VAEConfig.weights = {w!r}: neither a file nor a shipped autoencoder (shipped: "
-                            f"{shipped})")
+    return resolve_shipped_weights(weights, "VAEConfig.weights")
 
 
 class CheersVAE(nn.Module):

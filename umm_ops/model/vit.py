@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -216,6 +217,22 @@ class SiglipViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 m.weight.fill_(1.0)
                 m.bias.zero_()
+
+    def load_pretrained(self, weights) -> None:
+        """Load a pretrained tower: a shipped name (``"tiny-world-vit"``, umm_ops/assets) or a .safetensors file of
+        this module's state (``umm export`` of a vit run), which must match this config exactly."""
+        from ..utils import optional_import, resolve_shipped_weights
+
+        load_file = optional_import("safetensors.torch", "load_file")
+        path = resolve_shipped_weights(weights, "vit_weights")
+        state = load_file(os.fspath(path))
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as e:
+            c = self.config
+            raise ValueError(f"{os.fspath(path)}: not a vision tower of this config (hidden {c.hidden_size}, "
+                             f"{c.num_hidden_layers} layers, patch {c.patch_size}, image {c.image_size}): "
+                             f"{str(e)[:400]}") from None
 
     def _check_pixels(self, pixels) -> tuple[int, int]:
         c = self.config

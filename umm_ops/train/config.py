@@ -74,6 +74,9 @@ class ModelConfig:
     vae_weights: typing.Optional[str] = None   # a fresh model's autoencoder instead of the preset's: a shipped name
                                       # or a .safetensors file from `umm export` of a vae run (refused with
                                       # recipe.init; the run's checkpoints hold it)
+    vit_weights: typing.Optional[str] = None   # a fresh model's vision tower instead of the preset's: a shipped name,
+                                      # a .safetensors file from `umm export` of a vit run, or "none" (random init)
+                                      # (refused with recipe.init; the run's checkpoints hold it)
     vae_compute_dtype: str = "auto"   # what the frozen VAE parts (encoder; decoder copy while untrained) compute in:
                                       # "bfloat16" (autocast, 2-3x faster on CPUs with bf16 instructions), "model"
                                       # (the model's dtype), "auto": what the model brings (the preset's, or
@@ -102,6 +105,8 @@ class ModelConfig:
             c.llm["embedding_multiplier"] = float(self.embedding_multiplier)
         if self.vae_weights is not None:
             c.vae.weights = self.vae_weights
+        if self.vit_weights is not None:
+            c.vit_weights = None if self.vit_weights == "none" else self.vit_weights
         return c.validate()
 
     def apply_options(self, model) -> None:
@@ -120,6 +125,9 @@ class ModelConfig:
         if self.vae_weights is not None:
             raise ConfigError(f"model.vae_weights = {self.vae_weights!r} applies to a fresh model, but recipe.init "
                               f"{init!r} brings its own autoencoder: drop one of them")
+        if self.vit_weights is not None:
+            raise ConfigError(f"model.vit_weights = {self.vit_weights!r} applies to a fresh model, but recipe.init "
+                              f"{init!r} brings its own vision tower: drop one of them")
         if self.latent_to_llm and not source_config.latent_to_llm:
             raise ConfigError(f"model.latent_to_llm = true, but recipe.init {init!r} is a model without it (no "
                               f"latent_to_llm weights): drop model.latent_to_llm, or start fresh")
@@ -148,11 +156,11 @@ class ModelConfig:
                               f"{head.prediction!r}: drop model.prediction, or start fresh")
 
 
-def _resolvable_vae(weights) -> bool:
-    from ..model.vae import resolve_vae_weights
+def _resolvable(weights) -> bool:
+    from ..utils import resolve_shipped_weights
 
     try:
-        resolve_vae_weights(weights)
+        resolve_shipped_weights(weights, "weights")
         return True
     except FileNotFoundError:
         return False
@@ -160,8 +168,8 @@ def _resolvable_vae(weights) -> bool:
 
 def building_config(cfg, architecture: dict | None = None):
     """The config a model is built from when a checkpoint's weights then fill it: `cfg`, or a copy without
-    ``model.vae_weights`` when that file is gone (a run's checkpoints hold its autoencoder, so neither resuming nor
-    eval / export needs the file; only a fresh model does).  Recipes without a model section pass through.
+    ``model.vae_weights`` / ``model.vit_weights`` when that file is gone (a run's checkpoints hold its autoencoder
+    and vision tower, so neither resuming nor eval / export needs the file; only a fresh model does).  Recipes without a model section pass through.
 
     architecture: the ``model_config`` a checkpoint recorded (the CheersConfig of the model it saved).  With it the
     copy builds that architecture without reading ``recipe.init`` (which is cleared): loading a run's checkpoint
@@ -169,19 +177,21 @@ def building_config(cfg, architecture: dict | None = None):
     preset's current definition.  Not for resuming a training run: recipes may take more than the architecture from
     recipe.init (flow-grpo's KL reference is its weights)."""
     model = getattr(cfg, "model", None)
-    f = getattr(model, "vae_weights", None)
-    vae_gone = f is not None and not _resolvable_vae(f)
+    gone = [name for name in ("vae_weights", "vit_weights")
+            if getattr(model, name, None) not in (None, "none") and not _resolvable(getattr(model, name))]
     pin = architecture is not None and hasattr(model, "cheers_config")
-    if not (pin or vae_gone):
+    if not (pin or gone):
         return cfg
     c = copy.deepcopy(cfg)
-    if vae_gone:
-        c.model.vae_weights = None
+    for name in gone:
+        setattr(c.model, name, None)
     if pin:
         arch = copy.deepcopy(architecture)
         w = (arch.get("vae") or {}).get("weights")
-        if w is not None and not _resolvable_vae(w):
+        if w is not None and not _resolvable(w):
             arch["vae"]["weights"] = None      # the checkpoint holds the autoencoder
+        if arch.get("vit_weights") is not None and not _resolvable(arch["vit_weights"]):
+            arch["vit_weights"] = None         # ... and the vision tower
         c.model.__dict__["_recorded_architecture"] = arch
         if getattr(c.recipe, "init", None):
             c.recipe.init = ""

@@ -34,7 +34,7 @@ __all__ = ["train", "RUN_DEFINING"]
 
 # engine keys that fix what a run computes: resuming with another value would not continue that run
 RUN_DEFINING = ("job.seed", "model.preset", "model.dtype", "model.latent_input", "model.prediction",
-                "model.latent_to_llm", "model.vae_weights", "model.conv_widths", "model.conv_context",
+                "model.latent_to_llm", "model.vae_weights", "model.vit_weights", "model.conv_widths", "model.conv_context",
                 "model.conv_inputs", "model.conv_context_embeddings", "model.embedding_multiplier",
                 "model.vae_compute_dtype",
                 "data.budget", "data.global_tokens", "optim.betas", "optim.eps", "optim.weight_decay", "optim.ema",
@@ -146,7 +146,7 @@ def _run(cfg: Config, recipe, d, out: Path, lock, on_step) -> dict:
 
     # ---------------------------------------------------------------- model, optimizer, data
     torch.manual_seed(seed_of(cfg.job.seed, "model-init"))
-    # resuming: a model.vae_weights file that is gone is not needed (the checkpoint holds the autoencoder)
+    # resuming: a model.vae_weights / vit_weights file that is gone is not needed (the checkpoint holds it)
     resuming = cfg.job.resume and bool(complete_checkpoints(out))
     build_cfg = building_config(cfg) if resuming else cfg
     bare = build_model(recipe, build_cfg)

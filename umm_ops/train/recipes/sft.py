@@ -326,8 +326,10 @@ class SFTRecipe(Recipe):
 
     def describe(self, cfg) -> str:
         r = cfg.recipe
+        tower = None if r.init else cfg.model.cheers_config().vit_weights
         return (f"{r.image_size} px synthetic world, tasks {'/'.join(r.tasks)}"
                 + (f"; weights from {r.init}" if r.init else "; weights from the preset's initialisation")
+                + (f", the vision tower pretrained ({tower})" if tower else "")
                 + ("; ViT frozen" if r.freeze_vit else "")
                 + (f"; from step {r.finish_at}: tasks {'/'.join(r.finish_tasks)}" if r.finish_at else ""))
 
