@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["resolve_checkpoint", "load_checkpoint_model", "export"]
+__all__ = ["resolve_checkpoint", "load_checkpoint_model", "export", "read_run", "write_part"]
 
 
 def resolve_checkpoint(path) -> Path:
@@ -72,3 +72,39 @@ def export(path, out, ema: bool = False) -> Path:
     folder = resolve_checkpoint(path)
     cfg = Config.from_dict(read_trainer_state(folder)["config"], where=f"{folder}/trainer_state.json")
     return Path(get_recipe(cfg.recipe_name).export(folder, cfg, out, ema=ema))
+
+
+def read_run(run_or_checkpoint, recipe: str):
+    """(checkpoint folder, its trainer state, the run's Config) of a run of `recipe` (its newest checkpoint, or the
+    checkpoint given); another recipe's run is refused by name."""
+    from .config import Config
+    from .engine.checkpoint import read_trainer_state
+
+    folder = resolve_checkpoint(run_or_checkpoint)
+    st = read_trainer_state(folder)
+    cfg = Config.from_dict(st["config"], where=f"{folder}/trainer_state.json")
+    if cfg.recipe_name != recipe:
+        raise ValueError(f"{folder}: a {cfg.recipe_name!r} run, not a {recipe} run")
+    return folder, st, cfg
+
+
+def write_part(state: dict, out_file, folder, st, cfg, **info) -> dict:
+    """Write a trained part (a vae run's autoencoder, a vit run's tower) as one float32 safetensors file, and beside it
+    ``<out_file>.json``: the checkpoint, its step, the run's config (what reruns it), `info`, and the run's own
+    evaluation when it is of this checkpoint.  Both written atomically.  Returns that dict."""
+    import json
+
+    from ..utils import atomic_write, optional_import
+
+    save_file = optional_import("safetensors.torch", "save_file")
+    state = {k: v.detach().float().contiguous() for k, v in state.items()}
+    meta = {"recipe": cfg.recipe_name, "step": str(st["step"]), "preset": cfg.model.preset, "seed": str(cfg.job.seed)}
+    atomic_write(out_file, write=lambda p: save_file(state, p, metadata=meta), suffix=".safetensors")
+    info = {"checkpoint": str(folder), "step": st["step"], "config": st["config"], **info}
+    summary = Path(folder).parent / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        if s.get("steps") == st["step"] and "eval" in s:
+            info["eval"] = s["eval"]
+    atomic_write(Path(str(out_file) + ".json"), json.dumps(info, indent=1))
+    return info

@@ -320,26 +320,14 @@ def _grid(pix, recon, out_dir, size: int, k: int = 8) -> None:
 def export_vae(run_or_checkpoint, out_file, calibrate_images: int = 256) -> dict:
     """The trained autoencoder of a vae run as one safetensors file (float32), its latent BatchNorm statistics
     calibrated on training pictures (what CheersVAE.calibrate computes), plus the config and command next to it."""
-    import json
-    from pathlib import Path
-
-    save_file = optional_import("safetensors.torch", "save_file")
-
     from ...model.config import preset
-    from ...utils import atomic_write
-    from ..config import Config
-    from ..engine.checkpoint import load_model_state, read_trainer_state
-    from ..export import resolve_checkpoint
+    from ...model.vae import CheersVAE
+    from ..engine.checkpoint import load_model_state
+    from ..export import read_run, write_part
 
-    folder = resolve_checkpoint(run_or_checkpoint)
-    st = read_trainer_state(folder)
-    cfg = Config.from_dict(st["config"])
-    if cfg.recipe_name != "vae":
-        raise ValueError(f"{folder}: a {cfg.recipe_name!r} run, not a vae run")
+    folder, st, cfg = read_run(run_or_checkpoint, "vae")
     model = VAETrainer(preset(cfg.model.preset).vae)
     load_model_state(folder, model)
-    from ...model.vae import CheersVAE
-
     vae = CheersVAE(preset(cfg.model.preset).vae)
     vae.frozen.load_state_dict(model.ae.state_dict())
     ds = VAERecipe()._data(cfg)
@@ -347,15 +335,5 @@ def export_vae(run_or_checkpoint, out_file, calibrate_images: int = 256) -> dict
     S, kinds = len(ds.sizes), ds.kinds
     picks = [ds.sizes.index(size) + S * kinds * r for r in range(min(calibrate_images, ds.records))]  # pictures
     vae.calibrate(torch.stack([ds[i][1] for i in picks]))
-    state = {k: v.detach().float().contiguous() for k, v in vae.frozen.state_dict().items()}
-    meta = {"recipe": "vae", "step": str(st["step"]), "preset": cfg.model.preset, "seed": str(cfg.job.seed)}
-    atomic_write(out_file, write=lambda p: save_file(state, p, metadata=meta), suffix=".safetensors")
-    info = {"checkpoint": str(folder), "step": st["step"], "config": st["config"],
-            "calibrated_on": f"{len(picks)} training pictures at {size} px"}
-    summary = folder.parent / "summary.json"   # the run's own evaluation, when it is of this checkpoint
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        if s.get("steps") == st["step"] and "eval" in s:
-            info["eval"] = s["eval"]
-    atomic_write(Path(str(out_file) + ".json"), json.dumps(info, indent=1))
-    return info
+    return write_part(vae.frozen.state_dict(), out_file, folder, st, cfg,
+                      calibrated_on=f"{len(picks)} training pictures at {size} px")

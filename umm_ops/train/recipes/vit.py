@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...utils import optional_import
 from ..spec import DataSource, Recipe, StepOutput, register
 
 __all__ = ["ViTRecipe", "ViTRecipeConfig", "ViTTrainer", "WorldPatches", "patch_labels", "export_vit"]
@@ -315,32 +314,11 @@ class ViTRecipe(Recipe):
 def export_vit(run_or_checkpoint, out_file) -> dict:
     """The trained tower of a vit run as one safetensors file (float32, SiglipViT names: what
     ``CheersConfig.vit_weights`` / ``SiglipViT.load_pretrained`` read), plus the config and command next to it."""
-    import json
-    from pathlib import Path
-
-    save_file = optional_import("safetensors.torch", "save_file")
-
     from ...model.config import preset
-    from ...utils import atomic_write
-    from ..config import Config
-    from ..engine.checkpoint import load_model_state, read_trainer_state
-    from ..export import resolve_checkpoint
+    from ..engine.checkpoint import load_model_state
+    from ..export import read_run, write_part
 
-    folder = resolve_checkpoint(run_or_checkpoint)
-    st = read_trainer_state(folder)
-    cfg = Config.from_dict(st["config"])
-    if cfg.recipe_name != "vit":
-        raise ValueError(f"{folder}: a {cfg.recipe_name!r} run, not a vit run")
+    folder, st, cfg = read_run(run_or_checkpoint, "vit")
     model = ViTTrainer(preset(cfg.model.preset), cfg.recipe.vae_compute_dtype, cfg.recipe.inputs)
     load_model_state(folder, model)
-    state = {k: v.detach().float().contiguous() for k, v in model.vit.state_dict().items()}
-    meta = {"recipe": "vit", "step": str(st["step"]), "preset": cfg.model.preset, "seed": str(cfg.job.seed)}
-    atomic_write(out_file, write=lambda p: save_file(state, p, metadata=meta), suffix=".safetensors")
-    info = {"checkpoint": str(folder), "step": st["step"], "config": st["config"]}
-    summary = folder.parent / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        if s.get("steps") == st["step"] and "eval" in s:
-            info["eval"] = s["eval"]
-    atomic_write(Path(str(out_file) + ".json"), json.dumps(info, indent=1))
-    return info
+    return write_part(model.vit.state_dict(), out_file, folder, st, cfg)
