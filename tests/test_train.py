@@ -517,7 +517,7 @@ def test_cli_train_generate_export(tmp_path, capsys):
     assert "optim.lr = -1.0: must be a finite number > 0" in capsys.readouterr().err
     assert main(["train", "--list-recipes"]) == 0 and "sft" in capsys.readouterr().out.split()
     assert main(["train", "--recipe", "nope", "--steps", "1"]) == 2
-    assert "unknown recipe 'nope'; recipes: ['clear-bridge', 'clear-grpo', 'clear-sft', 'flow-grpo', 'r3', 'sft', 'sgt', 'vae']" in capsys.readouterr().err
+    assert "unknown recipe 'nope'; recipes: ['clear-bridge', 'clear-grpo', 'clear-sft', 'flow-grpo', 'r3', 'sft', 'sgt', 'vae', 'vit']" in capsys.readouterr().err
     assert main(["train", "--print-config", "--lr", "3e-4", "--set", "job.steps=5"]) == 0
     printed = capsys.readouterr().out
     assert "lr = 0.0003" in printed and "steps = 5" in printed
