@@ -26,8 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["ASSETS", "resolve_shipped_weights", "seed_of", "generator", "atomic_write", "atomic_folder", "fsync_tree", "OPTIONAL_DEPENDENCIES",
-           "MissingDependencyError", "optional_import"]
+__all__ = ["ASSETS", "resolve_shipped_weights", "seed_of", "generator", "atomic_write", "atomic_folder", "fsync_tree",
+           "OPTIONAL_DEPENDENCIES", "MissingDependencyError", "optional_import"]
 
 _MASK63 = (1 << 63) - 1
 

@@ -169,7 +169,8 @@ def _resolvable(weights) -> bool:
 def building_config(cfg, architecture: dict | None = None):
     """The config a model is built from when a checkpoint's weights then fill it: `cfg`, or a copy without
     ``model.vae_weights`` / ``model.vit_weights`` when that file is gone (a run's checkpoints hold its autoencoder
-    and vision tower, so neither resuming nor eval / export needs the file; only a fresh model does).  Recipes without a model section pass through.
+    and vision tower, so neither resuming nor eval / export needs the file; only a fresh model does).  Recipes
+    without a model section pass through.
 
     architecture: the ``model_config`` a checkpoint recorded (the CheersConfig of the model it saved).  With it the
     copy builds that architecture without reading ``recipe.init`` (which is cleared): loading a run's checkpoint

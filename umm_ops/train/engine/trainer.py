@@ -34,7 +34,8 @@ __all__ = ["train", "RUN_DEFINING"]
 
 # engine keys that fix what a run computes: resuming with another value would not continue that run
 RUN_DEFINING = ("job.seed", "model.preset", "model.dtype", "model.latent_input", "model.prediction",
-                "model.latent_to_llm", "model.vae_weights", "model.vit_weights", "model.conv_widths", "model.conv_context",
+                "model.latent_to_llm", "model.vae_weights", "model.vit_weights", "model.conv_widths",
+                "model.conv_context",
                 "model.conv_inputs", "model.conv_context_embeddings", "model.embedding_multiplier",
                 "model.vae_compute_dtype",
                 "data.budget", "data.global_tokens", "optim.betas", "optim.eps", "optim.weight_decay", "optim.ema",

@@ -79,8 +79,9 @@ class ViTRecipeConfig:
 
 
 def patch_labels(record, patch: int):
-    """A SceneRecord (or anything with its ``scene`` and ``instances``) -> (kind shares (T, len(KINDS) + 1), colour shares (T, len(COLORS) + 1), object count): per
-    patch (row-major), the share of its pixels that are background (class 0) or of each kind / colour."""
+    """A SceneRecord (or anything with its ``scene`` and ``instances``) -> (kind shares (T, len(KINDS) + 1), colour
+    shares (T, len(COLORS) + 1), object count): per patch (row-major), the share of its pixels that are background
+    (class 0) or of each kind / colour."""
     from ...data.synthetic import COLORS, KINDS
 
     inst = record.instances
