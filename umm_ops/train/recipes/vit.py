@@ -186,8 +186,11 @@ class ViTTrainer(nn.Module):
         from ...model.vae import CheersVAE
         from ...model.vit import SiglipViT
 
-        vae_cfg = model_config.vae
-        vae_cfg.compute_dtype = "bfloat16" if vae_compute_dtype == "bfloat16" else None
+        import dataclasses
+
+        # a copy: the caller's config is not changed
+        vae_cfg = dataclasses.replace(model_config.vae,
+                                      compute_dtype="bfloat16" if vae_compute_dtype == "bfloat16" else None)
         self.inputs = inputs
         self.vit = SiglipViT(model_config.vit_config())
         self.vae = CheersVAE(vae_cfg)
