@@ -12,8 +12,9 @@ for s in 1 2; do
   /usr/bin/time -v -o time-v-ln-s$s.txt umm train --out ln-s$s --no-resume --device cpu --keep-last 2 --no-progress \
       --seed $s --set recipe.timesteps=logit_normal
 done
+umm train --out lr1-s0 --no-resume --device cpu --keep-last 2 --no-progress --seed 0 --set 'optim.lr_scales=[]'   # alone
 # every run, 128 held-out records per task, 12 sampler steps
-for r in def-s0 cf0-s0 cf0w-s0 ln-s0 ln-s1 ln-s2; do
+for r in def-s0 cf0-s0 cf0w-s0 ln-s0 ln-s1 ln-s2 lr1-s0; do
   umm eval $r/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief --json ev128-$r.json \
       --out evdir-$r
 done
