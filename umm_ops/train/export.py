@@ -65,25 +65,22 @@ def load_checkpoint_model(path, device=None, ema: bool = False):
 def export(path, out, ema: bool = False) -> Path:
     """Write what a run / checkpoint trained where users load it from, as its recipe says (the SFT recipe: the
     consolidated save_pretrained folder, atomically; the vae recipe: the autoencoder's safetensors file)."""
-    from .config import Config
-    from .engine.checkpoint import read_trainer_state
     from .spec import get_recipe
 
-    folder = resolve_checkpoint(path)
-    cfg = Config.from_dict(read_trainer_state(folder)["config"], where=f"{folder}/trainer_state.json")
+    folder, _, cfg = read_run(path)
     return Path(get_recipe(cfg.recipe_name).export(folder, cfg, out, ema=ema))
 
 
-def read_run(run_or_checkpoint, recipe: str):
-    """(checkpoint folder, its trainer state, the run's Config) of a run of `recipe` (its newest checkpoint, or the
-    checkpoint given); another recipe's run is refused by name."""
+def read_run(run_or_checkpoint, recipe: str | None = None):
+    """(checkpoint folder, its trainer state, the run's Config) of a run (its newest checkpoint, or the checkpoint
+    given); with `recipe`, another recipe's run is refused by name."""
     from .config import Config
     from .engine.checkpoint import read_trainer_state
 
     folder = resolve_checkpoint(run_or_checkpoint)
     st = read_trainer_state(folder)
     cfg = Config.from_dict(st["config"], where=f"{folder}/trainer_state.json")
-    if cfg.recipe_name != recipe:
+    if recipe is not None and cfg.recipe_name != recipe:
         raise ValueError(f"{folder}: a {cfg.recipe_name!r} run, not a {recipe} run")
     return folder, st, cfg
 

@@ -21,6 +21,7 @@ accuracy on patches at least 30% object, and the count accuracy.
 """
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass
 
@@ -185,8 +186,6 @@ class ViTTrainer(nn.Module):
         from ...data.synthetic import COLORS, KINDS
         from ...model.vae import CheersVAE
         from ...model.vit import SiglipViT
-
-        import dataclasses
 
         # a copy: the caller's config is not changed
         vae_cfg = dataclasses.replace(model_config.vae,
