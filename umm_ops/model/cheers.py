@@ -264,11 +264,13 @@ class CheersModel(nn.Module):
         return list(noise)
 
     def forward(self, batch, noise: list | None = None, input_ids: torch.Tensor | None = None,
-                return_outputs: bool = False, layer_rows: torch.Tensor | None = None) -> dict:
+                return_outputs: bool = False, layer_rows: torch.Tensor | None = None,
+                repa_features: bool = False) -> dict:
         """Losses of a PackedBatch (see umm_ops.data.packing).
 
         Returns dict(loss, text_loss, flow_loss, text_tokens, flow_images); with return_outputs also ``hidden``
-        (L, D) and ``v_pred`` / ``v_target`` (lists over the images given to the head, grouped by size).
+        (L, D), ``v_pred`` / ``v_target`` (lists over the images given to the head, grouped by size) and
+        ``v_images`` (for each of those groups, the indices into ``batch.images`` of its rows).
         The head sees the generated images, and with ``config.und_flow_loss`` (the released Cheers' choice) the
         understanding images too, at t = 1 with a zero target.
 
@@ -281,6 +283,9 @@ class CheersModel(nn.Module):
         layer_rows: optional (R,) token positions of the packed batch: the output also holds ``layer_hidden``
             (num_hidden_layers, R, D), every LLM layer's output at those positions (``Qwen2LM.forward_packed``), for
             a recipe's losses on intermediate states (e.g. CLEAR's latent bridge).
+        repa_features: the output also holds ``repa_features`` (a list aligned with ``v_pred``: (N_g, n_vit, C), the
+            head's REPA projections of its conv stage, ``HeadConfig.conv_repa``) and ``v_images``, for a recipe's
+            representation-alignment loss against a vision tower's features of the clean pictures.
 
         Nothing is drawn here: the training recipe draws the noise and the prompt dropout
         (``umm_ops.train.policy.training_inputs``), the packer draws the timesteps.
@@ -330,7 +335,7 @@ class CheersModel(nn.Module):
                 # understanding images (und_flow_loss): t = 1, target 0 (released Cheers masks v by t < 1)
                 target = torch.where(is_gen[gi][:, None, None], flow_target(x1[gi], z[gi]), 0.0)
                 gen.append((tuple(grids[idx[g[0]]]), [spans[idx[j]][0] for j in g], t[gi], high[gi], target,
-                            x_t[gi]))
+                            x_t[gi], [idx[j] for j in g]))
         if rows:
             embeds = embeds.index_put((torch.cat(rows),), torch.cat(img_embeds).to(embeds.dtype))
         layer_hidden = None
@@ -343,9 +348,11 @@ class CheersModel(nn.Module):
         head = self.llm.lm_head
         l_text, n_text = text_loss(hidden, batch.labels, self.llm.logits,
                                    *((head.weight, head.bias) if cfg.fused_text_loss else ()))
-        v_preds, targets = [], []
+        if repa_features and self.head.repa_projector is None:
+            raise ValueError("repa_features=True needs a model whose head has HeadConfig.conv_repa = True")
+        v_preds, targets, feats = [], [], []
         doc_starts = batch.doc_offsets.tolist() if self.head.needs_context else None
-        for grid, starts, t, high, target, x_t in gen:
+        for grid, starts, t, high, target, x_t, _ in gen:
             n = grid[0] * grid[1]
             pos = torch.cat([torch.arange(s, s + n, device=dev) for s in starts])
             h = hidden[pos].view(len(starts), n, -1)
@@ -353,7 +360,11 @@ class CheersModel(nn.Module):
             if self.head.needs_context:   # the image's prompt: its document's tokens before the image
                 ctx = self.head.prompt_context(
                     hidden, embeds, [(doc_starts[bisect.bisect_right(doc_starts, s) - 1], s) for s in starts])
-            v_preds.append(self.head(h, t, high, grid, x_t, **ctx))
+            v = self.head(h, t, high, grid, x_t, **ctx, features=repa_features)
+            if repa_features:
+                v, f = v
+                feats.append(f)
+            v_preds.append(v)
             targets.append(target)
         l_flow, _ = flow_loss(v_preds, targets)
         if l_flow is None:
@@ -363,6 +374,10 @@ class CheersModel(nn.Module):
                    flow_images=sum(len(s) for _, s, *_ in gen))
         if return_outputs:
             out.update(hidden=hidden, v_pred=v_preds, v_target=targets)
+        if return_outputs or repa_features:
+            out["v_images"] = [g[-1] for g in gen]
+        if repa_features:
+            out["repa_features"] = feats
         if layer_hidden is not None:
             out["layer_hidden"] = layer_hidden
         return out

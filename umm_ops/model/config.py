@@ -101,11 +101,17 @@ class HeadConfig:
                                    # identity at unit scale beside what the layers mixed in, which a tiny LLM's final
                                    # states keep little of (docs/results/base, "The LLM as a text encoder"; needs
                                    # conv_context)
+    conv_repa: bool = False        # REPA (Yu et al. 2024, "Representation Alignment for Generation"): a projector,
+                                   # ``head.repa_projector`` (Linear - SiLU - Linear - SiLU - Linear, hidden 2C),
+                                   # from the conv stage's second level (after its attention; a 2gh x 2gw map, the
+                                   # ViT's patch grid) to the ViT width C.  Used only in training: a recipe aligns
+                                   # its output with a frozen pretrained tower's patch features of the clean picture
+                                   # (``recipe.repa_weight``); sampling never runs it.  Needs >= 2 conv levels
 
     def without_conv_stage(self) -> "HeadConfig":
         """A copy without the convolutional stage and its options: Cheers' own head at these sizes."""
         return dataclasses.replace(self, conv_widths=(), conv_context=False, conv_inputs="all",
-                                   conv_context_embeddings=False)
+                                   conv_context_embeddings=False, conv_repa=False)
 
 
 @dataclass
@@ -212,6 +218,9 @@ class CheersConfig:
                              "input embeddings to that context)")
         if self.head.conv_context and not cw:
             raise ValueError("head.conv_context = True needs the convolutional stage: set head.conv_widths")
+        if self.head.conv_repa and len(cw) < 2:
+            raise ValueError(f"head.conv_repa = True needs a convolutional stage of at least 2 levels (it reads the "
+                             f"second level's map), got head.conv_widths = {cw!r}")
         if not 0.0 < self.head.clean_min_gap <= 1.0:
             raise ValueError(f"head.clean_min_gap must be in (0, 1], got {self.head.clean_min_gap}")
         if not 0.0 <= self.cfg_dropout <= 1.0:

@@ -324,11 +324,12 @@ class ConvStage(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x_t, v, tokens, c, fine_hw, context=None, context_mask=None):
+    def forward(self, x_t, v, tokens, c, fine_hw, context=None, context_mask=None, features: bool = False):
         """x_t, v (N, Hf*Wf, packed); tokens (N, Hf*Wf, C); c (N, C); fine_hw = (Hf, Wf); with a context width,
         context (N, Lc, D) and context_mask (N, Lc) bool (True: a prompt token; at least one per row) -> correction
         (N, Hf*Wf, packed).  v and tokens are read only with inputs = "all" (else they may be None); the output has
-        v's dtype (c's without v)."""
+        v's dtype (c's without v).  With `features`, also the second level's map after its attention (the grid
+        halved once: Hf x Wf) as (N, Hf*Wf, widths[1]), row-major (what ``HeadConfig.conv_repa`` projects)."""
         N, L, P = x_t.shape
         Hf, Wf = fine_hw
         if self.context_width:
@@ -367,12 +368,18 @@ class ConvStage(nn.Module):
                 h = blk(h, e)
             h = attn(h, tokens, context, context_mask) if isinstance(attn, ConvAttention) else h
             skips.append(h)
+        level1 = skips[1] if len(skips) > 1 else None
         for up, blocks, attn in zip(self.up, self.up_blocks, self.up_attn):
             h = blocks[1](blocks[0](torch.cat([h, skips.pop()], dim=1), e), e)
             h = attn(h, tokens, context, context_mask) if isinstance(attn, ConvAttention) else h
             h = up(h)
         out = self.conv_out(F.silu(self.norm_out(h)))                                  # (N, c, 2Hf, 2Wf)
-        return F.pixel_unshuffle(out, 2).reshape(N, P, L).transpose(1, 2)
+        out = F.pixel_unshuffle(out, 2).reshape(N, P, L).transpose(1, 2)
+        if not features:
+            return out
+        if len(self.widths) < 2:
+            raise ValueError(f"ConvStage: features need a second level, head.conv_widths = {self.widths}")
+        return out, level1.flatten(2).transpose(1, 2)
 
 
 class FlowHead(nn.Module):
@@ -398,6 +405,9 @@ class FlowHead(nn.Module):
         self.context_norm = nn.RMSNorm(d_llm, eps=cfg.norm_eps) \
             if self.needs_context and cfg.conv_context_embeddings else None
         self.conv_alone = bool(cfg.conv_widths) and cfg.conv_inputs == "alone"
+        self.repa_projector = nn.Sequential(
+            nn.Linear(cfg.conv_widths[1], 2 * c_vit), nn.SiLU(), nn.Linear(2 * c_vit, 2 * c_vit), nn.SiLU(),
+            nn.Linear(2 * c_vit, c_vit)) if cfg.conv_repa else None
 
     def prompt_context(self, hidden: torch.Tensor, embeds: torch.Tensor, spans) -> dict:
         """The keyword arguments of ``forward`` that carry each image's prompt: rows [start, end) of the LLM's final
@@ -418,14 +428,19 @@ class FlowHead(nn.Module):
 
     def forward(self, h: torch.Tensor, t: torch.Tensor, high: torch.Tensor, grid_hw,
                 x_t: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None, context_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, context_embeds: torch.Tensor | None = None,
+                features: bool = False):
         """h (N, gh*gw, D) LLM hidden states of N images with the same LLM token grid (gh, gw); t (N,);
         high (N, 4*gh*gw, C) ViT patch embeddings of the decoded x_t; x_t (N, 4*gh*gw, out) the noisy packed latent
         itself, needed by the options that are not Cheers' (``HeadConfig.latent_input``, ``conv_widths`` and
         ``prediction = "clean"``); context (N, Lc, D) / context_mask (N, Lc): the LLM hidden states of each image's
         prompt, read only with ``conv_context``; context_embeds (N, Lc, D): the same tokens' input embeddings, read
         only with ``conv_context_embeddings`` (``FlowHead.prompt_context`` builds all three).  Returns the velocity v
-        (N, 4*gh*gw, out)."""
+        (N, 4*gh*gw, out); with `features` (needs ``conv_repa``) the pair (v, f): f (N, 4*gh*gw, C) the REPA
+        projection of the conv stage's second level, one row per ViT patch, row-major."""
+        if features and self.repa_projector is None:
+            raise ValueError("FlowHead: features=True needs a head with HeadConfig.conv_repa = True (no "
+                             "repa_projector here)")
         N, n, D = h.shape
         gh, gw = int(grid_hw[0]), int(grid_hw[1])
         if n != gh * gw:
@@ -445,8 +460,11 @@ class FlowHead(nn.Module):
                                  f"{None if context_embeds is None else tuple(context_embeds.shape)}")
             context = context + self.context_norm(context_embeds.to(context.dtype))
         if self.conv_alone:   # the stage's output is the velocity; the token stages are not run
-            out = self.conv_stage(x_t, None, None, c2, fine, context, context_mask)
-            return out if self.prediction == "velocity" else self._from_clean(out, x_t, t)
+            out = self.conv_stage(x_t, None, None, c2, fine, context, context_mask, features=features)
+            if features:
+                out, f = out
+            out = out if self.prediction == "velocity" else self._from_clean(out, x_t, t)
+            return (out, self.repa_projector(f)) if features else out
         pos = torch.arange(n, device=h.device)
         low = self.gen_projector(h, c1, pos, expand_grid=fine)                 # (N, 4n, C)
         high = high.to(low.dtype)
@@ -455,11 +473,15 @@ class FlowHead(nn.Module):
         x = self.hi_gate(low, high)
         pos2 = torch.arange(2 * n, device=h.device).repeat(2)                   # arange(L/2) twice, as released
         out = self.hi_projector(x, c2, pos2)
+        f = None
         if self.conv_stage is not None:
-            out = out + self.conv_stage(x_t, out, x, c2, fine, context, context_mask)
-        if self.prediction == "velocity":
-            return out
-        return self._from_clean(out, x_t, t)
+            corr = self.conv_stage(x_t, out, x, c2, fine, context, context_mask, features=features)
+            if features:
+                corr, f = corr
+            out = out + corr
+        if self.prediction != "velocity":
+            out = self._from_clean(out, x_t, t)
+        return (out, self.repa_projector(f)) if features else out
 
     def _from_clean(self, out, x_t, t):
         # the head predicts the clean latent x1; v = (x1_hat - x_t) / (1 - t), 1 - t kept >= clean_min_gap

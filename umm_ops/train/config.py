@@ -65,10 +65,12 @@ class ModelConfig:
                                       # (HeadConfig.conv_inputs)
     conv_context_embeddings: typing.Optional[bool] = None   # that context also carries the prompt's input
                                       # embeddings (HeadConfig.conv_context_embeddings)
-                                      # (these four: None is the preset's, or recipe.init's)
+    conv_repa: typing.Optional[bool] = None   # a REPA projector on that stage's second level
+                                      # (HeadConfig.conv_repa; trained by recipe.repa_weight)
+                                      # (these five: None is the preset's, or recipe.init's)
     embedding_multiplier: typing.Optional[float] = None   # the LLM's token embeddings times this before its first
                                       # layer (Qwen2Config.embedding_multiplier); None: the preset's
-                                      # (these eight: a fresh model's architecture, not in Cheers by default but
+                                      # (these nine: a fresh model's architecture, not in Cheers by default but
                                       # for the tiny preset's conv stage; with recipe.init the checkpoint's holds,
                                       # and a value it lacks is refused)
     vae_weights: typing.Optional[str] = None   # a fresh model's autoencoder instead of the preset's: a shipped name
@@ -98,7 +100,7 @@ class ModelConfig:
             widths = tuple(int(w) for w in self.conv_widths)
             # no stage: the preset's options of the stage go with it
             c.head = dataclasses.replace(c.head, conv_widths=widths) if widths else c.head.without_conv_stage()
-        for name in ("conv_context", "conv_inputs", "conv_context_embeddings"):
+        for name in ("conv_context", "conv_inputs", "conv_context_embeddings", "conv_repa"):
             if getattr(self, name) is not None:
                 setattr(c.head, name, getattr(self, name))
         if self.embedding_multiplier is not None:
@@ -151,6 +153,10 @@ class ModelConfig:
             raise ConfigError(f"model.conv_context_embeddings = {str(self.conv_context_embeddings).lower()}, but "
                               f"recipe.init {init!r} {'has no' if self.conv_context_embeddings else 'has'} input "
                               f"embeddings in its prompt context: drop model.conv_context_embeddings, or start fresh")
+        if self.conv_repa is not None and self.conv_repa != head.conv_repa:
+            raise ConfigError(f"model.conv_repa = {str(self.conv_repa).lower()}, but recipe.init {init!r} "
+                              f"{'has no' if self.conv_repa else 'has a'} REPA projector in its head: drop "
+                              f"model.conv_repa, or start fresh")
         if self.prediction != "velocity" and self.prediction != head.prediction:
             raise ConfigError(f"model.prediction = {self.prediction!r}, but recipe.init {init!r} predicts "
                               f"{head.prediction!r}: drop model.prediction, or start fresh")

@@ -36,7 +36,7 @@ __all__ = ["train", "RUN_DEFINING"]
 RUN_DEFINING = ("job.seed", "model.preset", "model.dtype", "model.latent_input", "model.prediction",
                 "model.latent_to_llm", "model.vae_weights", "model.vit_weights", "model.conv_widths",
                 "model.conv_context",
-                "model.conv_inputs", "model.conv_context_embeddings", "model.embedding_multiplier",
+                "model.conv_inputs", "model.conv_context_embeddings", "model.conv_repa", "model.embedding_multiplier",
                 "model.vae_compute_dtype",
                 "data.budget", "data.global_tokens", "optim.betas", "optim.eps", "optim.weight_decay", "optim.ema",
                 "optim.lr_scales", "recipe_name")

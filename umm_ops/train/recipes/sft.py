@@ -76,6 +76,11 @@ class SFTRecipeConfig:
     cfg_dropout: typing.Optional[float] = None   # CFG prompt dropout probability (None: the model preset's)
     timesteps: str = "uniform"        # flow training times of generated images: "uniform" (Cheers: U(0.001, 0.999))
                                       # or "logit_normal" (SD3: sigmoid of N(0, 1), most samples at mid t)
+    repa_weight: float = 0.0          # REPA (Yu et al. 2024): add this times the representation-alignment loss, the
+                                      # mean over the generated pictures' patches of -cos(head's REPA projection of
+                                      # its conv stage, a frozen copy of the pretrained vision tower's patch feature of
+                                      # the clean picture) (:func:`repa_loss`; the model needs model.conv_repa = true
+                                      # and a pretrained tower, CheersConfig.vit_weights).  REPA's own weight: 0.5
     train_decoder_copy: bool = False  # train the VAE decoder copy the understanding path runs (Cheers does, under a
                                       # pretrained ViT); with a ViT learned from scratch its early gradients are noise
                                       # and at lr 2e-3 they wreck it (pixels of +-50 after 600 steps), so the base
@@ -133,6 +138,8 @@ class SFTRecipeConfig:
         need(0.5 <= self.object_scale <= 2.5, "object_scale", "must be in [0.5, 2.5]")
         need(self.cfg_dropout is None or 0.0 <= self.cfg_dropout <= 1.0, "cfg_dropout", "must be in [0, 1]")
         need(self.timesteps in TIMESTEPS, "timesteps", f"must be one of {sorted(TIMESTEPS)}")
+        need(isinstance(self.repa_weight, (int, float)) and not isinstance(self.repa_weight, bool)
+             and 0.0 <= self.repa_weight < float("inf"), "repa_weight", "must be a finite number >= 0 (0: off)")
         for k in ("eval_vqa", "eval_images", "eval_captions"):
             need(getattr(self, k) >= 0, k, "must be >= 0")
         need(self.eval_clear >= -1, "eval_clear", "must be >= 0 (or -1: automatic)")
@@ -252,12 +259,78 @@ def collate(docs):
 VISION_LR_SCALES = ("vit.:0.1", "und_projector.:0.1")
 
 
+class RepaTargets:
+    """REPA's target encoder: a frozen copy of the model's pretrained vision tower (``CheersConfig.vit_weights``,
+    loaded afresh: not the model's own tower, which trains), held by the recipe, never in the optimizer or the
+    checkpoints.  ``targets(pixels)`` -> (N, n_vit, C) patch features of clean pictures (the images' own pixels, in
+    the model's [-1, 1] range), without gradient."""
+
+    def __init__(self, model):
+        from ...model.vit import SiglipViT
+
+        self.check(model)
+        self.tower = SiglipViT(model.config.vit_config())
+        self.tower.load_pretrained(model.config.vit_weights)
+        self.tower.requires_grad_(False).eval()
+
+    @staticmethod
+    def check(model) -> None:
+        from ..config import ConfigError
+
+        head = getattr(getattr(model, "head", None), "repa_projector", None)
+        if head is None:
+            raise ConfigError("recipe.repa_weight > 0 needs the flow head's REPA projector: --set model.conv_repa=true "
+                              "(a fresh model; a recipe.init checkpoint must have been trained with it)")
+        if model.config.vit_weights is None:
+            raise ConfigError("recipe.repa_weight > 0 needs a pretrained vision tower to align with "
+                              "(CheersConfig.vit_weights; model.vit_weights), but the model's tower is randomly "
+                              "initialised")
+
+    @torch.no_grad()
+    def targets(self, pixels: torch.Tensor) -> torch.Tensor:
+        p = next(self.tower.parameters())
+        if p.device != pixels.device:
+            self.tower.to(pixels.device)
+        return self.tower(pixels.float())
+
+
+def repa_loss(features: list, images: list, batch, targets: RepaTargets) -> torch.Tensor:
+    """REPA's loss (Yu et al. 2024, eq. 3): -1/(N P) sum over the N generated pictures and their P patches of
+    cos(h_n,p, y_n,p), h = the head's projections (``CheersModel.forward(..., repa_features=True)``: `features`, a list
+    of (N_g, P, C) aligned with `images`, the lists of ``batch.images`` indices of their rows), y = the frozen tower's
+    features of the clean pictures.  Rows of understanding pictures (role not "generate": the head sees them only
+    under ``und_flow_loss``) are left out.  A batch without generated pictures gives 0 (with a graph, as the flow
+    loss does)."""
+    from .. import policy
+
+    roles = batch.image_spans[:, 2].tolist() if len(batch.images) else []
+    sims, zero = [], None
+    for f, idx in zip(features, images):
+        if f.shape[0] != len(idx):
+            raise ValueError(f"repa_loss: {f.shape[0]} feature rows for {len(idx)} images")
+        keep = [j for j, i in enumerate(idx) if roles[i] == policy.GENERATE]
+        zero = f.sum() * 0.0 if zero is None else zero
+        if not keep:
+            continue
+        pix = torch.stack([batch.images[idx[j]] for j in keep]).to(f.device)
+        y = targets.targets(pix)
+        h = f[keep]
+        if y.shape != h.shape:
+            raise ValueError(f"repa_loss: the head's projections {tuple(h.shape)} and the tower's features "
+                             f"{tuple(y.shape)} differ (the conv stage's second level must be the ViT's patch grid)")
+        sims.append(torch.nn.functional.cosine_similarity(h.float(), y, dim=-1).flatten())
+    if not sims:
+        return zero if zero is not None else torch.zeros(())
+    return -torch.cat(sims).mean()
+
+
 @register
 class SFTRecipe(Recipe):
     name = "sft"
     config_class = SFTRecipeConfig
     run_defining = ("image_size", "tasks", "task_weights", "train_records", "max_objects", "kinds", "colors",
-                    "two_tone", "repeat", "object_scale", "cfg_dropout", "timesteps", "train_decoder_copy", "caption_first",
+                    "two_tone", "repeat", "object_scale", "cfg_dropout", "timesteps", "repa_weight", "train_decoder_copy",
+                    "caption_first",
                     "clear_direct", "freeze_vit", "clear_data", "clear_image_root", "clear_skip_bad",
                     "clear_backend", "finish_at", "finish_tasks", "finish_weights")
 
@@ -300,6 +373,8 @@ class SFTRecipe(Recipe):
             model.vae.decoder_copy.requires_grad_(False)
         if cfg.recipe.freeze_vit:
             model.vit.requires_grad_(False)
+        if cfg.recipe.repa_weight > 0:
+            RepaTargets.check(model)
         if not model.vae.pretrained and not cfg.recipe.init:
             # a random VAE needs latent statistics (trained weights bring theirs; a resumed run loads them)
             model.vae.calibrate(self._dataset(cfg).images(min(64, cfg.recipe.train_records)))
@@ -340,9 +415,19 @@ class SFTRecipe(Recipe):
         bare, r = ctx.module, ctx.config.recipe
         p = bare.config.cfg_dropout if r.cfg_dropout is None else r.cfg_dropout
         inputs = policy.training_inputs(bare, batch, seed_of(ctx.seed, ctx.step, "sft-step"), p)
+        if r.repa_weight > 0:
+            inputs["repa_features"] = True
         out = model(batch, **inputs)
         read = int((batch.image_spans[:, 2] != policy.GENERATE).sum()) if len(batch.images) else 0
-        return StepOutput(out["loss"], {"text_loss": out["text_loss"], "flow_loss": out["flow_loss"]},
+        loss = out["loss"]
+        metrics = {"text_loss": out["text_loss"], "flow_loss": out["flow_loss"]}
+        if r.repa_weight > 0:
+            if self.__dict__.get("_repa") is None:   # built once per recipe object, on first use
+                self._repa = RepaTargets(bare)
+            l_repa = repa_loss(out["repa_features"], out["v_images"], batch, self._repa)
+            loss = loss + r.repa_weight * l_repa
+            metrics["repa_loss"] = l_repa.detach()
+        return StepOutput(loss, metrics,
                           {"text_tokens": out["text_tokens"], "flow_images": out["flow_images"], "read_images": read})
 
     def fsdp_units(self, model):
