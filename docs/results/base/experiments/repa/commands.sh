@@ -19,11 +19,14 @@ umm train --out bR-s0 --no-resume --device cpu --keep-last 2 --no-progress $REPA
 OMP_NUM_THREADS=1 umm train --out g3R-s0 --no-resume --device cpu --keep-last 2 --no-progress $REPA \
     --set recipe.task_weights=2,1,1,3,1
 wait
+# the three-sample mix without REPA, alone on 2 threads (after the runs above)
+umm train --out g3-s0 --no-resume --device cpu --keep-last 2 --no-progress --set recipe.task_weights=2,1,1,3,1 \
+    --set recipe.evaluate=false
 # evaluation: 128 held-out records per task, 12 sampler steps
 for r in tG tGr tG-s1 tGr-s1; do for s in 600 1200 1800; do
   umm eval $r/checkpoint-$s --tasks geneval --n 128 --steps 12 --brief --json ev128-$r-$s.json --out evdir-$r-$s
 done; done
-for r in bR-s0 g3R-s0; do
+for r in bR-s0 g3R-s0 g3-s0; do
   umm eval $r/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief \
       --json ev128-$r.json --out evdir-$r
 done
