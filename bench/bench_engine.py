@@ -84,7 +84,7 @@ def checkpoint_cost(preset, image_size) -> dict:
     import torch
 
     from umm_ops.train.engine import distributed
-    from umm_ops.train.engine.checkpoint import Checkpointer, _file_hash
+    from umm_ops.train.engine.checkpoint import Checkpointer, file_hash
     from umm_ops.train.engine.optim import build_optimizer
     from umm_ops.train.recipes.sft import SFTRecipe
 
@@ -105,7 +105,7 @@ def checkpoint_cost(preset, image_size) -> dict:
         t0 = time.perf_counter()
         for p in folder.rglob("*"):
             if p.is_file():
-                _file_hash(p)
+                file_hash(p)
         hash_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ck.load_latest(model, opt, None)

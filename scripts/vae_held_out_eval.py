@@ -1,6 +1,7 @@
 """Held-out evaluation of the tiny preset's shipped autoencoder (umm_ops/assets/tiny-world-vae.safetensors).
 
     python scripts/vae_held_out_eval.py --n 256 --out docs/results/vae/run-7000/held-out-eval-256.json
+    python scripts/vae_held_out_eval.py --n 256 --weights vae.safetensors --out eval.json   # an exported run
 
 For 64 and 128 px and two worlds (the vae recipe's: up to 4 objects, 7 shapes, 8 colours, two-tone backgrounds;
 the base SFT world: up to 2 objects, circle / square / triangle / cross, plain backgrounds), on the records after
@@ -21,6 +22,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=256, help="held-out pictures per size and world")
     ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--weights", default=None,
+                    help="an exported autoencoder (.safetensors, `umm export` of a vae run) instead of the shipped one")
     args = ap.parse_args(argv)
 
     from umm_ops.data.synthetic import SyntheticWorld
@@ -29,13 +32,18 @@ def main(argv=None) -> int:
     from umm_ops.model.vae import SHIPPED_WEIGHTS
     from umm_ops.utils import atomic_write
 
-    info = json.loads((SHIPPED_WEIGHTS / "tiny-world-vae.safetensors.json").read_text())
+    from pathlib import Path
+
+    weights = Path(args.weights) if args.weights else SHIPPED_WEIGHTS / "tiny-world-vae.safetensors"
+    info = json.loads(weights.with_name(weights.name + ".json").read_text())
     first, seed, n = info["config"]["recipe"]["train_records"], info["config"]["job"]["seed"], args.n
     vae = CheersModel("tiny").vae.eval()
+    if args.weights:
+        vae.load_autoencoder(weights)
     worlds = (("full world (max 4 objects, 7 shapes, 8 colours)", dict(max_objects=4)),
               ("base world (max 2 objects, circle/square/triangle/cross, plain backgrounds)",
                dict(max_objects=2, kinds=("circle", "square", "triangle", "cross"), two_tone=0.0)))
-    res = {"n": n, "first_record": first, "seed": seed}
+    res = {"weights": str(args.weights or "shipped tiny-world-vae"), "n": n, "first_record": first, "seed": seed}
     for size in (64, 128):
         for label, kw in worlds:
             t0 = time.time()

@@ -284,3 +284,60 @@ def test_a_fresh_model_takes_vae_weights_and_its_checkpoints_keep_them(tmp_path)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         train(Config.build("sft", values={**vals, "job.out": str(tmp_path / "c"),
                                           "model.vae_weights": str(tmp_path / "nope.safetensors")}))
+
+
+def test_decoder_only_keeps_init_encoder_and_latent_statistics(tmp_path):
+    """recipe.train = 'decoder': only post_quant_conv and the decoder train; the checkpoint's encoder, quant_conv
+    and latent statistics are init's bit for bit, the export keeps init's statistics (no recalibration), and an
+    export whose encoder no longer matches init is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from umm_ops.cli import main
+    from umm_ops.model.vae import resolve_vae_weights
+
+    init = tmp_path / "init.safetensors"
+    ref = load_file(resolve_vae_weights("tiny-world-vae"))
+    save_file(ref, str(init))
+    out = tmp_path / "run"
+    s = train(_cfg(out, job__steps=3, recipe__init=str(init), recipe__train="decoder", recipe__sizes=(32,),
+                   recipe__eval_images=2, optim__lr=1e-2))
+    assert s["eval"]["32"]["n"] == 2
+    f = tmp_path / "vae.safetensors"
+    assert main(["export", str(out), "--out", str(f)]) == 0
+    got = load_file(str(f))
+    assert set(got) == set(ref)
+    enc = [k for k in ref if k.split(".")[0] in ("encoder", "quant_conv", "bn")]
+    dec = [k for k in ref if k.split(".")[0] in ("decoder", "post_quant_conv")]
+    assert enc and dec and len(enc) + len(dec) == len(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in enc)
+    assert any(not torch.equal(got[k], ref[k]) for k in dec)   # the decoder trained
+    info = json.loads((tmp_path / "vae.safetensors.json").read_text())
+    assert "kept from" in info["calibrated_on"] and len(info["init_blake2b"]) == 32
+    bad = dict(ref)
+    bad["encoder.conv_in.weight"] = ref["encoder.conv_in.weight"] + 1e-3
+    save_file(bad, str(init))
+    with pytest.raises(ValueError, match="encoder differs from recipe.init"):
+        export_vae(out, tmp_path / "y.safetensors")
+
+
+def test_decoder_only_trains_only_the_decoder():
+    from umm_ops.model.config import preset
+
+    m = VAETrainer(preset("tiny").vae, train="decoder")
+    trained = {n.split(".")[1] for n, p in m.named_parameters() if p.requires_grad}
+    assert trained == {"decoder", "post_quant_conv"}
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    m(x, torch.randn(2, 32, 4, 4), kl_weight=1e-6, color_weight=5.0)["loss"].backward()
+    assert all(p.grad is None for n, p in m.named_parameters() if n.split(".")[1] in ("encoder", "quant_conv"))
+    assert all(p.grad is not None for n, p in m.named_parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="recipe.train = 'decoder' keeps the encoder of recipe.init"):
+        Config.build("vae", overrides=["recipe.train=decoder"])
+    with pytest.raises(ConfigError, match="recipe.train = 'encoder': use 'all' or 'decoder'"):
+        Config.build("vae", overrides=["recipe.train=encoder"])
+
+
+def test_one_size_on_the_command_line_is_a_one_item_tuple():
+    assert Config.build("vae", overrides=["recipe.sizes=64"]).recipe.sizes == (64,)
+    assert Config.build("vae", overrides=["recipe.sizes=64,128"]).recipe.sizes == (64, 128)
+    with pytest.raises(ConfigError, match="recipe.sizes = True"):
+        Config.build("vae", overrides=["recipe.sizes=true"])

@@ -513,6 +513,8 @@ def _coerce(key: str, value, tp, where: str):
     if tp is tuple or origin is tuple:
         if isinstance(value, str):   # "a,b" on the command line: each item parsed like a value (64 -> int)
             value = [parse_value(x.strip()) for x in value.split(",") if x.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):   # "64": a one-item tuple
+            value = [value]
         if isinstance(value, (list, tuple)):
             return tuple(value)
         raise bad

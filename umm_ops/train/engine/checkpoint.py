@@ -160,7 +160,7 @@ def latest_checkpoint(out):
     return None
 
 
-def _file_hash(path: Path) -> str:
+def file_hash(path: Path) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -173,7 +173,7 @@ def _manifest(folder: Path, hashed: bool) -> dict:
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != STATE_FILE:
             rel = str(p.relative_to(folder))
-            out[rel] = [p.stat().st_size, _file_hash(p) if hashed else None]
+            out[rel] = [p.stat().st_size, file_hash(p) if hashed else None]
     return out
 
 
@@ -194,7 +194,7 @@ def describe_load_error(folder: Path, e: BaseException) -> str:
     files = {}
     with contextlib.suppress(Exception):
         files = {rel: dg for rel, (_, dg) in read_trainer_state(folder)["files"].items() if rel.startswith("dcp/")}
-    bad = [rel for rel, dg in files.items() if dg is not None and _file_hash(folder / rel) != dg]
+    bad = [rel for rel, dg in files.items() if dg is not None and file_hash(folder / rel) != dg]
     if bad:
         where = f"{', '.join(bad)} does not match its hash (damaged)"
     else:
@@ -363,7 +363,7 @@ class Checkpointer:
             if p.stat().st_size != size:
                 raise CorruptCheckpoint(f"{folder}: {rel} has {p.stat().st_size} bytes, the manifest says {size} "
                                         f"(truncated or overwritten)")
-            if digest is not None and self.verify_mode == "hash" and _file_hash(p) != digest:
+            if digest is not None and self.verify_mode == "hash" and file_hash(p) != digest:
                 raise CorruptCheckpoint(f"{folder}: {rel} does not match its BLAKE2b hash (the file was altered)")
         if not any(r.startswith("dcp/") for r in files):
             raise CorruptCheckpoint(f"{folder}: no dcp/ state in the manifest")

@@ -13,7 +13,10 @@ pixels.  The decoded latent is a sample with noise the recipe draws from seed_of
 "vae-noise") (``posterior = "sample"``, the default) or the posterior mean (``"mode"``).  ``se_weight`` > 0 adds
 scale equivariance (Skorokhodov et al. 2025): the same loss between the decodes of the latent average-pooled 2x and
 4x and the picture pooled alike (docs/results/base, "The latent space": 1,000 steps of it on the shipped autoencoder
-did not make text-to-image better).
+did not make text-to-image better).  ``train = "decoder"`` (with ``init``) trains only the decoder
+(``post_quant_conv`` and ``decoder``): the encoder and the latent statistics stay init's bit for bit, so every
+latent a model trained on init's autoencoder reads is unchanged (the export checks this and keeps init's
+statistics instead of recalibrating them).
 
 Status (CPU, tiny preset): the shipped autoencoder (umm_ops/assets/tiny-world-vae.safetensors, the tiny preset's
 default) is this recipe's 7,000-step run (budget 512, lr 2e-3, ~90,000 pictures, 80 min on 2 cores).  Held-out
@@ -54,6 +57,8 @@ class VAERecipeConfig:
     eval_images: int = 64             # held-out pictures per size scored after training
     evaluate: bool = True
     init: typing.Optional[str] = None   # autoencoder weights to start from: a .safetensors file or a shipped name
+    train: str = "all"                # "all", or "decoder": the encoder (and its latent statistics) stay init's, so
+                                      # the latents every model trained on init's autoencoder reads are unchanged
 
     def validate(self):
         from ..config import ConfigError
@@ -74,6 +79,11 @@ class VAERecipeConfig:
             raise ConfigError(f"recipe.posterior = {self.posterior!r}: use 'mode' or 'sample'")
         if self.eval_images < 0:
             raise ConfigError(f"recipe.eval_images = {self.eval_images!r}: must be >= 0")
+        if self.train not in ("all", "decoder"):
+            raise ConfigError(f"recipe.train = {self.train!r}: use 'all' or 'decoder'")
+        if self.train == "decoder" and not self.init:
+            raise ConfigError("recipe.train = 'decoder' keeps the encoder of recipe.init, but recipe.init is not set "
+                              "(give a .safetensors file or a shipped name such as 'tiny-world-vae')")
         return self
 
 
@@ -145,13 +155,17 @@ def _collate(docs) -> ImageBatch:
 class VAETrainer(nn.Module):
     """The autoencoder under training (diffusers AutoencoderKLFlux2 with the preset's VAEConfig) and its loss."""
 
-    def __init__(self, vae_config):
+    def __init__(self, vae_config, train: str = "all"):
         super().__init__()
         AutoencoderKLFlux2 = optional_import("diffusers", "AutoencoderKLFlux2")
 
         self.vae_config = vae_config
         self.ae = AutoencoderKLFlux2(**vae_config.diffusers_kwargs())
         self.ae.bn.requires_grad_(False)   # latent statistics: calibrated after training, not learned
+        self.decoder_only = train == "decoder"
+        if self.decoder_only:
+            for part in ENCODER_PARTS:
+                getattr(self.ae, part).requires_grad_(False)
 
     def forward(self, pixels: torch.Tensor, noise: torch.Tensor | None, kl_weight: float,
                 color_weight: float = 0.0, se_weight: float = 0.0) -> dict:
@@ -161,7 +175,8 @@ class VAETrainer(nn.Module):
         equivariance: the same loss between decode(avg_pool_k(z)) and avg_pool_k(pixels), k = 2 and 4 averaged
         (2x / 4x bilinear downsampling is this box average), so that a spatially smoothed latent decodes to the
         smoothed picture ("se" reports it)."""
-        post = self.ae.encode(pixels).latent_dist
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            post = self.ae.encode(pixels).latent_dist
         z = post.mean if noise is None else post.mean + post.std * noise.to(post.mean.dtype)
         recon = self.ae.decode(z).sample
         l1, rec = weighted_l1(recon, pixels, color_weight)
@@ -176,6 +191,9 @@ class VAETrainer(nn.Module):
             out["se"] = se.detach()
         out["loss"] = loss
         return out
+
+
+ENCODER_PARTS = ("encoder", "quant_conv")   # AutoencoderKLFlux2's pixels -> posterior; decoder: post_quant_conv, decoder
 
 
 def weighted_l1(recon: torch.Tensor, pixels: torch.Tensor, color_weight: float):
@@ -203,7 +221,7 @@ class VAERecipe(Recipe):
     name = "vae"
     config_class = VAERecipeConfig
     run_defining = ("sizes", "train_records", "max_objects", "segmentation", "kl_weight", "color_weight", "posterior",
-                    "init", "se_weight")
+                    "init", "se_weight", "train")
 
     def _data(self, cfg, first: int = 0, records: int | None = None) -> WorldImages:
         r = cfg.recipe
@@ -213,7 +231,7 @@ class VAERecipe(Recipe):
     def build_model(self, cfg):
         from ...model.config import preset
 
-        model = VAETrainer(preset(cfg.model.preset).vae)
+        model = VAETrainer(preset(cfg.model.preset).vae, cfg.recipe.train)
         if cfg.recipe.init:
             load_file = optional_import("safetensors.torch", "load_file")
 
@@ -330,6 +348,23 @@ def export_vae(run_or_checkpoint, out_file, calibrate_images: int = 256) -> dict
     load_model_state(folder, model)
     vae = CheersVAE(preset(cfg.model.preset).vae)
     vae.frozen.load_state_dict(model.ae.state_dict())
+    if getattr(cfg.recipe, "train", "all") == "decoder":
+        # the encoder must be init's, bit for bit, and so are its latent statistics: recalibrating them (on other
+        # pictures or sizes) would move the latents every model trained on init's autoencoder reads
+        from ...model.vae import resolve_vae_weights
+        from ..engine.checkpoint import file_hash
+
+        load_file = optional_import("safetensors.torch", "load_file")
+        init_file = resolve_vae_weights(cfg.recipe.init)
+        init = load_file(init_file)
+        kept = {k: v for k, v in vae.frozen.state_dict().items() if k.split(".")[0] in ENCODER_PARTS + ("bn",)}
+        changed = [k for k, v in kept.items() if k not in init or not torch.equal(v, init[k])]
+        if changed:
+            raise ValueError(f"{folder}: a recipe.train = 'decoder' run whose encoder differs from recipe.init "
+                             f"({cfg.recipe.init}) in {len(changed)} tensors, e.g. {changed[:3]}: not exporting")
+        return write_part(vae.frozen.state_dict(), out_file, folder, st, cfg,
+                          calibrated_on=f"kept from {cfg.recipe.init} (recipe.train = 'decoder': same encoder)",
+                          init_blake2b=file_hash(init_file))
     ds = VAERecipe()._data(cfg)
     size = max(cfg.recipe.sizes)
     S, kinds = len(ds.sizes), ds.kinds
