@@ -581,6 +581,48 @@ def test_dataset_task_weights_and_world_keys():
 
 
 
+def test_dataset_chat_task_reads_one_picture_for_three_turns():
+    """chat: the record's picture once, then its caption, a multiple-choice question (the one a vqa slot would pick)
+    and a short-answer question about another of its questions, in an order drawn per record (every order occurs);
+    questions unsupervised, answers supervised and ending with the end token; deterministic; packs with the
+    answers' tokens as the only labels."""
+    from umm_ops.data.packing import ImageItem, TextItem, encode_sample
+    from umm_ops.data.synthetic import END
+    from umm_ops.train.recipes.sft import SyntheticSFTDataset
+
+    ds = SyntheticSFTDataset(32, seed=3, records=60, tasks=("chat", "vqa"), max_objects=2)
+    orders = set()
+    for r in range(60):
+        s, mc = ds[2 * r], ds[2 * r + 1]
+        rec = ds.world[r]
+        assert s.meta["task"] == "chat" and sorted(s.meta["turns"]) == ["caption", "vqa", "vqa_short"]
+        assert isinstance(s.items[0], ImageItem) and s.items[0].role == "understand"
+        assert torch.equal(s.items[0].image, rec.image.float() / 127.5 - 1.0)
+        assert sum(isinstance(it, ImageItem) for it in s.items) == 1 and len(s.items) == 7
+        qs, ans = s.items[1::2], s.items[2::2]
+        assert all(isinstance(t, TextItem) and not t.loss for t in qs) and all(t.loss for t in ans)
+        assert all(t.text.endswith(END) for t in ans)
+        turn = dict(zip(s.meta["turns"], zip(qs, ans)))
+        assert turn["caption"][0].text == "Describe the image." and turn["caption"][1].text == rec.caption + END
+        assert turn["vqa"][0].text == mc.items[1].text and turn["vqa"][1].text == mc.items[2].text   # a vqa slot's
+        short_q = next(q for q in rec.vqa if turn["vqa_short"][0].text.startswith(q["question"] + "\n"))
+        assert "single word or phrase" in turn["vqa_short"][0].text
+        assert turn["vqa_short"][1].text == short_q["answer"] + END
+        if len(rec.vqa) > 1:   # another question than the multiple-choice one
+            assert not mc.items[1].text.startswith(short_q["question"] + "\n")
+        orders.add(tuple(s.meta["turns"]))
+    assert len(orders) == 6
+    again = SyntheticSFTDataset(32, seed=3, records=60, tasks=("chat", "vqa"), max_objects=2)[8]
+    assert [getattr(x, "text", None) for x in again.items] == [getattr(x, "text", None) for x in ds[8].items]
+    from umm_ops.data.packing import PackSpec
+    from umm_ops.data.tokenizer import ByteTokenizer
+
+    spec = PackSpec(ByteTokenizer(), patch=16)
+    enc = encode_sample(ds[8], spec)
+    assert len(enc.images) == 1 and len(enc.image_rows) == 1
+    assert int(enc.labels.ne(-100).sum()) == sum(len(spec.tokenizer.encode(t.text)) for t in ds[8].items[2::2])
+
+
 def test_captions_first_curriculum():
     """recipe.caption_first: epoch 0 of both loaders opens with that many caption samples (in the shuffled order),
     then every other sample once; later epochs are plain permutations; a curriculum that is not a permutation is an

@@ -24,10 +24,12 @@ from ..spec import DataPhases, DataSource, Recipe, StepOutput, build_model, regi
 
 __all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS", "bare_loop"]
 
-TASKS = ("caption", "vqa", "vqa_short", "vqa_chain", "generate", "segment", "degraded_vqa", "degraded_vqa_short", "r3_plan",
+TASKS = ("caption", "vqa", "vqa_short", "chat", "vqa_chain", "generate", "segment", "degraded_vqa", "degraded_vqa_short", "r3_plan",
          "r3_reflect", "r3_edit", "clear", "clear_short", "clear_data")
 # vqa_short: the same questions answered with the word (short-answer VQA), vqa: multiple choice answered with the
-# option letter; vqa_chain: multiple choice answered "<option text> (<letter>)" (MC_CHAIN_SUFFIX); r3_*: R3's plan -> draw, reflect -> instruction, and edit samples (umm_ops.data.refine_data);
+# option letter; chat: one picture read once for three turns, its caption, a multiple-choice question and a
+# short-answer question (another of the record's questions), in an order drawn per record (LLaVA-style multi-turn
+# data: the frozen VAE, the tower and the picture's tokens are paid once for three answers); vqa_chain: multiple choice answered "<option text> (<letter>)" (MC_CHAIN_SUFFIX); r3_*: R3's plan -> draw, reflect -> instruction, and edit samples (umm_ops.data.refine_data);
 # clear / clear_short: CLEAR's generate-then-answer samples on degraded pictures, multiple choice / short answer
 # (umm_ops.data.clear_data); clear_data: the same format from a user's VQA file (recipe.clear_data, read with
 # umm_ops.data.VQAReader: record r // ... of the run -> user record r mod its length, degraded afresh per sample)
@@ -220,10 +222,32 @@ class SyntheticSFTDataset:
             samples = clear_samples(self.world[r], multiple_choice=task == "clear", p_direct=self.clear_direct)
         elif task == "clear_data":
             return self._clear_data(r, i)
+        elif task == "chat":
+            return self._chat(r, k)
         else:
             samples = to_samples(self.world[r], (task,))
         pick = seed_of(self.seed, r, "pick") if k == 0 else seed_of(self.seed, r, "pick", k)
         return samples[pick % len(samples)]
+
+    def _chat(self, r: int, k: int):
+        """Record r's picture with three turns: its caption, a multiple-choice question (picked as a vqa slot picks)
+        and a short-answer question about another of its questions when it has several, in an order drawn per record
+        and repeat; each question unsupervised, each answer (ending with the end token) supervised."""
+        from ...data.packing import Sample
+        from ...data.synthetic import to_samples
+
+        rec = self.world[r]
+        mc = to_samples(rec, ("vqa",))
+        short = to_samples(rec, ("vqa",), multiple_choice=False)
+        tag = () if k == 0 else (k,)
+        q = seed_of(self.seed, r, "pick", *tag) % len(mc)
+        q2 = (q + 1 + seed_of(self.seed, r, "chat-short", *tag) % (len(mc) - 1)) % len(mc) if len(mc) > 1 else q
+        turns = [to_samples(rec, ("caption",))[0], mc[q], short[q2]]
+        order = torch.randperm(3, generator=torch.Generator().manual_seed(seed_of(self.seed, r, "chat-order", *tag)))
+        items = [turns[0].items[0]] + [it for j in order.tolist() for it in turns[j].items[1:]]
+        names = ("caption", "vqa", "vqa_short")
+        return Sample(items, meta={**turns[0].meta, "task": "chat", "turns": [names[j] for j in order.tolist()],
+                                   "types": {"vqa": mc[q].meta["type"], "vqa_short": short[q2].meta["type"]}})
 
     def _clear_data(self, r: int, i: int):
         """Sample i (task clear_data, run record r): the user's record r mod its length in CLEAR's format, degraded
