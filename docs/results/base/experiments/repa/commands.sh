@@ -32,3 +32,9 @@ for r in bR-s0 g3R-s0 g3-s0; do
 done
 python paired.py ev128-tGr-1800.json ev128-tG-1800.json                  # paired bootstrap over the same prompts
 python paired.py ev128-bR-s0.json ../knobs/ev128-def-s0.json             # against the defaults' seed 0 (stop 44)
+# stop 46: a second seed of g3R (one thread, beside a vae run), paired with the defaults' seed 1 (stop 43, ../vit)
+OMP_NUM_THREADS=1 /usr/bin/time -v -o time-v-g3R-s1.txt umm train --out g3R-s1 --no-resume --device cpu \
+    --keep-last 2 --no-progress --seed 1 $REPA --set recipe.task_weights=2,1,1,3,1
+umm eval g3R-s1/checkpoint-1800 --tasks vqa,vqa-short,caption,geneval --n 128 --steps 12 --brief \
+    --json ev128-g3R-s1.json --out evdir-g3R-s1
+for t in geneval vqa vqa-short; do python paired.py ev128-g3R-s1.json ../vit/ev128-bT-s1.json $t; done
