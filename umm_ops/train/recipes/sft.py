@@ -24,12 +24,14 @@ from ..spec import DataPhases, DataSource, Recipe, StepOutput, build_model, regi
 
 __all__ = ["SFTRecipe", "SFTRecipeConfig", "SyntheticSFTDataset", "TASKS", "bare_loop"]
 
-TASKS = ("caption", "vqa", "vqa_short", "chat", "vqa_chain", "generate", "segment", "degraded_vqa", "degraded_vqa_short", "r3_plan",
-         "r3_reflect", "r3_edit", "clear", "clear_short", "clear_data")
+TASKS = ("caption", "vqa", "vqa_short", "chat", "vqa_chain", "generate", "segment", "degraded_vqa",
+         "degraded_vqa_short", "r3_plan", "r3_reflect", "r3_edit", "clear", "clear_short", "clear_data")
 # vqa_short: the same questions answered with the word (short-answer VQA), vqa: multiple choice answered with the
 # option letter; chat: one picture read once for three turns, its caption, a multiple-choice question and a
 # short-answer question (another of the record's questions), in an order drawn per record (LLaVA-style multi-turn
-# data: the frozen VAE, the tower and the picture's tokens are paid once for three answers); vqa_chain: multiple choice answered "<option text> (<letter>)" (MC_CHAIN_SUFFIX); r3_*: R3's plan -> draw, reflect -> instruction, and edit samples (umm_ops.data.refine_data);
+# data: the frozen VAE, the tower and the picture's tokens are paid once for three answers); vqa_chain: multiple
+# choice answered "<option text> (<letter>)" (MC_CHAIN_SUFFIX); r3_*: R3's plan -> draw, reflect -> instruction,
+# and edit samples (umm_ops.data.refine_data);
 # clear / clear_short: CLEAR's generate-then-answer samples on degraded pictures, multiple choice / short answer
 # (umm_ops.data.clear_data); clear_data: the same format from a user's VQA file (recipe.clear_data, read with
 # umm_ops.data.VQAReader: record r // ... of the run -> user record r mod its length, degraded afresh per sample)
