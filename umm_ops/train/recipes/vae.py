@@ -21,7 +21,8 @@ statistics instead of recalibrating them).
 Status (CPU, tiny preset): the shipped autoencoder (umm_ops/assets/tiny-world-vae.safetensors, the tiny preset's
 default) is this recipe's 7,000-step run (budget 512, lr 2e-3, ~90,000 pictures, 80 min on 2 cores).  Held-out
 checker score of its reconstructions: 1.000 at 128 px, 0.768 at 64 px (target 0.95: missed; medium and small
-diamonds and stars lose their points) and 0.974 at 64 px on the base SFT world (docs/results/vae).  Without the
+diamonds and stars lose their points) and 0.974 at 64 px on the base SFT world (docs/results/vae; its decoder
+trained 3,000 steps more at 64 px with ``train = "decoder"``: 0.820 and 1.000, not shipped).  Without the
 colour weight, runs of 1,500 steps put every object in one washed-out hue (checker 0.0): the loss is dominated by
 the grey background, and colour came late or not at all.
 Evaluation after training: the pixel checker's score of reconstructions of held-out pictures at every size (the
