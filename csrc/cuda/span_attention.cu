@@ -33,9 +33,11 @@
 // are rounded to the input dtype before their products (as FlashAttention does); lse is written in float32 in
 // natural log units.  A query with no visible key gets out = 0, lse = -inf and zero gradients (never NaN).
 // Non-finite inputs: a visible NaN / Inf score (NaN / Inf in q, or in k at a visible key) makes the row NaN (out
-// and lse), as the contract says.  NOT done here yet (TODO: needs a per-key scan of the V tile in shared memory):
-// v at a visible key holding a NaN / Inf reaches out through P V (non-finite, but lse stays finite), and one at
-// an invisible key of a PARTIAL tile can give NaN through 0 * Inf.  Written without a GPU: compiled, never run.
+// and lse), as the contract says; so does v holding a NaN / Inf at a visible key: each landed V tile is scanned
+// per key in shared memory (flag_nonfinite_v), a flagged key's row is zeroed there (so a key a row cannot see never
+// reaches it through 0 * Inf in P V) and every row that sees a flagged key is flagged like a non-finite score.
+// The backward does not sanitise k / v: it may return NaN gradients for rows or keys sharing a tile with a
+// non-finite input, which the contract allows.  Written without a GPU: compiled, never run.
 //
 // NOTE: compiled only (no GPU in the session that wrote it); see SPAN_ATTENTION.md for what was checked.
 #include <cuda_runtime.h>
@@ -66,12 +68,37 @@ struct FwdDqSmem {
   static constexpr int kBytes = kElems * int(sizeof(typename K::T));
 };
 
+// Non-finite v (contract): for each key (row) of a landed V tile, vbad[n] = 1 when its row holds a NaN / Inf, and
+// that row is zeroed in shared memory.  A lane pair per key, each lane over every other column; the caller
+// synchronises the block before anyone reads vbad or the tile.  Rows past the tile's valid keys and columns past Dh
+// were zero-filled by load_tile, so they are never flagged.
+template <class K>
+__device__ __forceinline__ void flag_nonfinite_v(typename K::T* vbuf, unsigned char* vbad, int tid) {
+  using T = typename K::T;
+  static_assert(K::kNThreads % 64 == 0, "whole lane pairs in every warp");
+  Tensor sV = make_tensor(make_smem_ptr(vbuf), typename K::SmemStream{});
+  const int half = tid & 1;
+  const unsigned pair = 3u << ((tid & 31) & ~1);  // the two lanes of this key (same warp, both take the same n)
+  for (int n = tid >> 1; n < K::kN; n += K::kNThreads / 2) {
+    int bad = 0;
+    CUTE_UNROLL
+    for (int d = half; d < K::kHeadDim; d += 2) bad |= isfinite(static_cast<float>(sV(n, d))) ? 0 : 1;
+    bad |= __shfl_xor_sync(pair, bad, 1);
+    if (bad) {
+      CUTE_UNROLL
+      for (int d = half; d < K::kHeadDim; d += 2) sV(n, d) = T(0.f);
+    }
+    if (half == 0) vbad[n] = static_cast<unsigned char>(bad);
+  }
+}
+
 template <class K, bool kIsDq>
 __global__ void __launch_bounds__(128) fwd_dq_kernel(const SpanParams p, int64_t m_blocks) {
   using T = typename K::T;
   using Sm = FwdDqSmem<K, kIsDq>;
   constexpr int kM = K::kM, kN = K::kN;
   extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ unsigned char vbad_s[kIsDq ? 1 : kN];  // forward: the current V tile's flagged keys
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int tid = threadIdx.x;
 
@@ -169,6 +196,7 @@ __global__ void __launch_bounds__(128) fwd_dq_kernel(const SpanParams p, int64_t
   }
   float row_m[kRows], row_l[kRows];  // forward: running max (log2 units) and this thread's partial row sum
   float row_bad[kRows];              // forward: 1 once this thread saw a non-finite visible score of the row
+                                     // or a visible key whose v row held a NaN / Inf
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     row_m[r] = -INFINITY;
@@ -207,6 +235,11 @@ __global__ void __launch_bounds__(128) fwd_dq_kernel(const SpanParams p, int64_t
     Tensor sV = make_tensor(make_smem_ptr(vbuf), typename K::SmemStream{});
     const int64_t k0 = tile_k0(t);
     const int nvalid = int(tile_k1(t) - k0);
+    if constexpr (!kIsDq) {
+      // vbad_s of the previous tile was last read before the __syncthreads ending the previous iteration
+      flag_nonfinite_v<K>(vbuf, vbad_s, tid);
+      __syncthreads();
+    }
 
     // S = Q K^T
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
@@ -223,14 +256,16 @@ __global__ void __launch_bounds__(128) fwd_dq_kernel(const SpanParams p, int64_t
         const int64_t k = k0 + n;
         const bool col_ok = n < nvalid;
         const bool knoise = (cls == kTilePartial && col_ok) ? key_is_noise(p, s_from, D.s1, k) : false;
+        const bool vbad = col_ok && vbad_s[n] != 0;
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r) {
           const bool ok = col_ok && (cls == kTileFull || allowed(row_a[r], row_hi[r], k, knoise));
           const float sv = s_rc(r, c) * scale_log2;
-          // non-finite inputs (contract): a NaN / Inf visible score makes the row NaN (epilogue); it takes no
-          // part in the softmax (fmaxf would drop a NaN and exp2 turn it into a weight)
+          // non-finite inputs (contract): a NaN / Inf visible score, or a visible key whose v row held one (now
+          // zeroed), makes the row NaN (epilogue); a non-finite score takes no part in the softmax (fmaxf would
+          // drop a NaN and exp2 turn it into a weight)
           const bool fin = isfinite(sv);
-          row_bad[r] = (ok && !fin) ? 1.f : row_bad[r];
+          row_bad[r] = (ok && (!fin || vbad)) ? 1.f : row_bad[r];
           s_rc(r, c) = (ok && fin) ? sv : -INFINITY;
         }
       }
