@@ -1,7 +1,7 @@
 """Non-finite inputs to span attention: the cases every backend is held to (docs/span-attention-contract.md:
 a row meeting a NaN / Inf - in its q, or in k / v at a key it sees - is NaN, out and lse; keys a row cannot see
 never affect it).  Shared by test_span_attention.py (reference, cpu, cuda) and test_triton_span_attention.py
-(the interpreter).
+(the interpreter), and replayed through the CUDA forward's tile algorithm by test_span_cuda_tiling.py.
 
 The layout has a 70-token causal segment (several 64-key chunks of the CPU kernel, 16-key tiles of the
 interpreted Triton kernel: the poisoned key 30 shares a diagonal tile with queries that cannot see it), a noise

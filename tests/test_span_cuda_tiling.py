@@ -7,7 +7,9 @@ masked only by bounds, PARTIAL tiles by allowed(a, hi, k, noise(k)).  This modul
 (names follow the kernel source) and checks, on random layouts and for several tile sizes, that every allowed pair
 of span_mask is computed exactly once and no other pair is.  A wrong k_hi, viewer range, bound or use of the
 classification in the kernels' design shows up here; the CuTe index mapping is checked separately by
-csrc/cuda/checks/span_layout_check.cu and the numbers by tests/test_span_cuda.py on a GPU.
+csrc/cuda/checks/span_layout_check.cu and the numbers by tests/test_span_cuda.py on a GPU.  The forward's per-tile
+arithmetic (online softmax, the non-finite flags and the v scan of stop 47) is also replayed in float64 on the cases
+of tests/nonfinite_cases.py: the algorithm follows the contract; whether the CUDA code computes it is the GPU's to say.
 """
 from __future__ import annotations
 
@@ -205,6 +207,94 @@ def test_kernels_compute_each_allowed_pair_once(tiles, seed):
             extra = (~mask & (counts > 0)).nonzero().tolist()
             assert not missing, f"{what}: allowed pairs never computed, e.g. {missing[:5]}"
             assert not extra, f"{what}: disallowed pairs computed, e.g. {extra[:5]}"
+
+
+# ----------------------------------------------------------------------------------- the forward's numbers
+def fwd_replay(L: Lay, kM: int, kN: int, q, k, v, scale: float, scan_v: bool = True):
+    """fwd_dq_kernel's forward transcribed in float64 on the CPU: per query block, the key tiles in order; per tile
+    the v scan (flag_nonfinite_v: a key whose v row holds a NaN / Inf is flagged and its row zeroed), the mask
+    (bounds on FULL tiles, allowed() on PARTIAL ones), the non-finite flags of the row, the online softmax in log2
+    units and O += P V; the epilogue's NaN / -inf rules.  q (Lq, Hq, D), k / v (Lk, Hkv, D).  `scan_v=False` leaves
+    the v tile as loaded (what the kernel did before stop 47)."""
+    Lq, Hq, _ = q.shape
+    G = Hq // k.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    lse = torch.zeros(Hq, Lq, dtype=torch.float64)
+    log2e = 1.4426950408889634
+    m_blocks = -(-L.max_q // kM)
+    for h in range(Hq):
+        for d in range(len(L.cu_q) - 1):
+            q_begin, q_end, k_begin, k_end, shift, s0, s1 = L.doc(d)
+            for mb in range(m_blocks):
+                q0 = q_begin + mb * kM
+                if q0 >= q_end:
+                    continue
+                q1 = min(q0 + kM, q_end)
+                p0, p1 = q0 + shift, q1 + shift
+                _, k_hi = L.own_range(s0, s1, p1 - 1)
+                rows = [L.own_range(s0, s1, p0 + m) for m in range(q1 - q0)]
+                row_m = torch.full((q1 - q0,), -float("inf"), dtype=torch.float64)
+                row_l = torch.zeros(q1 - q0, dtype=torch.float64)
+                bad = torch.zeros(q1 - q0, dtype=torch.bool)
+                acc = torch.zeros(q1 - q0, q.shape[2], dtype=torch.float64)
+                for t in range(-(-(k_hi - k_begin) // kN)):
+                    k0, k1 = k_begin + t * kN, min(k_begin + (t + 1) * kN, k_hi)
+                    cls = classify(L.ss, L.se, L.sm, s0, s1, p0, p1, k0, k1)
+                    if cls == EMPTY_T:
+                        continue
+                    vt = v[k0:k1, h // G].double().clone()
+                    vbad = ~torch.isfinite(vt).all(1)
+                    if scan_v:
+                        vt[vbad] = 0.0
+                    else:
+                        vbad[:] = False
+                    s_from = segment_of(L.ss, s0, s1, k0) if cls == PARTIAL_T else s0
+                    ok = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+                    if cls == PARTIAL_T:
+                        for n in range(k1 - k0):
+                            kn = L.key_is_noise(s_from, s1, k0 + n)
+                            for m, (a, hi) in enumerate(rows):
+                                ok[m, n] = allowed(a, hi, k0 + n, kn)
+                    sv = q[q0:q1, h].double() @ k[k0:k1, h // G].double().T * (scale * log2e)
+                    fin = torch.isfinite(sv)
+                    bad |= (ok & (~fin | vbad[None, :])).any(1)
+                    sv = torch.where(ok & fin, sv, torch.tensor(-float("inf"), dtype=torch.float64))
+                    m_new = torch.maximum(row_m, sv.max(1).values)
+                    none = m_new == -float("inf")
+                    m_use = torch.where(none, torch.zeros_like(m_new), m_new)
+                    alpha = torch.where(none, torch.ones_like(m_new), torch.exp2(row_m - m_use))
+                    pr = torch.exp2(sv - m_use[:, None])
+                    row_l = row_l * alpha + pr.sum(1)
+                    acc = acc * alpha[:, None] + pr @ vt
+                    row_m = m_new
+                nan = torch.tensor(float("nan"), dtype=torch.float64)
+                has = row_l > 0
+                o = torch.where(has[:, None], acc / torch.where(has, row_l, 1.0)[:, None], 0.0)
+                out[q0:q1, h] = torch.where(bad[:, None], nan, o)
+                ls = torch.where(has, row_m / log2e + torch.log(torch.where(has, row_l, 1.0)),
+                                 torch.tensor(-float("inf"), dtype=torch.float64))
+                lse[h, q0:q1] = torch.where(bad, nan, ls)
+    return out, lse
+
+
+@pytest.mark.parametrize("tiles", [(64, 64), (16, 16), (8, 32)], ids=lambda t: f"M{t[0]}xN{t[1]}")
+def test_forward_replay_follows_the_nonfinite_rule(tiles):
+    """The forward's tile algorithm, in float64: on every non-finite case of tests/nonfinite_cases.py exactly the
+    rows that see the NaN / Inf are NaN and the others equal the reference; without the v scan, Inf in v at key 30
+    turns rows 0-29 (same tile, cannot see it) into NaN through 0 * Inf, which is what the scan prevents."""
+    import nonfinite_cases as NF
+    from umm_ops.reference.attention import span_attention_reference
+
+    kM, kN = tiles
+    for case in range(len(NF.CASES)):
+        lay, q, k, v, bad = NF.inputs(case)
+        want, _ = span_attention_reference(q.double(), k.double(), v.double(), lay, NF.D ** -0.5)
+        out, lse = fwd_replay(Lay(lay), kM, kN, q, k, v, NF.D ** -0.5)
+        NF.check(out.float(), lse.float(), bad, want, f"replay {tiles} {NF.IDS[case]}")
+    case = NF.IDS.index("v-inf")
+    lay, q, k, v, bad = NF.inputs(case)
+    out, _ = fwd_replay(Lay(lay), kM, kN, q, k, v, NF.D ** -0.5, scan_v=False)
+    assert torch.isnan(out[~bad]).any(), "the negative control: without the scan a hidden Inf in v leaks"
 
 
 def test_cute_layout_check(tmp_path):
