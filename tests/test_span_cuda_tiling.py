@@ -104,8 +104,10 @@ def allowed(a, hi, k, k_noise):
     return (a <= k < hi) or (k < a and not k_noise)
 
 
-def fwd_dq_pairs(L: Lay, kM: int, kN: int, counts):
-    """fwd_dq_kernel: grid (query block of each document), key tiles from k_begin to k_hi."""
+def fwd_blocks(L: Lay, kM: int, kN: int):
+    """fwd_dq_kernel's walk: for each query block of each document, (q0, q1, tiles), the non-empty key tiles from
+    k_begin to k_hi in order, each as (k0, k1, ok) with ok the (q1 - q0, k1 - k0) mask the kernel applies: bounds
+    only on FULL tiles, allowed() per element on PARTIAL ones (rows past the block are never stored)."""
     m_blocks = -(-L.max_q // kM)
     for d in range(len(L.cu_q) - 1):
         q_begin, q_end, k_begin, k_end, shift, s0, s1 = L.doc(d)
@@ -116,23 +118,29 @@ def fwd_dq_pairs(L: Lay, kM: int, kN: int, counts):
             q1 = min(q0 + kM, q_end)
             p0, p1 = q0 + shift, q1 + shift
             _, k_hi = L.own_range(s0, s1, p1 - 1)
-            n_tiles = -(-(k_hi - k_begin) // kN)
-            rows = [L.own_range(s0, s1, min(p0 + m, p1 - 1)) for m in range(kM)]
-            for t in range(n_tiles):
-                k0, k1 = k_begin + t * kN, min(k_begin + (t + 1) * kN, k_hi)
+            rows = [L.own_range(s0, s1, p0 + m) for m in range(q1 - q0)]
+            tiles = []
+            for t in range(-(-(k_hi - k_begin) // kN)):
+                k0, k1 = k_begin + t * kN, min(k_begin + (t + 1) * kN, k_hi)  # columns past k1: col_ok false
                 cls = classify(L.ss, L.se, L.sm, s0, s1, p0, p1, k0, k1)
                 if cls == EMPTY_T:
                     continue
-                s_from = segment_of(L.ss, s0, s1, k0) if cls == PARTIAL_T else s0
-                for n in range(kN):
-                    k = k0 + n
-                    if n >= k1 - k0:  # col_ok
-                        continue
-                    knoise = L.key_is_noise(s_from, s1, k) if cls == PARTIAL_T else False
-                    for m in range(q1 - q0):  # rows past the block are never stored
-                        a, hi = rows[m]
-                        if cls == FULL_T or allowed(a, hi, k, knoise):
-                            counts[q0 + m, k] += 1
+                ok = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+                if cls == PARTIAL_T:
+                    s_from = segment_of(L.ss, s0, s1, k0)
+                    for n in range(k1 - k0):
+                        knoise = L.key_is_noise(s_from, s1, k0 + n)
+                        for m, (a, hi) in enumerate(rows):
+                            ok[m, n] = allowed(a, hi, k0 + n, knoise)
+                tiles.append((k0, k1, ok))
+            yield q0, q1, tiles
+
+
+def fwd_dq_pairs(L: Lay, kM: int, kN: int, counts):
+    """fwd_dq_kernel: grid (query block of each document), key tiles from k_begin to k_hi."""
+    for q0, q1, tiles in fwd_blocks(L, kM, kN):
+        for k0, k1, ok in tiles:
+            counts[q0:q1, k0:k1] += ok.to(counts.dtype)
 
 
 def dkv_pairs(L: Lay, kM: int, kN: int, counts):
@@ -221,59 +229,36 @@ def fwd_replay(L: Lay, kM: int, kN: int, q, k, v, scale: float, scan_v: bool = T
     out = torch.zeros(q.shape, dtype=torch.float64)
     lse = torch.zeros(Hq, Lq, dtype=torch.float64)
     log2e = 1.4426950408889634
-    m_blocks = -(-L.max_q // kM)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
     for h in range(Hq):
-        for d in range(len(L.cu_q) - 1):
-            q_begin, q_end, k_begin, k_end, shift, s0, s1 = L.doc(d)
-            for mb in range(m_blocks):
-                q0 = q_begin + mb * kM
-                if q0 >= q_end:
-                    continue
-                q1 = min(q0 + kM, q_end)
-                p0, p1 = q0 + shift, q1 + shift
-                _, k_hi = L.own_range(s0, s1, p1 - 1)
-                rows = [L.own_range(s0, s1, p0 + m) for m in range(q1 - q0)]
-                row_m = torch.full((q1 - q0,), -float("inf"), dtype=torch.float64)
-                row_l = torch.zeros(q1 - q0, dtype=torch.float64)
-                bad = torch.zeros(q1 - q0, dtype=torch.bool)
-                acc = torch.zeros(q1 - q0, q.shape[2], dtype=torch.float64)
-                for t in range(-(-(k_hi - k_begin) // kN)):
-                    k0, k1 = k_begin + t * kN, min(k_begin + (t + 1) * kN, k_hi)
-                    cls = classify(L.ss, L.se, L.sm, s0, s1, p0, p1, k0, k1)
-                    if cls == EMPTY_T:
-                        continue
-                    vt = v[k0:k1, h // G].double().clone()
-                    vbad = ~torch.isfinite(vt).all(1)
-                    if scan_v:
-                        vt[vbad] = 0.0
-                    else:
-                        vbad[:] = False
-                    s_from = segment_of(L.ss, s0, s1, k0) if cls == PARTIAL_T else s0
-                    ok = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
-                    if cls == PARTIAL_T:
-                        for n in range(k1 - k0):
-                            kn = L.key_is_noise(s_from, s1, k0 + n)
-                            for m, (a, hi) in enumerate(rows):
-                                ok[m, n] = allowed(a, hi, k0 + n, kn)
-                    sv = q[q0:q1, h].double() @ k[k0:k1, h // G].double().T * (scale * log2e)
-                    fin = torch.isfinite(sv)
-                    bad |= (ok & (~fin | vbad[None, :])).any(1)
-                    sv = torch.where(ok & fin, sv, torch.tensor(-float("inf"), dtype=torch.float64))
-                    m_new = torch.maximum(row_m, sv.max(1).values)
-                    none = m_new == -float("inf")
-                    m_use = torch.where(none, torch.zeros_like(m_new), m_new)
-                    alpha = torch.where(none, torch.ones_like(m_new), torch.exp2(row_m - m_use))
-                    pr = torch.exp2(sv - m_use[:, None])
-                    row_l = row_l * alpha + pr.sum(1)
-                    acc = acc * alpha[:, None] + pr @ vt
-                    row_m = m_new
-                nan = torch.tensor(float("nan"), dtype=torch.float64)
-                has = row_l > 0
-                o = torch.where(has[:, None], acc / torch.where(has, row_l, 1.0)[:, None], 0.0)
-                out[q0:q1, h] = torch.where(bad[:, None], nan, o)
-                ls = torch.where(has, row_m / log2e + torch.log(torch.where(has, row_l, 1.0)),
-                                 torch.tensor(-float("inf"), dtype=torch.float64))
-                lse[h, q0:q1] = torch.where(bad, nan, ls)
+        for q0, q1, tiles in fwd_blocks(L, kM, kN):
+            row_m = torch.full((q1 - q0,), -float("inf"), dtype=torch.float64)
+            row_l = torch.zeros(q1 - q0, dtype=torch.float64)
+            bad = torch.zeros(q1 - q0, dtype=torch.bool)
+            acc = torch.zeros(q1 - q0, q.shape[2], dtype=torch.float64)
+            for k0, k1, ok in tiles:
+                vt = v[k0:k1, h // G].double().clone()
+                vbad = ~torch.isfinite(vt).all(1)
+                if scan_v:
+                    vt[vbad] = 0.0
+                else:
+                    vbad[:] = False
+                sv = q[q0:q1, h].double() @ k[k0:k1, h // G].double().T * (scale * log2e)
+                fin = torch.isfinite(sv)
+                bad |= (ok & (~fin | vbad[None, :])).any(1)
+                sv = torch.where(ok & fin, sv, -float("inf"))
+                m_new = torch.maximum(row_m, sv.max(1).values)
+                none = m_new == -float("inf")
+                m_use = torch.where(none, 0.0, m_new)
+                alpha = torch.where(none, 1.0, torch.exp2(row_m - m_use))
+                pr = torch.exp2(sv - m_use[:, None])
+                row_l = row_l * alpha + pr.sum(1)
+                acc = acc * alpha[:, None] + pr @ vt
+                row_m = m_new
+            has = row_l > 0
+            l_safe = torch.where(has, row_l, 1.0)
+            out[q0:q1, h] = torch.where(bad[:, None], nan, torch.where(has[:, None], acc / l_safe[:, None], 0.0))
+            lse[h, q0:q1] = torch.where(bad, nan, torch.where(has, row_m / log2e + torch.log(l_safe), -float("inf")))
     return out, lse
 
 
